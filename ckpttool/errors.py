@@ -1,0 +1,18 @@
+"""The toolkit's own error types: every failure a user can cause ends in one of these, never a traceback."""
+
+
+class CkptError(Exception):
+    """A checkpoint cannot be read. `code` is a contract problem code (`corrupt`, `truncated`, ...)."""
+
+    def __init__(self, code: str, message: str, path=None):
+        super().__init__(message)
+        self.code = code
+        self.path = str(path) if path is not None else None
+
+    def __str__(self):
+        text = super().__str__()
+        return f"{self.path}: {text}" if self.path else text
+
+
+class UsageError(Exception):
+    """The user asked for something impossible (missing path, unknown layout): exit code 2."""

@@ -1,0 +1,262 @@
+"""A pickle reader that never imports or calls anything it was not built to imitate.
+
+Every GLOBAL a pickle names is answered with a harmless stand-in: torch's tensor-rebuilding functions become
+`TensorRef` records, storages become `StorageRef` records (via the persistent ids torch writes), and any other
+global becomes an opaque record that remembers its name, arguments and state. Globals outside `SAFE_GLOBALS` are
+collected so the caller can report `unsafe_pickle`; nothing is ever executed, so a malicious file stays inert.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ckpttool.errors import CkptError
+
+# torch storage class name -> dtype
+STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "UntypedStorage": "uint8",
+}
+TORCH_DTYPES = {
+    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
+    "int16", "short", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
+}
+DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+                 "short": "int16"}
+
+# What torch.load(weights_only=True) accepts, plus the numpy pieces Accelerate allow-lists for RNG state.
+SAFE_GLOBALS = {
+    "collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device", "torch.storage.UntypedStorage",
+    "builtins.set", "builtins.frozenset", "builtins.bytearray", "builtins.complex", "builtins.slice",
+    "codecs.encode", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+} | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
+
+# Extra globals a torch.distributed.checkpoint `.metadata` file legitimately names.
+DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata", "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata", "torch.distributed.checkpoint.metadata.MetadataIndex",
+    "torch.distributed.checkpoint.metadata.StorageMeta", "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", "torch.serialization._get_layout",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "torch.distributed.checkpoint._extension.StreamTransformExtension",
+}
+
+# Protocol-2 pickles name Python 2 modules; map them as the standard unpickler would.
+MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+@dataclass(frozen=True)
+class DtypeRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class StorageType:
+    dtype: str
+    untyped: bool = False
+
+
+@dataclass
+class StorageRef:
+    key: str
+    dtype: str
+    location: str  # device torch saved it from, e.g. "cuda:0"
+    numel: int  # elements for typed storages, bytes for untyped ones
+    untyped: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        from ckpttool.model import DTYPE_BITS
+        return 1 if self.untyped else max(1, DTYPE_BITS.get(self.dtype, 8) // 8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass
+class TensorRef:
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple
+    stride: tuple
+    dtype: str
+
+
+class Opaque:
+    """Stand-in for an instance of a class we will not import: records how the pickle built it."""
+
+    global_name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state, obj.items = args, None, []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        self.items.append(item)
+
+    def extend(self, items):
+        self.items.extend(items)
+
+    def __setitem__(self, key, value):
+        self.items.append((key, value))
+
+    def __repr__(self):
+        return f"<{self.global_name}>"
+
+    def fields(self) -> dict:
+        """The attributes a dataclass-like object was rebuilt with (state dict, or slots in a (None, dict) pair)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2:
+            merged = dict(state[0] or {})
+            merged.update(state[1] or {})
+            return merged
+        return dict(state) if isinstance(state, dict) else {}
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_rest):
+    return _tensor(storage, storage_offset, size, stride, None)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_rest):
+    return _tensor(storage, storage_offset, size, stride, dtype)
+
+
+def _tensor(storage, storage_offset, size, stride, dtype):
+    if not isinstance(storage, StorageRef):
+        raise CkptError("corrupt", f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if isinstance(dtype, DtypeRef):
+        name = dtype.name
+    elif dtype is None:
+        name = storage.dtype
+    else:
+        raise CkptError("corrupt", "tensor dtype is not a torch dtype")
+    shape, stride = tuple(size), tuple(stride)
+    if not all(type(d) is int and d >= 0 for d in shape + stride) or type(storage_offset) is not int:
+        raise CkptError("corrupt", "tensor has a malformed size, stride or offset")
+    return TensorRef(storage, storage_offset, shape, stride, name)
+
+
+def _first_arg(data, *_rest):
+    return data
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    return func(*args)
+
+
+def _codecs_encode(text, encoding="utf-8", *_rest):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CkptError("corrupt", "codecs.encode used for something other than latin1 bytes")
+    return codecs.encode(text, "latin1")
+
+
+def _torch_size(dims=()):
+    return tuple(dims)
+
+
+def _torch_device(kind, index=None):
+    return f"{kind}:{index}" if index is not None else str(kind)
+
+
+IMITATIONS = {
+    "collections.OrderedDict": OrderedDict,
+    "torch._utils._rebuild_tensor": lambda s, o, size, stride: _tensor(s, o, size, stride, None),
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _first_arg,
+    "torch._utils._rebuild_parameter_with_state": _first_arg,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.Size": _torch_size,
+    "torch.device": _torch_device,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.complex": complex,
+    "codecs.encode": _codecs_encode,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles into plain data and stand-ins; torch persistent ids become `StorageRef`s."""
+
+    def __init__(self, stream, allowed=SAFE_GLOBALS):
+        super().__init__(stream)
+        self.allowed = allowed
+        self.globals_seen: list[str] = []
+        self.storages: dict[str, StorageRef] = {}
+        self._opaque_classes: dict[str, type] = {}
+
+    def find_class(self, module, name):
+        module = MODULE_ALIASES.get(module, module)
+        full = f"{module}.{name}"
+        if full not in self.globals_seen:
+            self.globals_seen.append(full)
+        if full in IMITATIONS:
+            return IMITATIONS[full]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return StorageType(STORAGE_DTYPES[name])
+        if full == "torch.storage.UntypedStorage":
+            return StorageType("uint8", untyped=True)
+        if module == "torch" and name in TORCH_DTYPES:
+            return DtypeRef(DTYPE_ALIASES.get(name, name))
+        if full not in self._opaque_classes:
+            self._opaque_classes[full] = type(name, (Opaque,), {"global_name": full})
+        return self._opaque_classes[full]
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise CkptError("corrupt", f"unknown persistent id {str(pid)[:60]!r}")
+        _, stype, key, location, numel = pid[:5]
+        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+            raise CkptError("corrupt", f"malformed storage record {str(pid)[:80]!r}")
+        key = str(key)
+        ref = self.storages.get(key)
+        if ref is None:
+            ref = StorageRef(key, stype.dtype, str(location), numel, stype.untyped)
+            self.storages[key] = ref
+        return ref
+
+    @property
+    def unsafe_globals(self) -> list[str]:
+        return [g for g in self.globals_seen if g not in self.allowed]
+
+
+def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
+    """Safely unpickle one object from bytes or an open file (left just after STOP): (object, unpickler).
+
+    Any malformation becomes CkptError ('truncated' when the stream ends early, else 'corrupt')."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    unpickler = SafeUnpickler(stream, allowed)
+    try:
+        return unpickler.load(), unpickler
+    except CkptError:
+        raise
+    except EOFError:
+        raise CkptError("truncated", f"{what} ends before its STOP opcode") from None
+    except RecursionError:
+        raise CkptError("corrupt", f"{what} nests too deeply to read") from None
+    except MemoryError:
+        raise CkptError("corrupt", f"{what} asks for more memory than it could hold") from None
+    except Exception as e:  # the C unpickler raises many types on malformed input
+        if "truncated" in str(e) or "ran out of input" in str(e).lower():
+            raise CkptError("truncated", f"{what} ends before its STOP opcode") from None
+        raise CkptError("corrupt", f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})") from None

@@ -1,0 +1,103 @@
+"""safetensors files: the header is parsed and validated without reading tensor data or importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from ckpttool.errors import CkptError
+from ckpttool.model import Checkpoint, Component, Location, TensorInfo, dtype_bytes
+
+SUFFIXES = (".safetensors",)
+MAX_HEADER = 100_000_000  # the reference reader's cap
+
+DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64",
+    "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1", "F6_E2M3": "float6_e2m3", "F6_E3M2": "float6_e3m2",
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+def detect(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(SUFFIXES)
+
+
+def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
+    """Validated tensor list, `__metadata__` and data start offset of a safetensors file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CkptError("truncated", f"file is {size} bytes, shorter than the 8-byte header length", path)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CkptError("corrupt", f"header length {n} exceeds the {MAX_HEADER}-byte limit: not a safetensors "
+                            "file or its first bytes are damaged", path)
+        if 8 + n > size:
+            raise CkptError("truncated", f"header declares {n} bytes but the file holds only {size - 8}", path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CkptError("corrupt", f"header is not valid JSON ({e})", path) from None
+    if not isinstance(header, dict):
+        raise CkptError("corrupt", "header is not a JSON object", path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CkptError("corrupt", "__metadata__ must map strings to strings", path)
+    start = 8 + n
+    tensors = [_tensor_entry(name, entry, path, start) for name, entry in header.items()]
+    _check_offsets(tensors, start, size, path)
+    return tensors, metadata, start
+
+
+def _tensor_entry(name, entry, path, start) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CkptError("corrupt", f"header entry {name!r} is not an object", path)
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise CkptError("corrupt", f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}", path)
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CkptError("corrupt", f"tensor {name!r} has an invalid shape {shape!r}", path)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise CkptError("corrupt", f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
+    begin, end = offsets
+    expected = dtype_bytes(dtype, shape)
+    if end - begin != expected:
+        raise CkptError("corrupt", f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}",
+                        path)
+    return TensorInfo(name, dtype, tuple(shape), Location(path, start + begin, end - begin))
+
+
+def _check_offsets(tensors, start, size, path):
+    """Offsets must tile the buffer exactly: contiguous from 0, no overlap, ending at end of file."""
+    buffer_size = size - start
+    expected_begin = 0
+    for t in sorted(tensors, key=lambda t: (t.location.offset, t.location.length)):
+        begin = t.location.offset - start
+        if begin < expected_begin:
+            raise CkptError("corrupt", f"tensor {t.name!r} overlaps the tensor before it (offset {begin} < "
+                            f"{expected_begin})", path)
+        if begin > expected_begin:
+            raise CkptError("corrupt", f"{begin - expected_begin} unused bytes before tensor {t.name!r}: offsets "
+                            "must be contiguous", path)
+        expected_begin = begin + t.location.length
+    if expected_begin > buffer_size:
+        raise CkptError("truncated", f"data ends at byte {expected_begin} of the buffer but the file holds only "
+                        f"{buffer_size}: it was cut short (partial copy or interrupted save)", path)
+    if expected_begin < buffer_size:
+        raise CkptError("corrupt", f"{buffer_size - expected_begin} bytes follow the last tensor", path)
+
+
+def read(path: str) -> Checkpoint:
+    tensors, metadata, _ = read_header(path)
+    ckpt = Checkpoint(path, "safetensors", "safetensors file", files=[path], metadata=dict(metadata))
+    ckpt.components.append(Component("model", "model", files=[path], tensors=tensors, metadata=dict(metadata)))
+    return ckpt

@@ -1,0 +1,348 @@
+"""torch.save files (.pt .pth .bin .ckpt): zip and legacy layouts, read through the safe pickle reader.
+
+Only the pickle and the zip directory are read; each tensor becomes a `TensorInfo` that points at its storage's
+bytes. Training dicts are split into components (model, optimizer, scheduler, EMA, ...), and every step or epoch
+they state is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+
+from ckpttool.errors import CkptError
+from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, StorageRef, TensorRef, unpickle
+from ckpttool.model import Checkpoint, Component, Location, StepSource, TensorInfo
+
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+ZIP_MAGIC = b"PK\x03\x04"
+
+# Keys of a training dict, by the component role they hold.
+COMPONENT_KEYS = {
+    "model": ("model_state_dict", "state_dict", "model", "module", "net", "network", "weights", "params"),
+    "ema": ("ema", "ema_state_dict", "model_ema", "ema_model", "ema_params", "ema_weights"),
+    "optimizer": ("optimizer_state_dict", "optimizer", "optim", "opt", "optimizer_states", "optimizers"),
+    "scheduler": ("scheduler_state_dict", "lr_scheduler", "scheduler", "lr_scheduler_state_dict", "lr_schedulers",
+                  "schedulers"),
+    "scaler": ("scaler", "grad_scaler", "scaler_state_dict", "amp"),
+    "rng": ("rng_state", "rng_states", "random_states", "rng"),
+}
+STEP_KEYS = ("global_step", "step", "iteration", "iter", "num_updates", "total_steps", "current_step")
+EPOCH_KEYS = ("epoch", "current_epoch", "epochs")
+
+
+def detect(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    if path.endswith(SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == ZIP_MAGIC or head[:1] == b"\x80"
+
+
+@dataclass
+class RawPickle:
+    """A torch file's top-level object, with storage keys resolved to byte ranges in the file."""
+
+    obj: object
+    layout: str
+    storages: dict = field(default_factory=dict)  # key -> (StorageRef, data offset)
+    globals_seen: list = field(default_factory=list)
+    unsafe_globals: list = field(default_factory=list)
+
+
+def read_raw(path: str, allowed=SAFE_GLOBALS) -> RawPickle:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        return _read_zip(path, size, allowed)
+    if not head:
+        raise CkptError("truncated", "file is empty", path)
+    return _read_legacy(path, size, allowed)
+
+
+def _read_zip(path, size, allowed) -> RawPickle:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
+                        "interrupted save)", path) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise CkptError("corrupt", f"zip directory cannot be read ({e})", path) from None
+    with zf, open(path, "rb") as raw:
+        names = zf.namelist()
+        pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise CkptError("corrupt", "zip archive has no data.pkl: not a torch.save file", path)
+        prefix = pkl[: -len("data.pkl")]
+        try:
+            data = zf.read(pkl)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise CkptError("corrupt", f"{pkl} cannot be read from the zip ({e})", path) from None
+        try:
+            obj, unpickler = unpickle(data, allowed, what=pkl)
+        except CkptError as e:
+            raise CkptError(e.code, str(e), path) from None
+        storages = {}
+        for key, ref in unpickler.storages.items():
+            member = f"{prefix}data/{key}"
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise CkptError("corrupt", f"storage {key!r} is referenced by {pkl} but {member} is missing",
+                                path) from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CkptError("corrupt", f"{member} is compressed; torch writes storages uncompressed", path)
+            if info.file_size < ref.nbytes:
+                raise CkptError("corrupt", f"{member} holds {info.file_size} bytes but its tensors need "
+                                f"{ref.nbytes}", path)
+            offset = _zip_data_offset(raw, info, path)
+            if offset + info.file_size > size:
+                raise CkptError("truncated", f"{member} ends past the end of the file", path)
+            storages[key] = (ref, offset)
+    return RawPickle(obj, "torch zip", storages, unpickler.globals_seen, unpickler.unsafe_globals)
+
+
+def _zip_data_offset(raw, info, path) -> int:
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != ZIP_MAGIC:
+        raise CkptError("corrupt", f"zip local header of {info.filename} is damaged", path)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _read_legacy(path, size, allowed) -> RawPickle:
+    """Pre-1.6 torch.save: magic, protocol, sys_info, the object, storage keys, then raw storages in order."""
+    with open(path, "rb") as f:
+        first, _ = _unpickle_at(f, allowed, path, "first pickle")
+        if first != LEGACY_MAGIC:
+            # Not a torch legacy file: a plain pickle holds the object itself.
+            return _plain_pickle(path, allowed)
+        _unpickle_at(f, allowed, path, "protocol record")
+        _unpickle_at(f, allowed, path, "sys_info record")
+        obj, unpickler = _unpickle_at(f, allowed, path, "object pickle")
+        keys, _ = _unpickle_at(f, allowed, path, "storage key list")
+        if not isinstance(keys, list):
+            raise CkptError("corrupt", "legacy storage key list is not a list", path)
+        storages, pos = {}, f.tell()
+        for key in keys:
+            ref = unpickler.storages.get(str(key))
+            if ref is None:
+                raise CkptError("corrupt", f"legacy storage {key!r} is not referenced by the object", path)
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) < 8:
+                raise CkptError("truncated", f"file ends before storage {key!r}", path)
+            (numel,) = struct.unpack("<q", head)
+            length = numel * ref.itemsize
+            if numel < ref.numel:
+                raise CkptError("corrupt", f"storage {key!r} holds {numel} elements, its tensors need {ref.numel}", path)
+            storages[str(key)] = (ref, pos + 8)
+            pos += 8 + length
+        if pos > size:
+            raise CkptError("truncated", f"storages end at byte {pos} but the file has {size}: it was cut short",
+                            path)
+        missing = set(unpickler.storages) - set(storages)
+        if missing:
+            raise CkptError("corrupt", f"storages {sorted(missing)[:5]} have no data", path)
+    return RawPickle(obj, "torch legacy", storages, unpickler.globals_seen, unpickler.unsafe_globals)
+
+
+def _plain_pickle(path, allowed) -> RawPickle:
+    with open(path, "rb") as f:
+        obj, unpickler = _unpickle_at(f, allowed, path, "pickle")
+    if unpickler.storages:
+        raise CkptError("corrupt", "pickle references torch storages but carries none", path)
+    return RawPickle(obj, "pickle", {}, unpickler.globals_seen, unpickler.unsafe_globals)
+
+
+def _unpickle_at(f, allowed, path, what):
+    try:
+        return unpickle(f, allowed, what=what)
+    except CkptError as e:
+        raise CkptError(e.code, str(e), path) from None
+
+
+# --- structure: from the unpickled object to components and step sources ---
+
+
+def tensor_info(name: str, ref: TensorRef, raw: RawPickle, path: str) -> TensorInfo:
+    storage, offset = raw.storages[ref.storage.key]
+    location = Location(path, offset, storage.nbytes, ref.storage_offset, ref.stride, storage.location)
+    return TensorInfo(name, ref.dtype, ref.shape, location, storage_key=storage.key)
+
+
+def flatten(obj, prefix="", seen=None):
+    """Yield (dotted name, leaf) for every tensor and scalar in a nested object, modules included."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, (TensorRef, int, float, str, bool, bytes)) or obj is None:
+        yield prefix, obj
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif isinstance(obj, Opaque):
+        fields = obj.fields()
+        if "_parameters" in fields:  # a pickled nn.Module: walk it like its state_dict
+            items = list(fields.get("_parameters", {}).items()) + list(fields.get("_buffers", {}).items())
+            items += list(fields.get("_modules", {}).items())
+        else:
+            items = fields.items()
+    else:
+        return
+    for key, value in items:
+        yield from flatten(value, f"{prefix}.{key}" if prefix else str(key), seen)
+
+
+def _has_tensors(obj) -> bool:
+    return any(isinstance(leaf, TensorRef) for _, leaf in flatten(obj))
+
+
+def _role_of_dict(obj) -> str | None:
+    """Role of a file that holds one state_dict (Accelerate's optimizer.bin, scheduler.bin, ...)."""
+    if not isinstance(obj, dict):
+        return None
+    keys = set(map(str, obj))
+    if {"state", "param_groups"} <= keys:
+        return "optimizer"
+    if "last_epoch" in keys and ({"base_lrs", "_step_count"} & keys):
+        return "scheduler"
+    if {"random_state", "torch_manual_seed"} & keys:
+        return "rng"
+    if {"scale", "growth_factor"} <= keys:
+        return "scaler"
+    return None
+
+
+def _role_of_key(key: str) -> str | None:
+    for role, keys in COMPONENT_KEYS.items():
+        if key in keys:
+            return role
+    return None
+
+
+def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: str | None = None):
+    """Components and step sources of one torch file's object."""
+    obj = raw.obj
+    components, steps, metadata = [], [], {}
+
+    def component(name, role, value):
+        tensors = [tensor_info(n, leaf, raw, path) for n, leaf in flatten(value) if isinstance(leaf, TensorRef)]
+        comp = Component(name, role, files=[path], tensors=tensors)
+        components.append(comp)
+        steps.extend(_component_steps(comp, value, raw, path))
+        return comp
+
+    own_role = _role_of_dict(obj)
+    training_keys = [k for k in obj if isinstance(k, str) and _role_of_key(k)] if isinstance(obj, dict) else []
+    if own_role or role_hint in ("optimizer", "scheduler", "rng", "scaler", "sampler", "dataloader", "custom"):
+        component(name_hint or own_role or role_hint, own_role or role_hint, obj)
+    elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
+        for key, value in obj.items():
+            role = _role_of_key(key) if isinstance(key, str) else None
+            if role and (_has_tensors(value) or _role_of_dict(value) or role == "rng"):
+                component(role if role not in [c.name for c in components] else key, role, value)
+            elif _has_tensors(value):
+                component(str(key), "extra", value)
+            else:
+                _scalars_into(metadata, str(key), value)
+        for key in STEP_KEYS + EPOCH_KEYS:
+            value = obj.get(key)
+            if type(value) is int or (isinstance(value, float) and value.is_integer()):
+                kind = "epoch" if key in EPOCH_KEYS else "step"
+                steps.append(StepSource(f"training dict '{key}'", int(value), kind))
+    else:
+        role = role_hint or "model"
+        component(name_hint or role, role, obj)
+    return components, steps, metadata
+
+
+def _scalars_into(metadata, key, value):
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        metadata[key] = value
+    elif isinstance(value, Opaque):
+        metadata[key] = f"<{value.global_name}>"
+
+
+def _component_steps(comp: Component, value, raw: RawPickle, path: str):
+    if comp.role == "optimizer":
+        for state in _optimizer_dicts(value):
+            step = _optimizer_step(state, raw, path)
+            if step is not None:
+                yield StepSource(f"{comp.name} state step", step)
+    elif comp.role == "scheduler":
+        for sched in value if isinstance(value, list) else [value]:
+            if isinstance(sched, dict) and type(sched.get("last_epoch")) is int:
+                yield StepSource(f"{comp.name} last_epoch", sched["last_epoch"])
+    elif comp.role == "rng" and isinstance(value, dict) and type(value.get("step")) is int:
+        yield StepSource(f"{comp.name} step", value["step"],
+                         note="Accelerate's gradient-accumulation counter, not the optimizer step")
+
+
+def _optimizer_dicts(value):
+    if isinstance(value, dict) and "state" in value:
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _optimizer_dicts(item)
+
+
+def _optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
+    """The largest per-parameter `step` (equal for every parameter updated each step)."""
+    steps = []
+    state = state_dict.get("state")
+    for per_param in (state.values() if isinstance(state, dict) else []):
+        step = per_param.get("step") if isinstance(per_param, dict) else None
+        if isinstance(step, TensorRef):
+            step = read_scalar(tensor_info("step", step, raw, path))
+        if isinstance(step, (int, float)) and not isinstance(step, bool):
+            steps.append(int(step))
+    return max(steps) if steps else None
+
+
+SCALAR_FORMATS = {"float32": "<f", "float64": "<d", "int64": "<q", "int32": "<i", "float16": "<e"}
+
+
+def read_scalar(info: TensorInfo):
+    """Value of a one-element tensor read straight from its bytes (a few bytes, no torch import)."""
+    fmt = SCALAR_FORMATS.get(info.dtype)
+    if fmt is None or info.numel != 1:
+        return None
+    size = struct.calcsize(fmt)
+    with open(info.location.file, "rb") as f:
+        f.seek(info.location.offset + info.location.storage_offset * size)
+        data = f.read(size)
+    return struct.unpack(fmt, data)[0] if len(data) == size else None
+
+
+def read(path: str, role_hint=None, name_hint=None) -> Checkpoint:
+    raw = read_raw(path)
+    components, steps, metadata = analyse(raw, path, role_hint, name_hint)
+    ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
+                      files=[path])
+    note_pickle(ckpt, raw, path)
+    return ckpt
+
+
+def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
+    """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
+    ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
+    if raw.unsafe_globals:
+        ckpt.add_problem("unsafe_pickle", "error",
+                         f"pickle imports {', '.join(raw.unsafe_globals)}, outside the allow-list: torch.load "
+                         "would run that code (or refuse with weights_only); it was not executed. Load it only if "
+                         "you trust its source, or re-save the tensors with `ckpttool convert`", path)
+    devices = sorted({ref.location for ref, _ in raw.storages.values()})
+    if devices:
+        known = set(ckpt.metadata.get("saved_on_devices", []))
+        ckpt.metadata["saved_on_devices"] = sorted(known | set(devices))

@@ -1,0 +1,151 @@
+"""The data model every reader fills in and every operation consumes.
+
+Readers describe a checkpoint without loading tensor data: each tensor is a name, a dtype, a shape and a
+`Location` (file, byte offset, byte length) from which it can be read on demand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ERROR = "error"
+WARNING = "warning"
+INFO = "info"
+
+# Bits per element of every dtype we can meet, keyed by the canonical torch-style name.
+DTYPE_BITS = {
+    "bool": 8, "uint8": 8, "int8": 8, "int16": 16, "uint16": 16, "int32": 32, "uint32": 32, "int64": 64,
+    "uint64": 64, "float16": 16, "bfloat16": 16, "float32": 32, "float64": 64, "complex32": 32, "complex64": 64,
+    "complex128": 128, "float8_e4m3fn": 8, "float8_e5m2": 8, "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8,
+    "float8_e8m0fnu": 8, "float4_e2m1fn_x2": 8, "float6_e2m3": 6, "float6_e3m2": 6, "float4_e2m1": 4,
+    "qint8": 8, "quint8": 8, "qint32": 32, "quint4x2": 8,
+}
+
+
+def dtype_bytes(dtype: str, shape) -> int:
+    return (math.prod(shape) * DTYPE_BITS.get(dtype, 8) + 7) // 8
+
+
+@dataclass
+class Problem:
+    code: str
+    severity: str
+    message: str
+    path: str | None = None
+    key: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"code": self.code, "severity": self.severity, "message": self.message}
+        if self.path:
+            out["path"] = self.path
+        if self.key:
+            out["key"] = self.key
+        return out
+
+
+@dataclass
+class Location:
+    """Where a tensor's bytes live: `length` bytes at `offset` of `file`, stored as `storage_dtype`."""
+
+    file: str
+    offset: int
+    length: int
+    storage_offset: int = 0  # in elements, for views into a larger torch storage
+    stride: tuple | None = None
+    device: str = "cpu"  # where torch saved it (`cuda:0` reads fine on a CPU box)
+    encoding: str = "raw"  # "raw" bytes, or "torch.save" (a DCP item: a whole torch.save blob)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple
+    location: Location | None = None
+    storage_key: str | None = None  # tensors sharing a storage (tied weights, views) share this
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return dtype_bytes(self.dtype, self.shape)
+
+
+@dataclass
+class StepSource:
+    """One place a checkpoint states its step or epoch. `kind` is `step` or `epoch`."""
+
+    source: str  # e.g. "directory name", "train_state.json current_step", "optimizer state step"
+    value: int
+    kind: str = "step"
+    note: str | None = None  # why a source must not be compared (e.g. Accelerate's RNG `step`)
+
+
+@dataclass
+class Component:
+    """One part of a checkpoint: model weights, optimizer, scheduler, EMA, RNG state, ..."""
+
+    name: str
+    role: str  # model | optimizer | scheduler | ema | rng | scaler | sampler | dataloader | custom | extra
+    files: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: a torch storage shared by several tensors (tied weights, views) counts once."""
+        total, seen = 0, set()
+        for t in self.tensors:
+            if t.storage_key is None:
+                total += t.nbytes
+            elif (t.location.file, t.storage_key) not in seen:
+                seen.add((t.location.file, t.storage_key))
+                total += t.location.length
+        return total
+
+
+@dataclass
+class Checkpoint:
+    """What a reader found at a path."""
+
+    path: str
+    format: str  # torch | safetensors | sharded | accelerate | dcp | family
+    layout: str  # e.g. "torch zip", "diffusers checkpoint-N", "kohya -state dir"
+    components: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+    quantization: dict | None = None
+    pickle_globals: list = field(default_factory=list)  # every global any pickle in it names
+
+    def component(self, role_or_name: str) -> Component | None:
+        for c in self.components:
+            if c.name == role_or_name:
+                return c
+        for c in self.components:
+            if c.role == role_or_name:
+                return c
+        return None
+
+    @property
+    def model(self) -> Component | None:
+        return self.component("model")
+
+    def add_problem(self, code, severity, message, path=None, key=None):
+        self.problems.append(Problem(code, severity, message, path, key))
+
+    def absorb_problems(self, part: "Checkpoint"):
+        """Take over what a member file's reading found: its problems, pickle globals and save devices."""
+        self.problems.extend(part.problems)
+        self.pickle_globals.extend(g for g in part.pickle_globals if g not in self.pickle_globals)
+        devices = set(self.metadata.get("saved_on_devices", [])) | set(part.metadata.get("saved_on_devices", []))
+        if devices:
+            self.metadata["saved_on_devices"] = sorted(devices)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(p.severity == ERROR for p in self.problems)

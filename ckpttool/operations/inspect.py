@@ -1,0 +1,81 @@
+"""`ckpttool inspect`: what a checkpoint is, from headers alone."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+
+from ckpttool.errors import CkptError
+from ckpttool.formats import guess_format, open_checkpoint
+from ckpttool.model import ERROR, Checkpoint, Problem
+
+# Which step source wins when several exist: the trainer's own record first, then names, then derived state.
+STEP_PRIORITY = ("train_state.json", "training_state.json", "training dict", "directory name", "file name",
+                 "optimizer", "scheduler")
+
+
+def _priority(source: str) -> int:
+    for i, prefix in enumerate(STEP_PRIORITY):
+        if source.startswith(prefix) or prefix in source:
+            return i
+    return len(STEP_PRIORITY)
+
+
+def stated_value(ckpt: Checkpoint, kind: str) -> int | None:
+    """The checkpoint's step (or epoch): from the most authoritative source that states one."""
+    sources = [s for s in ckpt.steps if s.kind == kind and s.note is None]
+    if not sources:
+        return None
+    return min(sources, key=lambda s: _priority(s.source)).value
+
+
+def model_components(ckpt: Checkpoint):
+    return [c for c in ckpt.components if c.role == "model"]
+
+
+def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: bool = False) -> dict:
+    models = model_components(ckpt)
+    model_tensors = [t for c in models for t in c.tensors]
+    dtypes = Counter(t.dtype for t in model_tensors)
+    report = {
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "layout": ckpt.layout,
+        "step": stated_value(ckpt, "step"),
+        "epoch": stated_value(ckpt, "epoch"),
+        "step_sources": [{"source": s.source, "kind": s.kind, "value": s.value, **({"note": s.note} if s.note else {})}
+                         for s in ckpt.steps],
+        "tensors": len(model_tensors),
+        "parameters": sum(t.numel for t in model_tensors),
+        "bytes": sum(c.nbytes for c in models),
+        "dtypes": dict(sorted(dtypes.items())),
+        "components": [{"name": c.name, "role": c.role, "files": c.files, "tensors": len(c.tensors),
+                        "parameters": sum(t.numel for t in c.tensors), "bytes": c.nbytes} for c in ckpt.components],
+        "files": ckpt.files,
+        "file_bytes": sum(os.path.getsize(f) for f in ckpt.files if os.path.isfile(f)),
+        "quantization": ckpt.quantization,
+        "pickle_globals": ckpt.pickle_globals,
+        "metadata": ckpt.metadata,
+        "problems": [p.to_json() for p in ckpt.problems],
+    }
+    if list_tensors:
+        pattern = re.compile(tensor_filter) if tensor_filter else None
+        report["tensor_list"] = [
+            {"component": c.name, "name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+            for c in ckpt.components for t in c.tensors if pattern is None or pattern.search(t.name)]
+    return report
+
+
+def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = False) -> dict:
+    """Report on `path`. A file too broken to read still gives a report: its problem, no components."""
+    try:
+        ckpt = open_checkpoint(path)
+    except CkptError as e:
+        ckpt = Checkpoint(path, guess_format(path), "unreadable")
+        ckpt.problems.append(Problem(e.code, ERROR, str(e), e.path or path))
+    return summarize(ckpt, tensor_filter, list_tensors)
+
+
+def has_errors(report: dict) -> bool:
+    return any(p["severity"] == ERROR for p in report["problems"])

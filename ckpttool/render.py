@@ -1,0 +1,60 @@
+"""Human-readable tables (tabulate) for the CLI's reports."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def problems_table(problems) -> str:
+    if not problems:
+        return "Problems: none"
+    rows = [(p["severity"], p["code"], p.get("path") or "", p["message"]) for p in problems]
+    return "Problems:\n" + tabulate(rows, headers=("severity", "code", "path", "message"), tablefmt="simple",
+                                    maxcolwidths=[None, None, 40, 80])
+
+
+def inspect_report(r: dict) -> str:
+    out = []
+    summary = [("path", r["path"]), ("format", r["format"]), ("layout", r["layout"]),
+               ("step", "-" if r["step"] is None else r["step"]), ("epoch", "-" if r["epoch"] is None else r["epoch"]),
+               ("model tensors", r["tensors"]), ("parameters", f"{r['parameters']:,}"),
+               ("model bytes", human_bytes(r["bytes"])), ("files", f"{len(r['files'])} ({human_bytes(r['file_bytes'])})")]
+    devices = r["metadata"].get("saved_on_devices")
+    if devices:
+        summary.append(("saved on", ", ".join(devices)))
+    out.append(tabulate(summary, tablefmt="plain"))
+    if r["step_sources"]:
+        rows = [(s["source"], s["kind"], s["value"], s.get("note", "")) for s in r["step_sources"]]
+        out.append("Step sources:\n" + tabulate(rows, headers=("source", "kind", "value", "note")))
+    if r["components"]:
+        rows = [(c["name"], c["role"], c["tensors"], f"{c['parameters']:,}", human_bytes(c["bytes"]),
+                 ", ".join(_short(f) for f in c["files"])) for c in r["components"]]
+        out.append("Components:\n" + tabulate(rows, headers=("component", "role", "tensors", "parameters", "bytes",
+                                                             "files"), maxcolwidths=[None] * 5 + [60]))
+    if r["dtypes"]:
+        out.append("Model dtypes:\n" + tabulate(sorted(r["dtypes"].items()), headers=("dtype", "tensors")))
+    q = r["quantization"]
+    if q:
+        rows = [(m["component"], m["module"], m["weights"], m["dtype"], m.get("group_size") or "", m["qtype_source"])
+                for m in q["modules"]]
+        out.append(f"Quantization ({q['library']}; map: {q['quantization_map'] or 'none found'}):\n" + tabulate(
+            rows, headers=("component", "module", "qtype", "orig dtype", "group", "qtype from")))
+    if "tensor_list" in r:
+        rows = [(t["component"], t["name"], "x".join(map(str, t["shape"])) or "()", t["dtype"], t["bytes"])
+                for t in r["tensor_list"]]
+        out.append("Tensors:\n" + tabulate(rows, headers=("component", "name", "shape", "dtype", "bytes")))
+    out.append(problems_table(r["problems"]))
+    return "\n\n".join(out)
+
+
+def _short(path: str) -> str:
+    import os
+    return os.path.basename(path.rstrip("/")) or path
