@@ -38,7 +38,7 @@ SAFE_GLOBALS = {
     "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device", "torch.storage.UntypedStorage",
     "builtins.set", "builtins.frozenset", "builtins.bytearray", "builtins.complex", "builtins.slice",
-    "codecs.encode", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "codecs.encode", "_codecs.encode", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
     "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
     "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
@@ -192,6 +192,7 @@ IMITATIONS = {
     "builtins.frozenset": frozenset,
     "builtins.complex": complex,
     "codecs.encode": _codecs_encode,
+    "_codecs.encode": _codecs_encode,
 }
 
 

@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (set up, build a fixture run, inspect it) and `make test` (set up, run the suite).
+# The venv prefers the CPU torch wheel pip finds locally (torch==2.13.0); a venv that already has torch keeps it:
+# `make test VENV=/path/to/your/venv` uses yours, or set TORCH_SPEC to the torch requirement you want installed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ckpttool-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fixtures demo-run/fixtures > /dev/null
+	@echo "== a diffusers-style checkpoint-N (Accelerate save_state with unet/ weights)"
+	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-3
+	@echo "== a quantized (optimum-quanto qint4) model, tensors listed"
+	$(BIN)/ckpttool inspect --tensors --filter 'linear_1' demo-run/fixtures/quanto/qint4/model.safetensors
+	@echo "== a truncated newest checkpoint: reported, exit 1"
+	-$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-5
+	@echo "== a malicious pickle: named, never executed"
+	-$(BIN)/ckpttool inspect demo-run/fixtures/torch/malicious.pt
+	@test ! -e demo-run/fixtures/PWNED_MARKER && echo "marker file absent: the payload never ran"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_inspect.py
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache
