@@ -1,0 +1,30 @@
+import json
+import os
+
+import pytest
+
+from fixtures.generate import MARKER_NAME, build
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The whole fixture corpus, built once per test session with the real libraries."""
+    root = tmp_path_factory.mktemp("corpus")
+    made = build(str(root))
+    made["_root"] = str(root)
+    return made
+
+
+@pytest.fixture
+def no_payload(corpus):
+    """Asserts after the test that the malicious pickle's marker file was never created."""
+    marker = os.path.join(corpus["_root"], MARKER_NAME)
+    yield marker
+    assert not os.path.exists(marker), "a pickled payload was executed"
+
+
+def run_json(runner, args):
+    from ckpttool.cli import main
+
+    result = runner.invoke(main, args)
+    return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
