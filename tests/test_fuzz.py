@@ -1,0 +1,78 @@
+"""Mutated real files must only ever raise the toolkit's own error type."""
+
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckpttool.errors import CkptError
+from ckpttool.formats import safetensors, torchfile
+from ckpttool.formats.pickles import unpickle
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def mutate(data: bytes, edits) -> bytes:
+    out = bytearray(data)
+    for pos, value in edits:
+        if out:
+            out[pos % len(out)] = value
+    return bytes(out)
+
+
+def read_or_ckpterror(fn, path):
+    try:
+        fn(path)
+    except CkptError:
+        pass
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.integers(0, 10**6))
+def test_safetensors_header_parser(corpus, tmp_path, edits, cut):
+    data = open(corpus["safetensors"], "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    # aim the edits at the header, where the parser works
+    header_edits = [(pos % (n + 8), value) for pos, value in edits]
+    mutated = mutate(data, header_edits)
+    mutated = mutated[: len(mutated) - (cut % 64)] if cut % 3 == 0 else mutated
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(mutated)
+    read_or_ckpterror(safetensors.read, str(path))
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=8), st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**40) | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(
+        ["dtype", "shape", "data_offsets", "x"]), children, max_size=3), max_leaves=8), max_size=4),
+       body=st.binary(max_size=64))
+def test_safetensors_structured_headers(tmp_path, header, body):
+    import json
+    raw = json.dumps(header).encode()
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    read_or_ckpterror(safetensors.read, str(path))
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_pickle_reader_on_mutated_data_pkl(corpus, edits):
+    import zipfile
+    with zipfile.ZipFile(corpus["torch_training"]) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    try:
+        unpickle(mutate(data, edits))
+    except CkptError:
+        pass
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       which=st.sampled_from(["torch_training", "torch_legacy", "torch_cuda", "pickle_malicious"]))
+def test_torch_reader_on_mutated_files(corpus, tmp_path, no_payload, edits, which):
+    data = open(corpus[which], "rb").read()
+    path = tmp_path / "m.pt"
+    path.write_bytes(mutate(data, edits))
+    read_or_ckpterror(torchfile.read, str(path))
