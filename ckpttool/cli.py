@@ -60,7 +60,6 @@ def inspect(path, as_json, list_tensors, tensor_filter):
 
     Reads headers only, never tensor data. Exit 1 when it finds error-level problems."""
     from ckpttool.operations.inspect import has_errors, inspect as run_inspect
-    from ckpttool.render import inspect_report
 
     if tensor_filter:
         import re
@@ -72,5 +71,7 @@ def inspect(path, as_json, list_tensors, tensor_filter):
     if as_json:
         _emit_json(report)
     else:
+        from ckpttool.render import inspect_report  # tabulate only when a person reads the output
+
         click.echo(inspect_report(report))
     sys.exit(1 if has_errors(report) else 0)

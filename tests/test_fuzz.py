@@ -9,7 +9,7 @@ from ckpttool.errors import CkptError
 from ckpttool.formats import safetensors, torchfile
 from ckpttool.formats.pickles import unpickle
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def mutate(data: bytes, edits) -> bytes:
