@@ -24,9 +24,9 @@ demo: $(STAMP)
 	@echo "== a quantized (optimum-quanto qint4) model, tensors listed"
 	$(BIN)/ckpttool inspect --tensors --filter 'linear_1' demo-run/fixtures/quanto/qint4/model.safetensors
 	@echo "== a truncated newest checkpoint: reported, exit 1"
-	-$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-5
+	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-5 || echo "(exit $$?: problems found, as expected)"
 	@echo "== a malicious pickle: named, never executed"
-	-$(BIN)/ckpttool inspect demo-run/fixtures/torch/malicious.pt
+	$(BIN)/ckpttool inspect demo-run/fixtures/torch/malicious.pt || echo "(exit $$?: problems found, as expected)"
 	@test ! -e demo-run/fixtures/PWNED_MARKER && echo "marker file absent: the payload never ran"
 
 test: $(STAMP)

@@ -9,9 +9,13 @@ class CkptError(Exception):
         self.code = code
         self.path = str(path) if path is not None else None
 
+    @property
+    def reason(self) -> str:
+        """The message without the path (for problem lists that carry the path separately)."""
+        return self.args[0]
+
     def __str__(self):
-        text = super().__str__()
-        return f"{self.path}: {text}" if self.path else text
+        return f"{self.path}: {self.reason}" if self.path else self.reason
 
 
 class UsageError(Exception):

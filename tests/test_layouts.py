@@ -78,14 +78,14 @@ def test_dcp_dir(corpus):
     ckpt = open_checkpoint(corpus["dcp"])
     assert ckpt.format == "dcp"
     tensors = {t.name: t for t in ckpt.model.tensors}
-    assert "model.linear_1.weight" in tensors
+    assert "linear_1.weight" in tensors  # the {"model": state_dict} part is the model component
     assert ckpt.metadata["objects"] == ["step"]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     target = os.path.join(os.path.dirname(corpus["dcp"]), "as_torch.pt")
     dcp_to_torch_save(corpus["dcp"], target)
     reference = torch.load(target, weights_only=True)["model"]
     for name, value in reference.items():
-        t = tensors[f"model.{name}"]
+        t = tensors[name]
         assert t.shape == tuple(value.shape) and torch.equal(load_tensor(t), value)
 
 
@@ -99,6 +99,8 @@ def test_fsdp_sharded_state_dir(corpus):
     assert {c.name: c.role for c in ckpt.components} == {"model": "model", "optimizer": "optimizer",
                                                         "scheduler": "scheduler"}
     assert len(ckpt.model.tensors) == 6
+    assert "linear_1.weight" in {t.name for t in ckpt.model.tensors}
+    assert "state.0.exp_avg" in {t.name for t in ckpt.component("optimizer").tensors}
 
 
 def test_sharded_index_and_folder(corpus):

@@ -26,13 +26,28 @@ def _fields(obj, what, path) -> dict:
     return obj.fields()
 
 
+def _split_by_role(component: Component) -> list[Component]:
+    """A DCP state dict is usually {"model": ..., "optimizer": ...}: make each top-level part its own component."""
+    from ckpttool.formats.torchfile import role_of_key
+
+    groups: dict[str, list[TensorInfo]] = {}
+    for t in component.tensors:
+        head, _, rest = t.name.partition(".")
+        if not rest or role_of_key(head) is None:
+            return [component]
+        groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key))
+    if len(groups) == 1 and role_of_key(next(iter(groups))) == component.role:
+        return [Component(component.name, component.role, component.files, next(iter(groups.values())))]
+    return [Component(head, role_of_key(head), component.files, tensors) for head, tensors in groups.items()]
+
+
 def read(path: str, name="model", role="model") -> Checkpoint:
     meta_path = os.path.join(path, METADATA)
     with open(meta_path, "rb") as f:
         try:
             obj, unpickler = unpickle(f.read(), SAFE_GLOBALS | DCP_GLOBALS, what=".metadata")
         except CkptError as e:
-            raise CkptError(e.code, str(e), meta_path) from None
+            raise CkptError(e.code, e.reason, meta_path) from None
     meta = _fields(obj, "root", meta_path)
     entries = meta.get("state_dict_metadata")
     if not isinstance(entries, dict):
@@ -78,7 +93,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         if ends and max(ends) > os.path.getsize(full):
             ckpt.add_problem("truncated", "error", f"{data_file} ends before byte {max(ends)} that .metadata "
                              "expects: it was cut short", full)
-    ckpt.components.append(component)
+    ckpt.components.extend(_split_by_role(component))
     if unpickler.unsafe_globals:
         ckpt.add_problem("unsafe_pickle", "error", f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
                          "outside the allow-list; it was not executed", meta_path)

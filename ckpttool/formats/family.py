@@ -50,7 +50,7 @@ def read(path: str) -> Checkpoint:
         try:
             part = read_file(member, role=role, name=kind)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", str(e), member)
+            ckpt.add_problem(e.code, "error", e.reason, member)
             continue
         ckpt.absorb_problems(part)
         ckpt.steps.extend(part.steps)

@@ -60,7 +60,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         try:
             part = read_file(shard_path, role=role)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", str(e), shard_path)
+            ckpt.add_problem(e.code, "error", e.reason, shard_path)
             continue
         ckpt.absorb_problems(part)
         in_shard = {t.name: t for c in part.components for t in c.tensors}

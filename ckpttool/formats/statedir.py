@@ -139,7 +139,7 @@ def read(path: str) -> Checkpoint:
                                 else read_file(sub, role=role, name=entry))
                         add(part, part.files)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", str(e), full)
+            ckpt.add_problem(e.code, "error", e.reason, full)
             ckpt.files.append(full)
     _order_components(ckpt)
     return ckpt

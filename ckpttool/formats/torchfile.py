@@ -87,7 +87,7 @@ def _read_zip(path, size, allowed) -> RawPickle:
         try:
             obj, unpickler = unpickle(data, allowed, what=pkl)
         except CkptError as e:
-            raise CkptError(e.code, str(e), path) from None
+            raise CkptError(e.code, e.reason, path) from None
         storages = {}
         for key, ref in unpickler.storages.items():
             member = f"{prefix}data/{key}"
@@ -166,7 +166,7 @@ def _unpickle_at(f, allowed, path, what):
     try:
         return unpickle(f, allowed, what=what)
     except CkptError as e:
-        raise CkptError(e.code, str(e), path) from None
+        raise CkptError(e.code, e.reason, path) from None
 
 
 # --- structure: from the unpickled object to components and step sources ---
@@ -224,7 +224,7 @@ def _role_of_dict(obj) -> str | None:
     return None
 
 
-def _role_of_key(key: str) -> str | None:
+def role_of_key(key: str) -> str | None:
     for role, keys in COMPONENT_KEYS.items():
         if key in keys:
             return role
@@ -244,12 +244,12 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
         return comp
 
     own_role = _role_of_dict(obj)
-    training_keys = [k for k in obj if isinstance(k, str) and _role_of_key(k)] if isinstance(obj, dict) else []
+    training_keys = [k for k in obj if isinstance(k, str) and role_of_key(k)] if isinstance(obj, dict) else []
     if own_role or role_hint in ("optimizer", "scheduler", "rng", "scaler", "sampler", "dataloader", "custom"):
         component(name_hint or own_role or role_hint, own_role or role_hint, obj)
     elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
         for key, value in obj.items():
-            role = _role_of_key(key) if isinstance(key, str) else None
+            role = role_of_key(key) if isinstance(key, str) else None
             if role and (_has_tensors(value) or _role_of_dict(value) or role == "rng"):
                 component(role if role not in [c.name for c in components] else key, role, value)
             elif _has_tensors(value):

@@ -73,7 +73,7 @@ def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = Fa
         ckpt = open_checkpoint(path)
     except CkptError as e:
         ckpt = Checkpoint(path, guess_format(path), "unreadable")
-        ckpt.problems.append(Problem(e.code, ERROR, str(e), e.path or path))
+        ckpt.problems.append(Problem(e.code, ERROR, e.reason, e.path or path))
     return summarize(ckpt, tensor_filter, list_tensors)
 
 
