@@ -20,7 +20,8 @@ def names(ckpt):
 def test_real_accelerate_save_state(corpus):
     ckpt = open_checkpoint(corpus["accelerate"])
     assert ckpt.format == "accelerate" and ckpt.layout == "Accelerate save_state dir"
-    assert names(ckpt) == ["model", "optimizer", "scheduler", "random_states_0"]
+    assert names(ckpt) == ["model", "optimizer", "scheduler", "random_states_0", "custom_checkpoint_0"]
+    assert ckpt.component("custom_checkpoint_0").role == "custom"
     assert ckpt.problems == []
     steps = steps_of(ckpt)
     assert steps["optimizer state step"][:2] == ("step", 3)
