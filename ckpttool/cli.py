@@ -75,3 +75,89 @@ def inspect(path, as_json, list_tensors, tensor_filter):
 
         click.echo(inspect_report(report))
     sys.exit(1 if has_errors(report) else 0)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--force", is_flag=True, help="Replace an existing manifest.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def manifest(path, force, as_json):
+    """Write xxh3-128 checksums of a checkpoint (per file and per tensor) so verify can catch bit rot.
+
+    A directory's manifest goes inside it (ckpttool-manifest.json), a file's beside it."""
+    from ckpttool.operations.manifest import write
+
+    result = write(path, force=force)
+    if as_json:
+        _emit_json(result)
+    else:
+        from ckpttool.render import human_bytes
+
+        click.echo(f"wrote {result['manifest']}: {result['files']} files, {result['tensors']} tensors, "
+                   f"{human_bytes(result['bytes'])}")
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--require-manifest", is_flag=True, help="Fail when there is no manifest to check against.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Trainer config (resume_from_checkpoint, global_step, epoch) that must agree with the checkpoint.")
+@click.option("--expect-step", type=int, help="Fail unless the checkpoint is at this step.")
+@click.option("--for-resume", is_flag=True, help="Require the optimizer, scheduler and RNG state a resume needs.")
+@click.option("--finite", is_flag=True, help="Scan every float tensor for NaN/Inf (reads all tensor data).")
+def verify(path, as_json, require_manifest, config_file, expect_step, for_resume, finite):
+    """Is this checkpoint intact and consistent? Exit 0 only when no check failed.
+
+    PATH may be left out when --config names the checkpoint (resume_from_checkpoint)."""
+    from ckpttool.operations.verify import verify as run_verify
+
+    report = run_verify(path, require_manifest=require_manifest, config_file=config_file, expect_step=expect_step,
+                        for_resume=for_resume, finite=finite)
+    if as_json:
+        _emit_json(report)
+    else:
+        from ckpttool.render import verify_report
+
+        click.echo(verify_report(report))
+    sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--for-resume", is_flag=True, help="Only accept checkpoints with full training state.")
+def latest(directory, as_json, for_resume):
+    """The newest checkpoint under DIRECTORY that verifies (printed as its path), with what was skipped."""
+    from ckpttool.operations.latest import latest as run_latest
+
+    result = run_latest(directory, for_resume=for_resume)
+    if as_json:
+        _emit_json(result)
+    else:
+        for skipped in result["skipped"]:
+            click.echo(f"skipped {skipped['path']}: {', '.join(skipped['codes'])}: {skipped['reason']}", err=True)
+        if result["path"]:
+            click.echo(result["path"])
+        else:
+            click.echo(f"ckpttool: no valid checkpoint under {directory}", err=True)
+    sys.exit(0 if result["path"] else 1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--keep", type=int, required=True, help="How many of the newest valid checkpoints to keep (>= 1).")
+@click.option("--keep-every", type=int, help="Also keep every checkpoint whose step is a multiple of K.")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def prune(directory, keep, keep_every, dry_run, as_json):
+    """Delete old checkpoints beyond the newest N valid ones; never the newest valid one, never a non-checkpoint."""
+    from ckpttool.operations.prune import prune as run_prune
+
+    result = run_prune(directory, keep, keep_every, dry_run)
+    if as_json:
+        _emit_json(result)
+    else:
+        from ckpttool.render import prune_report
+
+        click.echo(prune_report(result))

@@ -58,3 +58,18 @@ def inspect_report(r: dict) -> str:
 def _short(path: str) -> str:
     import os
     return os.path.basename(path.rstrip("/")) or path
+
+
+def verify_report(r: dict) -> str:
+    rows = [(c["check"], c["status"].upper(), c["detail"]) for c in r["checks"]]
+    head = f"{r['path']} ({r['format']}{', ' + r['layout'] if r.get('layout') else ''}; step " \
+           f"{'-' if r['step'] is None else r['step']})"
+    table = tabulate(rows, headers=("check", "result", "detail"), maxcolwidths=[None, None, 90])
+    verdict = "OK: verified" if r["ok"] else "FAILED"
+    return "\n\n".join([head, table, problems_table(r["problems"]), verdict])
+
+
+def prune_report(r: dict) -> str:
+    rows = [("keep", k["step"], k["path"], k["reason"]) for k in r["keep"]]
+    rows += [("would delete" if r["dry_run"] else "deleted", d["step"], d["path"], d["reason"]) for d in r["delete"]]
+    return tabulate(rows, headers=("action", "step", "path", "reason"), maxcolwidths=[None, None, 70, 50])

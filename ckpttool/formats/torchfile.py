@@ -101,14 +101,14 @@ def _read_zip(path, size, allowed) -> RawPickle:
             if info.file_size < ref.nbytes:
                 raise CkptError("corrupt", f"{member} holds {info.file_size} bytes but its tensors need "
                                 f"{ref.nbytes}", path)
-            offset = _zip_data_offset(raw, info, path)
+            offset = zip_data_offset(raw, info, path)
             if offset + info.file_size > size:
                 raise CkptError("truncated", f"{member} ends past the end of the file", path)
             storages[key] = (ref, offset)
     return RawPickle(obj, "torch zip", storages, unpickler.globals_seen, unpickler.unsafe_globals)
 
 
-def _zip_data_offset(raw, info, path) -> int:
+def zip_data_offset(raw, info, path) -> int:
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) < 30 or header[:4] != ZIP_MAGIC:

@@ -1,0 +1,48 @@
+"""`ckpttool prune`: delete old checkpoints beyond the newest N valid ones, never the newest valid one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ckpttool.errors import UsageError
+from ckpttool.operations.latest import verdicts
+
+
+def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
+    """What prune would keep and delete, with the reason for each."""
+    if keep < 1:
+        raise UsageError("--keep must be at least 1: the newest valid checkpoint is never deleted")
+    if keep_every is not None and keep_every < 1:
+        raise UsageError("--keep-every must be a positive step interval")
+    keep_rows, delete_rows = [], []
+    valid = 0
+    for candidate, report in verdicts(root):
+        ok = report is not None and report["ok"]
+        step = report["step"] if report else None
+        row = {"path": candidate.path, "step": step, "files": candidate.files}
+        if ok and valid < keep:
+            valid += 1
+            keep_rows.append({**row, "reason": "newest valid" if valid == 1 else f"valid, within the newest {keep}"})
+        elif valid == 0:
+            keep_rows.append({**row, "reason": "newer than every valid checkpoint (may still be being written)"})
+        elif keep_every and ok and step is not None and step % keep_every == 0:
+            keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
+        elif valid < keep:
+            keep_rows.append({**row, "reason": f"invalid but newer than the {keep}th valid checkpoint"})
+        else:
+            delete_rows.append({**row, "reason": "valid, older than the kept ones" if ok else "invalid and old"})
+    return {"keep": keep_rows, "delete": delete_rows}
+
+
+def prune(root: str, keep: int, keep_every: int | None = None, dry_run: bool = False) -> dict:
+    result = plan(root, keep, keep_every)
+    result["dry_run"] = dry_run
+    if not dry_run:
+        for row in result["delete"]:
+            for path in row["files"]:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.unlink(path)
+    return result

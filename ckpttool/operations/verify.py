@@ -1,0 +1,357 @@
+"""`ckpttool verify`: every check that applies to a checkpoint, each reported with its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+
+from ckpttool import hashing
+from ckpttool.errors import CkptError, UsageError
+from ckpttool.formats import guess_format, open_checkpoint, torchfile
+from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
+from ckpttool.operations import manifest as manifests
+from ckpttool.operations.inspect import stated_value
+
+PASS, FAIL, WARN, NOTE, SKIP = "pass", "fail", "warn", "note", "skip"
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                "float8_e5m2fnuz", "complex64", "complex128"}
+
+
+class Verification:
+    """Collects (check, status, detail) rows and the problems behind them."""
+
+    def __init__(self, path):
+        self.path = path
+        self.checks: list[dict] = []
+        self.problems: list[Problem] = []
+
+    def check(self, name, status, detail=""):
+        self.checks.append({"check": name, "status": status, "detail": detail})
+
+    def problem(self, code, severity, message, path=None, key=None):
+        self.problems.append(Problem(code, severity, message, path, key))
+
+    def from_problems(self, name, problems, clean_detail):
+        """One check row summarising problems already found (by the reader, say)."""
+        self.problems.extend(problems)
+        worst = FAIL if any(p.severity == ERROR for p in problems) else WARN if problems else PASS
+        self.check(name, worst, "; ".join(f"{p.code}: {p.message}" for p in problems) or clean_detail)
+
+
+# --- integrity ---
+
+def zip_crc_problems(path: str) -> list[Problem]:
+    """Check every stored member of a torch zip against its CRC-32, on all cores."""
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            members = [(info, torchfile.zip_data_offset(raw, info, path)) for info in zf.infolist()
+                       if info.compress_type == zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, CkptError):
+        return []  # the reader has already reported why this file cannot be read
+    jobs = [(path, offset, info.file_size) for info, offset in members]
+    results = hashing.run_jobs(jobs, hashing.crc32_range, sum(j[2] for j in jobs), "CRC")
+    return [Problem("corrupt", ERROR, f"zip member {info.filename} fails its CRC-32 check (damaged bytes)", path)
+            for (info, _), (crc, _n) in zip(members, results) if crc != info.CRC]
+
+
+def check_integrity(v: Verification, ckpt: Checkpoint):
+    reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
+    zips = [f for f in ckpt.files if os.path.isfile(f) and _is_zip(f)]
+    for f in zips:
+        reader.extend(zip_crc_problems(f))
+    detail = f"{len(ckpt.files)} files readable" + (f", {len(zips)} torch zip CRCs good" if zips else "")
+    v.from_problems("integrity", reader, detail)
+    unsafe = [p for p in ckpt.problems if p.code == "unsafe_pickle"]
+    v.from_problems("pickle safety", unsafe, "every pickle global is on the allow-list")
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == torchfile.ZIP_MAGIC
+
+
+# --- checksums ---
+
+def check_manifest(v: Verification, ckpt: Checkpoint, require: bool):
+    target = manifests.manifest_path(ckpt)
+    if not os.path.exists(target):
+        if require:
+            v.problem("no_manifest", ERROR, f"no manifest at {target}; create one with `ckpttool manifest "
+                      f"{ckpt.path}` right after saving", target)
+            v.check("checksums", FAIL, "no manifest (required)")
+        else:
+            v.check("checksums", NOTE, f"no manifest; `ckpttool manifest {ckpt.path}` records checksums to catch "
+                    "bit rot and partial copies")
+        return
+    doc = manifests.load(target)
+    folder = os.path.dirname(target)
+    before = len(v.problems)
+    present = {}
+    for rel, expected in doc["files"].items():
+        full = os.path.join(folder, rel)
+        if not os.path.isfile(full):
+            v.problem("missing_file", ERROR, f"{rel} is listed in the manifest but missing", full)
+        elif os.path.getsize(full) < expected.get("size", 0):
+            v.problem("truncated", ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
+                      f"{expected['size']}", full)
+        elif os.path.getsize(full) != expected.get("size"):
+            v.problem("checksum_mismatch", ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
+                      f"{expected.get('size')}", full)
+        else:
+            present[full] = expected
+    piece_size = int(doc.get("piece_size", hashing.PIECE_SIZE))
+    jobs = [(full, offset, length) for full in present
+            for offset, length in hashing.pieces(present[full]["size"], piece_size)]
+    results = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "verifying")
+    bad_ranges: dict[str, list[tuple[int, int]]] = {}
+    index = {full: 0 for full in present}
+    for (full, offset, length), (digest, _) in zip(jobs, results):
+        expected = present[full]["pieces"]
+        i = index[full]
+        index[full] += 1
+        if i >= len(expected) or digest != expected[i]:
+            bad_ranges.setdefault(full, []).append((offset, offset + length))
+    for full, ranges in bad_ranges.items():
+        _name_damaged_tensors(v, doc, folder, full, ranges)
+    extra = [f for f in manifests.covered_files(ckpt, folder) if os.path.relpath(f, folder) not in doc["files"]]
+    for f in extra:
+        v.problem("checksum_mismatch", WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
+                  "(added after it was written?)", f)
+    failed = [p for p in v.problems[before:] if p.severity == ERROR]
+    v.check("checksums", FAIL if failed else PASS,
+            f"{len(failed)} mismatches" if failed else f"{len(present)} files match {os.path.basename(target)}")
+
+
+def _name_damaged_tensors(v, doc, folder, full, ranges):
+    rel = os.path.relpath(full, folder)
+    suspects = [e for e in doc.get("tensors", []) if e.get("file") == rel and
+                any(e["offset"] < end and e["offset"] + e["length"] > start for start, end in ranges)]
+    digests = manifests.hash_tensors(suspects, folder)
+    damaged = [e for e, d in zip(suspects, digests) if d != e.get(hashing.ALGORITHM)]
+    for e in damaged:
+        v.problem("checksum_mismatch", ERROR, f"tensor {', '.join(e['names'])} in {rel} differs from the manifest",
+                  full, key=e["names"][0])
+    if not damaged:
+        v.problem("checksum_mismatch", ERROR, f"{rel} differs from the manifest outside tensor data (header, pickle "
+                  "or metadata bytes)", full)
+
+
+# --- steps ---
+
+def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None):
+    before = len(v.problems)
+    comparable = [s for s in ckpt.steps if s.note is None]
+    for kind in ("step", "epoch"):
+        sources = [s for s in comparable if s.kind == kind]
+        reference = stated_value(ckpt, kind)
+        if reference is None:
+            continue
+        ref_source = next(s.source for s in sources if s.value == reference)
+        disagree = []
+        for s in sources:
+            ratio = s.value // reference if reference else 0
+            if s.value == reference:
+                continue
+            if kind == "step" and "scheduler" in s.source and reference and s.value % reference == 0 and 2 <= ratio <= 64:
+                v.problem("step_mismatch", WARNING, f"{s.source} is {s.value}, {ratio}x {ref_source} ({reference}): "
+                          "the scheduler steps once per process or micro-batch; check it resumes the same way")
+            else:
+                disagree.append(f"{s.source}={s.value} ({s.value - reference:+d})")
+        if disagree:
+            v.problem("step_mismatch", ERROR, f"{kind} sources disagree: {ref_source}={reference} (taken as the "
+                      f"{kind}), but {', '.join(disagree)}; the parts come from different {kind}s or a counter was "
+                      "not saved")
+    step = stated_value(ckpt, "step")
+    outside = [("--expect-step", expect_step, "step")]
+    if config:
+        outside += [(f"config {config['file']} global_step", config.get("global_step"), "step"),
+                    (f"config {config['file']} epoch", config.get("epoch"), "epoch")]
+    for label, value, kind in outside:
+        have = step if kind == "step" else stated_value(ckpt, kind)
+        if value is None:
+            continue
+        if have is None:
+            v.problem("step_mismatch", ERROR, f"{label} expects {kind} {value} but the checkpoint states no {kind}")
+        elif have != value:
+            v.problem("step_mismatch", ERROR, f"{label} is {value} but the checkpoint is at {kind} {have} (off by "
+                      f"{value - have:+d}): resuming would {'skip' if value > have else 'repeat'} "
+                      f"{abs(value - have)} {kind}s of the schedule")
+    found = v.problems[before:]
+    sources = ", ".join(f"{s.source}={s.value}" for s in comparable) or "none"
+    v.check("step consistency", FAIL if any(p.severity == ERROR for p in found) else WARN if found else
+            PASS if comparable else SKIP, "; ".join(p.message for p in found) or f"sources agree ({sources})")
+
+
+# --- training config (Z-Image style) ---
+
+CONFIG_KEYS = ("resume_from_checkpoint", "global_step", "epoch")
+
+
+def read_training_config(path: str) -> dict:
+    """resume_from_checkpoint / global_step / epoch from a trainer config (JSON, TOML or YAML-style lines), with
+    $VARS expanded and relative paths taken from the config's folder."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: config file not found")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    values = {}
+    if path.endswith(".json"):
+        try:
+            values = _find_keys(json.loads(text))
+        except ValueError as e:
+            raise UsageError(f"{path}: not valid JSON ({e})") from None
+    elif path.endswith(".toml"):
+        import tomllib
+        try:
+            values = _find_keys(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path}: not valid TOML ({e})") from None
+    else:
+        for line in text.splitlines():
+            m = re.match(r"\s*(resume_from_checkpoint|global_step|epoch)\s*[:=]\s*(.*?)\s*(?:#.*)?$", line)
+            if m and m.group(1) not in values and m.group(2):
+                values[m.group(1)] = m.group(2).strip("'\"")
+    config = {"file": path}
+    resume = values.get("resume_from_checkpoint")
+    if isinstance(resume, str) and resume and resume.lower() not in ("none", "null", "false", "latest"):
+        expanded = os.path.expandvars(os.path.expanduser(resume))
+        unset = re.findall(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise UsageError(f"{path}: resume_from_checkpoint uses ${unset[0]}, which is not set in the environment")
+        config["resume_from_checkpoint"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                         expanded))
+    for key in ("global_step", "epoch"):
+        value = values.get(key)
+        if value is not None:
+            try:
+                config[key] = int(str(value))
+            except ValueError:
+                raise UsageError(f"{path}: {key} is {value!r}, not an integer") from None
+    return config
+
+
+def _find_keys(doc) -> dict:
+    found = {}
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, val in node.items():
+                if k in CONFIG_KEYS and k not in found and not isinstance(val, (dict, list)):
+                    found[k] = val
+                stack.append(val)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+# --- resume completeness ---
+
+def state_dir_hint(path: str) -> str | None:
+    """The state dir a weights file belongs to: kohya `<stem>-state`, else the newest `checkpoint-N` beside it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.basename(path)
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        stem = stem.removesuffix(suffix)
+    kohya = os.path.join(folder, f"{stem}-state")
+    if os.path.isdir(kohya):
+        return kohya
+    numbered = []
+    for entry in os.listdir(folder):
+        m = re.fullmatch(r"checkpoint[-_](\d+)", entry)
+        if m and os.path.isdir(os.path.join(folder, entry)):
+            numbered.append((int(m.group(1)), entry))
+    return os.path.join(folder, max(numbered)[1]) if numbered else None
+
+
+def check_resume(v: Verification, ckpt: Checkpoint):
+    before = len(v.problems)
+    roles = {c.role for c in ckpt.components}
+    weights_only = roles <= {"model", "ema", "extra", "target", "teacher"}
+    if weights_only:
+        hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
+        advice = (f"resume from the state dir beside it: {hint}" if hint else
+                  "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
+        v.problem("weights_only", ERROR, f"{os.path.basename(ckpt.path)} holds weights only; {advice}", ckpt.path)
+    else:
+        if "optimizer" not in roles:
+            v.problem("missing_optimizer", ERROR, "no optimizer state: a resume would restart Adam moments and the "
+                      "step count from zero", ckpt.path)
+        if "scheduler" not in roles and ckpt.format != "family":  # families derive the LR from the step
+            v.problem("missing_scheduler", ERROR, "no LR scheduler state: a resume would restart warmup and the "
+                      "schedule from step 0", ckpt.path)
+        if "rng" not in roles:
+            v.problem("missing_rng", WARNING, "no RNG state: a resume works but data order and dropout differ from an "
+                      "uninterrupted run (not bit-exact)", ckpt.path)
+    name = os.path.basename(os.path.normpath(ckpt.path))
+    if name.endswith("-tmp"):
+        v.problem("missing_file", ERROR, f"{name} is a temporary dir: its save never completed", ckpt.path)
+    elif "SimpleTuner" in ckpt.layout and ckpt.metadata.get("guard") != "complete":
+        v.problem("missing_file", ERROR, ".guard is missing or not 'complete': SimpleTuner never finished this save",
+                  os.path.join(ckpt.path, ".guard"))
+    found = v.problems[before:]
+    v.check("resume completeness", FAIL if any(p.severity == ERROR for p in found) else WARN if found else PASS,
+            "; ".join(f"{p.code}: {p.message}" for p in found) or
+            "model, optimizer, scheduler and RNG state present")
+
+
+# --- finite scan ---
+
+def check_finite(v: Verification, ckpt: Checkpoint):
+    import torch
+
+    from ckpttool.tensors import load_tensor
+
+    scanned, bad = 0, []
+    for comp in ckpt.components:
+        for t in comp.tensors:
+            if t.dtype not in FLOAT_DTYPES or t.location is None:
+                continue
+            value = load_tensor(t)
+            scanned += 1
+            if value.numel() and not bool(torch.isfinite(value.to(torch.float32) if value.element_size() == 1
+                                                         else value).all()):
+                bad.append(f"{comp.name}/{t.name}")
+    if bad:
+        v.problem("nonfinite", ERROR, f"NaN or Inf in {len(bad)} tensors: {', '.join(bad[:10])}"
+                  + (" ..." if len(bad) > 10 else ""), ckpt.path, key=bad[0])
+    v.check("finite values", FAIL if bad else PASS, f"{len(bad)} of {scanned} float tensors have NaN/Inf" if bad
+            else f"{scanned} float tensors finite")
+
+
+def verify(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
+           for_resume=False, finite=False) -> dict:
+    config = read_training_config(config_file) if config_file else None
+    if path is None:
+        if not config or "resume_from_checkpoint" not in config:
+            raise UsageError("give a checkpoint PATH, or a --config whose resume_from_checkpoint names one")
+        path = config["resume_from_checkpoint"]
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or directory")
+    v = Verification(path)
+    if config and "resume_from_checkpoint" in config and \
+            os.path.realpath(config["resume_from_checkpoint"]) != os.path.realpath(path):
+        v.problem("step_mismatch", WARNING, f"config {config_file} resumes from {config['resume_from_checkpoint']}, "
+                  f"not {path}")
+    try:
+        ckpt = open_checkpoint(path)
+    except CkptError as e:
+        v.problem(e.code, ERROR, e.reason, e.path or path)
+        v.check("integrity", FAIL, f"{e.code}: {e.reason}")
+        return _report(v, guess_format(path), None)
+    check_integrity(v, ckpt)
+    check_manifest(v, ckpt, require_manifest)
+    check_steps(v, ckpt, expect_step, config)
+    if for_resume:
+        check_resume(v, ckpt)
+    if finite:
+        check_finite(v, ckpt)
+    return _report(v, ckpt.format, stated_value(ckpt, "step"), ckpt.layout)
+
+
+def _report(v: Verification, fmt, step, layout=None) -> dict:
+    return {"path": v.path, "ok": not any(p.severity == ERROR for p in v.problems), "step": step, "format": fmt,
+            "layout": layout, "checks": v.checks, "problems": [p.to_json() for p in v.problems]}
+
