@@ -56,8 +56,9 @@ def crc32_range(path: str, offset: int, length: int) -> tuple[int, int]:
     return crc & 0xFFFFFFFF, done
 
 
-def pieces(size: int, piece_size: int = PIECE_SIZE) -> list[tuple[int, int]]:
+def pieces(size: int, piece_size: int | None = None) -> list[tuple[int, int]]:
     """(offset, length) of each piece of a file of `size` bytes (one empty piece for an empty file)."""
+    piece_size = piece_size or PIECE_SIZE
     return [(o, min(piece_size, size - o)) for o in range(0, size, piece_size)] or [(0, 0)]
 
 

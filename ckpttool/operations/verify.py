@@ -338,8 +338,10 @@ def verify(path: str | None = None, *, require_manifest=False, config_file=None,
     try:
         ckpt = open_checkpoint(path)
     except CkptError as e:
+        # Unreadable: say why, and let a manifest still tell which bytes changed.
         v.problem(e.code, ERROR, e.reason, e.path or path)
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
+        check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
         return _report(v, guess_format(path), None)
     check_integrity(v, ckpt)
     check_manifest(v, ckpt, require_manifest)

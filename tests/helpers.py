@@ -1,0 +1,49 @@
+"""Small builders shared by tests: copies of fixtures to damage, and runs of real checkpoints."""
+
+import json
+import os
+import shutil
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ckpttool.cli import main
+from fixtures.generate import _trained
+
+
+def copy(src, dst_dir, name=None):
+    dst = os.path.join(dst_dir, name or os.path.basename(os.path.normpath(src)))
+    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+    return dst
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def cli(*args):
+    """Run the CLI; returns (result, parsed JSON stdout or None)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    out = result.stdout.strip()
+    return result, (json.loads(out) if out.startswith("{") else None)
+
+
+def codes(report, severity=None):
+    return sorted({p["code"] for p in report["problems"] if severity is None or p["severity"] == severity})
+
+
+def state_dir(path, steps, rng=True):
+    """An Accelerate-layout checkpoint after `steps` real optimizer steps (model, optimizer, scheduler, RNG)."""
+    model, opt, sched = _trained(steps)
+    os.makedirs(path)
+    save_file(model.state_dict(), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    torch.save(opt.state_dict(), os.path.join(path, "optimizer.bin"))
+    torch.save(sched.state_dict(), os.path.join(path, "scheduler.bin"))
+    if rng:
+        torch.save({"step": 0, "torch_manual_seed": torch.get_rng_state()}, os.path.join(path, "random_states_0.pkl"))
+    return path
