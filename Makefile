@@ -28,12 +28,20 @@ demo: $(STAMP)
 	@echo "== a malicious pickle: named, never executed"
 	$(BIN)/ckpttool inspect demo-run/fixtures/torch/malicious.pt || echo "(exit $$?: problems found, as expected)"
 	@test ! -e demo-run/fixtures/PWNED_MARKER && echo "marker file absent: the payload never ran"
+	@echo "== checksums: write a manifest, verify, flip one byte, verify again"
+	rm -rf demo-run/work && mkdir -p demo-run/work && cp -r demo-run/fixtures/kohya/run-000001-state demo-run/work/
+	$(BIN)/ckpttool manifest demo-run/work/run-000001-state
+	$(BIN)/ckpttool verify --for-resume demo-run/work/run-000001-state
+	$(BIN)/python -c "f=open('demo-run/work/run-000001-state/model.safetensors','r+b'); f.seek(-9, 2); b=f.read(1); f.seek(-9, 2); f.write(bytes([b[0]^255]))"
+	$(BIN)/ckpttool verify demo-run/work/run-000001-state || echo "(exit $$?: bit rot caught)"
+	@echo "== latest: the newest diffusers checkpoint is truncated, so the one before it is chosen"
+	$(BIN)/ckpttool latest demo-run/fixtures/diffusers
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_inspect.py
+	cd benchmarks && ../$(BIN)/python bench_inspect.py && ../$(BIN)/python bench_verify.py
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -9,46 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
-from safetensors.torch import save_file
+
+from common import timed, write_safetensors
 
 
-def timed(cmd, repeat):
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
-
-
-def make_safetensors(path, total_bytes, n_tensors=64):
-    """Many tensors summing to total_bytes, written tensor by tensor (never all in memory)."""
-    per = total_bytes // n_tensors // 4
-    from safetensors.torch import save_file as _  # noqa: F401  (the format writer is the library's)
-    # Build the file with the library for small sizes; for large ones, stream the same layout.
-    if total_bytes <= 64 << 20:
-        save_file({f"layer.{i}.weight": torch.randn(per) for i in range(n_tensors)}, path)
-        return
-    import json
-    import struct
-    header, offset = {}, 0
-    for i in range(n_tensors):
-        header[f"layer.{i}.weight"] = {"dtype": "F32", "shape": [per], "data_offsets": [offset, offset + per * 4]}
-        offset += per * 4
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    chunk = torch.randn(per).numpy().tobytes()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _ in range(n_tensors):
-            f.write(chunk)
+def make_safetensors(path, total_bytes):
+    write_safetensors(path, total_bytes)
 
 
 def make_pt(path, total_bytes, n_tensors=64):
