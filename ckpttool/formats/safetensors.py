@@ -101,3 +101,49 @@ def read(path: str) -> Checkpoint:
     ckpt = Checkpoint(path, "safetensors", "safetensors file", files=[path], metadata=dict(metadata))
     ckpt.components.append(Component("model", "model", files=[path], tensors=tensors, metadata=dict(metadata)))
     return ckpt
+
+
+class Writer:
+    """Streams a safetensors file: the header (from the tensor specs) first, then each tensor in spec order.
+
+    Memory stays bounded by the tensor being written; the caller decides the specs up front."""
+
+    def __init__(self, path: str, specs: list[tuple[str, str, tuple]], metadata: dict | None = None):
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        for name, dtype, shape in specs:
+            code = DTYPE_CODES.get(dtype)
+            if code is None:
+                raise CkptError("corrupt", f"tensor {name}: dtype {dtype} has no safetensors equivalent")
+            size = dtype_bytes(dtype, shape)
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data buffer to 8 bytes
+        self._order = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor):
+        import torch
+
+        expected = self._order[self._next]
+        got = (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+        if got != expected:
+            raise ValueError(f"writer expected {expected}, got {got}")
+        self._next += 1
+        if tensor.numel():
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(flat.numpy().data)
+
+    def close(self):
+        if self._next != len(self._order):
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self):
+        self._file.close()

@@ -7,14 +7,16 @@ they state is recorded.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, StorageRef, TensorRef, unpickle
-from ckpttool.model import Checkpoint, Component, Location, StepSource, TensorInfo
+from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, TensorRef, unpickle
+from ckpttool.model import Checkpoint, Component, Location, StepSource, TensorInfo, dtype_bytes
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -346,3 +348,96 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     if devices:
         known = set(ckpt.metadata.get("saved_on_devices", []))
         ckpt.metadata["saved_on_devices"] = sorted(known | set(devices))
+
+
+class _StorageStub:
+    def __init__(self, key, storage_class, numel):
+        self.key, self.storage_class, self.numel = key, storage_class, numel
+
+
+class _TensorStub:
+    """Pickles exactly as torch.save pickles a contiguous tensor with its own storage."""
+
+    def __init__(self, storage, shape, dtype):
+        self.storage, self.shape, self.dtype = storage, shape, dtype
+
+    def __reduce_ex__(self, protocol):
+        import torch
+
+        stride, step = [], 1
+        for size in reversed(self.shape):
+            stride.insert(0, step)
+            step *= size
+        args = (self.storage, 0, torch.Size(self.shape), tuple(stride), False, OrderedDict())
+        if self.storage.storage_class is torch.UntypedStorage:
+            return torch._utils._rebuild_tensor_v3, args + (self.dtype,)
+        return torch._utils._rebuild_tensor_v2, args
+
+
+def _storage_class(dtype_name):
+    import torch
+
+    for cls_name, name in STORAGE_DTYPES.items():
+        if name == dtype_name and cls_name != "UntypedStorage":
+            return getattr(torch, cls_name)
+    return torch.UntypedStorage
+
+
+class Writer:
+    """Streams a torch.save-compatible zip: the pickle (built from the specs) first, then one storage per tensor,
+    written by torch's own archive writer (64-byte aligned, CRC-32 per record). Loads with weights_only=True."""
+
+    def __init__(self, path: str, specs: list[tuple[str, str, tuple]], wrap=None):
+        """`wrap(state_dict) -> object` builds the pickled top level (a training dict, say); default: the state dict."""
+        import io
+        import pickle
+
+        import torch
+
+        from ckpttool.tensors import torch_dtype
+
+        state = OrderedDict()
+        self._order = []
+        for i, (name, dtype, shape) in enumerate(specs):
+            storage_class = _storage_class(dtype)
+            numel = math.prod(shape)
+            count = dtype_bytes(dtype, shape) if storage_class is torch.UntypedStorage else numel
+            state[name] = _TensorStub(_StorageStub(str(i), storage_class, count), tuple(shape), torch_dtype(dtype))
+            self._order.append((name, dtype, tuple(shape)))
+        root = wrap(state) if wrap else state
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, _StorageStub):
+                    return ("storage", obj.storage_class, obj.key, "cpu", obj.numel)
+                return None
+
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=2).dump(root)
+        self._zip = torch._C.PyTorchFileWriter(path)
+        data = buffer.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        self._zip.write_record(".storage_alignment", "64", 2)
+        self._zip.write_record("byteorder", "little", 6)
+        self._next = 0
+
+    def write(self, name: str, tensor):
+        expected = self._order[self._next]
+        got = (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+        if got != expected:
+            raise ValueError(f"writer expected {expected}, got {got}")
+        t = tensor.detach().cpu().contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+            t = t.clone()
+        self._zip.write_record(f"data/{self._next}", t.untyped_storage(), t.numel() * t.element_size())
+        self._next += 1
+
+    def close(self):
+        if self._next != len(self._order):
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        self._zip.write_end_of_file()
+        del self._zip
+
+    def abort(self):
+        del self._zip

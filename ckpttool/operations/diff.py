@@ -1,0 +1,171 @@
+"""`ckpttool diff`: key, shape, dtype (and with --values, content) differences between two checkpoints, or between a
+checkpoint and a model, seeing through wrapper prefixes and quantized layouts."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from ckpttool import hashing
+from ckpttool.errors import CkptError, UsageError
+from ckpttool.formats import open_checkpoint
+from ckpttool.keys import KeyReport, compare
+from ckpttool.model import Component, TensorInfo
+
+
+def select_component(ckpt, wanted: str, path: str) -> Component:
+    comp = ckpt.component(wanted)
+    if comp is None:
+        have = ", ".join(f"{c.name} ({c.role})" for c in ckpt.components) or "none"
+        raise UsageError(f"{path}: no component {wanted!r}; it has: {have}. Pick one with --component")
+    return comp
+
+
+def load_model(spec: str):
+    """Call `module:callable` (the user's own code, asked for explicitly) and return the nn.Module it builds."""
+    if ":" not in spec:
+        raise UsageError(f"--model {spec!r}: expected module:callable, e.g. mypkg.models:build_unet")
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--model {spec}: cannot import it ({e})") from None
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_tensors(model) -> list[TensorInfo]:
+    """A model's state_dict as TensorInfos (in memory: no file location)."""
+    return [TensorInfo(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def fix_command(a_path: str, b_desc: str, report: KeyReport, b_is_model: bool) -> str | None:
+    if report.same_keys:
+        return None
+    target = f"--model {b_desc}" if b_is_model else f"--like {b_desc}"
+    stem, ext = os.path.splitext(os.path.basename(os.path.normpath(a_path)))
+    return f"ckpttool remap {a_path} {stem}-remapped{ext if ext in ('.pt', '.safetensors') else '.safetensors'} " \
+           f"{target}"
+
+
+def problems_of(report: KeyReport) -> list[dict]:
+    problems = []
+    for q in report.quantized:
+        where = "A" if q["quantized_side"] == "a" else "B"
+        problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
+                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {where} only: "
+                                    f"._data/._scale keys where the other side has {q['module']}.weight"})
+    if report.only_a or report.only_b:
+        problems.append({"code": "key_mismatch", "severity": "error",
+                         "message": f"{len(report.only_a)} keys only in A, {len(report.only_b)} only in B"})
+    for m in report.shape_mismatches:
+        problems.append({"code": "shape_mismatch", "severity": "error", "key": m["key"],
+                         "message": f"{m['key']}: {m['a']} vs {m['b']}"})
+    for m in report.dtype_mismatches:
+        problems.append({"code": "dtype_mismatch", "severity": "error", "key": m["key"],
+                         "message": f"{m['key']}: {m['a']} vs {m['b']}"})
+    return problems
+
+
+def _contiguous(t: TensorInfo) -> bool:
+    loc = t.location
+    if loc is None or loc.encoding != "raw":
+        return False
+    if loc.stride is None:
+        return True
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.insert(0, step)
+        step *= size
+    return tuple(loc.stride) == tuple(expected) or t.numel <= 1
+
+
+def _tensor_range(t: TensorInfo):
+    """(file, offset, length) of exactly this tensor's bytes, when they are contiguous on disk."""
+    loc = t.location
+    itemsize = max(1, t.nbytes // t.numel) if t.numel else 1
+    return loc.file, loc.offset + loc.storage_offset * itemsize, t.nbytes
+
+
+def compare_values(common, atol: float, rtol: float) -> dict:
+    """Equal tensors confirmed by hashing their bytes; the rest loaded one pair at a time and measured."""
+    equal, close, different, to_load = [], [], [], []
+    hashable = [(k, a, b) for k, a, b in common if _contiguous(a) and _contiguous(b)]
+    jobs = [r for _, a, b in hashable for r in (_tensor_range(a), _tensor_range(b))]
+    digests = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "hashing")
+    hashed = {k: digests[2 * i][0] == digests[2 * i + 1][0] for i, (k, _, _) in enumerate(hashable)}
+    for key, a, b in common:
+        if hashed.get(key):
+            equal.append(key)
+        else:
+            to_load.append((key, a, b))
+    if to_load:
+        import torch
+
+        from ckpttool.tensors import load_tensor
+
+        for key, a, b in to_load:
+            ta, tb = load_tensor(a), load_tensor(b)
+            if torch.equal(ta, tb):
+                equal.append(key)
+                continue
+            fa, fb = ta.double().flatten(), tb.double().flatten()
+            delta = (fa - fb).abs()
+            finite = bool(torch.isfinite(delta).all())
+            row = {"key": key, "max_abs": float(delta.max()) if delta.numel() else 0.0,
+                   "rel_l2": float((fa - fb).norm() / fb.norm()) if float(fb.norm()) else float("inf"),
+                   "cosine": float(torch.nn.functional.cosine_similarity(fa, fb, dim=0)) if fa.numel() else 1.0}
+            if finite and torch.allclose(fa, fb, rtol=rtol, atol=atol):
+                close.append(row)
+            else:
+                different.append(row)
+            del ta, tb, fa, fb, delta
+    return {"equal": len(equal), "close": close, "different": different}
+
+
+def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
+         normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0) -> dict:
+    a_ckpt = open_checkpoint(a_path)
+    _refuse_broken(a_ckpt)
+    a_comp = select_component(a_ckpt, component, a_path)
+    if model_spec:
+        b_tensors, b_desc = model_tensors(load_model(model_spec)), model_spec
+    else:
+        b_ckpt = open_checkpoint(b_path)
+        _refuse_broken(b_ckpt)
+        b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
+    report = compare(a_comp.tensors, b_tensors, normalize)
+    problems = problems_of(report)
+    if model_spec and report.rules:  # strict loading sees raw keys: a prefix the diff saw through still fails it
+        problems.insert(0, {"code": "key_mismatch", "severity": "error",
+                            "message": f"load_state_dict(strict=True) would report every key missing and unexpected: "
+                                       f"the checkpoint's keys need {'; '.join(report.rules)}"})
+    value_report = None
+    if values and not model_spec:
+        value_report = compare_values(report.common, atol, rtol)
+        if value_report["different"]:
+            problems.append({"code": "value_mismatch", "severity": "error",
+                             "message": f"{len(value_report['different'])} tensors differ in content"})
+    same = not problems
+    return {
+        "same": same, "a": a_path, "b": b_desc, "component": component, "normalization": report.rules,
+        "only_a": report.only_a, "only_b": report.only_b, "shape_mismatches": report.shape_mismatches,
+        "dtype_mismatches": report.dtype_mismatches, "quantized_keys": report.quantized,
+        "compared": len(report.common), "values": value_report, "problems": problems,
+        "fix": fix_command(a_path, b_desc, report, bool(model_spec)),
+    }
+
+
+def _refuse_broken(ckpt):
+    errors = [p for p in ckpt.problems if p.severity == "error" and p.code != "unsafe_pickle"]
+    if errors:
+        raise CkptError(errors[0].code, f"{errors[0].message}; run `ckpttool verify {ckpt.path}`", errors[0].path)
+
