@@ -161,3 +161,90 @@ def prune(directory, keep, keep_every, dry_run, as_json):
         from ckpttool.render import prune_report
 
         click.echo(prune_report(result))
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", required=False, type=click.Path(exists=True))
+@click.option("--model", "model_spec", metavar="MODULE:CALLABLE",
+              help="Compare A against this model's state_dict() instead of a checkpoint B (imports your code).")
+@click.option("--component", default="model", show_default=True,
+              help="Which part to compare: model, ema, optimizer, model_1, unet, ...")
+@click.option("--no-normalize", is_flag=True, help="Compare raw keys (no prefix or wrapper rules).")
+@click.option("--values", is_flag=True, help="Also compare contents (hash first, then max/rel-L2/cosine).")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="With --values: absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="With --values: relative tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, as_json):
+    """Key, shape and dtype differences between checkpoints A and B (or A and --model). Exit 0 same, 1 different."""
+    from ckpttool.operations.diff import diff as run_diff
+
+    if bool(b) == bool(model_spec):
+        raise click.UsageError("give either a second checkpoint B or --model MODULE:CALLABLE")
+    report = run_diff(a, b, model_spec=model_spec, component=component, normalize=not no_normalize, values=values,
+                      atol=atol, rtol=rtol)
+    if as_json:
+        _emit_json(report)
+    else:
+        from ckpttool.render import diff_report
+
+        click.echo(diff_report(report))
+    sys.exit(0 if report["same"] else 1)
+
+
+class OrderedOpsCommand(click.Command):
+    """Records --strip-prefix/--add-prefix/--rename/--drop in the order given, since they compose."""
+
+    OPS = {"--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix", "--rename": "rename", "--drop": "drop"}
+
+    def parse_args(self, ctx, args):
+        ops, i = [], 0
+        while i < len(args):
+            flag, sep, value = args[i].partition("=")
+            if flag in self.OPS:
+                if not sep:
+                    i += 1
+                    value = args[i] if i < len(args) else None
+                if value is not None:
+                    ops.append((self.OPS[flag], value))
+            i += 1
+        ctx.meta["ckpttool.ops"] = ops
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=OrderedOpsCommand)
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--strip-prefix", multiple=True, metavar="P", help="Remove prefix P from keys that have it.")
+@click.option("--add-prefix", multiple=True, metavar="P", help="Put P in front of every key.")
+@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="re.sub(REGEX, REPL, key) on every key.")
+@click.option("--drop", multiple=True, metavar="REGEX", help="Drop keys matching REGEX.")
+@click.option("--like", type=click.Path(exists=True), help="Align keys to this reference checkpoint's keys.")
+@click.option("--model", "model_spec", metavar="MODULE:CALLABLE", help="Align keys to this model's state_dict().")
+@click.option("--dequantize", is_flag=True, help="optimum-quanto weights to plain weights in their original dtype.")
+@click.option("--quantize", "quantize_map", type=click.Path(exists=True, dir_okay=False), metavar="QMAP.json",
+              help="Plain weights to the optimum-quanto layout this quantization map describes.")
+@click.option("--component", default="model", show_default=True, help="Which part of SRC to remap.")
+@click.option("--to", type=click.Choice(["safetensors", "torch", "pt"]), help="Output format (default: DST suffix).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, dequantize, quantize_map, component,
+          to, force, as_json):
+    """Repair keys and write a new checkpoint (SRC is never modified).
+
+    Key options apply in the order given, then --dequantize / --quantize, then --like / --model alignment."""
+    from ckpttool.operations.remap import remap as run_remap
+
+    if like and model_spec:
+        raise click.UsageError("use either --like or --model, not both")
+    ops = click.get_current_context().meta["ckpttool.ops"]
+    result = run_remap(src, dst, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
+                       quantize_map=quantize_map, component=component, to=to, force=force)
+    if as_json:
+        _emit_json(result)
+    else:
+        from ckpttool.render import human_bytes
+
+        for change in result["changes"]:
+            click.echo(f"  {change}")
+        click.echo(f"wrote {dst} ({result['format']}, {result['tensors']} tensors, {human_bytes(result['bytes'])})")

@@ -34,9 +34,12 @@ class Problem:
     message: str
     path: str | None = None
     key: str | None = None
+    component: str | None = None  # the component it concerns, when a reader knows
 
     def to_json(self) -> dict:
         out = {"code": self.code, "severity": self.severity, "message": self.message}
+        if self.component:
+            out["component"] = self.component
         if self.path:
             out["path"] = self.path
         if self.key:
@@ -135,8 +138,8 @@ class Checkpoint:
     def model(self) -> Component | None:
         return self.component("model")
 
-    def add_problem(self, code, severity, message, path=None, key=None):
-        self.problems.append(Problem(code, severity, message, path, key))
+    def add_problem(self, code, severity, message, path=None, key=None, component=None):
+        self.problems.append(Problem(code, severity, message, path, key, component))
 
     def absorb_problems(self, part: "Checkpoint"):
         """Take over what a member file's reading found: its problems, pickle globals and save devices."""

@@ -73,3 +73,33 @@ def prune_report(r: dict) -> str:
     rows = [("keep", k["step"], k["path"], k["reason"]) for k in r["keep"]]
     rows += [("would delete" if r["dry_run"] else "deleted", d["step"], d["path"], d["reason"]) for d in r["delete"]]
     return tabulate(rows, headers=("action", "step", "path", "reason"), maxcolwidths=[None, None, 70, 50])
+
+
+def diff_report(r: dict) -> str:
+    out = [f"A: {r['a']}\nB: {r['b']}\ncomponent: {r['component']}"]
+    if r["normalization"]:
+        out.append("Key normalization applied:\n" + "\n".join(f"  - {rule}" for rule in r["normalization"]))
+    if r["quantized_keys"]:
+        rows = [(q["module"], q["qtype"], "A" if q["quantized_side"] == "a" else "B") for q in r["quantized_keys"]]
+        out.append("Quantized on one side only (optimum-quanto):\n" + tabulate(rows, headers=("module", "qtype",
+                                                                                               "quantized in")))
+    for title, keys in (("Only in A", r["only_a"]), ("Only in B", r["only_b"])):
+        if keys:
+            shown = keys[:20] + ([f"... {len(keys) - 20} more"] if len(keys) > 20 else [])
+            out.append(f"{title} ({len(keys)}):\n" + "\n".join(f"  {k}" for k in shown))
+    for title, rows in (("Shape mismatches", r["shape_mismatches"]), ("Dtype mismatches", r["dtype_mismatches"])):
+        if rows:
+            out.append(f"{title}:\n" + tabulate([(m["key"], m["a"], m["b"]) for m in rows], headers=("key", "A", "B")))
+    v = r["values"]
+    if v is not None:
+        lines = [f"Values: {v['equal']} equal, {len(v['close'])} within tolerance, {len(v['different'])} different"]
+        rows = [(d["key"], f"{d['max_abs']:.3g}", f"{d['rel_l2']:.3g}", f"{d['cosine']:.6f}")
+                for d in (v["different"] + v["close"])[:30]]
+        if rows:
+            lines.append(tabulate(rows, headers=("key", "max abs diff", "rel L2", "cosine")))
+        out.append("\n".join(lines))
+    if r["same"]:
+        out.append(f"SAME: {r['compared']} tensors match" + (" (after normalization)" if r["normalization"] else ""))
+    else:
+        out.append("DIFFERENT" + (f"\nFix: {r['fix']}" if r["fix"] else ""))
+    return "\n\n".join(out)

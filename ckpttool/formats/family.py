@@ -50,7 +50,7 @@ def read(path: str) -> Checkpoint:
         try:
             part = read_file(member, role=role, name=kind)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, member)
+            ckpt.add_problem(e.code, "error", e.reason, member, component=kind)
             continue
         ckpt.absorb_problems(part)
         ckpt.steps.extend(part.steps)
@@ -60,7 +60,7 @@ def read(path: str) -> Checkpoint:
     for kind in sorted(kinds_anywhere - set(family)):
         ckpt.add_problem("missing_file", "error", f"no {kind} file for step {step}, although the run saved "
                          f"{kind} at other steps; a loader would silently skip it",
-                         os.path.join(folder, _member_name(kind, step)))
+                         os.path.join(folder, _member_name(kind, step)), component=kind)
     return ckpt
 
 

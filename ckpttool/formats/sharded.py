@@ -53,22 +53,23 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         shard_path = os.path.join(folder, shard)
         if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
             wanted = sum(1 for v in weight_map.values() if v == shard)
-            ckpt.add_problem("missing_file", "error", f"shard {shard} ({wanted} tensors) is missing", shard_path)
+            ckpt.add_problem("missing_file", "error", f"shard {shard} ({wanted} tensors) is missing", shard_path,
+                             component=name)
             continue
         component.files.append(shard_path)
         ckpt.files.append(shard_path)
         try:
             part = read_file(shard_path, role=role)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, shard_path)
+            ckpt.add_problem(e.code, "error", e.reason, shard_path, component=name)
             continue
         ckpt.absorb_problems(part)
         in_shard = {t.name: t for c in part.components for t in c.tensors}
         expected = {name for name, file in weight_map.items() if file == shard}
         component.tensors.extend(t for name, t in in_shard.items() if name in expected)
-        for name in sorted(expected - set(in_shard)):
-            ckpt.add_problem("missing_file", "error", f"index maps {name} to {shard}, which does not hold it",
-                             shard_path, key=name)
+        for key in sorted(expected - set(in_shard)):
+            ckpt.add_problem("missing_file", "error", f"index maps {key} to {shard}, which does not hold it",
+                             shard_path, key=key, component=name)
     total = metadata.get("total_size")
     if isinstance(total, int) and not ckpt.has_errors and total != component.nbytes:
         ckpt.add_problem("corrupt", "warning", f"index total_size {total} differs from the shards' {component.nbytes} "

@@ -117,6 +117,7 @@ def read(path: str) -> Checkpoint:
 
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
+        name = None
         try:
             if os.path.isfile(full):
                 for pattern, role, template in FILE_ROLES:
@@ -127,19 +128,20 @@ def read(path: str) -> Checkpoint:
             elif os.path.isdir(full):
                 for pattern, role, template in DIR_ROLES:
                     if (m := pattern.match(entry)) and dcp.detect(full):
-                        part = dcp.read(full, name=_component_name(template, m.group(1)), role=role)
+                        name = _component_name(template, m.group(1))
+                        part = dcp.read(full, name=name, role=role)
                         add(part, part.files)
                         break
                 else:
                     weights = next((w for w in SUBFOLDER_WEIGHTS if os.path.isfile(os.path.join(full, w))), None)
                     if weights:  # diffusers save_pretrained subfolder (unet/, unet_ema/, text_encoder/ ...)
-                        role = "ema" if "ema" in entry else "model"
+                        role, name = ("ema" if "ema" in entry else "model"), entry
                         sub = os.path.join(full, weights)
                         part = (sharded.read(sub, name=entry, role=role) if weights.endswith(".index.json")
                                 else read_file(sub, role=role, name=entry))
                         add(part, part.files)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, full)
+            ckpt.add_problem(e.code, "error", e.reason, e.path or full, component=name)
             ckpt.files.append(full)
     _order_components(ckpt)
     return ckpt

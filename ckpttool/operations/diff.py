@@ -8,17 +8,22 @@ import os
 import sys
 
 from ckpttool import hashing
-from ckpttool.errors import CkptError, UsageError
+from ckpttool.errors import UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.keys import KeyReport, compare
 from ckpttool.model import Component, TensorInfo
 
 
 def select_component(ckpt, wanted: str, path: str) -> Component:
+    """The component to work on; a broken one (or one lost to a broken file) is exit 1, never a partial result."""
+    from ckpttool.operations.output import refuse_broken
+
     comp = ckpt.component(wanted)
     if comp is None:
+        refuse_broken(ckpt)
         have = ", ".join(f"{c.name} ({c.role})" for c in ckpt.components) or "none"
         raise UsageError(f"{path}: no component {wanted!r}; it has: {have}. Pick one with --component")
+    refuse_broken(ckpt, comp)
     return comp
 
 
@@ -47,9 +52,8 @@ def model_tensors(model) -> list[TensorInfo]:
     return [TensorInfo(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
-def fix_command(a_path: str, b_desc: str, report: KeyReport, b_is_model: bool) -> str | None:
-    if report.same_keys:
-        return None
+def fix_command(a_path: str, b_desc: str, b_is_model: bool) -> str:
+    """The remap command that makes A's keys load into B."""
     target = f"--model {b_desc}" if b_is_model else f"--like {b_desc}"
     stem, ext = os.path.splitext(os.path.basename(os.path.normpath(a_path)))
     return f"ckpttool remap {a_path} {stem}-remapped{ext if ext in ('.pt', '.safetensors') else '.safetensors'} " \
@@ -134,13 +138,11 @@ def compare_values(common, atol: float, rtol: float) -> dict:
 def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
          normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0) -> dict:
     a_ckpt = open_checkpoint(a_path)
-    _refuse_broken(a_ckpt)
     a_comp = select_component(a_ckpt, component, a_path)
     if model_spec:
         b_tensors, b_desc = model_tensors(load_model(model_spec)), model_spec
     else:
         b_ckpt = open_checkpoint(b_path)
-        _refuse_broken(b_ckpt)
         b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
     report = compare(a_comp.tensors, b_tensors, normalize)
     problems = problems_of(report)
@@ -148,6 +150,7 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         problems.insert(0, {"code": "key_mismatch", "severity": "error",
                             "message": f"load_state_dict(strict=True) would report every key missing and unexpected: "
                                        f"the checkpoint's keys need {'; '.join(report.rules)}"})
+    key_problems = bool(problems)
     value_report = None
     if values and not model_spec:
         value_report = compare_values(report.common, atol, rtol)
@@ -160,12 +163,5 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         "only_a": report.only_a, "only_b": report.only_b, "shape_mismatches": report.shape_mismatches,
         "dtype_mismatches": report.dtype_mismatches, "quantized_keys": report.quantized,
         "compared": len(report.common), "values": value_report, "problems": problems,
-        "fix": fix_command(a_path, b_desc, report, bool(model_spec)),
+        "fix": fix_command(a_path, b_desc, bool(model_spec)) if key_problems else None,
     }
-
-
-def _refuse_broken(ckpt):
-    errors = [p for p in ckpt.problems if p.severity == "error" and p.code != "unsafe_pickle"]
-    if errors:
-        raise CkptError(errors[0].code, f"{errors[0].message}; run `ckpttool verify {ckpt.path}`", errors[0].path)
-

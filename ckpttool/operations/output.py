@@ -1,0 +1,76 @@
+"""Writing outputs safely, shared by remap and convert: format from the destination, never over an existing file
+without --force, never a partial file (temporary sibling, renamed into place only when complete)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ckpttool.errors import CkptError, UsageError
+
+FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
+FORMAT_NAMES = {"safetensors": "safetensors", "torch": "torch", "pt": "torch"}
+
+
+def target_format(dst: str, to: str | None) -> str:
+    if to:
+        if to not in FORMAT_NAMES:
+            raise UsageError(f"--to {to}: choose one of {', '.join(sorted(FORMAT_NAMES))}")
+        return FORMAT_NAMES[to]
+    fmt = FILE_FORMATS.get(os.path.splitext(dst)[1].lower())
+    if fmt is None:
+        raise UsageError(f"{dst}: cannot tell the output format from its suffix; use .safetensors or .pt, or --to")
+    return fmt
+
+
+def check_destination(src: str, dst: str, force: bool):
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise UsageError(f"{dst}: the output would replace the input; write to a new path (inputs are never modified)")
+    if os.path.lexists(dst) and not force:
+        raise UsageError(f"{dst}: already exists; pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent}: output folder does not exist")
+
+
+def refuse_broken(ckpt, component=None):
+    """A truncated, corrupt or incomplete input gives exit 1 and no output at all. With `component`, problems a
+    reader pinned on another component do not count (a family's missing optimizer does not stop reading its model)."""
+    errors = [p for p in ckpt.problems if p.severity == "error" and p.code != "unsafe_pickle"
+              and not (component is not None and p.component and p.component != component.name)]
+    if errors:
+        first = errors[0]
+        raise CkptError(first.code, f"input is broken, nothing written: {first.message}; run `ckpttool verify "
+                        f"{ckpt.path}` for details", first.path or ckpt.path)
+
+
+def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = None, wrap=None):
+    """Write (name, tensor) pairs, in `specs` order, to a temporary sibling and rename it into place."""
+    from ckpttool.formats import safetensors, torchfile
+
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    writer = None
+    try:
+        writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
+                  else torchfile.Writer(tmp, specs, wrap))
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.close()
+        writer = None
+        os.replace(tmp, dst)
+    finally:
+        if writer is not None:
+            writer.abort()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_beside(dst: str, name: str, doc: dict):
+    import json
+
+    from ckpttool import atomic
+
+    atomic.write_text(os.path.join(os.path.dirname(os.path.abspath(dst)), name), json.dumps(doc, indent=1) + "\n")
+
