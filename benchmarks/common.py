@@ -19,10 +19,30 @@ def timed(cmd, repeat, shell=False):
     return statistics.median(runs)
 
 
-def write_safetensors(path, total_bytes, n_tensors=64):
+# Runs the command from a small Python process, so the peak RSS reported is the command's own (a child forked from
+# this large benchmark process would count the parent's pages until it execs).
+_MEASURE = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def run_measured(cmd):
+    """(wall seconds, peak RSS in MiB) of one run of `cmd`, output discarded."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True).stdout
+    seconds, rss_kib = out.split()
+    return float(seconds), int(rss_kib) / 1024
+
+
+def write_safetensors(path, total_bytes, n_tensors=64, seed=0):
     """A valid float32 safetensors file of about `total_bytes`, streamed tensor by tensor (random data)."""
     import torch
 
+    torch.manual_seed(seed)
     per = max(1, total_bytes // n_tensors // 4)
     header, offset = {}, 0
     for i in range(n_tensors):
