@@ -248,3 +248,32 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
         for change in result["changes"]:
             click.echo(f"  {change}")
         click.echo(f"wrote {dst} ({result['format']}, {result['tensors']} tensors, {human_bytes(result['bytes'])})")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--to", type=click.Choice(["safetensors", "sharded", "torch", "pt", "accelerate", "dcp"]),
+              help="Target layout (default: from DST's suffix).")
+@click.option("--component", help="Convert only this part (model, ema, optimizer, model_1, unet, ...).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Cast floating-point weights.")
+@click.option("--shard-size", metavar="SIZE", help="Sharded safetensors with shards of at most SIZE (e.g. 5GB).")
+@click.option("--no-verify", is_flag=True, help="Skip re-reading the output and comparing it with the source.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_json):
+    """Convert between .pt, safetensors (single or sharded), Accelerate state dirs and DCP dirs.
+
+    Streams tensor by tensor; the output appears only when complete and verified against the source."""
+    from ckpttool.operations.convert import convert as run_convert
+
+    result = run_convert(src, dst, to=to, component=component, dtype=dtype, shard_size=shard_size,
+                         verify=not no_verify, force=force)
+    if as_json:
+        _emit_json(result)
+    else:
+        from ckpttool.render import human_bytes
+
+        check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
+        click.echo(f"wrote {dst} ({result['target']}: {', '.join(result['components'])}; {result['tensors']} tensors, "
+                   f"{human_bytes(result['bytes'])}{check})")

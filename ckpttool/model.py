@@ -96,6 +96,7 @@ class Component:
     files: list = field(default_factory=list)
     tensors: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    tree: object = None  # torch inputs: the unpickled object (TensorRef leaves), so convert can rebuild it
 
     @property
     def nbytes(self) -> int:

@@ -27,18 +27,22 @@ def _fields(obj, what, path) -> dict:
 
 
 def _split_by_role(component: Component) -> list[Component]:
-    """A DCP state dict is usually {"model": ..., "optimizer": ...}: make each top-level part its own component."""
+    """A DCP state dict is usually {"model": ..., "optimizer": ...}: when its top-level names include a known part
+    (model, optimizer, ...), each top-level name becomes its own component."""
     from ckpttool.formats.torchfile import role_of_key
 
     groups: dict[str, list[TensorInfo]] = {}
     for t in component.tensors:
         head, _, rest = t.name.partition(".")
-        if not rest or role_of_key(head) is None:
+        if not rest:
             return [component]
         groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key))
+    if not any(role_of_key(head) for head in groups):
+        return [component]
     if len(groups) == 1 and role_of_key(next(iter(groups))) == component.role:
         return [Component(component.name, component.role, component.files, next(iter(groups.values())))]
-    return [Component(head, role_of_key(head), component.files, tensors) for head, tensors in groups.items()]
+    return [Component(head, role_of_key(head) or "extra", component.files, tensors)
+            for head, tensors in groups.items()]
 
 
 def read(path: str, name="model", role="model") -> Checkpoint:

@@ -95,6 +95,38 @@ class TensorRef:
     dtype: str
 
 
+@dataclass(frozen=True)
+class GlobalRef:
+    """A global written back by `RepicklingPickler` as a GLOBAL opcode, without importing it."""
+
+    name: str
+
+    def __call__(self, *args):  # pickle insists the reduce function be callable; it is never called
+        raise TypeError(f"{self.name} is a reference to be pickled, not called")
+
+
+class RepicklingPickler(pickle._Pickler):
+    """The pure-Python pickler, taught to write `GlobalRef`s as GLOBAL opcodes (module and name unchecked)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_global(self, obj, name=None):
+        if isinstance(obj, GlobalRef):
+            ref = obj.name
+        elif isinstance(obj, DtypeRef):
+            ref = f"torch.{obj.name}"
+        elif isinstance(obj, type) and issubclass(obj, Opaque):  # a class the reader stood in for
+            ref = obj.global_name
+        else:
+            return super().save_global(obj, name)
+        module, _, attr = ref.rpartition(".")
+        self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode("utf-8"))
+        self.memoize(obj)
+
+    dispatch[GlobalRef] = save_global
+    dispatch[DtypeRef] = save_global
+
+
 class Opaque:
     """Stand-in for an instance of a class we will not import: records how the pickle built it."""
 
@@ -122,6 +154,13 @@ class Opaque:
 
     def __repr__(self):
         return f"<{self.global_name}>"
+
+    def __reduce_ex__(self, protocol):
+        """Pickle back exactly as it was built (used to carry allow-listed objects, e.g. numpy RNG state, into a
+        converted file without importing or running anything)."""
+        items = iter(self.items) if self.items else None
+        return GlobalRef(self.global_name), self.args, self.state, items if self.items and not isinstance(
+            self.items[0], tuple) else None, items if self.items and isinstance(self.items[0], tuple) else None
 
     def fields(self) -> dict:
         """The attributes a dataclass-like object was rebuilt with (state dict, or slots in a (None, dict) pair)."""

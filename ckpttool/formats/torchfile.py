@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, TensorRef, unpickle
+from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, unpickle
 from ckpttool.model import Checkpoint, Component, Location, StepSource, TensorInfo, dtype_bytes
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
@@ -206,6 +207,29 @@ def flatten(obj, prefix="", seen=None):
         yield from flatten(value, f"{prefix}.{key}" if prefix else str(key), seen)
 
 
+def rebuild(obj, replace, prefix=""):
+    """A copy of an unpickled object with each TensorRef replaced by `replace(dotted name)` (names as `flatten`
+    gives them). Objects of classes outside plain data cannot be carried: CkptError."""
+    if isinstance(obj, TensorRef):
+        return replace(prefix)
+    if isinstance(obj, (int, float, str, bool, bytes)) or obj is None:
+        return obj
+    join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
+    if isinstance(obj, dict):
+        return type(obj)((k, rebuild(v, replace, join(k))) for k, v in obj.items()) if isinstance(obj, OrderedDict) \
+            else {k: rebuild(v, replace, join(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [rebuild(v, replace, join(i)) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, (set, frozenset, complex)):
+        return obj
+    if isinstance(obj, Opaque) and obj.global_name in SAFE_GLOBALS:  # numpy RNG state and the like: re-pickled as is
+        return obj
+    name = obj.global_name if isinstance(obj, Opaque) else type(obj).__name__
+    raise CkptError("unsafe_pickle", f"{prefix or 'the object'} is a {name}, which ckpttool does not rebuild (it "
+                    "never runs pickled code); convert the weights alone with --component")
+
+
 def _has_tensors(obj) -> bool:
     return any(isinstance(leaf, TensorRef) for _, leaf in flatten(obj))
 
@@ -226,11 +250,18 @@ def _role_of_dict(obj) -> str | None:
     return None
 
 
+NUMBERED_PARTS = re.compile(r"^(model|optimizer|scheduler|random_states|custom_checkpoint|scaler)_\d+$")
+NUMBERED_ROLES = {"model": "model", "optimizer": "optimizer", "scheduler": "scheduler", "random_states": "rng",
+                  "custom_checkpoint": "custom", "scaler": "scaler"}
+
+
 def role_of_key(key: str) -> str | None:
+    """The role of a training dict's top-level key (also Accelerate's numbered part names, as convert writes them)."""
     for role, keys in COMPONENT_KEYS.items():
         if key in keys:
             return role
-    return None
+    m = NUMBERED_PARTS.match(key)
+    return NUMBERED_ROLES[m.group(1)] if m else None
 
 
 def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: str | None = None):
@@ -240,7 +271,7 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
 
     def component(name, role, value):
         tensors = [tensor_info(n, leaf, raw, path) for n, leaf in flatten(value) if isinstance(leaf, TensorRef)]
-        comp = Component(name, role, files=[path], tensors=tensors)
+        comp = Component(name, role, files=[path], tensors=tensors, tree=value)
         components.append(comp)
         steps.extend(_component_steps(comp, value, raw, path))
         return comp
@@ -252,8 +283,9 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
     elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
         for key, value in obj.items():
             role = role_of_key(key) if isinstance(key, str) else None
-            if role and (_has_tensors(value) or _role_of_dict(value) or role == "rng"):
-                component(role if role not in [c.name for c in components] else key, role, value)
+            if role and (_has_tensors(value) or _role_of_dict(value) or role in ("rng", "custom")):
+                taken = key if NUMBERED_PARTS.match(key) else role
+                component(taken if taken not in [c.name for c in components] else key, role, value)
             elif _has_tensors(value):
                 component(str(key), "extra", value)
             else:
@@ -406,7 +438,7 @@ class Writer:
             self._order.append((name, dtype, tuple(shape)))
         root = wrap(state) if wrap else state
 
-        class Pickler(pickle.Pickler):
+        class Pickler(RepicklingPickler):
             def persistent_id(self, obj):
                 if isinstance(obj, _StorageStub):
                     return ("storage", obj.storage_class, obj.key, "cpu", obj.numel)

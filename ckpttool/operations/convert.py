@@ -1,0 +1,318 @@
+"""`ckpttool convert`: any readable layout to .pt, safetensors (single or sharded), an Accelerate state dir or a
+DCP dir, streaming tensor by tensor, then re-read and compared with the source.
+
+A training state (a training dict, a state dir) keeps every part when the target can hold it (.pt, Accelerate dir,
+DCP); weights targets take one component (the model unless --component names another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from ckpttool import hashing
+from ckpttool.errors import CkptError, UsageError
+from ckpttool.formats import open_checkpoint
+from ckpttool.formats.torchfile import rebuild
+from ckpttool.model import Checkpoint, Component, TensorInfo, dtype_bytes
+from ckpttool.operations import output
+from ckpttool.operations.diff import select_component
+from ckpttool.operations.inspect import stated_value
+
+TARGETS = ("safetensors", "sharded", "torch", "accelerate", "dcp")
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+CAST = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+        "float32": "float32"}
+WEIGHT_ROLES = ("model", "ema")
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.I)
+ACCELERATE_FILES = {"optimizer": ("optimizer", ".bin"), "scheduler": ("scheduler", ".bin"),
+                    "sampler": ("sampler", ".bin"), "dataloader": ("dl_state_dict", ".bin")}
+
+
+def parse_size(text: str) -> int:
+    m = SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper().replace("I", "").rstrip("B") or "B"
+    factor = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+def target_kind(dst: str, to: str | None, shard_size) -> str:
+    if to:
+        kind = {"pt": "torch"}.get(to, to)
+        if kind not in TARGETS:
+            raise UsageError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+        return kind
+    if shard_size:
+        return "sharded"
+    ext = os.path.splitext(dst)[1].lower()
+    if ext in output.FILE_FORMATS:
+        return output.FILE_FORMATS[ext]
+    if dst.endswith(".index.json"):
+        return "sharded"
+    raise UsageError(f"{dst}: cannot tell the target from the name; use a .safetensors or .pt suffix, or --to "
+                     f"{'|'.join(TARGETS)}")
+
+
+class Part:
+    """One output file: its tensors (name -> source TensorInfo) and, for torch targets, the object to rebuild."""
+
+    def __init__(self, component: Component, weights: bool):
+        self.component = component
+        self.weights = weights  # cast with --dtype; may go to safetensors
+        self.sources = {t.name: t for t in component.tensors}
+
+
+def _cast(info: TensorInfo, dtype: str | None, part: Part) -> str:
+    return dtype if dtype and part.weights and info.dtype in FLOAT_DTYPES else info.dtype
+
+
+def _loader(dtype_name):
+    from ckpttool.tensors import load_tensor, torch_dtype
+
+    def load(info: TensorInfo, cast: str):
+        tensor = load_tensor(info)
+        return tensor.to(torch_dtype(cast)) if cast != info.dtype else tensor
+    return load
+
+
+def _identity(info: TensorInfo):
+    """Tensors with the same storage and the same view are one tensor saved under several names (tied weights)."""
+    loc = info.location
+    if loc is None or info.storage_key is None:
+        return None
+    return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype
+
+
+def write_safetensors(path: str, part: Part, dtype, metadata, progress):
+    load = _loader(dtype)
+    specs = [(name, _cast(info, dtype, part), info.shape) for name, info in part.sources.items()]
+
+    def tensors():
+        for name, info in part.sources.items():
+            tensor = load(info, _cast(info, dtype, part))
+            progress(info.nbytes)
+            yield name, tensor
+    output.write_tensors(path, "safetensors", specs, tensors(), metadata)
+
+
+def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = None, flat: bool = False):
+    """A torch.save zip. `parts`: top-level key -> Part (or one Part under key None for a plain state dict)."""
+    load = _loader(dtype)
+    specs, plan, canonical = [], [], {}
+    for key, part in parts.items():
+        for name, info in part.sources.items():
+            full = name if key is None else f"{key}/{name}"
+            ident = _identity(info)
+            if ident is not None and ident in canonical:  # tied: share the first one's storage
+                plan.append((full, None, canonical[ident]))
+                continue
+            cast = _cast(info, dtype, part)
+            specs.append((full, cast, info.shape))
+            plan.append((full, (info, cast), full))
+            if ident is not None:
+                canonical[ident] = full
+
+    def wrap(stubs):
+        alias = {full: stubs[target] for full, _, target in plan}
+        root = {} if not flat else None
+        for key, part in parts.items():
+            tree = part.component.tree
+            if tree is None:  # a flat tensor file (safetensors, DCP): rebuild as a state dict
+                value = {name: alias[name if key is None else f"{key}/{name}"] for name in part.sources}
+            else:
+                value = rebuild(tree, lambda name, k=key: alias[name if k is None else f"{k}/{name}"])
+            if key is None:
+                return value
+            root[key] = value
+        root.update(extra or {})
+        return root
+
+    def tensors():
+        for full, job, _ in plan:
+            if job is not None:
+                info, cast = job
+                tensor = load(info, cast)
+                progress(info.nbytes)
+                yield full, tensor
+    output.write_tensors(path, "torch", specs, tensors(), wrap=wrap)
+
+
+def write_sharded(folder: str, part: Part, dtype, metadata, shard_size: int, progress):
+    shards, current, size = [], [], 0
+    for name, info in part.sources.items():
+        nbytes = dtype_bytes(_cast(info, dtype, part), info.shape)
+        if current and size + nbytes > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    weight_map, total, seen = {}, 0, set()
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        sub = Part(Component(part.component.name, part.component.role,
+                             tensors=[part.sources[n] for n in names]), part.weights)
+        write_safetensors(os.path.join(folder, fname), sub, dtype, metadata, progress)
+        for name in names:
+            weight_map[name] = fname
+            ident = _identity(part.sources[name]) or name
+            if ident not in seen:  # total_size counts shared storage once
+                seen.add(ident)
+                total += dtype_bytes(_cast(part.sources[name], dtype, part), part.sources[name].shape)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+
+
+def _indexed(stem: str, index: int) -> str:
+    return stem if index == 0 else f"{stem}_{index}"
+
+
+def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tuple[str, Part]]:
+    """Accelerate's save_state file names, so `Accelerator.load_state` finds every part. Returns (name the reader
+    will give it, Part) for each part written."""
+    counts: dict[str, int] = {}
+    written = []
+    for comp in ckpt.components:
+        i = counts.get(comp.role, 0)
+        counts[comp.role] = i + 1
+        part = Part(comp, comp.role in WEIGHT_ROLES)
+        if comp.role == "model":
+            name = _indexed("model", i)
+            write_safetensors(os.path.join(folder, f"{name}.safetensors"), part, dtype, {"format": "pt"}, progress)
+        elif comp.role == "ema":  # a diffusers-style `<name>_ema/` subfolder (Accelerate has no EMA file)
+            name = comp.name if "ema" in comp.name else _indexed("ema", i)
+            os.makedirs(os.path.join(folder, name))
+            write_safetensors(os.path.join(folder, name, "model.safetensors"), part, dtype, {"format": "pt"},
+                              progress)
+        elif comp.role in ACCELERATE_FILES:
+            stem, ext = ACCELERATE_FILES[comp.role]
+            name = _indexed(stem, i)
+            write_torch(os.path.join(folder, name + ext), {None: part}, None, progress)
+        elif comp.role in ("scaler", "rng", "custom"):
+            name, fname = {"scaler": ("scaler", "scaler.pt"), "rng": (f"random_states_{i}", f"random_states_{i}.pkl"),
+                           "custom": (f"custom_checkpoint_{i}", f"custom_checkpoint_{i}.pkl")}[comp.role]
+            write_torch(os.path.join(folder, fname), {None: part}, None, progress)
+        else:
+            raise CkptError("corrupt", f"component {comp.name} ({comp.role}) has no place in an Accelerate dir; "
+                            "convert it separately with --component")
+        written.append((name, part))
+    step, epoch = stated_value(ckpt, "step"), stated_value(ckpt, "epoch")
+    if step is not None or epoch is not None:
+        with open(os.path.join(folder, "training_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"global_step": step, "epoch": epoch}, f)
+    return written
+
+
+def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
+    """torch.distributed.checkpoint without a process group (DCP needs the whole state dict at once)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    load = _loader(dtype)
+    state = {}
+    for comp in components:
+        part = Part(comp, comp.role in WEIGHT_ROLES)
+        tensors = {}
+        for name, info in part.sources.items():
+            tensors[name] = load(info, _cast(info, dtype, part))
+            progress(info.nbytes)
+        state[comp.name] = tensors if comp.tree is None else rebuild(comp.tree, tensors.__getitem__)
+    step = stated_value(ckpt, "step")
+    if step is not None:
+        state["step"] = step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=folder, no_dist=True)
+
+
+def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> int:
+    """Re-read the output and compare every tensor bit for bit with its (cast) source. Returns tensors compared."""
+    import torch
+
+    from ckpttool.tensors import load_tensor
+
+    load = _loader(dtype)
+    written = {}
+    for comp in out.components:
+        for t in comp.tensors:
+            written[(comp.name, t.name)] = t
+    compared = 0
+    for (out_component, part) in src_parts:
+        for name, info in part.sources.items():
+            target = written.get((out_component, name))
+            if target is None:
+                raise CkptError("corrupt", f"after writing, {out_component}/{name} is missing from the output")
+            a, b = load(info, _cast(info, dtype, part)), load_tensor(target)
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(
+                    a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)):
+                raise CkptError("corrupt", f"after writing, {out_component}/{name} differs from the source")
+            compared += 1
+    return compared
+
+
+def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_size=None, verify=True,
+            force=False) -> dict:
+    if dtype is not None and dtype not in CAST:
+        raise UsageError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    cast = CAST.get(dtype)
+    shard_bytes = parse_size(shard_size) if shard_size else None
+    kind = target_kind(dst, to, shard_bytes)
+    output.check_destination(src, dst, force)
+    ckpt = open_checkpoint(src)
+    chosen = select_component(ckpt, component or "model", src) if component or kind in ("safetensors", "sharded") \
+        else None
+    if chosen is None:
+        output.refuse_broken(ckpt)
+    step = stated_value(ckpt, "step")
+    metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "converted_by": "ckpttool"}
+    if step is not None:
+        metadata["step"] = str(step)
+    whole = [c for c in ckpt.components] if chosen is None else [chosen]
+    total = sum(t.nbytes for c in whole for t in c.tensors)
+    parent = os.path.dirname(os.path.abspath(dst))
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
+    try:
+        out_path = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
+        with hashing.progress(total, "converting") as progress:
+            if kind == "safetensors":
+                parts = [("model", Part(chosen, chosen.role in WEIGHT_ROLES))]
+                write_safetensors(out_path, parts[0][1], cast, metadata, progress)
+            elif kind == "sharded":
+                os.makedirs(out_path)
+                parts = [("model", Part(chosen, chosen.role in WEIGHT_ROLES))]
+                write_sharded(out_path, parts[0][1], cast, metadata, shard_bytes or (5 << 30), progress)
+            elif kind == "torch":
+                if chosen is not None or len(whole) == 1:
+                    comp = whole[0]
+                    parts = [("model", Part(comp, comp.role in WEIGHT_ROLES))]
+                    write_torch(out_path, {None: parts[0][1]}, cast, progress)
+                else:
+                    parts = [(c.name, Part(c, c.role in WEIGHT_ROLES)) for c in whole]
+                    extra = {k: v for k, v in ckpt.metadata.items() if isinstance(v, (int, float, str, bool))
+                             and k not in ("guard",)}
+                    if step is not None:
+                        extra["global_step"] = step
+                    write_torch(out_path, dict(parts), cast, progress, extra)
+            elif kind == "accelerate":
+                os.makedirs(out_path)
+                parts = write_accelerate(out_path, Checkpoint(ckpt.path, ckpt.format, ckpt.layout, whole,
+                                                              ckpt.steps), cast, progress)
+            else:
+                write_dcp(out_path, ckpt, whole, cast, progress)
+                parts = [(c.name, Part(c, c.role in WEIGHT_ROLES)) for c in whole]
+        compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0
+        if os.path.lexists(dst):  # --force: replace only now that the new output is complete
+            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
+        os.replace(out_path, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
+            "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast,
+            "verified_tensors": compared if verify else None}
