@@ -266,10 +266,10 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
     kind = target_kind(dst, to, shard_bytes)
     output.check_destination(src, dst, force)
     ckpt = open_checkpoint(src)
+    if not component:  # only an explicitly chosen component may be taken from an otherwise damaged checkpoint
+        output.refuse_broken(ckpt)
     chosen = select_component(ckpt, component or "model", src) if component or kind in ("safetensors", "sharded") \
         else None
-    if chosen is None:
-        output.refuse_broken(ckpt)
     step = stated_value(ckpt, "step")
     metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "converted_by": "ckpttool"}
     if step is not None:
