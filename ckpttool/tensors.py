@@ -20,15 +20,38 @@ def torch_dtype(name: str):
     return dtype
 
 
+def _short_read(info: TensorInfo, got: int):
+    loc = info.location
+    return CkptError("truncated", f"tensor {info.name} needs {loc.length} bytes at offset {loc.offset}, the file "
+                     f"holds {got}", loc.file)
+
+
 def read_bytes(info: TensorInfo) -> bytes:
     loc = info.location
     with open(loc.file, "rb") as f:
         f.seek(loc.offset)
         data = f.read(loc.length)
     if len(data) != loc.length:
-        raise CkptError("truncated", f"tensor {info.name} needs {loc.length} bytes at offset {loc.offset}, the file "
-                        f"holds {len(data)}", loc.file)
+        raise _short_read(info, len(data))
     return data
+
+
+def read_storage(info: TensorInfo):
+    """The tensor's storage bytes as a uint8 tensor, read straight into it (one copy, no intermediate bytes)."""
+    import torch
+
+    loc = info.location
+    buf = torch.empty(loc.length, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    done = 0
+    with open(loc.file, "rb", buffering=0) as f:
+        f.seek(loc.offset)
+        while done < loc.length:
+            n = f.readinto(view[done:])
+            if not n:
+                raise _short_read(info, done)
+            done += n
+    return buf
 
 
 def load_tensor(info: TensorInfo):
@@ -46,8 +69,7 @@ def load_tensor(info: TensorInfo):
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    data = bytearray(read_bytes(info))
-    flat = torch.frombuffer(data, dtype=torch.uint8).view(dtype)
+    flat = read_storage(info).view(dtype)
     if info.location.stride is None:  # safetensors: contiguous, exactly this tensor
         return flat.reshape(info.shape)
     needed = info.location.storage_offset + sum((s - 1) * st for s, st in zip(info.shape, info.location.stride)) + 1

@@ -141,8 +141,6 @@ class Writer:
     def close(self):
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self):

@@ -59,12 +59,21 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
             writer.write(name, tensor)
         writer.close()
         writer = None
+        _fsync(tmp)  # durable before it becomes visible under its real name
         os.replace(tmp, dst)
     finally:
         if writer is not None:
             writer.abort()
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_beside(dst: str, name: str, doc: dict):
