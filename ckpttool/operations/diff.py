@@ -99,6 +99,33 @@ def _tensor_range(t: TensorInfo):
     return loc.file, loc.offset + loc.storage_offset * itemsize, t.nbytes
 
 
+CHUNK = 1 << 20  # elements per step of the statistics: temporaries stay a few MiB whatever the tensor size
+
+
+def value_stats(ta, tb, atol: float, rtol: float):
+    """max abs diff, relative L2 and cosine of two same-shape tensors, and whether all elements are within
+    atol + rtol*|b|; computed in float64 over chunks so memory stays bounded by the two tensors themselves."""
+    import torch
+
+    fa, fb = ta.reshape(-1), tb.reshape(-1)
+    max_abs, diff_sq, b_sq, a_sq, dot, within = 0.0, 0.0, 0.0, 0.0, 0.0, True
+    for start in range(0, fa.numel(), CHUNK):
+        ca, cb = fa[start:start + CHUNK].double(), fb[start:start + CHUNK].double()
+        delta = ca - cb
+        adelta = delta.abs()
+        if adelta.numel():
+            max_abs = max(max_abs, float(adelta.max()))
+        diff_sq += float(delta.square().sum())
+        b_sq += float(cb.square().sum())
+        a_sq += float(ca.square().sum())
+        dot += float((ca * cb).sum())
+        within = within and bool((adelta <= atol + rtol * cb.abs()).all())
+    rel_l2 = (diff_sq ** 0.5) / (b_sq ** 0.5) if b_sq else float("inf")
+    cosine = dot / ((a_sq ** 0.5) * (b_sq ** 0.5)) if a_sq and b_sq else (1.0 if a_sq == b_sq else 0.0)
+    finite = all(x == x and abs(x) != float("inf") for x in (max_abs, diff_sq))
+    return {"max_abs": max_abs, "rel_l2": rel_l2, "cosine": cosine}, within and finite
+
+
 def compare_values(common, atol: float, rtol: float) -> dict:
     """Equal tensors confirmed by hashing their bytes; the rest loaded one pair at a time and measured."""
     equal, close, different, to_load = [], [], [], []
@@ -120,18 +147,10 @@ def compare_values(common, atol: float, rtol: float) -> dict:
             ta, tb = load_tensor(a), load_tensor(b)
             if torch.equal(ta, tb):
                 equal.append(key)
-                continue
-            fa, fb = ta.double().flatten(), tb.double().flatten()
-            delta = (fa - fb).abs()
-            finite = bool(torch.isfinite(delta).all())
-            row = {"key": key, "max_abs": float(delta.max()) if delta.numel() else 0.0,
-                   "rel_l2": float((fa - fb).norm() / fb.norm()) if float(fb.norm()) else float("inf"),
-                   "cosine": float(torch.nn.functional.cosine_similarity(fa, fb, dim=0)) if fa.numel() else 1.0}
-            if finite and torch.allclose(fa, fb, rtol=rtol, atol=atol):
-                close.append(row)
             else:
-                different.append(row)
-            del ta, tb, fa, fb, delta
+                row, within = value_stats(ta, tb, atol, rtol)
+                (close if within else different).append({"key": key, **row})
+            del ta, tb
     return {"equal": len(equal), "close": close, "different": different}
 
 
