@@ -1,0 +1,182 @@
+"""The pre-resume gate other trainers call: `check_resume(path, model, optimizer, scheduler, expected_step)`.
+
+It runs everything `ckpttool verify --for-resume` checks, then compares the checkpoint with the live objects a
+resume will load it into: model keys, shapes and dtypes (prefixes and optimum-quanto layouts recognised and named),
+and the optimizer's parameter groups. Nothing is loaded into the objects; a failing gate raises `ResumeGateError`
+before any weight is touched, and its message says what to run to fix each problem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ckpttool.errors import CkptError, UsageError
+from ckpttool.formats import open_checkpoint
+from ckpttool.keys import compare
+from ckpttool.operations.verify import verify
+
+DAMAGE = ("truncated", "corrupt", "missing_file", "checksum_mismatch", "no_manifest")
+
+
+class ResumeGateError(Exception):
+    """The checkpoint must not be resumed from. `.problems`: [{"code", "severity", "message", "fix"}, ...]."""
+
+    def __init__(self, path: str, problems: list[dict]):
+        self.path = path
+        self.problems = problems
+        lines = [f"refusing to resume from {path}:"]
+        for p in problems:
+            lines.append(f"  [{p['code']}] {p['message']}" + (f"\n      fix: {p['fix']}" if p.get("fix") else ""))
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class GateReport:
+    path: str
+    step: int | None
+    problems: list = field(default_factory=list)  # warnings only when it passed
+
+    @property
+    def ok(self) -> bool:
+        return not any(p["severity"] == "error" for p in self.problems)
+
+
+def _fix(code: str, path: str, problem: dict, model_file: str | None) -> str | None:
+    run_dir = os.path.dirname(os.path.abspath(path))
+    if code in DAMAGE:
+        return f"resume from an earlier intact checkpoint: ckpttool latest --for-resume {run_dir}"
+    if code == "step_mismatch":
+        return f"see which step source is wrong with `ckpttool verify {path}`, then fix the config or pick the " \
+               "checkpoint that matches"
+    if code == "weights_only":
+        return "point the resume at the training-state dir named above, not at exported weights"
+    if code in ("missing_optimizer", "missing_scheduler"):
+        return "this checkpoint cannot continue the schedule; resume from a full training-state checkpoint " \
+               f"(ckpttool latest --for-resume {run_dir}) or start the schedule deliberately from scratch"
+    if code == "unsafe_pickle":
+        return "load it only if you trust where it came from; or re-save the tensors with `ckpttool convert`"
+    if code == "quantized_keys" and model_file:
+        stem, ext = os.path.splitext(model_file)
+        return f"ckpttool remap {model_file} {stem}-dequantized{ext} --dequantize"
+    if code == "key_mismatch" and model_file and problem.get("remap"):
+        stem, ext = os.path.splitext(model_file)
+        return f"ckpttool remap {model_file} {stem}-remapped{ext} {problem['remap']}"
+    return None
+
+
+def _prefix_remap(ckpt_keys, model_keys) -> str | None:
+    """The --strip-prefix/--add-prefix option that turns the checkpoint's keys into the model's, if one does."""
+    model_set = set(model_keys)
+    for key in ckpt_keys:
+        for other in model_keys:
+            if key.endswith(other) and key != other and key[: -len(other)].endswith("."):
+                prefix = key[: -len(other)]
+                if all(k[len(prefix):] in model_set for k in ckpt_keys if k.startswith(prefix)):
+                    return f"--strip-prefix {prefix}"
+            if other.endswith(key) and key != other and other[: -len(key)].endswith("."):
+                prefix = other[: -len(key)]
+                if all(prefix + k in model_set for k in ckpt_keys):
+                    return f"--add-prefix {prefix}"
+        break
+    return None
+
+
+def _model_problems(ckpt, model) -> tuple[list[dict], str | None]:
+    from ckpttool.operations.diff import model_tensors
+
+    comp = ckpt.model
+    if comp is None:
+        return [], None
+    model_file = next((f for f in comp.files if f.endswith((".safetensors", ".bin", ".pt", ".pth"))), None)
+    live = model_tensors(model)
+    report = compare(comp.tensors, live)
+    problems = []
+    for q in report.quantized:
+        side = "the checkpoint" if q["quantized_side"] == "a" else "the model"
+        problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
+                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {side} only: "
+                                    f"load_state_dict would fail on {q['module']}.weight._data / ._scale"})
+    if report.rules:
+        rules = "; ".join(r.replace(" of A", " of the checkpoint").replace(" from A", " from the checkpoint")
+                          .replace(" of B", " of the model").replace(" from B", " from the model") for r in report.rules)
+        problems.append({"code": "key_mismatch", "severity": "error",
+                         "message": f"keys match the model only after: {rules}",
+                         "remap": _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])})
+    if report.only_a or report.only_b:
+        problems.append({"code": "key_mismatch", "severity": "error",
+                         "message": f"{len(report.only_b)} model keys missing from the checkpoint "
+                                    f"({', '.join(report.only_b[:3])}), {len(report.only_a)} unexpected "
+                                    f"({', '.join(report.only_a[:3])})"})
+    for m in report.shape_mismatches:
+        problems.append({"code": "shape_mismatch", "severity": "error", "key": m["key"],
+                         "message": f"{m['key']}: checkpoint {m['a']}, model {m['b']}"})
+    for m in report.dtype_mismatches:
+        problems.append({"code": "dtype_mismatch", "severity": "warning", "key": m["key"],
+                         "message": f"{m['key']}: checkpoint {m['a']}, model {m['b']} (load_state_dict will cast)"})
+    return problems, model_file
+
+
+def _optimizer_problems(ckpt, optimizer) -> list[dict]:
+    comp = ckpt.component("optimizer")
+    saved = comp.tree if comp is not None else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        return []
+    live = optimizer.state_dict()["param_groups"]
+    saved_groups = saved["param_groups"]
+    saved_sizes = [len(g.get("params", [])) if isinstance(g, dict) else 0 for g in saved_groups]
+    live_sizes = [len(g["params"]) for g in live]
+    if saved_sizes != live_sizes:
+        return [{"code": "optimizer_mismatch", "severity": "error",
+                 "message": f"the saved optimizer has parameter groups of sizes {saved_sizes}, the live one "
+                            f"{live_sizes}: load_state_dict would refuse it (different trainable parameters?)"}]
+    problems = []
+    shapes = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for t in comp.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 3 and parts[0] == "state" and parts[1].isdigit() and int(parts[1]) < len(params):
+            param = params[int(parts[1])]
+            if t.shape and tuple(t.shape) != tuple(param.shape):
+                shapes[int(parts[1])] = (t.name, list(t.shape), list(param.shape))
+    for index, (name, saved_shape, live_shape) in sorted(shapes.items()):
+        problems.append({"code": "shape_mismatch", "severity": "error", "key": name,
+                         "message": f"optimizer {name}: saved {saved_shape}, parameter {index} is {live_shape}"})
+    return problems
+
+
+def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False):
+    """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError."""
+    path = os.fspath(path)
+    try:
+        report = verify(path, for_resume=True, expect_step=expected_step, require_manifest=require_manifest)
+    except UsageError as e:
+        raise ResumeGateError(path, [{"code": "missing_file", "severity": "error", "message": str(e)}]) from None
+    problems = list(report["problems"])
+    model_file = None
+    if report["ok"] or not any(p["code"] in DAMAGE for p in problems):
+        try:
+            ckpt = open_checkpoint(path)
+        except CkptError:
+            ckpt = None
+        if ckpt is not None and model is not None:
+            found, model_file = _model_problems(ckpt, model)
+            problems += found
+        if ckpt is not None and optimizer is not None:
+            problems += _optimizer_problems(ckpt, optimizer)
+        if ckpt is not None and scheduler is not None and ckpt.component("scheduler") is not None:
+            saved = ckpt.component("scheduler").tree
+            live_keys = set(scheduler.state_dict())
+            if isinstance(saved, dict) and set(map(str, saved)) != live_keys:
+                problems.append({"code": "scheduler_mismatch", "severity": "warning",
+                                 "message": f"saved scheduler state has keys {sorted(map(str, saved))[:6]}, the live "
+                                            f"scheduler {sorted(live_keys)[:6]}: a different scheduler class?"})
+    for p in problems:
+        fix = _fix(p["code"], path, p, model_file)
+        p.pop("remap", None)
+        if fix:
+            p["fix"] = fix
+    errors = [p for p in problems if p["severity"] == "error"]
+    if errors:
+        raise ResumeGateError(path, errors)
+    return GateReport(path, report["step"], problems)

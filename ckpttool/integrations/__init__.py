@@ -1,0 +1,1 @@
+"""Hooks that put the resume gate in front of other libraries' loaders."""
