@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ckpttool.formats import family
+from ckpttool.formats import family, statedir
 from ckpttool.operations.manifest import MANIFEST_SUFFIX
 
 CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)(?:-(.+))?$")  # diffusers, SimpleTuner, our trainer
@@ -57,7 +57,7 @@ def _dir_candidate(full: str, entry: str) -> Candidate | None:
         candidate = Candidate(full, int(m.group(1)), [full])
         if m.group(2) == "tmp" or entry.endswith(".tmp"):
             candidate.skip = "temporary dir: its save never completed"
-        elif os.path.isfile(os.path.join(full, "training_state.json")) and not _guarded(full):
+        elif statedir.is_simpletuner(full) and not _guarded(full):
             candidate.skip = "no .guard containing 'complete': SimpleTuner never finished this save"
         return candidate
     if m := ACCELERATE_AUTO_DIR.match(entry):

@@ -57,12 +57,23 @@ def _component_name(template: str, index: str | None) -> str:
     return template if not index or index == "0" else f"{template}_{index}"
 
 
+def is_simpletuner(path: str) -> bool:
+    """SimpleTuner writes `.guard` last; its training_state.json also carries keys no other trainer writes."""
+    if os.path.exists(os.path.join(path, ".guard")) or os.path.exists(os.path.join(path, "checkpoint_manifest.json")):
+        return True
+    try:
+        with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and bool({"epoch_step", "exhausted_backends"} & set(doc))
+
+
 def layout_of(path: str) -> tuple[str, list[StepSource]]:
     """Which trainer wrote this dir, and the step or epoch its name states."""
     name = os.path.basename(os.path.normpath(path))
-    has = lambda f: os.path.exists(os.path.join(path, f))  # noqa: E731
     if m := DIFFUSERS_NAME.match(name):
-        trainer = "SimpleTuner" if has("training_state.json") or has(".guard") else "diffusers"
+        trainer = "SimpleTuner" if is_simpletuner(path) else "diffusers"
         return f"{trainer} checkpoint-N", [StepSource("directory name", int(m.group(1)))]
     if m := ACCELERATE_AUTO_NAME.match(name):
         # Accelerate's automatic naming counts saves, not steps: not a step source.

@@ -1,0 +1,206 @@
+"""Crash-safe checkpoints in Accelerate's layout, and their restore.
+
+A checkpoint is written to `checkpoint-N.tmp`, every file fsynced, a ckpttool manifest added, then renamed to
+`checkpoint-N` and the parent fsynced: a kill at any moment leaves either no `checkpoint-N` or a complete one.
+`latest` never picks a `.tmp` dir, and the next save of that step clears it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_JSON = "training_state.json"
+EMA_DIR = "ema"
+
+
+def fault(point: str, step: int):
+    """Test hook: TRAINER_FAULT=point:step kills this process with SIGKILL there (see tests/test_trainer.py)."""
+    wanted = os.environ.get("TRAINER_FAULT", "")
+    if wanted == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state() -> dict:
+    """This process's RNG state, in the keys Accelerate's `random_states_{rank}.pkl` uses."""
+    state = {"step": 0, "random_state": random.getstate(), "torch_manual_seed": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy_random_seed"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict):
+    random.setstate(state["random_state"])
+    torch.set_rng_state(state["torch_manual_seed"])
+    if "numpy_random_seed" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy_random_seed"])
+    if "torch_cuda_manual_seed" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda_manual_seed"])
+
+
+def _rng_safe_globals():
+    """What torch.load(weights_only=True) must allow for an RNG file (numpy state), as Accelerate allows it."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _detached(obj):
+    """A deep copy with every tensor cloned to CPU: what the background writer may own while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _detached(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Snapshot:
+    step: int
+    epoch: int
+    model: dict | None  # rank 0 only
+    optimizer: dict | None
+    scheduler: dict | None
+    ema: dict | None
+    rng: dict
+
+
+def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int) -> Snapshot:
+    main = rank == 0
+    return Snapshot(step, epoch, _detached(model.state_dict()) if main else None,
+                    _detached(optimizer.state_dict()) if main else None,
+                    _detached(scheduler.state_dict()) if main else None,
+                    _detached(ema) if main else None, rng_state())
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_torch(obj, path):
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def _save_weights(tensors: dict, path):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    _fsync_file(path)
+
+
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
+def write(output_dir: str, snap: Snapshot, rank: int, barrier, total_limit: int | None = None):
+    """Write and publish checkpoint-{step}; every rank calls it (each writes its RNG file, rank 0 the rest)."""
+    final = checkpoint_dir(output_dir, snap.step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp)
+    barrier()
+    _save_torch(snap.rng, os.path.join(tmp, f"random_states_{rank}.pkl"))
+    if rank == 0:
+        _save_weights(snap.model, os.path.join(tmp, "model.safetensors"))
+        fault("mid-save", snap.step)
+        _save_torch(snap.optimizer, os.path.join(tmp, "optimizer.bin"))
+        _save_torch(snap.scheduler, os.path.join(tmp, "scheduler.bin"))
+        os.makedirs(os.path.join(tmp, EMA_DIR))
+        _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
+        with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
+            json.dump({"global_step": snap.step, "epoch": snap.epoch}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    barrier()
+    if rank == 0:
+        from ckpttool.operations.manifest import write as write_manifest
+
+        write_manifest(tmp)
+        fault("before-publish", snap.step)
+        if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out, then drop it
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fd = os.open(output_dir, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        if total_limit:
+            from ckpttool.operations.prune import prune
+
+            for row in prune(output_dir, keep=total_limit)["delete"]:
+                print(f"[trainer] checkpoints_total_limit={total_limit}: removed {row['path']}", flush=True)
+    barrier()
+    return final
+
+
+class BackgroundSaver:
+    """Writes snapshots on a thread, one at a time, so training steps do not wait for the disk."""
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def submit(self, fn, *args):
+        self.wait()
+
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:  # surfaced on the training thread at the next wait()
+                self._error = e
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def load(path: str, model, optimizer, scheduler, ema: dict, rank: int) -> tuple[int, int]:
+    """Restore everything from a gated checkpoint; returns (step, epoch)."""
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.bin"), weights_only=True))
+    ema_file = os.path.join(path, EMA_DIR, "model.safetensors")
+    if os.path.exists(ema_file):
+        saved = load_file(ema_file)
+        for name in ema:
+            ema[name].copy_(saved[name])
+    with torch.serialization.safe_globals(_rng_safe_globals()):
+        restore_rng(torch.load(os.path.join(path, f"random_states_{rank}.pkl"), weights_only=True))
+    with open(os.path.join(path, STATE_JSON), encoding="utf-8") as f:
+        state = json.load(f)
+    return int(state["global_step"]), int(state.get("epoch") or 0)
