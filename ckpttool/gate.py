@@ -56,12 +56,16 @@ def _fix(code: str, path: str, problem: dict, model_file: str | None) -> str | N
                f"(ckpttool latest --for-resume {run_dir}) or start the schedule deliberately from scratch"
     if code == "unsafe_pickle":
         return "load it only if you trust where it came from; or re-save the tensors with `ckpttool convert`"
-    if code == "quantized_keys" and model_file:
+    if code in ("quantized_keys", "key_mismatch") and model_file:
+        option = "--dequantize" if code == "quantized_keys" else problem.get("remap")
+        if not option:
+            return None
+        suffix = "dequantized" if code == "quantized_keys" else "remapped"
+        if os.path.isdir(path):  # a state dir is remapped whole: the other files come along, the manifest is renewed
+            target = f"{os.path.normpath(path)}-{suffix}"
+            return f"ckpttool remap {path} {target} {option}, then resume from {target}"
         stem, ext = os.path.splitext(model_file)
-        return f"ckpttool remap {model_file} {stem}-dequantized{ext} --dequantize"
-    if code == "key_mismatch" and model_file and problem.get("remap"):
-        stem, ext = os.path.splitext(model_file)
-        return f"ckpttool remap {model_file} {stem}-remapped{ext} {problem['remap']}"
+        return f"ckpttool remap {model_file} {stem}-{suffix}{ext} {option}"
     return None
 
 

@@ -84,14 +84,15 @@ class Snapshot:
     scheduler: dict | None
     ema: dict | None
     rng: dict
+    quantization_map: dict | None = None  # optimum-quanto's map, saved as quanto_qmap.json beside the weights
 
 
-def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int) -> Snapshot:
+def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantization_map=None) -> Snapshot:
     main = rank == 0
     return Snapshot(step, epoch, _detached(model.state_dict()) if main else None,
                     _detached(optimizer.state_dict()) if main else None,
                     _detached(scheduler.state_dict()) if main else None,
-                    _detached(ema) if main else None, rng_state())
+                    _detached(ema) if main else None, rng_state(), quantization_map)
 
 
 def _fsync_file(path):
@@ -132,10 +133,14 @@ def write(output_dir: str, snap: Snapshot, rank: int, barrier, total_limit: int 
         _save_torch(snap.scheduler, os.path.join(tmp, "scheduler.bin"))
         os.makedirs(os.path.join(tmp, EMA_DIR))
         _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
-        with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
-            json.dump({"global_step": snap.step, "epoch": snap.epoch}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        documents = {STATE_JSON: {"global_step": snap.step, "epoch": snap.epoch}}
+        if snap.quantization_map:
+            documents["quanto_qmap.json"] = snap.quantization_map
+        for name, doc in documents.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
     barrier()
     if rank == 0:
         from ckpttool.operations.manifest import write as write_manifest

@@ -154,8 +154,14 @@ def main(argv=None) -> int:
     if args.async_save and dist.world > 1:
         log(dist, "--async-save runs only in single-process runs; saving synchronously")
 
+    qmap = None
+    if args.quantize:
+        from optimum.quanto import quantization_map
+
+        qmap = quantization_map(raw_model)
+
     def save():
-        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank)
+        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap)
         if saver:
             saver.submit(checkpoint.write, args.output_dir, snap, dist.rank, dist.barrier, args.checkpoints_total_limit)
         else:

@@ -224,9 +224,46 @@ def produce(plan: Plan):
         yield name, cache[entry.key]
 
 
+def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
+    """A whole training-state dir with its model weights remapped: every other file copied as is, the manifest (if
+    the source had one) rewritten for the new contents, the dir published only when complete."""
+    import shutil
+    import tempfile
+
+    from ckpttool.operations import manifest
+
+    output.check_destination(src, dst, force)
+    ckpt = open_checkpoint(src)
+    comp = select_component(ckpt, options.get("component", "model"), src)
+    weights = next((f for f in comp.files if f.endswith(".safetensors")), None)
+    if weights is None:
+        raise UsageError(f"{src}: its {comp.name} weights are not a safetensors file; remap that file directly")
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(dst))}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(dst)))
+    try:
+        out = os.path.join(staging, "dir")
+        stale = [manifest.MANIFEST_NAME] + (list(quanto.QMAP_NAMES) if options.get("dequantize") else [])
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns(*stale))
+        target = os.path.join(out, os.path.relpath(weights, src))
+        result = remap(weights, target, force=True, to="safetensors", **options)
+        if os.path.exists(os.path.join(src, manifest.MANIFEST_NAME)):
+            manifest.write(out)
+        if os.path.lexists(dst):
+            shutil.rmtree(dst) if os.path.isdir(dst) else os.unlink(dst)
+        os.replace(out, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**result, "src": src, "dst": dst, "format": "state dir"}
+
+
 def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: str | None = None,
           dequantize: bool = False, quantize_map: str | None = None, component: str = "model",
           to: str | None = None, force: bool = False) -> dict:
+    from ckpttool.formats import statedir
+
+    if os.path.isdir(src) and statedir.detect(src) and not os.path.splitext(dst)[1] and not to:
+        return remap_state_dir(src, dst, force, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
+                               quantize_map=quantize_map, component=component)
     fmt = output.target_format(dst, to)
     output.check_destination(src, dst, force)
     comp = select_component(open_checkpoint(src), component, src)

@@ -250,8 +250,13 @@ def _find_keys(doc) -> dict:
 # --- resume completeness ---
 
 def state_dir_hint(path: str) -> str | None:
-    """The state dir a weights file belongs to: kohya `<stem>-state`, else the newest `checkpoint-N` beside it."""
+    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
+    `checkpoint-N` beside it."""
     folder = os.path.dirname(os.path.abspath(path))
+    from ckpttool.formats import statedir
+
+    if statedir.detect(folder):  # the weights file inside a state dir: resume from the dir itself
+        return folder
     stem = os.path.basename(path)
     for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         stem = stem.removesuffix(suffix)
