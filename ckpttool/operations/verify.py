@@ -274,7 +274,8 @@ def state_dir_hint(path: str) -> str | None:
 def check_resume(v: Verification, ckpt: Checkpoint):
     before = len(v.problems)
     roles = {c.role for c in ckpt.components}
-    weights_only = roles <= {"model", "ema", "extra", "target", "teacher"}
+    # a family with its opt file missing is an incomplete training state, not an export of weights
+    weights_only = roles <= {"model", "ema", "extra", "target", "teacher"} and ckpt.format != "family"
     if weights_only:
         hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
         advice = (f"resume from the state dir beside it: {hint}" if hint else

@@ -1,0 +1,108 @@
+import os
+
+import pytest
+import torch
+
+from ckpttool.gate import ResumeGateError, check_resume
+from fixtures.generate import TinyNet, _trained
+from tests.helpers import copy
+
+
+def live(steps=0, width=16):
+    torch.manual_seed(0)
+    model, opt, sched = _trained(steps)
+    return (model if width == 16 else TinyNet(width=width)), opt, sched
+
+
+@pytest.mark.parametrize("fixture", ["accelerate", "accelerate_bin", "accelerate_auto", "diffusers_lora",
+                                     "kohya_state", "kohya_step_state", "simpletuner", "fsdp"])
+def test_gate_passes_full_training_states(corpus, fixture):
+    model, opt, sched = live()
+    report = check_resume(corpus[fixture], model=model, optimizer=opt)
+    assert report.ok and report.step == 3
+
+
+@pytest.mark.parametrize("fixture,codes", [
+    ("kohya_weights", {"weights_only"}), ("safetensors", {"weights_only"}),
+    ("diffusers_truncated_newest", {"truncated", "missing_optimizer"}),
+    ("simpletuner_tmp", {"missing_file"}), ("simpletuner_step_mismatch", {"step_mismatch"}),
+    ("torch_step_mismatch", {"step_mismatch"}), ("sharded_missing", {"missing_file", "weights_only"}),
+    ("family_missing_member", {"missing_file", "missing_optimizer"}), ("torch_malicious", {"unsafe_pickle",
+                                                                                          "weights_only"}),
+    ("dcp_missing_data", {"missing_file", "weights_only"}), ("torch_training", set()),
+    ("torch_cuda", {"missing_scheduler"}),
+])
+def test_gate_refusals_carry_codes_and_fixes(corpus, fixture, codes, no_payload):
+    model, opt, sched = live()
+    if not codes:
+        assert check_resume(corpus[fixture], model=model).ok
+        return
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus[fixture], model=model)
+    assert {p["code"] for p in err.value.problems} == codes
+    assert all(p.get("fix") for p in err.value.problems if p["code"] != "missing_file" or "latest" in p.get("fix", ""))
+    assert str(err.value).startswith(f"refusing to resume from {corpus[fixture]}")
+
+
+def test_gate_weights_only_names_the_state_dir(corpus):
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus["kohya_weights"])
+    assert "run-000001-state" in err.value.problems[0]["message"]
+
+
+def test_gate_expected_step(corpus):
+    assert check_resume(corpus["accelerate"], expected_step=3).ok
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus["accelerate"], expected_step=30)
+    assert [p["code"] for p in err.value.problems] == ["step_mismatch"]
+
+
+def test_gate_model_prefix_quantized_shape(corpus, tmp_path):
+    d = copy(corpus["accelerate"], tmp_path)
+    model = TinyNet()
+    wrapped = torch.nn.DataParallel(model)
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(d, model=wrapped)
+    problem = err.value.problems[0]
+    assert problem["code"] == "key_mismatch" and "--add-prefix module." in problem["fix"]
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(d, model=TinyNet(width=24))
+    assert {p["code"] for p in err.value.problems} == {"shape_mismatch"}
+    # a quanto-quantized checkpoint against a plain model: one finding per module, with the remap command
+    quant = copy(d, tmp_path, "quant")
+    from safetensors.torch import save_file
+
+    from fixtures.generate import _quantized
+    sd, _ = _quantized("qint8")
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(quant, "model.safetensors"))
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(quant, model=TinyNet(width=256))
+    quantized = [p for p in err.value.problems if p["code"] == "quantized_keys"]
+    assert [p["key"] for p in quantized] == ["linear_1", "linear_2"]
+    assert f"ckpttool remap {quant} {quant}-dequantized --dequantize" in quantized[0]["fix"]
+
+
+def test_gate_optimizer_groups(corpus):
+    model = TinyNet()
+    other = torch.optim.AdamW(list(model.parameters())[:3], lr=1e-3)
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus["accelerate"], model=model, optimizer=other)
+    assert [p["code"] for p in err.value.problems] == ["optimizer_mismatch"]
+
+
+def test_accelerate_hook_raises_before_loading(corpus, tmp_path):
+    from accelerate import Accelerator
+
+    from ckpttool.integrations.accelerate import install_resume_gate
+    accelerator = Accelerator(cpu=True)
+    model, opt, sched = live(0)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    install_resume_gate(accelerator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = copy(corpus["diffusers_truncated_newest"], tmp_path)
+    with pytest.raises(ResumeGateError):
+        accelerator.load_state(broken)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+    accelerator.load_state(corpus["accelerate_bin"])
+    trained, _, _ = live(3)
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in model.state_dict().items())
