@@ -169,6 +169,7 @@ def main(argv=None) -> int:
             log(dist, f"saved {path}")
 
     accum = args.gradient_accumulation_steps
+    log(dist, f"training from step {step} to {args.max_steps} on {dist.world} process(es)")
     while step < args.max_steps:
         model.train()
         for micro in range(accum):

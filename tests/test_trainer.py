@@ -1,0 +1,153 @@
+"""The reference trainer end to end, as subprocesses: kills at many points, resume, refusals, torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import flip_byte
+
+STEPS, EVERY = 12, 4
+BASE = ["--max-steps", str(STEPS), "--checkpointing-steps", str(EVERY), "--batch-size", "8"]
+
+
+def train(out, *extra, fault=None, check=True, timeout=120):
+    env = dict(os.environ, TRAINER_FAULT=fault or "")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(out), *BASE, *extra],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def torchrun(out, *extra, fault=None, port, check=True):
+    env = dict(os.environ, TRAINER_FAULT=fault or "", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "trainer", "--output-dir", str(out), *BASE, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def final_state(out):
+    d = os.path.join(out, f"checkpoint-{STEPS}")
+    return (load_file(os.path.join(d, "model.safetensors")), load_file(os.path.join(d, "ema", "model.safetensors")),
+            torch.load(os.path.join(d, "optimizer.bin"), weights_only=True)["state"])
+
+
+def assert_bit_identical(a, b):
+    (model_a, ema_a, opt_a), (model_b, ema_b, opt_b) = final_state(a), final_state(b)
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "model weights differ"
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a), "EMA weights differ"
+    for i in opt_a:
+        assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for k in opt_a[i]), "optimizer state differs"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    proc = train(out)
+    assert "training from step 0" in proc.stdout
+    return out
+
+
+@pytest.mark.parametrize("fault", ["after-step:6", "mid-save:8", "before-publish:8", "after-step:12"])
+def test_sigkill_anywhere_then_resume_is_bit_exact(baseline, tmp_path, fault):
+    killed = train(tmp_path, fault=fault, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    if fault.startswith(("mid-save", "before-publish")):
+        assert os.path.isdir(tmp_path / "checkpoint-8.tmp") and not os.path.exists(tmp_path / "checkpoint-8")
+    resumed = train(tmp_path, "--resume-from-checkpoint", "latest")
+    assert "resuming from" in resumed.stdout
+    assert not [e for e in os.listdir(tmp_path) if e.endswith(".tmp")]
+    assert_bit_identical(baseline, tmp_path)
+
+
+def test_corrupt_newest_falls_back(baseline, tmp_path):
+    train(tmp_path, fault="after-step:9", check=False)
+    flip_byte(tmp_path / "checkpoint-8" / "model.safetensors", 200)
+    resumed = train(tmp_path, "--resume-from-checkpoint", "latest")
+    assert f"skipping {tmp_path / 'checkpoint-8'}: checksum_mismatch" in resumed.stdout
+    assert f"resuming from {tmp_path / 'checkpoint-4'}" in resumed.stdout
+    assert_bit_identical(baseline, tmp_path)
+
+
+def test_weights_only_and_step_mismatch_refused(baseline, tmp_path):
+    weights = baseline / "checkpoint-4" / "model.safetensors"
+    refused = train(tmp_path / "a", "--resume-from-checkpoint", str(weights), check=False)
+    assert refused.returncode != 0
+    assert "[weights_only]" in refused.stderr and str(baseline / "checkpoint-4") in refused.stderr
+    bad = shutil.copytree(baseline / "checkpoint-4", tmp_path / "checkpoint-4")
+    json.dump({"global_step": 5, "epoch": 0}, open(bad / "training_state.json", "w"))
+    refused = train(tmp_path / "b", "--resume-from-checkpoint", str(bad), check=False)
+    assert refused.returncode != 0 and "[step_mismatch]" in refused.stderr
+    assert "[checksum_mismatch]" in refused.stderr  # the manifest saw the edit too
+
+
+def test_total_limit_keeps_newest(tmp_path):
+    train(tmp_path, "--checkpoints-total-limit", "2")
+    assert sorted(e for e in os.listdir(tmp_path)) == ["checkpoint-12", "checkpoint-8"]
+
+
+def test_async_save_matches_and_is_crash_safe(baseline, tmp_path):
+    train(tmp_path / "a", "--async-save")
+    assert_bit_identical(baseline, tmp_path / "a")
+    killed = train(tmp_path / "b", "--async-save", fault="mid-save:8", check=False)
+    assert killed.returncode == -signal.SIGKILL and not os.path.exists(tmp_path / "b" / "checkpoint-8")
+    train(tmp_path / "b", "--async-save", "--resume-from-checkpoint", "latest")
+    assert_bit_identical(baseline, tmp_path / "b")
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path), "--max-steps",
+                             "1000000", "--checkpointing-steps", "1000000"], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "training from step" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    assert "SIGTERM: saved step" in rest
+    saved = [e for e in os.listdir(tmp_path) if e.startswith("checkpoint-")]
+    assert len(saved) == 1 and not saved[0].endswith(".tmp")
+    from ckpttool.operations.verify import verify
+    assert verify(str(tmp_path / saved[0]), for_resume=True, require_manifest=True)["ok"]
+
+
+def test_quantized_run_resumes_into_plain_run_after_remap(tmp_path):
+    train(tmp_path, "--quantize", "qint8", "--max-steps", "8")
+    ckpt = tmp_path / "checkpoint-8"
+    refused = train(tmp_path, "--freeze", "linear_1", "--resume-from-checkpoint", str(ckpt), check=False)
+    assert refused.returncode != 0 and "[quantized_keys] linear_1 is qint8-quantized" in refused.stderr
+    fix = f"ckpttool remap {ckpt} {ckpt}-dequantized --dequantize"
+    assert fix in refused.stderr
+    from tests.helpers import cli
+    assert cli("remap", ckpt, f"{ckpt}-dequantized", "--dequantize")[0].exit_code == 0
+    resumed = train(tmp_path, "--freeze", "linear_1", "--resume-from-checkpoint", f"{ckpt}-dequantized")
+    assert "resumed at step 8" in resumed.stdout and os.path.exists(tmp_path / f"checkpoint-{STEPS}")
+
+
+def test_torchrun_two_processes_save_and_resume_bit_exact(tmp_path):
+    torchrun(tmp_path / "base", port=29621)
+    files = os.listdir(tmp_path / "base" / f"checkpoint-{STEPS}")
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)
+    killed = torchrun(tmp_path / "run", fault="after-step:6", port=29622, check=False)
+    assert killed.returncode != 0
+    resumed = torchrun(tmp_path / "run", "--resume-from-checkpoint", "latest", port=29623)
+    assert "resuming from" in resumed.stdout
+    assert_bit_identical(tmp_path / "base", tmp_path / "run")
+    # one rank's RNG file gone: every rank refuses, nobody hangs
+    os.remove(tmp_path / "run" / f"checkpoint-{STEPS}" / "random_states_1.pkl")
+    refused = torchrun(tmp_path / "run", "--resume-from-checkpoint", str(tmp_path / "run" / f"checkpoint-{STEPS}"),
+                       port=29624, check=False)
+    assert refused.returncode != 0 and "resume refused" in refused.stderr
