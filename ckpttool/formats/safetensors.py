@@ -138,6 +138,16 @@ class Writer:
             flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
             self._file.write(flat.numpy().data)
 
+    def write_raw(self, name: str, src_path: str, offset: int, length: int):
+        """Copy a tensor's bytes straight from another file (kernel-side copy, nothing held in memory)."""
+        expected = self._order[self._next]
+        if expected[0] != name or dtype_bytes(expected[1], expected[2]) != length:
+            raise ValueError(f"writer expected {expected}, got raw {name} of {length} bytes")
+        self._next += 1
+        self._file.flush()
+        with open(src_path, "rb") as src:
+            copy_range(src.fileno(), offset, self._file.fileno(), length)
+
     def close(self):
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
@@ -145,3 +155,23 @@ class Writer:
 
     def abort(self):
         self._file.close()
+
+
+def copy_range(src_fd: int, offset: int, dst_fd: int, length: int):
+    """Append `length` bytes at `offset` of src to dst (at its current position): copy_file_range where the kernel
+    offers it, else a bounded read/write loop."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+            if n <= 0:
+                break
+            done += n
+    except (AttributeError, OSError):
+        pass
+    while done < length:
+        chunk = os.pread(src_fd, min(8 << 20, length - done), offset + done)
+        if not chunk:
+            raise CkptError("truncated", f"source ended {length - done} bytes early")
+        os.write(dst_fd, chunk)
+        done += len(chunk)

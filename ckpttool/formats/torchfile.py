@@ -11,6 +11,7 @@ import math
 import os
 import re
 import struct
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -463,6 +464,25 @@ class Writer:
         if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
             t = t.clone()
         self._zip.write_record(f"data/{self._next}", t.untyped_storage(), t.numel() * t.element_size())
+        self._next += 1
+
+    def write_raw(self, name: str, src_path: str, offset: int, length: int):
+        """Write a storage straight from another file's bytes, mapped rather than read into memory."""
+        import mmap
+
+        import torch
+
+        expected = self._order[self._next]
+        if expected[0] != name or dtype_bytes(expected[1], expected[2]) != length:
+            raise ValueError(f"writer expected {expected}, got raw {name} of {length} bytes")
+        with open(src_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only buffer: torch warns, the writer only reads it
+                view = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=offset)
+            self._zip.write_record(f"data/{self._next}", view.untyped_storage(), length)
+            del view
+            start = offset - offset % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, min(len(mapped) - start, length + offset - start))
         self._next += 1
 
     def close(self):

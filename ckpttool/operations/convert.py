@@ -88,15 +88,26 @@ def _identity(info: TensorInfo):
     return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype
 
 
+def raw_range(info: TensorInfo):
+    """(file, offset, length) when the tensor's bytes lie contiguous on disk exactly as safetensors stores them."""
+    from ckpttool.operations.diff import _contiguous, _tensor_range
+
+    if info.location is None or info.location.encoding != "raw" or not _contiguous(info) or not info.numel:
+        return None
+    return _tensor_range(info)
+
+
 def write_safetensors(path: str, part: Part, dtype, metadata, progress):
     load = _loader(dtype)
     specs = [(name, _cast(info, dtype, part), info.shape) for name, info in part.sources.items()]
 
     def tensors():
         for name, info in part.sources.items():
-            tensor = load(info, _cast(info, dtype, part))
+            cast = _cast(info, dtype, part)
+            source = raw_range(info) if cast == info.dtype else None
             progress(info.nbytes)
-            yield name, tensor
+            # bytes already in safetensors' layout are copied file to file; the rest goes through torch
+            yield name, (output.RawBytes(*source) if source else load(info, cast))
     output.write_tensors(path, "safetensors", specs, tensors(), metadata)
 
 
@@ -136,9 +147,9 @@ def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = No
         for full, job, _ in plan:
             if job is not None:
                 info, cast = job
-                tensor = load(info, cast)
+                source = raw_range(info) if cast == info.dtype else None
                 progress(info.nbytes)
-                yield full, tensor
+                yield full, (output.RawBytes(*source) if source else load(info, cast))
     output.write_tensors(path, "torch", specs, tensors(), wrap=wrap)
 
 

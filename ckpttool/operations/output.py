@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 from ckpttool.errors import CkptError, UsageError
 
@@ -44,6 +45,15 @@ def refuse_broken(ckpt, component=None):
                         f"{ckpt.path}` for details", first.path or ckpt.path)
 
 
+@dataclass(frozen=True)
+class RawBytes:
+    """A tensor given as a byte range of a file, for writers that can copy it without loading it."""
+
+    file: str
+    offset: int
+    length: int
+
+
 def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = None, wrap=None):
     """Write (name, tensor) pairs, in `specs` order, to a temporary sibling and rename it into place."""
     from ckpttool.formats import safetensors, torchfile
@@ -56,24 +66,18 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
         writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
                   else torchfile.Writer(tmp, specs, wrap))
         for name, tensor in tensors:
-            writer.write(name, tensor)
+            if isinstance(tensor, RawBytes):
+                writer.write_raw(name, tensor.file, tensor.offset, tensor.length)
+            else:
+                writer.write(name, tensor)
         writer.close()
         writer = None
-        _fsync(tmp)  # durable before it becomes visible under its real name
         os.replace(tmp, dst)
     finally:
         if writer is not None:
             writer.abort()
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _fsync(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_beside(dst: str, name: str, doc: dict):
