@@ -17,7 +17,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+TRAIN := $(BIN)/python -m trainer --output-dir demo-run/train --max-steps 30 --checkpointing-steps 10 --checkpoints-total-limit 2
+
 demo: $(STAMP)
+	rm -rf demo-run
+	@echo "== train with the reference trainer; the run is killed (SIGKILL) in the middle of saving step 20"
+	TRAINER_FAULT=mid-save:20 $(TRAIN) || echo "(killed, exit $$?)"
+	ls demo-run/train
+	@echo "== inspect and verify what survived: checkpoint-10 intact, checkpoint-20.tmp never published"
+	$(BIN)/ckpttool inspect demo-run/train/checkpoint-10
+	$(BIN)/ckpttool verify --for-resume --require-manifest "$$($(BIN)/ckpttool latest demo-run/train)"
+	@echo "== resume from the latest valid checkpoint, through ckpttool's gate"
+	$(TRAIN) --resume-from-checkpoint latest
+	$(BIN)/ckpttool verify --for-resume demo-run/train/checkpoint-30
 	$(BIN)/python -m fixtures demo-run/fixtures > /dev/null
 	@echo "== a diffusers-style checkpoint-N (Accelerate save_state with unet/ weights)"
 	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-3
