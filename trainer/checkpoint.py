@@ -85,14 +85,17 @@ class Snapshot:
     ema: dict | None
     rng: dict
     quantization_map: dict | None = None  # optimum-quanto's map, saved as quanto_qmap.json beside the weights
+    scaler: dict | None = None  # fp16 GradScaler state, saved as Accelerate's scaler.pt
 
 
-def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantization_map=None) -> Snapshot:
+def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantization_map=None,
+             scaler=None) -> Snapshot:
     main = rank == 0
     return Snapshot(step, epoch, _detached(model.state_dict()) if main else None,
                     _detached(optimizer.state_dict()) if main else None,
                     _detached(scheduler.state_dict()) if main else None,
-                    _detached(ema) if main else None, rng_state(), quantization_map)
+                    _detached(ema) if main else None, rng_state(), quantization_map,
+                    _detached(scaler.state_dict()) if main and scaler is not None else None)
 
 
 def _fsync_file(path):
@@ -131,6 +134,8 @@ def write(output_dir: str, snap: Snapshot, rank: int, barrier, total_limit: int 
         fault("mid-save", snap.step)
         _save_torch(snap.optimizer, os.path.join(tmp, "optimizer.bin"))
         _save_torch(snap.scheduler, os.path.join(tmp, "scheduler.bin"))
+        if snap.scaler is not None:
+            _save_torch(snap.scaler, os.path.join(tmp, "scaler.pt"))
         os.makedirs(os.path.join(tmp, EMA_DIR))
         _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
         documents = {STATE_JSON: {"global_step": snap.step, "epoch": snap.epoch}}
@@ -194,14 +199,17 @@ class BackgroundSaver:
             raise error
 
 
-def load(path: str, model, optimizer, scheduler, ema: dict, rank: int) -> tuple[int, int]:
+def load(path: str, model, optimizer, scheduler, ema: dict, rank: int, scaler=None) -> tuple[int, int]:
     """Restore everything from a gated checkpoint; returns (step, epoch)."""
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), weights_only=True))
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)), strict=True)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.bin"), weights_only=True))
+    if scaler is not None:
+        scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
     ema_file = os.path.join(path, EMA_DIR, "model.safetensors")
     if os.path.exists(ema_file):
-        saved = load_file(ema_file)
+        saved = load_file(ema_file, device=str(device))
         for name in ema:
             ema[name].copy_(saved[name])
     with torch.serialization.safe_globals(_rng_safe_globals()):

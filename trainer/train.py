@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["qint8"], help="freeze linear_1 as an optimum-quanto qint8 base layer")
     p.add_argument("--freeze", action="append", default=[], metavar="MODULE",
                    help="do not train this module's weight (what --quantize implies for linear_1)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the forward pass; fp16 adds a GradScaler, saved as scaler.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -111,7 +113,7 @@ def choose_checkpoint(args, dist) -> str | None:
     return dist.broadcast(choice)
 
 
-def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist) -> tuple[int, int]:
+def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist, scaler=None) -> tuple[int, int]:
     """Every rank gates the checkpoint (and its own RNG file); all agree before anyone loads."""
     from ckpttool.gate import ResumeGateError, check_resume
 
@@ -120,13 +122,15 @@ def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist) -> tuple[int
         check_resume(path, model=raw_model, optimizer=optimizer, scheduler=scheduler)
         if not os.path.isfile(os.path.join(path, f"random_states_{dist.rank}.pkl")):
             error = f"{path} has no random_states_{dist.rank}.pkl for rank {dist.rank} (saved with fewer processes?)"
+        elif scaler is not None and not os.path.isfile(os.path.join(path, "scaler.pt")):
+            error = f"{path} has no scaler.pt: it was not saved by an fp16 run, so the loss scale would restart"
     except ResumeGateError as e:
         error = str(e)
     if error:
         print(f"[trainer rank {dist.rank}] {error}", file=sys.stderr, flush=True)
     if not dist.all_agree(error is None):
         raise SystemExit(f"[trainer rank {dist.rank}] resume refused" + ("" if error else " by another rank"))
-    return checkpoint.load(path, raw_model, optimizer, scheduler, ema, dist.rank)
+    return checkpoint.load(path, raw_model, optimizer, scheduler, ema, dist.rank, scaler)
 
 
 def main(argv=None) -> int:
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
     ema = {n: p.detach().clone() for n, p in raw_model.named_parameters() if p.requires_grad}
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    scaler = torch.amp.GradScaler(dist.device.type) if args.mixed_precision == "fp16" else None
     torch.manual_seed(args.seed * 1000 + dist.rank)  # per-rank noise and dropout streams
     data = SyntheticData(args.seed)
     step = epoch = 0
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
     resume = choose_checkpoint(args, dist)
     if resume:
-        step, epoch = gate_and_load(resume, raw_model, optimizer, scheduler, ema, dist)
+        step, epoch = gate_and_load(resume, raw_model, optimizer, scheduler, ema, dist, scaler)
         log(dist, f"resumed at step {step}")
     saver = checkpoint.BackgroundSaver() if args.async_save and dist.world == 1 else None
     if args.async_save and dist.world > 1:
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
         qmap = quantization_map(raw_model)
 
     def save():
-        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap)
+        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap, scaler)
         if saver:
             saver.submit(checkpoint.write, args.output_dir, snap, dist.rank, dist.barrier, args.checkpoints_total_limit)
         else:
@@ -178,10 +184,14 @@ def main(argv=None) -> int:
             sigma = torch.rand(clean.shape[0], device=dist.device)
             noise = torch.randn_like(clean)
             sync = contextlib.nullcontext() if dist.world == 1 or micro == accum - 1 else model.no_sync()
-            with sync:
-                loss = torch.nn.functional.mse_loss(model(clean + sigma[:, None] * noise, sigma), noise) / accum
-                loss.backward()
-        optimizer.step()
+            with sync, torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = torch.nn.functional.mse_loss(model(clean + sigma[:, None] * noise, sigma).float(), noise) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
