@@ -87,37 +87,19 @@ def _prefix_remap(ckpt_keys, model_keys) -> str | None:
 
 
 def _model_problems(ckpt, model) -> tuple[list[dict], str | None]:
-    from ckpttool.operations.diff import model_tensors
+    from ckpttool.operations.diff import model_tensors, problems_of
 
     comp = ckpt.model
     if comp is None:
         return [], None
     model_file = next((f for f in comp.files if f.endswith((".safetensors", ".bin", ".pt", ".pth"))), None)
     live = model_tensors(model)
-    report = compare(comp.tensors, live)
-    problems = []
-    for q in report.quantized:
-        side = "the checkpoint" if q["quantized_side"] == "a" else "the model"
-        problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
-                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {side} only: "
-                                    f"load_state_dict would fail on {q['module']}.weight._data / ._scale"})
-    if report.rules:
-        rules = "; ".join(r.replace(" of A", " of the checkpoint").replace(" from A", " from the checkpoint")
-                          .replace(" of B", " of the model").replace(" from B", " from the model") for r in report.rules)
-        problems.append({"code": "key_mismatch", "severity": "error",
-                         "message": f"keys match the model only after: {rules}",
-                         "remap": _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])})
-    if report.only_a or report.only_b:
-        problems.append({"code": "key_mismatch", "severity": "error",
-                         "message": f"{len(report.only_b)} model keys missing from the checkpoint "
-                                    f"({', '.join(report.only_b[:3])}), {len(report.only_a)} unexpected "
-                                    f"({', '.join(report.only_a[:3])})"})
-    for m in report.shape_mismatches:
-        problems.append({"code": "shape_mismatch", "severity": "error", "key": m["key"],
-                         "message": f"{m['key']}: checkpoint {m['a']}, model {m['b']}"})
-    for m in report.dtype_mismatches:
-        problems.append({"code": "dtype_mismatch", "severity": "warning", "key": m["key"],
-                         "message": f"{m['key']}: checkpoint {m['a']}, model {m['b']} (load_state_dict will cast)"})
+    report = compare(comp.tensors, live, labels=("the checkpoint", "the model"))
+    problems = problems_of(report, "the checkpoint", "the model", dtype_severity="warning")
+    if report.rules:  # strict loading sees raw keys: a prefix the comparison saw through still fails it
+        problems.insert(0, {"code": "key_mismatch", "severity": "error",
+                            "message": f"keys match the model only after: {'; '.join(report.rules)}",
+                            "remap": _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])})
     return problems, model_file
 
 

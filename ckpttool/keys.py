@@ -53,13 +53,13 @@ class Alignment:
     rules: list = field(default_factory=list)
 
 
-def align(keys_a, keys_b, normalize: bool = True) -> Alignment:
+def align(keys_a, keys_b, normalize: bool = True, labels=("A", "B")) -> Alignment:
     a = {k: k for k in keys_a}
     b = {k: k for k in keys_b}
     result = Alignment(a, b)
     if not normalize or not a or not b:
         return result
-    for side, mapping in (("A", a), ("B", b)):
+    for side, mapping in zip(labels, (a, b)):
         stripped = {k: strip_wrappers(v) for k, v in mapping.items()}
         changed = sum(stripped[k] != v for k, v in mapping.items())
         if changed and len(set(stripped.values())) == len(stripped):
@@ -68,7 +68,7 @@ def align(keys_a, keys_b, normalize: bool = True) -> Alignment:
             mapping.update(stripped)
             result.rules.append(f"stripped {' and '.join(repr(s + '.') for s in removed)} from {changed} keys of {side}")
     best = _overlap(a, b)
-    for side, mapping, other in (("A", a, b), ("B", b, a)):
+    for side, mapping, other in ((labels[0], a, b), (labels[1], b, a)):
         head = _common_head(mapping.values())
         if head is None or _common_head(other.values()) == head:
             continue
@@ -99,8 +99,8 @@ def renamed(tensors, mapping) -> list[TensorInfo]:
     return [dataclasses.replace(t, name=mapping[t.name]) for t in tensors]
 
 
-def compare(tensors_a, tensors_b, normalize: bool = True) -> KeyReport:
-    alignment = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize)
+def compare(tensors_a, tensors_b, normalize: bool = True, labels=("A", "B")) -> KeyReport:
+    alignment = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize, labels)
     a = {t.name: t for t in renamed(tensors_a, alignment.a)}
     b = {t.name: t for t in renamed(tensors_b, alignment.b)}
     report = KeyReport(rules=alignment.rules)

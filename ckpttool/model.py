@@ -76,6 +76,21 @@ class TensorInfo:
     def nbytes(self) -> int:
         return dtype_bytes(self.dtype, self.shape)
 
+    def byte_range(self):
+        """(file, offset, length) of exactly this tensor's bytes when they lie contiguous on disk, else None."""
+        loc = self.location
+        if loc is None or loc.encoding != "raw" or not self.numel:
+            return None
+        if loc.stride is not None and self.numel > 1:
+            expected, step = [], 1
+            for size in reversed(self.shape):
+                expected.insert(0, step)
+                step *= size
+            if tuple(loc.stride) != tuple(expected):
+                return None
+        itemsize = max(1, self.nbytes // self.numel)
+        return loc.file, loc.offset + loc.storage_offset * itemsize, self.nbytes
+
 
 @dataclass
 class StepSource:

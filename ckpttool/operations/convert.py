@@ -88,15 +88,6 @@ def _identity(info: TensorInfo):
     return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype
 
 
-def raw_range(info: TensorInfo):
-    """(file, offset, length) when the tensor's bytes lie contiguous on disk exactly as safetensors stores them."""
-    from ckpttool.operations.diff import _contiguous, _tensor_range
-
-    if info.location is None or info.location.encoding != "raw" or not _contiguous(info) or not info.numel:
-        return None
-    return _tensor_range(info)
-
-
 def write_safetensors(path: str, part: Part, dtype, metadata, progress):
     load = _loader(dtype)
     specs = [(name, _cast(info, dtype, part), info.shape) for name, info in part.sources.items()]
@@ -104,7 +95,7 @@ def write_safetensors(path: str, part: Part, dtype, metadata, progress):
     def tensors():
         for name, info in part.sources.items():
             cast = _cast(info, dtype, part)
-            source = raw_range(info) if cast == info.dtype else None
+            source = info.byte_range() if cast == info.dtype else None
             progress(info.nbytes)
             # bytes already in safetensors' layout are copied file to file; the rest goes through torch
             yield name, (output.RawBytes(*source) if source else load(info, cast))
@@ -147,7 +138,7 @@ def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = No
         for full, job, _ in plan:
             if job is not None:
                 info, cast = job
-                source = raw_range(info) if cast == info.dtype else None
+                source = info.byte_range() if cast == info.dtype else None
                 progress(info.nbytes)
                 yield full, (output.RawBytes(*source) if source else load(info, cast))
     output.write_tensors(path, "torch", specs, tensors(), wrap=wrap)
@@ -255,8 +246,8 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
             if target is None:
                 raise CkptError("corrupt", f"after writing, {out_component}/{name} is missing from the output")
             pairs.append((f"{out_component}/{name}", info, target, _cast(info, dtype, part)))
-    hashable = [(label, raw_range(src), raw_range(dst)) for label, src, dst, cast in pairs
-                if cast == src.dtype == dst.dtype and src.shape == dst.shape and raw_range(src) and raw_range(dst)]
+    hashable = [(label, src.byte_range(), dst.byte_range()) for label, src, dst, cast in pairs
+                if cast == src.dtype == dst.dtype and src.shape == dst.shape and src.byte_range() and dst.byte_range()]
     jobs = [r for _, a, b in hashable for r in (a, b)]
     digests = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "verifying")
     for i, (label, _, _) in enumerate(hashable):

@@ -60,43 +60,25 @@ def fix_command(a_path: str, b_desc: str, b_is_model: bool) -> str:
            f"{target}"
 
 
-def problems_of(report: KeyReport) -> list[dict]:
+def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = "error") -> list[dict]:
+    """Contract problems for what a key comparison found; `a`/`b` name the sides in the messages."""
     problems = []
     for q in report.quantized:
-        where = "A" if q["quantized_side"] == "a" else "B"
+        side = a if q["quantized_side"] == "a" else b
         problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
-                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {where} only: "
+                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {side} only: "
                                     f"._data/._scale keys where the other side has {q['module']}.weight"})
     if report.only_a or report.only_b:
         problems.append({"code": "key_mismatch", "severity": "error",
-                         "message": f"{len(report.only_a)} keys only in A, {len(report.only_b)} only in B"})
+                         "message": f"{len(report.only_a)} keys only in {a} ({', '.join(report.only_a[:3])}), "
+                                    f"{len(report.only_b)} only in {b} ({', '.join(report.only_b[:3])})"})
     for m in report.shape_mismatches:
         problems.append({"code": "shape_mismatch", "severity": "error", "key": m["key"],
-                         "message": f"{m['key']}: {m['a']} vs {m['b']}"})
+                         "message": f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}"})
     for m in report.dtype_mismatches:
-        problems.append({"code": "dtype_mismatch", "severity": "error", "key": m["key"],
-                         "message": f"{m['key']}: {m['a']} vs {m['b']}"})
+        problems.append({"code": "dtype_mismatch", "severity": dtype_severity, "key": m["key"],
+                         "message": f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}"})
     return problems
-
-
-def _contiguous(t: TensorInfo) -> bool:
-    loc = t.location
-    if loc is None or loc.encoding != "raw":
-        return False
-    if loc.stride is None:
-        return True
-    expected, step = [], 1
-    for size in reversed(t.shape):
-        expected.insert(0, step)
-        step *= size
-    return tuple(loc.stride) == tuple(expected) or t.numel <= 1
-
-
-def _tensor_range(t: TensorInfo):
-    """(file, offset, length) of exactly this tensor's bytes, when they are contiguous on disk."""
-    loc = t.location
-    itemsize = max(1, t.nbytes // t.numel) if t.numel else 1
-    return loc.file, loc.offset + loc.storage_offset * itemsize, t.nbytes
 
 
 CHUNK = 1 << 20  # elements per step of the statistics: temporaries stay a few MiB whatever the tensor size
@@ -129,8 +111,8 @@ def value_stats(ta, tb, atol: float, rtol: float):
 def compare_values(common, atol: float, rtol: float) -> dict:
     """Equal tensors confirmed by hashing their bytes; the rest loaded one pair at a time and measured."""
     equal, close, different, to_load = [], [], [], []
-    hashable = [(k, a, b) for k, a, b in common if _contiguous(a) and _contiguous(b)]
-    jobs = [r for _, a, b in hashable for r in (_tensor_range(a), _tensor_range(b))]
+    hashable = [(k, a, b) for k, a, b in common if a.byte_range() and b.byte_range()]
+    jobs = [r for _, a, b in hashable for r in (a.byte_range(), b.byte_range())]
     digests = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "hashing")
     hashed = {k: digests[2 * i][0] == digests[2 * i + 1][0] for i, (k, _, _) in enumerate(hashable)}
     for key, a, b in common:
