@@ -16,6 +16,16 @@ def _emit_json(report: dict):
     click.echo(json.dumps(report, indent=2, default=str))
 
 
+def _show(report: dict, as_json: bool, table: str):
+    """JSON for scripts, or the named table from ckpttool.render (imported only then: tabulate costs start-up)."""
+    if as_json:
+        _emit_json(report)
+    else:
+        from ckpttool import render
+
+        click.echo(getattr(render, table)(report))
+
+
 def _fail(code: int, message: str):
     click.echo(f"ckpttool: {message}", err=True)
     sys.exit(code)
@@ -68,12 +78,7 @@ def inspect(path, as_json, list_tensors, tensor_filter):
         except re.error as e:
             raise click.BadParameter(f"not a regular expression ({e})", param_hint="--filter") from None
     report = run_inspect(path, tensor_filter, list_tensors or bool(tensor_filter))
-    if as_json:
-        _emit_json(report)
-    else:
-        from ckpttool.render import inspect_report  # tabulate only when a person reads the output
-
-        click.echo(inspect_report(report))
+    _show(report, as_json, "inspect_report")
     sys.exit(1 if has_errors(report) else 0)
 
 
@@ -114,12 +119,7 @@ def verify(path, as_json, require_manifest, config_file, expect_step, for_resume
 
     report = run_verify(path, require_manifest=require_manifest, config_file=config_file, expect_step=expect_step,
                         for_resume=for_resume, finite=finite)
-    if as_json:
-        _emit_json(report)
-    else:
-        from ckpttool.render import verify_report
-
-        click.echo(verify_report(report))
+    _show(report, as_json, "verify_report")
     sys.exit(0 if report["ok"] else 1)
 
 
@@ -155,12 +155,7 @@ def prune(directory, keep, keep_every, dry_run, as_json):
     from ckpttool.operations.prune import prune as run_prune
 
     result = run_prune(directory, keep, keep_every, dry_run)
-    if as_json:
-        _emit_json(result)
-    else:
-        from ckpttool.render import prune_report
-
-        click.echo(prune_report(result))
+    _show(result, as_json, "prune_report")
 
 
 @main.command()
@@ -183,12 +178,7 @@ def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, as_json)
         raise click.UsageError("give either a second checkpoint B or --model MODULE:CALLABLE")
     report = run_diff(a, b, model_spec=model_spec, component=component, normalize=not no_normalize, values=values,
                       atol=atol, rtol=rtol)
-    if as_json:
-        _emit_json(report)
-    else:
-        from ckpttool.render import diff_report
-
-        click.echo(diff_report(report))
+    _show(report, as_json, "diff_report")
     sys.exit(0 if report["same"] else 1)
 
 
