@@ -151,3 +151,20 @@ def test_torchrun_two_processes_save_and_resume_bit_exact(tmp_path):
     refused = torchrun(tmp_path / "run", "--resume-from-checkpoint", str(tmp_path / "run" / f"checkpoint-{STEPS}"),
                        port=29624, check=False)
     assert refused.returncode != 0 and "resume refused" in refused.stderr
+
+
+def test_real_accelerator_loads_trainer_checkpoints(baseline):
+    from accelerate import Accelerator
+
+    from trainer.model import Denoiser, lr_lambda
+    accelerator = Accelerator(cpu=True)
+    model = Denoiser()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(5, STEPS))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.load_state(str(baseline / "checkpoint-8"))
+    saved = load_file(baseline / "checkpoint-8" / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert scheduler.scheduler.last_epoch == 8
+    rng = torch.load(baseline / "checkpoint-8" / "random_states_0.pkl", weights_only=False)
+    assert torch.equal(torch.get_rng_state(), rng["torch_manual_seed"])  # Accelerate restored our RNG file
