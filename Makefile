@@ -48,6 +48,13 @@ demo: $(STAMP)
 	$(BIN)/ckpttool verify demo-run/work/run-000001-state || echo "(exit $$?: bit rot caught)"
 	@echo "== latest: the newest diffusers checkpoint is truncated, so the one before it is chosen"
 	$(BIN)/ckpttool latest demo-run/fixtures/diffusers
+	@echo "== convert the trained checkpoint's weights to safetensors (streamed, verified), then diff the contents"
+	$(BIN)/ckpttool convert demo-run/train/checkpoint-30 demo-run/work/model.safetensors
+	$(BIN)/ckpttool diff --values demo-run/work/model.safetensors demo-run/train/checkpoint-30
+	@echo "== a DDP checkpoint ('module.' keys) and a quanto-quantized one: diff explains, remap repairs"
+	$(BIN)/ckpttool diff demo-run/fixtures/torch/module_prefix.pt demo-run/fixtures/safetensors/model.safetensors
+	$(BIN)/ckpttool remap demo-run/fixtures/quanto/qint8/model.safetensors demo-run/work/plain.safetensors --dequantize
+	$(BIN)/ckpttool diff demo-run/fixtures/quanto/qint8/model.safetensors demo-run/work/plain.safetensors || true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
