@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 ERROR = "error"
 WARNING = "warning"
-INFO = "info"
 
 # Bits per element of every dtype we can meet, keyed by the canonical torch-style name.
 DTYPE_BITS = {

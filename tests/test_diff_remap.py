@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures.generate import TinyNet, _quantized
-from tests.helpers import cli, codes, copy
+from tests.helpers import cli, codes
 
 
 def test_diff_sees_through_each_prefix_combination(corpus):
@@ -65,7 +65,6 @@ def test_diff_quantized_keys_one_finding_per_module(corpus, tmp_path):
 
 
 def test_diff_values_between_two_trained_steps(corpus):
-    from ckpttool.formats import open_checkpoint  # noqa: F401
     a = os.path.join(os.path.dirname(corpus["family"]), "model000003.pt")
     b = os.path.join(os.path.dirname(corpus["family"]), "model000005.pt")
     result, report = cli("diff", "--json", "--values", a, b)

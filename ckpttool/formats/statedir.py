@@ -11,7 +11,7 @@ import os
 import re
 
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint, Component, StepSource
+from ckpttool.model import Checkpoint, StepSource
 
 # file name pattern -> (role, component name template)
 FILE_ROLES = [

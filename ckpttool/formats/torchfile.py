@@ -423,7 +423,6 @@ class Writer:
     def __init__(self, path: str, specs: list[tuple[str, str, tuple]], wrap=None):
         """`wrap(state_dict) -> object` builds the pickled top level (a training dict, say); default: the state dict."""
         import io
-        import pickle
 
         import torch
 

@@ -87,8 +87,6 @@ CHUNK = 1 << 20  # elements per step of the statistics: temporaries stay a few M
 def value_stats(ta, tb, atol: float, rtol: float):
     """max abs diff, relative L2 and cosine of two same-shape tensors, and whether all elements are within
     atol + rtol*|b|; computed in float64 over chunks so memory stays bounded by the two tensors themselves."""
-    import torch
-
     fa, fb = ta.reshape(-1), tb.reshape(-1)
     max_abs, diff_sq, b_sq, a_sq, dot, within = 0.0, 0.0, 0.0, 0.0, 0.0, True
     for start in range(0, fa.numel(), CHUNK):

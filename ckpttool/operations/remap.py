@@ -116,8 +116,6 @@ class Plan:
             self.changes.append(f"dequantized {len(modules)} modules ({', '.join(qtypes)}) to plain weights")
 
     def quantize(self, qmap: dict):
-        import torch  # noqa: F401  (specs come from running optimum-quanto once per module)
-
         from ckpttool.quantization import quantize_module
         from ckpttool.tensors import load_tensor
 
