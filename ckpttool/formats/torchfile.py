@@ -74,9 +74,11 @@ def _read_zip(path, size, allowed) -> RawPickle:
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
+        if _has_end_record(path, size):
+            raise CkptError("corrupt", "zip directory is damaged", path) from None
         raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
                         "interrupted save)", path) from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, NotImplementedError) as e:
         raise CkptError("corrupt", f"zip directory cannot be read ({e})", path) from None
     with zf, open(path, "rb") as raw:
         names = zf.namelist()
@@ -110,6 +112,13 @@ def _read_zip(path, size, allowed) -> RawPickle:
                 raise CkptError("truncated", f"{member} ends past the end of the file", path)
             storages[key] = (ref, offset)
     return RawPickle(obj, "torch zip", storages, unpickler.globals_seen, unpickler.unsafe_globals)
+
+
+def _has_end_record(path: str, size: int) -> bool:
+    """Whether the zip end-of-central-directory signature is in the file's tail (absent: the file was cut short)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65557))
+        return b"PK\x05\x06" in f.read()
 
 
 def zip_data_offset(raw, info, path) -> int:

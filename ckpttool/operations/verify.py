@@ -48,7 +48,7 @@ def zip_crc_problems(path: str) -> list[Problem]:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
             members = [(info, torchfile.zip_data_offset(raw, info, path)) for info in zf.infolist()
                        if info.compress_type == zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, OSError, CkptError):
+    except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
         return []  # the reader has already reported why this file cannot be read
     jobs = [(path, offset, info.file_size) for info, offset in members]
     results = hashing.run_jobs(jobs, hashing.crc32_range, sum(j[2] for j in jobs), "CRC")
