@@ -63,11 +63,12 @@ def read_raw(path: str, allowed=SAFE_GLOBALS) -> RawPickle:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(4)
-    if head == ZIP_MAGIC:
-        return _read_zip(path, size, allowed)
     if not head:
         raise CkptError("truncated", "file is empty", path)
-    return _read_legacy(path, size, allowed)
+    try:
+        return _read_zip(path, size, allowed) if head == ZIP_MAGIC else _read_legacy(path, size, allowed)
+    except (OSError, ValueError, OverflowError, MemoryError) as e:  # offsets and sizes a damaged file made absurd
+        raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
 
 
 def _read_zip(path, size, allowed) -> RawPickle:
@@ -156,11 +157,10 @@ def _read_legacy(path, size, allowed) -> RawPickle:
             length = numel * ref.itemsize
             if numel < ref.numel:
                 raise CkptError("corrupt", f"storage {key!r} holds {numel} elements, its tensors need {ref.numel}", path)
+            if pos + 8 + length > size:
+                raise CkptError("truncated", f"storage {key!r} ends past the end of the file: it was cut short", path)
             storages[str(key)] = (ref, pos + 8)
             pos += 8 + length
-        if pos > size:
-            raise CkptError("truncated", f"storages end at byte {pos} but the file has {size}: it was cut short",
-                            path)
         missing = set(unpickler.storages) - set(storages)
         if missing:
             raise CkptError("corrupt", f"storages {sorted(missing)[:5]} have no data", path)
