@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import open_checkpoint
+from ckpttool.errors import UsageError
 from ckpttool.keys import compare
-from ckpttool.operations.verify import verify
+from ckpttool.operations.verify import verify_checkpoint
 
 DAMAGE = ("truncated", "corrupt", "missing_file", "checksum_mismatch", "no_manifest")
 
@@ -135,16 +134,13 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
     """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError."""
     path = os.fspath(path)
     try:
-        report = verify(path, for_resume=True, expect_step=expected_step, require_manifest=require_manifest)
+        report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
+                                         require_manifest=require_manifest)
     except UsageError as e:
         raise ResumeGateError(path, [{"code": "missing_file", "severity": "error", "message": str(e)}]) from None
     problems = list(report["problems"])
     model_file = None
-    if report["ok"] or not any(p["code"] in DAMAGE for p in problems):
-        try:
-            ckpt = open_checkpoint(path)
-        except CkptError:
-            ckpt = None
+    if not any(p["code"] in DAMAGE and p["severity"] == "error" for p in problems):  # damaged: nothing to compare
         if ckpt is not None and model is not None:
             found, model_file = _model_problems(ckpt, model)
             problems += found

@@ -329,6 +329,14 @@ def check_finite(v: Verification, ckpt: Checkpoint):
 
 def verify(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
            for_resume=False, finite=False) -> dict:
+    """The verify report for `path` (see the README for every check)."""
+    return verify_checkpoint(path, require_manifest=require_manifest, config_file=config_file,
+                             expect_step=expect_step, for_resume=for_resume, finite=finite)[0]
+
+
+def verify_checkpoint(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
+                      for_resume=False, finite=False) -> tuple[dict, Checkpoint | None]:
+    """The report and the checkpoint it read (None when unreadable), for callers that go on to use it."""
     config = read_training_config(config_file) if config_file else None
     if path is None:
         if not config or "resume_from_checkpoint" not in config:
@@ -348,7 +356,7 @@ def verify(path: str | None = None, *, require_manifest=False, config_file=None,
         v.problem(e.code, ERROR, e.reason, e.path or path)
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
         check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
-        return _report(v, guess_format(path), None)
+        return _report(v, guess_format(path), None), None
     check_integrity(v, ckpt)
     check_manifest(v, ckpt, require_manifest)
     check_steps(v, ckpt, expect_step, config)
@@ -356,7 +364,7 @@ def verify(path: str | None = None, *, require_manifest=False, config_file=None,
         check_resume(v, ckpt)
     if finite:
         check_finite(v, ckpt)
-    return _report(v, ckpt.format, stated_value(ckpt, "step"), ckpt.layout)
+    return _report(v, ckpt.format, stated_value(ckpt, "step"), ckpt.layout), ckpt
 
 
 def _report(v: Verification, fmt, step, layout=None) -> dict:
