@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tabulate import tabulate
 
 
@@ -56,7 +58,6 @@ def inspect_report(r: dict) -> str:
 
 
 def _short(path: str) -> str:
-    import os
     return os.path.basename(path.rstrip("/")) or path
 
 
