@@ -138,12 +138,13 @@ def test_quantized_run_resumes_into_plain_run_after_remap(tmp_path):
 
 
 def test_torchrun_two_processes_save_and_resume_bit_exact(tmp_path):
+    """Sync baseline; the other run saves in the background, is killed mid-save and resumed: bit-identical."""
     torchrun(tmp_path / "base", port=29621)
     files = os.listdir(tmp_path / "base" / f"checkpoint-{STEPS}")
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)
-    killed = torchrun(tmp_path / "run", fault="after-step:6", port=29622, check=False)
-    assert killed.returncode != 0
-    resumed = torchrun(tmp_path / "run", "--resume-from-checkpoint", "latest", port=29623)
+    killed = torchrun(tmp_path / "run", "--async-save", fault="mid-save:8", port=29622, check=False)
+    assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "checkpoint-8")
+    resumed = torchrun(tmp_path / "run", "--async-save", "--resume-from-checkpoint", "latest", port=29623)
     assert "resuming from" in resumed.stdout
     assert_bit_identical(tmp_path / "base", tmp_path / "run")
     # one rank's RNG file gone: every rank refuses, nobody hangs

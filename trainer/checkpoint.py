@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -120,56 +121,81 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{step}")
 
 
-def write(output_dir: str, snap: Snapshot, rank: int, barrier, total_limit: int | None = None):
-    """Write and publish checkpoint-{step}; every rank calls it (each writes its RNG file, rank 0 the rest)."""
-    final = checkpoint_dir(output_dir, snap.step)
-    tmp = final + ".tmp"
+def prepare(output_dir: str, step: int, rank: int, barrier) -> str:
+    """Every rank, on the training thread: rank 0 makes a fresh `checkpoint-N.tmp`; all wait until it exists."""
+    tmp = checkpoint_dir(output_dir, step) + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     barrier()
-    _save_torch(snap.rng, os.path.join(tmp, f"random_states_{rank}.pkl"))
-    if rank == 0:
-        _save_weights(snap.model, os.path.join(tmp, "model.safetensors"))
-        fault("mid-save", snap.step)
-        _save_torch(snap.optimizer, os.path.join(tmp, "optimizer.bin"))
-        _save_torch(snap.scheduler, os.path.join(tmp, "scheduler.bin"))
-        if snap.scaler is not None:
-            _save_torch(snap.scaler, os.path.join(tmp, "scaler.pt"))
-        os.makedirs(os.path.join(tmp, EMA_DIR))
-        _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
-        documents = {STATE_JSON: {"global_step": snap.step, "epoch": snap.epoch}}
-        if snap.quantization_map:
-            documents["quanto_qmap.json"] = snap.quantization_map
-        for name, doc in documents.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-    barrier()
-    if rank == 0:
-        from ckpttool.operations.manifest import write as write_manifest
+    return tmp
 
-        write_manifest(tmp)
-        fault("before-publish", snap.step)
-        if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out, then drop it
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fd = os.open(output_dir, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        if total_limit:
-            from ckpttool.operations.prune import prune
 
-            for row in prune(output_dir, keep=total_limit)["delete"]:
-                print(f"[trainer] checkpoints_total_limit={total_limit}: removed {row['path']}", flush=True)
-    barrier()
+def write_files(tmp: str, snap: Snapshot, rank: int):
+    """Every rank writes its RNG file (appearing under its name only when complete); rank 0 writes the rest."""
+    part = os.path.join(tmp, f"random_states_{rank}.pkl.part")
+    _save_torch(snap.rng, part)
+    os.replace(part, os.path.join(tmp, f"random_states_{rank}.pkl"))
+    if rank != 0:
+        return
+    _save_weights(snap.model, os.path.join(tmp, "model.safetensors"))
+    fault("mid-save", snap.step)
+    _save_torch(snap.optimizer, os.path.join(tmp, "optimizer.bin"))
+    _save_torch(snap.scheduler, os.path.join(tmp, "scheduler.bin"))
+    if snap.scaler is not None:
+        _save_torch(snap.scaler, os.path.join(tmp, "scaler.pt"))
+    os.makedirs(os.path.join(tmp, EMA_DIR))
+    _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
+    documents = {STATE_JSON: {"global_step": snap.step, "epoch": snap.epoch}}
+    if snap.quantization_map:
+        documents["quanto_qmap.json"] = snap.quantization_map
+    for name, doc in documents.items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def publish(output_dir: str, tmp: str, snap: Snapshot, world: int, total_limit: int | None = None,
+            timeout: float = 1800.0) -> str:
+    """Rank 0: once every rank's RNG file is in, add the manifest, rename into place, fsync, prune. Waits by
+    looking at the files rather than through collectives, so it can run on a background thread."""
+    deadline = time.monotonic() + timeout
+    for rank in range(world):
+        while not os.path.exists(os.path.join(tmp, f"random_states_{rank}.pkl")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank} never wrote its RNG file into {tmp}")
+            time.sleep(0.01)
+    from ckpttool.operations.manifest import write as write_manifest
+
+    write_manifest(tmp)
+    fault("before-publish", snap.step)
+    final = checkpoint_dir(output_dir, snap.step)
+    if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out, then drop it
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fd = os.open(output_dir, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    if total_limit:
+        from ckpttool.operations.prune import prune
+
+        for row in prune(output_dir, keep=total_limit)["delete"]:
+            print(f"[trainer] checkpoints_total_limit={total_limit}: removed {row['path']}", flush=True)
     return final
+
+
+def write_and_publish(output_dir: str, tmp: str, snap: Snapshot, rank: int, world: int,
+                      total_limit: int | None = None):
+    """What one rank does for a save after `prepare`: on the training thread, or on the background saver."""
+    write_files(tmp, snap, rank)
+    if rank == 0:
+        publish(output_dir, tmp, snap, world, total_limit)
 
 
 class BackgroundSaver:

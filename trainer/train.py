@@ -156,10 +156,7 @@ def main(argv=None) -> int:
     if resume:
         step, epoch = gate_and_load(resume, raw_model, optimizer, scheduler, ema, dist, scaler)
         log(dist, f"resumed at step {step}")
-    saver = checkpoint.BackgroundSaver() if args.async_save and dist.world == 1 else None
-    if args.async_save and dist.world > 1:
-        log(dist, "--async-save runs only in single-process runs; saving synchronously")
-
+    saver = checkpoint.BackgroundSaver() if args.async_save else None
     qmap = None
     if args.quantize:
         from optimum.quanto import quantization_map
@@ -167,12 +164,17 @@ def main(argv=None) -> int:
         qmap = quantization_map(raw_model)
 
     def save():
-        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap, scaler)
         if saver:
-            saver.submit(checkpoint.write, args.output_dir, snap, dist.rank, dist.barrier, args.checkpoints_total_limit)
+            saver.wait()  # one save in flight: the previous one is published before the next starts
+        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap, scaler)
+        tmp = checkpoint.prepare(args.output_dir, step, dist.rank, dist.barrier)
+        job = (args.output_dir, tmp, snap, dist.rank, dist.world, args.checkpoints_total_limit)
+        if saver:
+            saver.submit(checkpoint.write_and_publish, *job)
         else:
-            path = checkpoint.write(args.output_dir, snap, dist.rank, dist.barrier, args.checkpoints_total_limit)
-            log(dist, f"saved {path}")
+            checkpoint.write_and_publish(*job)
+            dist.barrier()
+            log(dist, f"saved {checkpoint.checkpoint_dir(args.output_dir, step)}")
 
     accum = args.gradient_accumulation_steps
     log(dist, f"training from step {step} to {args.max_steps} on {dist.world} process(es)")
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
             break
     if saver:
         saver.wait()
+        dist.barrier()
+        log(dist, f"saved {checkpoint.checkpoint_dir(args.output_dir, step)} (in the background)")
     dist.close()
     return 0
 
