@@ -61,13 +61,15 @@ def main():
 
         def sync_save():
             snap = checkpoint.snapshot(current_step(), 0, model, optimizer, scheduler, ema, 0)
-            checkpoint.write(out, snap, 0, lambda: None)
+            tmp = checkpoint.prepare(out, snap.step, 0, lambda: None)
+            checkpoint.write_and_publish(out, tmp, snap, 0, 1)
 
         saver = checkpoint.BackgroundSaver()
 
         def async_blocking():
             snap = checkpoint.snapshot(current_step(), 0, model, optimizer, scheduler, ema, 0)
-            saver.submit(checkpoint.write, out, snap, 0, lambda: None)
+            tmp = checkpoint.prepare(out, snap.step, 0, lambda: None)
+            saver.submit(checkpoint.write_and_publish, out, tmp, snap, 0, 1)
 
         t_step = median_time(step, args.repeat)
         t_sync = median_time(sync_save, args.repeat)
