@@ -166,3 +166,11 @@ def test_input_never_modified(corpus, tmp_path):
     before = {f: open(os.path.join(src, f), "rb").read() for f in os.listdir(src)}
     convert_ok(src, tmp_path / "o.pt")
     assert {f: open(os.path.join(src, f), "rb").read() for f in os.listdir(src)} == before
+
+
+def test_parts_an_accelerate_dir_cannot_hold_are_refused(corpus, tmp_path):
+    result, _ = cli("convert", corpus["family"], tmp_path / "acc", "--to", "accelerate")
+    assert result.exit_code == 2 and "target_model" in result.stderr and "--component" in result.stderr
+    assert os.listdir(tmp_path) == []
+    out = convert_ok(corpus["family"], tmp_path / "family.pt")  # a .pt keeps every part
+    assert out["components"] == ["model", "ema_0.9999", "opt", "target_model"]

@@ -201,8 +201,8 @@ def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tup
                            "custom": (f"custom_checkpoint_{i}", f"custom_checkpoint_{i}.pkl")}[comp.role]
             write_torch(os.path.join(folder, fname), {None: part}, None, progress)
         else:
-            raise CkptError("corrupt", f"component {comp.name} ({comp.role}) has no place in an Accelerate dir; "
-                            "convert it separately with --component")
+            raise UsageError(f"{ckpt.path}: component {comp.name} ({comp.role}) has no place in an Accelerate dir; "
+                             "convert it separately with --component, or to a .pt that keeps every part")
         written.append((name, part))
     step, epoch = stated_value(ckpt, "step"), stated_value(ckpt, "epoch")
     if step is not None or epoch is not None:
