@@ -238,11 +238,16 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
     """Re-read the output and compare every tensor bit for bit with its (cast) source. Tensors whose bytes lie
     contiguous in both files are compared by xxh3-128 hashes on all cores (no torch); the rest are loaded in pairs.
     Returns the number of tensors compared."""
-    written = {(comp.name, t.name): t for comp in out.components for t in comp.tensors}
-    pairs = []
+    pairs, used = [], set()
     for out_component, part in src_parts:
+        # the reader names a part by its key, or by its role for an alias key (a family's `opt` reads as optimizer)
+        comp = next((c for c in out.components if c.name == out_component), None) or next(
+            (c for c in out.components if c.role == part.component.role and c.name not in used), None)
+        written = {t.name: t for t in comp.tensors} if comp else {}
+        if comp:
+            used.add(comp.name)
         for name, info in part.sources.items():
-            target = written.get((out_component, name))
+            target = written.get(name)
             if target is None:
                 raise CkptError("corrupt", f"after writing, {out_component}/{name} is missing from the output")
             pairs.append((f"{out_component}/{name}", info, target, _cast(info, dtype, part)))
