@@ -76,3 +76,33 @@ def test_torch_reader_on_mutated_files(corpus, tmp_path, no_payload, edits, whic
     path = tmp_path / "m.pt"
     path.write_bytes(mutate(data, edits))
     read_or_ckpterror(torchfile.read, str(path))
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_dcp_metadata_reader_on_mutated_files(corpus, tmp_path_factory, edits):
+    import os
+    import shutil
+
+    from ckpttool.formats import dcp
+    folder = tmp_path_factory.mktemp("dcp")
+    shutil.rmtree(folder)
+    shutil.copytree(corpus["dcp"], folder)
+    meta = os.path.join(folder, ".metadata")
+    data = open(meta, "rb").read()
+    open(meta, "wb").write(mutate(data, edits))
+    read_or_ckpterror(dcp.read, str(folder))
+
+
+@FUZZ
+@given(doc=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                            ["weight_map", "metadata", "total_size", "a.weight"]), c, max_size=3), max_leaves=10))
+def test_sharded_index_reader(tmp_path_factory, doc):
+    import json
+
+    from ckpttool.formats import sharded
+    folder = tmp_path_factory.mktemp("idx")
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps(doc))
+    read_or_ckpterror(sharded.read, str(index))
