@@ -60,7 +60,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/python bench_inspect.py && ../$(BIN)/python bench_verify.py
+	cd benchmarks && for b in inspect verify diff convert trainer; do ../$(BIN)/python bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -291,7 +291,7 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
     metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "converted_by": "ckpttool"}
     if step is not None:
         metadata["step"] = str(step)
-    whole = [c for c in ckpt.components] if chosen is None else [chosen]
+    whole = list(ckpt.components) if chosen is None else [chosen]
     total = sum(t.nbytes for c in whole for t in c.tensors)
     parent = os.path.dirname(os.path.abspath(dst))
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
