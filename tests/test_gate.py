@@ -106,3 +106,18 @@ def test_accelerate_hook_raises_before_loading(corpus, tmp_path):
     accelerator.load_state(corpus["accelerate_bin"])
     trained, _, _ = live(3)
     assert all(torch.equal(trained.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_accelerate_hook_checks_custom_objects_before_loading(corpus):
+    from accelerate import Accelerator
+
+    from ckpttool.integrations.accelerate import install_resume_gate
+    accelerator = Accelerator(cpu=True)
+    model, opt, sched = live(0)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    install_resume_gate(accelerator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ResumeGateError) as err:  # the dir holds custom_checkpoint_0.pkl; nothing is registered
+        accelerator.load_state(corpus["accelerate"])
+    assert [p["code"] for p in err.value.problems] == ["custom_checkpoint_mismatch"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

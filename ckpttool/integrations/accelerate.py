@@ -7,7 +7,7 @@ import functools
 import os
 import re
 
-from ckpttool.gate import check_resume
+from ckpttool.gate import ResumeGateError, check_resume
 
 
 def _automatic_dir(accelerator) -> str | None:
@@ -17,6 +17,19 @@ def _automatic_dir(accelerator) -> str | None:
         return None
     numbered = [(int(m.group(1)), e) for e in os.listdir(folder) if (m := re.fullmatch(r"checkpoint_(\d+)", e))]
     return os.path.join(folder, max(numbered)[1]) if numbered else None
+
+
+def _custom_object_problems(path: str, accelerator) -> list[dict]:
+    """Accelerate compares custom_checkpoint_*.pkl files with registered objects only after it has loaded the
+    weights, optimizer and schedulers; checked here, a mismatch stops the resume before anything is loaded."""
+    files = [e for e in os.listdir(path) if re.fullmatch(r"custom_checkpoint_\d+\.pkl", e)]
+    registered = len(accelerator._custom_objects)
+    if len(files) == registered:
+        return []
+    return [{"code": "custom_checkpoint_mismatch", "severity": "error",
+             "message": f"{len(files)} custom_checkpoint_*.pkl files but {registered} objects registered with "
+                        "accelerator.register_for_checkpointing: Accelerate would fail after loading the weights",
+             "fix": "register the same objects (in the same order) as the run that saved it"}]
 
 
 def install_resume_gate(accelerator, expected_step=None, require_manifest=False):
@@ -32,9 +45,16 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False)
             models = [accelerator.unwrap_model(m) for m in accelerator._models]
             optimizers = accelerator._optimizers
             schedulers = [getattr(s, "scheduler", s) for s in accelerator._schedulers]
-            check_resume(path, model=models[0] if models else None, optimizer=optimizers[0] if optimizers else None,
-                         scheduler=schedulers[0] if schedulers else None, expected_step=expected_step,
-                         require_manifest=require_manifest)
+            problems = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator)
+            try:
+                check_resume(path, model=models[0] if models else None,
+                             optimizer=optimizers[0] if optimizers else None,
+                             scheduler=schedulers[0] if schedulers else None, expected_step=expected_step,
+                             require_manifest=require_manifest)
+            except ResumeGateError as e:
+                problems = e.problems + problems
+            if problems:
+                raise ResumeGateError(path, problems)
         return original(input_dir, *args, **kwargs)
 
     accelerator.load_state = gated_load_state
