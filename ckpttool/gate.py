@@ -94,11 +94,9 @@ def _model_problems(ckpt, model) -> tuple[list[dict], str | None]:
     model_file = next((f for f in comp.files if f.endswith((".safetensors", ".bin", ".pt", ".pth"))), None)
     live = model_tensors(model)
     report = compare(comp.tensors, live, labels=("the checkpoint", "the model"))
-    problems = problems_of(report, "the checkpoint", "the model", dtype_severity="warning")
-    if report.rules:  # strict loading sees raw keys: a prefix the comparison saw through still fails it
-        problems.insert(0, {"code": "key_mismatch", "severity": "error",
-                            "message": f"keys match the model only after: {'; '.join(report.rules)}",
-                            "remap": _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])})
+    problems = problems_of(report, "the checkpoint", "the model", dtype_severity="warning", strict=True)
+    if report.rules:  # the first problem is then the prefix one: say which remap option fixes it
+        problems[0]["remap"] = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
     return problems, model_file
 
 

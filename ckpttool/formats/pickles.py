@@ -134,7 +134,7 @@ class Opaque:
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
-        obj.args, obj.state, obj.items = args, None, []
+        obj.args, obj.state, obj.items, obj.entries = args, None, [], []
         return obj
 
     def __init__(self, *args, **kwargs):
@@ -150,7 +150,7 @@ class Opaque:
         self.items.extend(items)
 
     def __setitem__(self, key, value):
-        self.items.append((key, value))
+        self.entries.append((key, value))
 
     def __repr__(self):
         return f"<{self.global_name}>"
@@ -158,9 +158,8 @@ class Opaque:
     def __reduce_ex__(self, protocol):
         """Pickle back exactly as it was built (used to carry allow-listed objects, e.g. numpy RNG state, into a
         converted file without importing or running anything)."""
-        items = iter(self.items) if self.items else None
-        return GlobalRef(self.global_name), self.args, self.state, items if self.items and not isinstance(
-            self.items[0], tuple) else None, items if self.items and isinstance(self.items[0], tuple) else None
+        return (GlobalRef(self.global_name), self.args, self.state, iter(self.items) if self.items else None,
+                iter(self.entries) if self.entries else None)
 
     def fields(self) -> dict:
         """The attributes a dataclass-like object was rebuilt with (state dict, or slots in a (None, dict) pair)."""

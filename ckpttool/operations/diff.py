@@ -60,9 +60,15 @@ def fix_command(a_path: str, b_desc: str, b_is_model: bool) -> str:
            f"{target}"
 
 
-def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = "error") -> list[dict]:
-    """Contract problems for what a key comparison found; `a`/`b` name the sides in the messages."""
+def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = "error",
+                strict: bool = False) -> list[dict]:
+    """Contract problems for what a key comparison found; `a`/`b` name the sides in the messages. `strict`: B is a
+    live model, whose load_state_dict sees raw keys, so a prefix the comparison saw through is still a failure."""
     problems = []
+    if strict and report.rules:
+        problems.append({"code": "key_mismatch", "severity": "error",
+                         "message": f"load_state_dict(strict=True) would fail: keys match only after "
+                                    f"{'; '.join(report.rules)}"})
     for q in report.quantized:
         side = a if q["quantized_side"] == "a" else b
         problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
@@ -144,11 +150,7 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         b_ckpt = open_checkpoint(b_path)
         b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
     report = compare(a_comp.tensors, b_tensors, normalize)
-    problems = problems_of(report)
-    if model_spec and report.rules:  # strict loading sees raw keys: a prefix the diff saw through still fails it
-        problems.insert(0, {"code": "key_mismatch", "severity": "error",
-                            "message": f"load_state_dict(strict=True) would report every key missing and unexpected: "
-                                       f"the checkpoint's keys need {'; '.join(report.rules)}"})
+    problems = problems_of(report, strict=bool(model_spec))
     key_problems = bool(problems)
     value_report = None
     if values and not model_spec:
