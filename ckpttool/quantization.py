@@ -74,7 +74,7 @@ def dequantize_module(state: dict, weights_qtype: str, shape, dtype):
                         f"{list(shape)} ({e})") from None
 
 
-def infer_weight_shape(module: str, tensors: dict, info: dict):
+def infer_weight_shape(module: str, tensors: dict):
     """The original weight shape of a quantized module: the 8-bit `_data` shape, or for packed qint4/qint2
     (groups x group size) the bias length as out_features. None when it cannot be known from the file alone."""
     data = tensors.get(f"{module}.weight._data")

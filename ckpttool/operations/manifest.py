@@ -33,7 +33,7 @@ def manifest_path(ckpt: Checkpoint) -> str:
     return path + MANIFEST_SUFFIX
 
 
-def covered_files(ckpt: Checkpoint, folder: str) -> list[str]:
+def covered_files(ckpt: Checkpoint) -> list[str]:
     """Every file a manifest covers: all files under a checkpoint dir, else the files the reader used."""
     if os.path.isdir(ckpt.path):
         found = []
@@ -93,7 +93,7 @@ def build(ckpt: Checkpoint) -> dict:
         raise CkptError(first.code, f"not writing a manifest for a broken checkpoint: {first.message} "
                         f"({first.path}); run `ckpttool verify` for the full list", ckpt.path)
     folder = os.path.dirname(manifest_path(ckpt))
-    files = hash_files(covered_files(ckpt, folder))
+    files = hash_files(covered_files(ckpt))
     tensors = tensor_ranges(ckpt, folder)
     for entry, digest in zip(tensors, hash_tensors(tensors, folder)):
         entry[hashing.ALGORITHM] = digest

@@ -14,6 +14,7 @@ from ckpttool.keys import align
 from ckpttool.model import TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import load_model, model_tensors, select_component
+from ckpttool.quantization import infer_weight_shape
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Plan:
                 inputs["bias"] = self.entries[f"{module}.bias"].source
             if any(v is None for v in inputs.values()):
                 raise CkptError("corrupt", f"{module}: cannot dequantize keys that were produced by this remap")
-            shape = (shapes or {}).get(module) or _infer_shape(module, self.entries)
+            sources = {k: e.source for k, e in self.entries.items() if e.source is not None}
+            shape = (shapes or {}).get(module) or infer_weight_shape(module, sources)
             if shape is None:
                 raise CkptError("corrupt", f"{module} is {info['weights']}-packed and its weight shape cannot be "
                                 "known from the file (no bias to give out_features); pass --like REF or --model "
@@ -144,13 +146,6 @@ class Plan:
             raise UsageError("--quantize: no module in the map has a plain `<module>.weight` in the checkpoint; check "
                              "the map's module names against `ckpttool inspect --tensors`")
         self.changes.append(f"quantized {done} modules with optimum-quanto")
-
-
-def _infer_shape(module, entries):
-    from ckpttool.quantization import infer_weight_shape
-
-    infos = {k: e.source for k, e in entries.items() if e.source is not None}
-    return infer_weight_shape(module, infos, {})
 
 
 def load_qmap(path: str) -> dict:

@@ -115,7 +115,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool):
             bad_ranges.setdefault(full, []).append((offset, offset + length))
     for full, ranges in bad_ranges.items():
         _name_damaged_tensors(v, doc, folder, full, ranges)
-    extra = [f for f in manifests.covered_files(ckpt, folder) if os.path.relpath(f, folder) not in doc["files"]]
+    extra = [f for f in manifests.covered_files(ckpt) if os.path.relpath(f, folder) not in doc["files"]]
     for f in extra:
         v.problem("checksum_mismatch", WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
                   "(added after it was written?)", f)
