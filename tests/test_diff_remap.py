@@ -68,7 +68,7 @@ def test_diff_values_between_two_trained_steps(corpus):
     a = os.path.join(os.path.dirname(corpus["family"]), "model000003.pt")
     b = os.path.join(os.path.dirname(corpus["family"]), "model000005.pt")
     result, report = cli("diff", "--json", "--values", a, b)
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and codes(report) == ["value_mismatch"]
     different = {d["key"]: d for d in report["values"]["different"]}
     assert "linear_1.weight" in different and "embed.weight" in different
     d = different["linear_1.weight"]

@@ -121,3 +121,10 @@ def test_accelerate_hook_checks_custom_objects_before_loading(corpus):
         accelerator.load_state(corpus["accelerate"])
     assert [p["code"] for p in err.value.problems] == ["custom_checkpoint_mismatch"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gate_warns_on_a_different_scheduler_class(corpus):
+    model, opt, _ = live()
+    other = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    report = check_resume(corpus["accelerate"], model=model, optimizer=opt, scheduler=other)
+    assert report.ok and [p["code"] for p in report.problems] == ["scheduler_mismatch"]
