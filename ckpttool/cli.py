@@ -137,6 +137,8 @@ def latest(directory, as_json, for_resume):
     else:
         for skipped in result["skipped"]:
             click.echo(f"skipped {skipped['path']}: {', '.join(skipped['codes'])}: {skipped['reason']}", err=True)
+        if result.get("differs"):
+            click.echo(f"note: {result['differs']}", err=True)
         if result["path"]:
             click.echo(result["path"])
         else:

@@ -6,14 +6,15 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ckpttool.formats import family, statedir
+from ckpttool import trainers
+from ckpttool.formats import family
+from ckpttool.trainers.base import TEMPORARY_NAME as TEMPORARY_DIR
 from ckpttool.operations.manifest import MANIFEST_SUFFIX
 
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)(?:-(.+))?$")  # diffusers, SimpleTuner, our trainer
-ACCELERATE_AUTO_DIR = re.compile(r"checkpoint_(\d+)$")  # N counts saves
-KOHYA_STATE_DIR = re.compile(r".*?-(?:step)?(\d+)-state$")
+NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-STEP_IN_FILE_NAME = re.compile(r"(?:step|iter|checkpoint|ckpt|epoch)?[-_]?(\d+)\.(?:pt|pth|bin|ckpt|safetensors)$")
+STEP_IN_FILE_NAME = re.compile(r"(?:step|iter|checkpoint|ckpt|epoch)?[-_=]?(\d+)(?:-v\d+)?\.(?:pt|pth|bin|ckpt|safetensors)$")
+LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
 
 
 @dataclass
@@ -45,6 +46,8 @@ def discover(root: str) -> list[Candidate]:
                 families.setdefault(parsed[1], []).append(full)
             elif entry.endswith(WEIGHT_SUFFIXES) and (m := STEP_IN_FILE_NAME.search(entry)):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
+            elif LIGHTNING_LAST.fullmatch(entry):
+                found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
@@ -53,29 +56,23 @@ def discover(root: str) -> list[Candidate]:
 
 
 def _dir_candidate(full: str, entry: str) -> Candidate | None:
-    if m := CHECKPOINT_DIR.match(entry):
-        candidate = Candidate(full, int(m.group(1)), [full])
-        if m.group(2) == "tmp" or entry.endswith(".tmp"):
-            candidate.skip = "temporary dir: its save never completed"
-        elif statedir.is_simpletuner(full) and not _guarded(full):
-            candidate.skip = "no .guard containing 'complete': SimpleTuner never finished this save"
-        return candidate
-    if m := ACCELERATE_AUTO_DIR.match(entry):
-        return Candidate(full, int(m.group(1)), [full])
-    if m := KOHYA_STATE_DIR.match(entry):
-        return Candidate(full, int(m.group(1)), [full])
-    if entry.endswith("-state"):
-        return Candidate(full, None, [full])  # kohya's final `{name}-state`
-    return None
+    """A dir some trainer profile recognises and whose name numbers it (step, epoch or save index); kohya's final
+    `{name}-state` has no number."""
+    profile = trainers.for_path(full)
+    if profile is None and not TEMPORARY_DIR.fullmatch(entry):
+        return None
+    counters = profile.name_counters(full) if profile else []
+    number = counters[0].value if counters else None
+    if number is None and (m := NUMBERED_DIR.fullmatch(entry)) and (TEMPORARY_DIR.fullmatch(entry) or
+                                                                     (profile and profile.name_pattern)):
+        number = int(m.group(1))
+    if number is None and not entry.endswith("-state"):
+        return None
+    candidate = Candidate(full, number, [full])
+    if TEMPORARY_DIR.fullmatch(entry):
+        candidate.skip = "temporary dir: its save never completed"
+    return candidate
 
 
 def _existing(path: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
-
-
-def _guarded(folder: str) -> bool:
-    try:
-        with open(os.path.join(folder, ".guard"), encoding="utf-8", errors="replace") as f:
-            return f.read().strip() == "complete"
-    except OSError:
-        return False

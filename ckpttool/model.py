@@ -91,14 +91,28 @@ class TensorInfo:
         return loc.file, loc.offset + loc.storage_offset * itemsize, self.nbytes
 
 
+# What a counter counts: a small closed set (see ckpttool/steps.py for how each is compared).
+GLOBAL_STEP = "global_step"  # the trainer's training steps, fp16-skipped updates included
+OPTIMIZER_UPDATES = "optimizer_updates"  # updates the optimizer really applied (its state's `step`)
+SCHEDULER_STEPS = "scheduler_steps"  # LR scheduler steps (`last_epoch`)
+SAVES = "saves"  # checkpoints saved so far (Accelerate's automatic checkpoint_N)
+EPOCH = "epoch"
+MICRO_STEPS = "micro_steps"  # gradient-accumulation micro-batches (Accelerate's RNG-file `step`)
+
+
 @dataclass
 class StepSource:
-    """One place a checkpoint states its step or epoch. `kind` is `step` or `epoch`."""
+    """One counter a checkpoint states. `meaning` is one of the constants above, or None while unknown (the
+    trainer profile names it; a counter with no meaning is shown but never compared)."""
 
     source: str  # e.g. "directory name", "train_state.json current_step", "optimizer state step"
     value: int
-    kind: str = "step"
-    note: str | None = None  # why a source must not be compared (e.g. Accelerate's RNG `step`)
+    meaning: str | None = None
+    note: str | None = None  # e.g. why a counter is never compared
+
+    @property
+    def kind(self) -> str:
+        return "epoch" if self.meaning == EPOCH else "step"
 
 
 @dataclass
@@ -139,6 +153,7 @@ class Checkpoint:
     files: list = field(default_factory=list)
     quantization: dict | None = None
     pickle_globals: list = field(default_factory=list)  # every global any pickle in it names
+    trainer: str | None = None  # the trainer profile that recognised it (ckpttool/trainers/), None when unknown
 
     def component(self, role_or_name: str) -> Component | None:
         for c in self.components:

@@ -26,6 +26,7 @@ def problems_table(problems) -> str:
 def inspect_report(r: dict) -> str:
     out = []
     summary = [("path", r["path"]), ("format", r["format"]), ("layout", r["layout"]),
+               ("trainer", r.get("trainer") or "-"),
                ("step", "-" if r["step"] is None else r["step"]), ("epoch", "-" if r["epoch"] is None else r["epoch"]),
                ("model tensors", r["tensors"]), ("parameters", f"{r['parameters']:,}"),
                ("model bytes", human_bytes(r["bytes"])), ("files", f"{len(r['files'])} ({human_bytes(r['file_bytes'])})")]
@@ -34,8 +35,9 @@ def inspect_report(r: dict) -> str:
         summary.append(("saved on", ", ".join(devices)))
     out.append(tabulate(summary, tablefmt="plain"))
     if r["step_sources"]:
-        rows = [(s["source"], s["kind"], s["value"], s.get("note", "")) for s in r["step_sources"]]
-        out.append("Step sources:\n" + tabulate(rows, headers=("source", "kind", "value", "note")))
+        rows = [(s["source"], s["value"], s["meaning_text"] + (f" ({s['note']})" if s.get("note") else ""))
+                for s in r["step_sources"]]
+        out.append("Step sources:\n" + tabulate(rows, headers=("source", "value", "meaning")))
     if r["components"]:
         rows = [(c["name"], c["role"], c["tensors"], f"{c['parameters']:,}", human_bytes(c["bytes"]),
                  ", ".join(_short(f) for f in c["files"])) for c in r["components"]]
@@ -63,7 +65,8 @@ def _short(path: str) -> str:
 
 def verify_report(r: dict) -> str:
     rows = [(c["check"], c["status"].upper(), c["detail"]) for c in r["checks"]]
-    head = f"{r['path']} ({r['format']}{', ' + r['layout'] if r.get('layout') else ''}; step " \
+    head = f"{r['path']} ({r['format']}{', ' + r['layout'] if r.get('layout') else ''}" \
+           f"{', written by ' + r['trainer'] if r.get('trainer') else ''}; step " \
            f"{'-' if r['step'] is None else r['step']})"
     table = tabulate(rows, headers=("check", "result", "detail"), maxcolwidths=[None, None, 90])
     verdict = "OK: verified" if r["ok"] else "FAILED"

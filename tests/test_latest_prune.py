@@ -12,7 +12,10 @@ def test_latest_skips_truncated_newest_diffusers(corpus):
     assert result.exit_code == 0
     assert out["path"] == corpus["diffusers"] and out["step"] == 3
     assert out["skipped"] == [{"path": corpus["diffusers_truncated_newest"], "codes": ["truncated"],
-                               "reason": out["skipped"][0]["reason"]}]
+                               "reason": out["skipped"][0]["reason"], "trainer": "diffusers"}]
+    # diffusers' own `--resume_from_checkpoint latest` would take the truncated checkpoint-5: said, with why
+    assert out["trainer"] == "diffusers" and out["trainer_pick"] == corpus["diffusers_truncated_newest"]
+    assert "truncated" in out["differs"] and "checkpoint-5" in out["differs"]
     text = cli("latest", run)[0]
     assert text.stdout.strip() == corpus["diffusers"] and "skipped" in text.stderr
 

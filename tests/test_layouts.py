@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from ckpttool.formats import open_checkpoint
+from ckpttool.model import MICRO_STEPS, SAVES
 from ckpttool.operations.inspect import inspect
+from ckpttool.steps import global_step
 from ckpttool.tensors import load_tensor
 
 
@@ -26,8 +28,9 @@ def test_real_accelerate_save_state(corpus):
     steps = steps_of(ckpt)
     assert steps["optimizer state step"][:2] == ("step", 3)
     assert steps["scheduler last_epoch"][:2] == ("step", 3)
-    # Accelerate's RNG `step` is the accumulation counter: recorded, marked as not comparable
-    assert steps["random_states_0 step"][2] is not None
+    # Accelerate's RNG `step` is the accumulation counter: recorded with that meaning, never compared
+    assert ckpt.trainer == "accelerate"
+    assert next(s.meaning for s in ckpt.steps if s.source == "random_states_0 step") == MICRO_STEPS
     expected = load_file(os.path.join(corpus["accelerate"], "model.safetensors"))
     assert {t.name: load_tensor(t).sum().item() for t in ckpt.model.tensors} == \
         {k: v.sum().item() for k, v in expected.items()}
@@ -38,7 +41,9 @@ def test_accelerate_bin_and_automatic_naming(corpus):
     assert ckpt.model.files[0].endswith("pytorch_model.bin") and len(ckpt.model.tensors) == 6
     auto = open_checkpoint(corpus["accelerate_auto"])
     assert "checkpoint_N" in auto.layout
-    assert "directory name" not in steps_of(auto)  # checkpoint_N counts saves, not steps
+    # checkpoint_N counts saves, not steps: shown with that meaning, and the step comes from the optimizer
+    assert next(s.meaning for s in auto.steps if s.source == "directory name") == SAVES
+    assert global_step(auto) == 3
 
 
 def test_diffusers_unet_subfolder_and_lora(corpus):
@@ -70,9 +75,9 @@ def test_kohya_state_dirs(corpus):
 def test_simpletuner(corpus):
     ckpt = open_checkpoint(corpus["simpletuner"])
     assert ckpt.layout == "SimpleTuner checkpoint-N"
-    assert ckpt.metadata["guard"] == "complete"
+    assert ckpt.trainer == "simpletuner" and ckpt.problems == []
     assert steps_of(ckpt)["training_state.json global_step"][:2] == ("step", 3)
-    assert "guard" not in open_checkpoint(corpus["simpletuner_tmp"]).metadata
+    assert open_checkpoint(corpus["simpletuner_tmp"]).trainer == "simpletuner"
 
 
 def test_dcp_dir(corpus):

@@ -151,7 +151,7 @@ def test_real_checkpoints_verify(corpus, fixture):
 def test_step_mismatch_names_sources(corpus):
     _, report = cli("verify", "--json", corpus["torch_step_mismatch"])
     message = next(p["message"] for p in report["problems"] if p["code"] == "step_mismatch")
-    assert "global_step'=10" in message and "optimizer state step=3 (-7)" in message
+    assert "optimizer state step is 3, 7 behind the global step 10" in message and "another save" in message
     # Accelerate's RNG `step` (an accumulation counter, 0 here) is never compared
     _, report = cli("verify", "--json", corpus["accelerate"])
     assert "step_mismatch" not in codes(report)
@@ -209,9 +209,19 @@ def test_for_resume_missing_parts(corpus, tmp_path):
 def test_for_resume_incomplete_simpletuner(corpus, tmp_path):
     result, report = cli("verify", "--json", "--for-resume", corpus["simpletuner_tmp"])
     assert result.exit_code == 1 and "missing_file" in codes(report)
+    # SimpleTuner up to 3.1.6 writes no .guard: an unguarded dir alone is fine ...
     d = copy(corpus["simpletuner"], tmp_path)
     os.remove(os.path.join(d, ".guard"))
-    assert "missing_file" in codes(cli("verify", "--json", "--for-resume", d)[1])
+    assert cli("verify", "--json", "--for-resume", d)[0].exit_code == 0
+    # ... but not where this version writes one: beside its checkpoint_manifest.json, or in a run whose other
+    # checkpoints carry one
+    with open(os.path.join(d, "checkpoint_manifest.json"), "w") as f:
+        f.write("{}")
+    assert "missing_file" in codes(cli("verify", "--json", d)[1], "error")
+    os.remove(os.path.join(d, "checkpoint_manifest.json"))
+    copy(corpus["simpletuner"], tmp_path, "checkpoint-6")
+    report = cli("verify", "--json", d)[1]
+    assert "missing_file" in codes(report, "error") and "other checkpoints carry a .guard" in str(report)
 
 
 def test_finite_scan(tmp_path):

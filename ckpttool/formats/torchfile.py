@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, unpickle
-from ckpttool.model import Checkpoint, Component, Location, StepSource, TensorInfo, dtype_bytes
+from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
+                            dtype_bytes)
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -245,7 +246,11 @@ def _has_tensors(obj) -> bool:
 
 
 def _role_of_dict(obj) -> str | None:
-    """Role of a file that holds one state_dict (Accelerate's optimizer.bin, scheduler.bin, ...)."""
+    """Role of a file that holds one state_dict (Accelerate's optimizer.bin, scheduler.bin, ...), or of a non-empty
+    list of state dicts of one role (Lightning's optimizer_states, lr_schedulers)."""
+    if isinstance(obj, list) and obj:
+        roles = {_role_of_dict(item) for item in obj}
+        return roles.pop() if len(roles) == 1 else None
     if not isinstance(obj, dict):
         return None
     keys = set(map(str, obj))
@@ -291,8 +296,9 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
     if own_role or role_hint in ("optimizer", "scheduler", "rng", "scaler", "sampler", "dataloader", "custom"):
         component(name_hint or own_role or role_hint, own_role or role_hint, obj)
     elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
+        metadata["top_level_keys"] = [str(k) for k in obj]
         for key, value in obj.items():
-            role = role_of_key(key) if isinstance(key, str) else None
+            role = (role_of_key(key) if isinstance(key, str) else None) or _role_of_dict(value)
             if role and (_has_tensors(value) or _role_of_dict(value) or role in ("rng", "custom")):
                 taken = key if NUMBERED_PARTS.match(key) else role
                 component(taken if taken not in [c.name for c in components] else key, role, value)
@@ -303,8 +309,7 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
         for key in STEP_KEYS + EPOCH_KEYS:
             value = obj.get(key)
             if type(value) is int or (isinstance(value, float) and value.is_integer()):
-                kind = "epoch" if key in EPOCH_KEYS else "step"
-                steps.append(StepSource(f"training dict '{key}'", int(value), kind))
+                steps.append(StepSource(f"training dict '{key}'", int(value)))  # the trainer profile names it
     else:
         role = role_hint or "model"
         component(name_hint or role, role, obj)
@@ -312,10 +317,21 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
 
 
 def _scalars_into(metadata, key, value):
+    """Keep a training dict's plain values (numbers, strings, nested dicts and lists of them, such as Lightning's
+    `loops` counters) as JSON-able metadata; other objects by their class name."""
+    metadata[key] = _plain(value)
+
+
+def _plain(value, depth=0):
     if isinstance(value, (int, float, str, bool)) or value is None:
-        metadata[key] = value
-    elif isinstance(value, Opaque):
-        metadata[key] = f"<{value.global_name}>"
+        return value
+    if isinstance(value, Opaque):
+        return f"<{value.global_name}>"
+    if depth < 8 and isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return f"<{type(value).__name__}>"
 
 
 def _component_steps(comp: Component, value, raw: RawPickle, path: str):
@@ -323,14 +339,13 @@ def _component_steps(comp: Component, value, raw: RawPickle, path: str):
         for state in _optimizer_dicts(value):
             step = _optimizer_step(state, raw, path)
             if step is not None:
-                yield StepSource(f"{comp.name} state step", step)
+                yield StepSource(f"{comp.name} state step", step, OPTIMIZER_UPDATES)
     elif comp.role == "scheduler":
         for sched in value if isinstance(value, list) else [value]:
             if isinstance(sched, dict) and type(sched.get("last_epoch")) is int:
-                yield StepSource(f"{comp.name} last_epoch", sched["last_epoch"])
+                yield StepSource(f"{comp.name} last_epoch", sched["last_epoch"], SCHEDULER_STEPS)
     elif comp.role == "rng" and isinstance(value, dict) and type(value.get("step")) is int:
-        yield StepSource(f"{comp.name} step", value["step"],
-                         note="Accelerate's gradient-accumulation counter, not the optimizer step")
+        yield StepSource(f"{comp.name} step", value["step"])  # what it counts, the trainer profile says
 
 
 def _optimizer_dicts(value):

@@ -13,14 +13,13 @@ import re
 import shutil
 import tempfile
 
-from ckpttool import hashing
+from ckpttool import hashing, steps
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.formats.torchfile import rebuild
 from ckpttool.model import Checkpoint, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import select_component
-from ckpttool.operations.inspect import stated_value
 
 TARGETS = ("safetensors", "sharded", "torch", "accelerate", "dcp")
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
@@ -204,7 +203,7 @@ def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tup
             raise UsageError(f"{ckpt.path}: component {comp.name} ({comp.role}) has no place in an Accelerate dir; "
                              "convert it separately with --component, or to a .pt that keeps every part")
         written.append((name, part))
-    step, epoch = stated_value(ckpt, "step"), stated_value(ckpt, "epoch")
+    step, epoch = steps.global_step(ckpt), steps.epoch(ckpt)
     if step is not None or epoch is not None:
         with open(os.path.join(folder, "training_state.json"), "w", encoding="utf-8") as f:
             json.dump({"global_step": step, "epoch": epoch}, f)
@@ -226,7 +225,7 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
             tensors[name] = load(info, _cast(info, dtype, part))
             progress(info.nbytes)
         state[comp.name] = tensors if comp.tree is None else rebuild(comp.tree, tensors.__getitem__)
-    step = stated_value(ckpt, "step")
+    step = steps.global_step(ckpt)
     if step is not None:
         state["step"] = step
     with warnings.catch_warnings():
@@ -287,7 +286,7 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
         output.refuse_broken(ckpt)
     chosen = select_component(ckpt, component or "model", src) if component or kind in ("safetensors", "sharded") \
         else None
-    step = stated_value(ckpt, "step")
+    step = steps.global_step(ckpt)
     metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "converted_by": "ckpttool"}
     if step is not None:
         metadata["step"] = str(step)

@@ -6,29 +6,10 @@ import os
 import re
 from collections import Counter
 
+from ckpttool import steps
 from ckpttool.errors import CkptError
 from ckpttool.formats import guess_format, open_checkpoint
 from ckpttool.model import ERROR, Checkpoint, Problem
-
-# Which step source wins when several exist: the trainer's own record first, then names, then derived state.
-STEP_PRIORITY = ("train_state.json", "training_state.json", "training dict", "directory name", "file name",
-                 "optimizer", "scheduler")
-
-
-def _priority(source: str) -> int:
-    for i, prefix in enumerate(STEP_PRIORITY):
-        if source.startswith(prefix) or prefix in source:
-            return i
-    return len(STEP_PRIORITY)
-
-
-def stated_value(ckpt: Checkpoint, kind: str) -> int | None:
-    """The checkpoint's step (or epoch): from the most authoritative source that states one."""
-    sources = [s for s in ckpt.steps if s.kind == kind and s.note is None]
-    if not sources:
-        return None
-    return min(sources, key=lambda s: _priority(s.source)).value
-
 
 def model_components(ckpt: Checkpoint):
     return [c for c in ckpt.components if c.role == "model"]
@@ -42,10 +23,12 @@ def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: 
         "path": ckpt.path,
         "format": ckpt.format,
         "layout": ckpt.layout,
-        "step": stated_value(ckpt, "step"),
-        "epoch": stated_value(ckpt, "epoch"),
-        "step_sources": [{"source": s.source, "kind": s.kind, "value": s.value, **({"note": s.note} if s.note else {})}
-                         for s in ckpt.steps],
+        "trainer": ckpt.trainer,
+        "step": steps.global_step(ckpt),
+        "epoch": steps.epoch(ckpt),
+        "step_sources": [{"source": s.source, "kind": s.kind, "value": s.value, "meaning": s.meaning,
+                          "meaning_text": steps.MEANINGS.get(s.meaning, "not known: shown, never compared"),
+                          **({"note": s.note} if s.note else {})} for s in ckpt.steps],
         "tensors": len(model_tensors),
         "parameters": sum(t.numel for t in model_tensors),
         "bytes": sum(c.nbytes for c in models),

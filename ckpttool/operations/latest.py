@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ckpttool import trainers
 from ckpttool.discovery import discover
 from ckpttool.errors import UsageError
 from ckpttool.operations.verify import verify
@@ -26,14 +27,40 @@ def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
 
 
 def latest(root: str, for_resume=False) -> dict:
-    skipped = []
+    """The newest checkpoint that verifies, what was skipped and why, and what the trainer's own "resume from
+    latest" would have picked (with why ckpttool differs, when it does)."""
+    skipped, result = [], None
     for candidate, report in verdicts(root, for_resume, stop_after_valid=1):
         if report is not None and report["ok"]:
-            return {"path": candidate.path, "step": report["step"], "skipped": skipped}
+            result = {"path": candidate.path, "step": report["step"], "trainer": report.get("trainer")}
+            break
         if report is None:
             skipped.append({"path": candidate.path, "codes": ["missing_file"], "reason": candidate.skip})
         else:
             errors = [p for p in report["problems"] if p["severity"] == "error"]
             skipped.append({"path": candidate.path, "codes": sorted({p["code"] for p in errors}),
-                            "reason": errors[0]["message"]})
-    return {"path": None, "step": None, "skipped": skipped}
+                            "reason": errors[0]["message"], "trainer": report.get("trainer")})
+    result = result or {"path": None, "step": None,
+                        "trainer": next((s["trainer"] for s in skipped if s.get("trainer")), None)}
+    result["skipped"] = skipped
+    result.update(trainer_pick(root, result, skipped))
+    return result
+
+
+def trainer_pick(root: str, result: dict, skipped: list) -> dict:
+    """What the trainer that wrote the run would resume from on its own, and why ckpttool's choice differs."""
+    profile = next((p for p in trainers.PATH_PROFILES + trainers.CONTENT_PROFILES if p.name == result["trainer"]),
+                   None)
+    if profile is None or profile.latest_rule is None:
+        return {}
+    chosen = result["path"] or (skipped[0]["path"] if skipped else root)
+    own = profile.own_latest(os.path.dirname(os.path.abspath(chosen)))
+    out = {"trainer_rule": profile.latest_rule, "trainer_pick": own}
+    if own is None or (result["path"] and os.path.samefile(own, result["path"])):
+        return out
+    bad = next((s for s in skipped if os.path.exists(s["path"]) and os.path.samefile(s["path"], own)), None)
+    why = (f"it fails verification ({', '.join(bad['codes'])}: {bad['reason']})" if bad else
+           "it is not a checkpoint ckpttool can verify" if result["path"] is None else
+           "ckpttool orders by the step in the name and verifies, the trainer does not")
+    out["differs"] = f"{profile.name} would resume from {own} ({profile.latest_rule}); {why}"
+    return out

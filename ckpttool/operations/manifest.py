@@ -11,11 +11,10 @@ import datetime
 import json
 import os
 
-from ckpttool import __version__, atomic, hashing
+from ckpttool import __version__, atomic, hashing, steps
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.model import Checkpoint
-from ckpttool.operations.inspect import stated_value
 
 MANIFEST_NAME = "ckpttool-manifest.json"
 MANIFEST_SUFFIX = ".ckpttool-manifest.json"
@@ -28,7 +27,7 @@ def manifest_path(ckpt: Checkpoint) -> str:
     if os.path.isdir(path):
         return os.path.join(path, MANIFEST_NAME)
     if ckpt.format == "family":
-        step = stated_value(ckpt, "step")
+        step = steps.global_step(ckpt)
         return os.path.join(os.path.dirname(path), f"family{step:06d}{MANIFEST_SUFFIX}")
     return path + MANIFEST_SUFFIX
 
@@ -105,7 +104,7 @@ def build(ckpt: Checkpoint) -> dict:
         "piece_size": hashing.PIECE_SIZE,
         "format": ckpt.format,
         "layout": ckpt.layout,
-        "step": stated_value(ckpt, "step"),
+        "step": steps.global_step(ckpt),
         "files": {os.path.relpath(p, folder): info for p, info in files.items()},
         "tensors": tensors,
     }

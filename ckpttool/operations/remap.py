@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import open_checkpoint, quanto
+from ckpttool.formats import is_state_dir, open_checkpoint, quanto
 from ckpttool.keys import align
 from ckpttool.model import TensorInfo, dtype_bytes
 from ckpttool.operations import output
@@ -252,9 +252,7 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
 def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: str | None = None,
           dequantize: bool = False, quantize_map: str | None = None, component: str = "model",
           to: str | None = None, force: bool = False) -> dict:
-    from ckpttool.formats import statedir
-
-    if os.path.isdir(src) and statedir.detect(src) and not os.path.splitext(dst)[1] and not to:
+    if os.path.isdir(src) and is_state_dir(src) and not os.path.splitext(dst)[1] and not to:
         return remap_state_dir(src, dst, force, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
                                quantize_map=quantize_map, component=component)
     fmt = output.target_format(dst, to)

@@ -7,12 +7,11 @@ import os
 import re
 import zipfile
 
-from ckpttool import hashing
+from ckpttool import hashing, steps, trainers
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import guess_format, open_checkpoint, torchfile
 from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
 from ckpttool.operations import manifest as manifests
-from ckpttool.operations.inspect import stated_value
 
 PASS, FAIL, WARN, NOTE, SKIP = "pass", "fail", "warn", "note", "skip"
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
@@ -141,35 +140,19 @@ def _name_damaged_tensors(v, doc, folder, full, ranges):
 # --- steps ---
 
 def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None):
+    """Counters compared by what they mean to the trainer that wrote them (ckpttool/steps.py), then the step a
+    config or --expect-step names."""
     before = len(v.problems)
-    comparable = [s for s in ckpt.steps if s.note is None]
-    for kind in ("step", "epoch"):
-        sources = [s for s in comparable if s.kind == kind]
-        reference = stated_value(ckpt, kind)
-        if reference is None:
-            continue
-        ref_source = next(s.source for s in sources if s.value == reference)
-        disagree = []
-        for s in sources:
-            ratio = s.value // reference if reference else 0
-            if s.value == reference:
-                continue
-            if kind == "step" and "scheduler" in s.source and reference and s.value % reference == 0 and 2 <= ratio <= 64:
-                v.problem("step_mismatch", WARNING, f"{s.source} is {s.value}, {ratio}x {ref_source} ({reference}): "
-                          "the scheduler steps once per process or micro-batch; check it resumes the same way")
-            else:
-                disagree.append(f"{s.source}={s.value} ({s.value - reference:+d})")
-        if disagree:
-            v.problem("step_mismatch", ERROR, f"{kind} sources disagree: {ref_source}={reference} (taken as the "
-                      f"{kind}), but {', '.join(disagree)}; the parts come from different {kind}s or a counter was "
-                      "not saved")
-    step = stated_value(ckpt, "step")
+    profile = trainers.profile_of(ckpt)
+    found, notes = steps.judge(ckpt, profile, profile.run_saves(ckpt.path))
+    v.problems.extend(found)
+    step = steps.global_step(ckpt)
     outside = [("--expect-step", expect_step, "step")]
     if config:
         outside += [(f"config {config['file']} global_step", config.get("global_step"), "step"),
                     (f"config {config['file']} epoch", config.get("epoch"), "epoch")]
     for label, value, kind in outside:
-        have = step if kind == "step" else stated_value(ckpt, kind)
+        have = step if kind == "step" else steps.epoch(ckpt)
         if value is None:
             continue
         if have is None:
@@ -179,9 +162,12 @@ def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None
                       f"{value - have:+d}): resuming would {'skip' if value > have else 'repeat'} "
                       f"{abs(value - have)} {kind}s of the schedule")
     found = v.problems[before:]
-    sources = ", ".join(f"{s.source}={s.value}" for s in comparable) or "none"
+    compared = [s for s in ckpt.steps if s.meaning in (steps.GLOBAL_STEP, steps.OPTIMIZER_UPDATES,
+                                                       steps.SCHEDULER_STEPS, steps.EPOCH)]
+    sources = ", ".join(f"{s.source}={s.value}" for s in compared) or "none"
+    detail = "; ".join([p.message for p in found] + notes) or f"consistent ({sources})"
     v.check("step consistency", FAIL if any(p.severity == ERROR for p in found) else WARN if found else
-            PASS if comparable else SKIP, "; ".join(p.message for p in found) or f"sources agree ({sources})")
+            PASS if compared else SKIP, detail)
 
 
 # --- training config (Z-Image style) ---
@@ -253,9 +239,9 @@ def state_dir_hint(path: str) -> str | None:
     """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
     `checkpoint-N` beside it."""
     folder = os.path.dirname(os.path.abspath(path))
-    from ckpttool.formats import statedir
+    from ckpttool.formats import is_state_dir
 
-    if statedir.detect(folder):  # the weights file inside a state dir: resume from the dir itself
+    if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
         return folder
     stem = os.path.basename(path)
     for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
@@ -272,35 +258,11 @@ def state_dir_hint(path: str) -> str | None:
 
 
 def check_resume(v: Verification, ckpt: Checkpoint):
-    before = len(v.problems)
-    roles = {c.role for c in ckpt.components}
-    # a family with its opt file missing is an incomplete training state, not an export of weights
-    weights_only = roles <= {"model", "ema", "extra", "target", "teacher"} and ckpt.format != "family"
-    if weights_only:
-        hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
-        advice = (f"resume from the state dir beside it: {hint}" if hint else
-                  "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
-        v.problem("weights_only", ERROR, f"{os.path.basename(ckpt.path)} holds weights only; {advice}", ckpt.path)
-    else:
-        if "optimizer" not in roles:
-            v.problem("missing_optimizer", ERROR, "no optimizer state: a resume would restart Adam moments and the "
-                      "step count from zero", ckpt.path)
-        if "scheduler" not in roles and ckpt.format != "family":  # families derive the LR from the step
-            v.problem("missing_scheduler", ERROR, "no LR scheduler state: a resume would restart warmup and the "
-                      "schedule from step 0", ckpt.path)
-        if "rng" not in roles:
-            v.problem("missing_rng", WARNING, "no RNG state: a resume works but data order and dropout differ from an "
-                      "uninterrupted run (not bit-exact)", ckpt.path)
-    name = os.path.basename(os.path.normpath(ckpt.path))
-    if name.endswith("-tmp"):
-        v.problem("missing_file", ERROR, f"{name} is a temporary dir: its save never completed", ckpt.path)
-    elif "SimpleTuner" in ckpt.layout and ckpt.metadata.get("guard") != "complete":
-        v.problem("missing_file", ERROR, ".guard is missing or not 'complete': SimpleTuner never finished this save",
-                  os.path.join(ckpt.path, ".guard"))
-    found = v.problems[before:]
+    """What a resume would silently lose, as the trainer that wrote it saves state (ckpttool/trainers/)."""
+    found = trainers.profile_of(ckpt).resume_problems(ckpt)
+    v.problems.extend(found)
     v.check("resume completeness", FAIL if any(p.severity == ERROR for p in found) else WARN if found else PASS,
-            "; ".join(f"{p.code}: {p.message}" for p in found) or
-            "model, optimizer, scheduler and RNG state present")
+            "; ".join(f"{p.code}: {p.message}" for p in found) or "everything this trainer saves for a resume is present")
 
 
 # --- finite scan ---
@@ -364,10 +326,10 @@ def verify_checkpoint(path: str | None = None, *, require_manifest=False, config
         check_resume(v, ckpt)
     if finite:
         check_finite(v, ckpt)
-    return _report(v, ckpt.format, stated_value(ckpt, "step"), ckpt.layout), ckpt
+    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer), ckpt
 
 
-def _report(v: Verification, fmt, step, layout=None) -> dict:
+def _report(v: Verification, fmt, step, layout=None, trainer=None) -> dict:
     return {"path": v.path, "ok": not any(p.severity == ERROR for p in v.problems), "step": step, "format": fmt,
-            "layout": layout, "checks": v.checks, "problems": [p.to_json() for p in v.problems]}
+            "layout": layout, "trainer": trainer, "checks": v.checks, "problems": [p.to_json() for p in v.problems]}
 

@@ -1,0 +1,192 @@
+"""Counters with meanings -> the checkpoint's global step, and what disagrees in a way no healthy run explains.
+
+Every counter a checkpoint states has a meaning (ckpttool.model: global step, optimizer updates, scheduler steps,
+saves, epoch, accumulation micro-steps), given by the reader (torch facts: an optimizer's `step`, a scheduler's
+`last_epoch`) or by the trainer profile (ckpttool/trainers/). Counters are compared by meaning, never by equality
+alone:
+
+- global-step sources (a dir name, a state json, a training dict) must agree, and so must epochs;
+- optimizer updates may lag the global step by the updates an fp16 GradScaler skipped (the trainer's step advances,
+  the optimizer's does not). A saved scaler bounds how many that can be: every skip halves the scale (backoff
+  0.5) from its initial 65536, and `_growth_tracker` counts the updates applied since the last skip, so at most
+  global_step - _growth_tracker were skipped. Without a scaler a lag up to `skip_allowance(step)` is a warning;
+- an optimizer ahead of the global step, at or behind an earlier save of the same run, or lagging by more than any
+  skip count explains is an error: the part comes from another save;
+- a scheduler steps after real updates or after every step (times the processes, for Accelerate): it lies between
+  the optimizer's updates and the global step; Lightning's may step per epoch instead;
+- save counters and accumulation counters are shown, never compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES, SCHEDULER_STEPS, WARNING,
+                            Checkpoint, Problem)
+
+MEANINGS = {
+    GLOBAL_STEP: "global step: training steps taken, fp16-skipped updates included",
+    OPTIMIZER_UPDATES: "optimizer updates actually applied",
+    SCHEDULER_STEPS: "LR scheduler steps",
+    SAVES: "number of saves (not a step)",
+    EPOCH: "epoch",
+    MICRO_STEPS: "gradient-accumulation micro-steps (never compared)",
+}
+DEFAULT_INIT_SCALE = 65536.0  # torch.amp.GradScaler, Accelerate GradScalerKwargs and Lightning all default to 2**16
+BASE_SKIPS = 16  # halvings from 65536 down to a scale of 1: more early skips than that means a broken run
+GROWTH_INTERVAL = 2000  # GradScaler default: one growth (and so at most one more skip) per 2000 clean updates
+EXPLAINED, PLAUSIBLE = "explained", "plausible"
+
+
+def skip_allowance(global_step: int) -> int:
+    """Skipped updates a healthy fp16 run may have by `global_step` when no scaler state says more: the early
+    back-offs from the default scale, one per growth interval after, and never more than half of all steps."""
+    return min(BASE_SKIPS + global_step // GROWTH_INTERVAL, global_step // 2)
+
+
+def of(ckpt: Checkpoint, meaning: str) -> list:
+    return [s for s in ckpt.steps if s.meaning == meaning]
+
+
+def global_step(ckpt: Checkpoint) -> int | None:
+    """The global step: the first global-step source (profiles list state files and names before other counters);
+    without one, the optimizer's updates (an Accelerate dir with no name states nothing else)."""
+    sources = of(ckpt, GLOBAL_STEP) or of(ckpt, OPTIMIZER_UPDATES)
+    return sources[0].value if sources else None
+
+
+def epoch(ckpt: Checkpoint) -> int | None:
+    sources = of(ckpt, EPOCH)
+    return sources[0].value if sources else None
+
+
+def scaler_state(ckpt: Checkpoint) -> dict | None:
+    for comp in ckpt.components:
+        if comp.role == "scaler" and isinstance(comp.tree, dict) and isinstance(comp.tree.get("scale"), float):
+            return comp.tree
+    return None
+
+
+def scaler_skips(scaler: dict, step: int) -> tuple[int | None, int, int]:
+    """(skips the loss scale shows under the default init_scale or None, most growths possible, hard upper bound)."""
+    tracker = scaler.get("_growth_tracker") if type(scaler.get("_growth_tracker")) is int else 0
+    interval = scaler.get("growth_interval") if type(scaler.get("growth_interval")) is int else GROWTH_INTERVAL
+    backoff = scaler.get("backoff_factor") if isinstance(scaler.get("backoff_factor"), float) else 0.5
+    hard = max(0, step - tracker)
+    halvings = None
+    scale = scaler["scale"]
+    if 0 < scale <= DEFAULT_INIT_SCALE and 0 < backoff < 1:
+        exact = math.log(DEFAULT_INIT_SCALE / scale) / math.log(1 / backoff)
+        halvings = round(exact) if abs(exact - round(exact)) < 1e-9 else None
+    return halvings, hard // max(1, interval), hard
+
+
+class Judge:
+    """Compares one checkpoint's counters; `problems` collects what it finds, `notes` what it explained."""
+
+    def __init__(self, ckpt: Checkpoint, profile, run_saves: dict[int, str]):
+        self.ckpt, self.profile = ckpt, profile
+        self.step = global_step(ckpt)
+        self.has_global = bool(of(ckpt, GLOBAL_STEP))
+        self.earlier = sorted(s for s in run_saves if self.step is not None and s < self.step)
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+
+    def error(self, message):
+        self.problems.append(Problem("step_mismatch", ERROR, message, self.ckpt.path))
+
+    def warn(self, message):
+        self.problems.append(Problem("step_mismatch", WARNING, message, self.ckpt.path))
+
+    def agree(self, meaning, what):
+        sources = of(self.ckpt, meaning)
+        if len({s.value for s in sources}) > 1:
+            first = sources[0]
+            others = ", ".join(f"{s.source}={s.value}" for s in sources[1:] if s.value != first.value)
+            self.error(f"{what} sources disagree: {first.source}={first.value}, but {others}; one of them was "
+                       "edited or comes from another save")
+
+    def optimizer(self, source):
+        updates, step = source.value, self.step
+        if updates > step:
+            self.error(f"{source.source} is {updates}, ahead of the global step {step}: the optimizer state comes "
+                       "from a later save")
+            return
+        lag = step - updates
+        if lag == 0:
+            return
+        earlier = [s for s in self.earlier if updates <= s]
+        why = self._lag_explained(lag)
+        if why == EXPLAINED:
+            return
+        if earlier:
+            self.error(f"{source.source} is {updates}, {lag} behind the global step {step}: no more than the run's "
+                       f"earlier save at step {earlier[-1]}, so the optimizer state comes from an earlier save")
+        elif not self.profile.skips_advance_global_step:
+            self.warn(f"{source.source} is {updates}, {lag} behind the global step {step}; "
+                      f"{self.profile.name} advances its step only on applied updates, so the optimizer was "
+                      "re-created (progressive distillation) or started fresh on a resume that lacked its file")
+        elif why == PLAUSIBLE:
+            self.warn(f"{source.source} is {updates}, {lag} behind the global step {step}: consistent with fp16 "
+                      "loss-scale skips (no scaler state to confirm it)")
+        else:
+            self.error(f"{source.source} is {updates}, {lag} behind the global step {step}: {why}; the optimizer "
+                       "state comes from another save")
+
+    def _lag_explained(self, lag) -> str:
+        """EXPLAINED (the scaler shows exactly these skips), PLAUSIBLE (no scaler: a small lag), or why not."""
+        scaler = scaler_state(self.ckpt)
+        if scaler is None:
+            allowance = skip_allowance(self.step)
+            return PLAUSIBLE if lag <= allowance else \
+                f"more skipped updates than a healthy fp16 run has by this step (at most {allowance} assumed)"
+        halvings, growths, hard = scaler_skips(scaler, self.step)
+        if lag > hard:
+            return (f"the GradScaler's growth tracker shows the last {self.step - hard} updates were all applied, so "
+                    f"at most {hard} can have been skipped")
+        if halvings is not None and halvings <= lag <= halvings + growths:
+            self.notes.append(f"{lag} fp16-skipped updates, matching the loss scale ({scaler['scale']:g}, "
+                              f"{halvings} back-offs from {DEFAULT_INIT_SCALE:g})")
+            return EXPLAINED
+        return PLAUSIBLE
+
+    def scheduler(self, source, updates):
+        value, step = source.value, self.step
+        low = min(updates) if updates else step
+        high = step if self.has_global else (max(updates) + skip_allowance(max(updates)) if updates else step)
+        multiples = self.profile.scheduler_multiples(self.ckpt)
+        if any(k * low <= value <= k * high for k in multiples):
+            return
+        epochs = of(self.ckpt, EPOCH)
+        if self.profile.name == "lightning" and epochs and value in (epochs[0].value, epochs[0].value + 1):
+            return  # an interval="epoch" scheduler
+        rule = self.profile.scheduler_rule
+        if value > max(multiples) * high:
+            ratio = value // high if high else 0
+            if high and value % high == 0 and 2 <= ratio <= 64:
+                self.warn(f"{source.source} is {value}, {ratio}x the global step {high}: the scheduler steps once per "
+                          "process or micro-batch; check that the resume steps it the same way")
+            else:
+                self.error(f"{source.source} is {value}, ahead of the global step {high} (this trainer steps it "
+                           f"{rule}): the scheduler state comes from a later save")
+        elif any(value <= max(multiples) * s for s in self.earlier):
+            self.error(f"{source.source} is {value}, behind the optimizer ({low}) and no further than the run's "
+                       "earlier saves: the scheduler state comes from an earlier save")
+        else:
+            self.warn(f"{source.source} is {value}, behind the optimizer's {low} updates (this trainer steps it "
+                      f"{rule}); fine for a plateau or per-epoch scheduler, otherwise it comes from another save")
+
+
+def judge(ckpt: Checkpoint, profile, run_saves: dict[int, str] | None = None) -> tuple[list[Problem], list[str]]:
+    """Problems (`step_mismatch`) and explanations for the counters of `ckpt` as its trainer `profile` reads them."""
+    j = Judge(ckpt, profile, run_saves or {})
+    j.agree(GLOBAL_STEP, "global-step")
+    j.agree(EPOCH, "epoch")
+    if j.step is not None:
+        updates = of(ckpt, OPTIMIZER_UPDATES)
+        if j.has_global:
+            for source in updates:
+                j.optimizer(source)
+        for source in of(ckpt, SCHEDULER_STEPS):
+            j.scheduler(source, [u.value for u in updates])
+    return j.problems, j.notes

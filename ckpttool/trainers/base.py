@@ -1,0 +1,162 @@
+"""What a trainer profile knows about the checkpoints one trainer writes, and the defaults most trainers share.
+
+A profile answers, once for every command: is this path (or this file's content) that trainer's output; what role
+each file or top-level key plays; what each counter it saves means; how a finished save is marked; how the trainer's
+own "resume from latest" chooses; and what a resume from it needs. The format readers (`ckpttool.formats`) never
+decide these.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Problem, StepSource
+
+
+TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
+
+
+@dataclass(frozen=True)
+class FileRole:
+    """Files (or dirs) named like `pattern` hold the `role` part. In the component `name`, `{_n}` becomes `_N` for
+    the pattern's number N (nothing for 0 or none, as Accelerate names model, model_1, ...) and `{n}` the number."""
+
+    pattern: re.Pattern
+    role: str
+    name: str
+    folder: bool = False  # a DCP directory (Accelerate's FSDP sharded state), not a file
+
+    def component_name(self, match: re.Match) -> str:
+        index = match.group(1) if match.groups() else None
+        return self.name.replace("{_n}", "" if index in (None, "0") else f"_{index}").replace("{n}", index or "0")
+
+
+def role(pattern: str, part: str, name: str, folder=False) -> FileRole:
+    return FileRole(re.compile(pattern + "$"), part, name, folder)
+
+
+def numbered_dirs(folder: str, pattern: re.Pattern) -> dict[int, str]:
+    """number -> path of the subdirs of `folder` whose name matches `pattern` (group 1 is the number)."""
+    found = {}
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return found
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m and os.path.isdir(os.path.join(folder, entry)):
+            found[int(m.group(1))] = os.path.join(folder, entry)
+    return found
+
+
+class Profile:
+    """The generic profile: what holds for a checkpoint whose trainer is not known."""
+
+    name: str | None = None  # the `trainer` JSON field
+    layout: str | None = None  # shown as the layout; None keeps the reader's
+    source = ""  # the library source this profile was read from
+    file_roles: tuple[FileRole, ...] = ()  # for state dirs
+    state_files: dict[str, dict[str, str]] = {}  # JSON files of counters: file -> {key: meaning}
+    key_roles: dict[str, str] = {}  # a training dict's top-level keys -> roles (beyond the generic ones)
+    counter_meanings: tuple[tuple[str, str], ...] = ()  # (regex on the source name, meaning) for unnamed counters
+    name_pattern: re.Pattern | None = None  # the checkpoint's own name; group 1 is `name_meaning`'s value
+    name_meaning = GLOBAL_STEP
+    skips_advance_global_step = True  # an fp16-skipped update still advances the global step
+    saves_rng = True  # a checkpoint without RNG state is worth a warning
+    needs_scheduler = True
+    scheduler_rule = "after each optimizer step, or after each training step"
+    latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
+    total_limit_rule: str | None = None  # how its total limit deletes, in words
+
+    def claims_path(self, path: str) -> bool:
+        """Recognise the trainer's output from names and files alone (no pickle read)."""
+        return False
+
+    def claims(self, ckpt: Checkpoint) -> bool:
+        """Recognise the trainer's output from what a reader found (a torch file's top-level keys)."""
+        return False
+
+    # --- counters ---
+
+    def name_number(self, path: str) -> int | None:
+        if self.name_pattern is None:
+            return None
+        m = self.name_pattern.fullmatch(os.path.basename(os.path.normpath(path)))
+        return int(m.group(1)) if m else None
+
+    def name_counters(self, path: str) -> list[StepSource]:
+        number = self.name_number(path)
+        label = "file name" if os.path.isfile(path) else "directory name"
+        return [] if number is None else [StepSource(label, number, self.name_meaning)]
+
+    def interpret(self, ckpt: Checkpoint):
+        """Name the trainer, the roles of its parts and the meaning of each counter; add what an unfinished save
+        looks like as problems."""
+        ckpt.trainer = self.name
+        if self.layout:
+            ckpt.layout = self.layout
+        for comp in ckpt.components:
+            if comp.name in self.key_roles:
+                comp.role = self.key_roles[comp.name]
+        ckpt.steps[:0] = self.name_counters(ckpt.path)
+        for s in ckpt.steps:
+            if s.meaning is None:
+                s.meaning = next((meaning for pattern, meaning in self.counter_meanings
+                                  if re.search(pattern, s.source)), None)
+        ckpt.problems.extend(self.completion_problems(ckpt))
+
+    def completion_problems(self, ckpt: Checkpoint) -> list[Problem]:
+        return []
+
+    def scheduler_multiples(self, ckpt: Checkpoint) -> set[int]:
+        """How many scheduler steps one training step may make (Accelerate: one per process)."""
+        return {1}
+
+    # --- the run a checkpoint belongs to ---
+
+    def run_saves(self, path: str) -> dict[int, str]:
+        """global step -> path of every save of the run this checkpoint belongs to (itself included)."""
+        if self.name_pattern is None or self.name_meaning != GLOBAL_STEP:
+            return {}
+        return numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), self.name_pattern)
+
+    def own_latest(self, run_dir: str) -> str | None:
+        """What the trainer's own "resume from latest" would load from `run_dir` (None: it has none)."""
+        return None
+
+    # --- resume ---
+
+    def resume_problems(self, ckpt: Checkpoint) -> list[Problem]:
+        """What a resume from this checkpoint would silently lose."""
+        roles = {c.role for c in ckpt.components}
+        problems = []
+        name = os.path.basename(os.path.normpath(ckpt.path))
+        if TEMPORARY_NAME.fullmatch(name):  # SimpleTuner's checkpoint-N-tmp, the reference trainer's .tmp
+            problems.append(Problem("missing_file", ERROR, f"{name} is a temporary dir: its save never completed "
+                                    "(trainers rename it into place when done)", ckpt.path))
+        if roles <= {"model", "ema", "extra", "target", "teacher", "config", "callbacks"}:
+            return problems + [weights_only_problem(ckpt)]
+        if "optimizer" not in roles:
+            problems.append(Problem("missing_optimizer", ERROR, "no optimizer state: a resume would restart Adam "
+                                    "moments and the step count from zero", ckpt.path))
+        if self.needs_scheduler and "scheduler" not in roles:
+            problems.append(Problem("missing_scheduler", ERROR, "no LR scheduler state: a resume would restart "
+                                    "warmup and the schedule from step 0", ckpt.path))
+        if self.saves_rng and "rng" not in roles:
+            problems.append(Problem("missing_rng", WARNING, "no RNG state: a resume works but data order and dropout "
+                                    "differ from an uninterrupted run (not bit-exact)", ckpt.path))
+        return problems
+
+
+def weights_only_problem(ckpt: Checkpoint) -> Problem:
+    from ckpttool.operations.verify import state_dir_hint
+
+    hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
+    advice = (f"resume from the state dir beside it: {hint}" if hint else
+              "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
+    return Problem("weights_only", ERROR, f"{os.path.basename(os.path.normpath(ckpt.path))} holds weights only; "
+                   f"{advice}", ckpt.path)
+
+

@@ -1,0 +1,48 @@
+"""diffusers example scripts (examples/text_to_image/train_text_to_image.py and the other training scripts).
+
+They call `accelerator.save_state(f"{output_dir}/checkpoint-{global_step}")` with save hooks that pop the weights
+and write them with `save_pretrained` (`unet/`, `unet_ema/`, `transformer/`, ...) or `pytorch_lora_weights.safetensors`
+(LoRA scripts). `global_step` advances on every sync step (`accelerator.sync_gradients`), skipped fp16 updates
+included; the LR scheduler is prepared, so it lags the global step by the skipped updates. No completion marker.
+`--resume_from_checkpoint latest`: `dirs = [d for d in os.listdir(output_dir) if d.startswith("checkpoint")]`, sorted
+by `int(d.split("-")[1])`, the last one, unverified. `checkpoints_total_limit` removes the oldest before each save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ckpttool.trainers.accelerate import Accelerate, has_accelerate_files
+from ckpttool.trainers.base import numbered_dirs
+
+CHECKPOINT_N = re.compile(r"checkpoint-(\d+)")
+SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors.index.json")
+
+
+def has_pretrained_subfolder(path: str) -> bool:
+    try:
+        return any(os.path.isfile(os.path.join(path, entry, w)) for entry in os.listdir(path) for w in SUBFOLDER_WEIGHTS)
+    except OSError:
+        return False
+
+
+def highest_checkpoint(run_dir: str, pattern=CHECKPOINT_N) -> str | None:
+    saves = numbered_dirs(run_dir, pattern)
+    return saves[max(saves)] if saves else None
+
+
+class Diffusers(Accelerate):
+    name = "diffusers"
+    layout = "diffusers checkpoint-N"
+    source = "diffusers examples/*/train_*.py: save_state, --resume_from_checkpoint latest, checkpoints_total_limit"
+    name_pattern = CHECKPOINT_N
+    latest_rule = "--resume_from_checkpoint latest: the highest N among dirs named checkpoint*, not verified"
+    total_limit_rule = "checkpoints_total_limit: before each save the oldest checkpoint-N dirs are removed"
+
+    def claims_path(self, path):
+        return self.name_number(path) is not None and (has_accelerate_files(path) or has_pretrained_subfolder(path))
+
+    def own_latest(self, run_dir):
+        return highest_checkpoint(run_dir)

@@ -1,0 +1,39 @@
+"""ckpttool's own writers: the reference trainer (trainer/checkpoint.py) and `ckpttool convert --to accelerate`.
+
+`checkpoint-{step}` in Accelerate's layout plus `training_state.json` = {"global_step", "epoch"} and a ckpttool
+manifest. Written into `checkpoint-{step}.tmp` and renamed into place when complete; the trainer resumes `latest` as
+`ckpttool latest --for-resume` picks and prunes with `ckpttool prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ckpttool.model import EPOCH, GLOBAL_STEP
+from ckpttool.trainers.accelerate import Accelerate, has_accelerate_files
+
+KEYS = {"global_step", "epoch"}
+
+
+def _state(path: str):
+    try:
+        with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Reference(Accelerate):
+    name = "ckpttool"
+    layout = "ckpttool checkpoint-N (reference trainer / convert)"
+    source = "trainer/checkpoint.py write/publish; ckpttool/operations/convert.py write_accelerate"
+    state_files = {"training_state.json": {"global_step": GLOBAL_STEP, "epoch": EPOCH}}
+    name_pattern = re.compile(r"checkpoint-(\d+)(?:\.tmp)?")
+    latest_rule = "--resume-from-checkpoint latest: ckpttool latest --for-resume (verified)"
+    total_limit_rule = "--checkpoints-total-limit: ckpttool prune, never the newest valid checkpoint"
+
+    def claims_path(self, path):
+        state = _state(path) if os.path.isdir(path) else None
+        return isinstance(state, dict) and set(state) <= KEYS and has_accelerate_files(path)

@@ -1,0 +1,90 @@
+"""SimpleTuner (simpletuner/helpers/training/trainer.py `save_state`, helpers/utils/checkpoint_manager.py).
+
+`checkpoint-{global_step}` (optionally `-{suffix}`, e.g. `-rolling`), written by `accelerator.save_state` into
+`checkpoint-N-tmp` and renamed when `checkpointing_use_tempdir` is set. `training_state.json` (rank 0) and
+`training_state-rank{N}.json` (other ranks) hold `global_step`, `epoch_step`, `epoch`, `exhausted_backends`,
+`repeats`. Version 3.1.6 (PyPI) writes no completion marker: its `validate_checkpoint` asks only for
+training_state.json with `global_step` and one weights file, and `get_latest_checkpoint` takes the highest N among
+dirs starting with "checkpoint" and not ending in "tmp". Later versions write `checkpoint_manifest.json` and then
+`.guard` ("complete") as the very last file, and `get_latest_checkpoint(require_guard=True)` skips unguarded dirs.
+So the guard is required only where this version writes one: beside a checkpoint_manifest.json, or where the run's
+other checkpoints carry one. `cleanup_checkpoints(limit)` removes `-tmp` dirs, then the oldest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem
+from ckpttool.trainers.accelerate import Accelerate
+from ckpttool.trainers.base import numbered_dirs
+
+NAME = re.compile(r"checkpoint-(\d+)(?:-[^/]+)?")
+OWN_KEYS = {"epoch_step", "exhausted_backends", "repeats"}
+RANK_STATE = re.compile(r"training_state-rank\d+\.json")
+GUARD = ".guard"
+MANIFEST = "checkpoint_manifest.json"
+
+
+def _state_keys(path: str) -> set:
+    try:
+        with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return set(doc) if isinstance(doc, dict) else set()
+
+
+def guarded(path: str) -> bool:
+    try:
+        with open(os.path.join(path, GUARD), encoding="utf-8", errors="replace") as f:
+            return f.read().strip() == "complete"
+    except OSError:
+        return False
+
+
+class SimpleTuner(Accelerate):
+    name = "simpletuner"
+    layout = "SimpleTuner checkpoint-N"
+    source = "SimpleTuner 3.1.6 and main: helpers/training/trainer.py, helpers/utils/checkpoint_manager.py"
+    name_pattern = NAME
+    state_files = {"training_state.json": {"global_step": GLOBAL_STEP, "epoch": EPOCH},
+                   r"training_state-rank\d+\.json": {"global_step": GLOBAL_STEP, "epoch": EPOCH}}
+    latest_rule = ("get_latest_checkpoint: the highest N among checkpoint* dirs not ending in tmp (newer versions: "
+                   "only dirs with a .guard)")
+    total_limit_rule = "checkpoints_total_limit: -tmp dirs are removed, then the oldest checkpoint-N"
+
+    def claims_path(self, path):
+        if not os.path.isdir(path):
+            return False
+        names = set(os.listdir(path))
+        return bool({GUARD, MANIFEST} & names or any(RANK_STATE.fullmatch(n) for n in names)
+                    or OWN_KEYS & _state_keys(path))
+
+    def run_saves(self, path):
+        return numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), re.compile(r"checkpoint-(\d+)"))
+
+    def completion_problems(self, ckpt):
+        if ckpt.path.rstrip("/").endswith("-tmp"):
+            return []  # a resume refuses it by name (Profile.resume_problems); its files may still be read
+        if guarded(ckpt.path):
+            return []
+        if os.path.exists(os.path.join(ckpt.path, GUARD)):
+            why = ".guard does not say 'complete'"
+        elif os.path.isfile(os.path.join(ckpt.path, MANIFEST)):
+            why = f"{MANIFEST} is there but .guard, which this SimpleTuner version writes right after it, is not"
+        elif any(guarded(p) for p in self.run_saves(ckpt.path).values()):
+            why = "the run's other checkpoints carry a .guard, which SimpleTuner writes last, and this one has none"
+        else:
+            return []  # versions up to 3.1.6 write no guard
+        return [Problem("missing_file", ERROR, f"{why}: SimpleTuner never finished this save",
+                        os.path.join(ckpt.path, GUARD))]
+
+    def own_latest(self, run_dir):
+        candidates = [d for d in os.listdir(run_dir) if d.startswith("checkpoint") and not d.endswith("tmp")
+                      and NAME.fullmatch(d) and os.path.isdir(os.path.join(run_dir, d))]
+        if any(guarded(os.path.join(run_dir, d)) for d in candidates):  # a version that writes guards requires them
+            candidates = [d for d in candidates if guarded(os.path.join(run_dir, d))]
+        return os.path.join(run_dir, max(candidates, key=lambda d: int(d.split("-")[1]))) if candidates else None

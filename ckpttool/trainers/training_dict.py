@@ -1,0 +1,21 @@
+"""A training dict saved with torch.save by a custom trainer (Z-Image style and countless others):
+{"model": ..., "optimizer": ..., "lr_scheduler": ..., "global_step": N, "epoch": E, ...}. The key names are a
+convention, not a format: `global_step`, `step`, `iteration`, ... are read as the global step (see torchfile's
+STEP_KEYS), `epoch` as the epoch. Such trainers resume from the file or config they are given: no "latest".
+"""
+
+from __future__ import annotations
+
+from ckpttool.model import EPOCH, GLOBAL_STEP
+from ckpttool.trainers.base import Profile
+
+
+class TrainingDict(Profile):
+    name = "training_dict"
+    layout = "training dict .pt (custom trainer)"
+    counter_meanings = ((r"^training dict '(?:epoch|current_epoch|epochs)'$", EPOCH),
+                        (r"^training dict '", GLOBAL_STEP))
+
+    def claims(self, ckpt):
+        return ckpt.format == "torch" and (any(s.source.startswith("training dict") for s in ckpt.steps) or
+                                           any(c.role in ("optimizer", "scheduler") for c in ckpt.components))

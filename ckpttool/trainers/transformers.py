@@ -1,0 +1,60 @@
+"""transformers.Trainer (transformers 5.x trainer.py `_save_checkpoint`, trainer_utils.py).
+
+`{output_dir}/checkpoint-{global_step}`: the model (`model.safetensors`, sharded with an index for large models,
+`pytorch_model.bin` from versions with save_safetensors=False, or `adapter_model.safetensors` for a PEFT model),
+`training_args.bin` (a pickled TrainingArguments: never read here), `optimizer.pt`, `scheduler.pt`, `scaler.pt`
+(the Accelerate GradScaler, with fp16), `rng_state.pth` (`rng_state_{rank}.pth` with several processes), and last
+`trainer_state.json` (`global_step`: optimizer steps attempted, fp16-skipped ones included; `epoch` is a float).
+The scheduler steps only `if not self.accelerator.optimizer_step_was_skipped`, and earlier versions stepped it every
+step: it may equal the optimizer's updates or the global step. `resume_from_checkpoint=True`: `get_last_checkpoint`,
+the highest N among dirs matching `^checkpoint-(\\d+)$`, unverified. `save_total_limit`: `rotate_checkpoints` deletes
+the oldest (by mtime), keeping the newest and the best.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ckpttool.model import ERROR, GLOBAL_STEP, Problem
+from ckpttool.trainers.base import Profile, role
+from ckpttool.trainers.diffusers import highest_checkpoint
+
+FILES = (
+    role(r"model\.safetensors", "model", "model"),
+    role(r"pytorch_model\.bin", "model", "model"),
+    role(r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json", "model", "model"),
+    role(r"adapter_model\.(?:safetensors|bin)", "model", "adapter"),
+    role(r"optimizer\.pt", "optimizer", "optimizer"),
+    role(r"scheduler\.pt", "scheduler", "scheduler"),
+    role(r"scaler\.pt", "scaler", "scaler"),
+    role(r"rng_state\.pth", "rng", "rng_state"),
+    role(r"rng_state_(\d+)\.pth", "rng", "rng_state_{n}"),
+)
+OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_0.pth",
+             "training_args.bin")
+TRAINER_STATE = "trainer_state.json"
+
+
+class Transformers(Profile):
+    name = "transformers"
+    layout = "transformers.Trainer checkpoint-N"
+    source = "transformers 5.x trainer.py _save_checkpoint / _inner_training_loop, trainer_utils.py get_last_checkpoint"
+    file_roles = FILES
+    state_files = {TRAINER_STATE: {"global_step": GLOBAL_STEP}}
+    name_pattern = re.compile(r"checkpoint-(\d+)")
+    latest_rule = "resume_from_checkpoint=True: get_last_checkpoint, the highest N among checkpoint-N dirs, unverified"
+    total_limit_rule = "save_total_limit: rotate_checkpoints deletes the oldest, keeping the newest and the best"
+
+    def claims_path(self, path):
+        return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in OWN_FILES)
+
+    def completion_problems(self, ckpt):
+        if os.path.isfile(os.path.join(ckpt.path, TRAINER_STATE)):
+            return []
+        return [Problem("missing_file", ERROR, f"no {TRAINER_STATE}: Trainer writes it last, after the model, "
+                        "optimizer, scheduler and RNG state, so this save never finished (and a resume could not "
+                        "restore the global step)", os.path.join(ckpt.path, TRAINER_STATE))]
+
+    def own_latest(self, run_dir):
+        return highest_checkpoint(run_dir, self.name_pattern)
