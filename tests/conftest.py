@@ -28,3 +28,12 @@ def run_json(runner, args):
 
     result = runner.invoke(main, args)
     return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Runs written by the real trainers (transformers.Trainer, Lightning, a diffusers-style Accelerate loop, PEFT,
+    torch.distributed.checkpoint as torchtitan lays it out), built once per test session; {name: run dir}."""
+    from fixtures.real_runs import build_runs
+
+    return build_runs(str(tmp_path_factory.mktemp("runs")))

@@ -298,9 +298,10 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
     elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
         metadata["top_level_keys"] = [str(k) for k in obj]
         for key, value in obj.items():
-            role = (role_of_key(key) if isinstance(key, str) else None) or _role_of_dict(value)
+            named_role = role_of_key(key) if isinstance(key, str) else None
+            role = named_role or _role_of_dict(value)
             if role and (_has_tensors(value) or _role_of_dict(value) or role in ("rng", "custom")):
-                taken = key if NUMBERED_PARTS.match(key) else role
+                taken = key if NUMBERED_PARTS.match(key) or not named_role else role
                 component(taken if taken not in [c.name for c in components] else key, role, value)
             elif _has_tensors(value):
                 component(str(key), "extra", value)

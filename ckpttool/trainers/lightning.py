@@ -63,12 +63,12 @@ class Lightning(Profile):
 
     def resume_problems(self, ckpt):
         keys = set(ckpt.metadata.get("top_level_keys", []))
-        if "optimizer_states" not in keys:
+        if not {"optimizer_states", "lr_schedulers"} & keys:  # save_weights_only=True writes neither
             return [weights_only_problem(ckpt)] if "state_dict" in keys else super().resume_problems(ckpt)
         problems = []
         if not [c for c in ckpt.components if c.role == "optimizer"]:
-            problems.append(Problem("missing_optimizer", ERROR, "optimizer_states holds no optimizer state",
-                                    ckpt.path))
+            problems.append(Problem("missing_optimizer", ERROR, "no optimizer_states: a resume would restart the "
+                                    "optimizer", ckpt.path))
         if "lr_schedulers" not in keys:  # an empty list means no scheduler was configured
             problems.append(Problem("missing_scheduler", ERROR, "no lr_schedulers key: a resume would restart "
                                     "the LR schedule", ckpt.path))
