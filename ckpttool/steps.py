@@ -158,7 +158,7 @@ class Judge:
         if any(k * low <= value <= k * high for k in multiples):
             return
         epochs = of(self.ckpt, EPOCH)
-        if self.profile.name == "lightning" and epochs and value in (epochs[0].value, epochs[0].value + 1):
+        if self.profile.scheduler_may_step_per_epoch and epochs and value in (epochs[0].value, epochs[0].value + 1):
             return  # an interval="epoch" scheduler
         rule = self.profile.scheduler_rule
         if value > max(multiples) * high:

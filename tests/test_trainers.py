@@ -203,3 +203,17 @@ def test_truncated_newest_transformers_checkpoint(runs, tmp_path):
     _, out = cli("latest", "--json", "--for-resume", run)
     assert out["path"] == os.path.join(run, "checkpoint-4") and out["skipped"][0]["codes"] == ["truncated"]
     assert out["trainer_pick"] == os.path.join(run, "checkpoint-6") and "truncated" in out["differs"]
+
+
+def test_transformers_save_cut_short_after_the_weights(runs, tmp_path):
+    """Killed right after save_model: config.json and the weights, nothing else. Still read as transformers, so the
+    missing trainer_state.json (written last) marks it unfinished, and `latest` falls back."""
+    run = copy(runs["transformers"], tmp_path)
+    newest = os.path.join(run, "checkpoint-6")
+    for name in os.listdir(newest):
+        if name not in ("config.json", "model.safetensors"):
+            os.remove(os.path.join(newest, name))
+    report = cli("verify", "--json", newest)[1]
+    assert report["trainer"] == "transformers" and codes(report, "error") == ["missing_file"]
+    _, out = cli("latest", "--json", run)
+    assert out["path"] == os.path.join(run, "checkpoint-4") and out["trainer_pick"] == newest

@@ -67,6 +67,7 @@ class Profile:
     saves_rng = True  # a checkpoint without RNG state is worth a warning
     needs_scheduler = True
     scheduler_rule = "after each optimizer step, or after each training step"
+    scheduler_may_step_per_epoch = False  # Lightning's interval="epoch": last_epoch counts epochs
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
     total_limit_rule: str | None = None  # how its total limit deletes, in words
 

@@ -19,7 +19,7 @@ from ckpttool.trainers.base import Profile, weights_only_problem
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
 LAST = re.compile(r"last(?:-v?\d+)?\.ckpt")
-LOOP_OPTIMIZER_STEPS = "fit_loop.epoch_loop.automatic_optimization.optim_progress"
+LOOP_OPTIMIZER_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"  # under loops["fit_loop"]
 
 
 class Lightning(Profile):
@@ -33,6 +33,7 @@ class Lightning(Profile):
     name_pattern = STEP_IN_NAME
     saves_rng = False
     scheduler_rule = "per step or per epoch, as configured (the interval is not saved)"
+    scheduler_may_step_per_epoch = True
     latest_rule = 'ckpt_path="last": the last*.ckpt with the newest modification time'
     total_limit_rule = "ModelCheckpoint(save_top_k=k) deletes all but the k best-scoring files"
 
@@ -40,11 +41,8 @@ class Lightning(Profile):
         return ckpt.format == "torch" and "pytorch-lightning_version" in ckpt.metadata
 
     def interpret(self, ckpt):
-        loops = ckpt.metadata.get("loops")
-        progress = loops.get("fit_loop", {}).get(f"epoch_loop.automatic_optimization.optim_progress", {}) \
-            if isinstance(loops, dict) else {}
-        completed = progress.get("optimizer", {}).get("step", {}).get("total", {}).get("completed") \
-            if isinstance(progress, dict) else None
+        completed = _dig(ckpt.metadata.get("loops"), "fit_loop", LOOP_OPTIMIZER_PROGRESS, "optimizer", "step", "total",
+                         "completed")
         if type(completed) is int:
             ckpt.steps.append(StepSource("loops optimizer.step.total.completed", completed))
         super().interpret(ckpt)
@@ -73,3 +71,12 @@ class Lightning(Profile):
             problems.append(Problem("missing_scheduler", ERROR, "no lr_schedulers key: a resume would restart "
                                     "the LR schedule", ckpt.path))
         return problems
+
+
+def _dig(obj, *keys):
+    """obj[k1][k2]... of plain dicts, or None where a level is missing or not a dict (the file is untrusted)."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj

@@ -34,6 +34,7 @@ FILES = (
 OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_0.pth",
              "training_args.bin")
 TRAINER_STATE = "trainer_state.json"
+WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 class Transformers(Profile):
@@ -47,7 +48,15 @@ class Transformers(Profile):
     total_limit_rule = "save_total_limit: rotate_checkpoints deletes the oldest, keeping the newest and the best"
 
     def claims_path(self, path):
-        return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in OWN_FILES)
+        """Its own files; or, cut short right after `save_model`, a top-level config.json beside the weights
+        (Accelerate and diffusers dirs keep configs only inside save_pretrained subfolders)."""
+        if not os.path.isdir(path):
+            return False
+        if any(os.path.exists(os.path.join(path, f)) for f in OWN_FILES):
+            return True
+        return self.name_number(path) is not None and os.path.isfile(os.path.join(path, "config.json")) and any(
+            os.path.isfile(os.path.join(path, w)) for w in WEIGHTS) and not os.path.exists(
+            os.path.join(path, "random_states_0.pkl"))
 
     def completion_problems(self, ckpt):
         if os.path.isfile(os.path.join(ckpt.path, TRAINER_STATE)):
