@@ -13,7 +13,8 @@ from ckpttool.operations.manifest import MANIFEST_SUFFIX
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-STEP_IN_FILE_NAME = re.compile(r"(?:step|iter|checkpoint|ckpt|epoch)?[-_=]?(\d+)(?:-v\d+)?\.(?:pt|pth|bin|ckpt|safetensors)$")
+STEP_IN_FILE_NAME = re.compile(r"(?:step|iter|checkpoint|ckpt|epoch)?[-_=]?(\d+)(?:-v\d+)?"
+                               r"\.(?:pt|pth|bin|ckpt|safetensors)$")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
 
 

@@ -184,7 +184,8 @@ def test_transformers_missing_parts(runs, tmp_path, remove, code):
     assert report["ok"] is False and code in codes(report, "error")
 
 
-@pytest.mark.parametrize("drop,code", [("lr_schedulers", "missing_scheduler"), ("optimizer_states", "missing_optimizer"),
+@pytest.mark.parametrize("drop,code", [("lr_schedulers", "missing_scheduler"),
+                                       ("optimizer_states", "missing_optimizer"),
                                        (("optimizer_states", "lr_schedulers"), "weights_only")])
 def test_lightning_missing_keys(runs, tmp_path, drop, code):
     ckpt = torch.load(os.path.join(runs["lightning"], "epoch=0-step=4.ckpt"), weights_only=False)

@@ -43,7 +43,8 @@ def read(path: str) -> Checkpoint:
     _, step = parse(os.path.basename(path))
     family = members(folder).get(step, {})
     kinds_anywhere = {kind for group in members(folder).values() for kind in group}
-    ckpt = Checkpoint(path, "family", "consistency_models file family", steps=[StepSource("file name", step)])  # its meaning: trainers/consistency_models
+    # what the name's step means, trainers/consistency_models says
+    ckpt = Checkpoint(path, "family", "consistency_models file family", steps=[StepSource("file name", step)])
     for kind in sorted(family, key=lambda k: (k != "model", k)):
         member = family[kind]
         role = "ema" if kind.startswith("ema_") else ROLES.get(kind, "extra")

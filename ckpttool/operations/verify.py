@@ -262,7 +262,8 @@ def check_resume(v: Verification, ckpt: Checkpoint):
     found = trainers.profile_of(ckpt).resume_problems(ckpt)
     v.problems.extend(found)
     v.check("resume completeness", FAIL if any(p.severity == ERROR for p in found) else WARN if found else PASS,
-            "; ".join(f"{p.code}: {p.message}" for p in found) or "everything this trainer saves for a resume is present")
+            "; ".join(f"{p.code}: {p.message}" for p in found) or
+            "everything this trainer saves for a resume is present")
 
 
 # --- finite scan ---

@@ -23,7 +23,8 @@ SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 
 def has_pretrained_subfolder(path: str) -> bool:
     try:
-        return any(os.path.isfile(os.path.join(path, entry, w)) for entry in os.listdir(path) for w in SUBFOLDER_WEIGHTS)
+        return any(os.path.isfile(os.path.join(path, entry, w)) for entry in os.listdir(path)
+                   for w in SUBFOLDER_WEIGHTS)
     except OSError:
         return False
 

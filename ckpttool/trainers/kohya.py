@@ -28,7 +28,8 @@ class Kohya(Accelerate):
 
     def claims_path(self, path):
         name = os.path.basename(os.path.normpath(path))
-        return os.path.isdir(path) and (name.endswith("-state") or os.path.isfile(os.path.join(path, "train_state.json")))
+        return os.path.isdir(path) and (name.endswith("-state") or
+                                        os.path.isfile(os.path.join(path, "train_state.json")))
 
     def name_counters(self, path):
         name = os.path.basename(os.path.normpath(path))
