@@ -218,3 +218,18 @@ def test_transformers_save_cut_short_after_the_weights(runs, tmp_path):
     assert report["trainer"] == "transformers" and codes(report, "error") == ["missing_file"]
     _, out = cli("latest", "--json", run)
     assert out["path"] == os.path.join(run, "checkpoint-4") and out["trainer_pick"] == newest
+
+
+def test_accelerate_scheduler_steps_once_per_process(tmp_path):
+    """Without split_batches a prepared scheduler steps num_processes times per update (accelerate/scheduler.py):
+    with one RNG file per process that is expected; with one process it is a warning, never an error."""
+    from tests.helpers import state_dir
+
+    d = state_dir(str(tmp_path / "checkpoint-3"), 3)
+    sched = torch.load(os.path.join(d, "scheduler.bin"), weights_only=True)
+    torch.save({**sched, "last_epoch": 6, "_step_count": 7}, os.path.join(d, "scheduler.bin"))
+    result, report = cli("verify", "--json", d)
+    assert result.exit_code == 0 and codes(report, "warning") == ["step_mismatch"] and "2x" in str(report)
+    shutil.copy2(os.path.join(d, "random_states_0.pkl"), os.path.join(d, "random_states_1.pkl"))
+    result, report = cli("verify", "--json", d)
+    assert result.exit_code == 0 and codes(report) == [], report["problems"]
