@@ -8,15 +8,7 @@ import os
 import re
 
 from ckpttool.gate import ResumeGateError, check_resume
-
-
-def _automatic_dir(accelerator) -> str | None:
-    """The dir Accelerate itself would load with automatic checkpoint naming (the highest checkpoint_N)."""
-    folder = os.path.join(accelerator.project_dir or ".", "checkpoints")
-    if not os.path.isdir(folder):
-        return None
-    numbered = [(int(m.group(1)), e) for e in os.listdir(folder) if (m := re.fullmatch(r"checkpoint_(\d+)", e))]
-    return os.path.join(folder, max(numbered)[1]) if numbered else None
+from ckpttool.trainers.accelerate import AccelerateAutomatic
 
 
 def _custom_object_problems(path: str, accelerator) -> list[dict]:
@@ -40,7 +32,7 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False)
     def gated_load_state(input_dir=None, *args, **kwargs):
         path = input_dir
         if path is None and accelerator.project_configuration.automatic_checkpoint_naming:
-            path = _automatic_dir(accelerator)
+            path = AccelerateAutomatic().own_latest(accelerator.project_dir or ".")  # what load_state() will load
         if path is not None:
             models = [accelerator.unwrap_model(m) for m in accelerator._models]
             optimizers = accelerator._optimizers

@@ -235,28 +235,6 @@ def _find_keys(doc) -> dict:
 
 # --- resume completeness ---
 
-def state_dir_hint(path: str) -> str | None:
-    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
-    `checkpoint-N` beside it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    from ckpttool.formats import is_state_dir
-
-    if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
-        return folder
-    stem = os.path.basename(path)
-    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-        stem = stem.removesuffix(suffix)
-    kohya = os.path.join(folder, f"{stem}-state")
-    if os.path.isdir(kohya):
-        return kohya
-    numbered = []
-    for entry in os.listdir(folder):
-        m = re.fullmatch(r"checkpoint[-_](\d+)", entry)
-        if m and os.path.isdir(os.path.join(folder, entry)):
-            numbered.append((int(m.group(1)), entry))
-    return os.path.join(folder, max(numbered)[1]) if numbered else None
-
-
 def check_resume(v: Verification, ckpt: Checkpoint):
     """What a resume would silently lose, as the trainer that wrote it saves state (ckpttool/trainers/)."""
     found = trainers.profile_of(ckpt).resume_problems(ckpt)

@@ -152,8 +152,6 @@ class Profile:
 
 
 def weights_only_problem(ckpt: Checkpoint) -> Problem:
-    from ckpttool.operations.verify import state_dir_hint
-
     hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
     advice = (f"resume from the state dir beside it: {hint}" if hint else
               "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
@@ -161,3 +159,19 @@ def weights_only_problem(ckpt: Checkpoint) -> Problem:
                    f"{advice}", ckpt.path)
 
 
+def state_dir_hint(path: str) -> str | None:
+    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
+    `checkpoint-N` beside it."""
+    from ckpttool.formats import is_state_dir
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
+        return folder
+    stem = os.path.basename(path)
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        stem = stem.removesuffix(suffix)
+    kohya = os.path.join(folder, f"{stem}-state")
+    if os.path.isdir(kohya):
+        return kohya
+    numbered = numbered_dirs(folder, re.compile(r"checkpoint[-_](\d+)"))
+    return numbered[max(numbered)] if numbered else None
