@@ -30,6 +30,10 @@ demo: $(STAMP)
 	@echo "== resume from the latest valid checkpoint, through ckpttool's gate"
 	$(TRAIN) --resume-from-checkpoint latest
 	$(BIN)/ckpttool verify --for-resume demo-run/train/checkpoint-30
+	@echo "== real fp16 runs (made on a GPU; 3-4 updates skipped by the GradScaler): verified clean, the skips explained"
+	$(BIN)/ckpttool verify --for-resume tests/data/fp16/transformers/checkpoint-10
+	$(BIN)/ckpttool inspect "tests/data/fp16/lightning/epoch=0-step=10.ckpt"
+	$(BIN)/ckpttool latest --for-resume tests/data/fp16/accelerate
 	$(BIN)/python -m fixtures demo-run/fixtures > /dev/null
 	@echo "== a diffusers-style checkpoint-N (Accelerate save_state with unet/ weights)"
 	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-3

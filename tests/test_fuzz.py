@@ -106,3 +106,39 @@ def test_sharded_index_reader(tmp_path_factory, doc):
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps(doc))
     read_or_ckpterror(sharded.read, str(index))
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                         max_size=4), max_leaves=12)
+STATE_KEYS = st.sampled_from(["global_step", "epoch", "current_step", "current_epoch", "epoch_step", "repeats"])
+
+
+@FUZZ
+@given(files=st.dictionaries(st.sampled_from(["trainer_state.json", "training_state.json", "train_state.json",
+                                              "training_state-rank1.json"]),
+                             st.dictionaries(STATE_KEYS, JSON_VALUES, max_size=4) | JSON_VALUES, min_size=1,
+                             max_size=3),
+       loops=JSON_VALUES)
+def test_trainer_state_files_and_lightning_loops(corpus, tmp_path_factory, files, loops):
+    """The trainer profiles read state JSON files and Lightning's `loops` from untrusted files: whatever they hold,
+    inspect and verify report, never raise."""
+    import json
+    import shutil
+
+    import torch
+
+    from ckpttool.operations.inspect import inspect
+    from ckpttool.operations.verify import verify
+
+    folder = tmp_path_factory.mktemp("state") / "checkpoint-3"
+    shutil.copytree(corpus["accelerate"], folder)
+    for name, doc in files.items():
+        (folder / name).write_text(json.dumps(doc))
+    for run in (inspect, lambda p: verify(p, for_resume=True)):
+        run(str(folder))
+    ckpt = folder.parent / "x.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6", "global_step": 3, "state_dict": {"w": torch.ones(1)},
+                "loops": loops, "optimizer_states": [], "lr_schedulers": []}, ckpt)
+    for run in (inspect, lambda p: verify(p, for_resume=True)):
+        run(str(ckpt))
