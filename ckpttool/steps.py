@@ -68,15 +68,16 @@ def scaler_state(ckpt: Checkpoint) -> dict | None:
 
 
 def scaler_skips(scaler: dict, step: int) -> tuple[int | None, int, int]:
-    """(skips the loss scale shows under the default init_scale or None, most growths possible, hard upper bound)."""
+    """(net back-offs the loss scale shows under the default init_scale, or None when its factors are not the
+    defaults; most growths possible; hard upper bound on skips). A skip halves the scale and a growth doubles it,
+    so skips = growths + log2(65536 / scale), which is negative once a long run's scale has grown past 65536."""
     tracker = scaler.get("_growth_tracker") if type(scaler.get("_growth_tracker")) is int else 0
     interval = scaler.get("growth_interval") if type(scaler.get("growth_interval")) is int else GROWTH_INTERVAL
-    backoff = scaler.get("backoff_factor") if isinstance(scaler.get("backoff_factor"), float) else 0.5
     hard = max(0, step - tracker)
     halvings = None
     scale = scaler["scale"]
-    if 0 < scale <= DEFAULT_INIT_SCALE and 0 < backoff < 1:
-        exact = math.log(DEFAULT_INIT_SCALE / scale) / math.log(1 / backoff)
+    if scale > 0 and scaler.get("backoff_factor", 0.5) == 0.5 and scaler.get("growth_factor", 2.0) == 2.0:
+        exact = math.log2(DEFAULT_INIT_SCALE / scale)
         halvings = round(exact) if abs(exact - round(exact)) < 1e-9 else None
     return halvings, hard // max(1, interval), hard
 
@@ -116,8 +117,8 @@ class Judge:
         if lag == 0:
             return
         earlier = [s for s in self.earlier if updates <= s]
-        why = self._lag_explained(lag)
-        if why == EXPLAINED:
+        verdict, why = self._lag_explained(lag)
+        if verdict == EXPLAINED:
             return
         if earlier:
             self.error(f"{source.source} is {updates}, {lag} behind the global step {step}: no more than the run's "
@@ -126,29 +127,32 @@ class Judge:
             self.warn(f"{source.source} is {updates}, {lag} behind the global step {step}; "
                       f"{self.profile.name} advances its step only on applied updates, so the optimizer was "
                       "re-created (progressive distillation) or started fresh on a resume that lacked its file")
-        elif why == PLAUSIBLE:
-            self.warn(f"{source.source} is {updates}, {lag} behind the global step {step}: consistent with fp16 "
-                      "loss-scale skips (no scaler state to confirm it)")
+        elif verdict == PLAUSIBLE:
+            self.warn(f"{source.source} is {updates}, {lag} behind the global step {step}: {why}")
         else:
             self.error(f"{source.source} is {updates}, {lag} behind the global step {step}: {why}; the optimizer "
                        "state comes from another save")
 
-    def _lag_explained(self, lag) -> str:
-        """EXPLAINED (the scaler shows exactly these skips), PLAUSIBLE (no scaler: a small lag), or why not."""
+    def _lag_explained(self, lag) -> tuple[str | None, str]:
+        """(EXPLAINED, note): the scaler shows exactly these skips; (PLAUSIBLE, why): fp16 skips may explain it;
+        (None, why): nothing a healthy run does explains it."""
         scaler = scaler_state(self.ckpt)
         if scaler is None:
             allowance = skip_allowance(self.step)
-            return PLAUSIBLE if lag <= allowance else \
-                f"more skipped updates than a healthy fp16 run has by this step (at most {allowance} assumed)"
+            if lag <= allowance:
+                return PLAUSIBLE, "consistent with fp16 loss-scale skips (no scaler state to confirm it)"
+            return None, f"more skipped updates than a healthy fp16 run has by this step (at most {allowance} assumed)"
         halvings, growths, hard = scaler_skips(scaler, self.step)
         if lag > hard:
-            return (f"the GradScaler's growth tracker shows the last {self.step - hard} updates were all applied, so "
-                    f"at most {hard} can have been skipped")
+            return None, (f"the GradScaler's growth tracker shows the last {self.step - hard} updates were all "
+                          f"applied, so at most {hard} can have been skipped")
         if halvings is not None and halvings <= lag <= halvings + growths:
-            self.notes.append(f"{lag} fp16-skipped updates, matching the loss scale ({scaler['scale']:g}, "
-                              f"{halvings} back-offs from {DEFAULT_INIT_SCALE:g})")
-            return EXPLAINED
-        return PLAUSIBLE
+            note = (f"{lag} fp16-skipped updates, matching the loss scale ({scaler['scale']:g}, {halvings} net "
+                    f"back-offs from {DEFAULT_INIT_SCALE:g}" + (f", up to {growths} growths" if growths else "") + ")")
+            self.notes.append(note)
+            return EXPLAINED, note
+        return PLAUSIBLE, (f"consistent with fp16 loss-scale skips only if init_scale was not the default "
+                           f"{DEFAULT_INIT_SCALE:g} (the scale {scaler['scale']:g} shows {halvings} net back-offs)")
 
     def scheduler(self, source, updates):
         value, step = source.value, self.step

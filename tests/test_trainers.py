@@ -233,3 +233,32 @@ def test_accelerate_scheduler_steps_once_per_process(tmp_path):
     shutil.copy2(os.path.join(d, "random_states_0.pkl"), os.path.join(d, "random_states_1.pkl"))
     result, report = cli("verify", "--json", d)
     assert result.exit_code == 0 and codes(report) == [], report["problems"]
+
+
+def test_scaler_with_a_non_default_init_scale_warns(tmp_path):
+    d = copy(os.path.join(FP16, "accelerate", "checkpoint-10"), tmp_path)
+    path = os.path.join(d, "scaler.pt")
+    scaler = torch.load(path, weights_only=True)
+    torch.save({**scaler, "scale": 2.0 ** 20}, path)  # 3 skips from init_scale 2**23: plausible, not provable
+    result, report = cli("verify", "--json", d)
+    assert result.exit_code == 0 and codes(report, "warning") == ["step_mismatch"]
+    assert "only if init_scale was not the default" in str(report)
+
+
+def test_long_run_scale_grown_past_the_default_still_explains_skips():
+    """10,100 steps: the scale grew to 131072 (growths every 2000 clean updates, each undone by an overflow but one):
+    skips = growths - 1 <= 4, so a lag of 4 is explained; a lag of 6 is not, though the tracker allows it."""
+    from ckpttool.model import GLOBAL_STEP, OPTIMIZER_UPDATES, Checkpoint, Component, StepSource
+    from ckpttool.steps import judge
+    from ckpttool.trainers import GENERIC
+
+    def checkpoint(updates):
+        scaler = Component("scaler", "scaler", tree={"scale": 131072.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                      "growth_interval": 2000, "_growth_tracker": 100})
+        return Checkpoint("x", "torch", "t", components=[scaler], steps=[
+            StepSource("state", 10100, GLOBAL_STEP), StepSource("optimizer", updates, OPTIMIZER_UPDATES)])
+
+    problems, notes = judge(checkpoint(10096), GENERIC)
+    assert problems == [] and "4 fp16-skipped updates" in notes[0]
+    problems, _ = judge(checkpoint(10094), GENERIC)
+    assert [(p.code, p.severity) for p in problems] == [("step_mismatch", "warning")]
