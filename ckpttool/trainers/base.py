@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Problem, StepSource
 
-
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
 
 
@@ -56,7 +55,7 @@ class Profile:
 
     name: str | None = None  # the `trainer` JSON field
     layout: str | None = None  # shown as the layout; None keeps the reader's
-    source = ""  # the library source this profile was read from
+    source = ""  # the library source this profile was read from (shown by inspect as metadata.trainer_source)
     file_roles: tuple[FileRole, ...] = ()  # for state dirs
     state_files: dict[str, dict[str, str]] = {}  # JSON files of counters: file -> {key: meaning}
     key_roles: dict[str, str] = {}  # a training dict's top-level keys -> roles (beyond the generic ones)
@@ -96,6 +95,8 @@ class Profile:
         """Name the trainer, the roles of its parts and the meaning of each counter; add what an unfinished save
         looks like as problems."""
         ckpt.trainer = self.name
+        if self.source:
+            ckpt.metadata["trainer_source"] = self.source
         if self.layout:
             ckpt.layout = self.layout
         for comp in ckpt.components:

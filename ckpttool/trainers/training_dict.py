@@ -13,6 +13,7 @@ from ckpttool.trainers.base import Profile
 class TrainingDict(Profile):
     name = "training_dict"
     layout = "training dict .pt (custom trainer)"
+    source = "no library: the convention of custom trainers (Z-Image style train.py: global_step, epoch keys)"
     counter_meanings = ((r"^training dict '(?:epoch|current_epoch|epochs)'$", EPOCH),
                         (r"^training dict '", GLOBAL_STEP))
 
