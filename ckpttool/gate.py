@@ -94,10 +94,32 @@ def _model_problems(ckpt, model) -> tuple[list[dict], str | None]:
     model_file = next((f for f in comp.files if f.endswith((".safetensors", ".bin", ".pt", ".pth"))), None)
     live = model_tensors(model)
     report = compare(comp.tensors, live, labels=("the checkpoint", "the model"))
+    tied = _tied_and_present(model, report)
+    report.only_b = [k for k in report.only_b if k not in tied]
     problems = problems_of(report, "the checkpoint", "the model", dtype_severity="warning", strict=True)
+    if tied:  # safetensors saving drops tied copies (save_model, transformers' save_pretrained); loading re-ties
+        problems.append({"code": "key_mismatch", "severity": "warning",
+                         "message": f"{', '.join(sorted(tied)[:5])} not in the checkpoint, but tied in the model to "
+                                    f"{', '.join(sorted(set(tied.values()))[:5])}, which it holds: load with "
+                                    "strict=False (as transformers does) or re-tie after loading"})
     if report.rules:  # the first problem is then the prefix one: say which remap option fixes it
         problems[0]["remap"] = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
     return problems, model_file
+
+
+def _tied_and_present(model, report) -> dict[str, str]:
+    """Model keys the checkpoint lacks that share storage with a key it holds (tied weights): {missing: present}."""
+    pointers = {}
+    for key, value in model.state_dict().items():
+        pointers.setdefault(value.untyped_storage().data_ptr(), []).append(key)
+    present = {key for key, _, _ in report.common}
+    tied = {}
+    for group in pointers.values():
+        held = [k for k in group if k in present]
+        for key in group:
+            if held and key in report.only_b:
+                tied[key] = held[0]
+    return tied
 
 
 def _optimizer_problems(ckpt, optimizer) -> list[dict]:

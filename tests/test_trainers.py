@@ -262,3 +262,23 @@ def test_long_run_scale_grown_past_the_default_still_explains_skips():
     assert problems == [] and "4 fp16-skipped updates" in notes[0]
     problems, _ = judge(checkpoint(10094), GENERIC)
     assert [(p.code, p.severity) for p in problems] == [("step_mismatch", "warning")]
+
+
+def test_gate_with_the_live_objects_a_real_trainer_resumes_into(runs, tmp_path):
+    """transformers.Trainer's own optimizer (decay / no-decay groups) and scheduler on a fresh tied GPT-2: the gate
+    passes the healthy checkpoints, warning only that lm_head.weight is tied to the saved wte (safetensors drops it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path),
+                                                          use_cpu=True, report_to=[], max_steps=6))
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    for path in (os.path.join(runs["transformers"], "checkpoint-6"), os.path.join(FP16, "transformers", "checkpoint-10"),
+                 os.path.join(DATA, "transformers4_bin", "checkpoint-4")):
+        report = check_resume(path, model=model, optimizer=trainer.optimizer, scheduler=trainer.lr_scheduler)
+        assert report.ok and all(p["severity"] == "warning" for p in report.problems)
+        assert all("tied" in p["message"] for p in report.problems if p["code"] == "key_mismatch")
+    with pytest.raises(ResumeGateError) as err:  # a plain single-group optimizer is not what the Trainer saved
+        check_resume(os.path.join(runs["transformers"], "checkpoint-6"), model=model,
+                     optimizer=torch.optim.AdamW(model.parameters()))
+    assert {p["code"] for p in err.value.problems} == {"optimizer_mismatch"}
