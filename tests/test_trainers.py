@@ -282,3 +282,14 @@ def test_gate_with_the_live_objects_a_real_trainer_resumes_into(runs, tmp_path):
         check_resume(os.path.join(runs["transformers"], "checkpoint-6"), model=model,
                      optimizer=torch.optim.AdamW(model.parameters()))
     assert {p["code"] for p in err.value.problems} == {"optimizer_mismatch"}
+
+
+def test_gate_lightning_with_live_module_and_optimizer(runs):
+    from fixtures.generate import TinyNet
+
+    module = torch.nn.Module()
+    module.net = TinyNet(16)  # the LightningModule of fixtures.real_runs holds its network as `net`
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for path in (os.path.join(runs["lightning"], "last.ckpt"), os.path.join(FP16, "lightning", "epoch=0-step=10.ckpt")):
+        assert check_resume(path, model=module, optimizer=opt, scheduler=sched).ok
