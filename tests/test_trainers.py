@@ -293,3 +293,13 @@ def test_gate_lightning_with_live_module_and_optimizer(runs):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for path in (os.path.join(runs["lightning"], "last.ckpt"), os.path.join(FP16, "lightning", "epoch=0-step=10.ckpt")):
         assert check_resume(path, model=module, optimizer=opt, scheduler=sched).ok
+
+
+def test_lightning_truncated_last_ckpt(runs, tmp_path):
+    run = copy(runs["lightning"], tmp_path)
+    last = os.path.join(run, "last.ckpt")
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) // 2)
+    _, out = cli("latest", "--json", "--for-resume", run)
+    assert out["path"] == os.path.join(run, "epoch=0-step=6.ckpt") and out["trainer"] == "lightning"
+    assert out["trainer_pick"] == last and "truncated" in out["differs"]
