@@ -29,10 +29,11 @@ def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
 def latest(root: str, for_resume=False) -> dict:
     """The newest checkpoint that verifies, what was skipped and why, and what the trainer's own "resume from
     latest" would have picked (with why ckpttool differs, when it does)."""
-    skipped, result = [], None
+    skipped, result, layout = [], None, None
     for candidate, report in verdicts(root, for_resume, stop_after_valid=1):
         if report is not None and report["ok"]:
             result = {"path": candidate.path, "step": report["step"], "trainer": report.get("trainer")}
+            layout = report.get("layout")
             break
         if report is None:
             skipped.append({"path": candidate.path, "codes": ["missing_file"], "reason": candidate.skip})
@@ -40,18 +41,17 @@ def latest(root: str, for_resume=False) -> dict:
             errors = [p for p in report["problems"] if p["severity"] == "error"]
             skipped.append({"path": candidate.path, "codes": sorted({p["code"] for p in errors}),
                             "reason": errors[0]["message"], "trainer": report.get("trainer")})
+            layout = layout or report.get("layout")
     result = result or {"path": None, "step": None,
                         "trainer": next((s["trainer"] for s in skipped if s.get("trainer")), None)}
     result["skipped"] = skipped
-    result.update(trainer_pick(root, result, skipped))
+    result.update(trainer_pick(root, result, skipped, trainers.profile_named(result["trainer"], layout)))
     return result
 
 
-def trainer_pick(root: str, result: dict, skipped: list) -> dict:
+def trainer_pick(root: str, result: dict, skipped: list, profile) -> dict:
     """What the trainer that wrote the run would resume from on its own, and why ckpttool's choice differs."""
-    profile = next((p for p in trainers.PATH_PROFILES + trainers.CONTENT_PROFILES if p.name == result["trainer"]),
-                   None)
-    if profile is None or profile.latest_rule is None:
+    if profile.latest_rule is None:
         return {}
     chosen = result["path"] or (skipped[0]["path"] if skipped else root)
     own = profile.own_latest(os.path.dirname(os.path.abspath(chosen)))

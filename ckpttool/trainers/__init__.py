@@ -42,11 +42,16 @@ def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
 
 
 def profile_of(ckpt: Checkpoint) -> Profile:
-    """The profile that interpreted `ckpt` (by its `trainer` name)."""
-    for p in PATH_PROFILES + CONTENT_PROFILES:
-        if p.name == ckpt.trainer and (p.layout == ckpt.layout or p.layout is None):
-            return p
-    return next((p for p in PATH_PROFILES + CONTENT_PROFILES if p.name == ckpt.trainer), GENERIC)
+    """The profile that interpreted `ckpt`."""
+    return profile_named(ckpt.trainer, ckpt.layout)
 
 
-__all__ = ["Profile", "for_path", "interpret", "profile_of", "PATH_PROFILES", "CONTENT_PROFILES", "GENERIC"]
+def profile_named(trainer: str | None, layout: str | None = None) -> Profile:
+    """The profile of a `trainer` name (as reports carry it), told apart by `layout` where one trainer has several
+    (Accelerate's plain and automatically named dirs); GENERIC for None or an unknown name."""
+    named = [p for p in PATH_PROFILES + CONTENT_PROFILES if p.name == trainer and trainer is not None]
+    return next((p for p in named if p.layout == layout), named[0] if named else GENERIC)
+
+
+__all__ = ["Profile", "for_path", "interpret", "profile_of", "profile_named", "PATH_PROFILES", "CONTENT_PROFILES",
+           "GENERIC"]
