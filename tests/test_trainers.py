@@ -303,3 +303,34 @@ def test_lightning_truncated_last_ckpt(runs, tmp_path):
     _, out = cli("latest", "--json", "--for-resume", run)
     assert out["path"] == os.path.join(run, "epoch=0-step=6.ckpt") and out["trainer"] == "lightning"
     assert out["trainer_pick"] == last and "truncated" in out["differs"]
+
+
+def test_torchtitan_step_without_lr_scheduler(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from fixtures.generate import _trained
+
+    model, opt, _ = _trained(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()},
+                 checkpoint_id=str(tmp_path / "step-2"), no_dist=True)
+    report = cli("verify", "--json", "--for-resume", tmp_path / "step-2")[1]
+    assert report["trainer"] == "torchtitan" and codes(report, "error") == ["missing_scheduler"]
+
+
+def test_consistency_models_optimizer_behind_its_step_is_a_warning(tmp_path):
+    """cm advances its step only on applied updates; a younger optimizer means progdist re-created it or a resume
+    started it fresh (opt file missing): said, not refused. Ahead of the step is still an error."""
+    from fixtures.generate import _trained
+
+    model, _, _ = _trained(5)
+    torch.save(model.state_dict(), tmp_path / "model000005.pt")
+    torch.save(_trained(3)[1].state_dict(), tmp_path / "opt000005.pt")
+    result, report = cli("verify", "--json", "--for-resume", tmp_path / "model000005.pt")
+    assert result.exit_code == 0 and report["trainer"] == "consistency_models"
+    assert codes(report, "warning") == ["step_mismatch"] and "progressive distillation" in str(report)
+    torch.save(_trained(7)[1].state_dict(), tmp_path / "opt000005.pt")
+    assert "step_mismatch" in codes(cli("verify", "--json", tmp_path / "model000005.pt")[1], "error")
