@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ckpttool import trainers
 from ckpttool.formats import family
-from ckpttool.trainers.base import TEMPORARY_NAME as TEMPORARY_DIR
+from ckpttool.trainers.base import TEMPORARY_NAME
 from ckpttool.operations.manifest import MANIFEST_SUFFIX
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
@@ -60,17 +60,17 @@ def _dir_candidate(full: str, entry: str) -> Candidate | None:
     """A dir some trainer profile recognises and whose name numbers it (step, epoch or save index); kohya's final
     `{name}-state` has no number."""
     profile = trainers.for_path(full)
-    if profile is None and not TEMPORARY_DIR.fullmatch(entry):
+    if profile is None and not TEMPORARY_NAME.fullmatch(entry):
         return None
     counters = profile.name_counters(full) if profile else []
     number = counters[0].value if counters else None
-    if number is None and (m := NUMBERED_DIR.fullmatch(entry)) and (TEMPORARY_DIR.fullmatch(entry) or
+    if number is None and (m := NUMBERED_DIR.fullmatch(entry)) and (TEMPORARY_NAME.fullmatch(entry) or
                                                                      (profile and profile.name_pattern)):
         number = int(m.group(1))
     if number is None and not entry.endswith("-state"):
         return None
     candidate = Candidate(full, number, [full])
-    if TEMPORARY_DIR.fullmatch(entry):
+    if TEMPORARY_NAME.fullmatch(entry):
         candidate.skip = "temporary dir: its save never completed"
     return candidate
 

@@ -18,6 +18,11 @@ import re
 from ckpttool.model import MICRO_STEPS, SAVES
 from ckpttool.trainers.base import Profile, numbered_dirs, role
 
+# FSDP (accelerate.utils save_fsdp_model / save_fsdp_optimizer): full `optimizer.bin`, sharded DCP dirs
+FSDP_PARTS = (
+    role(r"pytorch_model_fsdp(?:_(\d+))?", "model", "model{_n}", folder=True),
+    role(r"optimizer(?:_(\d+))?", "optimizer", "optimizer{_n}", folder=True),
+)
 FILES = (
     role(r"model(?:_(\d+))?\.safetensors", "model", "model{_n}"),
     role(r"pytorch_model(?:_(\d+))?\.bin", "model", "model{_n}"),
@@ -31,9 +36,7 @@ FILES = (
     role(r"scaler\.pt", "scaler", "scaler"),
     role(r"random_states_(\d+)\.pkl", "rng", "random_states_{n}"),
     role(r"custom_checkpoint_(\d+)\.pkl", "custom", "custom_checkpoint_{n}"),
-    role(r"pytorch_model_fsdp(?:_(\d+))?", "model", "model{_n}", folder=True),
-    role(r"optimizer(?:_(\d+))?", "optimizer", "optimizer{_n}", folder=True),
-)
+) + FSDP_PARTS
 MARKERS = ("random_states_0.pkl", "optimizer.bin", "scheduler.bin", "model.safetensors", "pytorch_model.bin",
            "pytorch_lora_weights.safetensors", "pytorch_model_fsdp_0", "scaler.pt")
 RNG_FILE = re.compile(r"random_states_(\d+)\.pkl")

@@ -8,6 +8,7 @@ decide these.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ class FileRole:
 
 def role(pattern: str, part: str, name: str, folder=False) -> FileRole:
     return FileRole(re.compile(pattern + "$"), part, name, folder)
+
+
+def json_keys(folder: str, name: str) -> set | None:
+    """The top-level keys of `folder/name` when it is a JSON object; None when it is missing or not one."""
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return set(doc) if isinstance(doc, dict) else None
 
 
 def numbered_dirs(folder: str, pattern: re.Pattern) -> dict[int, str]:

@@ -27,7 +27,7 @@ class Lightning(Profile):
     layout = "Lightning .ckpt"
     source = "lightning 2.6 trainer/connectors/checkpoint_connector.py dump_checkpoint, callbacks/model_checkpoint.py"
     key_roles = {"callbacks": "callbacks", "MixedPrecision": "scaler", "hyper_parameters": "config",
-                 "datamodule_hyper_parameters": "config", "optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
+                 "datamodule_hyper_parameters": "config"}
     counter_meanings = ((r"^training dict 'global_step'$", GLOBAL_STEP), (r"^training dict 'epoch'$", EPOCH),
                         (r"^loops ", GLOBAL_STEP))
     name_pattern = STEP_IN_NAME

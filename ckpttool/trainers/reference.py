@@ -7,22 +7,14 @@ manifest. Written into `checkpoint-{step}.tmp` and renamed into place when compl
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ckpttool.model import EPOCH, GLOBAL_STEP
 from ckpttool.trainers.accelerate import Accelerate, has_accelerate_files
+from ckpttool.trainers.base import json_keys
 
 KEYS = {"global_step", "epoch"}
-
-
-def _state(path: str):
-    try:
-        with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 class Reference(Accelerate):
@@ -35,5 +27,5 @@ class Reference(Accelerate):
     total_limit_rule = "--checkpoints-total-limit: ckpttool prune, never the newest valid checkpoint"
 
     def claims_path(self, path):
-        state = _state(path) if os.path.isdir(path) else None
-        return isinstance(state, dict) and set(state) <= KEYS and has_accelerate_files(path)
+        keys = json_keys(path, "training_state.json") if os.path.isdir(path) else None
+        return keys is not None and keys <= KEYS and has_accelerate_files(path)

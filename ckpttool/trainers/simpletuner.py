@@ -13,28 +13,18 @@ other checkpoints carry one. `cleanup_checkpoints(limit)` removes `-tmp` dirs, t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem
 from ckpttool.trainers.accelerate import Accelerate
-from ckpttool.trainers.base import numbered_dirs
+from ckpttool.trainers.base import json_keys, numbered_dirs
 
 NAME = re.compile(r"checkpoint-(\d+)(?:-[^/]+)?")
 OWN_KEYS = {"epoch_step", "exhausted_backends", "repeats"}
 RANK_STATE = re.compile(r"training_state-rank\d+\.json")
 GUARD = ".guard"
 MANIFEST = "checkpoint_manifest.json"
-
-
-def _state_keys(path: str) -> set:
-    try:
-        with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    return set(doc) if isinstance(doc, dict) else set()
 
 
 def guarded(path: str) -> bool:
@@ -61,7 +51,7 @@ class SimpleTuner(Accelerate):
             return False
         names = set(os.listdir(path))
         return bool({GUARD, MANIFEST} & names or any(RANK_STATE.fullmatch(n) for n in names)
-                    or OWN_KEYS & _state_keys(path))
+                    or OWN_KEYS & (json_keys(path, "training_state.json") or set()))
 
     def run_saves(self, path):
         return numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), re.compile(r"checkpoint-(\d+)"))

@@ -6,6 +6,7 @@ STEP_KEYS), `epoch` as the epoch. Such trainers resume from the file or config t
 
 from __future__ import annotations
 
+from ckpttool.formats.torchfile import EPOCH_KEYS
 from ckpttool.model import EPOCH, GLOBAL_STEP
 from ckpttool.trainers.base import Profile
 
@@ -14,8 +15,7 @@ class TrainingDict(Profile):
     name = "training_dict"
     layout = "training dict .pt (custom trainer)"
     source = "no library: the convention of custom trainers (Z-Image style train.py: global_step, epoch keys)"
-    counter_meanings = ((r"^training dict '(?:epoch|current_epoch|epochs)'$", EPOCH),
-                        (r"^training dict '", GLOBAL_STEP))
+    counter_meanings = ((rf"^training dict '(?:{'|'.join(EPOCH_KEYS)})'$", EPOCH), (r"^training dict '", GLOBAL_STEP))
 
     def claims(self, ckpt):
         return ckpt.format == "torch" and (any(s.source.startswith("training dict") for s in ckpt.steps) or

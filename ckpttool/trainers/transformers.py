@@ -3,9 +3,10 @@
 `{output_dir}/checkpoint-{global_step}`: the model (`model.safetensors`, sharded with an index for large models,
 `pytorch_model.bin` from versions with save_safetensors=False, or `adapter_model.safetensors` for a PEFT model),
 `training_args.bin` (a pickled TrainingArguments: never read here), `optimizer.pt` (under FSDP Accelerate's
-`optimizer.bin` or `optimizer_0/`; under DeepSpeed a `global_step{N}/` engine dir, not read yet), `scheduler.pt`, `scaler.pt`
-(the Accelerate GradScaler, with fp16), `rng_state.pth` (`rng_state_{rank}.pth` with several processes), and last
-`trainer_state.json` (`global_step`: optimizer steps attempted, fp16-skipped ones included; `epoch` is a float).
+`optimizer.bin` or `optimizer_0/`; under DeepSpeed a `global_step{N}/` engine dir, not read yet), `scheduler.pt`,
+`scaler.pt` (the Accelerate GradScaler, with fp16), `rng_state.pth` (`rng_state_{rank}.pth` with several
+processes), and last `trainer_state.json` (`global_step`: optimizer steps attempted, fp16-skipped ones included;
+`epoch` is a float).
 The scheduler steps only `if not self.accelerator.optimizer_step_was_skipped`, and earlier versions stepped it every
 step: it may equal the optimizer's updates or the global step. `resume_from_checkpoint=True`: `get_last_checkpoint`,
 the highest N among dirs matching `^checkpoint-(\\d+)$`, unverified. `save_total_limit`: `rotate_checkpoints` deletes
@@ -18,6 +19,7 @@ import os
 import re
 
 from ckpttool.model import ERROR, GLOBAL_STEP, Problem
+from ckpttool.trainers.accelerate import FSDP_PARTS
 from ckpttool.trainers.base import Profile, role
 from ckpttool.trainers.diffusers import highest_checkpoint
 
@@ -31,11 +33,8 @@ FILES = (
     role(r"scaler\.pt", "scaler", "scaler"),
     role(r"rng_state\.pth", "rng", "rng_state"),
     role(r"rng_state_(\d+)\.pth", "rng", "rng_state_{n}"),
-    # FSDP: Trainer saves through accelerate.utils save_fsdp_model / save_fsdp_optimizer
-    role(r"optimizer\.bin", "optimizer", "optimizer"),
-    role(r"pytorch_model_fsdp(?:_(\d+))?", "model", "model{_n}", folder=True),
-    role(r"optimizer(?:_(\d+))?", "optimizer", "optimizer{_n}", folder=True),
-)
+    role(r"optimizer\.bin", "optimizer", "optimizer"),  # FSDP full state, through Accelerate's save_fsdp_optimizer
+) + FSDP_PARTS
 OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_0.pth",
              "training_args.bin")
 TRAINER_STATE = "trainer_state.json"
