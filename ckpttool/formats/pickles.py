@@ -234,8 +234,13 @@ IMITATIONS = {
 }
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles into plain data and stand-ins; torch persistent ids become `StorageRef`s."""
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickles into plain data and stand-ins; torch persistent ids become `StorageRef`s.
+
+    It is the pure-Python unpickler, whose memo is a dict. The C one keeps its memo in an array sized to the largest
+    index a PUT names, zero-filled to twice that: one forged LONG_BINPUT index in a damaged or hostile file made it
+    fill 24 GB and be killed for memory (found by `make fuzz`). Text inside a pickle looks like such indices, so they
+    cannot be checked cheaply ahead of parsing."""
 
     def __init__(self, stream, allowed=SAFE_GLOBALS):
         super().__init__(stream)
@@ -282,20 +287,28 @@ class SafeUnpickler(pickle.Unpickler):
 def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
     """Safely unpickle one object from bytes or an open file (left just after STOP): (object, unpickler).
 
-    Any malformation becomes CkptError ('truncated' when the stream ends early, else 'corrupt')."""
+    Any malformation becomes CkptError ('truncated' when the stream ends early, else 'corrupt'), except that a pickle
+    that names a global outside the allow-list before it breaks off is `unsafe_pickle`: torch.load would have run that
+    global before failing, so the damage does not make the file harmless."""
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     unpickler = SafeUnpickler(stream, allowed)
     try:
         return unpickler.load(), unpickler
-    except CkptError:
-        raise
-    except EOFError:
-        raise CkptError("truncated", f"{what} ends before its STOP opcode") from None
-    except RecursionError:
-        raise CkptError("corrupt", f"{what} nests too deeply to read") from None
-    except MemoryError:
-        raise CkptError("corrupt", f"{what} asks for more memory than it could hold") from None
-    except Exception as e:  # the C unpickler raises many types on malformed input
-        if "truncated" in str(e) or "ran out of input" in str(e).lower():
-            raise CkptError("truncated", f"{what} ends before its STOP opcode") from None
-        raise CkptError("corrupt", f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})") from None
+    except Exception as e:  # noqa: BLE001 - the C unpickler raises many types on malformed input
+        failure = _failure(e, what)
+    if unpickler.unsafe_globals:
+        raise CkptError("unsafe_pickle", f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
+                        f"allow-list (torch.load would run it), and then cannot be read: {failure.reason}")
+    raise failure
+
+
+def _failure(e: Exception, what: str) -> CkptError:
+    if isinstance(e, CkptError):
+        return e
+    if isinstance(e, EOFError) or "truncated" in str(e) or "ran out of input" in str(e).lower():
+        return CkptError("truncated", f"{what} ends before its STOP opcode")
+    if isinstance(e, RecursionError):
+        return CkptError("corrupt", f"{what} nests too deeply to read")
+    if isinstance(e, MemoryError):
+        return CkptError("corrupt", f"{what} asks for more memory than it could hold")
+    return CkptError("corrupt", f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})")

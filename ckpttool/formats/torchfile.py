@@ -7,12 +7,14 @@ they state is recorded.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 import struct
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -72,6 +74,11 @@ def read_raw(path: str, allowed=SAFE_GLOBALS) -> RawPickle:
         raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
 
 
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error, OverflowError,
+              KeyError, IndexError)  # what zipfile raises on a damaged directory (UnicodeDecodeError is a ValueError)
+ENCRYPTED = 0x1
+
+
 def _read_zip(path, size, allowed) -> RawPickle:
     try:
         zf = zipfile.ZipFile(path)
@@ -80,22 +87,20 @@ def _read_zip(path, size, allowed) -> RawPickle:
             raise CkptError("corrupt", "zip directory is damaged", path) from None
         raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
                         "interrupted save)", path) from None
-    except (OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise CkptError("corrupt", f"zip directory cannot be read ({e})", path) from None
+    except ZIP_ERRORS as e:
+        raise CkptError("corrupt", f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
     with zf, open(path, "rb") as raw:
-        names = zf.namelist()
-        pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise CkptError("corrupt", "zip archive has no data.pkl: not a torch.save file", path)
+        members = zf.infolist()
+        # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
+        first = members[0].filename if members else ""
+        pkl = first[: first.find("/") + 1] + "data.pkl"
+        info = next((m for m in members if m.filename == pkl), None)
+        if info is None:
+            raise CkptError("corrupt", "zip archive has no data.pkl in its first folder: not a torch.save file", path)
         prefix = pkl[: -len("data.pkl")]
-        try:
-            data = zf.read(pkl)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-            raise CkptError("corrupt", f"{pkl} cannot be read from the zip ({e})", path) from None
-        try:
-            obj, unpickler = unpickle(data, allowed, what=pkl)
-        except CkptError as e:
-            raise CkptError(e.code, e.reason, path) from None
+        obj, unpickler = _unpickle_at(io.BytesIO(member_bytes(raw, info, path)), allowed, path, pkl)
+        scanned = [unpickler] + [_scan_other_pickle(raw, m, allowed, path) for m in members
+                                 if m.filename.endswith(".pkl") and m is not info]
         storages = {}
         for key, ref in unpickler.storages.items():
             member = f"{prefix}data/{key}"
@@ -104,8 +109,9 @@ def _read_zip(path, size, allowed) -> RawPickle:
             except KeyError:
                 raise CkptError("corrupt", f"storage {key!r} is referenced by {pkl} but {member} is missing",
                                 path) from None
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CkptError("corrupt", f"{member} is compressed; torch writes storages uncompressed", path)
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & ENCRYPTED:
+                raise CkptError("corrupt", f"{member} is compressed or encrypted; torch writes storages as they are",
+                                path)
             if info.file_size < ref.nbytes:
                 raise CkptError("corrupt", f"{member} holds {info.file_size} bytes but its tensors need "
                                 f"{ref.nbytes}", path)
@@ -113,7 +119,45 @@ def _read_zip(path, size, allowed) -> RawPickle:
             if offset + info.file_size > size:
                 raise CkptError("truncated", f"{member} ends past the end of the file", path)
             storages[key] = (ref, offset)
-    return RawPickle(obj, "torch zip", storages, unpickler.globals_seen, unpickler.unsafe_globals)
+    return RawPickle(obj, "torch zip", storages, _union(u.globals_seen for u in scanned if u),
+                     _union(u.unsafe_globals for u in scanned if u))
+
+
+def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
+    """A small zip member's bytes as torch's reader (miniz) gets them: stored or deflated, checked against its
+    CRC-32. Any damage is a CkptError naming the member, never zipfile's or zlib's own exception."""
+    name = info.filename
+    if info.flag_bits & ENCRYPTED:
+        raise CkptError("corrupt", f"zip member {name} is marked encrypted, which torch never writes nor reads", path)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CkptError("corrupt", f"zip member {name} uses compression method {info.compress_type}, which torch "
+                        "cannot read", path)
+    raw.seek(zip_data_offset(raw, info, path))
+    data = raw.read(info.compress_size)
+    if len(data) < info.compress_size:
+        raise CkptError("truncated", f"zip member {name} ends past the end of the file", path)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        try:
+            data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)  # never more than declared
+        except zlib.error as e:
+            raise CkptError("corrupt", f"zip member {name} cannot be inflated ({e})", path) from None
+    if len(data) != info.file_size:
+        raise CkptError("corrupt", f"zip member {name} holds {len(data)} bytes, its directory entry says "
+                        f"{info.file_size}", path)
+    if zlib.crc32(data) != info.CRC:
+        raise CkptError("corrupt", f"zip member {name} fails its CRC-32 check (damaged bytes)", path)
+    return data
+
+
+def _scan_other_pickle(raw, info, allowed, path):
+    """Another `.pkl` member: torch.load does not unpickle it, but other loaders and scanners do, so its globals
+    count. One that cannot be read is skipped, unless it named a disallowed global before it broke off."""
+    try:
+        return _unpickle_at(io.BytesIO(member_bytes(raw, info, path)), allowed, path, info.filename)[1]
+    except CkptError as e:
+        if e.code == "unsafe_pickle":
+            raise
+        return None
 
 
 def _has_end_record(path: str, size: int) -> bool:
@@ -124,25 +168,32 @@ def _has_end_record(path: str, size: int) -> bool:
 
 
 def zip_data_offset(raw, info, path) -> int:
+    """Where a member's data starts: after its local header, whose name must be the directory's."""
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) < 30 or header[:4] != ZIP_MAGIC:
         raise CkptError("corrupt", f"zip local header of {info.filename} is damaged", path)
     name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if raw.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace"):
+        raise CkptError("corrupt", f"zip local header of {info.filename} names another file", path)
     return info.header_offset + 30 + name_len + extra_len
 
 
 def _read_legacy(path, size, allowed) -> RawPickle:
-    """Pre-1.6 torch.save: magic, protocol, sys_info, the object, storage keys, then raw storages in order."""
+    """Pre-1.6 torch.save: magic, protocol, sys_info, the object, storage keys, then raw storages in order.
+
+    torch.load unpickles all five records, so each one's globals are scanned, not only the object's."""
     with open(path, "rb") as f:
-        first, _ = _unpickle_at(f, allowed, path, "first pickle")
+        first, magic_record = _unpickle_at(f, allowed, path, "first pickle")
         if first != LEGACY_MAGIC:
-            # Not a torch legacy file: a plain pickle holds the object itself.
-            return _plain_pickle(path, allowed)
-        _unpickle_at(f, allowed, path, "protocol record")
-        _unpickle_at(f, allowed, path, "sys_info record")
+            # Not a torch legacy file: torch.load unpickles this first pickle, takes it for a bad magic number, stops.
+            if magic_record.storages:
+                raise CkptError("corrupt", "pickle references torch storages but carries none", path)
+            return RawPickle(first, "pickle", {}, magic_record.globals_seen, magic_record.unsafe_globals)
+        _, protocol_record = _unpickle_at(f, allowed, path, "protocol record")
+        _, sys_info_record = _unpickle_at(f, allowed, path, "sys_info record")
         obj, unpickler = _unpickle_at(f, allowed, path, "object pickle")
-        keys, _ = _unpickle_at(f, allowed, path, "storage key list")
+        keys, keys_record = _unpickle_at(f, allowed, path, "storage key list")
         if not isinstance(keys, list):
             raise CkptError("corrupt", "legacy storage key list is not a list", path)
         storages, pos = {}, f.tell()
@@ -165,15 +216,14 @@ def _read_legacy(path, size, allowed) -> RawPickle:
         missing = set(unpickler.storages) - set(storages)
         if missing:
             raise CkptError("corrupt", f"storages {sorted(missing)[:5]} have no data", path)
-    return RawPickle(obj, "torch legacy", storages, unpickler.globals_seen, unpickler.unsafe_globals)
+    records = (magic_record, protocol_record, sys_info_record, unpickler, keys_record)
+    return RawPickle(obj, "torch legacy", storages, _union(r.globals_seen for r in records),
+                     _union(r.unsafe_globals for r in records))
 
 
-def _plain_pickle(path, allowed) -> RawPickle:
-    with open(path, "rb") as f:
-        obj, unpickler = _unpickle_at(f, allowed, path, "pickle")
-    if unpickler.storages:
-        raise CkptError("corrupt", "pickle references torch storages but carries none", path)
-    return RawPickle(obj, "pickle", {}, unpickler.globals_seen, unpickler.unsafe_globals)
+def _union(lists) -> list:
+    """The names of several pickles' globals, each once, in the order first seen."""
+    return list(dict.fromkeys(name for names in lists for name in names))
 
 
 def _unpickle_at(f, allowed, path, what):
