@@ -9,6 +9,7 @@ import sys
 import click
 
 from ckpttool import __version__
+from ckpttool.atomic import OutputError
 from ckpttool.errors import CkptError, UsageError
 
 
@@ -43,8 +44,11 @@ class Group(click.Group):
             _fail(2, str(e))
         except CkptError as e:
             _fail(1, f"{e} [{e.code}]")
+        except OutputError as e:
+            _fail(1, str(e))
         except OSError as e:
-            _fail(1, f"{e.filename or ''}: {e.strerror or e} (check the path and its permissions)")
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(1, f"{where}{e.strerror or e} (check the path, its permissions and the free space)")
         except KeyboardInterrupt:
             _fail(130, "interrupted")
         except Exception as e:  # a bug in ckpttool: still no traceback unless asked for

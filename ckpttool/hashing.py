@@ -20,8 +20,9 @@ BUFFER_SIZE = 4 << 20
 ALGORITHM = "xxh3_128"
 
 
-def _read_ranges(path: str, offset: int, length: int, consume):
-    """Feed `length` bytes of `path` from `offset` to `consume(memoryview)`; returns the bytes actually read."""
+def read_pieces(path: str, offset: int, length: int):
+    """Yield the `length` bytes of `path` from `offset` as views of one reused buffer (use each before the next);
+    stops early if the file is short (the caller compares what it got)."""
     buf = bytearray(min(BUFFER_SIZE, max(length, 1)))
     view = memoryview(buf)
     done = 0
@@ -31,10 +32,18 @@ def _read_ranges(path: str, offset: int, length: int, consume):
             n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
             if n <= 0:
                 break
-            consume(view[:n])
+            yield view[:n]
             done += n
     finally:
         os.close(fd)
+
+
+def _read_ranges(path: str, offset: int, length: int, consume):
+    """Feed `length` bytes of `path` from `offset` to `consume(memoryview)`; returns the bytes actually read."""
+    done = 0
+    for piece in read_pieces(path, offset, length):
+        consume(piece)
+        done += len(piece)
     return done
 
 

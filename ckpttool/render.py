@@ -76,6 +76,8 @@ def verify_report(r: dict) -> str:
 def prune_report(r: dict) -> str:
     rows = [("keep", k["step"], k["path"], k["reason"]) for k in r["keep"]]
     rows += [("would delete" if r["dry_run"] else "deleted", d["step"], d["path"], d["reason"]) for d in r["delete"]]
+    rows += [("would delete" if r["dry_run"] else "deleted", None, path, "staging left by a killed ckpttool run")
+             for path in r["stale_staging"]]
     return tabulate(rows, headers=("action", "step", "path", "reason"), maxcolwidths=[None, None, 70, 50])
 
 

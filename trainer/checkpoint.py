@@ -7,6 +7,7 @@ A checkpoint is written to `checkpoint-N.tmp`, every file fsynced, a ckpttool ma
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,7 +18,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ckpttool import atomic
 
 STATE_JSON = "training_state.json"
 EMA_DIR = "ema"
@@ -99,22 +102,23 @@ def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantizat
                     _detached(scaler.state_dict()) if main and scaler is not None else None)
 
 
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_bytes(data: bytes, path: str):
+    """Written and fsynced by Python, so a full disk is an OSError this process handles. torch.save's own file writer
+    aborts the process on one (a C++ exception from a destructor), and safetensors' writer raises its own error type."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save_torch(obj, path):
-    torch.save(obj, path)
-    _fsync_file(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_bytes(buffer.getbuffer(), path)
 
 
 def _save_weights(tensors: dict, path):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    _fsync_file(path)
+    _write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}), path)
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -168,7 +172,7 @@ def publish(output_dir: str, tmp: str, snap: Snapshot, world: int, total_limit: 
             time.sleep(0.01)
     from ckpttool.operations.manifest import write as write_manifest
 
-    write_manifest(tmp)
+    write_manifest(tmp, staged_dir=True)
     fault("before-publish", snap.step)
     final = checkpoint_dir(output_dir, snap.step)
     if os.path.exists(final):  # re-saving a step (after a resume): swap the old one out, then drop it
@@ -192,10 +196,28 @@ def publish(output_dir: str, tmp: str, snap: Snapshot, world: int, total_limit: 
 
 def write_and_publish(output_dir: str, tmp: str, snap: Snapshot, rank: int, world: int,
                       total_limit: int | None = None):
-    """What one rank does for a save after `prepare`: on the training thread, or on the background saver."""
-    write_files(tmp, snap, rank)
-    if rank == 0:
-        publish(output_dir, tmp, snap, world, total_limit)
+    """What one rank does for a save after `prepare`: on the training thread, or on the background saver. A full
+    disk (or a read-only one) removes the staging dir and raises ckpttool's OutputError: one line, what it needed."""
+    try:
+        with atomic.guard(checkpoint_dir(output_dir, snap.step), _nbytes(snap.__dict__)):
+            write_files(tmp, snap, rank)
+            if rank == 0:
+                publish(output_dir, tmp, snap, world, total_limit)
+    except atomic.OutputError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _nbytes(obj) -> int:
+    """Bytes of tensor data in a nested snapshot (what a save needs, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 class BackgroundSaver:

@@ -134,7 +134,31 @@ def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist, scaler=None)
 
 
 def main(argv=None) -> int:
+    from ckpttool.atomic import OutputError
+
     args = parse_args(argv)
+    try:
+        return train(args)
+    except OutputError as e:  # a full or read-only disk: the staging dir is gone, the last checkpoint stands
+        print(f"[trainer] cannot save: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def seed_everything(seed: int, rank: int):
+    """Every RNG this process has, seeded (torch's per rank, for noise and dropout). Python's and numpy's draw
+    nothing here, but their states are saved in random_states_N.pkl: seeded, two runs write identical files."""
+    import random
+
+    random.seed(seed * 1000 + rank)
+    torch.manual_seed(seed * 1000 + rank)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed * 1000 + rank)
+
+
+def train(args) -> int:
     dist = Distributed(args.device)
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -147,7 +171,7 @@ def main(argv=None) -> int:
     ema = {n: p.detach().clone() for n, p in raw_model.named_parameters() if p.requires_grad}
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     scaler = torch.amp.GradScaler(dist.device.type) if args.mixed_precision == "fp16" else None
-    torch.manual_seed(args.seed * 1000 + dist.rank)  # per-rank noise and dropout streams
+    seed_everything(args.seed, dist.rank)
     data = SyntheticData(args.seed)
     step = epoch = 0
     if dist.rank == 0:

@@ -12,11 +12,12 @@ import math
 import os
 import re
 import struct
-import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import xxhash
 
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, unpickle
@@ -493,14 +494,13 @@ def _storage_class(dtype_name):
 
 class Writer:
     """Streams a torch.save-compatible zip: the pickle (built from the specs) first, then one storage per tensor,
-    written by torch's own archive writer (64-byte aligned, CRC-32 per record). Loads with weights_only=True."""
+    through `ArchiveWriter` (64-byte aligned, CRC-32 per record). Loads with weights_only=True and mmap=True."""
 
     def __init__(self, path: str, specs: list[tuple[str, str, tuple]], wrap=None):
         """`wrap(state_dict) -> object` builds the pickled top level (a training dict, say); default: the state dict."""
-        import io
-
         import torch
 
+        from ckpttool.formats.ziparchive import ArchiveWriter
         from ckpttool.tensors import torch_dtype
 
         state = OrderedDict()
@@ -521,49 +521,42 @@ class Writer:
 
         buffer = io.BytesIO()
         Pickler(buffer, protocol=2).dump(root)
-        self._zip = torch._C.PyTorchFileWriter(path)
         data = buffer.getvalue()
-        self._zip.write_record("data.pkl", data, len(data))
-        self._zip.write_record(".format_version", "1", 1)
-        self._zip.write_record(".storage_alignment", "64", 2)
-        self._zip.write_record("byteorder", "little", 6)
+        self._id = "%040d" % (int(xxhash.xxh3_128_hexdigest(data), 16) % 10**40)  # stable for the same content
+        self._zip = ArchiveWriter(path)
+        self._zip.write_record("data.pkl", data)
+        self._zip.write_record(".format_version", b"1")
+        self._zip.write_record(".storage_alignment", b"64")
+        self._zip.write_record("byteorder", b"little")
         self._next = 0
 
-    def write(self, name: str, tensor):
+    def _expect(self, name: str, nbytes: int):
         expected = self._order[self._next]
+        if expected[0] != name or dtype_bytes(expected[1], expected[2]) != nbytes:
+            raise ValueError(f"writer expected {expected}, got {name} of {nbytes} bytes")
+
+    def write(self, name: str, tensor):
+        import torch
+
         got = (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
-        if got != expected:
-            raise ValueError(f"writer expected {expected}, got {got}")
-        t = tensor.detach().cpu().contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
-            t = t.clone()
-        self._zip.write_record(f"data/{self._next}", t.untyped_storage(), t.numel() * t.element_size())
+        if got != self._order[self._next]:
+            raise ValueError(f"writer expected {self._order[self._next]}, got {got}")
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._zip.write_record(f"data/{self._next}", flat.numpy())
         self._next += 1
 
     def write_raw(self, name: str, src_path: str, offset: int, length: int):
-        """Write a storage straight from another file's bytes, mapped rather than read into memory."""
-        import mmap
+        """Write a storage straight from another file's bytes, piece by piece (memory: one buffer)."""
+        self._expect(name, length)
+        from ckpttool.hashing import read_pieces
 
-        import torch
-
-        expected = self._order[self._next]
-        if expected[0] != name or dtype_bytes(expected[1], expected[2]) != length:
-            raise ValueError(f"writer expected {expected}, got raw {name} of {length} bytes")
-        with open(src_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffer: torch warns, the writer only reads it
-                view = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=offset)
-            self._zip.write_record(f"data/{self._next}", view.untyped_storage(), length)
-            del view
-            start = offset - offset % mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, start, min(len(mapped) - start, length + offset - start))
+        self._zip.write_stream(f"data/{self._next}", length, read_pieces(src_path, offset, length))
         self._next += 1
 
     def close(self):
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        self._zip.write_end_of_file()
-        del self._zip
+        self._zip.close(self._id)
 
     def abort(self):
-        del self._zip
+        self._zip.abort()

@@ -11,9 +11,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
-from ckpttool import hashing, steps
+from ckpttool import atomic, hashing, steps
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.formats.torchfile import rebuild
@@ -98,7 +97,7 @@ def write_safetensors(path: str, part: Part, dtype, metadata, progress):
             progress(info.nbytes)
             # bytes already in safetensors' layout are copied file to file; the rest goes through torch
             yield name, (output.RawBytes(*source) if source else load(info, cast))
-    output.write_tensors(path, "safetensors", specs, tensors(), metadata)
+    output.write_tensors(path, "safetensors", specs, tensors(), metadata, staged=False)
 
 
 def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = None, flat: bool = False):
@@ -140,7 +139,7 @@ def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = No
                 source = info.byte_range() if cast == info.dtype else None
                 progress(info.nbytes)
                 yield full, (output.RawBytes(*source) if source else load(info, cast))
-    output.write_tensors(path, "torch", specs, tensors(), wrap=wrap)
+    output.write_tensors(path, "torch", specs, tensors(), wrap=wrap, staged=False)
 
 
 def write_sharded(folder: str, part: Part, dtype, metadata, shard_size: int, progress):
@@ -292,8 +291,20 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
         metadata["step"] = str(step)
     whole = list(ckpt.components) if chosen is None else [chosen]
     total = sum(t.nbytes for c in whole for t in c.tensors)
-    parent = os.path.dirname(os.path.abspath(dst))
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
+    if not any(c.tensors for c in whole):
+        raise CkptError("no_tensors", f"holds no tensors ({', '.join(c.name for c in whole) or 'no components'}): "
+                        "there is nothing to convert, and no output was written", src)
+    with atomic.guard(dst, total):
+        compared = _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify)
+    return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
+            "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast,
+            "verified_tensors": compared if verify else None}
+
+
+def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify) -> int:
+    """Write the output into a staging folder beside `dst`, compare it with the source (returns how many tensors
+    were compared), and rename it into place."""
+    staging = atomic.make_staging_dir(dst)
     try:
         out_path = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
         with hashing.progress(total, "converting") as progress:
@@ -328,7 +339,5 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
             shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
         os.replace(out_path, dst)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
-            "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast,
-            "verified_tensors": compared if verify else None}
+        atomic.discard(staging)
+    return compared

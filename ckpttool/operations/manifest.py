@@ -111,15 +111,24 @@ def build(ckpt: Checkpoint) -> dict:
     return doc
 
 
-def write(path: str, force: bool = False) -> dict:
-    """Write the manifest for `path`; an existing one is replaced only with `force`."""
+def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
+    """Write the manifest for `path`; an existing one is replaced only with `force`. `staged_dir`: `path` is a folder
+    still being staged by its writer (a trainer's `checkpoint-N.tmp`), so the manifest is written straight into it
+    under its own name: the folder's rename publishes it, and no temporary name of its own ever appears."""
     ckpt = open_checkpoint(path)
     target = manifest_path(ckpt)
     if os.path.exists(target) and not force:
         raise UsageError(f"{target}: a manifest already exists; pass --force to replace it (verify first if "
                          "you are not sure the checkpoint is still intact)")
     doc = build(ckpt)
-    atomic.write_text(target, json.dumps(doc, indent=1) + "\n")
+    text = json.dumps(doc, indent=1) + "\n"
+    if staged_dir:
+        with atomic.guard(target, len(text)), open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        atomic.write_text(target, text)
     return {"manifest": target, "files": len(doc["files"]), "tensors": len(doc["tensors"]),
             "bytes": sum(f["size"] for f in doc["files"].values()), "step": doc["step"]}
 

@@ -4,10 +4,11 @@ without --force, never a partial file (temporary sibling, renamed into place onl
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
+from ckpttool import atomic
 from ckpttool.errors import CkptError, UsageError
+from ckpttool.model import dtype_bytes
 
 FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
 FORMAT_NAMES = {"safetensors": "safetensors", "torch": "torch", "pt": "torch"}
@@ -54,36 +55,36 @@ class RawBytes:
     length: int
 
 
-def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = None, wrap=None):
-    """Write (name, tensor) pairs, in `specs` order, to a temporary sibling and rename it into place."""
+def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = None, wrap=None, *,
+                  staged: bool = True):
+    """Write (name, tensor) pairs, in `specs` order. `staged`: to a temporary sibling renamed into place (a caller
+    that stages a whole folder itself passes False). A failed write removes what it wrote and raises OutputError."""
     from ckpttool.formats import safetensors, torchfile
 
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = atomic.make_staging_file(dst) if staged else dst
     writer = None
-    try:
-        writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
-                  else torchfile.Writer(tmp, specs, wrap))
-        for name, tensor in tensors:
-            if isinstance(tensor, RawBytes):
-                writer.write_raw(name, tensor.file, tensor.offset, tensor.length)
-            else:
-                writer.write(name, tensor)
-        writer.close()
-        writer = None
-        os.replace(tmp, dst)
-    finally:
-        if writer is not None:
-            writer.abort()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic.guard(dst, sum(dtype_bytes(dtype, shape) for _, dtype, shape in specs)):
+        try:
+            writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
+                      else torchfile.Writer(tmp, specs, wrap))
+            for name, tensor in tensors:
+                if isinstance(tensor, RawBytes):
+                    writer.write_raw(name, tensor.file, tensor.offset, tensor.length)
+                else:
+                    writer.write(name, tensor)
+            writer.close()
+            writer = None
+            if staged:
+                os.replace(tmp, dst)
+        finally:
+            if writer is not None:
+                writer.abort()
+            if staged or writer is not None:
+                atomic.discard(tmp)
 
 
 def write_json_beside(dst: str, name: str, doc: dict):
     import json
-
-    from ckpttool import atomic
 
     atomic.write_text(os.path.join(os.path.dirname(os.path.abspath(dst)), name), json.dumps(doc, indent=1) + "\n")
 

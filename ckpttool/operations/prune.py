@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from ckpttool import atomic
 from ckpttool.errors import UsageError
 from ckpttool.operations.latest import verdicts
 
@@ -32,17 +33,23 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
             keep_rows.append({**row, "reason": f"invalid but newer than the {keep}th valid checkpoint"})
         else:
             delete_rows.append({**row, "reason": "valid, older than the kept ones" if ok else "invalid and old"})
-    return {"keep": keep_rows, "delete": delete_rows}
+    return {"keep": keep_rows, "delete": delete_rows, "stale_staging": atomic.stale_staging(root)}
 
 
 def prune(root: str, keep: int, keep_every: int | None = None, dry_run: bool = False) -> dict:
     result = plan(root, keep, keep_every)
     result["dry_run"] = dry_run
     if not dry_run:
-        for row in result["delete"]:
-            for path in row["files"]:
+        for path in [p for row in result["delete"] for p in row["files"]] + result["stale_staging"]:
+            try:
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
                 elif os.path.lexists(path):
                     os.unlink(path)
+            except OSError as e:
+                if e.errno not in atomic.WRITE_ERRNOS:
+                    raise
+                raise atomic.OutputError(f"{path}: cannot delete it: {atomic.WRITE_ERRNOS[e.errno]}; nothing after "
+                                         "it was deleted (run prune with the owner's rights, or --dry-run to list "
+                                         "what it would delete)") from None
     return result

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ckpttool import atomic
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import is_state_dir, open_checkpoint, quanto
 from ckpttool.keys import align
@@ -221,7 +222,6 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
     """A whole training-state dir with its model weights remapped: every other file copied as is, the manifest (if
     the source had one) rewritten for the new contents, the dir published only when complete."""
     import shutil
-    import tempfile
 
     from ckpttool.operations import manifest
 
@@ -231,21 +231,21 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
     weights = next((f for f in comp.files if f.endswith(".safetensors")), None)
     if weights is None:
         raise UsageError(f"{src}: its {comp.name} weights are not a safetensors file; remap that file directly")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(dst))}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(dst)))
-    try:
-        out = os.path.join(staging, "dir")
-        stale = [manifest.MANIFEST_NAME] + (list(quanto.QMAP_NAMES) if options.get("dequantize") else [])
-        shutil.copytree(src, out, ignore=shutil.ignore_patterns(*stale))
-        target = os.path.join(out, os.path.relpath(weights, src))
-        result = remap(weights, target, force=True, to="safetensors", **options)
-        if os.path.exists(os.path.join(src, manifest.MANIFEST_NAME)):
-            manifest.write(out)
-        if os.path.lexists(dst):
-            shutil.rmtree(dst) if os.path.isdir(dst) else os.unlink(dst)
-        os.replace(out, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic.guard(dst, sum(os.path.getsize(f) for f in ckpt.files if os.path.isfile(f))):
+        staging = atomic.make_staging_dir(dst)
+        try:
+            out = os.path.join(staging, "dir")
+            stale = [manifest.MANIFEST_NAME] + (list(quanto.QMAP_NAMES) if options.get("dequantize") else [])
+            shutil.copytree(src, out, ignore=shutil.ignore_patterns(*stale), copy_function=shutil.copyfile)
+            target = os.path.join(out, os.path.relpath(weights, src))
+            result = remap(weights, target, force=True, to="safetensors", **options)
+            if os.path.exists(os.path.join(src, manifest.MANIFEST_NAME)):
+                manifest.write(out)
+            if os.path.lexists(dst):
+                shutil.rmtree(dst) if os.path.isdir(dst) else os.unlink(dst)
+            os.replace(out, dst)
+        finally:
+            atomic.discard(staging)
     return {**result, "src": src, "dst": dst, "format": "state dir"}
 
 
