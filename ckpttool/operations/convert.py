@@ -229,7 +229,10 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
         state["step"] = step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=folder, no_dist=True)
+        try:
+            dcp.save(state, checkpoint_id=folder, no_dist=True)
+        except dcp.api.CheckpointException as e:  # DCP wraps each rank's error as (exception, stack)
+            raise next(failure[0] for failure in e.failures.values()) from None
 
 
 def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> int:
