@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ckpttool-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	cd benchmarks && for b in inspect verify diff convert trainer; do ../$(BIN)/python bench_$$b.py || exit 1; done
+
+# 100,000 seeded mutations of real checkpoint files through inspect and verify (README: Fuzzing)
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz --count 100000 --seed 1
+
+# Every crash point of the reference trainer's saves, every kill mode, 1 and 2 ranks (README: Crash consistency)
+CHAOS_TRAIN := $(BIN)/python -m trainer --output-dir {out} --max-steps 30 --checkpointing-steps 10
+CHAOS := $(BIN)/ckpt-chaos run --resume-cmd "$(CHAOS_TRAIN) --resume-from-checkpoint latest" \
+	--result-file '{out}/checkpoint-30/model.safetensors' --checkpoint-glob '{out}/checkpoint-*' \
+	--step-regex 'resumed at step (\d+)' --modes before,torn,term --grace 20 \
+	--fail-on HARD_FAIL,SILENT_DIVERGENCE,LOST_WORK,CONTROL_FAIL
+chaos: $(STAMP)
+	rm -rf benchmarks/results/chaos.md demo-run/chaos-1 demo-run/chaos-2
+	$(CHAOS) --work demo-run/chaos-1 --max-points 400 --jobs 2 --summary benchmarks/results/chaos.md -- $(CHAOS_TRAIN)
+	$(CHAOS) --work demo-run/chaos-2 --ranks 2 --max-points 400 --jobs 1 --summary benchmarks/results/chaos.md -- $(CHAOS_TRAIN)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

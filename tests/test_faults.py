@@ -367,3 +367,54 @@ def test_the_inputs_that_escaped_before_are_clean_now():
         proc = subprocess.run([sys.executable, "-m", "fuzz", "--seed", "1", "--only", str(index), "--jobs", "1"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and ": 0 escapes" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --- the techniques of picklescan's and modelscan's test payloads, re-created (their files are not redistributed;
+# benchmarks/bench_scanners.py runs the originals) ---
+
+def _flag_zip(flag: int, name="data.pkl", crc_off=False, local_name=None) -> bytes:
+    data = bytearray(_zip_with([(name, _payload_pickle(), zipfile.ZIP_STORED)]))
+    central = data.index(b"PK\x01\x02")
+    for at in (6, central + 8):  # the flags of the local header and of the central entry
+        data[at:at + 2] = (int.from_bytes(data[at:at + 2], "little") | flag).to_bytes(2, "little")
+    if crc_off:
+        data[central + 16] ^= 0xFF
+    if local_name:
+        data[30:30 + len(local_name)] = local_name
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("encrypted_flag.zip", lambda: _flag_zip(0x1)),  # picklescan malicious1_0x1.zip
+    ("patched_flag.zip", lambda: _flag_zip(0x20)),  # malicious1_0x20.zip
+    ("strong_encryption_flag.zip", lambda: _flag_zip(0x40)),  # malicious1_0x40.zip
+    ("bad_crc.zip", lambda: _flag_zip(0, crc_off=True)),  # data2/malicious1_crc.zip
+    ("renamed_local_header.zip", lambda: _flag_zip(0, local_name=b"xxxx.pkl")),  # malicious1_central_directory.zip
+    ("wrong_ext.zip", lambda: _zip_with([("data.txt", _payload_pickle(), zipfile.ZIP_STORED)])),  # wrong_ext.zip
+    ("second_pickle.pkl", lambda: pickle.dumps(["a", "b"], protocol=4) + _payload_pickle()),  # malicious6.pkl
+    ("magic_bypass.pt", lambda: b"\x80\x02c__builtin__\neval\nX\x16\x000x1950A86A20F9469CFC6C\x85R."
+     .replace(b"X\x16\x00", b"X\x16\x00\x00\x00") + _payload_pickle()),  # pytorch_magic_bypass.pt
+])
+def test_scanner_corpus_techniques_are_unsafe(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content())
+    target = str(path) if not name.endswith(".zip") else str(path.with_suffix(".pt"))
+    os.replace(path, target)
+    result, doc = cli("inspect", target, "--json")
+    assert "unsafe_pickle" in [p["code"] for p in doc["problems"]], doc["problems"]
+    result, doc = cli("verify", target, "--json")
+    assert not doc["ok"] and "unsafe_pickle" in [p["code"] for p in doc["problems"]]
+
+
+def test_benign_training_pickles_raise_no_alarm(corpus, runs):
+    """Accelerate's RNG states (numpy state, allow-listed as Accelerate allow-lists it) are clean; a transformers
+    training_args.bin names its globals (it is a pickled TrainingArguments) but never fails verify of its dir."""
+    result, doc = cli("inspect", os.path.join(corpus["accelerate"], "random_states_0.pkl"), "--json")
+    assert doc["problems"] == [] and "numpy.ndarray" in doc["pickle_globals"]
+    checkpoint = os.path.join(runs["transformers"], sorted(os.listdir(runs["transformers"]))[-1])
+    args_file = os.path.join(checkpoint, "training_args.bin")
+    result, doc = cli("inspect", args_file, "--json")
+    assert [p["code"] for p in doc["problems"]] == ["unsafe_pickle"]
+    assert any(g.startswith("transformers.training_args") for g in doc["pickle_globals"])
+    result, doc = cli("verify", "--for-resume", checkpoint, "--json")
+    assert doc["ok"], doc["problems"]

@@ -169,3 +169,31 @@ def test_real_accelerator_loads_trainer_checkpoints(baseline):
     assert scheduler.scheduler.last_epoch == 8
     rng = torch.load(baseline / "checkpoint-8" / "random_states_0.pkl", weights_only=False)
     assert torch.equal(torch.get_rng_state(), rng["torch_manual_seed"])  # Accelerate restored our RNG file
+
+
+CHAOS_TRAIN = [sys.executable, "-m", "trainer", "--output-dir", "{out}", "--max-steps", "8", "--checkpointing-steps",
+               "4", "--batch-size", "8"]
+
+
+def chaos(tmp_path, *options):
+    """A bounded ckpt-chaos sweep (the full one is `make chaos`): kill the trainer at file events of its saves in
+    every mode, resume from latest, and require every crash point to PASS: the same final weights, bit for bit,
+    resumed from the newest complete checkpoint."""
+    resume = " ".join(CHAOS_TRAIN + ["--resume-from-checkpoint", "latest"])
+    cmd = [sys.executable, "-m", "ckpt_chaos", "run", "--work", str(tmp_path / "chaos"), "--resume-cmd", resume,
+           "--result-file", "{out}/checkpoint-8/model.safetensors", "--checkpoint-glob", "{out}/checkpoint-*",
+           "--step-regex", r"resumed at step (\d+)", "--modes", "before,torn,term", "--grace", "20",
+           "--fail-on", "HARD_FAIL,SILENT_DIVERGENCE,LOST_WORK,CONTROL_FAIL", *options, "--", *CHAOS_TRAIN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("#", "no crash"))]
+    assert rows and all(" PASS" in row and "DRIFT" not in row for row in rows), "\n".join(rows)
+    return rows
+
+
+def test_ckpt_chaos_every_mode_single_process(tmp_path):
+    assert len(chaos(tmp_path, "--max-points", "9", "--jobs", "2")) == 10
+
+
+def test_ckpt_chaos_two_ranks(tmp_path):
+    assert len(chaos(tmp_path, "--ranks", "2", "--max-points", "3", "--jobs", "1")) == 4

@@ -302,6 +302,22 @@ def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
     raise failure
 
 
+def scan_records(data: bytes, allowed=SAFE_GLOBALS) -> list[str]:
+    """The globals named by every pickle in `data`, one record after another, up to the end or the first record that
+    cannot be read (its globals up to that point included). For bytes that torch.load itself never unpickles but
+    other loaders and scanners do: concatenated pickles, extra archive members."""
+    stream, seen = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        unpickler = SafeUnpickler(stream, allowed)
+        try:
+            unpickler.load()
+        except Exception:  # noqa: BLE001 - damage ends the scan; what was named before it still counts
+            seen.extend(unpickler.globals_seen)
+            break
+        seen.extend(unpickler.globals_seen)
+    return list(dict.fromkeys(seen))
+
+
 def _failure(e: Exception, what: str) -> CkptError:
     if isinstance(e, CkptError):
         return e

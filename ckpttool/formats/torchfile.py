@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, unpickle
+from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, scan_records,
+                                      unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
                             dtype_bytes)
 
@@ -95,13 +96,26 @@ def _read_zip(path, size, allowed) -> RawPickle:
         # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
         first = members[0].filename if members else ""
         pkl = first[: first.find("/") + 1] + "data.pkl"
-        info = next((m for m in members if m.filename == pkl), None)
-        if info is None:
-            raise CkptError("corrupt", "zip archive has no data.pkl in its first folder: not a torch.save file", path)
         prefix = pkl[: -len("data.pkl")]
-        obj, unpickler = _unpickle_at(io.BytesIO(member_bytes(raw, info, path)), allowed, path, pkl)
-        scanned = [unpickler] + [_scan_other_pickle(raw, m, allowed, path) for m in members
-                                 if m.filename.endswith(".pkl") and m is not info]
+        info = next((m for m in members if m.filename == pkl), None)
+        others = _other_pickles_globals(raw, [m for m in members if m is not info and not
+                                              m.filename.startswith(prefix + "data/")], allowed)
+        try:
+            if info is None:
+                raise CkptError("corrupt", "zip archive has no data.pkl in its first folder: not a torch.save file",
+                                path)
+            data = member_bytes(raw, info, path)
+            stream = io.BytesIO(data)
+            obj, unpickler = _unpickle_at(stream, allowed, path, pkl)
+        except CkptError as e:
+            salvaged = _salvage(raw, info) if info is not None else None
+            unsafe = [g for g in others + (scan_records(salvaged, allowed) if salvaged else []) if g not in allowed]
+            if e.code == "unsafe_pickle" or not unsafe:
+                raise
+            raise CkptError("unsafe_pickle", f"pickles in the archive import {', '.join(dict.fromkeys(unsafe))}, "
+                            f"outside the allow-list; the archive is also damaged ({e.reason})", path) from None
+        trailing = data[stream.tell():]  # more pickles after the first STOP: torch stops there, others read on
+        globals_seen = _union([unpickler.globals_seen, others, scan_records(trailing, allowed) if trailing else []])
         storages = {}
         for key, ref in unpickler.storages.items():
             member = f"{prefix}data/{key}"
@@ -120,8 +134,7 @@ def _read_zip(path, size, allowed) -> RawPickle:
             if offset + info.file_size > size:
                 raise CkptError("truncated", f"{member} ends past the end of the file", path)
             storages[key] = (ref, offset)
-    return RawPickle(obj, "torch zip", storages, _union(u.globals_seen for u in scanned if u),
-                     _union(u.unsafe_globals for u in scanned if u))
+    return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed])
 
 
 def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
@@ -150,14 +163,35 @@ def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
     return data
 
 
-def _scan_other_pickle(raw, info, allowed, path):
-    """Another `.pkl` member: torch.load does not unpickle it, but other loaders and scanners do, so its globals
-    count. One that cannot be read is skipped, unless it named a disallowed global before it broke off."""
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dat", ".data")
+SCAN_LIMIT = 256 << 20  # bytes of one extra member scanned for pickled globals
+
+
+def _other_pickles_globals(raw, members, allowed) -> list[str]:
+    """Globals of the archive's other pickles: torch.load does not unpickle them, but other loaders and scanners do.
+    A member counts as a pickle by its name or by its first byte (PROTO); damage is read through, as they would."""
+    seen = []
+    for info in members:
+        data = _salvage(raw, info)
+        if data and (info.filename.endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80"):
+            seen.extend(scan_records(data, allowed))
+    return seen
+
+
+def _salvage(raw, info) -> bytes | None:
+    """A member's bytes as its local header places them, whatever its flags, CRC or name say; None if unreadable."""
     try:
-        return _unpickle_at(io.BytesIO(member_bytes(raw, info, path)), allowed, path, info.filename)[1]
-    except CkptError as e:
-        if e.code == "unsafe_pickle":
-            raise
+        raw.seek(info.header_offset)
+        header = raw.read(30)
+        if len(header) < 30 or header[:4] != ZIP_MAGIC:
+            return None
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        raw.seek(info.header_offset + 30 + name_len + extra_len)
+        data = raw.read(min(info.compress_size, SCAN_LIMIT))
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            data = zlib.decompressobj(-15).decompress(data, SCAN_LIMIT)
+        return data
+    except (OSError, zlib.error, ValueError, OverflowError):
         return None
 
 
@@ -190,7 +224,9 @@ def _read_legacy(path, size, allowed) -> RawPickle:
             # Not a torch legacy file: torch.load unpickles this first pickle, takes it for a bad magic number, stops.
             if magic_record.storages:
                 raise CkptError("corrupt", "pickle references torch storages but carries none", path)
-            return RawPickle(first, "pickle", {}, magic_record.globals_seen, magic_record.unsafe_globals)
+            # pickle.load called again (joblib, custom loaders, scanners) reads on: scan the records that follow
+            seen = _union([magic_record.globals_seen, scan_records(f.read(SCAN_LIMIT), allowed)])
+            return RawPickle(first, "pickle", {}, seen, [g for g in seen if g not in allowed])
         _, protocol_record = _unpickle_at(f, allowed, path, "protocol record")
         _, sys_info_record = _unpickle_at(f, allowed, path, "sys_info record")
         obj, unpickler = _unpickle_at(f, allowed, path, "object pickle")
