@@ -79,7 +79,7 @@ CHAOS := $(BIN)/ckpt-chaos run --resume-cmd "$(CHAOS_TRAIN) --resume-from-checkp
 chaos: $(STAMP)
 	rm -rf benchmarks/results/chaos.md demo-run/chaos-1 demo-run/chaos-2
 	$(CHAOS) --work demo-run/chaos-1 --max-points 400 --jobs 2 --summary benchmarks/results/chaos.md -- $(CHAOS_TRAIN)
-	$(CHAOS) --work demo-run/chaos-2 --ranks 2 --max-points 400 --jobs 1 --summary benchmarks/results/chaos.md -- $(CHAOS_TRAIN)
+	$(CHAOS) --work demo-run/chaos-2 --ranks 2 --max-points 45 --jobs 1 --summary benchmarks/results/chaos.md -- $(CHAOS_TRAIN)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -130,7 +130,8 @@ def prepare(output_dir: str, step: int, rank: int, barrier) -> str:
     tmp = checkpoint_dir(output_dir, step) + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        os.makedirs(tmp)
+        with atomic.guard(checkpoint_dir(output_dir, step), None):  # a read-only disk: one line, not a traceback
+            os.makedirs(tmp)
     barrier()
     return tmp
 
