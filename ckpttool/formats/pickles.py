@@ -294,7 +294,7 @@ def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
     unpickler = SafeUnpickler(stream, allowed)
     try:
         return unpickler.load(), unpickler
-    except Exception as e:  # noqa: BLE001 - the C unpickler raises many types on malformed input
+    except Exception as e:  # noqa: BLE001 - malformed input raises many types (IndexError, KeyError, struct.error...)
         failure = _failure(e, what)
     if unpickler.unsafe_globals:
         raise CkptError("unsafe_pickle", f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
