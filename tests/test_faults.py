@@ -418,3 +418,21 @@ def test_benign_training_pickles_raise_no_alarm(corpus, runs):
     assert any(g.startswith("transformers.training_args") for g in doc["pickle_globals"])
     result, doc = cli("verify", "--for-resume", checkpoint, "--json")
     assert doc["ok"], doc["problems"]
+
+
+@pytest.mark.skipif(not os.environ.get("CKPTTOOL_BIG_TESTS"), reason="writes 4 GiB; set CKPTTOOL_BIG_TESTS=1")
+def test_archive_writer_zip64_member_past_4_gib(tmp_path):
+    from ckpttool.formats.ziparchive import ZIP64_LIMIT
+
+    size = ZIP64_LIMIT + 4097
+    writer = torchfile.Writer(str(tmp_path / "big.pt"), [("big", "uint8", (size,)), ("after", "float32", (2,))])
+    chunk = memoryview(bytes(range(256)) * (1 << 16))
+    writer._zip.write_stream("data/0", size, (chunk[:min(len(chunk), size - o)] for o in range(0, size, len(chunk))))
+    writer._next = 1
+    writer.write("after", torch.tensor([7.0, 8.0]))
+    writer.close()
+    loaded = torch.load(tmp_path / "big.pt", weights_only=True, mmap=True)
+    assert loaded["big"].numel() == size and int(loaded["big"][size - 1]) == (size - 1) % 256
+    assert torch.equal(loaded["after"], torch.tensor([7.0, 8.0]))
+    with zipfile.ZipFile(tmp_path / "big.pt") as zf:
+        assert zf.getinfo("archive/data/1").header_offset > ZIP64_LIMIT
