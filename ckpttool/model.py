@@ -59,6 +59,15 @@ class Location:
     encoding: str = "raw"  # "raw" bytes, or "torch.save" (a DCP item: a whole torch.save blob)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One rank's piece of a sharded tensor (torch.distributed.checkpoint): `sizes` elements at `offsets`."""
+
+    offsets: tuple
+    sizes: tuple
+    location: Location
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -66,6 +75,12 @@ class TensorInfo:
     shape: tuple
     location: Location | None = None
     storage_key: str | None = None  # tensors sharing a storage (tied weights, views) share this
+    chunks: tuple = ()  # a tensor saved in pieces (DCP, one per shard): location is None, the reader assembles it
+
+    @property
+    def readable(self) -> bool:
+        """Whether its bytes can be read: one location, or chunks."""
+        return self.location is not None or bool(self.chunks)
 
     @property
     def numel(self) -> int:

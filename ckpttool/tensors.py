@@ -54,18 +54,45 @@ def read_storage(info: TensorInfo):
     return buf
 
 
+def _load_saved(name: str, loc, shape):
+    """A DCP item: one whole torch.save blob (of the tensor, or of one chunk of it)."""
+    import torch
+
+    blob = read_bytes(TensorInfo(name, "uint8", (loc.length,), loc))
+    try:
+        value = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CkptError("corrupt", f"tensor {name} cannot be read ({e})", loc.file) from None
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+        raise CkptError("corrupt", f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
+                        loc.file)
+    return value
+
+
+def _assemble(info: TensorInfo):
+    """A sharded tensor from its chunks, one chunk in memory at a time beside the result."""
+    import torch
+
+    out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    for chunk in info.chunks:
+        piece = _load_saved(info.name, chunk.location, chunk.sizes)
+        view = out
+        for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            view = view.narrow(dim, start, size)
+        view.copy_(piece)
+    return out
+
+
 def load_tensor(info: TensorInfo):
     """The tensor as a CPU torch.Tensor (whatever device it was saved from)."""
     import torch
 
+    if info.chunks:
+        return _assemble(info)
     if info.location is None:
-        raise CkptError("corrupt", f"tensor {info.name} has no single data location to read")
+        raise CkptError("corrupt", f"tensor {info.name} has no data location to read")
     if info.location.encoding == "torch.save":
-        blob = read_bytes(info)
-        try:
-            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CkptError("corrupt", f"tensor {info.name} cannot be read ({e})", info.location.file) from None
+        return _load_saved(info.name, info.location, info.shape)
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)

@@ -6,12 +6,13 @@ checkpoint imports neither torch nor anything the file names.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
-from ckpttool.model import Checkpoint, Component, Location, TensorInfo
+from ckpttool.model import Checkpoint, Chunk, Component, Location, TensorInfo
 
 METADATA = ".metadata"
 
@@ -36,13 +37,37 @@ def _split_by_role(component: Component) -> list[Component]:
         head, _, rest = t.name.partition(".")
         if not rest:
             return [component]
-        groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key))
+        groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key, t.chunks))
     if not any(role_of_key(head) for head in groups):
         return [component]
     if len(groups) == 1 and role_of_key(next(iter(groups))) == component.role:
         return [Component(component.name, component.role, component.files, next(iter(groups.values())))]
     return [Component(head, role_of_key(head) or "extra", component.files, tensors)
             for head, tensors in groups.items()]
+
+
+def _chunks(fqn, fields, items, locations, shape, meta_path) -> list[Chunk]:
+    """Each saved piece of a tensor with where it sits: DCP writes one per shard (an FSDP2/torchtitan DTensor split
+    along any dim, over any mesh), named by its offsets; the entry's `chunks` give each one's sizes
+    (torch/distributed/checkpoint/metadata.py: MetadataIndex.offset, ChunkStorageMetadata)."""
+    sizes_at = {}
+    for chunk in fields.get("chunks") or ():
+        if isinstance(chunk, Opaque):
+            c = chunk.fields()
+            sizes_at[tuple(c.get("offsets") or ())] = tuple(c.get("sizes") or ())
+    found = []
+    for item, location in zip(items, locations):
+        offsets = tuple(item.get("chunk_offsets") or (0,) * len(shape))
+        sizes = sizes_at.get(offsets, tuple(shape) if len(items) == 1 else None)
+        if sizes is None or len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                not isinstance(v, int) or o < 0 or o + z > d for o, z, d, v in
+                zip(offsets, sizes, shape, offsets + sizes)):
+            raise CkptError("corrupt", f".metadata chunk of {fqn!r} at {offsets} has no valid size", meta_path)
+        found.append(Chunk(offsets, sizes, location))
+    if sum(math.prod(c.sizes) for c in found) != math.prod(shape):
+        raise CkptError("corrupt", f".metadata chunks of {fqn!r} do not cover its {tuple(shape)} elements exactly",
+                        meta_path)
+    return found
 
 
 def read(path: str, name="model", role="model") -> Checkpoint:
@@ -56,10 +81,11 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     entries = meta.get("state_dict_metadata")
     if not isinstance(entries, dict):
         raise CkptError("corrupt", ".metadata has no state_dict_metadata", meta_path)
-    storage = defaultdict(list)  # fqn -> [_StorageInfo fields]
+    storage = defaultdict(list)  # fqn -> [_StorageInfo fields, with the chunk's offsets from its MetadataIndex]
     for index, info in (meta.get("storage_data") or {}).items():
         if isinstance(index, Opaque) and isinstance(info, Opaque):
-            storage[index.fields().get("fqn")].append(info.fields())
+            fields = index.fields()
+            storage[fields.get("fqn")].append({**info.fields(), "chunk_offsets": fields.get("offset")})
 
     ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=[meta_path])
     component = Component(name, role, files=[meta_path])
@@ -79,12 +105,12 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         shape = fields.get("size")
         if not isinstance(dtype, DtypeRef) or not isinstance(shape, tuple):
             raise CkptError("corrupt", f".metadata entry {fqn!r} has no dtype or size", meta_path)
-        location = None
-        if len(items) == 1:
-            item = items[0]
-            location = Location(os.path.join(path, str(item.get("relative_path"))), int(item.get("offset", 0)),
-                                int(item.get("length", 0)), encoding="torch.save")
-        component.tensors.append(TensorInfo(fqn, dtype.name, shape, location))
+        locations = [Location(os.path.join(path, str(item.get("relative_path"))), int(item.get("offset", 0)),
+                              int(item.get("length", 0)), encoding="torch.save") for item in items]
+        chunks = _chunks(fqn, fields, items, locations, shape, meta_path)
+        whole = len(chunks) == 1 and chunks[0].sizes == tuple(shape)
+        component.tensors.append(TensorInfo(fqn, dtype.name, shape, chunks[0].location if whole else None,
+                                            chunks=() if whole else tuple(chunks)))
     for data_file in sorted(data_files):
         full = os.path.join(path, data_file)
         if os.path.basename(data_file) != data_file or not os.path.isfile(full):

@@ -254,7 +254,7 @@ def check_finite(v: Verification, ckpt: Checkpoint):
     scanned, bad = 0, []
     for comp in ckpt.components:
         for t in comp.tensors:
-            if t.dtype not in FLOAT_DTYPES or t.location is None:
+            if t.dtype not in FLOAT_DTYPES or not t.readable:
                 continue
             value = load_tensor(t)
             scanned += 1
