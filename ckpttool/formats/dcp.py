@@ -51,23 +51,32 @@ def _chunks(fqn, fields, items, locations, shape, meta_path) -> list[Chunk]:
     along any dim, over any mesh), named by its offsets; the entry's `chunks` give each one's sizes
     (torch/distributed/checkpoint/metadata.py: MetadataIndex.offset, ChunkStorageMetadata)."""
     sizes_at = {}
-    for chunk in fields.get("chunks") or ():
+    chunks = fields.get("chunks")
+    for chunk in chunks if isinstance(chunks, (list, tuple)) else ():
         if isinstance(chunk, Opaque):
             c = chunk.fields()
-            sizes_at[tuple(c.get("offsets") or ())] = tuple(c.get("sizes") or ())
+            offsets, sizes = _ints(c.get("offsets")), _ints(c.get("sizes"))
+            if offsets is not None and sizes is not None:
+                sizes_at[offsets] = sizes
     found = []
     for item, location in zip(items, locations):
-        offsets = tuple(item.get("chunk_offsets") or (0,) * len(shape))
+        offsets = _ints(item.get("chunk_offsets")) or (0,) * len(shape)
         sizes = sizes_at.get(offsets, tuple(shape) if len(items) == 1 else None)
-        if sizes is None or len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-                not isinstance(v, int) or o < 0 or o + z > d for o, z, d, v in
-                zip(offsets, sizes, shape, offsets + sizes)):
+        if sizes is None or not len(offsets) == len(sizes) == len(shape) or any(
+                o < 0 or z < 0 or o + z > d for o, z, d in zip(offsets, sizes, shape)):
             raise CkptError("corrupt", f".metadata chunk of {fqn!r} at {offsets} has no valid size", meta_path)
         found.append(Chunk(offsets, sizes, location))
     if sum(math.prod(c.sizes) for c in found) != math.prod(shape):
         raise CkptError("corrupt", f".metadata chunks of {fqn!r} do not cover its {tuple(shape)} elements exactly",
                         meta_path)
     return found
+
+
+def _ints(value) -> tuple | None:
+    """A tuple of ints (torch.Size, list), or None for anything else a damaged file holds."""
+    if isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
 
 
 def read(path: str, name="model", role="model") -> Checkpoint:
@@ -102,11 +111,14 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         # TensorProperties pickles its state as a (dtype, layout, requires_grad, memory_format, pin_memory) tuple.
         state = props.state if isinstance(props, Opaque) else None
         dtype = state[0] if isinstance(state, tuple) and state else _fields(props, "properties", meta_path).get("dtype")
-        shape = fields.get("size")
-        if not isinstance(dtype, DtypeRef) or not isinstance(shape, tuple):
+        shape = _ints(fields.get("size"))
+        if not isinstance(dtype, DtypeRef) or shape is None or any(d < 0 for d in shape):
             raise CkptError("corrupt", f".metadata entry {fqn!r} has no dtype or size", meta_path)
-        locations = [Location(os.path.join(path, str(item.get("relative_path"))), int(item.get("offset", 0)),
-                              int(item.get("length", 0)), encoding="torch.save") for item in items]
+        places = [(item.get("offset", 0), item.get("length", 0)) for item in items]
+        if not all(type(o) is int and type(n) is int and o >= 0 and n >= 0 for o, n in places):
+            raise CkptError("corrupt", f".metadata entry {fqn!r} has a malformed byte range", meta_path)
+        locations = [Location(os.path.join(path, str(item.get("relative_path"))), o, n, encoding="torch.save")
+                     for item, (o, n) in zip(items, places)]
         chunks = _chunks(fqn, fields, items, locations, shape, meta_path)
         whole = len(chunks) == 1 and chunks[0].sizes == tuple(shape)
         component.tensors.append(TensorInfo(fqn, dtype.name, shape, chunks[0].location if whole else None,
@@ -118,7 +130,8 @@ def read(path: str, name="model", role="model") -> Checkpoint:
             continue
         ckpt.files.append(full)
         component.files.append(full)
-        ends = [int(i.get("offset", 0)) + int(i.get("length", 0)) for items in storage.values() for i in items
+        ends = [i.get("offset", 0) + i.get("length", 0) for items in storage.values() for i in items
+                if type(i.get("offset", 0)) is int and type(i.get("length", 0)) is int
                 if i.get("relative_path") == data_file]
         if ends and max(ends) > os.path.getsize(full):
             ckpt.add_problem("truncated", "error", f"{data_file} ends before byte {max(ends)} that .metadata "
