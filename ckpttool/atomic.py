@@ -59,14 +59,21 @@ def discard(path: str):
             os.unlink(path)
 
 
+def write_synced(path: str, data) -> None:
+    """Write `data` (bytes or any buffer) to `path` and fsync it, through Python I/O: a full disk is an OSError.
+    In place: for a file inside a folder that is itself staged, or for a staging file."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_text(path: str, text: str):
-    with guard(path, len(text.encode("utf-8"))):
+    data = text.encode("utf-8")
+    with guard(path, len(data)):
         tmp = make_staging_file(path)
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data)
             os.replace(tmp, path)
         finally:
             discard(tmp)

@@ -69,3 +69,24 @@ def test_a_missing_rank_file_is_named(written, tmp_path):
     result, doc = cli("verify", str(copy), "--json")
     assert not doc["ok"] and "missing_file" in [p["code"] for p in doc["problems"]]
     assert any("__1_0.distcp" in p["message"] for p in doc["problems"])
+
+
+def test_chunks_that_do_not_cover_the_tensor_are_corrupt(written, tmp_path):
+    """A .metadata that lost one chunk of a sharded tensor: named, `corrupt`, never a half-filled tensor."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint  # noqa: F401 - the classes our own fixture's .metadata pickles
+
+    out, _ = written
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / ".metadata", "rb") as f:
+        meta = pickle.load(f)  # trusted: written by the fixture above
+    dropped = next(i for i in meta.storage_data if i.fqn == "model.layer.weight" and any(i.offset))
+    del meta.storage_data[dropped]
+    with open(copy / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+    result, doc = cli("inspect", str(copy), "--json")
+    assert result.exit_code == 1 and [p["code"] for p in doc["problems"]] == ["corrupt"]
+    assert "chunks of 'model.layer.weight' do not cover" in doc["problems"][0]["message"]

@@ -102,23 +102,17 @@ def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantizat
                     _detached(scaler.state_dict()) if main and scaler is not None else None)
 
 
-def _write_bytes(data: bytes, path: str):
-    """Written and fsynced by Python, so a full disk is an OSError this process handles. torch.save's own file writer
-    aborts the process on one (a C++ exception from a destructor), and safetensors' writer raises its own error type."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
+# Every file is serialized in memory and written by atomic.write_synced (Python I/O, fsynced), so a full disk is an
+# OSError this process handles: torch.save's own file writer aborts the process on one (a C++ exception from a
+# destructor), and safetensors' file writer raises its own error type.
 def _save_torch(obj, path):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    _write_bytes(buffer.getbuffer(), path)
+    atomic.write_synced(path, buffer.getbuffer())
 
 
 def _save_weights(tensors: dict, path):
-    _write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}), path)
+    atomic.write_synced(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -155,10 +149,7 @@ def write_files(tmp: str, snap: Snapshot, rank: int):
     if snap.quantization_map:
         documents["quanto_qmap.json"] = snap.quantization_map
     for name, doc in documents.items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic.write_synced(os.path.join(tmp, name), json.dumps(doc).encode("utf-8"))
 
 
 def publish(output_dir: str, tmp: str, snap: Snapshot, world: int, total_limit: int | None = None,

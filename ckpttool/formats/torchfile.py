@@ -181,12 +181,10 @@ def _other_pickles_globals(raw, members, allowed) -> list[str]:
 def _salvage(raw, info) -> bytes | None:
     """A member's bytes as its local header places them, whatever its flags, CRC or name say; None if unreadable."""
     try:
-        raw.seek(info.header_offset)
-        header = raw.read(30)
-        if len(header) < 30 or header[:4] != ZIP_MAGIC:
+        local = _local_header(raw, info)
+        if local is None:
             return None
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        raw.seek(info.header_offset + 30 + name_len + extra_len)
+        raw.seek(local[1])
         data = raw.read(min(info.compress_size, SCAN_LIMIT))
         if info.compress_type == zipfile.ZIP_DEFLATED:
             data = zlib.decompressobj(-15).decompress(data, SCAN_LIMIT)
@@ -202,16 +200,24 @@ def _has_end_record(path: str, size: int) -> bool:
         return b"PK\x05\x06" in f.read()
 
 
-def zip_data_offset(raw, info, path) -> int:
-    """Where a member's data starts: after its local header, whose name must be the directory's."""
+def _local_header(raw, info) -> tuple[bytes, int] | None:
+    """(the name in a member's local header, where its data starts), or None if no local header is there."""
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) < 30 or header[:4] != ZIP_MAGIC:
-        raise CkptError("corrupt", f"zip local header of {info.filename} is damaged", path)
+        return None
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    if raw.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace"):
+    return raw.read(name_len), info.header_offset + 30 + name_len + extra_len
+
+
+def zip_data_offset(raw, info, path) -> int:
+    """Where a member's data starts: after its local header, whose name must be the directory's."""
+    local = _local_header(raw, info)
+    if local is None:
+        raise CkptError("corrupt", f"zip local header of {info.filename} is damaged", path)
+    if local[0] != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace"):
         raise CkptError("corrupt", f"zip local header of {info.filename} names another file", path)
-    return info.header_offset + 30 + name_len + extra_len
+    return local[1]
 
 
 def _read_legacy(path, size, allowed) -> RawPickle:

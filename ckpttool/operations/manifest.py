@@ -123,10 +123,9 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     doc = build(ckpt)
     text = json.dumps(doc, indent=1) + "\n"
     if staged_dir:
-        with atomic.guard(target, len(text)), open(target, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        data = text.encode("utf-8")
+        with atomic.guard(target, len(data)):
+            atomic.write_synced(target, data)
     else:
         atomic.write_text(target, text)
     return {"manifest": target, "files": len(doc["files"]), "tensors": len(doc["tensors"]),
