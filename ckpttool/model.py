@@ -82,6 +82,12 @@ class TensorInfo:
         """Whether its bytes can be read: one location, or chunks."""
         return self.location is not None or bool(self.chunks)
 
+    def pieces(self) -> list[tuple[tuple | None, Location]]:
+        """(chunk offsets, or None for a whole tensor; location) of each stored piece of this tensor."""
+        if self.chunks:
+            return [(c.offsets, c.location) for c in self.chunks]
+        return [(None, self.location)] if self.location is not None else []
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

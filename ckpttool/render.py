@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from tabulate import tabulate
+
+SHOWN_OBJECTS = 40  # non-tensor items listed in the text report
 
 
 def human_bytes(n: int) -> str:
@@ -43,6 +46,12 @@ def inspect_report(r: dict) -> str:
                  ", ".join(_short(f) for f in c["files"])) for c in r["components"]]
         out.append("Components:\n" + tabulate(rows, headers=("component", "role", "tensors", "parameters", "bytes",
                                                              "files"), maxcolwidths=[None] * 5 + [60]))
+    objects = r["metadata"].get("objects")
+    if objects:  # a DCP state dict's non-tensor items
+        rows = [(name, _one_line(value)) for name, value in list(objects.items())[:SHOWN_OBJECTS]]
+        if len(objects) > SHOWN_OBJECTS:
+            rows.append((f"... {len(objects) - SHOWN_OBJECTS} more", "(--json lists every one)"))
+        out.append("Non-tensor items:\n" + tabulate(rows, headers=("item", "value"), maxcolwidths=[None, 90]))
     if r["dtypes"]:
         out.append("Model dtypes:\n" + tabulate(sorted(r["dtypes"].items()), headers=("dtype", "tensors")))
     q = r["quantization"]
@@ -57,6 +66,11 @@ def inspect_report(r: dict) -> str:
         out.append("Tensors:\n" + tabulate(rows, headers=("component", "name", "shape", "dtype", "bytes")))
     out.append(problems_table(r["problems"]))
     return "\n\n".join(out)
+
+
+def _one_line(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _short(path: str) -> str:

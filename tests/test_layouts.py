@@ -85,7 +85,7 @@ def test_dcp_dir(corpus):
     assert ckpt.format == "dcp"
     tensors = {t.name: t for t in ckpt.model.tensors}
     assert "linear_1.weight" in tensors  # the {"model": state_dict} part is the model component
-    assert ckpt.metadata["objects"] == ["step"]
+    assert list(ckpt.metadata["objects"]) == ["step"]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     target = os.path.join(os.path.dirname(corpus["dcp"]), "as_torch.pt")
     dcp_to_torch_save(corpus["dcp"], target)

@@ -334,3 +334,16 @@ def test_consistency_models_optimizer_behind_its_step_is_a_warning(tmp_path):
     assert codes(report, "warning") == ["step_mismatch"] and "progressive distillation" in str(report)
     torch.save(_trained(7)[1].state_dict(), tmp_path / "opt000005.pt")
     assert "step_mismatch" in codes(cli("verify", "--json", tmp_path / "model000005.pt")[1], "error")
+
+
+def test_torchtitan_train_state_is_read_as_torchtitan_saves_it(runs):
+    """TrainState.state_dict: the step as an int32 tensor (read from its bytes, without torch), the loss lists as
+    torch.save'd BytesIO buffers (opened in turn); the optimizer's and scheduler's counters agree with it."""
+    report = cli("inspect", "--json", os.path.join(runs["torchtitan"], "step-4"))[1]
+    sources = {s["source"]: (s["value"], s["meaning"]) for s in report["step_sources"]}
+    assert sources == {"directory name": (4, "global_step"), "DCP state 'train_state.step'": (4, "global_step"),
+                       "optimizer state step": (4, "optimizer_updates"),
+                       "lr_scheduler.last_epoch": (4, "scheduler_steps")}
+    objects = report["metadata"]["objects"]
+    assert objects["train_state.log_steps"] == [1, 2, 3, 4] and objects["train_state.global_avg_losses"] == [0.5] * 4
+    assert report["problems"] == []

@@ -10,11 +10,23 @@ import math
 import os
 from collections import defaultdict
 
+import re
+
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
-from ckpttool.model import Checkpoint, Chunk, Component, Location, TensorInfo
+from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, unpickle
+from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Component, Location, StepSource,
+                            TensorInfo)
 
 METADATA = ".metadata"
+# A non-tensor item is a torch.save blob of the value (default_planner.DefaultSavePlanner.transform_object), and DCP
+# loads it with torch.load(weights_only=False) (DefaultLoadPlanner.load_bytes): any global in it would run. BytesIO is
+# inert and legitimate: torchtitan's TrainState saves its loss lists as torch.save'd BytesIO buffers.
+OBJECT_GLOBALS = SAFE_GLOBALS | {"_io.BytesIO"}
+OBJECT_LIMIT = 1 << 20  # bytes of one non-tensor item read to show it; larger ones are only sized
+OBJECTS_READ = 2000  # non-tensor items read per checkpoint; the rest are listed unread
+COUNTER_TENSORS = 64  # `step` tensors of an optimizer state read (they are equal: one per parameter)
+OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)\.state\..+\.step")
+SCHEDULER_STEP = re.compile(r"(?:lr_scheduler|scheduler)(?:\.\d+)?\.last_epoch")
 
 
 def detect(path: str) -> bool:
@@ -27,9 +39,10 @@ def _fields(obj, what, path) -> dict:
     return obj.fields()
 
 
-def _split_by_role(component: Component) -> list[Component]:
-    """A DCP state dict is usually {"model": ..., "optimizer": ...}: when its top-level names include a known part
-    (model, optimizer, ...), each top-level name becomes its own component."""
+def _split_by_role(component: Component, object_names=()) -> list[Component]:
+    """A DCP state dict is usually {"model": ..., "optimizer": ..., "lr_scheduler": ...}: when its top-level names
+    include a known part (model, optimizer, ...), each top-level name becomes its own component. A known part saved
+    as non-tensor items only (an LR scheduler's state) is a component without tensors."""
     from ckpttool.formats.torchfile import role_of_key
 
     groups: dict[str, list[TensorInfo]] = {}
@@ -38,6 +51,10 @@ def _split_by_role(component: Component) -> list[Component]:
         if not rest:
             return [component]
         groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key, t.chunks))
+    for name in object_names:
+        head, _, rest = name.partition(".")
+        if rest and head not in groups and role_of_key(head):
+            groups[head] = []
     if not any(role_of_key(head) for head in groups):
         return [component]
     if len(groups) == 1 and role_of_key(next(iter(groups))) == component.role:
@@ -99,13 +116,15 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=[meta_path])
     component = Component(name, role, files=[meta_path])
     data_files = set()
+    objects = {}
     for fqn, entry in entries.items():
         fields = _fields(entry, f"entry {fqn!r}", meta_path)
         items = storage.get(fqn, [])
         for item in items:
             data_files.add(str(item.get("relative_path")))
         if "properties" not in fields:  # BytesStorageMetadata: a pickled Python object
-            ckpt.metadata.setdefault("objects", []).append(fqn)
+            objects[fqn] = (_object(ckpt, fqn, items[0] if items else None, path) if len(objects) < OBJECTS_READ
+                            else "<not read>")
             continue
         props = fields["properties"]
         # TensorProperties pickles its state as a (dtype, layout, requires_grad, memory_format, pin_memory) tuple.
@@ -126,18 +145,124 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     for data_file in sorted(data_files):
         full = os.path.join(path, data_file)
         if os.path.basename(data_file) != data_file or not os.path.isfile(full):
-            ckpt.add_problem("missing_file", "error", f"data file {data_file} named by .metadata is missing", full)
+            ckpt.add_problem("missing_file", "error", f"data file {data_file} named by .metadata is missing; it held "
+                             f"{_held(storage, data_file)}", full)
             continue
         ckpt.files.append(full)
         component.files.append(full)
-        ends = [i.get("offset", 0) + i.get("length", 0) for items in storage.values() for i in items
-                if type(i.get("offset", 0)) is int and type(i.get("length", 0)) is int
-                if i.get("relative_path") == data_file]
-        if ends and max(ends) > os.path.getsize(full):
-            ckpt.add_problem("truncated", "error", f"{data_file} ends before byte {max(ends)} that .metadata "
-                             "expects: it was cut short", full)
-    ckpt.components.extend(_split_by_role(component))
+        size = os.path.getsize(full)
+        ends = [_end(i) for items in storage.values() for i in items if i.get("relative_path") == data_file]
+        if max(ends, default=0) > size:
+            ckpt.add_problem("truncated", "error", f"{data_file} ends at byte {size}, before byte {max(ends)} that "
+                             f".metadata expects: it was cut short, losing {_held(storage, data_file, size)}", full)
+    ckpt.components.extend(_split_by_role(component, objects))
+    if objects:
+        ckpt.metadata["objects"] = objects
+    ckpt.steps.extend(_counters(objects, component.tensors, path))
     if unpickler.unsafe_globals:
         ckpt.add_problem("unsafe_pickle", "error", f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
                          "outside the allow-list; it was not executed", meta_path)
     return ckpt
+
+
+def _end(item: dict) -> int:
+    offset, length = item.get("offset", 0), item.get("length", 0)
+    return offset + length if type(offset) is int and type(length) is int else 0
+
+
+def _held(storage: dict, data_file: str, beyond: int = -1, shown: int = 8) -> str:
+    """The items of `data_file` (ending past byte `beyond`), in words: each tensor, or its chunk, by name."""
+    names = [fqn + (f" (chunk at {tuple(item['chunk_offsets'])})" if len(items) > 1 and item.get("chunk_offsets")
+                    else "")
+             for fqn, items in storage.items() for item in items
+             if item.get("relative_path") == data_file and _end(item) > beyond]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} items: {', '.join(names[:shown])}{more}"
+
+
+def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed=SAFE_GLOBALS):
+    """The unpickled torch.save blob of one item (safe reader, nothing imported), or None when it cannot be read."""
+    from ckpttool.formats.torchfile import read_raw
+
+    if item is None:
+        return None
+    full = os.path.join(path, str(item.get("relative_path")))
+    offset, length = item.get("offset", 0), item.get("length", 0)
+    if not os.path.isfile(full) or not _end(item) or _end(item) > os.path.getsize(full):
+        return None  # a missing or cut-short data file, or a malformed range, is reported once, by read()
+    try:
+        raw = read_raw(full, allowed, span=(offset, length))
+    except CkptError as e:
+        ckpt.add_problem(e.code, "error", f"item {fqn!r} at byte {offset}: {e.reason}", full)
+        return None
+    if raw.unsafe_globals:
+        ckpt.add_problem("unsafe_pickle", "error", f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
+                         "allow-list: dcp.load unpickles it with weights_only=False and would run that code; it was "
+                         "not executed", full)
+    ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
+    return raw
+
+
+def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
+    """A non-tensor item's value as shown in metadata: ints, strings, short bytes, nested dicts (a train state's
+    step, a dataloader's state), with torch.save'd BytesIO buffers opened in turn."""
+    from ckpttool.formats.torchfile import plain, read_raw
+
+    length = item.get("length") if item else None
+    if type(length) is int and length > OBJECT_LIMIT:
+        return f"<{length} bytes, not read>"
+    raw = _blob(ckpt, fqn, item, path, OBJECT_GLOBALS)
+    if raw is None:
+        return None
+    value = raw.obj
+    state = value.state if isinstance(value, Opaque) and value.global_name == "_io.BytesIO" else None
+    if isinstance(state, tuple) and state and isinstance(state[0], bytes):
+        try:  # the buffer holds a torch.save blob (torchtitan): show what it holds
+            return plain(read_raw(path, SAFE_GLOBALS, data=state[0]).obj)
+        except CkptError:
+            return f"<BytesIO, {len(state[0])} bytes>"
+    return plain(value)
+
+
+def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
+    """Counters of a DCP state dict: `step`/`epoch` items (ints, or one-element tensors such as torchtitan's
+    train_state.step), optimizer `step`s and a scheduler's `last_epoch`. What `step` means, the trainer profile says."""
+    from ckpttool.formats.torchfile import EPOCH_KEYS, STEP_KEYS
+
+    found, updates = [], []
+    for fqn, value in objects.items():
+        if type(value) is not int:
+            continue
+        if fqn.rsplit(".", 1)[-1] in STEP_KEYS + EPOCH_KEYS and not OPTIMIZER_STEP.fullmatch(fqn):
+            found.append(StepSource(f"DCP state '{fqn}'", value))
+        elif SCHEDULER_STEP.fullmatch(fqn):
+            found.append(StepSource(fqn, value, SCHEDULER_STEPS))
+    for t in tensors:
+        if t.numel != 1 or t.location is None or t.name.rsplit(".", 1)[-1] not in STEP_KEYS + EPOCH_KEYS:
+            continue
+        if OPTIMIZER_STEP.fullmatch(t.name):
+            if len(updates) < COUNTER_TENSORS:
+                updates.append(_scalar(t))
+        else:
+            value = _scalar(t)
+            if value is not None:
+                found.append(StepSource(f"DCP state '{t.name}'", value))
+    updates = [int(u) for u in updates if u is not None]
+    if updates:
+        found.append(StepSource("optimizer state step", max(updates), OPTIMIZER_UPDATES))
+    return found
+
+
+def _scalar(info: TensorInfo):
+    """A one-element tensor item's value, read from its torch.save blob without torch; None if unreadable."""
+    from ckpttool.formats.torchfile import read_raw, read_scalar, tensor_info
+
+    loc = info.location
+    try:
+        raw = read_raw(loc.file, SAFE_GLOBALS, span=(loc.offset, loc.length))
+    except CkptError:
+        return None  # verify reads the item in full and says what is wrong with it
+    if not isinstance(raw.obj, TensorRef) or raw.obj.storage.key not in raw.storages:
+        return None
+    value = read_scalar(tensor_info(info.name, raw.obj, raw, loc.file))
+    return value if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None

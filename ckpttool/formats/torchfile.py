@@ -64,16 +64,58 @@ class RawPickle:
     unsafe_globals: list = field(default_factory=list)
 
 
-def read_raw(path: str, allowed=SAFE_GLOBALS) -> RawPickle:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = None, data: bytes | None = None
+             ) -> RawPickle:
+    """The file's pickle and storages; with `span` (offset, length), of a torch.save blob embedded in the file (a DCP
+    item), with storage offsets still counted from the start of the file; with `data`, of a blob in memory (`path`
+    then only names it in errors)."""
+    size = len(data) if data is not None else span[1] if span else os.path.getsize(path)
+    opener = ((lambda: io.BytesIO(data)) if data is not None else (lambda: _Window(path, *span)) if span else
+              (lambda: open(path, "rb")))
+    with opener() as f:
         head = f.read(4)
     if not head:
         raise CkptError("truncated", "file is empty", path)
     try:
-        return _read_zip(path, size, allowed) if head == ZIP_MAGIC else _read_legacy(path, size, allowed)
+        if head == ZIP_MAGIC:
+            return _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
+        if span or data is not None:
+            raise CkptError("corrupt", "the embedded item is not a torch.save archive", path)
+        return _read_legacy(path, size, allowed)
     except (OSError, ValueError, OverflowError, MemoryError) as e:  # offsets and sizes a damaged file made absurd
         raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
+
+
+class _Window(io.RawIOBase):
+    """`length` bytes of a file from `offset`, read as a file of their own (zipfile seeks from its end)."""
+
+    def __init__(self, path, offset, length):
+        super().__init__()
+        self._file, self._start, self._length, self._pos = open(path, "rb"), offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self._pos = max(0, pos + (0, self._pos, self._length)[whence])
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def readinto(self, buffer):
+        wanted = max(0, min(len(buffer), self._length - self._pos))
+        self._file.seek(self._start + self._pos)
+        n = self._file.readinto(memoryview(buffer)[:wanted])
+        self._pos += n
+        return n
+
+    def close(self):
+        self._file.close()
+        super().close()
 
 
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error, OverflowError,
@@ -81,17 +123,17 @@ ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedE
 ENCRYPTED = 0x1
 
 
-def _read_zip(path, size, allowed) -> RawPickle:
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        if _has_end_record(path, size):
-            raise CkptError("corrupt", "zip directory is damaged", path) from None
-        raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
-                        "interrupted save)", path) from None
-    except ZIP_ERRORS as e:
-        raise CkptError("corrupt", f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
-    with zf, open(path, "rb") as raw:
+def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
+    with opener() as raw:  # zipfile reads the directory once, here; members are read from `raw` directly
+        try:
+            zf = zipfile.ZipFile(raw)
+        except zipfile.BadZipFile:
+            if _has_end_record(opener, size):
+                raise CkptError("corrupt", "zip directory is damaged", path) from None
+            raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
+                            "interrupted save)", path) from None
+        except ZIP_ERRORS as e:
+            raise CkptError("corrupt", f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
         members = zf.infolist()
         # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
         first = members[0].filename if members else ""
@@ -133,8 +175,17 @@ def _read_zip(path, size, allowed) -> RawPickle:
             offset = zip_data_offset(raw, info, path)
             if offset + info.file_size > size:
                 raise CkptError("truncated", f"{member} ends past the end of the file", path)
-            storages[key] = (ref, offset)
+            storages[key] = (ref, base + offset)
     return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed])
+
+
+def stored_members(path: str, span: tuple[int, int] | None = None) -> list[tuple[zipfile.ZipInfo, int]]:
+    """(member, where its data starts in the file) of each stored member of a torch zip, or of the torch.save blob
+    at `span` (a DCP item). Raises CkptError or a zip error when the directory cannot be read."""
+    with (_Window(path, *span) if span else open(path, "rb")) as raw:
+        zf = zipfile.ZipFile(raw)
+        return [(info, (span[0] if span else 0) + zip_data_offset(raw, info, path)) for info in zf.infolist()
+                if info.compress_type == zipfile.ZIP_STORED]
 
 
 def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
@@ -193,9 +244,9 @@ def _salvage(raw, info) -> bytes | None:
         return None
 
 
-def _has_end_record(path: str, size: int) -> bool:
+def _has_end_record(opener, size: int) -> bool:
     """Whether the zip end-of-central-directory signature is in the file's tail (absent: the file was cut short)."""
-    with open(path, "rb") as f:
+    with opener() as f:
         f.seek(max(0, size - 65557))
         return b"PK\x05\x06" in f.read()
 
@@ -413,18 +464,31 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
 def _scalars_into(metadata, key, value):
     """Keep a training dict's plain values (numbers, strings, nested dicts and lists of them, such as Lightning's
     `loops` counters) as JSON-able metadata; other objects by their class name."""
-    metadata[key] = _plain(value)
+    metadata[key] = plain(value)
 
 
-def _plain(value, depth=0):
+SHOWN_ITEMS = 32  # of a list or dict shown as metadata; the rest are counted
+
+
+def plain(value, depth=0):
+    """A JSON-able picture of an unpickled value: numbers and strings as they are, short bytes as their repr,
+    tensors by dtype and shape, other objects by their class name; long lists and dicts cut short."""
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
+    if isinstance(value, (bytes, bytearray)):
+        return repr(bytes(value)) if len(value) <= 64 else f"<{len(value)} bytes>"
+    if isinstance(value, TensorRef):
+        return f"<tensor {value.dtype}{list(value.shape)}>"
     if isinstance(value, Opaque):
         return f"<{value.global_name}>"
     if depth < 8 and isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        shown = {str(k): plain(v, depth + 1) for k, v in list(value.items())[:SHOWN_ITEMS]}
+        if len(value) > SHOWN_ITEMS:
+            shown["..."] = f"{len(value) - SHOWN_ITEMS} more"
+        return shown
     if depth < 8 and isinstance(value, (list, tuple)):
-        return [_plain(v, depth + 1) for v in value]
+        shown = [plain(v, depth + 1) for v in value[:SHOWN_ITEMS]]
+        return shown + [f"... {len(value) - SHOWN_ITEMS} more"] if len(value) > SHOWN_ITEMS else shown
     return f"<{type(value).__name__}>"
 
 

@@ -46,17 +46,19 @@ def covered_files(ckpt: Checkpoint) -> list[str]:
 
 
 def tensor_ranges(ckpt: Checkpoint, folder: str) -> list[dict]:
-    """One entry per distinct stored byte range (a storage shared by tied tensors is hashed once)."""
+    """One entry per distinct stored byte range (a storage shared by tied tensors is hashed once); a tensor saved
+    in chunks (DCP over several ranks) has one per chunk, with the chunk's offsets in the tensor."""
     ranges: dict[tuple, dict] = {}
     for comp in ckpt.components:
         for t in comp.tensors:
-            loc = t.location
-            if loc is None:
-                continue
-            key = (loc.file, loc.offset, loc.length)
-            entry = ranges.setdefault(key, {"file": os.path.relpath(loc.file, folder), "names": [],
-                                            "offset": loc.offset, "length": loc.length})
-            entry["names"].append(t.name if comp.role == "model" and comp.name == "model" else f"{comp.name}/{t.name}")
+            for offsets, loc in t.pieces():
+                key = (loc.file, loc.offset, loc.length)
+                entry = ranges.setdefault(key, {"file": os.path.relpath(loc.file, folder), "names": [],
+                                                "offset": loc.offset, "length": loc.length})
+                if offsets is not None:
+                    entry["chunk"] = list(offsets)
+                entry["names"].append(t.name if comp.role == "model" and comp.name == "model" else
+                                      f"{comp.name}/{t.name}")
     return sorted(ranges.values(), key=lambda e: (e["file"], e["offset"]))
 
 

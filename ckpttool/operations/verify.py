@@ -41,26 +41,58 @@ class Verification:
 
 # --- integrity ---
 
+def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[Problem]:
+    """Check stored zip members, each (file, member, data offset, what it holds), against their CRC-32s on all
+    cores."""
+    jobs = [(path, offset, info.file_size) for path, info, offset, _ in members]
+    results = hashing.run_jobs(jobs, hashing.crc32_range, sum(j[2] for j in jobs), "CRC")
+    return [Problem("corrupt", ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)
+            for (path, info, _, what), (crc, _n) in zip(members, results) if crc != info.CRC]
+
+
 def zip_crc_problems(path: str) -> list[Problem]:
-    """Check every stored member of a torch zip against its CRC-32, on all cores."""
+    """Every stored member of a torch zip against its CRC-32."""
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-            members = [(info, torchfile.zip_data_offset(raw, info, path)) for info in zf.infolist()
-                       if info.compress_type == zipfile.ZIP_STORED]
+        members = torchfile.stored_members(path)
     except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
         return []  # the reader has already reported why this file cannot be read
-    jobs = [(path, offset, info.file_size) for info, offset in members]
-    results = hashing.run_jobs(jobs, hashing.crc32_range, sum(j[2] for j in jobs), "CRC")
-    return [Problem("corrupt", ERROR, f"zip member {info.filename} fails its CRC-32 check (damaged bytes)", path)
-            for (info, _), (crc, _n) in zip(members, results) if crc != info.CRC]
+    return _crc_problems([(path, info, offset, f"zip member {info.filename}") for info, offset in members])
+
+
+def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
+    """Each tensor item of a DCP dir is a torch.save blob of its own (filesystem.py _write_item): its members'
+    CRC-32s name the tensor, or the chunk of it, whose bytes were damaged."""
+    members, unreadable = [], []
+    for comp in ckpt.components:
+        for t in comp.tensors:
+            name = t.name if comp.role == "model" and comp.name == "model" else f"{comp.name}/{t.name}"
+            for offsets, loc in t.pieces():
+                if loc.encoding != "torch.save" or not os.path.isfile(loc.file) or \
+                        loc.offset + loc.length > os.path.getsize(loc.file):
+                    continue  # a missing or cut-short file: the reader has named what it lost
+                what = f"tensor {name}" + (f" (chunk at {offsets})" if offsets else "") + \
+                    f" in {os.path.basename(loc.file)}"
+                try:
+                    found = torchfile.stored_members(loc.file, (loc.offset, loc.length))
+                except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
+                    unreadable.append(Problem("corrupt", ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
+                                              "cannot be read (damaged bytes)", loc.file))
+                    continue
+                members.extend((loc.file, info, offset, what) for info, offset in found)
+    return unreadable + _crc_problems(members)
 
 
 def check_integrity(v: Verification, ckpt: Checkpoint):
     reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
-    zips = [f for f in ckpt.files if os.path.isfile(f) and _is_zip(f)]
+    dcp_files = {loc.file for c in ckpt.components for t in c.tensors for _, loc in t.pieces()
+                 if loc.encoding == "torch.save"}
+    zips = [f for f in ckpt.files if os.path.isfile(f) and f not in dcp_files and _is_zip(f)]
     for f in zips:
         reader.extend(zip_crc_problems(f))
-    detail = f"{len(ckpt.files)} files readable" + (f", {len(zips)} torch zip CRCs good" if zips else "")
+    if dcp_files:
+        reader.extend(dcp_item_crc_problems(ckpt))
+    detail = f"{len(ckpt.files)} files readable" + (f", {len(zips)} torch zip CRCs good" if zips else "") + \
+        (f", item CRCs of {len(dcp_files)} DCP data files good" if dcp_files else "")
     v.from_problems("integrity", reader, detail)
     unsafe = [p for p in ckpt.problems if p.code == "unsafe_pickle"]
     v.from_problems("pickle safety", unsafe, "every pickle global is on the allow-list")
@@ -130,8 +162,9 @@ def _name_damaged_tensors(v, doc, folder, full, ranges):
     digests = manifests.hash_tensors(suspects, folder)
     damaged = [e for e, d in zip(suspects, digests) if d != e.get(hashing.ALGORITHM)]
     for e in damaged:
-        v.problem("checksum_mismatch", ERROR, f"tensor {', '.join(e['names'])} in {rel} differs from the manifest",
-                  full, key=e["names"][0])
+        chunk = f" (chunk at {tuple(e['chunk'])})" if e.get("chunk") else ""
+        v.problem("checksum_mismatch", ERROR, f"tensor {', '.join(e['names'])}{chunk} in {rel} differs from the "
+                  "manifest", full, key=e["names"][0])
     if not damaged:
         v.problem("checksum_mismatch", ERROR, f"{rel} differs from the manifest outside tensor data (header, pickle "
                   "or metadata bytes)", full)

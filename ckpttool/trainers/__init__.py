@@ -13,6 +13,7 @@ from ckpttool.model import Checkpoint
 from ckpttool.trainers.accelerate import Accelerate, AccelerateAutomatic
 from ckpttool.trainers.base import Profile
 from ckpttool.trainers.consistency_models import ConsistencyModels
+from ckpttool.trainers.dcp_state import DcpState
 from ckpttool.trainers.diffusers import Diffusers
 from ckpttool.trainers.kohya import Kohya
 from ckpttool.trainers.lightning import Lightning
@@ -25,7 +26,7 @@ from ckpttool.trainers.transformers import Transformers
 
 PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), ConsistencyModels(),
                  AccelerateAutomatic(), Diffusers(), Accelerate())
-CONTENT_PROFILES = (Lightning(), TrainingDict())
+CONTENT_PROFILES = (Lightning(), TrainingDict(), DcpState())
 GENERIC = Profile()
 
 

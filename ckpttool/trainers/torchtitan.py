@@ -11,6 +11,7 @@ import re
 
 from ckpttool.model import ERROR, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs
+from ckpttool.trainers.dcp_state import COUNTER_MEANINGS
 
 NAME = re.compile(r"step-(\d+)")
 
@@ -21,6 +22,7 @@ class Torchtitan(Profile):
     source = "torchtitan components/checkpoint.py CheckpointManager (_find_load_step, keep_latest_k)"
     name_pattern = NAME
     saves_rng = False
+    counter_meanings = COUNTER_MEANINGS  # train_state.step: the global step
     latest_rule = "load_step=-1: the highest step-N dir that has a .metadata"
     total_limit_rule = "keep_latest_k: older step-N dirs are deleted"
 
