@@ -61,7 +61,8 @@ class Location:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One rank's piece of a sharded tensor (torch.distributed.checkpoint): `sizes` elements at `offsets`."""
+    """One rank's piece of a sharded tensor: `sizes` elements at `offsets` (a DCP shard), or with one offset and one
+    size, a run of the flattened tensor (a DeepSpeed ZeRO partition's slice)."""
 
     offsets: tuple
     sizes: tuple
@@ -119,6 +120,7 @@ SCHEDULER_STEPS = "scheduler_steps"  # LR scheduler steps (`last_epoch`)
 SAVES = "saves"  # checkpoints saved so far (Accelerate's automatic checkpoint_N)
 EPOCH = "epoch"
 MICRO_STEPS = "micro_steps"  # gradient-accumulation micro-batches (Accelerate's RNG-file `step`)
+SKIPPED_UPDATES = "skipped_updates"  # updates the trainer itself counted as fp16-skipped (DeepSpeed skipped_steps)
 
 
 @dataclass
@@ -154,9 +156,9 @@ class Component:
         for t in self.tensors:
             if t.storage_key is None:
                 total += t.nbytes
-            elif (t.location.file, t.storage_key) not in seen:
-                seen.add((t.location.file, t.storage_key))
-                total += t.location.length
+            elif (t.location and t.location.file, t.storage_key) not in seen:
+                seen.add((t.location and t.location.file, t.storage_key))
+                total += t.location.length if t.location else t.nbytes
         return total
 
 

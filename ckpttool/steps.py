@@ -7,7 +7,8 @@ alone:
 
 - global-step sources (a dir name, a state json, a training dict) must agree, and so must epochs;
 - optimizer updates may lag the global step by the updates an fp16 GradScaler skipped (the trainer's step advances,
-  the optimizer's does not). A saved scaler bounds how many that can be: every skip halves the scale (backoff
+  the optimizer's does not). A trainer that counts its skips (DeepSpeed's skipped_steps) says exactly how many; a
+  saved scaler bounds how many that can be: every skip halves the scale (backoff
   0.5) from its initial 65536, and `_growth_tracker` counts the updates applied since the last skip, so at most
   global_step - _growth_tracker were skipped. Without a scaler a lag up to `skip_allowance(step)` is a warning;
 - an optimizer ahead of the global step, at or behind an earlier save of the same run, or lagging by more than any
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import math
 
-from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES, SCHEDULER_STEPS, WARNING,
-                            Checkpoint, Problem)
+from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES, SCHEDULER_STEPS,
+                            SKIPPED_UPDATES, WARNING, Checkpoint, Problem)
 
 MEANINGS = {
     GLOBAL_STEP: "global step: training steps taken, fp16-skipped updates included",
@@ -31,6 +32,7 @@ MEANINGS = {
     SAVES: "number of saves (not a step)",
     EPOCH: "epoch",
     MICRO_STEPS: "gradient-accumulation micro-steps (never compared)",
+    SKIPPED_UPDATES: "fp16-skipped updates, as the trainer counted them",
 }
 DEFAULT_INIT_SCALE = 65536.0  # torch.amp.GradScaler, Accelerate GradScalerKwargs and Lightning all default to 2**16
 BASE_SKIPS = 16  # halvings from 65536 down to a scale of 1: more early skips than that means a broken run
@@ -136,6 +138,13 @@ class Judge:
     def _lag_explained(self, lag) -> tuple[str | None, str]:
         """(EXPLAINED, note): the scaler shows exactly these skips; (PLAUSIBLE, why): fp16 skips may explain it;
         (None, why): nothing a healthy run does explains it."""
+        counted = of(self.ckpt, SKIPPED_UPDATES)
+        if counted:
+            if lag == counted[0].value:
+                note = f"{lag} fp16-skipped updates, as {counted[0].source} counts them"
+                self.notes.append(note)
+                return EXPLAINED, note
+            return None, f"{counted[0].source} counts {counted[0].value} skipped updates, not {lag}"
         scaler = scaler_state(self.ckpt)
         if scaler is None:
             allowance = skip_allowance(self.step)

@@ -70,16 +70,20 @@ def _load_saved(name: str, loc, shape):
 
 
 def _assemble(info: TensorInfo):
-    """A sharded tensor from its chunks, one chunk in memory at a time beside the result."""
+    """A sharded tensor from its chunks, one chunk in memory at a time beside the result. A chunk with one offset
+    addresses the flattened tensor (DeepSpeed ZeRO's flat partitions); otherwise it is a box (DCP shards)."""
     import torch
 
     out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     for chunk in info.chunks:
-        piece = _load_saved(info.name, chunk.location, chunk.sizes)
-        view = out
+        if chunk.location.encoding == "torch.save":
+            piece = _load_saved(info.name, chunk.location, chunk.sizes)
+        else:
+            piece = read_storage(TensorInfo(info.name, info.dtype, chunk.sizes, chunk.location)).view(out.dtype)
+        view = out.view(-1) if len(chunk.offsets) == 1 else out
         for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
             view = view.narrow(dim, start, size)
-        view.copy_(piece)
+        view.copy_(piece.reshape(chunk.sizes))
     return out
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import dcp, family, quanto, safetensors, sharded, statedir, torchfile
+from ckpttool.formats import dcp, deepspeed, family, quanto, safetensors, sharded, statedir, torchfile
 from ckpttool.model import Checkpoint
 
-READERS = (dcp, sharded, family, safetensors, torchfile)
+READERS = (dcp, deepspeed, sharded, family, safetensors, torchfile)
 
 
 def read_file(path: str, role: str = "model", name: str | None = None) -> Checkpoint:
@@ -62,7 +62,8 @@ def is_state_dir(path: str) -> bool:
 def guess_format(path: str) -> str:
     """Best guess of the format name for a path that failed to read."""
     if os.path.isdir(path):
-        return "accelerate" if is_state_dir(path) else "dcp" if dcp.detect(path) else "unknown"
+        return ("accelerate" if is_state_dir(path) else "dcp" if dcp.detect(path) else
+                "deepspeed" if deepspeed.detect(path) else "unknown")
     if path.endswith(sharded.INDEX_SUFFIX):
         return "sharded"
     return "safetensors" if safetensors.detect(path) else "torch"

@@ -34,7 +34,8 @@ DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "lo
 
 # What torch.load(weights_only=True) accepts, plus the numpy pieces Accelerate allow-lists for RNG state.
 SAFE_GLOBALS = {
-    "collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "collections.OrderedDict", "torch.Tensor", "torch.nn.parameter.Parameter", "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device", "torch.storage.UntypedStorage",
     "builtins.set", "builtins.frozenset", "builtins.bytearray", "builtins.complex", "builtins.slice",

@@ -495,7 +495,7 @@ def plain(value, depth=0):
 def _component_steps(comp: Component, value, raw: RawPickle, path: str):
     if comp.role == "optimizer":
         for state in _optimizer_dicts(value):
-            step = _optimizer_step(state, raw, path)
+            step = optimizer_step(state, raw, path)
             if step is not None:
                 yield StepSource(f"{comp.name} state step", step, OPTIMIZER_UPDATES)
     elif comp.role == "scheduler":
@@ -514,7 +514,7 @@ def _optimizer_dicts(value):
             yield from _optimizer_dicts(item)
 
 
-def _optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
+def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
     """The largest per-parameter `step` (equal for every parameter updated each step)."""
     steps = []
     state = state_dict.get("state")

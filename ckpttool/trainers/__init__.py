@@ -14,6 +14,7 @@ from ckpttool.trainers.accelerate import Accelerate, AccelerateAutomatic
 from ckpttool.trainers.base import Profile
 from ckpttool.trainers.consistency_models import ConsistencyModels
 from ckpttool.trainers.dcp_state import DcpState
+from ckpttool.trainers.deepspeed import DeepSpeed
 from ckpttool.trainers.diffusers import Diffusers
 from ckpttool.trainers.kohya import Kohya
 from ckpttool.trainers.lightning import Lightning
@@ -24,7 +25,8 @@ from ckpttool.trainers.torchtitan import Torchtitan
 from ckpttool.trainers.training_dict import TrainingDict
 from ckpttool.trainers.transformers import Transformers
 
-PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), ConsistencyModels(),
+PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), DeepSpeed(),
+                 ConsistencyModels(),
                  AccelerateAutomatic(), Diffusers(), Accelerate())
 CONTENT_PROFILES = (Lightning(), TrainingDict(), DcpState())
 GENERIC = Profile()
