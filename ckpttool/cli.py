@@ -35,6 +35,14 @@ def _fail(code: int, message: str):
 class Group(click.Group):
     """Turns the toolkit's errors into one-line messages and contract exit codes, never a traceback."""
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        from ckpttool import distributed
+
+        if distributed.launched():
+            distributed.enter(name)
+        return name, command, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -56,6 +64,9 @@ class Group(click.Group):
                 raise
             _fail(1, f"internal error {type(e).__name__}: {e} (set CKPTTOOL_DEBUG=1 for the traceback and "
                      "please report it)")
+        finally:
+            if "ckpttool.distributed" in sys.modules:  # loaded only under torchrun
+                sys.modules["ckpttool.distributed"].stop()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -95,7 +95,17 @@ def progress(total_bytes: int, label: str):
 
 
 def run_jobs(jobs, fn, total_bytes: int = 0, label: str = "hashing"):
-    """Run fn(*job) for every (path, offset, length) job on all cores; results in job order."""
+    """Run fn(*job) for every (path, offset, length) job on all cores; results in job order. Under torchrun the
+    jobs are shared out among the processes, and each gets every result (ckpttool.distributed)."""
+    from ckpttool import distributed
+
+    if distributed.active():
+        return distributed.run_shared(jobs, [job[2] for job in jobs],
+                                      lambda mine: _run_local(mine, fn, sum(j[2] for j in mine), label))
+    return _run_local(jobs, fn, total_bytes, label)
+
+
+def _run_local(jobs, fn, total_bytes: int, label: str):
     with progress(total_bytes, label) as advance, ThreadPoolExecutor(workers()) as pool:
         results = []
         for job, result in zip(jobs, pool.map(lambda job: fn(*job), jobs)):

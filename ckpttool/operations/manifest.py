@@ -11,7 +11,7 @@ import datetime
 import json
 import os
 
-from ckpttool import __version__, atomic, hashing, steps
+from ckpttool import __version__, atomic, distributed, hashing, steps
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.model import Checkpoint
@@ -101,7 +101,7 @@ def build(ckpt: Checkpoint) -> dict:
     doc = {
         "ckpttool_manifest": VERSION,
         "tool": f"ckpttool {__version__}",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
         "algorithm": hashing.ALGORITHM,
         "piece_size": hashing.PIECE_SIZE,
         "format": ckpt.format,
@@ -111,6 +111,14 @@ def build(ckpt: Checkpoint) -> dict:
         "tensors": tensors,
     }
     return doc
+
+
+def _created() -> str:
+    """Now, or SOURCE_DATE_EPOCH when set (the reproducible-builds convention): two runs then write the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch.isdigit() else
+            datetime.datetime.now(datetime.timezone.utc))
+    return when.isoformat(timespec="seconds")
 
 
 def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
@@ -124,14 +132,17 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
                          "you are not sure the checkpoint is still intact)")
     doc = build(ckpt)
     text = json.dumps(doc, indent=1) + "\n"
+    result = {"manifest": target, "files": len(doc["files"]), "tensors": len(doc["tensors"]),
+              "bytes": sum(f["size"] for f in doc["files"].values()), "step": doc["step"]}
+    if not distributed.is_leader():  # under torchrun every rank hashed its share; rank 0 writes
+        return result
     if staged_dir:
         data = text.encode("utf-8")
         with atomic.guard(target, len(data)):
             atomic.write_synced(target, data)
     else:
         atomic.write_text(target, text)
-    return {"manifest": target, "files": len(doc["files"]), "tensors": len(doc["tensors"]),
-            "bytes": sum(f["size"] for f in doc["files"].values()), "step": doc["step"]}
+    return result
 
 
 def load(target: str) -> dict:

@@ -284,16 +284,23 @@ def check_finite(v: Verification, ckpt: Checkpoint):
 
     from ckpttool.tensors import load_tensor
 
-    scanned, bad = 0, []
-    for comp in ckpt.components:
-        for t in comp.tensors:
-            if t.dtype not in FLOAT_DTYPES or not t.readable:
-                continue
+    from ckpttool import distributed
+
+    def finite(tensors) -> list[bool]:
+        out = []
+        for t in tensors:
             value = load_tensor(t)
-            scanned += 1
-            if value.numel() and not bool(torch.isfinite(value.to(torch.float32) if value.element_size() == 1
-                                                         else value).all()):
-                bad.append(f"{comp.name}/{t.name}")
+            out.append(not value.numel() or bool(torch.isfinite(value.to(torch.float32) if value.element_size() == 1
+                                                                else value).all()))
+        return out
+
+    scanned = [(f"{comp.name}/{t.name}", t) for comp in ckpt.components for t in comp.tensors
+               if t.dtype in FLOAT_DTYPES and t.readable]
+    tensors = [t for _, t in scanned]
+    results = (distributed.run_shared(tensors, [t.nbytes for t in tensors], finite) if distributed.active()
+               else finite(tensors))
+    bad = [name for (name, _), ok in zip(scanned, results) if not ok]
+    scanned = len(scanned)
     if bad:
         v.problem("nonfinite", ERROR, f"NaN or Inf in {len(bad)} tensors: {', '.join(bad[:10])}"
                   + (" ..." if len(bad) > 10 else ""), ckpt.path, key=bad[0])

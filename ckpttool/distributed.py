@@ -1,0 +1,115 @@
+"""`verify` and `manifest` spread over the processes of a torchrun launch (one node or many).
+
+Under torchrun (WORLD_SIZE > 1, with RANK and MASTER_ADDR set) every process reads the checkpoint's metadata the same
+way, so every process asks for the same list of jobs (file pieces to hash, zip members to CRC, tensors to scan) in
+the same order. Each process runs its share, balanced by bytes, on all its cores, and the results are gathered over
+torch.distributed (gloo unless CKPTTOOL_DIST_BACKEND says otherwise), so every process then holds exactly what one
+process would have computed: the report, the manifest and the exit code are the same bit for bit. Rank 0 prints and
+writes; the others stay silent. Outside torchrun none of this runs and torch.distributed is never imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+DISTRIBUTED_COMMANDS = ("verify", "manifest")
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting its environment) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def active() -> bool:
+    """Whether a process group is up (after `start`)."""
+    if not launched():
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return int(os.environ["RANK"]) if launched() else 0
+
+
+def is_leader() -> bool:
+    """Rank 0, or the only process: the one that prints and writes."""
+    return rank() == 0
+
+
+def enter(command: str):
+    """Under torchrun: verify and manifest start the process group (every rank but 0 silenced); any other command
+    runs on rank 0 alone, the others exit at once."""
+    import sys
+
+    if command not in DISTRIBUTED_COMMANDS:
+        if not is_leader():
+            sys.exit(0)
+        return
+    if not is_leader():
+        silence()
+    start()
+
+
+def start():
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = os.environ.get("CKPTTOOL_DIST_BACKEND", "gloo")
+    minutes = float(os.environ.get("CKPTTOOL_DIST_TIMEOUT_MIN", "60"))  # a rank waits this long for the slowest
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+
+
+def stop():
+    if active():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def silence():
+    """Send this process's stdout and stderr to /dev/null (every rank but 0): one report, from rank 0."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+
+
+def share(sizes: list[int]) -> list[int]:
+    """The indices of the jobs this process runs: the largest first, each to the least loaded process, so every
+    process gets about the same number of bytes (and the same answer on every process)."""
+    import torch.distributed as dist
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    load = [0] * world
+    mine = []
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += max(1, sizes[index])
+        if owner == me:
+            mine.append(index)
+    return sorted(mine)
+
+
+def run_shared(items: list, sizes: list[int], run):
+    """`run(my items)` on this process's share of `items`; every process gets every result, in `items` order. An
+    error on any process is raised on all of them (a process left waiting would hang the launch)."""
+    import torch.distributed as dist
+
+    mine = share(sizes)
+    try:
+        outcome = ("ok", dict(zip(mine, run([items[i] for i in mine]))))
+    except OSError as e:
+        outcome = ("error", e)
+    except Exception as e:  # noqa: BLE001 - carried to every process, then raised there
+        outcome = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, outcome)
+    merged = {}
+    for status, value in gathered:
+        if status == "error":
+            raise value
+        merged.update(value)
+    return [merged[i] for i in range(len(items))]

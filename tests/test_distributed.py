@@ -1,0 +1,96 @@
+"""verify and manifest under torchrun: the work is shared among the processes and the result is the single-process
+result, bit for bit; rank 0 alone prints."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def run(*args, ranks=None, port=29431):
+    """`ckpttool ARGS` in one process, or under torchrun with `ranks` processes: (exit code, stdout, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SOURCE_DATE_EPOCH="1700000000")
+    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                                         "--master_port", str(port)]
+    proc = subprocess.run([sys.executable, *launcher, "-m", "ckpttool", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A DeepSpeed save (several rank files, chunked tensors) and a transformers-style dir of several files."""
+    root = tmp_path_factory.mktemp("dist")
+    shutil.copytree(os.path.join(DATA, "deepspeed", "zero3"), root / "zero3")
+    shutil.copytree(os.path.join(DATA, "fp16", "transformers", "checkpoint-10"), root / "checkpoint-10")
+    return root
+
+
+@pytest.mark.parametrize("name", ["zero3/global_step5", "checkpoint-10"])
+def test_manifest_bytes_and_verify_report_equal_one_process(run_dir, name):
+    path = str(run_dir / name)
+    manifest = os.path.join(path, "ckpttool-manifest.json")
+    code, out, _ = run("manifest", path)
+    assert code == 0
+    with open(manifest, "rb") as f:
+        single = f.read()
+    os.remove(manifest)
+    code, out2, err2 = run("manifest", path, ranks=2)
+    assert code == 0 and out2 == out, err2[-2000:]
+    with open(manifest, "rb") as f:
+        assert f.read() == single
+    for args in (["verify", "--json", "--finite", "--for-resume"], ["verify"]):
+        one = run(*args, path)
+        two = run(*args, path, ranks=2, port=29432)
+        assert one[0] == two[0] == 0 and one[1] == two[1]
+        assert one[1].count("checksums") == 1  # printed once, by rank 0
+
+
+def test_a_damaged_file_fails_the_same_way(tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(os.path.join(DATA, "deepspeed", "zero3", "global_step5"), path)
+    assert run("manifest", str(path))[0] == 0
+    target = path / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    one = run("verify", "--json", str(path))
+    two = run("verify", "--json", str(path), ranks=2, port=29433)
+    assert one[0] == two[0] == 1 and one[1] == two[1] and '"checksum_mismatch"' in one[1]
+
+
+def test_other_commands_run_once_on_rank_zero(run_dir):
+    one = run("inspect", str(run_dir / "checkpoint-10"))
+    two = run("inspect", str(run_dir / "checkpoint-10"), ranks=2, port=29434)
+    assert one[0] == two[0] == 0 and one[1] == two[1]
+
+
+def test_the_share_splits_bytes_evenly_and_covers_every_job(monkeypatch):
+    """Each process gets the largest remaining job while it has the fewest bytes: every job once, loads balanced."""
+    import torch.distributed as dist
+
+    from ckpttool import distributed
+
+    sizes = [64 << 20] * 37 + [5 << 20, 1, 0, 3 << 20]
+    for world in (1, 2, 3, 4):
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+            shares.append(distributed.share(sizes))
+        assert sorted(i for s in shares for i in s) == list(range(len(sizes)))
+        loads = [sum(sizes[i] for i in s) for s in shares]
+        assert max(loads) - min(loads) <= max(sizes)
+
+
+def test_outside_torchrun_nothing_distributed_is_imported():
+    code = ("import sys; from ckpttool.cli import main; sys.argv = ['ckpttool', 'verify', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch.distributed' not in sys.modules, 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(DATA, "deepspeed", "zero2")], capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
