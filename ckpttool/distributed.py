@@ -20,13 +20,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def active() -> bool:
-    """Whether a process group is up (after `start`)."""
-    if not launched():
-        return False
-    import torch.distributed as dist
+_started = False  # set by `start`: a process group a trainer started for itself is not ckpttool's to use
 
-    return dist.is_available() and dist.is_initialized()
+
+def active() -> bool:
+    """Whether this ckpttool command started a process group to share its work over."""
+    return _started
 
 
 def rank() -> int:
@@ -57,16 +56,20 @@ def start():
 
     import torch.distributed as dist
 
+    global _started
     backend = os.environ.get("CKPTTOOL_DIST_BACKEND", "gloo")
     minutes = float(os.environ.get("CKPTTOOL_DIST_TIMEOUT_MIN", "60"))  # a rank waits this long for the slowest
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+    _started = True
 
 
 def stop():
-    if active():
+    global _started
+    if _started:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+        _started = False
 
 
 def silence():

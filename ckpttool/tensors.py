@@ -5,8 +5,6 @@ This is the only place the format layer needs torch, and it imports it lazily.
 
 from __future__ import annotations
 
-import io
-
 from ckpttool.errors import CkptError
 from ckpttool.model import TensorInfo
 
@@ -55,18 +53,20 @@ def read_storage(info: TensorInfo):
 
 
 def _load_saved(name: str, loc, shape):
-    """A DCP item: one whole torch.save blob (of the tensor, or of one chunk of it)."""
-    import torch
+    """A DCP item: one whole torch.save blob (of the tensor, or of one chunk of it). Its archive is read like any
+    torch file (the safe reader finds the storage inside it), then the storage bytes straight from the data file."""
+    from ckpttool.formats.pickles import TensorRef
+    from ckpttool.formats.torchfile import read_raw, tensor_info
 
-    blob = read_bytes(TensorInfo(name, "uint8", (loc.length,), loc))
     try:
-        value = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CkptError("corrupt", f"tensor {name} cannot be read ({e})", loc.file) from None
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+        raw = read_raw(loc.file, span=(loc.offset, loc.length))
+    except CkptError as e:
+        raise CkptError(e.code, f"tensor {name}: the piece at byte {loc.offset} cannot be read ({e.reason})",
+                        loc.file) from None
+    if not isinstance(raw.obj, TensorRef) or tuple(raw.obj.shape) != tuple(shape):
         raise CkptError("corrupt", f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
                         loc.file)
-    return value
+    return load_tensor(tensor_info(name, raw.obj, raw, loc.file))
 
 
 def _assemble(info: TensorInfo):
@@ -78,6 +78,9 @@ def _assemble(info: TensorInfo):
     for chunk in info.chunks:
         if chunk.location.encoding == "torch.save":
             piece = _load_saved(info.name, chunk.location, chunk.sizes)
+            if piece.dtype != out.dtype:
+                raise CkptError("corrupt", f"tensor {info.name}: a chunk is {piece.dtype}, the tensor {out.dtype}",
+                                chunk.location.file)
         else:
             piece = read_storage(TensorInfo(info.name, info.dtype, chunk.sizes, chunk.location)).view(out.dtype)
         view = out.view(-1) if len(chunk.offsets) == 1 else out

@@ -175,9 +175,10 @@ def test_live_engine_if_deepspeed_is_installed(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29397",
-                    "-m", "fixtures.deepspeed_runs", str(out), "3"], check=True, capture_output=True, timeout=600,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fixtures.deepspeed_runs", str(out), "3"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result, _ = cli("convert", str(out), str(tmp_path / "model.safetensors"))
     assert result.exit_code == 0, result.stderr
     ours, theirs = load_file(tmp_path / "model.safetensors"), torch.load(f"{out}.reference.pt", weights_only=True)
