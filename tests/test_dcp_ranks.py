@@ -223,3 +223,19 @@ def test_chunks_that_do_not_cover_the_tensor_are_corrupt(dtensor_dir, tmp_path):
     result, doc = cli("inspect", str(copy), "--json")
     assert result.exit_code == 1 and [p["code"] for p in doc["problems"]] == ["corrupt"]
     assert "chunks of 'model.layer.weight' do not cover" in doc["problems"][0]["message"]
+
+
+def test_convert_to_sharded_safetensors_and_remap(written, tmp_path):
+    """Sharded safetensors and remap read the chunked tensors too: the same values, under the new names."""
+    out, reference = written
+    result, _ = cli("convert", out, str(tmp_path / "sharded"), "--component", "model", "--shard-size", "200B")
+    assert result.exit_code == 0, result.stderr
+    shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
+    assert len(shards) > 1
+    merged = {k: v for f in shards for k, v in load_file(tmp_path / "sharded" / f).items()}
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in reference)
+    result, _ = cli("remap", out, str(tmp_path / "renamed.safetensors"), "--add-prefix", "module.")
+    assert result.exit_code == 0, result.stderr
+    renamed = load_file(tmp_path / "renamed.safetensors")
+    assert renamed.keys() == {f"module.{k}" for k in reference}
+    assert all(torch.equal(renamed[f"module.{k}"], v) for k, v in reference.items())

@@ -142,3 +142,48 @@ def test_trainer_state_files_and_lightning_loops(corpus, tmp_path_factory, files
                 "loops": loops, "optimizer_states": [], "lr_schedulers": []}, ckpt)
     for run in (inspect, lambda p: verify(p, for_resume=True)):
         run(str(ckpt))
+
+
+def _read_all(path):
+    """Open a checkpoint and load every tensor it lists, as convert and verify --finite would."""
+    from ckpttool.formats import open_checkpoint
+    from ckpttool.tensors import load_tensor
+
+    for comp in open_checkpoint(path).components:
+        for t in comp.tensors:
+            if t.readable:
+                load_tensor(t)
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       cut=st.integers(0, 10**6))
+def test_dcp_data_files_with_items_and_pieces(corpus, tmp_path_factory, edits, cut):
+    """Damaged .distcp bytes: non-tensor items are unpickled safely, tensor pieces read from their own archives."""
+    import os
+    import shutil
+
+    folder = tmp_path_factory.mktemp("dcp")
+    shutil.rmtree(folder)
+    shutil.copytree(corpus["dcp"], folder)
+    data_file = os.path.join(folder, "__0_0.distcp")
+    data = mutate(open(data_file, "rb").read(), edits)
+    open(data_file, "wb").write(data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 else data)
+    read_or_ckpterror(_read_all, str(folder))
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       which=st.sampled_from(["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                              "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]))
+def test_deepspeed_rank_files(tmp_path_factory, edits, which):
+    """Damaged DeepSpeed rank files: the consolidation never reads outside a partition or trusts a bad count."""
+    import os
+    import shutil
+
+    folder = tmp_path_factory.mktemp("ds")
+    shutil.rmtree(folder)
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "deepspeed", "zero3", "global_step5"), folder)
+    target = os.path.join(folder, which)
+    open(target, "wb").write(mutate(open(target, "rb").read(), edits))
+    read_or_ckpterror(_read_all, str(folder))
