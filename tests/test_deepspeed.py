@@ -183,3 +183,47 @@ def test_live_engine_if_deepspeed_is_installed(tmp_path):
     assert result.exit_code == 0, result.stderr
     ours, theirs = load_file(tmp_path / "model.safetensors"), torch.load(f"{out}.reference.pt", weights_only=True)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+HF = os.path.join(DATA, "transformers_zero2")
+
+
+def test_transformers_under_deepspeed_verifies_clean():
+    """transformers.Trainer with DeepSpeed saves no optimizer.pt or scheduler.pt: the engine's global_stepN/ holds
+    them (and here DeepSpeed's WarmupLR). Reading that dir is what keeps the gate from refusing a healthy run."""
+    for step in (3, 6):
+        path = os.path.join(HF, f"checkpoint-{step}")
+        result, doc = cli("verify", "--for-resume", "--json", path)
+        assert result.exit_code == 0 and doc["problems"] == [] and doc["trainer"] == "transformers", doc["problems"]
+        _, doc = cli("inspect", "--json", path)
+        roles = {c["name"]: c["role"] for c in doc["components"]}
+        assert roles["optimizer"] == "optimizer" and roles["lr_scheduler"] == "scheduler"
+        assert roles["deepspeed_fp32_master"] == "extra"
+        sources = {s["source"]: (s["value"], s["meaning"]) for s in doc["step_sources"]}
+        assert sources["model states global_steps"] == (step, "global_step")
+        assert sources["trainer_state.json global_step"] == (step, "global_step")
+    _, doc = cli("latest", "--json", "--for-resume", HF)
+    assert doc["path"] == os.path.join(HF, "checkpoint-6")
+
+
+def test_transformers_under_deepspeed_gate_with_the_live_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ckpttool.gate import check_resume
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16))
+    report = check_resume(os.path.join(HF, "checkpoint-6"), model=model, expected_step=6)
+    assert report.ok, report.problems
+
+
+def test_transformers_under_deepspeed_with_the_engine_state_of_another_save(tmp_path):
+    path = tmp_path / "checkpoint-6"
+    shutil.copytree(os.path.join(HF, "checkpoint-6"), path)
+    shutil.rmtree(path / "global_step6")
+    shutil.copytree(os.path.join(HF, "checkpoint-3", "global_step3"), path / "global_step3")
+    _, doc = cli("verify", "--json", "--for-resume", str(path))
+    assert set(codes(doc)) == {"step_mismatch"}
+    assert any("model states global_steps=3" in p["message"] for p in doc["problems"])
+    os.remove(path / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    _, doc = cli("verify", "--json", str(path))
+    assert "missing_file" in codes(doc)

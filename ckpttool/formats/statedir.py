@@ -43,7 +43,7 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
 
 
 def read(path: str, profile) -> Checkpoint:
-    from ckpttool.formats import dcp, read_file, sharded
+    from ckpttool.formats import dcp, deepspeed, read_file, sharded
 
     ckpt = Checkpoint(path, "accelerate", profile.layout or "state dir")
     _json_counters(path, ckpt, profile.state_files)
@@ -71,6 +71,12 @@ def read(path: str, profile) -> Checkpoint:
                 r, m = file_role
                 name = r.component_name(m)
                 part = dcp.read(full, name=name, role=r.role)
+                add(part, part.files)
+            elif file_role and deepspeed.detect(full):  # a DeepSpeed engine's own save (transformers under DeepSpeed)
+                part = deepspeed.read(full)
+                for comp in part.components:
+                    if comp.role == "model":  # the fp32 master weights, beside the trainer's own weights files
+                        comp.name, comp.role = "deepspeed_fp32_master", "extra"
                 add(part, part.files)
             elif is_dir:
                 weights = next((w for w in SUBFOLDER_WEIGHTS if os.path.isfile(os.path.join(full, w))), None)

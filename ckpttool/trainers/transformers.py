@@ -3,7 +3,9 @@
 `{output_dir}/checkpoint-{global_step}`: the model (`model.safetensors`, sharded with an index for large models,
 `pytorch_model.bin` from versions with save_safetensors=False, or `adapter_model.safetensors` for a PEFT model),
 `training_args.bin` (a pickled TrainingArguments: never read here), `optimizer.pt` (under FSDP Accelerate's
-`optimizer.bin` or `optimizer_0/`; under DeepSpeed a `global_step{N}/` engine dir, not read yet), `scheduler.pt`,
+`optimizer.bin` or `optimizer_0/`; under DeepSpeed the engine's own `global_step{N}/` save, which holds the optimizer
+and, when DeepSpeed's config names the scheduler, the scheduler: `_save_optimizer_and_scheduler` then writes no
+scheduler.pt), `scheduler.pt`,
 `scaler.pt` (the Accelerate GradScaler, with fp16), `rng_state.pth` (`rng_state_{rank}.pth` with several
 processes), and last `trainer_state.json` (`global_step`: optimizer steps attempted, fp16-skipped ones included;
 `epoch` is a float).
@@ -21,6 +23,7 @@ import re
 from ckpttool.model import ERROR, GLOBAL_STEP, Problem
 from ckpttool.trainers.accelerate import FSDP_PARTS
 from ckpttool.trainers.base import Profile, role
+from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
 from ckpttool.trainers.diffusers import highest_checkpoint
 
 FILES = (
@@ -34,6 +37,7 @@ FILES = (
     role(r"rng_state\.pth", "rng", "rng_state"),
     role(r"rng_state_(\d+)\.pth", "rng", "rng_state_{n}"),
     role(r"optimizer\.bin", "optimizer", "optimizer"),  # FSDP full state, through Accelerate's save_fsdp_optimizer
+    role(r"global_step(\d+)", "optimizer", "deepspeed", folder=True),  # the DeepSpeed engine's save
 ) + FSDP_PARTS
 OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_0.pth",
              "training_args.bin")
@@ -47,6 +51,7 @@ class Transformers(Profile):
     source = "transformers 5.x trainer.py _save_checkpoint / _inner_training_loop, trainer_utils.py get_last_checkpoint"
     file_roles = FILES
     state_files = {TRAINER_STATE: {"global_step": GLOBAL_STEP}}
+    counter_meanings = ENGINE_COUNTERS  # the DeepSpeed engine's step counts optimizer steps as global_step does
     name_pattern = re.compile(r"checkpoint-(\d+)")
     latest_rule = "resume_from_checkpoint=True: get_last_checkpoint, the highest N among checkpoint-N dirs, unverified"
     total_limit_rule = "save_total_limit: rotate_checkpoints deletes the oldest, keeping the newest and the best"
