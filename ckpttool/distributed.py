@@ -101,9 +101,13 @@ def run_shared(items: list, sizes: list[int], run):
     error on any process is raised on all of them (a process left waiting would hang the launch)."""
     import torch.distributed as dist
 
+    from ckpttool.errors import CkptError
+
     mine = share(sizes)
     try:
         outcome = ("ok", dict(zip(mine, run([items[i] for i in mine]))))
+    except CkptError as e:  # a damaged tensor: the same one-line report on every process
+        outcome = ("checkpoint", (e.code, e.reason, e.path))
     except OSError as e:
         outcome = ("error", e)
     except Exception as e:  # noqa: BLE001 - carried to every process, then raised there
@@ -112,6 +116,8 @@ def run_shared(items: list, sizes: list[int], run):
     dist.all_gather_object(gathered, outcome)
     merged = {}
     for status, value in gathered:
+        if status == "checkpoint":
+            raise CkptError(*value)
         if status == "error":
             raise value
         merged.update(value)

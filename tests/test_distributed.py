@@ -94,3 +94,20 @@ def test_outside_torchrun_nothing_distributed_is_imported():
     proc = subprocess.run([sys.executable, "-c", code, os.path.join(DATA, "deepspeed", "zero2")], capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_tensor_that_cannot_be_read_stops_every_process_the_same_way(corpus, tmp_path):
+    """verify --finite reads tensors on every process: a damaged one is the same one-line error from rank 0, and the
+    other ranks stop too instead of waiting for it."""
+    path = tmp_path / "dcp"
+    shutil.copytree(corpus["dcp"], path)
+    from ckpttool.formats import open_checkpoint
+
+    loc = open_checkpoint(str(path)).model.tensors[0].location
+    with open(loc.file, "r+b") as f:
+        f.seek(loc.offset)
+        f.write(b"XXXX")  # the tensor's archive no longer starts with a zip header
+    one = run("verify", "--finite", str(path))
+    two = run("verify", "--finite", str(path), ranks=2, port=29435)
+    assert one[0] == two[0] == 1 and one[1] == two[1] and one[2].strip() in two[2]
+    assert one[2].startswith("ckpttool: ") and "[corrupt]" in one[2] and "internal error" not in one[2]

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
-
 import re
+from collections import defaultdict
 
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, unpickle

@@ -31,6 +31,7 @@ from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, TensorRef
 from ckpttool.model import OPTIMIZER_UPDATES, Checkpoint, Chunk, Component, Location, StepSource, TensorInfo
 
 LATEST = "latest"
+MAX_WORLD = 1 << 20  # ranks; a partition_count beyond it is damage, not a run
 MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
 OPTIM_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 # Records DeepSpeed's optimizer pickles into its own files: an Enum, a dataclass and loss-scaler state, built without
@@ -81,6 +82,9 @@ def read(path: str) -> Checkpoint:
         return ckpt
     raws: dict = {}  # file -> RawPickle: its object and where its storages lie
     states = _read(ckpt, raws, model_files[0])
+    if states is None:  # unreadable: _read said why
+        ckpt.files.extend(os.path.join(folder, e) for e in entries)
+        return ckpt
     if not isinstance(states, dict) or "param_shapes" not in states:
         raise CkptError("corrupt", "not DeepSpeed model states: no param_shapes", model_files[0])
     optims = {r: _read(ckpt, raws, f) for r, f in sorted(optim_files.items())}
@@ -93,22 +97,32 @@ def read(path: str) -> Checkpoint:
     world = _world(optims, states)
     for rank in sorted(model_files)[1:] if stage == 3 else ():  # their pieces of the frozen parameters
         _read(ckpt, raws, model_files[rank])
+    if not 0 < world <= MAX_WORLD:
+        raise CkptError("corrupt", f"the optimizer states give {world} ranks, not a world size", folder)
     expected = set(range(world)) if stage else set()
-    for rank in sorted(expected - set(optim_files)):
-        held = "its piece of every parameter" if stage == 3 else _zero2_held(states, optims, rank, world)
-        ckpt.add_problem("missing_file", "error", f"rank {rank}'s optimizer states are missing ({world} ranks "
-                         f"saved this checkpoint): {held} and its part of the optimizer state are lost",
-                         os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+    _missing(ckpt, folder, sorted(expected - set(optim_files)), "optimizer", world, lambda rank: (
+        f"{'its piece of every parameter' if stage == 3 else _zero2_held(states, optims, rank, world)} and its part "
+        "of the optimizer state are lost"))
     if stage == 3:
-        for rank in sorted(expected - set(model_files)):
-            ckpt.add_problem("missing_file", "error", f"rank {rank}'s model states are missing ({world} ranks): "
-                             "its pieces of the frozen parameters are lost",
-                             os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"))
+        _missing(ckpt, folder, sorted(expected - set(model_files)), "model", world,
+                 lambda rank: "its pieces of the frozen parameters are lost")
     ckpt.files.extend([model_files[r] for r in sorted(model_files)] + [optim_files[r] for r in sorted(optim_files)])
     complete = not any(p.code in ("missing_file", "truncated", "corrupt") for p in ckpt.problems)
     ckpt.components.append(_model(ckpt, raws, states, model_files, optims, optim_files, stage, world, complete))
     ckpt.components.extend(_training_state(ckpt, raws, states, optims, optim_files, model_files[0]))
     return ckpt
+
+
+def _missing(ckpt: Checkpoint, folder: str, ranks: list[int], kind: str, world: int, lost, shown: int = 16):
+    """One missing_file problem per absent rank file (the first `shown`; then one for the rest)."""
+    for rank in ranks[:shown]:
+        ckpt.add_problem("missing_file", "error", f"rank {rank}'s {kind} states are missing ({world} ranks saved "
+                         f"this checkpoint): {lost(rank)}",
+                         os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_{kind.replace('optimizer', 'optim')}"
+                                              "_states.pt"))
+    if len(ranks) > shown:
+        ckpt.add_problem("missing_file", "error", f"and the {kind} states of {len(ranks) - shown} more ranks "
+                         f"({', '.join(map(str, ranks[shown:shown + 8]))}, ...) are missing", folder)
 
 
 def _read(ckpt: Checkpoint, raws: dict, path: str):

@@ -282,9 +282,8 @@ def check_resume(v: Verification, ckpt: Checkpoint):
 def check_finite(v: Verification, ckpt: Checkpoint):
     import torch
 
-    from ckpttool.tensors import load_tensor
-
     from ckpttool import distributed
+    from ckpttool.tensors import load_tensor
 
     def finite(tensors) -> list[bool]:
         out = []
@@ -294,13 +293,13 @@ def check_finite(v: Verification, ckpt: Checkpoint):
                                                                 else value).all()))
         return out
 
-    scanned = [(f"{comp.name}/{t.name}", t) for comp in ckpt.components for t in comp.tensors
-               if t.dtype in FLOAT_DTYPES and t.readable]
-    tensors = [t for _, t in scanned]
+    floats = [(f"{comp.name}/{t.name}", t) for comp in ckpt.components for t in comp.tensors
+              if t.dtype in FLOAT_DTYPES and t.readable]
+    tensors = [t for _, t in floats]
     results = (distributed.run_shared(tensors, [t.nbytes for t in tensors], finite) if distributed.active()
                else finite(tensors))
-    bad = [name for (name, _), ok in zip(scanned, results) if not ok]
-    scanned = len(scanned)
+    bad = [name for (name, _), ok in zip(floats, results) if not ok]
+    scanned = len(floats)
     if bad:
         v.problem("nonfinite", ERROR, f"NaN or Inf in {len(bad)} tensors: {', '.join(bad[:10])}"
                   + (" ..." if len(bad) > 10 else ""), ckpt.path, key=bad[0])
