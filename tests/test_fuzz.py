@@ -174,8 +174,8 @@ def test_dcp_data_files_with_items_and_pieces(corpus, tmp_path_factory, edits, c
 
 @FUZZ
 @given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
-       which=st.sampled_from(["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
-                              "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]))
+       which=st.sampled_from([f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1)
+                              for kind in ("model", "optim")]))
 def test_deepspeed_rank_files(tmp_path_factory, edits, which):
     """Damaged DeepSpeed rank files: the consolidation never reads outside a partition or trusts a bad count."""
     import os
