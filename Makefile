@@ -34,6 +34,10 @@ demo: $(STAMP)
 	$(BIN)/ckpttool verify --for-resume tests/data/fp16/transformers/checkpoint-10
 	$(BIN)/ckpttool inspect "tests/data/fp16/lightning/epoch=0-step=10.ckpt"
 	$(BIN)/ckpttool latest --for-resume tests/data/fp16/accelerate
+	@echo "== a DeepSpeed ZeRO-3 save by 2 ranks (real engine): verified, consolidated to safetensors like zero_to_fp32"
+	$(BIN)/ckpttool verify --for-resume tests/data/deepspeed/zero3
+	mkdir -p demo-run/work && $(BIN)/ckpttool convert tests/data/deepspeed/zero3 demo-run/work/zero3.safetensors
+	$(BIN)/ckpttool diff --values demo-run/work/zero3.safetensors tests/data/deepspeed/zero3.reference.pt
 	$(BIN)/python -m fixtures demo-run/fixtures > /dev/null
 	@echo "== a diffusers-style checkpoint-N (Accelerate save_state with unet/ weights)"
 	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-3
@@ -45,7 +49,7 @@ demo: $(STAMP)
 	$(BIN)/ckpttool inspect demo-run/fixtures/torch/malicious.pt || echo "(exit $$?: problems found, as expected)"
 	@test ! -e demo-run/fixtures/PWNED_MARKER && echo "marker file absent: the payload never ran"
 	@echo "== checksums: write a manifest, verify, flip one byte, verify again"
-	rm -rf demo-run/work && mkdir -p demo-run/work && cp -r demo-run/fixtures/kohya/run-000001-state demo-run/work/
+	mkdir -p demo-run/work && cp -r demo-run/fixtures/kohya/run-000001-state demo-run/work/
 	$(BIN)/ckpttool manifest demo-run/work/run-000001-state
 	$(BIN)/ckpttool verify --for-resume demo-run/work/run-000001-state
 	$(BIN)/python -c "f=open('demo-run/work/run-000001-state/model.safetensors','r+b'); f.seek(-9, 2); b=f.read(1); f.seek(-9, 2); f.write(bytes([b[0]^255]))"

@@ -239,3 +239,23 @@ def test_convert_to_sharded_safetensors_and_remap(written, tmp_path):
     renamed = load_file(tmp_path / "renamed.safetensors")
     assert renamed.keys() == {f"module.{k}" for k in reference}
     assert all(torch.equal(renamed[f"module.{k}"], v) for k, v in reference.items())
+
+
+def test_gate_reads_every_layout_and_names_what_a_resume_lacks(written):
+    """The DTensor layouts save weights and a step only: the gate compares the live model's keys, shapes and dtypes
+    with the chunked tensors (no mismatch) and refuses the resume for the missing optimizer state alone."""
+    from ckpttool.gate import ResumeGateError, check_resume
+
+    out, reference = written
+    model = torch.nn.Module()
+    for key, value in reference.items():
+        owner, name = key.rsplit(".", 1)
+        if not hasattr(model, owner):
+            setattr(model, owner, torch.nn.Module())
+        setattr(getattr(model, owner), name, torch.nn.Parameter(torch.zeros_like(value)))
+    if "layer.weight" in reference and reference["layer.weight"].shape == (8, 6):  # the DTensor layouts
+        with pytest.raises(ResumeGateError) as refused:
+            check_resume(out, model=model, expected_step=7)
+        assert [p["code"] for p in refused.value.problems if p["severity"] == "error"] == ["weights_only"]
+    else:  # the FSDP2 run: a full training state
+        assert check_resume(out, model=model).ok
