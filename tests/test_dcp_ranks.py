@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli
+from tests.helpers import cli, flip_byte
 
 LAYOUTS = {"2 ranks, Shard(0)/Shard(1)": (2, []), "4 ranks, 2x2 mesh": (4, ["2", "2"]),
            "FSDP2, 2 ranks": (2, ["fsdp2"])}
@@ -126,18 +126,10 @@ def _chunk_data(ckpt_dir, fqn="layer.weight"):
     return chunk.location.file, offset, chunk.offsets
 
 
-def _flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_a_flipped_byte_in_a_chunk_is_named_by_its_crc(dtensor_dir, tmp_path):
     copy = _copy(dtensor_dir, tmp_path)
     path, offset, chunk = _chunk_data(copy)
-    _flip(path, offset + 3)
+    flip_byte(path, offset + 3)
     result, doc = cli("verify", str(copy), "--json")
     assert result.exit_code == 1 and [p["code"] for p in doc["problems"]] == ["corrupt"]
     assert f"tensor layer.weight (chunk at {chunk}) in __1_0.distcp fails its CRC-32" in doc["problems"][0]["message"]
@@ -152,7 +144,7 @@ def test_a_flipped_byte_against_the_manifest_names_the_chunk(dtensor_dir, tmp_pa
         entries = json.load(f)["tensors"]
     assert any(e.get("chunk") == [4, 0] and e["names"] == ["layer.weight"] for e in entries)
     path, offset, chunk = _chunk_data(copy)
-    _flip(path, offset - 1)
+    flip_byte(path, offset - 1)
     result, doc = cli("verify", str(copy), "--json")
     assert result.exit_code == 1 and [p["code"] for p in doc["problems"]] == ["checksum_mismatch"]
     assert doc["problems"][0]["message"] == f"tensor layer.weight (chunk at {chunk}) in __1_0.distcp differs from " \

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures.deepspeed_runs import tiny_model
-from tests.helpers import cli
+from tests.helpers import cli, flip_byte
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "deepspeed")
 SAMPLES = {"zero2": 2, "zero3": 3, "zero2_bf16": 2}
@@ -127,11 +127,7 @@ def test_a_flipped_byte_in_a_partition_names_the_parameter(run):
 
     tensor = next(t for t in open_checkpoint(str(path)).model.tensors if t.name == "head.weight")
     chunk = tensor.chunks[-1]
-    with open(chunk.location.file, "r+b") as f:
-        f.seek(chunk.location.offset)
-        byte = f.read(1)
-        f.seek(chunk.location.offset)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(chunk.location.file, chunk.location.offset)
     _, doc = cli("verify", "--json", str(path))
     mismatches = [p["message"] for p in doc["problems"] if p["code"] == "checksum_mismatch"]
     assert any(m.startswith(f"tensor head.weight, out.weight (chunk at {chunk.offsets}) in zero_pp_rank_1")
