@@ -223,3 +223,34 @@ def test_transformers_under_deepspeed_with_the_engine_state_of_another_save(tmp_
     os.remove(path / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     _, doc = cli("verify", "--json", str(path))
     assert "missing_file" in codes(doc)
+
+
+FP16 = {"fp16_zero2": 16, "fp16_transformers/checkpoint-8": 8, "fp16_transformers/checkpoint-16": 16}
+
+
+@pytest.mark.parametrize("name", sorted(FP16))
+def test_real_fp16_runs_with_skipped_steps_verify_clean(name):
+    """Made on a GPU (fixtures/deepspeed_fp16.sh, one H100): fp16 from a loss scale of 2**24, so the engine skipped
+    7 to 9 overflowing steps. The optimizer and scheduler lag the global step by exactly skipped_steps: explained,
+    never refused. The files were saved from cuda:0 and are read on a CPU."""
+    path = os.path.join(DATA, name)
+    result, doc = cli("verify", "--for-resume", "--finite", "--json", path)
+    assert result.exit_code == 0 and doc["problems"] == [] and doc["step"] == FP16[name], doc["problems"]
+    consistency = next(c for c in doc["checks"] if c["check"] == "step consistency")
+    _, inspected = cli("inspect", "--json", path)
+    sources = {s["source"]: s["value"] for s in inspected["step_sources"]}
+    skipped = sources["model states skipped_steps"]
+    assert skipped > 0 and sources["optimizer state step"] == FP16[name] - skipped
+    assert consistency["detail"] == f"{skipped} fp16-skipped updates, as model states skipped_steps counts them"
+    assert "cuda:0" in inspected["metadata"]["saved_on_devices"]
+
+
+def test_real_fp16_run_consolidates_like_zero_to_fp32(tmp_path):
+    reference = torch.load(os.path.join(DATA, "fp16_zero2.reference.pt"), weights_only=True)
+    result, _ = cli("convert", os.path.join(DATA, "fp16_zero2"), str(tmp_path / "model.safetensors"))
+    assert result.exit_code == 0, result.stderr
+    ours = load_file(tmp_path / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
+    from ckpttool.gate import check_resume
+
+    assert check_resume(os.path.join(DATA, "fp16_zero2"), model=tiny_model(), expected_step=16).ok
