@@ -54,6 +54,73 @@ def hash_range(path: str, offset: int, length: int) -> tuple[str, int]:
     return h.hexdigest(), done
 
 
+def hash_ranges(path: str, ranges: list[tuple[int, int]]) -> list[str | None]:
+    """xxh3-128 of each (offset, length) range of one file, in one job (see crc32_ranges); None for a short range."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in ranges:
+            if length <= BUFFER_SIZE:
+                data = os.pread(fd, length, offset)
+                out.append(xxhash.xxh3_128_hexdigest(data) if len(data) == length else None)
+            else:
+                digest, done = hash_range(path, offset, length)
+                out.append(digest if done == length else None)
+    finally:
+        os.close(fd)
+    return out
+
+
+def run_batched(ranges: list[tuple[str, int, int]], fn, label: str) -> list:
+    """fn(path, [(offset, length), ...]) over (path, offset, length) ranges, grouped per file into batches run on
+    all cores (and shared out under torchrun); one result per range, in order."""
+    by_file: dict[str, list[int]] = {}
+    for i, (path, _, _) in enumerate(ranges):
+        by_file.setdefault(path, []).append(i)
+    jobs, owners = [], []
+    for path, indices in by_file.items():
+        spans = [ranges[i][1:] for i in indices]
+        for batch in batches(spans):
+            jobs.append((path, [spans[b] for b in batch], sum(spans[b][1] for b in batch)))
+            owners.append([indices[b] for b in batch])
+    results = run_jobs(jobs, lambda path, spans, _size: fn(path, spans), sum(j[2] for j in jobs), label)
+    out = [None] * len(ranges)
+    for owned, result in zip(owners, results):
+        for i, value in zip(owned, result):
+            out[i] = value
+    return out
+
+
+def crc32_ranges(path: str, ranges: list[tuple[int, int]]) -> list[int | None]:
+    """CRC-32 of each (offset, length) range of one file, in one job: many small zip members (an optimizer state of
+    100,000 tensors) cost one task, not one each. None for a range the file does not fully hold."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in ranges:
+            if length <= BUFFER_SIZE:
+                data = os.pread(fd, length, offset)
+                out.append(zlib.crc32(data) & 0xFFFFFFFF if len(data) == length else None)
+            else:
+                crc, done = crc32_range(path, offset, length)
+                out.append(crc if done == length else None)
+    finally:
+        os.close(fd)
+    return out
+
+
+def batches(ranges: list[tuple[int, int]], batch_bytes: int = 64 << 20, batch_count: int = 4096) -> list[list[int]]:
+    """Indices of `ranges` grouped into batches of about `batch_bytes` or `batch_count` ranges, in order."""
+    groups, current, size = [], [], 0
+    for i, (_, length) in enumerate(ranges):
+        if current and (size + length > batch_bytes or len(current) >= batch_count):
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += length
+    return groups + [current] if current else groups
+
+
 def crc32_range(path: str, offset: int, length: int) -> tuple[int, int]:
     crc = 0
 

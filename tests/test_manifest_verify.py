@@ -131,6 +131,30 @@ def test_torch_zip_crc_catches_flip_without_manifest(corpus, tmp_path):
     assert "CRC" in report["problems"][0]["message"]
 
 
+def test_crcs_are_checked_once_when_the_manifest_is_written(corpus, tmp_path):
+    """A manifest records that every zip CRC held; while every byte still matches it, verify does not re-read them
+    for their CRCs (the 128-bit hashes already cover every byte). A manifest is never written over a bad CRC, and an
+    older manifest without the record gets the CRC pass as before."""
+    from ckpttool.formats.torchfile import read
+
+    f = copy(corpus["torch_state_dict"], tmp_path)
+    assert cli("manifest", f)[0].exit_code == 0
+    _, report = cli("verify", "--json", f)
+    integrity = next(c for c in report["checks"] if c["check"] == "integrity")
+    assert report["ok"] and integrity["detail"].endswith("zip CRCs checked when the manifest was written")
+    manifest = f + ".ckpttool-manifest.json"
+    doc = json.load(open(manifest))
+    assert doc["crcs_checked"] is True
+    del doc["crcs_checked"]
+    json.dump(doc, open(manifest, "w"))
+    _, report = cli("verify", "--json", f)
+    assert "torch zip CRCs good" in next(c for c in report["checks"] if c["check"] == "integrity")["detail"]
+    os.remove(manifest)
+    flip_byte(f, read(f).model.tensors[0].location.offset + 3)  # damage the reader alone does not see
+    result, _ = cli("manifest", f)
+    assert result.exit_code == 1 and "CRC-32" in result.stderr and not os.path.exists(manifest)
+
+
 @pytest.mark.parametrize("fixture,code", [
     ("torch_step_mismatch", "step_mismatch"), ("simpletuner_step_mismatch", "step_mismatch"),
     ("safetensors_truncated", "truncated"), ("sharded_missing", "missing_file"),

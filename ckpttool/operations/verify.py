@@ -43,11 +43,11 @@ class Verification:
 
 def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[Problem]:
     """Check stored zip members, each (file, member, data offset, what it holds), against their CRC-32s on all
-    cores."""
-    jobs = [(path, offset, info.file_size) for path, info, offset, _ in members]
-    results = hashing.run_jobs(jobs, hashing.crc32_range, sum(j[2] for j in jobs), "CRC")
+    cores, batched per file so that many small members cost few tasks."""
+    crcs = hashing.run_batched([(path, offset, info.file_size) for path, info, offset, _ in members],
+                               hashing.crc32_ranges, "CRC")
     return [Problem("corrupt", ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)
-            for (path, info, _, what), (crc, _n) in zip(members, results) if crc != info.CRC]
+            for i, (path, info, _, what) in enumerate(members) if crcs[i] != info.CRC]
 
 
 def zip_crc_problems(path: str) -> list[Problem]:
@@ -82,17 +82,30 @@ def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
     return unreadable + _crc_problems(members)
 
 
-def check_integrity(v: Verification, ckpt: Checkpoint):
-    reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
+def crc_problems(ckpt: Checkpoint) -> tuple[list[Problem], str]:
+    """Every CRC-32 a checkpoint's zip archives carry, checked: (problems, what was checked, in words)."""
+    problems = []
     dcp_files = {loc.file for c in ckpt.components for t in c.tensors for _, loc in t.pieces()
                  if loc.encoding == "torch.save"}
     zips = [f for f in ckpt.files if os.path.isfile(f) and f not in dcp_files and _is_zip(f)]
     for f in zips:
-        reader.extend(zip_crc_problems(f))
+        problems.extend(zip_crc_problems(f))
     if dcp_files:
-        reader.extend(dcp_item_crc_problems(ckpt))
-    detail = f"{len(ckpt.files)} files readable" + (f", {len(zips)} torch zip CRCs good" if zips else "") + \
-        (f", item CRCs of {len(dcp_files)} DCP data files good" if dcp_files else "")
+        problems.extend(dcp_item_crc_problems(ckpt))
+    checked = ", ".join(([f"{len(zips)} torch zip CRCs"] if zips else []) +
+                        ([f"item CRCs of {len(dcp_files)} DCP data files"] if dcp_files else []))
+    return problems, checked
+
+
+def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
+    """`crcs_covered`: every byte matched a manifest written after the same CRCs were checked, so they still hold."""
+    reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
+    if crcs_covered:
+        detail = f"{len(ckpt.files)} files readable, zip CRCs checked when the manifest was written"
+    else:
+        problems, checked = crc_problems(ckpt)
+        reader.extend(problems)
+        detail = f"{len(ckpt.files)} files readable" + (f", {checked} good" if checked else "")
     v.from_problems("integrity", reader, detail)
     unsafe = [p for p in ckpt.problems if p.code == "unsafe_pickle"]
     v.from_problems("pickle safety", unsafe, "every pickle global is on the allow-list")
@@ -105,7 +118,8 @@ def _is_zip(path: str) -> bool:
 
 # --- checksums ---
 
-def check_manifest(v: Verification, ckpt: Checkpoint, require: bool):
+def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
+    """The checksums check; True when every file matched a manifest that was written after a CRC check."""
     target = manifests.manifest_path(ckpt)
     if not os.path.exists(target):
         if require:
@@ -115,7 +129,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool):
         else:
             v.check("checksums", NOTE, f"no manifest; `ckpttool manifest {ckpt.path}` records checksums to catch "
                     "bit rot and partial copies")
-        return
+        return False
     doc = manifests.load(target)
     folder = os.path.dirname(target)
     before = len(v.problems)
@@ -153,6 +167,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool):
     failed = [p for p in v.problems[before:] if p.severity == ERROR]
     v.check("checksums", FAIL if failed else PASS,
             f"{len(failed)} mismatches" if failed else f"{len(present)} files match {os.path.basename(target)}")
+    return not failed and not extra and doc.get("crcs_checked") is True
 
 
 def _name_damaged_tensors(v, doc, folder, full, ranges):
@@ -337,8 +352,11 @@ def verify_checkpoint(path: str | None = None, *, require_manifest=False, config
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
         check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
         return _report(v, guess_format(path), None), None
-    check_integrity(v, ckpt)
-    check_manifest(v, ckpt, require_manifest)
+    checksums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
+    covered = check_manifest(checksums, ckpt, require_manifest)
+    check_integrity(v, ckpt, crcs_covered=covered)
+    v.checks.extend(checksums.checks)
+    v.problems.extend(checksums.problems)
     check_steps(v, ckpt, expect_step, config)
     if for_resume:
         check_resume(v, ckpt)
