@@ -96,7 +96,8 @@ class KeyReport:
 
 
 def renamed(tensors, mapping) -> list[TensorInfo]:
-    return [dataclasses.replace(t, name=mapping[t.name]) for t in tensors]
+    """The tensors under their aligned names (the same objects where the name is unchanged: most of them)."""
+    return [t if mapping[t.name] == t.name else dataclasses.replace(t, name=mapping[t.name]) for t in tensors]
 
 
 def compare(tensors_a, tensors_b, normalize: bool = True, labels=("A", "B")) -> KeyReport:

@@ -115,10 +115,11 @@ def value_stats(ta, tb, atol: float, rtol: float):
 def compare_values(common, atol: float, rtol: float) -> dict:
     """Equal tensors confirmed by hashing their bytes; the rest loaded one pair at a time and measured."""
     equal, close, different, to_load = [], [], [], []
-    hashable = [(k, a, b) for k, a, b in common if a.byte_range() and b.byte_range()]
-    jobs = [r for _, a, b in hashable for r in (a.byte_range(), b.byte_range())]
-    digests = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "hashing")
-    hashed = {k: digests[2 * i][0] == digests[2 * i + 1][0] for i, (k, _, _) in enumerate(hashable)}
+    ranges = ((k, a.byte_range(), b.byte_range()) for k, a, b in common)
+    hashable = [(k, ra, rb) for k, ra, rb in ranges if ra and rb]
+    digests = hashing.run_batched([r for _, ra, rb in hashable for r in (ra, rb)], hashing.hash_ranges, "hashing")
+    hashed = {k: digests[2 * i] is not None and digests[2 * i] == digests[2 * i + 1]
+              for i, (k, _, _) in enumerate(hashable)}
     for key, a, b in common:
         if hashed.get(key):
             equal.append(key)
