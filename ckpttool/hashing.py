@@ -54,21 +54,33 @@ def hash_range(path: str, offset: int, length: int) -> tuple[str, int]:
     return h.hexdigest(), done
 
 
-def hash_ranges(path: str, ranges: list[tuple[int, int]]) -> list[str | None]:
-    """xxh3-128 of each (offset, length) range of one file, in one job (see crc32_ranges); None for a short range."""
+def _per_range(path: str, ranges: list[tuple[int, int]], of_bytes, of_range) -> list:
+    """of_bytes(data) for each small (offset, length) range of one file, of_range(path, offset, length) streamed for a
+    large one; None for a range the file does not fully hold. Many small ranges (an optimizer state of 100,000
+    tensors) cost one task, not one each."""
     out = []
     fd = os.open(path, os.O_RDONLY)
     try:
         for offset, length in ranges:
             if length <= BUFFER_SIZE:
                 data = os.pread(fd, length, offset)
-                out.append(xxhash.xxh3_128_hexdigest(data) if len(data) == length else None)
+                out.append(of_bytes(data) if len(data) == length else None)
             else:
-                digest, done = hash_range(path, offset, length)
-                out.append(digest if done == length else None)
+                value, done = of_range(path, offset, length)
+                out.append(value if done == length else None)
     finally:
         os.close(fd)
     return out
+
+
+def hash_ranges(path: str, ranges: list[tuple[int, int]]) -> list[str | None]:
+    """xxh3-128 hex digest of each range (see _per_range)."""
+    return _per_range(path, ranges, xxhash.xxh3_128_hexdigest, hash_range)
+
+
+def crc32_ranges(path: str, ranges: list[tuple[int, int]]) -> list[int | None]:
+    """CRC-32 of each range (see _per_range)."""
+    return _per_range(path, ranges, lambda data: zlib.crc32(data) & 0xFFFFFFFF, crc32_range)
 
 
 def run_batched(ranges: list[tuple[str, int, int]], fn, label: str) -> list:
@@ -88,24 +100,6 @@ def run_batched(ranges: list[tuple[str, int, int]], fn, label: str) -> list:
     for owned, result in zip(owners, results):
         for i, value in zip(owned, result):
             out[i] = value
-    return out
-
-
-def crc32_ranges(path: str, ranges: list[tuple[int, int]]) -> list[int | None]:
-    """CRC-32 of each (offset, length) range of one file, in one job: many small zip members (an optimizer state of
-    100,000 tensors) cost one task, not one each. None for a range the file does not fully hold."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset, length in ranges:
-            if length <= BUFFER_SIZE:
-                data = os.pread(fd, length, offset)
-                out.append(zlib.crc32(data) & 0xFFFFFFFF if len(data) == length else None)
-            else:
-                crc, done = crc32_range(path, offset, length)
-                out.append(crc if done == length else None)
-    finally:
-        os.close(fd)
     return out
 
 
