@@ -94,7 +94,11 @@ def test_no_space_read_only_and_no_permission(inputs, monkeypatch, code, reason)
             raise OSError(code, os.strerror(code))
         return real_write(fd, data)
 
+    def failing_copy(src, dst, count, offset_src=None, offset_dst=None):  # the kernel's copy hits the same disk
+        raise OSError(code, os.strerror(code))
+
     monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "copy_file_range", failing_copy)
     with pytest.raises(atomic.OutputError) as caught:
         convert.convert(str(inputs / "in.safetensors"), str(inputs / "out.pt"))
     assert str(caught.value).startswith(f"{inputs / 'out.pt'}: cannot write the output: {reason}")

@@ -678,11 +678,9 @@ class Writer:
         self._next += 1
 
     def write_raw(self, name: str, src_path: str, offset: int, length: int):
-        """Write a storage straight from another file's bytes, piece by piece (memory: one buffer)."""
+        """Write a storage straight from another file's bytes, file to file (ArchiveWriter.write_copy)."""
         self._expect(name, length)
-        from ckpttool.hashing import read_pieces
-
-        self._zip.write_stream(f"data/{self._next}", length, read_pieces(src_path, offset, length))
+        self._zip.write_copy(f"data/{self._next}", src_path, offset, length)
         self._next += 1
 
     def close(self):

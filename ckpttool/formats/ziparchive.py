@@ -31,7 +31,38 @@ class ArchiveWriter:
         self.write_stream(name, memoryview(data).nbytes, [data])
 
     def write_stream(self, name: str, size: int, chunks) -> None:
-        """A member of `size` bytes from an iterable of buffers (a file copied piece by piece, say)."""
+        """A member of `size` bytes from an iterable of buffers."""
+        full, header_offset = self._local_header(name, size)
+        crc, written = 0, 0
+        for chunk in chunks:
+            chunk = memoryview(chunk).cast("B")
+            crc = zlib.crc32(chunk, crc)
+            self._write(chunk)
+            written += len(chunk)
+        if written != size:
+            raise ValueError(f"member {name}: {written} bytes written, {size} announced")
+        self._finish(full, header_offset, size, crc)
+
+    def write_copy(self, name: str, src_path: str, offset: int, length: int) -> None:
+        """A member copied from `length` bytes of another file: by the kernel (copy_file_range) where it can, the
+        CRC-32 from a read of the source (page cache), never through Python buffers on the way out."""
+        from ckpttool.formats.safetensors import copy_range
+        from ckpttool.hashing import crc32_range
+
+        crc, done = crc32_range(src_path, offset, length)
+        if done != length:
+            raise ValueError(f"member {name}: the source holds {done} of its {length} bytes")
+        full, header_offset = self._local_header(name, length)
+        src = os.open(src_path, os.O_RDONLY)
+        try:
+            copy_range(src, offset, self._fd, length)
+        finally:
+            os.close(src)
+        self._offset += length
+        self._finish(full, header_offset, length, crc)
+
+    def _local_header(self, name: str, size: int) -> tuple[bytes, int]:
+        """Write a member's local header (its CRC patched by _finish); (its full name, where it starts)."""
         full = f"{self._prefix}/{name}".encode()
         header_offset = self._offset
         zip64 = size >= ZIP64_LIMIT
@@ -42,14 +73,9 @@ class ArchiveWriter:
         stated = ZIP64_LIMIT if zip64 else size
         self._write(struct.pack("<4s5H3L2H", b"PK\x03\x04", 45 if zip64 else 20, UTF8_NAMES, 0, 0, 0x21,
                                 0, stated, stated, len(full), len(extra)) + full + extra)
-        crc, written = 0, 0
-        for chunk in chunks:
-            chunk = memoryview(chunk).cast("B")
-            crc = zlib.crc32(chunk, crc)
-            self._write(chunk)
-            written += len(chunk)
-        if written != size:
-            raise ValueError(f"member {name}: {written} bytes written, {size} announced")
+        return full, header_offset
+
+    def _finish(self, full: bytes, header_offset: int, size: int, crc: int) -> None:
         os.pwrite(self._fd, struct.pack("<L", crc), header_offset + 14)
         self._entries.append((full, header_offset, size, crc))
 
