@@ -174,3 +174,28 @@ def test_parts_an_accelerate_dir_cannot_hold_are_refused(corpus, tmp_path):
     assert os.listdir(tmp_path) == []
     out = convert_ok(corpus["family"], tmp_path / "family.pt")  # a .pt keeps every part
     assert out["components"] == ["model", "ema_0.9999", "opt", "target_model"]
+
+
+def test_safetensors_to_pt_of_every_dtype_copies_bytes_without_torch(tmp_path):
+    """The archive is written without importing torch (tensor bytes copied file to file) and names the globals
+    torch.save names, so weights_only loads it: float8 (an untyped storage), bool, bf16, int64, a 0-d tensor."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    state = {"f8": torch.randn(4, 4).to(torch.float8_e4m3fn), "b": torch.tensor([True, False]),
+             "bf": torch.randn(3).bfloat16(), "i": torch.arange(5), "scalar": torch.tensor(3.0)}
+    save_file(state, tmp_path / "in.safetensors")
+    code = ("import sys; from ckpttool.operations.convert import convert; convert(sys.argv[1], sys.argv[2], "
+            "verify=False); assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.safetensors"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mmap in (False, True):
+        loaded = torch.load(tmp_path / "out.pt", weights_only=True, mmap=mmap)
+        assert loaded.keys() == state.keys()
+        for key, value in state.items():
+            assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape
+            assert torch.equal(loaded[key].view(torch.uint8), value.view(torch.uint8)) if value.dim() else \
+                torch.equal(loaded[key], value)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, Opaque, RepicklingPickler, TensorRef, scan_records,
-                                      unpickle)
+from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque, RepicklingPickler,
+                                      TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
                             dtype_bytes)
 
@@ -592,56 +592,61 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
 
 
 class _StorageStub:
-    def __init__(self, key, storage_class, numel):
+    def __init__(self, key, storage_class: GlobalRef, numel):
         self.key, self.storage_class, self.numel = key, storage_class, numel
 
 
-class _TensorStub:
-    """Pickles exactly as torch.save pickles a contiguous tensor with its own storage."""
+class _SizeStub(tuple):
+    """Pickles as torch.Size(dims) does."""
 
-    def __init__(self, storage, shape, dtype):
+    def __reduce__(self):
+        return GlobalRef("torch.Size"), (tuple(self),)
+
+
+class _TensorStub:
+    """Pickles exactly as torch.save pickles a contiguous tensor with its own storage, without importing torch."""
+
+    def __init__(self, storage, shape, dtype: str):
         self.storage, self.shape, self.dtype = storage, shape, dtype
 
     def __reduce_ex__(self, protocol):
-        import torch
-
         stride, step = [], 1
         for size in reversed(self.shape):
             stride.insert(0, step)
             step *= size
-        args = (self.storage, 0, torch.Size(self.shape), tuple(stride), False, OrderedDict())
-        if self.storage.storage_class is torch.UntypedStorage:
-            return torch._utils._rebuild_tensor_v3, args + (self.dtype,)
-        return torch._utils._rebuild_tensor_v2, args
+        args = (self.storage, 0, _SizeStub(self.shape), tuple(stride), False, OrderedDict())
+        if self.storage.storage_class.name == UNTYPED_STORAGE:
+            return GlobalRef("torch._utils._rebuild_tensor_v3"), args + (DtypeRef(self.dtype),)
+        return GlobalRef("torch._utils._rebuild_tensor_v2"), args
 
 
-def _storage_class(dtype_name):
-    import torch
+UNTYPED_STORAGE = "torch.storage.UntypedStorage"  # the class's own module, as torch.save names it
 
+
+def _storage_class(dtype_name) -> GlobalRef:
+    """The storage class torch.save names for a dtype: a typed one where the dtype has it, else UntypedStorage."""
     for cls_name, name in STORAGE_DTYPES.items():
         if name == dtype_name and cls_name != "UntypedStorage":
-            return getattr(torch, cls_name)
-    return torch.UntypedStorage
+            return GlobalRef(f"torch.{cls_name}")
+    return GlobalRef(UNTYPED_STORAGE)
 
 
 class Writer:
     """Streams a torch.save-compatible zip: the pickle (built from the specs) first, then one storage per tensor,
-    through `ArchiveWriter` (64-byte aligned, CRC-32 per record). Loads with weights_only=True and mmap=True."""
+    through `ArchiveWriter` (64-byte aligned, CRC-32 per record). Loads with weights_only=True and mmap=True. Torch is
+    imported only to write tensors given in memory (`write`); copying bytes from another file (`write_raw`) needs none."""
 
     def __init__(self, path: str, specs: list[tuple[str, str, tuple]], wrap=None):
         """`wrap(state_dict) -> object` builds the pickled top level (a training dict, say); default: the state dict."""
-        import torch
-
         from ckpttool.formats.ziparchive import ArchiveWriter
-        from ckpttool.tensors import torch_dtype
 
         state = OrderedDict()
         self._order = []
         for i, (name, dtype, shape) in enumerate(specs):
             storage_class = _storage_class(dtype)
             numel = math.prod(shape)
-            count = dtype_bytes(dtype, shape) if storage_class is torch.UntypedStorage else numel
-            state[name] = _TensorStub(_StorageStub(str(i), storage_class, count), tuple(shape), torch_dtype(dtype))
+            count = dtype_bytes(dtype, shape) if storage_class.name == UNTYPED_STORAGE else numel
+            state[name] = _TensorStub(_StorageStub(str(i), storage_class, count), tuple(shape), dtype)
             self._order.append((name, dtype, tuple(shape)))
         root = wrap(state) if wrap else state
 
