@@ -53,20 +53,11 @@ def read_storage(info: TensorInfo):
 
 
 def _load_saved(name: str, loc, shape):
-    """A DCP item: one whole torch.save blob (of the tensor, or of one chunk of it). Its archive is read like any
-    torch file (the safe reader finds the storage inside it), then the storage bytes straight from the data file."""
-    from ckpttool.formats.pickles import TensorRef
-    from ckpttool.formats.torchfile import read_raw, tensor_info
+    """A DCP item: one whole torch.save blob (of the tensor, or of one chunk of it), its storage bytes read straight
+    from the data file."""
+    from ckpttool.formats.torchfile import saved_tensor
 
-    try:
-        raw = read_raw(loc.file, span=(loc.offset, loc.length))
-    except CkptError as e:
-        raise CkptError(e.code, f"tensor {name}: the piece at byte {loc.offset} cannot be read ({e.reason})",
-                        loc.file) from None
-    if not isinstance(raw.obj, TensorRef) or tuple(raw.obj.shape) != tuple(shape):
-        raise CkptError("corrupt", f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
-                        loc.file)
-    return load_tensor(tensor_info(name, raw.obj, raw, loc.file))
+    return load_tensor(saved_tensor(name, loc, shape))
 
 
 def _assemble(info: TensorInfo):

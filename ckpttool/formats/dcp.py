@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, unpickle
+from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Component, Location, StepSource,
                             TensorInfo)
 
@@ -179,7 +179,7 @@ def _held(storage: dict, data_file: str, beyond: int = -1, shown: int = 8) -> st
     return f"{len(names)} items: {', '.join(names[:shown])}{more}"
 
 
-def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed=SAFE_GLOBALS):
+def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set):
     """The unpickled torch.save blob of one item (safe reader, nothing imported), or None when it cannot be read."""
     from ckpttool.formats.torchfile import read_raw
 
@@ -254,14 +254,10 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
 
 def _scalar(info: TensorInfo):
     """A one-element tensor item's value, read from its torch.save blob without torch; None if unreadable."""
-    from ckpttool.formats.torchfile import read_raw, read_scalar, tensor_info
+    from ckpttool.formats.torchfile import read_scalar, saved_tensor
 
-    loc = info.location
     try:
-        raw = read_raw(loc.file, SAFE_GLOBALS, span=(loc.offset, loc.length))
+        value = read_scalar(saved_tensor(info.name, info.location, info.shape))
     except CkptError:
         return None  # verify reads the item in full and says what is wrong with it
-    if not isinstance(raw.obj, TensorRef) or raw.obj.storage.key not in raw.storages:
-        return None
-    value = read_scalar(tensor_info(info.name, raw.obj, raw, loc.file))
     return value if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None

@@ -556,6 +556,20 @@ def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
 SCALAR_FORMATS = {"float32": "<f", "float64": "<d", "int64": "<q", "int32": "<i", "float16": "<e"}
 
 
+def saved_tensor(name: str, loc: Location, shape) -> TensorInfo:
+    """A DCP item (a whole torch.save blob inside a data file) as the tensor it holds, its storage located by the safe
+    reader without torch. CkptError when the blob is damaged or does not hold a `shape` tensor."""
+    try:
+        raw = read_raw(loc.file, span=(loc.offset, loc.length))
+    except CkptError as e:
+        raise CkptError(e.code, f"tensor {name}: the piece at byte {loc.offset} cannot be read ({e.reason})",
+                        loc.file) from None
+    if not isinstance(raw.obj, TensorRef) or tuple(raw.obj.shape) != tuple(shape):
+        raise CkptError("corrupt", f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
+                        loc.file)
+    return tensor_info(name, raw.obj, raw, loc.file)
+
+
 def read_scalar(info: TensorInfo):
     """Value of a one-element tensor read straight from its bytes (a few bytes, no torch import)."""
     fmt = SCALAR_FORMATS.get(info.dtype)

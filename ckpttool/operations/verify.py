@@ -62,13 +62,14 @@ def zip_crc_problems(path: str) -> list[Problem]:
 def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
     """Each tensor item of a DCP dir is a torch.save blob of its own (filesystem.py _write_item): its members'
     CRC-32s name the tensor, or the chunk of it, whose bytes were damaged."""
-    members, unreadable = [], []
+    members, unreadable, sizes = [], [], {}
     for comp in ckpt.components:
         for t in comp.tensors:
             name = t.name if comp.role == "model" and comp.name == "model" else f"{comp.name}/{t.name}"
             for offsets, loc in t.pieces():
-                if loc.encoding != "torch.save" or not os.path.isfile(loc.file) or \
-                        loc.offset + loc.length > os.path.getsize(loc.file):
+                if loc.file not in sizes:  # one stat per data file, not per item
+                    sizes[loc.file] = os.path.getsize(loc.file) if os.path.isfile(loc.file) else -1
+                if loc.encoding != "torch.save" or loc.offset + loc.length > sizes[loc.file]:
                     continue  # a missing or cut-short file: the reader has named what it lost
                 what = f"tensor {name}" + (f" (chunk at {offsets})" if offsets else "") + \
                     f" in {os.path.basename(loc.file)}"
