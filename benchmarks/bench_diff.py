@@ -1,7 +1,8 @@
 """`ckpttool diff --values` of two large safetensors checkpoints, equal and different, against reading both files.
 
-Claims: equal tensors are confirmed by hashing (about the cost of reading both files), differing ones are loaded one
-pair at a time, so peak memory is bounded by the largest tensor, not by the checkpoints. The naive baseline loads
+Claims: both files are read once, block by block on every core; identical blocks cost a byte compare, differing ones
+are measured with numpy, so the run stays near the cost of reading both files and peak memory is a few blocks per
+core, not the checkpoints or even the largest tensor. The naive baseline loads
 both files whole (`safetensors.torch.load_file`) and compares with torch.
 """
 

@@ -7,7 +7,6 @@ import importlib
 import os
 import sys
 
-from ckpttool import hashing
 from ckpttool.errors import UsageError
 from ckpttool.formats import open_checkpoint
 from ckpttool.keys import KeyReport, compare
@@ -87,58 +86,19 @@ def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: s
     return problems
 
 
-CHUNK = 1 << 20  # elements per step of the statistics: temporaries stay a few MiB whatever the tensor size
-
-
-def value_stats(ta, tb, atol: float, rtol: float):
-    """max abs diff, relative L2 and cosine of two same-shape tensors, and whether all elements are within
-    atol + rtol*|b|; computed in float64 over chunks so memory stays bounded by the two tensors themselves."""
-    fa, fb = ta.reshape(-1), tb.reshape(-1)
-    max_abs, diff_sq, b_sq, a_sq, dot, within = 0.0, 0.0, 0.0, 0.0, 0.0, True
-    for start in range(0, fa.numel(), CHUNK):
-        ca, cb = fa[start:start + CHUNK].double(), fb[start:start + CHUNK].double()
-        delta = ca - cb
-        adelta = delta.abs()
-        if adelta.numel():
-            max_abs = max(max_abs, float(adelta.max()))
-        diff_sq += float(delta.square().sum())
-        b_sq += float(cb.square().sum())
-        a_sq += float(ca.square().sum())
-        dot += float((ca * cb).sum())
-        within = within and bool((adelta <= atol + rtol * cb.abs()).all())
-    rel_l2 = (diff_sq ** 0.5) / (b_sq ** 0.5) if b_sq else float("inf")
-    cosine = dot / ((a_sq ** 0.5) * (b_sq ** 0.5)) if a_sq and b_sq else (1.0 if a_sq == b_sq else 0.0)
-    finite = all(x == x and abs(x) != float("inf") for x in (max_abs, diff_sq))
-    return {"max_abs": max_abs, "rel_l2": rel_l2, "cosine": cosine}, within and finite
-
-
 def compare_values(common, atol: float, rtol: float) -> dict:
-    """Equal tensors confirmed by hashing their bytes; the rest loaded one pair at a time and measured."""
-    equal, close, different, to_load = [], [], [], []
-    ranges = ((k, a.byte_range(), b.byte_range()) for k, a, b in common)
-    hashable = [(k, ra, rb) for k, ra, rb in ranges if ra and rb]
-    digests = hashing.run_batched([r for _, ra, rb in hashable for r in (ra, rb)], hashing.hash_ranges, "hashing")
-    hashed = {k: digests[2 * i] is not None and digests[2 * i] == digests[2 * i + 1]
-              for i, (k, _, _) in enumerate(hashable)}
-    for key, a, b in common:
-        if hashed.get(key):
-            equal.append(key)
+    """Equal tensors (identical bytes cost one read and a compare) and, for the rest, max abs diff, relative L2 and
+    cosine, streamed block by block on every core (ckpttool.blockstats)."""
+    from ckpttool.blockstats import compare_pairs
+
+    equal, close, different = 0, [], []
+    for (key, _, _), sums in zip(common, compare_pairs([(a, b) for _, a, b in common], atol, rtol)):
+        if sums is None:
+            equal += 1
         else:
-            to_load.append((key, a, b))
-    if to_load:
-        import torch
-
-        from ckpttool.tensors import load_tensor
-
-        for key, a, b in to_load:
-            ta, tb = load_tensor(a), load_tensor(b)
-            if torch.equal(ta, tb):
-                equal.append(key)
-            else:
-                row, within = value_stats(ta, tb, atol, rtol)
-                (close if within else different).append({"key": key, **row})
-            del ta, tb
-    return {"equal": len(equal), "close": close, "different": different}
+            within = sums.finite and not sums.beyond_tolerance
+            (close if within else different).append({"key": key, **sums.row()})
+    return {"equal": equal, "close": close, "different": different}
 
 
 def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
