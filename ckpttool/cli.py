@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -44,6 +45,9 @@ class Group(click.Group):
         return name, command, rest
 
     def invoke(self, ctx):
+        # A command builds up to millions of small acyclic records (a 100,000-tensor file); the cycle collector's
+        # passes over them cost as much as building them, and the process ends soon after.
+        gc.disable()
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):

@@ -264,25 +264,29 @@ def _local_header(raw, info) -> tuple[bytes, int] | None:
 
 
 def _data_offsets(raw, infos: list, path: str) -> list[int]:
-    """zip_data_offset of many members; from a plain file through positioned reads (os.pread), not a seek and
-    buffered reads per member (which a file of 100,000 tensors paid for each one). No mapping: a file cut short while
+    """zip_data_offset of many members; from a plain file through one positioned read (os.pread) per member, not
+    seeks and buffered reads (which a file of 100,000 tensors paid for each one). No mapping: a file cut short while
     it is read must stay an error, not a SIGBUS."""
     if len(infos) < 256 or not isinstance(raw, io.BufferedReader):
         return [zip_data_offset(raw, info, path) for info in infos]
-    return [zip_data_offset(_PreadHeaders(raw.fileno(), info.header_offset), info, path) for info in infos]
+    fd = raw.fileno()
+    return [zip_data_offset(_PreadHeader(fd, info), info, path) for info in infos]
 
 
-class _PreadHeaders:
-    """The seek/read calls _local_header makes, as os.pread calls at the position."""
+class _PreadHeader:
+    """A member's local header and the name after it, read with one os.pread of the length the directory's name
+    has; _local_header's seek/read calls are served from it (a read past it falls back to a pread)."""
 
-    def __init__(self, fd, header_offset):
-        self._fd, self._pos = fd, header_offset
+    def __init__(self, fd, info):
+        self._fd, self._start, self._pos = fd, info.header_offset, info.header_offset
+        self._data = os.pread(fd, 30 + len(info.orig_filename.encode("utf-8")), info.header_offset)
 
     def seek(self, pos):
         self._pos = pos
 
     def read(self, n):
-        data = os.pread(self._fd, n, self._pos)
+        at = self._pos - self._start
+        data = self._data[at:at + n] if 0 <= at and at + n <= len(self._data) else os.pread(self._fd, n, self._pos)
         self._pos += len(data)
         return data
 
