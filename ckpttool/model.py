@@ -6,6 +6,7 @@ Readers describe a checkpoint without loading tensor data: each tensor is a name
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -100,17 +101,26 @@ class TensorInfo:
     def byte_range(self):
         """(file, offset, length) of exactly this tensor's bytes when they lie contiguous on disk, else None."""
         loc = self.location
-        if loc is None or loc.encoding != "raw" or not self.numel:
+        if loc is None or loc.encoding != "raw":
             return None
-        if loc.stride is not None and self.numel > 1:
-            expected, step = [], 1
-            for size in reversed(self.shape):
-                expected.insert(0, step)
-                step *= size
-            if tuple(loc.stride) != tuple(expected):
-                return None
-        itemsize = max(1, self.nbytes // self.numel)
-        return loc.file, loc.offset + loc.storage_offset * itemsize, self.nbytes
+        numel = math.prod(self.shape)
+        if not numel:
+            return None
+        if loc.stride is not None and numel > 1 and tuple(loc.stride) != contiguous_strides(self.shape):
+            return None
+        nbytes = dtype_bytes(self.dtype, self.shape)
+        return loc.file, loc.offset + loc.storage_offset * max(1, nbytes // numel), nbytes
+
+
+@functools.lru_cache(maxsize=4096)
+def contiguous_strides(shape: tuple) -> tuple:
+    """The strides of a contiguous (row-major) tensor of this shape; cached, as a checkpoint repeats a few shapes
+    over thousands of tensors."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 # What a counter counts: a small closed set (see ckpttool/steps.py for how each is compared).

@@ -23,7 +23,7 @@ from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque, RepicklingPickler,
                                       TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
-                            dtype_bytes)
+                            contiguous_strides, dtype_bytes)
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -628,11 +628,7 @@ class _TensorStub:
         self.storage, self.shape, self.dtype = storage, shape, dtype
 
     def __reduce_ex__(self, protocol):
-        stride, step = [], 1
-        for size in reversed(self.shape):
-            stride.insert(0, step)
-            step *= size
-        args = (self.storage, 0, _SizeStub(self.shape), tuple(stride), False, OrderedDict())
+        args = (self.storage, 0, _SizeStub(self.shape), contiguous_strides(tuple(self.shape)), False, OrderedDict())
         if self.storage.storage_class.name == UNTYPED_STORAGE:
             return GlobalRef("torch._utils._rebuild_tensor_v3"), args + (DtypeRef(self.dtype),)
         return GlobalRef("torch._utils._rebuild_tensor_v2"), args
