@@ -18,6 +18,8 @@ import secrets
 import shutil
 import time
 
+from ckpttool.errors import OutputError
+
 STAGING = re.compile(r"^\.(?P<target>.+)\.ckpttool-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
 STALE_AFTER_S = 600  # a staging entry untouched this long, whose pid is not running here, is a killed run's leftover
 WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
@@ -25,10 +27,6 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                              "largest file)",
                 errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted"}
-
-
-class OutputError(Exception):
-    """An output could not be written. Exit 1; the staging is gone and the input is untouched."""
 
 
 def staging_path(dst: str) -> str:

@@ -10,8 +10,7 @@ import sys
 import click
 
 from ckpttool import __version__
-from ckpttool.atomic import OutputError
-from ckpttool.errors import CkptError, UsageError
+from ckpttool.errors import CkptError, OutputError, UsageError
 
 
 def _emit_json(report: dict):
@@ -134,10 +133,15 @@ def verify(path, as_json, require_manifest, config_file, expect_step, for_resume
     """Is this checkpoint intact and consistent? Exit 0 only when no check failed.
 
     PATH may be left out when --config names the checkpoint (resume_from_checkpoint)."""
-    from ckpttool.operations.verify import verify as run_verify
+    from ckpttool.operations.verify_cache import recall
 
-    report = run_verify(path, require_manifest=require_manifest, config_file=config_file, expect_step=expect_step,
-                        for_resume=for_resume, finite=finite)
+    options = {"require_manifest": require_manifest, "expect_step": expect_step, "for_resume": for_resume,
+               "finite": finite}
+    report = recall(path, config_file, **options)  # before the readers are even imported
+    if report is None:
+        from ckpttool.operations.verify import verify as run_verify
+
+        report = run_verify(path, config_file=config_file, recall=False, **options)
     _show(report, as_json, "verify_report")
     sys.exit(0 if report["ok"] else 1)
 

@@ -20,3 +20,7 @@ class CkptError(Exception):
 
 class UsageError(Exception):
     """The user asked for something impossible (missing path, unknown layout): exit code 2."""
+
+
+class OutputError(Exception):
+    """An output could not be written. Exit 1; the staging is gone and the input is untouched."""

@@ -84,6 +84,9 @@ def verify_report(r: dict) -> str:
            f"{'-' if r['step'] is None else r['step']})"
     table = tabulate(rows, headers=("check", "result", "detail"), maxcolwidths=[None, None, 90])
     verdict = "OK: verified" if r["ok"] else "FAILED"
+    if r.get("recalled"):
+        verdict += (" (recalled: no file changed since an earlier verify with these options, and every byte was "
+                    "hashed again against the manifest)")
     return "\n\n".join([head, table, problems_table(r["problems"]), verdict])
 
 

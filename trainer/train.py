@@ -134,7 +134,7 @@ def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist, scaler=None)
 
 
 def main(argv=None) -> int:
-    from ckpttool.atomic import OutputError
+    from ckpttool.errors import OutputError
 
     args = parse_args(argv)
     try:

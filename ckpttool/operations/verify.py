@@ -25,6 +25,7 @@ class Verification:
         self.path = path
         self.checks: list[dict] = []
         self.problems: list[Problem] = []
+        self.manifest: tuple[str, dict] | None = None  # (path, document) the checksums were checked against
 
     def check(self, name, status, detail=""):
         self.checks.append({"check": name, "status": status, "detail": detail})
@@ -132,6 +133,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
                     "bit rot and partial copies")
         return False
     doc = manifests.load(target)
+    v.manifest = (target, doc)
     folder = os.path.dirname(target)
     before = len(v.problems)
     present = {}
@@ -324,15 +326,30 @@ def check_finite(v: Verification, ckpt: Checkpoint):
 
 
 def verify(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
-           for_resume=False, finite=False) -> dict:
-    """The verify report for `path` (see the README for every check)."""
-    return verify_checkpoint(path, require_manifest=require_manifest, config_file=config_file,
-                             expect_step=expect_step, for_resume=for_resume, finite=finite)[0]
+           for_resume=False, finite=False, recall=True) -> dict:
+    """The verify report for `path` (see the README for every check). A clean report of a checkpoint whose files
+    have not changed since, and whose bytes still match its manifest, is recalled, not recomputed (verify_cache);
+    `recall=False` when the caller has just asked the cache itself."""
+    from ckpttool.operations import verify_cache
+
+    options = {"require_manifest": require_manifest, "expect_step": expect_step, "for_resume": for_resume,
+               "finite": finite}
+    if recall and (recalled := verify_cache.recall(path, config_file, **options)):
+        return recalled
+    report, ckpt, v = _verify(path, config_file=config_file, **options)
+    verify_cache.remember(report, ckpt, v.manifest, path, config_file, **options)
+    return report
 
 
 def verify_checkpoint(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
                       for_resume=False, finite=False) -> tuple[dict, Checkpoint | None]:
     """The report and the checkpoint it read (None when unreadable), for callers that go on to use it."""
+    report, ckpt, _ = _verify(path, require_manifest=require_manifest, config_file=config_file,
+                              expect_step=expect_step, for_resume=for_resume, finite=finite)
+    return report, ckpt
+
+
+def _verify(path, *, require_manifest, config_file, expect_step, for_resume, finite):
     config = read_training_config(config_file) if config_file else None
     if path is None:
         if not config or "resume_from_checkpoint" not in config:
@@ -352,18 +369,19 @@ def verify_checkpoint(path: str | None = None, *, require_manifest=False, config
         v.problem(e.code, ERROR, e.reason, e.path or path)
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
         check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
-        return _report(v, guess_format(path), None), None
+        return _report(v, guess_format(path), None), None, v
     checksums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
     covered = check_manifest(checksums, ckpt, require_manifest)
     check_integrity(v, ckpt, crcs_covered=covered)
     v.checks.extend(checksums.checks)
     v.problems.extend(checksums.problems)
+    v.manifest = checksums.manifest
     check_steps(v, ckpt, expect_step, config)
     if for_resume:
         check_resume(v, ckpt)
     if finite:
         check_finite(v, ckpt)
-    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer), ckpt
+    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer), ckpt, v
 
 
 def _report(v: Verification, fmt, step, layout=None, trainer=None) -> dict:
