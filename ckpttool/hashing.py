@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import xxhash
@@ -167,6 +166,10 @@ def run_jobs(jobs, fn, total_bytes: int = 0, label: str = "hashing"):
 
 
 def _run_local(jobs, fn, total_bytes: int, label: str):
+    if len(jobs) == 1:  # one piece: no pool to start (a verify of an unchanged small file is mostly start-up)
+        return [fn(*jobs[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
     with progress(total_bytes, label) as advance, ThreadPoolExecutor(workers()) as pool:
         results = []
         for job, result in zip(jobs, pool.map(lambda job: fn(*job), jobs)):

@@ -16,10 +16,11 @@ entry that cannot be read, just means a full verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
+
+import xxhash
 
 from ckpttool import __version__, hashing
 
@@ -41,7 +42,7 @@ def _entry_path(path: str | None, config_file: str | None, options: dict) -> str
     if folder is None or path is None or config_file is not None:
         return None
     key = json.dumps([os.path.realpath(path), sorted(options.items())], sort_keys=True)
-    return os.path.join(folder, hashlib.sha256(key.encode("utf-8")).hexdigest()[:40] + ".json")
+    return os.path.join(folder, xxhash.xxh3_128_hexdigest(key.encode("utf-8")) + ".json")  # a name, not a proof
 
 
 def _identity(path: str) -> list[int] | None:
