@@ -1,6 +1,6 @@
 """Value statistics of tensor pairs, streamed in blocks on every core, at about the speed of reading the files.
 
-Tensors whose bytes lie contiguous on disk are read block by block with `os.pread` straight into numpy views (numpy
+Tensors whose bytes lie contiguous on disk are read block by block with `os.pread` and viewed as numpy arrays (numpy
 is a dependency of optimum-quanto; importing it costs a tenth of what torch costs, which at the read floor is most of
 the run). Each block is first compared byte for byte, so byte-identical data costs one read and a memcmp; otherwise
 it is measured in float32 (float64 for float64 and integer data) and the block sums are accumulated in float64, which
@@ -99,17 +99,6 @@ def block_sums(a, b, atol: float, rtol: float) -> Sums:
     else:
         sums.beyond_tolerance = max_abs > atol
     return sums
-
-
-def _as_measured(data, info: TensorInfo):
-    """A numpy view of raw little-endian bytes, converted to the dtype the statistics use."""
-    import numpy as np
-
-    read_as, measured = NUMPY_READ[info.dtype]
-    values = np.frombuffer(data, dtype=read_as)
-    if info.dtype == "bfloat16":  # bf16 is the top half of a float32
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(measured, copy=False)
 
 
 def _as_measured(data, dtype: str):
@@ -226,10 +215,10 @@ def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> S
 
     from ckpttool.tensors import load_tensor
 
-    ta, tb = load_tensor(a).reshape(-1), load_tensor(b).reshape(-1)
-    if torch.equal(ta, tb):
+    ta, tb = load_tensor(a).reshape(-1).contiguous(), load_tensor(b).reshape(-1).contiguous()
+    if torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)) or torch.equal(ta, tb):
         return None
-    wide = torch.float64 if ta.dtype in (torch.float64, torch.int64, torch.int32) else torch.float32
+    wide = torch.float64 if NUMPY_READ.get(a.dtype, ("", "float32"))[1] == "float64" else torch.float32
     total = Sums()
     for start in range(0, ta.numel(), BLOCK_ELEMENTS):
         block_a, block_b = (t[start:start + BLOCK_ELEMENTS].to(wide).numpy() for t in (ta, tb))
@@ -239,8 +228,9 @@ def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> S
 
 def compare_pairs(pairs: list[tuple[TensorInfo, TensorInfo]], atol: float = 0.0, rtol: float = 0.0,
                   label: str = "comparing") -> list[Sums | None]:
-    """For each (a, b) pair of same-shape, same-dtype tensors: None when their values are equal (as torch.equal
-    says: -0.0 equals 0.0, NaN equals nothing), else the Sums of their difference."""
+    """For each (a, b) pair of same-shape, same-dtype tensors: None when their bytes are identical or their values
+    equal (-0.0 equals 0.0), else the Sums of their difference (a NaN on one side, or at different places, makes
+    them differ)."""
     direct = {i: ranges for i, (a, b) in enumerate(pairs) if (ranges := _byte_ranges(a, b))}
     tasks, owners, sizes = _plan(direct, pairs)
     results: list[Sums | None] = [None] * len(pairs)

@@ -45,7 +45,8 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         # A command builds up to millions of small acyclic records (a 100,000-tensor file); the cycle collector's
-        # passes over them cost as much as building them, and the process ends soon after.
+        # passes over them cost as much as building them. Paused for the command (restored for callers in-process).
+        collecting = gc.isenabled()
         gc.disable()
         try:
             return super().invoke(ctx)
@@ -68,6 +69,8 @@ class Group(click.Group):
             _fail(1, f"internal error {type(e).__name__}: {e} (set CKPTTOOL_DEBUG=1 for the traceback and "
                      "please report it)")
         finally:
+            if collecting:
+                gc.enable()
             if "ckpttool.distributed" in sys.modules:  # loaded only under torchrun
                 sys.modules["ckpttool.distributed"].stop()
 

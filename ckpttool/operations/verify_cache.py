@@ -67,17 +67,17 @@ def recall(path: str | None, config_file: str | None = None, **options) -> dict 
         if entry.get("tool") != __version__ or any(_identity(p) != ident for p, ident in entry["identity"].items()):
             return None
         pieces, piece_size = entry["pieces"], int(entry["piece_size"])
+        jobs = [(p, offset, length) for p in pieces for offset, length in hashing.pieces(os.path.getsize(p),
+                                                                                         piece_size)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    jobs = [(p, offset, length) for p, digests in pieces.items()
-            for offset, length in hashing.pieces(os.path.getsize(p), piece_size)]
     results = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "verifying")
     got: dict[str, list[str]] = {}
     for (p, _, length), (digest, read) in zip(jobs, results):
         got.setdefault(p, []).append(digest if read == length else None)
     if got != pieces:
         return None
-    return {**entry["report"], "recalled": True}
+    return {**entry["report"], "path": path, "recalled": True}
 
 
 def remember(report: dict, ckpt, manifest: tuple[str, dict] | None, path: str, config_file: str | None = None,
@@ -94,10 +94,11 @@ def remember(report: dict, ckpt, manifest: tuple[str, dict] | None, path: str, c
     manifest, manifest_doc = manifest
     folder = os.path.dirname(manifest)
     pieces = {os.path.join(folder, rel): info["pieces"] for rel, info in manifest_doc["files"].items()}
-    read = set(pieces) | set(covered_files(ckpt)) | {os.path.abspath(f) for f in ckpt.files} | {manifest}
+    read = set(pieces) | set(covered_files(ckpt)) | set(ckpt.files) | {manifest}
     if os.path.isdir(ckpt.path):
         read |= {dirpath for dirpath, _, _ in os.walk(ckpt.path)}
-    read |= {os.path.dirname(os.path.abspath(f)) for f in list(read)}
+    read = {os.path.abspath(p) for p in read}
+    read |= {os.path.dirname(p) for p in list(read)}
     identity = {p: _identity(p) for p in sorted(read)}
     newest = max((max(i[3], i[4]) for i in identity.values() if i), default=0) / 1e9
     if None in identity.values() or time.time() - newest < RACY_SECONDS:
