@@ -1,4 +1,5 @@
-"""Value statistics of tensor pairs, streamed in blocks on every core, at about the speed of reading the files.
+"""Statistics of tensor data, streamed in blocks on every core, at about the speed of reading the files: the
+difference of tensor pairs (`diff --values`) and each tensor's own moments (`inspect --stats`).
 
 Tensors whose bytes lie contiguous on disk are read block by block with `os.pread` and viewed as numpy arrays (numpy
 is a dependency of optimum-quanto; importing it costs a tenth of what torch costs, which at the read floor is most of
@@ -87,7 +88,8 @@ def block_sums(a, b, atol: float, rtol: float) -> Sums:
     keep several partial sums: about 1e-7 relative over a block, and the blocks are added in float64."""
     import numpy as np
 
-    delta = np.subtract(a, b, out=_delta_buffer(a.dtype, len(a)))
+    with np.errstate(all="ignore"):  # Inf - Inf is NaN, as in torch, without numpy's warning
+        delta = np.subtract(a, b, out=_delta_buffer(a.dtype, len(a)))
     high, low = delta.max(), delta.min()
     max_abs = float(high) if math.isnan(high) or math.isnan(low) else max(float(high), -float(low))
     sums = Sums(max_abs, float(np.einsum("i,i->", delta, delta)), float(np.einsum("i,i->", a, a)),
@@ -163,11 +165,11 @@ class _Reader:
 
 
 def _measure_spans(spans: list, atol: float, rtol: float) -> list:
-    """For each span (tensor A, range in A's file, range in B's file) of two tensors of one dtype: None when its bytes
-    are identical, else its Sums. One task reads many small tensors or one block of a big one."""
-    reader, out = _Reader([r for _, ra, rb in spans for r in (ra, rb)]), []
+    """For each span (tensor A, [range in A's file, range in B's file]) of two tensors of one dtype: None when its
+    bytes are identical, else its Sums. One task reads many small tensors or one block of a big one."""
+    reader, out = _Reader([r for _, ranges in spans for r in ranges]), []
     try:
-        for info, range_a, range_b in spans:
+        for info, (range_a, range_b) in spans:
             data_a, data_b = reader.read(*range_a, info), reader.read(*range_b, info)
             if data_a == data_b:
                 out.append(None)
@@ -179,34 +181,60 @@ def _measure_spans(spans: list, atol: float, rtol: float) -> list:
     return out
 
 
-def _plan(direct: dict, pairs: list) -> tuple[list, list, list]:
-    """Tasks of spans over the pairs read directly (index -> their byte ranges): small tensors batched, big ones cut
-    into blocks; for each task the pair index of each span, and the bytes it reads."""
+def _plan(direct: dict) -> tuple[list, list, list]:
+    """Tasks over tensors read directly: `direct` maps an index to (tensor, [(file, offset, length) per side], all
+    sides the same length). Small tensors are batched, big ones cut into blocks of BLOCK_ELEMENTS. Each task is a
+    list of spans (tensor, [range per side]); also returned: each task's indices, one per span, and its bytes."""
     tasks, owners, sizes = [], [], []
     batch, owned, batch_bytes = [], [], 0
-    for i, ((file_a, offset_a, length), (file_b, offset_b, _)) in direct.items():
-        info = pairs[i][0]
+    for i, (info, ranges) in direct.items():
+        length = ranges[0][2]
         block_bytes = BLOCK_ELEMENTS * (length // info.numel)
         if length <= block_bytes:
-            batch.append((info, (file_a, offset_a, length), (file_b, offset_b, length)))
+            batch.append((info, ranges))
             owned.append(i)
-            batch_bytes += length
-            if batch_bytes >= block_bytes or len(batch) >= BATCH_TENSORS:
+            batch_bytes += length * len(ranges)
+            if batch_bytes >= block_bytes * len(ranges) or len(batch) >= BATCH_TENSORS:
                 tasks.append(batch)
                 owners.append(owned)
-                sizes.append(2 * batch_bytes)
+                sizes.append(batch_bytes)
                 batch, owned, batch_bytes = [], [], 0
         else:
             for start in range(0, length, block_bytes):
                 n = min(block_bytes, length - start)
-                tasks.append([(info, (file_a, offset_a + start, n), (file_b, offset_b + start, n))])
+                tasks.append([(info, [(path, offset + start, n) for path, offset, _ in ranges])])
                 owners.append([i])
-                sizes.append(2 * n)
+                sizes.append(n * len(ranges))
     if batch:
         tasks.append(batch)
         owners.append(owned)
-        sizes.append(2 * batch_bytes)
+        sizes.append(batch_bytes)
     return tasks, owners, sizes
+
+
+def _run(tasks, owners, sizes, measure, results, extra=(), label: str = "reading"):
+    """Run `measure(task)` over the tasks on every core, adding each span's result into results[index]; then each
+    (index, fn, nbytes) of `extra` (tensors read through torch) on the same cores, its result stored as is."""
+    with progress(sum(sizes) + sum(n for _, _, n in extra), label) as advance, \
+            ThreadPoolExecutor(workers()) as pool:
+        for owned, size, measured in zip(owners, sizes, pool.map(measure, tasks)):
+            advance(size)
+            for i, block in zip(owned, measured):
+                if block is not None:
+                    if results[i] is None:
+                        results[i] = type(block)()
+                    results[i].add(block)
+        for (i, _, nbytes), value in zip(extra, pool.map(lambda job: job[1](), extra)):
+            advance(nbytes)
+            results[i] = value
+
+
+def _measured_in(tensor):
+    """The torch dtype a tensor read through torch is measured in: as NUMPY_READ says for its dtype, else float32."""
+    import torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" else torch.float32
 
 
 def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> Sums | None:
@@ -218,7 +246,7 @@ def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> S
     ta, tb = load_tensor(a).reshape(-1).contiguous(), load_tensor(b).reshape(-1).contiguous()
     if torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)) or torch.equal(ta, tb):
         return None
-    wide = torch.float64 if NUMPY_READ.get(a.dtype, ("", "float32"))[1] == "float64" else torch.float32
+    wide = _measured_in(ta)
     total = Sums()
     for start in range(0, ta.numel(), BLOCK_ELEMENTS):
         block_a, block_b = (t[start:start + BLOCK_ELEMENTS].to(wide).numpy() for t in (ta, tb))
@@ -231,19 +259,121 @@ def compare_pairs(pairs: list[tuple[TensorInfo, TensorInfo]], atol: float = 0.0,
     """For each (a, b) pair of same-shape, same-dtype tensors: None when their bytes are identical or their values
     equal (-0.0 equals 0.0), else the Sums of their difference (a NaN on one side, or at different places, makes
     them differ)."""
-    direct = {i: ranges for i, (a, b) in enumerate(pairs) if (ranges := _byte_ranges(a, b))}
-    tasks, owners, sizes = _plan(direct, pairs)
+    direct = {i: (a, list(ranges)) for i, (a, b) in enumerate(pairs) if (ranges := _byte_ranges(a, b))}
     results: list[Sums | None] = [None] * len(pairs)
-    with progress(sum(sizes), label) as advance, ThreadPoolExecutor(workers()) as pool:
-        for owned, size, sums in zip(owners, sizes, pool.map(lambda t: _measure_spans(t, atol, rtol), tasks)):
-            advance(size)
-            for i, block in zip(owned, sums):
-                if block is not None:
-                    if results[i] is None:
-                        results[i] = Sums()
-                    results[i].add(block)
-    for i, (a, b) in enumerate(pairs):
-        if i not in direct and a.numel:
-            results[i] = _measure_loaded(a, b, atol, rtol)
+    loaded = [(i, lambda a=a, b=b: _measure_loaded(a, b, atol, rtol), 2 * a.nbytes) for i, (a, b) in enumerate(pairs)
+              if i not in direct and a.numel]
+    _run(*_plan(direct), lambda task: _measure_spans(task, atol, rtol), results, loaded, label)
     # bytes that differ only in ways torch.equal ignores (-0.0 against 0.0) are equal values
     return [None if s is not None and s.max_abs == 0 and s.finite else s for s in results]
+
+
+# --- one tensor's statistics (inspect --stats) ---
+
+@dataclass
+class Moments:
+    """Count, extremes, mean and sum of squared deviations (combined across blocks as Chan et al. do, in float64),
+    sum of squares (for the L2 norm), and counts of NaN, Inf and zeros. NaN and Inf propagate into min, max, mean
+    and std as they do in torch."""
+
+    count: int = 0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    mean: float = 0.0
+    m2: float = 0.0
+    sum_sq: float = 0.0
+    nan: int = 0
+    inf: int = 0
+    zeros: int = 0
+
+    def add(self, other: Moments) -> None:
+        if not other.count:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        if self.count:
+            self.mean += delta * other.count / total
+            self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        else:
+            self.mean, self.m2 = other.mean, other.m2
+        self.minimum = _nan_or(min, self.minimum, other.minimum)
+        self.maximum = _nan_or(max, self.maximum, other.maximum)
+        self.count = total
+        self.sum_sq += other.sum_sq
+        self.nan += other.nan
+        self.inf += other.inf
+        self.zeros += other.zeros
+
+    def row(self) -> dict:
+        """min, max, mean, std (with Bessel's correction, as torch.std), L2 norm and the counts."""
+        empty = not self.count
+        std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 and self.m2 >= 0 else math.nan
+        if self.nan or self.inf:  # torch: a NaN or Inf makes the mean what float arithmetic makes it, the std NaN
+            std = math.nan
+        return {"numel": self.count, "min": math.nan if empty else self.minimum,
+                "max": math.nan if empty else self.maximum, "mean": math.nan if empty else self.mean, "std": std,
+                "l2": math.sqrt(self.sum_sq), "nan": self.nan, "inf": self.inf, "zeros": self.zeros}
+
+
+def _nan_or(pick, a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
+
+
+def block_moments(x) -> Moments:
+    """The Moments of one numpy block (float32 or float64)."""
+    import numpy as np
+
+    n = len(x)
+    if not n:
+        return Moments()
+    moments = Moments(count=n, zeros=n - int(np.count_nonzero(x)))
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        moments.nan = int(np.isnan(x).sum())
+        moments.inf = int(np.isinf(x).sum())
+    with np.errstate(all="ignore"):  # Inf - Inf is NaN here as in torch, without numpy's warning
+        moments.minimum, moments.maximum = float(x.min()), float(x.max())
+        moments.mean = float(x.sum(dtype=np.float64)) / n
+        centered = np.subtract(x, x.dtype.type(moments.mean), out=_delta_buffer(x.dtype, n))
+        moments.m2 = float(np.einsum("i,i->", centered, centered))
+        moments.sum_sq = float(np.einsum("i,i->", x, x))
+    return moments
+
+
+def _moments_of_spans(spans: list) -> list:
+    """Moments of each (tensor, [(file, offset, length)]) span; many small tensors or one block of a big one."""
+    reader = _Reader([r for _, (r,) in spans])
+    try:
+        return [block_moments(_as_measured(reader.read(*r, info), info.dtype)) for info, (r,) in spans]
+    finally:
+        reader.close()
+
+
+def _moments_loaded(tensor) -> Moments:
+    """Moments of a torch tensor (one read through torch, or a dequantized weight), block by block."""
+    flat = tensor.detach().reshape(-1)
+    wide = _measured_in(flat)
+    total = Moments()
+    for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+        total.add(block_moments(flat[start:start + BLOCK_ELEMENTS].to(wide).numpy()))
+    return total
+
+
+def tensor_moments(infos: list[TensorInfo], loaders: dict | None = None, label: str = "reading") -> list[Moments]:
+    """The Moments of each tensor. Those that are one contiguous run of a dtype numpy reads are read in blocks on
+    every core; the rest (chunked, strided, float8) are loaded through torch one at a time on the same cores.
+    `loaders`: {index: callable returning a torch tensor} for tensors computed rather than read (a dequantized
+    quanto weight)."""
+    from ckpttool.tensors import load_tensor
+
+    loaders = loaders or {}
+    direct = {}
+    for i, info in enumerate(infos):
+        byte_range = info.byte_range() if i not in loaders and info.dtype in NUMPY_READ else None
+        if byte_range:
+            direct[i] = (info, [byte_range])
+    results: list[Moments | None] = [None] * len(infos)
+    loaded = [(i, (lambda i=i: _moments_loaded(loaders[i]())) if i in loaders else
+               (lambda info=info: _moments_loaded(load_tensor(info))), info.nbytes)
+              for i, info in enumerate(infos) if i not in direct and (info.numel or i in loaders)]
+    _run(*_plan(direct), _moments_of_spans, results, loaded, label)
+    return [m or Moments() for m in results]

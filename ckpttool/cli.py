@@ -85,11 +85,14 @@ def main():
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor (name, shape, dtype, bytes).")
-@click.option("--filter", "tensor_filter", metavar="REGEX", help="With --tensors: only names matching REGEX.")
-def inspect(path, as_json, list_tensors, tensor_filter):
+@click.option("--filter", "tensor_filter", metavar="REGEX",
+              help="With --tensors or --stats: only names matching REGEX (alone, it implies --tensors).")
+@click.option("--stats", is_flag=True, help="Per tensor min, max, mean, std, L2 norm and NaN/Inf/zero counts "
+              "(reads every tensor's data; quanto weights dequantized first).")
+def inspect(path, as_json, list_tensors, tensor_filter, stats):
     """What a checkpoint is: format, layout, step, components, tensors, dtypes, quantization, problems.
 
-    Reads headers only, never tensor data. Exit 1 when it finds error-level problems."""
+    Reads headers only, never tensor data (except with --stats). Exit 1 when it finds error-level problems."""
     from ckpttool.operations.inspect import has_errors, inspect as run_inspect
 
     if tensor_filter:
@@ -98,7 +101,7 @@ def inspect(path, as_json, list_tensors, tensor_filter):
             re.compile(tensor_filter)
         except re.error as e:
             raise click.BadParameter(f"not a regular expression ({e})", param_hint="--filter") from None
-    report = run_inspect(path, tensor_filter, list_tensors or bool(tensor_filter))
+    report = run_inspect(path, tensor_filter, list_tensors or (bool(tensor_filter) and not stats), stats)
     _show(report, as_json, "inspect_report")
     sys.exit(1 if has_errors(report) else 0)
 

@@ -74,6 +74,17 @@ def dequantize_module(state: dict, weights_qtype: str, shape, dtype):
                         f"{list(shape)} ({e})") from None
 
 
+def module_inputs(module: str, info: dict, tensors: dict) -> dict:
+    """{key relative to the module ("weight._data", "weight._scale", "bias", ...): tensor} of the quanto-quantized
+    `module` (its entry from formats.quanto.quantized_modules) among `tensors` ({full name: tensor})."""
+    from ckpttool.formats.quanto import quantized_key_of
+
+    inputs = {k[len(module) + 1:]: v for k, v in tensors.items() if quantized_key_of(k, {module: info}) == module}
+    if f"{module}.bias" in tensors:
+        inputs["bias"] = tensors[f"{module}.bias"]
+    return inputs
+
+
 def infer_weight_shape(module: str, tensors: dict):
     """The original weight shape of a quantized module: the 8-bit `_data` shape, or for packed qint4/qint2
     (groups x group size) the bias length as out_features. None when it cannot be known from the file alone."""

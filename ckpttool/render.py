@@ -64,6 +64,8 @@ def inspect_report(r: dict) -> str:
         rows = [(t["component"], t["name"], "x".join(map(str, t["shape"])) or "()", t["dtype"], t["bytes"])
                 for t in r["tensor_list"]]
         out.append("Tensors:\n" + tabulate(rows, headers=("component", "name", "shape", "dtype", "bytes")))
+    if "stats" in r:
+        out.append(stats_table(r["stats"]))
     out.append(problems_table(r["problems"]))
     return "\n\n".join(out)
 
@@ -75,6 +77,22 @@ def _one_line(value) -> str:
 
 def _short(path: str) -> str:
     return os.path.basename(path.rstrip("/")) or path
+
+
+def stats_table(stats: list[dict]) -> str:
+    many = len({s["component"] for s in stats}) > 1
+
+    def num(value):
+        return value if isinstance(value, str) else f"{value:.4g}"
+
+    rows = [((s["component"],) if many else ()) + (
+        s["name"] + (f" (dequantized {s['dequantized']})" if s.get("dequantized") else ""), s["dtype"],
+        "x".join(map(str, s["shape"])) or "()", num(s["min"]), num(s["max"]), num(s["mean"]), num(s["std"]),
+        num(s["l2"]), s["nan"], s["inf"], s["zeros"]) for s in stats]
+    headers = (("component",) if many else ()) + ("name", "dtype", "shape", "min", "max", "mean", "std", "L2", "NaN",
+                                                  "Inf", "zeros")
+    return "Statistics:\n" + tabulate(rows, headers=headers, disable_numparse=True) if rows else \
+        "Statistics: no tensor matches"
 
 
 def verify_report(r: dict) -> str:

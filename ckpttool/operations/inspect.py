@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -9,7 +10,8 @@ from collections import Counter
 from ckpttool import steps
 from ckpttool.errors import CkptError
 from ckpttool.formats import guess_format, open_checkpoint
-from ckpttool.model import ERROR, Checkpoint, Problem
+from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo
+
 
 def model_components(ckpt: Checkpoint):
     return [c for c in ckpt.components if c.role == "model"]
@@ -50,14 +52,68 @@ def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: 
     return report
 
 
-def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = False) -> dict:
-    """Report on `path`. A file too broken to read still gives a report: its problem, no components."""
+def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = False, stats: bool = False) -> dict:
+    """Report on `path`. A file too broken to read still gives a report: its problem, no components. `stats` reads
+    every tensor (of those `tensor_filter` matches) for tensor_stats."""
     try:
         ckpt = open_checkpoint(path)
     except CkptError as e:
         ckpt = Checkpoint(path, guess_format(path), "unreadable")
         ckpt.problems.append(Problem(e.code, ERROR, e.reason, e.path or path))
-    return summarize(ckpt, tensor_filter, list_tensors)
+    report = summarize(ckpt, tensor_filter, list_tensors)
+    if stats:
+        report["stats"] = tensor_stats(ckpt, tensor_filter)
+    return report
+
+
+def tensor_stats(ckpt: Checkpoint, tensor_filter: str | None = None) -> list[dict]:
+    """min, max, mean, std, L2 norm and NaN/Inf/zero counts of every tensor of every component, streamed on every
+    core (ckpttool.blockstats). An optimum-quanto module's keys become one row: its weight, dequantized by
+    optimum-quanto (the packed qint4/qint2 ones need a bias to know their shape; without one their raw keys stay)."""
+    from ckpttool.blockstats import tensor_moments
+    from ckpttool.formats.quanto import quantized_key_of
+    from ckpttool.quantization import infer_weight_shape, module_inputs
+
+    pattern = re.compile(tensor_filter) if tensor_filter else None
+    rows, infos, loaders = [], [], {}
+    for comp in ckpt.components:
+        by_name = {t.name: t for t in comp.tensors}
+        quantized = {m["module"]: m for m in (ckpt.quantization or {}).get("modules", [])
+                     if m["component"] == comp.name and infer_weight_shape(m["module"], by_name)}
+        for module, info in quantized.items():
+            name = f"{module}.weight"
+            if pattern is None or pattern.search(name):
+                shape = tuple(infer_weight_shape(module, by_name))
+                loaders[len(infos)] = _dequantizer(module_inputs(module, info, by_name), info, shape)
+                infos.append(TensorInfo(name, info["dtype"], shape))
+                rows.append({"component": comp.name, "name": name, "dtype": info["dtype"], "shape": list(shape),
+                             "dequantized": info["weights"]})
+        for t in comp.tensors:
+            if (quantized and quantized_key_of(t.name, quantized)) or (pattern and not pattern.search(t.name)):
+                continue
+            infos.append(t)
+            rows.append({"component": comp.name, "name": t.name, "dtype": t.dtype, "shape": list(t.shape)})
+    for row, moments in zip(rows, tensor_moments(infos, loaders)):
+        row.update({k: _finite_or_text(v) for k, v in moments.row().items()})
+    return rows
+
+
+def _dequantizer(inputs: dict, info: dict, shape: tuple):
+    """A function giving the module's plain weight, as optimum-quanto dequantizes it."""
+    def dequantized():
+        from ckpttool.quantization import dequantize_module
+        from ckpttool.tensors import load_tensor, torch_dtype
+
+        return dequantize_module({k: load_tensor(v) for k, v in inputs.items()}, info["weights"], shape,
+                                 torch_dtype(info["dtype"]))
+    return dequantized
+
+
+def _finite_or_text(value):
+    """JSON has no NaN or Infinity: those become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def has_errors(report: dict) -> bool:

@@ -15,7 +15,7 @@ from ckpttool.keys import align
 from ckpttool.model import TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import load_model, model_tensors, select_component
-from ckpttool.quantization import infer_weight_shape
+from ckpttool.quantization import infer_weight_shape, module_inputs
 
 
 @dataclass
@@ -98,9 +98,7 @@ class Plan:
     def dequantize(self, modules: dict, shapes: dict | None = None):
         for module, info in modules.items():
             keys = {k: e for k, e in self.entries.items() if quanto.quantized_key_of(k, {module: info}) == module}
-            inputs = {k[len(module) + 1:]: e.source for k, e in keys.items()}
-            if f"{module}.bias" in self.entries:
-                inputs["bias"] = self.entries[f"{module}.bias"].source
+            inputs = {k: e.source for k, e in module_inputs(module, info, self.entries).items()}
             if any(v is None for v in inputs.values()):
                 raise CkptError("corrupt", f"{module}: cannot dequantize keys that were produced by this remap")
             sources = {k: e.source for k, e in self.entries.items() if e.source is not None}
