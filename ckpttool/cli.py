@@ -89,7 +89,10 @@ def main():
               help="With --tensors or --stats: only names matching REGEX (alone, it implies --tensors).")
 @click.option("--stats", is_flag=True, help="Per tensor min, max, mean, std, L2 norm and NaN/Inf/zero counts "
               "(reads every tensor's data; quanto weights dequantized first).")
-def inspect(path, as_json, list_tensors, tensor_filter, stats):
+@click.option("--modules", "modules", is_flag=True, help="The module tree from the keys: parameters, bytes and "
+              "dtypes per module; quantized, tied and missing-in-EMA modules marked.")
+@click.option("--depth", type=click.IntRange(min=1), help="With --modules: down to this depth (default: all).")
+def inspect(path, as_json, list_tensors, tensor_filter, stats, modules, depth):
     """What a checkpoint is: format, layout, step, components, tensors, dtypes, quantization, problems.
 
     Reads headers only, never tensor data (except with --stats). Exit 1 when it finds error-level problems."""
@@ -101,7 +104,10 @@ def inspect(path, as_json, list_tensors, tensor_filter, stats):
             re.compile(tensor_filter)
         except re.error as e:
             raise click.BadParameter(f"not a regular expression ({e})", param_hint="--filter") from None
-    report = run_inspect(path, tensor_filter, list_tensors or (bool(tensor_filter) and not stats), stats)
+    if depth is not None and not modules:
+        raise click.BadParameter("--depth goes with --modules", param_hint="--depth")
+    report = run_inspect(path, tensor_filter, list_tensors or (bool(tensor_filter) and not stats), stats, modules,
+                         depth)
     _show(report, as_json, "inspect_report")
     sys.exit(1 if has_errors(report) else 0)
 

@@ -66,6 +66,8 @@ def inspect_report(r: dict) -> str:
         out.append("Tensors:\n" + tabulate(rows, headers=("component", "name", "shape", "dtype", "bytes")))
     if "stats" in r:
         out.append(stats_table(r["stats"]))
+    if "modules" in r:
+        out.append(modules_table(r["modules"]))
     out.append(problems_table(r["problems"]))
     return "\n\n".join(out)
 
@@ -77,6 +79,30 @@ def _one_line(value) -> str:
 
 def _short(path: str) -> str:
     return os.path.basename(path.rstrip("/")) or path
+
+
+def modules_table(modules: list[dict]) -> str:
+    """The module tree, indented by depth, with its marks."""
+    many = len({m["component"] for m in modules}) > 1
+    rows = []
+    for m in modules:
+        marks = []
+        if m["quantized"]:
+            marks.append(f"quantized {m['quantized']}")
+        elif m["quantized_modules"]:
+            marks.append(f"{m['quantized_modules']} quantized modules")
+        marks += [f"tied: {t}" for t in m["tied"]]
+        if m["missing_in_ema"]:
+            marks.append(f"{m['missing_in_ema']} tensors missing in EMA")
+        name = "· " * (m["depth"] - 1) + m["module"].rpartition(".")[2]  # tabulate strips leading spaces
+        dtypes = ", ".join(f"{d} x{n}" for d, n in m["dtypes"].items())
+        rows.append(((m["component"],) if many else ()) + (
+            name, f"{m['parameters']:,}", human_bytes(m["bytes"]), dtypes, "; ".join(marks)))
+    if not rows:
+        return "Modules: none (no model tensors)"
+    headers = (("component",) if many else ()) + ("module", "parameters", "bytes", "dtypes", "")
+    return "Modules:\n" + tabulate(rows, headers=headers, disable_numparse=True,
+                                   maxcolwidths=[None] * (len(headers) - 1) + [60])
 
 
 def stats_table(stats: list[dict]) -> str:

@@ -52,9 +52,10 @@ def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: 
     return report
 
 
-def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = False, stats: bool = False) -> dict:
+def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = False, stats: bool = False,
+            modules: bool = False, depth: int | None = None) -> dict:
     """Report on `path`. A file too broken to read still gives a report: its problem, no components. `stats` reads
-    every tensor (of those `tensor_filter` matches) for tensor_stats."""
+    every tensor (of those `tensor_filter` matches) for tensor_stats; `modules` adds module_tree to `depth`."""
     try:
         ckpt = open_checkpoint(path)
     except CkptError as e:
@@ -63,7 +64,54 @@ def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = Fa
     report = summarize(ckpt, tensor_filter, list_tensors)
     if stats:
         report["stats"] = tensor_stats(ckpt, tensor_filter)
+    if modules:
+        report["modules"] = module_tree(ckpt, depth)
     return report
+
+
+def module_tree(ckpt: Checkpoint, depth: int | None = None) -> list[dict]:
+    """Each model component's modules (from its keys, ckpttool.modules) down to `depth` (None: all), in model order:
+    tensors, parameters, bytes and dtypes under each; which are optimum-quanto quantized (and how many below); keys
+    that share storage with another key (tied weights); and, when the checkpoint has an EMA, how many keys under
+    each module the EMA lacks (prefixes aligned as diff aligns them)."""
+    from ckpttool.keys import align
+    from ckpttool.modules import ancestors, module_of, tree
+
+    emas = [c for c in ckpt.components if c.role == "ema"]
+    rows = []
+    for index, comp in enumerate(model_components(ckpt)):
+        quantized = {m["module"]: m for m in (ckpt.quantization or {}).get("modules", [])
+                     if m["component"] == comp.name}
+        by_storage: dict[str, list[str]] = {}
+        for t in comp.tensors:
+            if t.storage_key is not None:
+                by_storage.setdefault(t.storage_key, []).append(t.name)
+        tied: dict[str, list[str]] = {}
+        for names in (n for n in by_storage.values() if len(n) > 1):
+            for name in names:
+                tied.setdefault(module_of(name, quantized), []).append(
+                    f"{name} = {', '.join(other for other in names if other != name)}")
+        missing: Counter = Counter()
+        ema = emas[0] if emas and index == 0 else None  # an EMA shadows the first (main) model
+        if ema is not None:
+            alignment = align([t.name for t in comp.tensors], [t.name for t in ema.tensors])
+            in_ema = set(alignment.b.values())
+            for raw, aligned in alignment.a.items():
+                if aligned not in in_ema:
+                    missing.update([""] + ancestors(module_of(raw, quantized)))
+        quantized_below: Counter = Counter()
+        for module in quantized:
+            quantized_below.update(ancestors(module))
+        for name, node in tree(comp.tensors, quantized).items():
+            if not name or (depth is not None and node.depth > depth):
+                continue
+            rows.append({"component": comp.name, "module": name, "depth": node.depth, "tensors": node.tensors,
+                         "parameters": node.parameters, "bytes": node.bytes,
+                         "dtypes": dict(sorted(node.dtypes.items())),
+                         "quantized": quantized[name]["weights"] if name in quantized else None,
+                         "quantized_modules": quantized_below[name], "tied": tied.get(name, []),
+                         "missing_in_ema": missing[name] if ema is not None else None})
+    return rows
 
 
 def tensor_stats(ckpt: Checkpoint, tensor_filter: str | None = None) -> list[dict]:
