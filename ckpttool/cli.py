@@ -304,3 +304,52 @@ def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_jso
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
         click.echo(f"wrote {dst} ({result['target']}: {', '.join(result['components'])}; {result['tensors']} tensors, "
                    f"{human_bytes(result['bytes'])}{check})")
+
+
+def _weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected numbers separated by commas, e.g. 1,1,2") from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", callback=_weights, metavar="W1,W2,...", help="One weight per checkpoint (normalized).")
+@click.option("--ema", type=float, metavar="DECAY", help="An EMA over the checkpoints in step order (e.g. 0.999).")
+@click.option("--component", default="model", show_default=True, help="Which part to average (model, ema, ...).")
+@click.option("--no-normalize", is_flag=True, help="Match raw keys (no module./_orig_mod. alignment).")
+@click.option("--to", type=click.Choice(["safetensors", "torch", "pt"]), help="Output format (default: DST suffix).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def average(paths, weights, ema, component, no_normalize, to, force, as_json):
+    """Average checkpoints of one model: SRC SRC... DST (uniform, --weights or --ema).
+
+    Streams tensor by tensor (float64 accumulation, rounded to each tensor's dtype); integer tensors are taken from the
+    newest input. Refuses checkpoints whose keys or shapes differ, as diff explains them."""
+    from ckpttool.operations.average import average as run_average
+
+    if len(paths) < 3:
+        raise click.UsageError("give at least two checkpoints and the output path: SRC SRC... DST")
+    *sources, dst = paths
+    for src in sources:
+        if not os.path.exists(src):
+            raise click.BadParameter(f"{src}: no such file or directory", param_hint="SRC")
+    result = run_average(sources, dst, weights=weights, ema=ema, component=component, normalize=not no_normalize,
+                         to=to, force=force)
+    if as_json:
+        _emit_json(result)
+        return
+    for rule in result["normalization"]:
+        click.echo(f"aligned keys: {rule}")
+    for s in result["sources"]:
+        click.echo(f"  {s['weight']:.6g}  {s['path']}" + (f" (step {s['step']})" if s["step"] is not None else ""))
+    if result["taken_from_newest"]:
+        click.echo(f"taken from the newest input ({result['newest']}), not averaged: "
+                   f"{', '.join(result['taken_from_newest'][:5])}"
+                   + (f" and {len(result['taken_from_newest']) - 5} more" if len(result["taken_from_newest"]) > 5
+                      else ""))
+    click.echo(f"wrote {dst} ({result['mode']} average of {len(result['sources'])} checkpoints, "
+               f"{result['averaged']} tensors averaged)")
