@@ -142,16 +142,55 @@ def workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-@contextmanager
-def progress(total_bytes: int, label: str):
-    """A click progress bar on a terminal (stderr), nothing when piped; yields an `advance(nbytes)` function."""
-    if total_bytes < (256 << 20) or not sys.stderr.isatty():
-        yield lambda n: None
-        return
+PROGRESS_MIN_BYTES = 256 << 20  # below this a command ends before a bar would tell anything
+_bar_active = False  # one bar at a time: an outer one (convert) covers the writes inside it
+
+
+def _terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _wants_progress() -> bool:
+    """A person is watching: stderr is a terminal, and the command was not asked for JSON."""
+    if not _terminal():
+        return False
     import click
 
-    with click.progressbar(length=total_bytes, label=label, file=sys.stderr) as bar:
-        yield bar.update
+    ctx = click.get_current_context(silent=True)
+    return not (ctx is not None and ctx.params.get("as_json"))
+
+
+@contextmanager
+def progress(total_bytes: int, label: str):
+    """A progress bar on stderr (bytes done and total, rate, ETA) while a person watches; nothing when piped, with
+    --json, for small jobs, or inside another bar. Yields an `advance(nbytes)` function."""
+    global _bar_active
+    if total_bytes < PROGRESS_MIN_BYTES or _bar_active or not _wants_progress():
+        yield lambda n: None
+        return
+    import time
+
+    import click
+
+    from ckpttool.render import human_bytes
+
+    start, done = time.monotonic(), 0
+
+    def status(_item):
+        rate = done / max(time.monotonic() - start, 1e-9)
+        return f"{human_bytes(done)} of {human_bytes(total_bytes)}, {human_bytes(rate)}/s"
+
+    _bar_active = True
+    try:
+        with click.progressbar(length=total_bytes, label=label, file=sys.stderr, show_eta=True, show_percent=True,
+                               item_show_func=status) as bar:
+            def advance(nbytes):
+                nonlocal done
+                done += nbytes
+                bar.update(nbytes, done)
+            yield advance
+    finally:
+        _bar_active = False
 
 
 def run_jobs(jobs, fn, total_bytes: int = 0, label: str = "hashing"):
@@ -166,7 +205,7 @@ def run_jobs(jobs, fn, total_bytes: int = 0, label: str = "hashing"):
 
 
 def _run_local(jobs, fn, total_bytes: int, label: str):
-    if len(jobs) == 1:  # one piece: no pool to start (a verify of an unchanged small file is mostly start-up)
+    if len(jobs) == 1 and total_bytes < PROGRESS_MIN_BYTES:  # no pool to start, no bar to show (start-up matters)
         return [fn(*jobs[0])]
     from concurrent.futures import ThreadPoolExecutor
 

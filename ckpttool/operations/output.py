@@ -59,11 +59,13 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
                   staged: bool = True):
     """Write (name, tensor) pairs, in `specs` order. `staged`: to a temporary sibling renamed into place (a caller
     that stages a whole folder itself passes False). A failed write removes what it wrote and raises OutputError."""
+    from ckpttool import hashing
     from ckpttool.formats import safetensors, torchfile
 
     tmp = atomic.make_staging_file(dst) if staged else dst
     writer = None
-    with atomic.guard(dst, sum(dtype_bytes(dtype, shape) for _, dtype, shape in specs)):
+    sizes = {name: dtype_bytes(dtype, shape) for name, dtype, shape in specs}
+    with atomic.guard(dst, sum(sizes.values())), hashing.progress(sum(sizes.values()), "writing") as advance:
         try:
             writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
                       else torchfile.Writer(tmp, specs, wrap))
@@ -72,6 +74,7 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
                     writer.write_raw(name, tensor.file, tensor.offset, tensor.length)
                 else:
                     writer.write(name, tensor)
+                advance(sizes.get(name, 0))
             writer.close()
             writer = None
             if staged:
