@@ -67,7 +67,11 @@ def write_synced(path: str, data) -> None:
 
 
 def write_text(path: str, text: str):
-    data = text.encode("utf-8")
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes):
+    """`data` at `path`, through a staging sibling renamed into place: never a partial file."""
     with guard(path, len(data)):
         tmp = make_staging_file(path)
         try:

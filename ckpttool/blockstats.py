@@ -164,15 +164,24 @@ class _Reader:
             os.close(fd)
 
 
-def _measure_spans(spans: list, atol: float, rtol: float) -> list:
+def _norm_only(x) -> Sums:
+    """The Sums of a block compared with itself: no difference, its sum of squares on both sides."""
+    import numpy as np
+
+    square = float(np.einsum("i,i->", x, x))
+    return Sums(a_sq=square, b_sq=square)
+
+
+def _measure_spans(spans: list, atol: float, rtol: float, norms: bool = False) -> list:
     """For each span (tensor A, [range in A's file, range in B's file]) of two tensors of one dtype: None when its
-    bytes are identical, else its Sums. One task reads many small tensors or one block of a big one."""
+    bytes are identical (with `norms`, their sums of squares alone), else its Sums. One task reads many small tensors
+    or one block of a big one."""
     reader, out = _Reader([r for _, ranges in spans for r in ranges]), []
     try:
         for info, (range_a, range_b) in spans:
             data_a, data_b = reader.read(*range_a, info), reader.read(*range_b, info)
             if data_a == data_b:
-                out.append(None)
+                out.append(_norm_only(_as_measured(data_a, info.dtype)) if norms else None)
             else:
                 out.append(block_sums(_as_measured(data_a, info.dtype), _as_measured(data_b, info.dtype), atol,
                                       rtol))
@@ -237,14 +246,14 @@ def _measured_in(tensor):
     return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" else torch.float32
 
 
-def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> Sums | None:
+def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float, norms: bool = False) -> Sums | None:
     """A pair read through torch (chunked, strided or numpy-less dtypes), measured block by block by the same code."""
     import torch
 
     from ckpttool.tensors import load_tensor
 
     ta, tb = load_tensor(a).reshape(-1).contiguous(), load_tensor(b).reshape(-1).contiguous()
-    if torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)) or torch.equal(ta, tb):
+    if (torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)) or torch.equal(ta, tb)) and not norms:
         return None
     wide = _measured_in(ta)
     total = Sums()
@@ -255,17 +264,24 @@ def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float) -> S
 
 
 def compare_pairs(pairs: list[tuple[TensorInfo, TensorInfo]], atol: float = 0.0, rtol: float = 0.0,
-                  label: str = "comparing") -> list[Sums | None]:
-    """For each (a, b) pair of same-shape, same-dtype tensors: None when their bytes are identical or their values
-    equal (-0.0 equals 0.0), else the Sums of their difference (a NaN on one side, or at different places, makes
-    them differ)."""
+                  label: str = "comparing", norms: bool = False) -> list[Sums | None]:
+    """For each (a, b) pair of same-shape, same-dtype tensors, the Sums of their difference; None when their bytes
+    are identical or their values equal (-0.0 equals 0.0; a NaN on one side, or at different places, makes them
+    differ). With `norms`, equal pairs get Sums too (their sums of squares, no difference: per-module relative
+    change needs the size of what did not change); `equal()` tells them apart."""
     direct = {i: (a, list(ranges)) for i, (a, b) in enumerate(pairs) if (ranges := _byte_ranges(a, b))}
     results: list[Sums | None] = [None] * len(pairs)
-    loaded = [(i, lambda a=a, b=b: _measure_loaded(a, b, atol, rtol), 2 * a.nbytes) for i, (a, b) in enumerate(pairs)
-              if i not in direct and a.numel]
-    _run(*_plan(direct), lambda task: _measure_spans(task, atol, rtol), results, loaded, label)
-    # bytes that differ only in ways torch.equal ignores (-0.0 against 0.0) are equal values
-    return [None if s is not None and s.max_abs == 0 and s.finite else s for s in results]
+    loaded = [(i, lambda a=a, b=b: _measure_loaded(a, b, atol, rtol, norms), 2 * a.nbytes)
+              for i, (a, b) in enumerate(pairs) if i not in direct and a.numel]
+    _run(*_plan(direct), lambda task: _measure_spans(task, atol, rtol, norms), results, loaded, label)
+    if norms:
+        return [s or Sums() for s in results]
+    return [None if equal(s) else s for s in results]
+
+
+def equal(sums: Sums | None) -> bool:
+    """Whether compare_pairs found a pair equal: identical bytes, or differences torch.equal ignores (-0.0)."""
+    return sums is None or (sums.max_abs == 0 and sums.finite)
 
 
 # --- one tensor's statistics (inspect --stats) ---

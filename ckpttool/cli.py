@@ -203,18 +203,30 @@ def prune(directory, keep, keep_every, dry_run, as_json):
 @click.option("--component", default="model", show_default=True,
               help="Which part to compare: model, ema, optimizer, model_1, unet, ...")
 @click.option("--no-normalize", is_flag=True, help="Compare raw keys (no prefix or wrapper rules).")
-@click.option("--values", is_flag=True, help="Also compare contents (hash first, then max/rel-L2/cosine).")
+@click.option("--values", is_flag=True, help="Also compare contents (max abs diff, rel-L2, cosine; per module).")
 @click.option("--atol", type=float, default=0.0, show_default=True, help="With --values: absolute tolerance.")
 @click.option("--rtol", type=float, default=0.0, show_default=True, help="With --values: relative tolerance.")
+@click.option("--module-depth", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --values: group the per-module change by this many name parts.")
+@click.option("--plot", "plot_path", metavar="FILE.png|FILE.html", type=click.Path(dir_okay=False),
+              help="With --values: draw the per-module relative change (needs the plot extra: ckpttool[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, as_json):
+def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, module_depth, plot_path, as_json):
     """Key, shape and dtype differences between checkpoints A and B (or A and --model). Exit 0 same, 1 different."""
-    from ckpttool.operations.diff import diff as run_diff
+    from ckpttool.operations.diff import diff as run_diff, plot
 
     if bool(b) == bool(model_spec):
         raise click.UsageError("give either a second checkpoint B or --model MODULE:CALLABLE")
+    if plot_path:
+        from ckpttool import charts
+
+        if not values or model_spec:
+            raise click.UsageError("--plot draws what --values measures: give --values and a checkpoint B")
+        charts.check(plot_path)
     report = run_diff(a, b, model_spec=model_spec, component=component, normalize=not no_normalize, values=values,
-                      atol=atol, rtol=rtol)
+                      atol=atol, rtol=rtol, module_depth=module_depth)
+    if plot_path and report["values"] is not None:
+        plot(report, plot_path)
     _show(report, as_json, "diff_report")
     sys.exit(0 if report["same"] else 1)
 
@@ -353,3 +365,33 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
                       else ""))
     click.echo(f"wrote {dst} ({result['mode']} average of {len(result['sources'])} checkpoints, "
                f"{result['averaged']} tensors averaged)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--html", "html_path", metavar="FILE.html", type=click.Path(dir_okay=False),
+              help="Write one self-contained page with a chart (needs the plot extra: ckpttool[plot]).")
+@click.option("--for-resume", is_flag=True, help="Judge checkpoints as `latest --for-resume` does.")
+@click.option("--module-depth", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Group the per-module change by this many name parts.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def report(run_dir, html_path, for_resume, module_depth, as_json):
+    """A whole run: every checkpoint's step, trainer, verdict and size, which one latest picks and why the others
+    were skipped, and the per-module change between consecutive checkpoints."""
+    from ckpttool.operations.report import report as run_report, write_html
+
+    if html_path:
+        from ckpttool import charts
+
+        charts.check(html_path, (".html", ".htm"))
+    result = run_report(run_dir, for_resume=for_resume, module_depth=module_depth)
+    if html_path:
+        write_html(result, html_path)
+    if as_json:
+        _emit_json(result)
+        return
+    from ckpttool import render
+
+    click.echo(render.run_report(result))
+    if html_path:
+        click.echo(f"wrote {html_path}")

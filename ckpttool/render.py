@@ -121,6 +121,23 @@ def stats_table(stats: list[dict]) -> str:
         "Statistics: no tensor matches"
 
 
+def run_report(r: dict) -> str:
+    rows = [(c["name"], "-" if c["step"] is None else c["step"], c.get("trainer") or "-",
+             "OK" if c["ok"] else "FAILED", human_bytes(c["size"]), c["why"]) for c in r["checkpoints"]]
+    out = [tabulate(rows, headers=("checkpoint", "step", "trainer", "verify", "size", "latest"),
+                    maxcolwidths=[40, None, None, None, None, 70])]
+    for c in r["changes"]:
+        if c["modules"]:
+            top = sorted((m for m in c["modules"] if isinstance(m["rel_change"], float)),
+                         key=lambda m: -m["rel_change"])[:3]
+            out.append(f"{c['from_step']} -> {c['to_step']}: most changed " + ", ".join(
+                f"{m['module']} {m['rel_change']:.3g}" for m in top))
+        else:
+            out.append(f"{c['from_step']} -> {c['to_step']}: {c.get('note')}")
+    out.append(f"latest picks: {r['latest'] or 'nothing (no checkpoint verifies)'}")
+    return "\n\n".join(out)
+
+
 def verify_report(r: dict) -> str:
     rows = [(c["check"], c["status"].upper(), c["detail"]) for c in r["checks"]]
     head = f"{r['path']} ({r['format']}{', ' + r['layout'] if r.get('layout') else ''}" \

@@ -4,12 +4,13 @@ checkpoint and a model, seeing through wrapper prefixes and quantized layouts.""
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 
 from ckpttool.errors import UsageError
 from ckpttool.formats import open_checkpoint
-from ckpttool.keys import KeyReport, compare
+from ckpttool.keys import KeyReport, align, compare
 from ckpttool.model import Component, TensorInfo
 
 
@@ -86,23 +87,73 @@ def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: s
     return problems
 
 
-def compare_values(common, atol: float, rtol: float) -> dict:
-    """Equal tensors (identical bytes cost one read and a compare) and, for the rest, max abs diff, relative L2 and
-    cosine, streamed block by block on every core (ckpttool.blockstats)."""
-    from ckpttool.blockstats import compare_pairs
+def in_model_order(report: KeyReport, tensors_a, tensors_b, normalize: bool = True) -> list:
+    """The common (key, a, b) entries in A's own key order (compare sorts them): modules then come in model order,
+    as far as the file keeps it (a .pt keeps the state dict's order; safetensors sorts its keys)."""
+    aligned = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize).a
+    rank = {key: i for i, key in enumerate(aligned.values())}
+    return sorted(report.common, key=lambda entry: rank.get(entry[0], len(rank)))
 
-    equal, close, different = 0, [], []
-    for (key, _, _), sums in zip(common, compare_pairs([(a, b) for _, a, b in common], atol, rtol)):
-        if sums is None:
-            equal += 1
+
+def compare_values(common, atol: float, rtol: float, module_depth: int = 2) -> dict:
+    """Equal tensors (identical bytes cost one read and a compare) and, for the rest, max abs diff, relative L2 and
+    cosine, streamed block by block on every core (ckpttool.blockstats); and the relative change of each module
+    down to `module_depth`."""
+    from ckpttool.blockstats import compare_pairs, equal
+
+    sums = compare_pairs([(a, b) for _, a, b in common], atol, rtol, norms=True)
+    same, close, different = 0, [], []
+    for (key, _, _), s in zip(common, sums):
+        if equal(s):
+            same += 1
         else:
-            within = sums.finite and not sums.beyond_tolerance
-            (close if within else different).append({"key": key, **sums.row()})
-    return {"equal": equal, "close": close, "different": different}
+            within = s.finite and not s.beyond_tolerance
+            (close if within else different).append({"key": key, **s.row()})
+    return {"equal": same, "close": close, "different": different,
+            "modules": module_changes([key for key, _, _ in common], sums, module_depth)}
+
+
+def module_changes(keys: list[str], sums: list, depth: int) -> list[dict]:
+    """Per module (keys grouped by their first `depth` name parts, in model order): tensors, how many changed, and
+    the relative change |A - B| / |B| over all of them (float, or "inf"/"nan" text where B is zero or not finite)."""
+    from ckpttool.blockstats import equal
+    from ckpttool.modules import module_of
+
+    groups: dict[str, list] = {}
+    for key, s in zip(keys, sums):
+        module = ".".join(module_of(key).split(".")[:depth]) or "(top level)"
+        groups.setdefault(module, []).append(s)
+    rows = []
+    for module, group in groups.items():
+        diff_sq, b_sq = sum(s.diff_sq for s in group), sum(s.b_sq for s in group)
+        change = math.sqrt(diff_sq) / math.sqrt(b_sq) if b_sq else (0.0 if not diff_sq else math.inf)
+        rows.append({"module": module, "tensors": len(group), "changed": sum(not equal(s) for s in group),
+                     "rel_change": change if math.isfinite(change) else ("inf" if change > 0 else "nan")})
+    return rows
+
+
+def plot(report: dict, path: str):
+    """diff --plot: the per-module relative change as a PNG, or an HTML page with its tables."""
+    from ckpttool import charts
+
+    modules = report["values"]["modules"]
+    title = f"relative change per module: {os.path.basename(report['a'])} against {os.path.basename(report['b'])}"
+    fig, _ = charts.module_change_chart(modules, title)
+    rows = [[m["module"], m["tensors"], m["changed"], _short(m["rel_change"])] for m in modules]
+    tensors = [[d["key"], _short(d["max_abs"]), _short(d["rel_l2"]), f"{d['cosine']:.6f}"]
+               for d in report["values"]["different"] + report["values"]["close"]]
+    charts.write(path, fig, title, [
+        "<h2>Modules</h2>" + charts.table(["module", "tensors", "changed", "relative change"], rows),
+        "<h2>Changed tensors</h2>" + charts.table(["tensor", "max abs diff", "relative L2", "cosine"], tensors)])
+
+
+def _short(value) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
 
 
 def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
-         normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0) -> dict:
+         normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
+         module_depth: int = 2) -> dict:
     a_ckpt = open_checkpoint(a_path)
     a_comp = select_component(a_ckpt, component, a_path)
     if model_spec:
@@ -115,7 +166,8 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
     key_problems = bool(problems)
     value_report = None
     if values and not model_spec:
-        value_report = compare_values(report.common, atol, rtol)
+        value_report = compare_values(in_model_order(report, a_comp.tensors, b_tensors, normalize), atol, rtol,
+                                      module_depth)
         if value_report["different"]:
             problems.append({"code": "value_mismatch", "severity": "error",
                              "message": f"{len(value_report['different'])} tensors differ in content"})
