@@ -63,6 +63,12 @@ demo: $(STAMP)
 	$(BIN)/ckpttool diff demo-run/fixtures/torch/module_prefix.pt demo-run/fixtures/safetensors/model.safetensors
 	$(BIN)/ckpttool remap demo-run/fixtures/quanto/qint8/model.safetensors demo-run/work/plain.safetensors --dequantize
 	$(BIN)/ckpttool diff demo-run/fixtures/quanto/qint8/model.safetensors demo-run/work/plain.safetensors || true
+	@echo "== inside the weights: statistics per tensor (quanto weights dequantized), the module tree"
+	$(BIN)/ckpttool inspect --stats --filter 'linear' demo-run/fixtures/quanto/qint8/model.safetensors
+	$(BIN)/ckpttool inspect --modules demo-run/fixtures/torch/tied.pt
+	@echo "== average the run's last two checkpoints; a report of the whole run"
+	$(BIN)/ckpttool average demo-run/train/checkpoint-20 demo-run/train/checkpoint-30 demo-run/work/averaged.safetensors
+	$(BIN)/ckpttool report demo-run/train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
