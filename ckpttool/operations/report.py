@@ -3,6 +3,7 @@ picks and why the newer ones were skipped, and how much each module changed betw
 
 from __future__ import annotations
 
+import html
 import os
 
 from ckpttool.errors import CkptError
@@ -67,13 +68,13 @@ def _change(older: dict, newer: dict, depth: int) -> dict:
 
 def write_html(result: dict, path: str):
     """One self-contained page: the checkpoints table, the heat chart of per-module change, its numbers."""
-    from ckpttool import charts
+    from ckpttool import atomic, charts
     from ckpttool.render import human_bytes
 
     title = f"ckpttool report: {result['run']}"
     rows = [[c["name"], "-" if c["step"] is None else c["step"], c.get("trainer") or "-",
              "OK" if c["ok"] else "FAILED", human_bytes(c["size"]), c["why"]] for c in result["checkpoints"]]
-    parts = [f"<p>latest picks: <b>{charts.html.escape(result['latest'] or 'nothing (no checkpoint verifies)')}</b>"
+    parts = [f"<p>latest picks: <b>{html.escape(result['latest'] or 'nothing (no checkpoint verifies)')}</b>"
              "</p>", "<h2>Checkpoints (newest first)</h2>"
              + charts.table(["checkpoint", "step", "trainer", "verify", "size", "latest"], rows)]
     changes = [c for c in result["changes"] if c["modules"]]
@@ -90,8 +91,6 @@ def write_html(result: dict, path: str):
         parts.append(charts.table(["module"] + labels, numbers))
     for c in result["changes"]:
         if c.get("note"):
-            parts.append(f"<p>{charts.html.escape(c['from'])} → {charts.html.escape(c['to'])}: "
-                         f"{charts.html.escape(c['note'])}</p>")
-    from ckpttool import atomic
-
+            parts.append(f"<p>{html.escape(c['from'])} → {html.escape(c['to'])}: "
+                         f"{html.escape(c['note'])}</p>")
     atomic.write_text(path, charts.page(title, parts))
