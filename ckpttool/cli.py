@@ -206,12 +206,13 @@ def prune(directory, keep, keep_every, dry_run, as_json):
 @click.option("--values", is_flag=True, help="Also compare contents (max abs diff, rel-L2, cosine; per module).")
 @click.option("--atol", type=float, default=0.0, show_default=True, help="With --values: absolute tolerance.")
 @click.option("--rtol", type=float, default=0.0, show_default=True, help="With --values: relative tolerance.")
+@click.option("--by-module", is_flag=True, help="With --values: also the relative change of each module.")
 @click.option("--module-depth", type=click.IntRange(min=1), default=2, show_default=True,
-              help="With --values: group the per-module change by this many name parts.")
+              help="With --by-module or --plot: group keys into modules by this many name parts.")
 @click.option("--plot", "plot_path", metavar="FILE.png|FILE.html", type=click.Path(dir_okay=False),
               help="With --values: draw the per-module relative change (needs the plot extra: ckpttool[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, module_depth, plot_path, as_json):
+def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, by_module, module_depth, plot_path, as_json):
     """Key, shape and dtype differences between checkpoints A and B (or A and --model). Exit 0 same, 1 different."""
     from ckpttool.operations.diff import diff as run_diff, plot
 
@@ -224,7 +225,7 @@ def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, module_d
             raise click.UsageError("--plot draws what --values measures: give --values and a checkpoint B")
         charts.check(plot_path)
     report = run_diff(a, b, model_spec=model_spec, component=component, normalize=not no_normalize, values=values,
-                      atol=atol, rtol=rtol, module_depth=module_depth)
+                      atol=atol, rtol=rtol, module_depth=module_depth if by_module or plot_path else None)
     if plot_path and report["values"] is not None:
         plot(report, plot_path)
     _show(report, as_json, "diff_report")

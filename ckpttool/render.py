@@ -182,6 +182,11 @@ def diff_report(r: dict) -> str:
         if rows:
             lines.append(tabulate(rows, headers=("key", "max abs diff", "rel L2", "cosine")))
         out.append("\n".join(lines))
+        if v.get("modules"):
+            rows = [(m["module"], m["tensors"], m["changed"], m["rel_change"] if isinstance(m["rel_change"], str)
+                     else f"{m['rel_change']:.3g}") for m in v["modules"]]
+            out.append("Change per module (|A - B| / |B|):\n" + tabulate(
+                rows, headers=("module", "tensors", "changed", "relative change"), disable_numparse=True))
     if r["same"]:
         out.append(f"SAME: {r['compared']} tensors match" + (" (after normalization)" if r["normalization"] else ""))
     else:

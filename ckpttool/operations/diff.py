@@ -95,13 +95,14 @@ def in_model_order(report: KeyReport, tensors_a, tensors_b, normalize: bool = Tr
     return sorted(report.common, key=lambda entry: rank.get(entry[0], len(rank)))
 
 
-def compare_values(common, atol: float, rtol: float, module_depth: int = 2) -> dict:
+def compare_values(common, atol: float, rtol: float, module_depth: int | None = None) -> dict:
     """Equal tensors (identical bytes cost one read and a compare) and, for the rest, max abs diff, relative L2 and
     cosine, streamed block by block on every core (ckpttool.blockstats); and the relative change of each module
-    down to `module_depth`."""
+    down to `module_depth`, when given (it costs a pass over equal tensors too: their norms count)."""
     from ckpttool.blockstats import compare_pairs, equal
 
-    sums = compare_pairs([(a, b) for _, a, b in common], atol, rtol, norms=True)
+    by_module = module_depth is not None
+    sums = compare_pairs([(a, b) for _, a, b in common], atol, rtol, norms=by_module)
     same, close, different = 0, [], []
     for (key, _, _), s in zip(common, sums):
         if equal(s):
@@ -110,7 +111,7 @@ def compare_values(common, atol: float, rtol: float, module_depth: int = 2) -> d
             within = s.finite and not s.beyond_tolerance
             (close if within else different).append({"key": key, **s.row()})
     return {"equal": same, "close": close, "different": different,
-            "modules": module_changes([key for key, _, _ in common], sums, module_depth)}
+            "modules": module_changes([key for key, _, _ in common], sums, module_depth) if by_module else None}
 
 
 def module_changes(keys: list[str], sums: list, depth: int) -> list[dict]:
@@ -153,7 +154,7 @@ def _short(value) -> str:
 
 def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
          normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
-         module_depth: int = 2) -> dict:
+         module_depth: int | None = None) -> dict:
     a_ckpt = open_checkpoint(a_path)
     a_comp = select_component(a_ckpt, component, a_path)
     if model_spec:
