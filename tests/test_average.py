@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckpttool.cli import main
-from ckpttool.errors import CkptError
+from ckpttool.errors import CkptError, UsageError
 from ckpttool.operations.average import average, ema_weights
 
 
@@ -126,3 +126,10 @@ def test_cli(tmp_path):
     assert runner.invoke(main, ["average", a, out]).exit_code == 2
     assert runner.invoke(main, ["average", a, b, out, "--force", "--weights", "1"]).exit_code == 2
     assert runner.invoke(main, ["average", a, b, out, "--force", "--ema", "0.9"]).exit_code == 2  # no steps
+
+
+def test_quantized_checkpoints_are_refused(tmp_path, corpus):
+    q = corpus["quanto_qint8"]
+    with pytest.raises(UsageError) as e:
+        average([q, q], str(tmp_path / "out.safetensors"))
+    assert "--dequantize" in str(e.value) and not (tmp_path / "out.safetensors").exists()

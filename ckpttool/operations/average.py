@@ -58,6 +58,11 @@ def average(sources: list[str], dst: str, *, weights: list[float] | None = None,
         output.check_destination(src, dst, force)
     ckpts = [open_checkpoint(src) for src in sources]
     comps = [select_component(ckpt, component, src) for ckpt, src in zip(ckpts, sources)]
+    for ckpt, comp, src in zip(ckpts, comps, sources):
+        quantized = [m["module"] for m in (ckpt.quantization or {}).get("modules", []) if m["component"] == comp.name]
+        if quantized:  # int8 data would be taken from the newest and the scales averaged: a wrong weight
+            raise UsageError(f"{src}: {len(quantized)} modules are optimum-quanto quantized ({quantized[0]}, ...); "
+                             f"average plain weights: `ckpttool remap {src} plain.safetensors --dequantize` first")
     found_steps = [steps.global_step(ckpt) for ckpt in ckpts]
     order, ordered_weights, mode = plan_weights(sources, found_steps, weights, ema)
     known = all(s is not None for s in found_steps)
