@@ -356,12 +356,38 @@ def block_moments(x) -> Moments:
 
 
 def _moments_of_spans(spans: list) -> list:
-    """Moments of each (tensor, [(file, offset, length)]) span; many small tensors or one block of a big one."""
+    """Moments of each (tensor, [(file, offset, length)]) span: one block of a big tensor, or many small tensors at
+    once (segment reductions over their concatenation: a few numpy calls per batch, not per tensor)."""
     reader = _Reader([r for _, (r,) in spans])
     try:
-        return [block_moments(_as_measured(reader.read(*r, info), info.dtype)) for info, (r,) in spans]
+        values = [_as_measured(reader.read(*r, info), info.dtype) for info, (r,) in spans]
     finally:
         reader.close()
+    if len(values) == 1:
+        return [block_moments(values[0])]
+    return _segment_moments(values)
+
+
+def _segment_moments(arrays: list) -> list[Moments]:
+    """block_moments of each (non-empty) array, computed over their concatenation in float64."""
+    import numpy as np
+
+    sizes = np.array([len(a) for a in arrays])
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    joined = np.concatenate([a.astype(np.float64, copy=False) for a in arrays])
+    with np.errstate(all="ignore"):  # Inf - Inf is NaN here as in torch, without numpy's warning
+        means = np.add.reduceat(joined, starts) / sizes
+        centered = joined - np.repeat(means, sizes)
+        m2 = np.add.reduceat(centered * centered, starts)
+        sum_sq = np.add.reduceat(joined * joined, starts)
+        lows, highs = np.minimum.reduceat(joined, starts), np.maximum.reduceat(joined, starts)
+        zeros = np.add.reduceat((joined == 0).astype(np.int64), starts)
+        nans = np.add.reduceat(np.isnan(joined).astype(np.int64), starts)
+        infs = np.add.reduceat(np.isinf(joined).astype(np.int64), starts)
+    return [Moments(count=int(n), minimum=float(lo), maximum=float(hi), mean=float(mean), m2=float(dev),
+                    sum_sq=float(sq), nan=int(nan), inf=int(inf), zeros=int(zero))
+            for n, lo, hi, mean, dev, sq, nan, inf, zero in zip(sizes, lows, highs, means, m2, sum_sq, nans, infs,
+                                                                 zeros)]
 
 
 def _moments_loaded(tensor) -> Moments:
