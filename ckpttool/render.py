@@ -146,8 +146,8 @@ def verify_report(r: dict) -> str:
     table = tabulate(rows, headers=("check", "result", "detail"), maxcolwidths=[None, None, 90])
     verdict = "OK: verified" if r["ok"] else "FAILED"
     if r.get("recalled"):
-        verdict += (" (recalled: no file changed since an earlier verify with these options, and every byte was "
-                    "hashed again against the manifest)")
+        verdict += (" (recalled: every byte, hashed again, matches the manifest, and its folders hold the same "
+                    "names as when this report was made)")
     return "\n\n".join([head, table, problems_table(r["problems"]), verdict])
 
 

@@ -1,9 +1,11 @@
-"""verify recalls a clean report of unchanged files (ckpttool.operations.verify_cache) and never a stale one."""
+"""verify recalls a clean report while names and bytes are unchanged (ckpttool.operations.verify_cache), manifest
+seeds it, and a recalled report is never a stale one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,13 +14,14 @@ from click.testing import CliRunner
 from ckpttool.cli import main
 from ckpttool.operations import manifest, verify as verify_module, verify_cache
 from ckpttool.operations.verify import verify
+from tests.helpers import copy, flip_byte
+from tests.test_trainers import HEALTHY as TRAINER_RUNS, run_dir
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     monkeypatch.setenv("CKPTTOOL_CACHE_DIR", str(folder))
-    monkeypatch.setattr(verify_cache, "RACY_SECONDS", 0.0)  # the files were written a moment ago
     return folder
 
 
@@ -27,7 +30,6 @@ def checkpoint(tmp_path):
     path = tmp_path / "run" / "model.pt"
     path.parent.mkdir()
     torch.save({"w": torch.randn(64, 64), "b": torch.zeros(64)}, path)
-    manifest.write(str(path))
     return str(path)
 
 
@@ -45,78 +47,152 @@ def full_runs(monkeypatch):
     return calls
 
 
-def test_unchanged_checkpoint_is_recalled_without_a_parse(cache, checkpoint, full_runs):
+def _seeded_equals_full(path, full_runs):
+    """After `manifest`, verify (with and without --for-resume) recalls without a parse exactly when a full verify is
+    clean, and then gives the full verify's report."""
+    manifest.write(path)
+    for for_resume in (False, True):
+        before = len(full_runs)
+        recalled = verify(path, for_resume=for_resume)
+        full = verify(path, for_resume=for_resume, recall=False)
+        clean = full["ok"] and not full["problems"]
+        assert recalled.pop("recalled", False) is clean, (for_resume, full["problems"])
+        assert recalled == full
+        assert len(full_runs) == before + 1 + (not clean)  # the recall parsed nothing
+
+
+LAYOUTS = ["safetensors", "torch_state_dict", "torch_training", "torch_legacy", "torch_cuda", "torch_tied", "sharded",
+           "sharded_bin", "accelerate", "accelerate_bin", "diffusers", "kohya_state", "simpletuner", "dcp", "family"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_manifest_seeds_the_report_a_full_verify_gives(cache, corpus, tmp_path, full_runs, name):
+    folder = copy(os.path.dirname(corpus[name]), str(tmp_path))
+    path = os.path.join(folder, os.path.basename(corpus[name]))
+    _seeded_equals_full(path, full_runs)
+    assert verify(path)["recalled"]  # every healthy layout verifies clean
+
+
+@pytest.mark.parametrize("key,name", [(k, n) for k, n, _, _ in TRAINER_RUNS[::2]],
+                         ids=[f"{k}/{n}" for k, n, _, _ in TRAINER_RUNS[::2]])
+def test_manifest_seeds_real_trainer_runs(cache, runs, tmp_path, full_runs, key, name):
+    """Real runs: the seeded report needs the run's other saves (step judging), which stay beside it."""
+    folder = copy(run_dir(runs, key), str(tmp_path))
+    path = os.path.join(folder, name)
+    _seeded_equals_full(path, full_runs)
+    assert verify(path, for_resume=True)["recalled"]  # every real healthy save is clean for a resume
+
+
+def test_first_verify_after_manifest_is_a_recall(cache, checkpoint, full_runs):
+    manifest.write(checkpoint)
+    report = verify(checkpoint, require_manifest=True)  # --require-manifest shares the entry
+    assert report["recalled"] and report["ok"] and full_runs == []
+    kept = verify_cache._entry_path(checkpoint, None, {"expect_step": None, "for_resume": False, "finite": False})
+    assert [str(e) for e in cache.iterdir()] == [kept]  # for a resume, weights alone are refused: not clean, not kept
+
+
+def test_a_full_verify_is_remembered(cache, checkpoint, full_runs):
+    manifest.write(checkpoint)
+    shutil.rmtree(cache)
     first = verify(checkpoint)
     second = verify(checkpoint)
     assert first["ok"] and len(full_runs) == 1
     assert second.pop("recalled") is True and second == first
-    assert len(list(cache.iterdir())) == 1
 
 
-def test_bit_rot_that_keeps_the_identity_is_still_caught(cache, checkpoint, full_runs):
-    verify(checkpoint)
-    data = bytearray(open(checkpoint, "rb").read())
-    data[-200] ^= 0xFF  # inside the zip directory: the bytes differ, the hash says so
-    with open(checkpoint, "wb") as f:
-        f.write(data)
-    (entry,) = cache.iterdir()
-    doc = json.loads(entry.read_text())
-    for path in doc["identity"]:  # as if the flip had left size, times and inode alone
-        doc["identity"][path] = verify_cache._identity(path)
-    entry.write_text(json.dumps(doc))
+def test_bit_rot_is_caught(cache, checkpoint, full_runs):
+    manifest.write(checkpoint)
+    flip_byte(checkpoint, os.path.getsize(checkpoint) - 200)  # inside the zip directory: no CRC covers it
     report = verify(checkpoint)
-    assert "recalled" not in report and not report["ok"] and len(full_runs) == 2
+    assert "recalled" not in report and not report["ok"] and len(full_runs) == 1
     assert "checksum_mismatch" in {p["code"] for p in report["problems"]}
 
 
-@pytest.mark.parametrize("change", ["touch", "sibling", "manifest"])
-def test_any_change_to_what_verify_read_means_a_full_verify(cache, checkpoint, full_runs, change):
-    verify(checkpoint)
-    if change == "touch":
-        os.utime(checkpoint, ns=(1, 1))
-    elif change == "sibling":  # a new file beside it could change which trainer or family it belongs to
-        open(os.path.join(os.path.dirname(checkpoint), "opt.pt"), "wb").close()
-    else:
-        manifest.write(checkpoint, force=True)
+@pytest.mark.parametrize("change", ["sibling", "removed", "subfolder", "manifest"])
+def test_a_changed_name_or_manifest_means_a_full_verify(cache, checkpoint, full_runs, change):
+    folder = os.path.dirname(checkpoint)
+    other = os.path.join(folder, "opt.pt")
+    open(other, "wb").close()
+    manifest.write(checkpoint)
+    if change == "sibling":  # a new file beside it could change which trainer or family it belongs to
+        open(os.path.join(folder, "ema.pt"), "wb").close()
+    elif change == "removed":
+        os.remove(other)
+    elif change == "subfolder":  # a file turned folder: kohya's `-state` dirs, diffusers' checkpoint-N
+        os.remove(other)
+        os.mkdir(other)
+    else:  # the same digests, other bytes: it is not the manifest the report was checked against
+        target = checkpoint + manifest.MANIFEST_SUFFIX
+        doc = json.load(open(target))
+        doc["note"] = "edited"
+        json.dump(doc, open(target, "w"))
     assert "recalled" not in verify(checkpoint)
-    assert len(full_runs) == 2
+    assert len(full_runs) == 1
 
 
-def test_other_options_are_kept_apart(cache, checkpoint, full_runs):
-    verify(checkpoint)
-    assert "recalled" not in verify(checkpoint, expect_step=None, finite=True)
-    assert verify(checkpoint, finite=True)["recalled"] and verify(checkpoint)["recalled"]
-    assert len(full_runs) == 2
+def test_a_touch_is_no_change(cache, checkpoint, full_runs):
+    """Nothing trusts a timestamp: the same names and bytes recall, whatever the clock says."""
+    manifest.write(checkpoint)
+    os.utime(checkpoint, ns=(1, 1))
+    assert verify(checkpoint)["recalled"] and full_runs == []
 
 
-def test_only_clean_reports_checked_against_a_manifest_are_kept(cache, tmp_path, checkpoint):
-    bare = tmp_path / "bare.pt"
-    torch.save({"w": torch.randn(4)}, bare)
-    verify(str(bare))  # no manifest: nothing to re-hash against
-    verify(checkpoint, expect_step=5)  # fails: no step recorded
+def test_a_name_that_comes_while_verify_reads_is_not_remembered(cache, checkpoint, monkeypatch):
+    manifest.write(checkpoint)
+    shutil.rmtree(cache)
+    real = verify_module.check_steps
+
+    def sibling_appears(*args, **kwargs):
+        open(os.path.join(os.path.dirname(checkpoint), "opt.pt"), "wb").close()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "check_steps", sibling_appears)
+    assert verify(checkpoint)["ok"]
     assert not cache.exists() or not list(cache.iterdir())
 
 
-def test_recently_changed_files_are_not_kept(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.setenv("CKPTTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    verify(checkpoint)  # written this instant: a second write in the same tick would keep its identity
-    assert not (tmp_path / "cache").exists()
+def test_other_options_are_kept_apart(cache, checkpoint, full_runs):
+    manifest.write(checkpoint)
+    assert "recalled" not in verify(checkpoint, finite=True)
+    assert verify(checkpoint, finite=True)["recalled"] and verify(checkpoint)["recalled"]
+    assert "recalled" not in verify(checkpoint, expect_step=5)  # fails (no step recorded): not kept either
+    assert "recalled" not in verify(checkpoint, expect_step=5)
+    assert len(full_runs) == 3
+
+
+def test_only_clean_reports_checked_against_a_manifest_are_kept(cache, tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save({"w": torch.randn(4)}, bare)
+    verify(str(bare))  # no manifest: nothing to re-hash against
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_oldest_entries_are_evicted(cache, checkpoint, monkeypatch, full_runs):
+    monkeypatch.setattr(verify_cache, "MAX_ENTRIES", 1)
+    manifest.write(checkpoint)
+    (seeded,) = cache.iterdir()
+    os.utime(seeded, ns=(1, 1))  # older than the next by more than the clock's tick
+    verify(checkpoint, finite=True)
+    assert len(list(cache.iterdir())) == 1
+    assert verify(checkpoint, finite=True)["recalled"] and "recalled" not in verify(checkpoint)
+    assert len(full_runs) == 2
 
 
 def test_unwritable_cache_folder_is_no_error(tmp_path, checkpoint, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("CKPTTOOL_CACHE_DIR", str(blocker / "verify"))
-    monkeypatch.setattr(verify_cache, "RACY_SECONDS", 0.0)
+    manifest.write(checkpoint)
     assert verify(checkpoint)["ok"] and verify(checkpoint)["ok"]
 
 
 def test_cli_recalls_and_says_so(cache, checkpoint):
     runner = CliRunner()
-    first = runner.invoke(main, ["verify", "--json", checkpoint])
-    second = runner.invoke(main, ["verify", "--json", checkpoint])
-    assert first.exit_code == second.exit_code == 0
-    recalled = json.loads(second.stdout)
-    assert recalled.pop("recalled") is True and recalled == json.loads(first.stdout)
+    assert runner.invoke(main, ["manifest", checkpoint]).exit_code == 0
+    recalled = runner.invoke(main, ["verify", "--json", checkpoint])
+    full = runner.invoke(main, ["verify", "--json", checkpoint], env={"CKPTTOOL_CACHE_DIR": ""})
+    assert recalled.exit_code == full.exit_code == 0
+    report = json.loads(recalled.stdout)
+    assert report.pop("recalled") is True and report == json.loads(full.stdout)
     text = runner.invoke(main, ["verify", checkpoint]).stdout
     assert "recalled" in text and "OK: verified" in text

@@ -11,6 +11,8 @@ import datetime
 import json
 import os
 
+import xxhash
+
 from ckpttool import __version__, atomic, distributed, hashing, steps
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import open_checkpoint
@@ -133,6 +135,9 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     """Write the manifest for `path`; an existing one is replaced only with `force`. `staged_dir`: `path` is a folder
     still being staged by its writer (a trainer's `checkpoint-N.tmp`), so the manifest is written straight into it
     under its own name: the folder's rename publishes it, and no temporary name of its own ever appears."""
+    from ckpttool.operations import verify_cache
+
+    before = verify_cache.listings(path)  # the folders verify looks in, listed before anything is read
     ckpt = open_checkpoint(path)
     target = manifest_path(ckpt)
     if os.path.exists(target) and not force:
@@ -150,17 +155,35 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
             atomic.write_synced(target, data)
     else:
         atomic.write_text(target, text)
+        _remember_reports(path, ckpt, target, doc, text.encode("utf-8"), before)
     return result
 
 
-def load(target: str) -> dict:
+def _remember_reports(path: str, ckpt: Checkpoint, target: str, doc: dict, data: bytes, before: dict | None):
+    """Every byte was just parsed, CRC-checked and hashed: hand verify's cache the reports (without and with
+    --for-resume) that a verify gives while the bytes match, so the first verify after this one is a hash."""
+    from ckpttool.operations import verify, verify_cache
+
+    if before is None:
+        return
+    folder, name = os.path.split(target)
+    with_manifest = {f: sorted({*names, name}) if f == folder else names for f, names in before.items()}
+    for for_resume in (False, True):
+        report = verify.report_while_matching(path, ckpt, target, doc, for_resume=for_resume)
+        verify_cache.remember(report, ckpt, (target, doc, xxhash.xxh3_128_hexdigest(data)), path, with_manifest,
+                              expect_step=None, for_resume=for_resume, finite=False)
+
+
+def load(target: str) -> tuple[dict, str]:
+    """The manifest document at `target`, and the xxh3-128 of the bytes it was read from."""
     try:
-        with open(target, encoding="utf-8") as f:
-            doc = json.load(f)
+        with open(target, "rb") as f:
+            data = f.read()
+        doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CkptError("corrupt", f"manifest is not valid JSON ({e})", target) from None
     if not isinstance(doc, dict) or doc.get("ckpttool_manifest") != VERSION or not isinstance(doc.get("files"), dict):
         raise CkptError("corrupt", "not a ckpttool manifest of a version this tool reads", target)
     if doc.get("algorithm") != hashing.ALGORITHM:
         raise CkptError("corrupt", f"manifest uses {doc.get('algorithm')!r}, expected {hashing.ALGORITHM}", target)
-    return doc
+    return doc, xxhash.xxh3_128_hexdigest(data)

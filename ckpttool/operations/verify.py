@@ -25,7 +25,7 @@ class Verification:
         self.path = path
         self.checks: list[dict] = []
         self.problems: list[Problem] = []
-        self.manifest: tuple[str, dict] | None = None  # (path, document) the checksums were checked against
+        self.manifest: tuple[str, dict, str] | None = None  # (path, document, its digest) checked against
 
     def check(self, name, status, detail=""):
         self.checks.append({"check": name, "status": status, "detail": detail})
@@ -132,8 +132,8 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
             v.check("checksums", NOTE, f"no manifest; `ckpttool manifest {ckpt.path}` records checksums to catch "
                     "bit rot and partial copies")
         return False
-    doc = manifests.load(target)
-    v.manifest = (target, doc)
+    doc, digest = manifests.load(target)
+    v.manifest = (target, doc, digest)
     folder = os.path.dirname(target)
     before = len(v.problems)
     present = {}
@@ -168,9 +168,15 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
         v.problem("checksum_mismatch", WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
                   "(added after it was written?)", f)
     failed = [p for p in v.problems[before:] if p.severity == ERROR]
-    v.check("checksums", FAIL if failed else PASS,
-            f"{len(failed)} mismatches" if failed else f"{len(present)} files match {os.path.basename(target)}")
+    if failed:
+        v.check("checksums", FAIL, f"{len(failed)} mismatches")
+    else:
+        _checksums_passed(v, target, len(present))
     return not failed and not extra and doc.get("crcs_checked") is True
+
+
+def _checksums_passed(v: Verification, target: str, files: int):
+    v.check("checksums", PASS, f"{files} files match {os.path.basename(target)}")
 
 
 def _name_damaged_tensors(v, doc, folder, full, ranges):
@@ -336,9 +342,19 @@ def verify(path: str | None = None, *, require_manifest=False, config_file=None,
                "finite": finite}
     if recall and (recalled := verify_cache.recall(path, config_file, **options)):
         return recalled
+    before = verify_cache.listings(path) if path is not None and os.path.exists(path) else None
     report, ckpt, v = _verify(path, config_file=config_file, **options)
-    verify_cache.remember(report, ckpt, v.manifest, path, config_file, **options)
+    verify_cache.remember(report, ckpt, v.manifest, path, before, config_file, **options)
     return report
+
+
+def report_while_matching(path: str, ckpt: Checkpoint, target: str, doc: dict, for_resume: bool) -> dict:
+    """The report a verify of `path` (no --config, --expect-step or --finite) gives while every byte matches the
+    manifest `doc` that was just written for `ckpt` at `target`, after its CRCs were checked: the same checks as
+    _verify, with the checksums already known to pass."""
+    checksums = Verification(path)
+    _checksums_passed(checksums, target, len(doc["files"]))
+    return _checks(Verification(path), ckpt, checksums, True, None, None, for_resume, False)
 
 
 def verify_checkpoint(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
@@ -372,7 +388,13 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         return _report(v, guess_format(path), None), None, v
     checksums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
     covered = check_manifest(checksums, ckpt, require_manifest)
-    check_integrity(v, ckpt, crcs_covered=covered)
+    return _checks(v, ckpt, checksums, covered, expect_step, config, for_resume, finite), ckpt, v
+
+
+def _checks(v: Verification, ckpt: Checkpoint, checksums: Verification, crcs_covered: bool, expect_step, config,
+            for_resume: bool, finite: bool) -> dict:
+    """Every check after the checksums (already made into `checksums`), in report order."""
+    check_integrity(v, ckpt, crcs_covered=crcs_covered)
     v.checks.extend(checksums.checks)
     v.problems.extend(checksums.problems)
     v.manifest = checksums.manifest
@@ -381,7 +403,7 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         check_resume(v, ckpt)
     if finite:
         check_finite(v, ckpt)
-    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer), ckpt, v
+    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer)
 
 
 def _report(v: Verification, fmt, step, layout=None, trainer=None) -> dict:

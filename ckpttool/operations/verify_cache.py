@@ -1,30 +1,31 @@
-"""Re-verifying an unchanged checkpoint costs one hash of its bytes, not another parse.
+"""Verifying a checkpoint whose bytes match its manifest costs one hash of those bytes, not another parse.
 
-A clean `verify` report that was checked against a manifest is remembered in the user's cache folder, with the
-identity (device, inode, size, mtime, ctime) of every file and folder that verify read, and the manifest's piece
-digests. A later verify with the same options, whose files and folders all keep that identity, hashes every byte
-again against those digests: bit rot leaves a file's identity alone, and the hash is what catches it. When every
-piece matches, the bytes are the ones that were parsed and checked before, so the remembered report is returned.
-Any difference (a changed identity, a piece that differs, another option, another ckpttool version) falls through
-to a full verify, which names what changed.
+A clean `verify` report checked against a manifest is remembered in the user's cache folder together with what it
+was derived from, all of it content: the names in every folder verify looked in (and whether each is a folder), the
+digest of the manifest, and the manifest's piece digests of every file. `ckpttool manifest` remembers the reports
+(without and with --for-resume) as it writes the manifest, having just parsed, CRC-checked and hashed every byte,
+so even the first verify after it recalls; a full verify remembers its own. A later verify with the same options
+lists those folders again, hashes the manifest, and hashes every byte of the checkpoint against the digests: when
+all match, the names and bytes are the ones that were checked, and the remembered report is returned. Any
+difference (a file added, removed or changed, a new manifest, other options, another ckpttool version) falls
+through to a full verify, which names what changed.
 
-A file changed within RACY_SECONDS of a verify is not remembered: a second write in the same timestamp tick would
-keep its identity (git treats its index the same way). CKPTTOOL_CACHE_DIR moves the folder; set it to the empty
-string to switch remembering off. The cache is only ever an optimisation: a folder that cannot be written, or an
-entry that cannot be read, just means a full verify.
+No timestamp or inode is trusted, so a write within the clock tick of a verify cannot hide. Folders are listed
+before the checkpoint is read and again after the report is made; a report is only remembered when the two agree.
+CKPTTOOL_CACHE_DIR moves the folder; set it to the empty string to switch remembering off. The cache is only ever an
+optimisation: a folder that cannot be written, or an entry that cannot be read, just means a full verify.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import xxhash
 
 from ckpttool import __version__, hashing
 
-RACY_SECONDS = 2.0
+MAX_ENTRIES = 1024  # the oldest are removed beyond this: a trainer that writes a manifest per save adds two a save
 
 
 def cache_dir() -> str | None:
@@ -37,25 +38,41 @@ def cache_dir() -> str | None:
 
 def _entry_path(path: str | None, config_file: str | None, options: dict) -> str | None:
     """Where the report of verify(path, **options) is kept; None when it is not kept (switched off, or a --config,
-    one more file it would have to watch)."""
+    one more file it would have to watch). --require-manifest is left out of the key: a remembered report was
+    checked against a manifest, so it reads the same with or without it."""
     folder = cache_dir()
     if folder is None or path is None or config_file is not None:
         return None
+    options = {k: v for k, v in options.items() if k != "require_manifest"}
     key = json.dumps([os.path.realpath(path), sorted(options.items())], sort_keys=True)
     return os.path.join(folder, xxhash.xxh3_128_hexdigest(key.encode("utf-8")) + ".json")  # a name, not a proof
 
 
-def _identity(path: str) -> list[int] | None:
+def listings(path: str) -> dict[str, list[str]] | None:
+    """The names in every folder verify looks in for `path`: the folder holding it, and every folder under it when
+    it is one. A folder's name ends in "/". None when one cannot be listed."""
+    path = os.path.abspath(os.path.normpath(path))
+    folders = [os.path.dirname(path)]
+    if os.path.isdir(path):
+        folders.extend(dirpath for dirpath, _, _ in os.walk(path))
     try:
-        st = os.stat(path)
+        return {folder: sorted(e.name + "/" if e.is_dir() else e.name for e in os.scandir(folder))
+                for folder in folders}
     except OSError:
         return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_digest(path: str) -> str | None:
+    try:
+        digest, _ = hashing.hash_range(path, 0, os.path.getsize(path))
+    except OSError:
+        return None
+    return digest
 
 
 def recall(path: str | None, config_file: str | None = None, **options) -> dict | None:
-    """The remembered report when nothing verify read has changed and every byte still matches, else None. Light
-    on imports: the CLI asks before it loads the readers."""
+    """The remembered report when every folder verify looks in holds the same names and every byte still matches,
+    else None. Light on imports: the CLI asks before it loads the readers."""
     from ckpttool import distributed
 
     entry_path = _entry_path(path, config_file, options)
@@ -64,7 +81,8 @@ def recall(path: str | None, config_file: str | None = None, **options) -> dict 
     try:
         with open(entry_path, encoding="utf-8") as f:
             entry = json.load(f)
-        if entry.get("tool") != __version__ or any(_identity(p) != ident for p, ident in entry["identity"].items()):
+        if entry.get("tool") != __version__ or listings(path) != entry["listings"] or \
+                file_digest(entry["manifest"]) != entry["manifest_digest"]:
             return None
         pieces, piece_size = entry["pieces"], int(entry["piece_size"])
         jobs = [(p, offset, length) for p in pieces for offset, length in hashing.pieces(os.path.getsize(p),
@@ -80,37 +98,41 @@ def recall(path: str | None, config_file: str | None = None, **options) -> dict 
     return {**entry["report"], "path": path, "recalled": True}
 
 
-def remember(report: dict, ckpt, manifest: tuple[str, dict] | None, path: str, config_file: str | None = None,
+def remember(report: dict, ckpt, manifest, path: str, before: dict | None, config_file: str | None = None,
              **options):
-    """Keep a clean report checked against a manifest (its path and document), unless something it read changed
-    too recently."""
+    """Keep a clean report checked against a manifest, (its path, document, digest of its bytes), when the folders
+    listed `before` the checkpoint was read still hold the same names and cover every file it read."""
     from ckpttool import distributed
     from ckpttool.operations.manifest import covered_files
 
     entry_path = _entry_path(path, config_file, options)
-    if (entry_path is None or distributed.active() or not report["ok"] or report["problems"] or manifest is None
-            or ckpt is None or not any(c["check"] == "checksums" and c["status"] == "pass" for c in report["checks"])):
+    if (entry_path is None or before is None or distributed.active() or not report["ok"] or report["problems"]
+            or manifest is None or ckpt is None
+            or not any(c["check"] == "checksums" and c["status"] == "pass" for c in report["checks"])):
         return
-    manifest, manifest_doc = manifest
-    folder = os.path.dirname(manifest)
-    pieces = {os.path.join(folder, rel): info["pieces"] for rel, info in manifest_doc["files"].items()}
-    read = set(pieces) | set(covered_files(ckpt)) | set(ckpt.files) | {manifest}
-    if os.path.isdir(ckpt.path):
-        read |= {dirpath for dirpath, _, _ in os.walk(ckpt.path)}
-    read = {os.path.abspath(p) for p in read}
-    read |= {os.path.dirname(p) for p in list(read)}
-    identity = {p: _identity(p) for p in sorted(read)}
-    newest = max((max(i[3], i[4]) for i in identity.values() if i), default=0) / 1e9
-    if None in identity.values() or time.time() - newest < RACY_SECONDS:
-        return
-    entry = {"tool": __version__, "identity": identity, "piece_size": manifest_doc.get("piece_size",
-                                                                                     hashing.PIECE_SIZE),
-             "pieces": pieces, "report": report}
+    target, doc, digest = manifest
+    folder = os.path.dirname(target)
+    pieces = {os.path.join(folder, rel): info["pieces"] for rel, info in doc["files"].items()}
+    read = {os.path.abspath(p) for p in set(covered_files(ckpt)) | set(ckpt.files)} - {os.path.abspath(target)}
+    if not read <= set(pieces) or not {os.path.dirname(p) for p in read | {target}} <= set(before) or \
+            listings(path) != before:
+        return  # a file no digest covers, a folder not listed, or a name that came or went while it was read
+    entry = {"tool": __version__, "listings": before, "manifest": target, "manifest_digest": digest,
+             "piece_size": doc.get("piece_size", hashing.PIECE_SIZE), "pieces": pieces, "report": report}
     try:
         os.makedirs(os.path.dirname(entry_path), exist_ok=True)
         staging = f"{entry_path}.{os.getpid()}.tmp"
         with open(staging, "w", encoding="utf-8") as f:
             json.dump(entry, f)
         os.replace(staging, entry_path)
+        _evict(os.path.dirname(entry_path))
     except OSError:
         pass  # a cache that cannot be written only means the next verify is a full one
+
+
+def _evict(folder: str):
+    entries = [e for e in os.scandir(folder) if e.name.endswith(".json")]
+    if len(entries) > MAX_ENTRIES:
+        entries.sort(key=lambda e: e.stat().st_mtime_ns)
+        for e in entries[:len(entries) - MAX_ENTRIES]:
+            os.remove(e.path)
