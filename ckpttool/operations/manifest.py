@@ -137,7 +137,7 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     under its own name: the folder's rename publishes it, and no temporary name of its own ever appears."""
     from ckpttool.operations import verify_cache
 
-    before = verify_cache.listings(path)  # the folders verify looks in, listed before anything is read
+    before = verify_cache.listings(path) if verify_cache.cache_dir() else None  # listed before anything is read
     ckpt = open_checkpoint(path)
     target = manifest_path(ckpt)
     if os.path.exists(target) and not force:

@@ -333,16 +333,16 @@ def check_finite(v: Verification, ckpt: Checkpoint):
 
 def verify(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
            for_resume=False, finite=False, recall=True) -> dict:
-    """The verify report for `path` (see the README for every check). A clean report of a checkpoint whose files
-    have not changed since, and whose bytes still match its manifest, is recalled, not recomputed (verify_cache);
-    `recall=False` when the caller has just asked the cache itself."""
+    """The verify report for `path` (see the README for every check). A clean report, remembered by an earlier
+    verify or by `manifest`, is recalled rather than recomputed while the folders hold the same names and every byte
+    still matches the manifest (verify_cache); `recall=False` when the caller has just asked the cache itself."""
     from ckpttool.operations import verify_cache
 
     options = {"require_manifest": require_manifest, "expect_step": expect_step, "for_resume": for_resume,
                "finite": finite}
     if recall and (recalled := verify_cache.recall(path, config_file, **options)):
         return recalled
-    before = verify_cache.listings(path) if path is not None and os.path.exists(path) else None
+    before = verify_cache.listings(path) if verify_cache.cache_dir() and path and os.path.exists(path) else None
     report, ckpt, v = _verify(path, config_file=config_file, **options)
     verify_cache.remember(report, ckpt, v.manifest, path, before, config_file, **options)
     return report
