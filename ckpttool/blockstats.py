@@ -27,6 +27,11 @@ from ckpttool.model import TensorInfo
 # the GIL between numpy calls (0.70 s with 16 threads, slower than 4), 1Mi take 0.27 s, 4Mi 0.33 s.
 BLOCK_ELEMENTS = 1 << 20
 BATCH_TENSORS = 4096  # most small tensors one task reads
+# Threads that measure blocks. Each block is a handful of numpy calls, each handing the GIL over, and past about 8
+# threads the hand-overs cost what more cores bring (benchmarks/bench_threads.py, two different 2 GiB files on 16
+# cores): medians 0.18 s with 8 threads, 0.16 s with 12, 0.21 s with 16, 0.32 s with 4 on one instance
+# (results/device-16core/threads.txt); 0.47 to 0.58 s with 8 and 0.66 to 1.21 s with 16 on a slower one.
+MAX_THREADS = 8
 
 # dtype -> (numpy dtype it is read as, dtype it is measured in)
 NUMPY_READ = {
@@ -225,7 +230,7 @@ def _run(tasks, owners, sizes, measure, results, extra=(), label: str = "reading
     """Run `measure(task)` over the tasks on every core, adding each span's result into results[index]; then each
     (index, fn, nbytes) of `extra` (tensors read through torch) on the same cores, its result stored as is."""
     with progress(sum(sizes) + sum(n for _, _, n in extra), label) as advance, \
-            ThreadPoolExecutor(workers()) as pool:
+            ThreadPoolExecutor(min(workers(), MAX_THREADS)) as pool:
         for owned, size, measured in zip(owners, sizes, pool.map(measure, tasks)):
             advance(size)
             for i, block in zip(owned, measured):
