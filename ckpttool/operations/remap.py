@@ -97,8 +97,8 @@ class Plan:
 
     def dequantize(self, modules: dict, shapes: dict | None = None):
         for module, info in modules.items():
-            keys = {k: e for k, e in self.entries.items() if quanto.quantized_key_of(k, {module: info}) == module}
-            inputs = {k: e.source for k, e in module_inputs(module, info, self.entries).items()}
+            selected = module_inputs(module, info, self.entries)  # {"weight._data": entry, ..., "bias": entry}
+            inputs = {k: e.source for k, e in selected.items()}
             if any(v is None for v in inputs.values()):
                 raise CkptError("corrupt", f"{module}: cannot dequantize keys that were produced by this remap")
             sources = {k: e.source for k, e in self.entries.items() if e.source is not None}
@@ -107,8 +107,9 @@ class Plan:
                 raise CkptError("corrupt", f"{module} is {info['weights']}-packed and its weight shape cannot be "
                                 "known from the file (no bias to give out_features); pass --like REF or --model "
                                 "so the shape can be taken from there")
-            for key in keys:
-                del self.entries[key]
+            for key in selected:
+                if key != "bias":  # the bias stays as it is beside the dequantized weight
+                    del self.entries[f"{module}.{key}"]
             self.jobs[module] = ModuleJob("dequantize", info["weights"], inputs, tuple(shape), info["dtype"])
             self.entries[f"{module}.weight"] = Planned(f"{module}.weight", info["dtype"], tuple(shape), module=module,
                                                        key="weight")
