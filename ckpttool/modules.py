@@ -36,7 +36,6 @@ class Node:
     parameters: int = 0
     bytes: int = 0
     dtypes: Counter = field(default_factory=Counter)
-    keys: list = field(default_factory=list)  # every key under it, for callers that mark modules by key
 
     @property
     def depth(self) -> int:
@@ -56,5 +55,4 @@ def tree(tensors, quantized: dict | None = None) -> dict[str, Node]:
             node.parameters += t.numel
             node.bytes += t.nbytes
             node.dtypes[t.dtype] += 1
-            node.keys.append(t.name)
     return nodes
