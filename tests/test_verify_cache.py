@@ -83,6 +83,17 @@ def test_manifest_seeds_real_trainer_runs(cache, runs, tmp_path, full_runs, key,
     assert verify(path, for_resume=True)["recalled"]  # every real healthy save is clean for a resume
 
 
+@pytest.mark.parametrize("name,inside", [("deepspeed/zero3", ""), ("deepspeed/fp16_zero2", ""),
+                                         ("deepspeed/transformers_zero2", "checkpoint-6"), ("peft", "")])
+def test_manifest_seeds_deepspeed_and_peft_saves(cache, runs, tmp_path, full_runs, name, inside):
+    """Saves DeepSpeed wrote (ZeRO-3, fp16 on an H100, under transformers.Trainer) and a PEFT adapter."""
+    source = runs["peft"] if name == "peft" else os.path.join(os.path.dirname(__file__), "data", name)
+    (tmp_path / "run").mkdir()  # not beside the cache folder: a name added there is a change
+    path = os.path.join(copy(source, str(tmp_path / "run")), inside)
+    _seeded_equals_full(path, full_runs)
+    assert verify(path)["recalled"]  # each verifies clean
+
+
 def test_first_verify_after_manifest_is_a_recall(cache, checkpoint, full_runs):
     manifest.write(checkpoint)
     report = verify(checkpoint, require_manifest=True)  # --require-manifest shares the entry
