@@ -30,7 +30,8 @@ BATCH_TENSORS = 4096  # most small tensors one task reads
 # Threads that measure blocks. Each block is a handful of numpy calls, each handing the GIL over, and past about 8
 # threads the hand-overs cost what more cores bring (benchmarks/bench_threads.py, two different 2 GiB files on 16
 # cores): medians 0.18 s with 8 threads, 0.16 s with 12, 0.21 s with 16, 0.32 s with 4 on one instance
-# (results/device-16core/threads.txt); 0.47 to 0.58 s with 8 and 0.66 to 1.21 s with 16 on a slower one.
+# (results/device-16core/threads.txt); 0.47 to 0.58 s with 8 and 0.66 to 1.21 s with 16 on a slower one
+# (results/device-16core/threads-slow-instance.txt).
 MAX_THREADS = 8
 
 # dtype -> (numpy dtype it is read as, dtype it is measured in)
