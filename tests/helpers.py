@@ -1,8 +1,11 @@
 """Small builders shared by tests: copies of fixtures to damage, and runs of real checkpoints."""
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import torch
 from click.testing import CliRunner
@@ -47,3 +50,24 @@ def state_dir(path, steps, rng=True):
     if rng:
         torch.save({"step": 0, "torch_manual_seed": torch.get_rng_state()}, os.path.join(path, "random_states_0.pkl"))
     return path
+
+
+# What a shared CI machine may run beside the suite (the neighbour of ../shared/tools/fresh-check --busy).
+NEIGHBOUR = """
+import time, torch
+x = torch.randn(256, 256)
+while True:
+    x @ x
+    time.sleep(0.05)
+"""
+
+
+@contextlib.contextmanager
+def busy_neighbour():
+    """A torch process doing small matrix products beside the block: results must not depend on a quiet machine."""
+    proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

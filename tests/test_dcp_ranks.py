@@ -16,10 +16,11 @@ LAYOUTS = {"2 ranks, Shard(0)/Shard(1)": (2, []), "4 ranks, 2x2 mesh": (4, ["2",
            "FSDP2, 2 ranks": (2, ["fsdp2"])}
 
 
-def torchrun(ranks: int, *args, port: int) -> subprocess.CompletedProcess:
+def torchrun(ranks: int, *args) -> subprocess.CompletedProcess:
+    """`ranks` processes on a free port (--standalone): a suite running beside this one cannot collide."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                           "--master_port", str(port), *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(ranks), *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -28,7 +29,7 @@ def torchrun(ranks: int, *args, port: int) -> subprocess.CompletedProcess:
 def written(request, tmp_path_factory):
     ranks, args = LAYOUTS[request.param]
     out = str(tmp_path_factory.mktemp("dcp") / "ckpt")
-    torchrun(ranks, "-m", "fixtures.dcp_ranks", out, *args, port=29400 + 7 * ranks + len(args))
+    torchrun(ranks, "-m", "fixtures.dcp_ranks", out, *args)
     return out, torch.load(out + ".reference.pt", weights_only=True)
 
 
@@ -36,7 +37,7 @@ def written(request, tmp_path_factory):
 def dtensor_dir(tmp_path_factory):
     """The 2-rank DTensor layout, for the damage tests."""
     out = str(tmp_path_factory.mktemp("dcp") / "ckpt")
-    torchrun(2, "-m", "fixtures.dcp_ranks", out, port=29391)
+    torchrun(2, "-m", "fixtures.dcp_ranks", out)
     return out
 
 
@@ -182,7 +183,7 @@ def test_gate_on_an_fsdp2_checkpoint(tmp_path_factory):
     from ckpttool.gate import ResumeGateError, check_resume
 
     out = str(tmp_path_factory.mktemp("fsdp2") / "ckpt")
-    torchrun(2, "-m", "fixtures.dcp_ranks", out, "fsdp2", port=29393)
+    torchrun(2, "-m", "fixtures.dcp_ranks", out, "fsdp2")
     model = tiny_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)

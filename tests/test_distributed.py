@@ -11,11 +11,12 @@ import pytest
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def run(*args, ranks=None, port=29431):
-    """`ckpttool ARGS` in one process, or under torchrun with `ranks` processes: (exit code, stdout, stderr)."""
+def run(*args, ranks=None):
+    """`ckpttool ARGS` in one process, or under torchrun with `ranks` processes on a free port (--standalone, so a
+    suite running beside this one cannot collide): (exit code, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", SOURCE_DATE_EPOCH="1700000000")
-    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                                         "--master_port", str(port)]
+    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                         str(ranks)]
     proc = subprocess.run([sys.executable, *launcher, "-m", "ckpttool", *args], capture_output=True, text=True,
                           env=env, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
@@ -45,7 +46,7 @@ def test_manifest_bytes_and_verify_report_equal_one_process(run_dir, name):
         assert f.read() == single
     for args in (["verify", "--json", "--finite", "--for-resume"], ["verify"]):
         one = run(*args, path)
-        two = run(*args, path, ranks=2, port=29432)
+        two = run(*args, path, ranks=2)
         assert one[0] == two[0] == 0 and one[1] == two[1]
         assert one[1].count("checksums") == 1  # printed once, by rank 0
 
@@ -59,13 +60,13 @@ def test_a_damaged_file_fails_the_same_way(tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     one = run("verify", "--json", str(path))
-    two = run("verify", "--json", str(path), ranks=2, port=29433)
+    two = run("verify", "--json", str(path), ranks=2)
     assert one[0] == two[0] == 1 and one[1] == two[1] and '"checksum_mismatch"' in one[1]
 
 
 def test_other_commands_run_once_on_rank_zero(run_dir):
     one = run("inspect", str(run_dir / "checkpoint-10"))
-    two = run("inspect", str(run_dir / "checkpoint-10"), ranks=2, port=29434)
+    two = run("inspect", str(run_dir / "checkpoint-10"), ranks=2)
     assert one[0] == two[0] == 0 and one[1] == two[1]
 
 
@@ -108,6 +109,6 @@ def test_a_tensor_that_cannot_be_read_stops_every_process_the_same_way(corpus, t
         f.seek(loc.offset)
         f.write(b"XXXX")  # the tensor's archive no longer starts with a zip header
     one = run("verify", "--finite", str(path))
-    two = run("verify", "--finite", str(path), ranks=2, port=29435)
+    two = run("verify", "--finite", str(path), ranks=2)
     assert one[0] == two[0] == 1 and one[1] == two[1] and one[2].strip() in two[2]
     assert one[2].startswith("ckpttool: ") and "[corrupt]" in one[2] and "internal error" not in one[2]

@@ -1,5 +1,7 @@
-"""The reference trainer end to end, as subprocesses: kills at many points, resume, refusals, torchrun."""
+"""The reference trainer end to end, as subprocesses: kills at many points, resume, refusals, torchrun. Every run
+here trains beside a busy torch neighbour, as on a shared CI machine: bit-exact must not need a quiet machine."""
 
+import filecmp
 import json
 import os
 import shutil
@@ -7,19 +9,27 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import flip_byte
+from tests.helpers import busy_neighbour, flip_byte
 
 STEPS, EVERY = 12, 4
 BASE = ["--max-steps", str(STEPS), "--checkpointing-steps", str(EVERY), "--batch-size", "8"]
 
 
-def train(out, *extra, fault=None, check=True, timeout=120):
-    env = dict(os.environ, TRAINER_FAULT=fault or "")
+@pytest.fixture(scope="module", autouse=True)
+def neighbour():
+    with busy_neighbour():
+        yield
+
+
+def train(out, *extra, fault=None, check=True, timeout=300, env=None):
+    """One run; SOURCE_DATE_EPOCH fixes the manifests' creation time, so reruns write the same bytes everywhere."""
+    env = dict(os.environ, TRAINER_FAULT=fault or "", SOURCE_DATE_EPOCH="1700000000", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(out), *BASE, *extra],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if check:
@@ -27,11 +37,12 @@ def train(out, *extra, fault=None, check=True, timeout=120):
     return proc
 
 
-def torchrun(out, *extra, fault=None, port, check=True):
-    env = dict(os.environ, TRAINER_FAULT=fault or "", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def torchrun(out, *extra, fault=None, check=True):
+    """Two processes on a free port (--standalone), so that a suite running beside this one cannot collide."""
+    env = dict(os.environ, TRAINER_FAULT=fault or "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainer", "--output-dir", str(out), *BASE, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -41,6 +52,15 @@ def final_state(out):
     d = os.path.join(out, f"checkpoint-{STEPS}")
     return (load_file(os.path.join(d, "model.safetensors")), load_file(os.path.join(d, "ema", "model.safetensors")),
             torch.load(os.path.join(d, "optimizer.bin"), weights_only=True)["state"])
+
+
+def assert_same_files(a, b):
+    """Every file of every checkpoint of run `a` is in run `b`, byte for byte (and no others)."""
+    def files(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+    assert files(a) == files(b)
+    _, mismatch, errors = filecmp.cmpfiles(a, b, files(a), shallow=False)
+    assert not mismatch and not errors, f"differ: {mismatch + errors}"
 
 
 def assert_bit_identical(a, b):
@@ -67,9 +87,42 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(baseline, tmp_path, fault):
     if fault.startswith(("mid-save", "before-publish")):
         assert os.path.isdir(tmp_path / "checkpoint-8.tmp") and not os.path.exists(tmp_path / "checkpoint-8")
     resumed = train(tmp_path, "--resume-from-checkpoint", "latest")
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "warning" not in resumed.stderr
     assert not [e for e in os.listdir(tmp_path) if e.endswith(".tmp")]
     assert_bit_identical(baseline, tmp_path)
+
+
+def test_runs_beside_a_busy_neighbour_write_identical_checkpoints(baseline, tmp_path):
+    """Six more runs, three at a time, beside the neighbour: every file of every checkpoint equals the baseline's."""
+    outs = [tmp_path / f"run{i}" for i in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        for proc in pool.map(train, outs):
+            assert "1 CPU thread(s) each (--threads)" in proc.stdout
+    for out in outs:
+        assert_same_files(baseline, out)
+
+
+def test_thread_count_is_the_flags_not_the_environments(baseline, tmp_path):
+    """OMP/MKL variables asking for 4 threads change nothing: the trainer pins its own count (MKL's weight-gradient
+    product rounds differently at 3 threads or more, trainer/determinism.py)."""
+    proc = train(tmp_path, env={"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"})
+    assert "1 CPU thread(s) each" in proc.stdout
+    assert_same_files(baseline, tmp_path)
+    state = json.load(open(tmp_path / "checkpoint-4" / "training_state.json"))
+    assert state["determinism"] == {"threads": 1, "torch": torch.__version__, "device": "cpu"}
+
+
+def test_resume_on_another_thread_count_names_both(baseline, tmp_path):
+    shutil.copytree(baseline / "checkpoint-8", tmp_path / "checkpoint-8")
+    resumed = train(tmp_path, "--threads", "2", "--resume-from-checkpoint", "latest")
+    assert "resumed at step 8" in resumed.stdout
+    assert (f"[trainer] warning: {tmp_path / 'checkpoint-8'} was saved under other conditions, so this run will not "
+            "match one that never stopped, bit for bit: threads: 1 when saved, 2 now (resume with --threads 1 to "
+            "match)") in resumed.stderr
+    again = train(tmp_path, "--threads", "2", "--max-steps", "16", "--resume-from-checkpoint", "latest")
+    assert "resumed at step 12" in again.stdout and "warning" not in again.stderr
+    refused = train(tmp_path / "zero", "--threads", "0", check=False)
+    assert refused.returncode == 2 and "argument --threads: must be at least 1, not 0" in refused.stderr
 
 
 def test_corrupt_newest_falls_back(baseline, tmp_path):
@@ -87,7 +140,8 @@ def test_weights_only_and_step_mismatch_refused(baseline, tmp_path):
     assert refused.returncode != 0
     assert "[weights_only]" in refused.stderr and str(baseline / "checkpoint-4") in refused.stderr
     bad = shutil.copytree(baseline / "checkpoint-4", tmp_path / "checkpoint-4")
-    json.dump({"global_step": 5, "epoch": 0}, open(bad / "training_state.json", "w"))
+    state = json.load(open(bad / "training_state.json"))
+    json.dump(dict(state, global_step=5), open(bad / "training_state.json", "w"))  # same length, other bytes
     refused = train(tmp_path / "b", "--resume-from-checkpoint", str(bad), check=False)
     assert refused.returncode != 0 and "[step_mismatch]" in refused.stderr
     assert "[checksum_mismatch]" in refused.stderr  # the manifest saw the edit too
@@ -139,18 +193,18 @@ def test_quantized_run_resumes_into_plain_run_after_remap(tmp_path):
 
 def test_torchrun_two_processes_save_and_resume_bit_exact(tmp_path):
     """Sync baseline; the other run saves in the background, is killed mid-save and resumed: bit-identical."""
-    torchrun(tmp_path / "base", port=29621)
+    torchrun(tmp_path / "base")
     files = os.listdir(tmp_path / "base" / f"checkpoint-{STEPS}")
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)
-    killed = torchrun(tmp_path / "run", "--async-save", fault="mid-save:8", port=29622, check=False)
+    killed = torchrun(tmp_path / "run", "--async-save", fault="mid-save:8", check=False)
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "checkpoint-8")
-    resumed = torchrun(tmp_path / "run", "--async-save", "--resume-from-checkpoint", "latest", port=29623)
+    resumed = torchrun(tmp_path / "run", "--async-save", "--resume-from-checkpoint", "latest")
     assert "resuming from" in resumed.stdout
     assert_bit_identical(tmp_path / "base", tmp_path / "run")
     # one rank's RNG file gone: every rank refuses, nobody hangs
     os.remove(tmp_path / "run" / f"checkpoint-{STEPS}" / "random_states_1.pkl")
     refused = torchrun(tmp_path / "run", "--resume-from-checkpoint", str(tmp_path / "run" / f"checkpoint-{STEPS}"),
-                       port=29624, check=False)
+                       check=False)
     assert refused.returncode != 0 and "resume refused" in refused.stderr
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save
 from ckpttool import atomic
 
 STATE_JSON = "training_state.json"
+CONDITIONS = "determinism"  # the key in STATE_JSON for what a bit-exact resume must share (trainer/determinism.py)
 EMA_DIR = "ema"
 
 
@@ -90,16 +91,17 @@ class Snapshot:
     rng: dict
     quantization_map: dict | None = None  # optimum-quanto's map, saved as quanto_qmap.json beside the weights
     scaler: dict | None = None  # fp16 GradScaler state, saved as Accelerate's scaler.pt
+    conditions: dict | None = None  # threads, torch, device kind (trainer/determinism.py)
 
 
 def snapshot(step, epoch, model, optimizer, scheduler, ema, rank: int, quantization_map=None,
-             scaler=None) -> Snapshot:
+             scaler=None, conditions=None) -> Snapshot:
     main = rank == 0
     return Snapshot(step, epoch, _detached(model.state_dict()) if main else None,
                     _detached(optimizer.state_dict()) if main else None,
                     _detached(scheduler.state_dict()) if main else None,
                     _detached(ema) if main else None, rng_state(), quantization_map,
-                    _detached(scaler.state_dict()) if main and scaler is not None else None)
+                    _detached(scaler.state_dict()) if main and scaler is not None else None, conditions)
 
 
 # Every file is serialized in memory and written by atomic.write_synced (Python I/O, fsynced), so a full disk is an
@@ -145,7 +147,10 @@ def write_files(tmp: str, snap: Snapshot, rank: int):
         _save_torch(snap.scaler, os.path.join(tmp, "scaler.pt"))
     os.makedirs(os.path.join(tmp, EMA_DIR))
     _save_weights(snap.ema, os.path.join(tmp, EMA_DIR, "model.safetensors"))
-    documents = {STATE_JSON: {"global_step": snap.step, "epoch": snap.epoch}}
+    state = {"global_step": snap.step, "epoch": snap.epoch}
+    if snap.conditions:
+        state[CONDITIONS] = snap.conditions
+    documents = {STATE_JSON: state}
     if snap.quantization_map:
         documents["quanto_qmap.json"] = snap.quantization_map
     for name, doc in documents.items():
@@ -239,8 +244,9 @@ class BackgroundSaver:
             raise error
 
 
-def load(path: str, model, optimizer, scheduler, ema: dict, rank: int, scaler=None) -> tuple[int, int]:
-    """Restore everything from a gated checkpoint; returns (step, epoch)."""
+def load(path: str, model, optimizer, scheduler, ema: dict, rank: int, scaler=None) -> dict:
+    """Restore everything from a gated checkpoint; returns its training_state.json (global_step, epoch, and the
+    conditions it was trained under where recorded)."""
     device = next(model.parameters()).device
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)), strict=True)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location=device, weights_only=True))
@@ -255,5 +261,4 @@ def load(path: str, model, optimizer, scheduler, ema: dict, rank: int, scaler=No
     with torch.serialization.safe_globals(_rng_safe_globals()):
         restore_rng(torch.load(os.path.join(path, f"random_states_{rank}.pkl"), weights_only=True))
     with open(os.path.join(path, STATE_JSON), encoding="utf-8") as f:
-        state = json.load(f)
-    return int(state["global_step"]), int(state.get("epoch") or 0)
+        return json.load(f)

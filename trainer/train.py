@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, determinism
 from trainer.model import Denoiser, SyntheticData, lr_lambda
 
 
@@ -34,7 +34,17 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the forward pass; fp16 adds a GradScaler, saved as scaler.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=positive_int, default=determinism.DEFAULT_THREADS,
+                   help="intra-op CPU threads per process, fixed for the whole run so that it is bit-exact whatever "
+                        "the load (default: %(default)s); a resume with another count is not bit-exact and says so")
     return p.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 class Distributed:
@@ -82,6 +92,11 @@ def log(dist, message):
         print(f"[trainer] {message}", flush=True)
 
 
+def warn(dist, message):
+    if dist.rank == 0:
+        print(f"[trainer] warning: {message}", file=sys.stderr, flush=True)
+
+
 def build_model(args, device):
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = Denoiser()
@@ -113,7 +128,7 @@ def choose_checkpoint(args, dist) -> str | None:
     return dist.broadcast(choice)
 
 
-def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist, scaler=None) -> tuple[int, int]:
+def gate_and_load(path, raw_model, optimizer, scheduler, ema, dist, scaler=None) -> dict:
     """Every rank gates the checkpoint (and its own RNG file); all agree before anyone loads."""
     from ckpttool.gate import ResumeGateError, check_resume
 
@@ -160,6 +175,8 @@ def seed_everything(seed: int, rank: int):
 
 def train(args) -> int:
     dist = Distributed(args.device)
+    determinism.pin(args.threads, dist.device)
+    conditions = determinism.conditions(args.threads, dist.device)
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     raw_model = build_model(args, dist.device)
@@ -178,8 +195,12 @@ def train(args) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
     resume = choose_checkpoint(args, dist)
     if resume:
-        step, epoch = gate_and_load(resume, raw_model, optimizer, scheduler, ema, dist, scaler)
+        state = gate_and_load(resume, raw_model, optimizer, scheduler, ema, dist, scaler)
+        step, epoch = int(state["global_step"]), int(state.get("epoch") or 0)
         log(dist, f"resumed at step {step}")
+        warning = determinism.resume_warning(resume, state.get(checkpoint.CONDITIONS), conditions)
+        if warning:
+            warn(dist, warning)
     saver = checkpoint.BackgroundSaver() if args.async_save else None
     qmap = None
     if args.quantize:
@@ -190,7 +211,8 @@ def train(args) -> int:
     def save():
         if saver:
             saver.wait()  # one save in flight: the previous one is published before the next starts
-        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap, scaler)
+        snap = checkpoint.snapshot(step, epoch, raw_model, optimizer, scheduler, ema, dist.rank, qmap, scaler,
+                                   conditions)
         tmp = checkpoint.prepare(args.output_dir, step, dist.rank, dist.barrier)
         job = (args.output_dir, tmp, snap, dist.rank, dist.world, args.checkpoints_total_limit)
         if saver:
@@ -201,7 +223,8 @@ def train(args) -> int:
             log(dist, f"saved {checkpoint.checkpoint_dir(args.output_dir, step)}")
 
     accum = args.gradient_accumulation_steps
-    log(dist, f"training from step {step} to {args.max_steps} on {dist.world} process(es)")
+    log(dist, f"training from step {step} to {args.max_steps} on {dist.world} process(es), "
+              f"{args.threads} CPU thread(s) each (--threads)")
     while step < args.max_steps:
         model.train()
         for micro in range(accum):

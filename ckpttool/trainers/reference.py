@@ -1,7 +1,7 @@
 """ckpttool's own writers: the reference trainer (trainer/checkpoint.py) and `ckpttool convert --to accelerate`.
 
-`checkpoint-{step}` in Accelerate's layout plus `training_state.json` = {"global_step", "epoch"} and a ckpttool
-manifest. Written into `checkpoint-{step}.tmp` and renamed into place when complete; the trainer resumes `latest` as
+`checkpoint-{step}` in Accelerate's layout plus `training_state.json` = {"global_step", "epoch"} (the trainer adds
+"determinism": the thread count, torch version and device kind it trained under) and a ckpttool manifest. Written into `checkpoint-{step}.tmp` and renamed into place when complete; the trainer resumes `latest` as
 `ckpttool latest --for-resume` picks and prunes with `ckpttool prune`.
 """
 
@@ -14,7 +14,7 @@ from ckpttool.model import EPOCH, GLOBAL_STEP
 from ckpttool.trainers.accelerate import Accelerate, has_accelerate_files
 from ckpttool.trainers.base import json_keys
 
-KEYS = {"global_step", "epoch"}
+KEYS = {"global_step", "epoch", "determinism"}
 
 
 class Reference(Accelerate):
