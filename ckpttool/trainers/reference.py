@@ -1,8 +1,9 @@
 """ckpttool's own writers: the reference trainer (trainer/checkpoint.py) and `ckpttool convert --to accelerate`.
 
 `checkpoint-{step}` in Accelerate's layout plus `training_state.json` = {"global_step", "epoch"} (the trainer adds
-"determinism": the thread count, torch version and device kind it trained under) and a ckpttool manifest. Written into `checkpoint-{step}.tmp` and renamed into place when complete; the trainer resumes `latest` as
-`ckpttool latest --for-resume` picks and prunes with `ckpttool prune`.
+"determinism": the thread count, torch version and device kind it trained under) and a ckpttool manifest. Written
+into `checkpoint-{step}.tmp` and renamed into place when complete; the trainer resumes `latest` as `ckpttool latest
+--for-resume` picks and prunes with `ckpttool prune`.
 """
 
 from __future__ import annotations
