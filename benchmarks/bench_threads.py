@@ -18,7 +18,7 @@ import time
 from common import write_safetensors
 
 from ckpttool import blockstats
-from ckpttool.formats import open_checkpoint
+from ckpttool.checkpoint import open_checkpoint
 
 
 def main():

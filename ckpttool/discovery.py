@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 
 from ckpttool import trainers
+from ckpttool.checksums import MANIFEST_SUFFIX
 from ckpttool.formats import family
 from ckpttool.trainers.base import TEMPORARY_NAME
-from ckpttool.operations.manifest import MANIFEST_SUFFIX
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")

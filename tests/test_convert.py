@@ -20,7 +20,7 @@ def convert_ok(*args):
                                      "sharded_bin", "accelerate", "accelerate_bin", "diffusers", "kohya_state",
                                      "simpletuner", "dcp", "fsdp", "family", "quanto_qint4", "diffusers_lora"])
 def test_every_layout_to_safetensors_and_pt(corpus, tmp_path, fixture):
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
     from ckpttool.tensors import load_tensor
     component = {"diffusers": "unet", "diffusers_lora": "lora"}.get(fixture, "model")
     source = {t.name: t for t in open_checkpoint(corpus[fixture]).component(component).tensors}

@@ -5,7 +5,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from ckpttool.formats import open_checkpoint
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.tensors import load_tensor
 from tests.helpers import cli
 

@@ -117,7 +117,7 @@ def test_a_cut_short_rank_file_names_the_chunks_it_lost(dtensor_dir, tmp_path):
 
 def _chunk_data(ckpt_dir, fqn="layer.weight"):
     """(file, where the chunk's tensor bytes start) of the chunk of `fqn` held by rank 1's file."""
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
     from ckpttool.formats.torchfile import stored_members
 
     ckpt = open_checkpoint(str(ckpt_dir))
@@ -179,8 +179,8 @@ class _Payload:
 
 
 def test_gate_on_an_fsdp2_checkpoint(tmp_path_factory):
-    from fixtures.dcp_ranks import FSDP2_STEPS, tiny_mlp
     from ckpttool.gate import ResumeGateError, check_resume
+    from fixtures.dcp_ranks import FSDP2_STEPS, tiny_mlp
 
     out = str(tmp_path_factory.mktemp("fsdp2") / "ckpt")
     torchrun(2, "-m", "fixtures.dcp_ranks", out, "fsdp2")

@@ -123,7 +123,7 @@ def test_a_cut_short_rank_file_is_truncated(run):
 def test_a_flipped_byte_in_a_partition_names_the_parameter(run):
     path = run("zero2")
     assert cli("manifest", str(path / "global_step5"))[0].exit_code == 0
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
 
     tensor = next(t for t in open_checkpoint(str(path)).model.tensors if t.name == "head.weight")
     chunk = tensor.chunks[-1]

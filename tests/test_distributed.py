@@ -102,7 +102,7 @@ def test_a_tensor_that_cannot_be_read_stops_every_process_the_same_way(corpus, t
     other ranks stop too instead of waiting for it."""
     path = tmp_path / "dcp"
     shutil.copytree(corpus["dcp"], path)
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
 
     loc = open_checkpoint(str(path)).model.tensors[0].location
     with open(loc.file, "r+b") as f:

@@ -146,7 +146,7 @@ def test_trainer_state_files_and_lightning_loops(corpus, tmp_path_factory, files
 
 def _read_all(path):
     """Open a checkpoint and load every tensor it lists, as convert and verify --finite would."""
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
     from ckpttool.tensors import load_tensor
 
     for comp in open_checkpoint(path).components:

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from ckpttool import blockstats
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.cli import main
-from ckpttool.formats import open_checkpoint
 from ckpttool.operations.inspect import has_errors, inspect, tensor_stats
 from ckpttool.tensors import load_tensor
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpttool.formats import open_checkpoint
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.model import MICRO_STEPS, SAVES
 from ckpttool.operations.inspect import inspect
 from ckpttool.steps import global_step

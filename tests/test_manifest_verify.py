@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckpttool import hashing
+from ckpttool.checksums import MANIFEST_NAME
 from ckpttool.formats import safetensors as st_reader
-from ckpttool.operations.manifest import MANIFEST_NAME
 from tests.helpers import cli, codes, copy, flip_byte
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError
-from ckpttool.formats import open_checkpoint, safetensors
+from ckpttool.formats import safetensors
 from ckpttool.tensors import load_tensor
 
 

@@ -5,8 +5,9 @@ import zipfile
 import pytest
 import torch
 
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError
-from ckpttool.formats import open_checkpoint, torchfile
+from ckpttool.formats import torchfile
 from ckpttool.formats.pickles import unpickle
 from ckpttool.tensors import load_tensor
 

@@ -11,11 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ckpttool import checksums
 from ckpttool.cli import main
-from ckpttool.operations import manifest, verify as verify_module, verify_cache
+from ckpttool.operations import manifest, verify_cache
+from ckpttool.operations import verify as verify_module
 from ckpttool.operations.verify import verify
 from tests.helpers import copy, flip_byte
-from tests.test_trainers import HEALTHY as TRAINER_RUNS, run_dir
+from tests.test_trainers import HEALTHY as TRAINER_RUNS
+from tests.test_trainers import run_dir
 
 
 @pytest.fixture
@@ -133,7 +136,7 @@ def test_a_changed_name_or_manifest_means_a_full_verify(cache, checkpoint, full_
         os.remove(other)
         os.mkdir(other)
     else:  # the same digests, other bytes: it is not the manifest the report was checked against
-        target = checkpoint + manifest.MANIFEST_SUFFIX
+        target = checkpoint + checksums.MANIFEST_SUFFIX
         doc = json.load(open(target))
         doc["note"] = "edited"
         json.dump(doc, open(target, "w"))

@@ -10,8 +10,8 @@ newest input, and the report says which.
 from __future__ import annotations
 
 from ckpttool import steps
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import open_checkpoint
 from ckpttool.keys import align, compare
 from ckpttool.operations import output
 from ckpttool.operations.diff import problems_of, select_component

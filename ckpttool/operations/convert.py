@@ -13,8 +13,8 @@ import re
 import shutil
 
 from ckpttool import atomic, hashing, steps
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import open_checkpoint
 from ckpttool.formats.torchfile import rebuild
 from ckpttool.model import Checkpoint, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output

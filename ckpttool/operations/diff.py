@@ -8,8 +8,8 @@ import math
 import os
 import sys
 
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import UsageError
-from ckpttool.formats import open_checkpoint
 from ckpttool.keys import KeyReport, align, compare
 from ckpttool.model import Component, TensorInfo
 

@@ -8,8 +8,8 @@ import re
 from collections import Counter
 
 from ckpttool import steps
+from ckpttool.checkpoint import guess_format, open_checkpoint
 from ckpttool.errors import CkptError
-from ckpttool.formats import guess_format, open_checkpoint
 from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo
 
 

@@ -9,13 +9,15 @@ import re
 from dataclasses import dataclass, field
 
 from ckpttool import atomic
+from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import is_state_dir, open_checkpoint, quanto
+from ckpttool.formats import quanto
 from ckpttool.keys import align
 from ckpttool.model import TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import load_model, model_tensors, select_component
 from ckpttool.quantization import infer_weight_shape, module_inputs
+from ckpttool.trainers import is_state_dir
 
 
 @dataclass

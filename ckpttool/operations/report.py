@@ -47,7 +47,7 @@ def report(run_dir: str, for_resume: bool = False, module_depth: int = 2) -> dic
 def _change(older: dict, newer: dict, depth: int) -> dict:
     """Per-module relative change from one checkpoint's model weights to the next one's."""
     from ckpttool.blockstats import compare_pairs
-    from ckpttool.formats import open_checkpoint
+    from ckpttool.checkpoint import open_checkpoint
     from ckpttool.keys import compare
     from ckpttool.operations.diff import in_model_order, module_changes
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 
-from ckpttool import hashing, steps, trainers
+from ckpttool import checksums, hashing, steps, trainers
+from ckpttool.checkpoint import guess_format, open_checkpoint
+from ckpttool.checksums import crc_problems
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats import guess_format, open_checkpoint, torchfile
 from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
-from ckpttool.operations import manifest as manifests
 
 PASS, FAIL, WARN, NOTE, SKIP = "pass", "fail", "warn", "note", "skip"
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
@@ -42,63 +41,6 @@ class Verification:
 
 # --- integrity ---
 
-def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[Problem]:
-    """Check stored zip members, each (file, member, data offset, what it holds), against their CRC-32s on all
-    cores, batched per file so that many small members cost few tasks."""
-    crcs = hashing.run_batched([(path, offset, info.file_size) for path, info, offset, _ in members],
-                               hashing.crc32_ranges, "CRC")
-    return [Problem("corrupt", ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)
-            for i, (path, info, _, what) in enumerate(members) if crcs[i] != info.CRC]
-
-
-def zip_crc_problems(path: str) -> list[Problem]:
-    """Every stored member of a torch zip against its CRC-32."""
-    try:
-        members = torchfile.stored_members(path)
-    except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
-        return []  # the reader has already reported why this file cannot be read
-    return _crc_problems([(path, info, offset, f"zip member {info.filename}") for info, offset in members])
-
-
-def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
-    """Each tensor item of a DCP dir is a torch.save blob of its own (filesystem.py _write_item): its members'
-    CRC-32s name the tensor, or the chunk of it, whose bytes were damaged."""
-    members, unreadable, sizes = [], [], {}
-    for comp in ckpt.components:
-        for t in comp.tensors:
-            name = t.name if comp.role == "model" and comp.name == "model" else f"{comp.name}/{t.name}"
-            for offsets, loc in t.pieces():
-                if loc.file not in sizes:  # one stat per data file, not per item
-                    sizes[loc.file] = os.path.getsize(loc.file) if os.path.isfile(loc.file) else -1
-                if loc.encoding != "torch.save" or loc.offset + loc.length > sizes[loc.file]:
-                    continue  # a missing or cut-short file: the reader has named what it lost
-                what = f"tensor {name}" + (f" (chunk at {offsets})" if offsets else "") + \
-                    f" in {os.path.basename(loc.file)}"
-                try:
-                    found = torchfile.stored_members(loc.file, (loc.offset, loc.length))
-                except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
-                    unreadable.append(Problem("corrupt", ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
-                                              "cannot be read (damaged bytes)", loc.file))
-                    continue
-                members.extend((loc.file, info, offset, what) for info, offset in found)
-    return unreadable + _crc_problems(members)
-
-
-def crc_problems(ckpt: Checkpoint) -> tuple[list[Problem], str]:
-    """Every CRC-32 a checkpoint's zip archives carry, checked: (problems, what was checked, in words)."""
-    problems = []
-    dcp_files = {loc.file for c in ckpt.components for t in c.tensors for _, loc in t.pieces()
-                 if loc.encoding == "torch.save"}
-    zips = [f for f in ckpt.files if os.path.isfile(f) and f not in dcp_files and _is_zip(f)]
-    for f in zips:
-        problems.extend(zip_crc_problems(f))
-    if dcp_files:
-        problems.extend(dcp_item_crc_problems(ckpt))
-    checked = ", ".join(([f"{len(zips)} torch zip CRCs"] if zips else []) +
-                        ([f"item CRCs of {len(dcp_files)} DCP data files"] if dcp_files else []))
-    return problems, checked
-
-
 def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
     """`crcs_covered`: every byte matched a manifest written after the same CRCs were checked, so they still hold."""
     reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
@@ -113,16 +55,11 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
     v.from_problems("pickle safety", unsafe, "every pickle global is on the allow-list")
 
 
-def _is_zip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == torchfile.ZIP_MAGIC
-
-
 # --- checksums ---
 
 def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     """The checksums check; True when every file matched a manifest that was written after a CRC check."""
-    target = manifests.manifest_path(ckpt)
+    target = checksums.manifest_path(ckpt)
     if not os.path.exists(target):
         if require:
             v.problem("no_manifest", ERROR, f"no manifest at {target}; create one with `ckpttool manifest "
@@ -132,7 +69,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
             v.check("checksums", NOTE, f"no manifest; `ckpttool manifest {ckpt.path}` records checksums to catch "
                     "bit rot and partial copies")
         return False
-    doc, digest = manifests.load(target)
+    doc, digest = checksums.load(target)
     v.manifest = (target, doc, digest)
     folder = os.path.dirname(target)
     before = len(v.problems)
@@ -163,7 +100,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
             bad_ranges.setdefault(full, []).append((offset, offset + length))
     for full, ranges in bad_ranges.items():
         _name_damaged_tensors(v, doc, folder, full, ranges)
-    extra = [f for f in manifests.covered_files(ckpt) if os.path.relpath(f, folder) not in doc["files"]]
+    extra = [f for f in checksums.covered_files(ckpt) if os.path.relpath(f, folder) not in doc["files"]]
     for f in extra:
         v.problem("checksum_mismatch", WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
                   "(added after it was written?)", f)
@@ -183,7 +120,7 @@ def _name_damaged_tensors(v, doc, folder, full, ranges):
     rel = os.path.relpath(full, folder)
     suspects = [e for e in doc.get("tensors", []) if e.get("file") == rel and
                 any(e["offset"] < end and e["offset"] + e["length"] > start for start, end in ranges)]
-    digests = manifests.hash_tensors(suspects, folder)
+    digests = checksums.hash_tensors(suspects, folder)
     damaged = [e for e, d in zip(suspects, digests) if d != e.get(hashing.ALGORITHM)]
     for e in damaged:
         chunk = f" (chunk at {tuple(e['chunk'])})" if e.get("chunk") else ""
@@ -294,7 +231,7 @@ def _find_keys(doc) -> dict:
 
 def check_resume(v: Verification, ckpt: Checkpoint):
     """What a resume would silently lose, as the trainer that wrote it saves state (ckpttool/trainers/)."""
-    found = trainers.profile_of(ckpt).resume_problems(ckpt)
+    found = trainers.resume_problems(ckpt)
     v.problems.extend(found)
     v.check("resume completeness", FAIL if any(p.severity == ERROR for p in found) else WARN if found else PASS,
             "; ".join(f"{p.code}: {p.message}" for p in found) or

@@ -103,7 +103,7 @@ def remember(report: dict, ckpt, manifest, path: str, before: dict | None, confi
     """Keep a clean report checked against a manifest, (its path, document, digest of its bytes), when the folders
     listed `before` the checkpoint was read still hold the same names and cover every file it read."""
     from ckpttool import distributed
-    from ckpttool.operations.manifest import covered_files
+    from ckpttool.checksums import covered_files
 
     entry_path = _entry_path(path, config_file, options)
     if (entry_path is None or before is None or distributed.active() or not report["ok"] or report["problems"]

@@ -9,9 +9,12 @@ file by its content (Lightning, training dicts). Adding a trainer means adding o
 
 from __future__ import annotations
 
-from ckpttool.model import Checkpoint
+import os
+import re
+
+from ckpttool.model import Checkpoint, Problem
 from ckpttool.trainers.accelerate import Accelerate, AccelerateAutomatic
-from ckpttool.trainers.base import Profile
+from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 from ckpttool.trainers.consistency_models import ConsistencyModels
 from ckpttool.trainers.dcp_state import DcpState
 from ckpttool.trainers.deepspeed import DeepSpeed
@@ -37,6 +40,12 @@ def for_path(path: str) -> Profile | None:
     return next((p for p in PATH_PROFILES if p.claims_path(path)), None)
 
 
+def is_state_dir(path: str) -> bool:
+    """Whether `path` is a dir of checkpoint files that a trainer profile names the roles of."""
+    profile = for_path(path) if os.path.isdir(path) else None
+    return bool(profile and profile.file_roles)
+
+
 def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
     """Apply the trainer profile to what a reader found; returns the profile used (GENERIC when none claims it)."""
     profile = profile or next((p for p in CONTENT_PROFILES if p.claims(ckpt)), GENERIC)
@@ -56,5 +65,29 @@ def profile_named(trainer: str | None, layout: str | None = None) -> Profile:
     return next((p for p in named if p.layout == layout), named[0] if named else GENERIC)
 
 
-__all__ = ["Profile", "for_path", "interpret", "profile_of", "profile_named", "PATH_PROFILES", "CONTENT_PROFILES",
-           "GENERIC"]
+def resume_problems(ckpt: Checkpoint) -> list[Problem]:
+    """What a resume from `ckpt` would lose or trip on, as the trainer that wrote it resumes; a weights file's
+    problem names the state dir beside it when there is one."""
+    problems = profile_of(ckpt).resume_problems(ckpt)
+    hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
+    return [weights_only_problem(ckpt, hint) if p.code == "weights_only" and hint else p for p in problems]
+
+
+def state_dir_hint(path: str) -> str | None:
+    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
+    `checkpoint-N` beside it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
+        return folder
+    stem = os.path.basename(path)
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        stem = stem.removesuffix(suffix)
+    kohya = os.path.join(folder, f"{stem}-state")
+    if os.path.isdir(kohya):
+        return kohya
+    numbered = numbered_dirs(folder, re.compile(r"checkpoint[-_](\d+)"))
+    return numbered[max(numbered)] if numbered else None
+
+
+__all__ = ["Profile", "for_path", "is_state_dir", "interpret", "profile_of", "profile_named", "resume_problems",
+           "PATH_PROFILES", "CONTENT_PROFILES", "GENERIC"]

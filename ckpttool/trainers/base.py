@@ -163,27 +163,10 @@ class Profile:
         return problems
 
 
-def weights_only_problem(ckpt: Checkpoint) -> Problem:
-    hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
+def weights_only_problem(ckpt: Checkpoint, hint: str | None = None) -> Problem:
+    """A weights file or adapter where a training state is needed; `hint`: the state dir to resume from instead
+    (`ckpttool.trainers.resume_problems` finds it)."""
     advice = (f"resume from the state dir beside it: {hint}" if hint else
               "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
     return Problem("weights_only", ERROR, f"{os.path.basename(os.path.normpath(ckpt.path))} holds weights only; "
                    f"{advice}", ckpt.path)
-
-
-def state_dir_hint(path: str) -> str | None:
-    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
-    `checkpoint-N` beside it."""
-    from ckpttool.formats import is_state_dir
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
-        return folder
-    stem = os.path.basename(path)
-    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-        stem = stem.removesuffix(suffix)
-    kohya = os.path.join(folder, f"{stem}-state")
-    if os.path.isdir(kohya):
-        return kohya
-    numbered = numbered_dirs(folder, re.compile(r"checkpoint[-_](\d+)"))
-    return numbered[max(numbered)] if numbered else None
