@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ckpttool-installed
 
-.PHONY: setup demo test bench fuzz chaos clean
+.PHONY: setup demo test bench fuzz sweep chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ bench: $(STAMP)
 # 100,000 seeded mutations of real checkpoint files through inspect and verify (README: Fuzzing)
 fuzz: $(STAMP)
 	$(BIN)/python -m fuzz --count 100000 --seed 1
+
+# Every file of every healthy real-library checkpoint deleted, cut and emptied in turn (README: The resume contract)
+sweep: $(STAMP)
+	$(BIN)/python -m sweep
 
 # Every crash point of the reference trainer's saves, every kill mode, 1 and 2 ranks (README: Crash consistency)
 CHAOS_TRAIN := $(BIN)/python -m trainer --output-dir {out} --max-steps 30 --checkpointing-steps 10

@@ -218,6 +218,11 @@ def test_transformers_under_deepspeed_with_the_engine_state_of_another_save(tmp_
     shutil.rmtree(path / "global_step6")
     shutil.copytree(os.path.join(HF, "checkpoint-3", "global_step3"), path / "global_step3")
     _, doc = cli("verify", "--json", "--for-resume", str(path))
+    assert set(codes(doc)) == {"step_mismatch", "corrupt"}  # and `latest` still names global_step6
+    assert any(p["code"] == "corrupt" and "`latest`" not in p["message"] and "global_step6" in p["message"]
+               for p in doc["problems"])
+    (path / "latest").write_text("global_step3")
+    _, doc = cli("verify", "--json", "--for-resume", str(path))
     assert set(codes(doc)) == {"step_mismatch"}
     assert any("model states global_steps=3" in p["message"] for p in doc["problems"])
     os.remove(path / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")

@@ -28,8 +28,13 @@ OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)\.state\..+\.step")
 SCHEDULER_STEP = re.compile(r"(?:lr_scheduler|scheduler)(?:\.\d+)?\.last_epoch")
 
 
+DATA_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # filesystem.py: each rank's data files, `__{rank}_{n}.distcp`
+
+
 def detect(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA))
+    """A DCP dir, also one whose save never finished (data files, no `.metadata`: read() says so)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, METADATA)) or
+                                    any(DATA_FILE.fullmatch(e) for e in os.listdir(path)))
 
 
 def _fields(obj, what, path) -> dict:
@@ -97,6 +102,12 @@ def _ints(value) -> tuple | None:
 
 def read(path: str, name="model", role="model") -> Checkpoint:
     meta_path = os.path.join(path, METADATA)
+    if not os.path.isfile(meta_path):
+        ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=sorted(
+            os.path.join(path, e) for e in os.listdir(path) if DATA_FILE.fullmatch(e)))
+        ckpt.add_problem("missing_file", "error", f"no {METADATA}: DCP writes it last, after every rank's data files, "
+                         "so this save never finished and dcp.load cannot read it", meta_path)
+        return ckpt
     with open(meta_path, "rb") as f:
         try:
             obj, unpickler = unpickle(f.read(), SAFE_GLOBALS | DCP_GLOBALS, what=".metadata")
@@ -258,6 +269,6 @@ def _scalar(info: TensorInfo):
 
     try:
         value = read_scalar(saved_tensor(info.name, info.location, info.shape))
-    except CkptError:
-        return None  # verify reads the item in full and says what is wrong with it
+    except (CkptError, OSError):
+        return None  # read() names a missing or cut-short data file; verify reads the item and names its damage
     return value if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None

@@ -58,11 +58,21 @@ def tag_dir(path: str) -> str | None:
 
 
 def detect(path: str) -> bool:
-    return tag_dir(path) is not None
+    """A tag dir, or a save dir: also one whose `latest` or model states are lost (read() says so)."""
+    if tag_dir(path) is not None:
+        return True
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return LATEST in names or any(OPTIM_STATES.fullmatch(n) for n in names) or any(
+        os.path.isdir(os.path.join(path, n)) and any(MODEL_STATES.fullmatch(e) or OPTIM_STATES.fullmatch(e)
+                                                     for e in os.listdir(os.path.join(path, n))) for n in names)
 
 
 def read(path: str) -> Checkpoint:
     folder = tag_dir(path)
+    if folder is None:
+        return _no_tag(path)
     entries = sorted(os.listdir(folder))
     ckpt = Checkpoint(folder, "deepspeed", "DeepSpeed engine checkpoint")
     if folder != os.path.normpath(path):
@@ -110,6 +120,27 @@ def read(path: str) -> Checkpoint:
     complete = not any(p.code in ("missing_file", "truncated", "corrupt") for p in ckpt.problems)
     ckpt.components.append(_model(ckpt, raws, states, model_files, optims, optim_files, stage, world, complete))
     ckpt.components.extend(_training_state(ckpt, raws, states, optims, optim_files, model_files[0]))
+    return ckpt
+
+
+def _no_tag(path: str) -> Checkpoint:
+    """A save dir whose `latest` names no tag dir, or a tag dir without its model states: nothing DeepSpeed can load."""
+    ckpt = Checkpoint(path, "deepspeed", "DeepSpeed engine checkpoint")
+    names = sorted(os.listdir(path))
+    ckpt.files.extend(os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n)))
+    latest = os.path.join(path, LATEST)
+    if any(OPTIM_STATES.fullmatch(n) for n in names):
+        ckpt.add_problem("missing_file", "error", "no mp_rank_00 model states file (the engine writes it first): "
+                         "load_checkpoint cannot load this tag", os.path.join(path, "mp_rank_00_model_states.pt"))
+    elif not os.path.isfile(latest):
+        ckpt.add_problem("missing_file", "error", "no `latest` file naming the tag to load: load_checkpoint(tag=None) "
+                         "warns 'Unable to find latest file' and returns (None, None), so the run starts over; pass "
+                         "the tag (load_checkpoint(dir, tag='global_stepN')) or write it into `latest`", latest)
+    else:
+        with open(latest, encoding="utf-8", errors="replace") as f:
+            tag = f.read(256).strip()
+        ckpt.add_problem("corrupt", "error", f"`latest` names {tag!r}, which is no tag dir here (cut short or "
+                         "damaged?): load_checkpoint(tag=None) cannot load it", latest)
     return ckpt
 
 

@@ -69,7 +69,13 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
             v.check("checksums", NOTE, f"no manifest; `ckpttool manifest {ckpt.path}` records checksums to catch "
                     "bit rot and partial copies")
         return False
-    doc, digest = checksums.load(target)
+    try:
+        doc, digest = checksums.load(target)
+    except CkptError as e:  # the checksums cannot be checked: a warning, or an error where they are required
+        v.problem(e.code, ERROR if require else WARNING, f"{e.reason}: the checksums cannot be checked; verify the "
+                  f"checkpoint, then rewrite it with `ckpttool manifest --force {ckpt.path}`", target)
+        v.check("checksums", FAIL if require else WARN, f"{e.code}: {e.reason}")
+        return False
     v.manifest = (target, doc, digest)
     folder = os.path.dirname(target)
     before = len(v.problems)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
-from ckpttool.model import MICRO_STEPS, SAVES
+from ckpttool.model import MICRO_STEPS, SAVES, WARNING
 from ckpttool.trainers.base import Profile, numbered_dirs, role
+from ckpttool.trainers.contract import RUN, Contract, Part, entries
 
 # FSDP (accelerate.utils save_fsdp_model / save_fsdp_optimizer): full `optimizer.bin`, sharded DCP dirs
 FSDP_PARTS = (
@@ -41,6 +43,68 @@ MARKERS = ("random_states_0.pkl", "optimizer.bin", "scheduler.bin", "model.safet
            "pytorch_lora_weights.safetensors", "pytorch_model_fsdp_0", "scaler.pt")
 RNG_FILE = re.compile(r"random_states_(\d+)\.pkl")
 
+# What `Accelerator.load_state(dir)` reads (accelerate 1.15 accelerator.py load_state, checkpointing.py
+# load_accelerator_state, utils/fsdp_utils.py load_fsdp_model / load_fsdp_optimizer): one file per prepared object,
+# numbered from 0, each loaded with torch.load or safetensors, so a missing or damaged one raises.
+LOAD = "accelerate 1.15 accelerator.py load_state, checkpointing.py load_accelerator_state"
+MODELS = Part("model weights (model.safetensors or pytorch_model.bin, then model_1, ...)",
+              (r"model(?:_(\d+))?\.safetensors", r"pytorch_model(?:_(\d+))?\.bin"), series=True,
+              template="model{_n}.safetensors", why="load_accelerator_state loads one per prepared model, in order, "
+              "and raises FileNotFoundError for a missing one")
+FSDP_MODELS = Part("FSDP model state (pytorch_model_fsdp_0/ sharded, pytorch_model_fsdp.bin full)",
+                   (r"pytorch_model_fsdp(?:_(\d+))?/", r"pytorch_model_fsdp(?:_(\d+))?\.bin",
+                    r"pytorch_model_fsdp(?:_(\d+))?_rank\d+\.bin"), series=True, template="pytorch_model_fsdp_{n}/",
+                   why="fsdp_utils.py load_fsdp_model reads it for every prepared model (dist_cp.load of the folder, "
+                   "or torch.load of the file): the resume raises")
+OPTIMIZERS = Part("optimizer state (optimizer.bin, optimizer_1.bin, ...)", (r"optimizer(?:_(\d+))?\.bin",),
+                  code="missing_optimizer", series=True, template="optimizer{_n}.bin",
+                  why="load_accelerator_state loads one per prepared optimizer and raises FileNotFoundError")
+FSDP_OPTIMIZERS = Part("FSDP optimizer state (optimizer_0/ sharded, optimizer.bin full)",
+                       (r"optimizer_(\d+)/", r"optimizer(?:_(\d+))?\.bin"), code="missing_optimizer", series=True,
+                       template="optimizer_{n}/", why="fsdp_utils.py load_fsdp_optimizer reads it for every prepared "
+                       "optimizer: the resume raises")
+SCHEDULERS = Part("LR scheduler state (scheduler.bin, scheduler_1.bin, ...)", (r"scheduler(?:_(\d+))?\.bin",),
+                  code="missing_scheduler", series=True, template="scheduler{_n}.bin",
+                  why="load_accelerator_state loads one per prepared scheduler and raises FileNotFoundError; without "
+                  "it warmup and the schedule restart")
+# A loop that prepares no LR scheduler saves none, and load_state loads only the prepared ones: only the run's other
+# checkpoints tell that one was lost (the scripts built on Accelerate always prepare one and require it).
+ANY_SCHEDULERS = replace(SCHEDULERS, absent=RUN, why="load_accelerator_state loads one per prepared scheduler and "
+                         "raises FileNotFoundError (a loop that prepares none saves none)")
+SAMPLERS = Part("sampler state (sampler.bin)", (r"sampler(?:_(\d+))?\.bin",), absent=RUN, series=True,
+                template="sampler{_n}.bin", why="load_accelerator_state loads it for a dataloader whose sampler is "
+                "a SeedableRandomSampler over an IterableDatasetShard")
+DATALOADERS = Part("stateful dataloader state (dl_state_dict.bin)", (r"dl_state_dict(?:_(\d+))?\.bin",),
+                   absent=RUN, series=True, template="dl_state_dict{_n}.bin",
+                   why="load_accelerator_state loads it when it exists (use_stateful_dataloader): the data position")
+SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
+              why="load_state loads it whenever the run has a scaler (fp16) and raises FileNotFoundError without it")
+RNG = Part("RNG state (random_states_N.pkl, one per process)", (r"random_states_(\d+)\.pkl",), absent=WARNING,
+           damaged=WARNING, code="missing_rng", series=True, per_rank=True, template="random_states_{n}.pkl",
+           why="load_accelerator_state catches a missing or unreadable one ('Could not load random states') and "
+           "goes on: data order and dropout are not bit-exact")
+CUSTOM = Part("registered objects' state (custom_checkpoint_N.pkl)", (r"custom_checkpoint_(\d+)\.pkl",), absent=RUN,
+              series=True, template="custom_checkpoint_{n}.pkl",
+              why="load_state raises RuntimeError unless there is one per object registered with register_for_"
+              "checkpointing")
+MANIFEST = (r"ckpttool-manifest\.json", "ckpttool's manifest: read by verify, not by the resume")
+
+
+def is_fsdp(path: str) -> bool:
+    """Whether Accelerate saved the models through FSDP (save_fsdp_model / save_fsdp_optimizer names)."""
+    return any(e.startswith("pytorch_model_fsdp") or re.fullmatch(r"optimizer_\d+/", e) for e in entries(path))
+
+
+def state_contract(path: str, source: str, model_why: str, models=(MODELS,), extra=(), not_read=(),
+                   schedulers=SCHEDULERS) -> Contract:
+    """The contract of a save_state dir: Accelerate's own parts (their FSDP forms where FSDP saved it), `models`
+    where a script's load hook reads the weights from elsewhere, and the script's `extra` parts."""
+    fsdp = is_fsdp(path)
+    models = (FSDP_MODELS,) if fsdp else models
+    parts = models + (FSDP_OPTIMIZERS if fsdp else OPTIMIZERS, schedulers, SAMPLERS, DATALOADERS, SCALER, RNG, CUSTOM)
+    return Contract(source, parts + tuple(extra), model=models, model_why=model_why,
+                    not_read=(MANIFEST,) + tuple(not_read))
+
 
 def has_accelerate_files(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in MARKERS)
@@ -56,6 +120,10 @@ class Accelerate(Profile):
 
     def claims_path(self, path):
         return has_accelerate_files(path)
+
+    def resume_contract(self, ckpt):
+        return state_contract(ckpt.path, LOAD, "load_state has no weights to load into the prepared model and raises "
+                              "FileNotFoundError", schedulers=ANY_SCHEDULERS)
 
     def scheduler_multiples(self, ckpt):
         """Without split_batches a prepared scheduler steps once per process: one RNG file per process."""

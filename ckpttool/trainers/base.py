@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Problem, StepSource
+from ckpttool.trainers import contract
 
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
 
@@ -119,6 +120,8 @@ class Profile:
                 s.meaning = next((meaning for pattern, meaning in self.counter_meanings
                                   if re.search(pattern, s.source)), None)
         ckpt.problems.extend(self.completion_problems(ckpt))
+        if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
+            ckpt.problems.extend(contract.damage(terms, ckpt))
 
     def completion_problems(self, ckpt: Checkpoint) -> list[Problem]:
         return []
@@ -141,8 +144,13 @@ class Profile:
 
     # --- resume ---
 
+    def resume_contract(self, ckpt: Checkpoint) -> contract.Contract | None:
+        """What this trainer's own resume reads from a checkpoint dir, from its source (ckpttool/trainers/contract.py):
+        every part checked when read, its absence when resuming. None: the roles the reader found decide."""
+        return None
+
     def resume_problems(self, ckpt: Checkpoint) -> list[Problem]:
-        """What a resume from this checkpoint would silently lose."""
+        """What a resume from this checkpoint would fail on or silently lose."""
         roles = {c.role for c in ckpt.components}
         problems = []
         name = os.path.basename(os.path.normpath(ckpt.path))
@@ -151,6 +159,10 @@ class Profile:
                                     "(trainers rename it into place when done)", ckpt.path))
         if roles <= {"model", "ema", "extra", "target", "teacher", "config", "callbacks"}:
             return problems + [weights_only_problem(ckpt)]
+        if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
+            step = next((s.value for s in self.name_counters(ckpt.path)), None)
+            sibling = contract.nearest_sibling(ckpt.path, self.run_saves(ckpt.path), step)
+            return problems + contract.absence(terms, ckpt, sibling)
         if "optimizer" not in roles:
             problems.append(Problem("missing_optimizer", ERROR, "no optimizer state: a resume would restart Adam "
                                     "moments and the step count from zero", ckpt.path))

@@ -13,12 +13,28 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.trainers.accelerate import Accelerate, has_accelerate_files
+from ckpttool.trainers.accelerate import LOAD, MODELS, Accelerate, has_accelerate_files, state_contract
 from ckpttool.trainers.base import numbered_dirs
+from ckpttool.trainers.contract import PRETRAINED, PRETRAINED_CONTENT, RUN, Part
 
 CHECKPOINT_N = re.compile(r"checkpoint-(\d+)")
 SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                      "diffusion_pytorch_model.safetensors.index.json")
+
+
+# The scripts' load_model_hook pops the prepared models and loads them itself: from the save_pretrained folders
+# (train_text_to_image.py: UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet"),
+# EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ...)), or from the LoRA file (train_dreambooth_lora.py:
+# lora_state_dict(input_dir), which reads pytorch_lora_weights.safetensors). Scripts without hooks leave the
+# weights to Accelerate (model.safetensors).
+SCRIPTS = "diffusers examples: train_text_to_image.py and train_dreambooth_lora.py load_model_hook; " + LOAD
+FOLDERS = Part("save_pretrained model folders (unet/, unet_ema/, transformer/, ...)", (r"[^/]+/",), absent=RUN,
+               folders=PRETRAINED, content=PRETRAINED_CONTENT,
+               why="the script's load_model_hook calls from_pretrained on each (unet/, and unet_ema/ with --use_ema), "
+               "which raises")
+LORA = Part("LoRA weights (pytorch_lora_weights.safetensors)", (r"pytorch_lora_weights\.safetensors",), absent=RUN,
+            why="the LoRA scripts' load_model_hook calls lora_state_dict(input_dir), which raises without it")
+HOOKED_MODELS = Part(MODELS.what, MODELS.names, absent=RUN, series=True, template=MODELS.template, why=MODELS.why)
 
 
 def has_pretrained_subfolder(path: str) -> bool:
@@ -44,6 +60,10 @@ class Diffusers(Accelerate):
 
     def claims_path(self, path):
         return self.name_number(path) is not None and (has_accelerate_files(path) or has_pretrained_subfolder(path))
+
+    def resume_contract(self, ckpt):
+        return state_contract(ckpt.path, SCRIPTS, "the load hook (or load_state itself, without one) has no weights "
+                              "to load and raises", models=(HOOKED_MODELS, FOLDERS, LORA))
 
     def own_latest(self, run_dir):
         return highest_checkpoint(run_dir)

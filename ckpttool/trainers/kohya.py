@@ -12,10 +12,16 @@ import os
 import re
 
 from ckpttool.model import EPOCH, GLOBAL_STEP, StepSource
-from ckpttool.trainers.accelerate import Accelerate
+from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
+from ckpttool.trainers.contract import JSON, Part
 
 STEP_STATE = re.compile(r".*-step(\d+)-state")
 EPOCH_STATE = re.compile(r".*-(\d+)-state")
+# train_network.py: load_model_hook keeps only the network among the prepared models (so model.safetensors holds the
+# network, loaded by Accelerate), then reads train_state.json "when it exists" for steps_from_state.
+TRAIN_STATE = Part("the step counter (train_state.json)", (r"train_state\.json",), kind=JSON,
+                   why="train_network.py load_model_hook reads current_step from it when it exists: without it the run "
+                   "restarts its step count at 0 (and json.load raises on a damaged one)")
 
 
 class Kohya(Accelerate):
@@ -25,6 +31,11 @@ class Kohya(Accelerate):
     state_files = {"train_state.json": {"current_step": GLOBAL_STEP, "current_epoch": EPOCH}}
     latest_rule = "none: --resume loads the -state dir it is given"
     total_limit_rule = "--save_last_n_epochs_state / --save_last_n_steps_state delete older -state dirs"
+
+    def resume_contract(self, ckpt):
+        return state_contract(ckpt.path, f"kohya-ss/sd-scripts train_network.py load_model_hook; {LOAD}",
+                              "load_state has no network weights to load and raises FileNotFoundError",
+                              extra=(TRAIN_STATE,))
 
     def claims_path(self, path):
         name = os.path.basename(os.path.normpath(path))

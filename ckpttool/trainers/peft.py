@@ -9,6 +9,14 @@ from __future__ import annotations
 import os
 
 from ckpttool.trainers.base import Profile, role, weights_only_problem
+from ckpttool.trainers.contract import JSON, Contract, Part
+
+# PeftModel.from_pretrained / load_adapter (peft 0.21 peft_model.py, config.py PeftConfigMixin.from_pretrained,
+# utils/save_and_load.py load_peft_weights): the config first, then the weights.
+WEIGHTS = Part("adapter weights (adapter_model.safetensors or adapter_model.bin)", (r"adapter_model\.(?:safetensors|bin)",),
+               why="load_peft_weights raises without them")
+CONFIG = Part("adapter config (adapter_config.json)", (r"adapter_config\.json",), kind=JSON, core=True,
+              why="PeftConfig.from_pretrained reads it before anything else and raises without it")
 
 
 class Peft(Profile):
@@ -18,8 +26,14 @@ class Peft(Profile):
     file_roles = (role(r"adapter_model\.(?:safetensors|bin)", "model", "adapter"),)
 
     def claims_path(self, path):
-        return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")) and any(
-            os.path.isfile(os.path.join(path, f"adapter_model.{ext}")) for ext in ("safetensors", "bin"))
+        """Either of its two files (the other one lost is damage this profile then names)."""
+        return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (
+            "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"))
+
+    def resume_contract(self, ckpt):
+        return Contract("peft 0.21 PeftModel.from_pretrained, load_adapter", (WEIGHTS, CONFIG), model=(WEIGHTS,),
+                        model_why="load_peft_weights raises: there is no adapter to load",
+                        not_read=((r"README\.md", "the model card"),))
 
     def resume_problems(self, ckpt):
         return [weights_only_problem(ckpt)]

@@ -16,15 +16,28 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem
-from ckpttool.trainers.accelerate import Accelerate
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, WARNING, Problem
+from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
 from ckpttool.trainers.base import json_keys, numbered_dirs
+from ckpttool.trainers.contract import JSON, Part
+from ckpttool.trainers.diffusers import FOLDERS, HOOKED_MODELS, LORA
 
 NAME = re.compile(r"checkpoint-(\d+)(?:-[^/]+)?")
 OWN_KEYS = {"epoch_step", "exhausted_backends", "repeats"}
 RANK_STATE = re.compile(r"training_state-rank\d+\.json")
 GUARD = ".guard"
-MANIFEST = "checkpoint_manifest.json"
+CHECKPOINT_MANIFEST = "checkpoint_manifest.json"
+# helpers/training/save_hooks.py load_model_hook: StateTracker.load_training_state(training_state.json, or this rank's
+# training_state-rankN.json, falling back to the rank-0 file), then the LoRA file (load_lora_weights), or the denoiser
+# with from_pretrained(input_dir, subfolder=...) and the EMA folder; Accelerate loads the rest.
+HOOKS = "SimpleTuner helpers/training/save_hooks.py SaveHookManager.load_model_hook; " + LOAD
+TRAINING_STATE = Part("the training state (training_state.json: global_step, epoch, backends)",
+                      (r"training_state\.json",), kind=JSON, why="load_model_hook only warns when it is missing and "
+                      "the run restarts its step and epoch counts (StateTracker.load_training_state raises on a "
+                      "damaged one)")
+RANK_STATES = Part("other ranks' training state (training_state-rankN.json)", (r"training_state-rank(\d+)\.json",),
+                   absent=None, damaged=ERROR, kind=JSON, why="load_model_hook falls back to training_state.json "
+                   "for a rank whose file is missing; json.load raises on a damaged one")
 
 
 def guarded(path: str) -> bool:
@@ -50,8 +63,16 @@ class SimpleTuner(Accelerate):
         if not os.path.isdir(path):
             return False
         names = set(os.listdir(path))
-        return bool({GUARD, MANIFEST} & names or any(RANK_STATE.fullmatch(n) for n in names)
+        return bool({GUARD, CHECKPOINT_MANIFEST} & names or any(RANK_STATE.fullmatch(n) for n in names)
                     or OWN_KEYS & (json_keys(path, "training_state.json") or set()))
+
+    def resume_contract(self, ckpt):
+        return state_contract(ckpt.path, HOOKS, "load_model_hook has no weights to load (no LoRA file, no model "
+                              "folder) and raises", models=(HOOKED_MODELS, FOLDERS, LORA),
+                              extra=(TRAINING_STATE, RANK_STATES), not_read=((r"\.guard|checkpoint_manifest\.json",
+                                                                              "read when choosing the latest "
+                                                                              "checkpoint (get_latest_checkpoint), "
+                                                                              "not by the resume"),))
 
     def run_saves(self, path):
         return numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), re.compile(r"checkpoint-(\d+)"))
@@ -63,8 +84,8 @@ class SimpleTuner(Accelerate):
             return []
         if os.path.exists(os.path.join(ckpt.path, GUARD)):
             why = ".guard does not say 'complete'"
-        elif os.path.isfile(os.path.join(ckpt.path, MANIFEST)):
-            why = f"{MANIFEST} is there but .guard, which this SimpleTuner version writes right after it, is not"
+        elif os.path.isfile(os.path.join(ckpt.path, CHECKPOINT_MANIFEST)):
+            why = f"{CHECKPOINT_MANIFEST} is there but .guard, which this SimpleTuner version writes right after it, is not"
         elif any(guarded(p) for p in self.run_saves(ckpt.path).values()):
             why = "the run's other checkpoints carry a .guard, which SimpleTuner writes last, and this one has none"
         else:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import ERROR, GLOBAL_STEP, Problem
-from ckpttool.trainers.accelerate import FSDP_PARTS
+from ckpttool.model import GLOBAL_STEP, WARNING
+from ckpttool.trainers.accelerate import FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, is_fsdp
 from ckpttool.trainers.base import Profile, role
+from ckpttool.trainers.contract import ADAPTER, ADAPTER_CONTENT, ENGINE, JSON, RUN, TAG, Contract, Part, entries
 from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
 from ckpttool.trainers.diffusers import highest_checkpoint
 
@@ -44,6 +45,60 @@ OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pt
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.safetensors")
 
+# What Trainer.train(resume_from_checkpoint=...) reads (transformers 5.24 trainer.py): train() loads
+# trainer_state.json (TrainerState.load_from_json), _load_from_checkpoint the weights (or load_fsdp_model under FSDP;
+# under DeepSpeed deepspeed_load_checkpoint, the engine's save named by `latest`), _load_optimizer_and_scheduler both
+# states (only when both files are there), _load_scaler the scaler when there, _load_rng_state this process's RNG.
+LOAD = ("transformers 5.24 trainer.py train, _load_from_checkpoint, _load_optimizer_and_scheduler, _load_scaler, "
+        "_load_rng_state; integrations/deepspeed.py deepspeed_load_checkpoint")
+TRAINER_STATE_PART = Part("trainer_state.json (the global step, written last)", (r"trainer_state\.json",), kind=JSON,
+                          core=True, why="Trainer writes it last, after the model, optimizer, scheduler and RNG "
+                          "state, so without it the save never finished; train() loads it with "
+                          "TrainerState.load_from_json and raises")
+MODEL_FILES = Part("model weights (model.safetensors, pytorch_model.bin or a sharded index)",
+                   (r"model\.safetensors", r"pytorch_model\.bin", r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json"),
+                   absent=None, why="_load_from_checkpoint loads them with load_state_dict")
+ADAPTER_FILES = Part("PEFT adapter weights (adapter_model.safetensors)", (r"adapter_model\.(?:safetensors|bin)",),
+                     absent=None, why="_load_from_checkpoint calls model.load_adapter on the checkpoint dir")
+ADAPTER_CONFIG = Part("PEFT adapter config (adapter_config.json)", (r"adapter_config\.json",), kind=JSON,
+                      why="load_adapter reads the adapter config before its weights and raises without it")
+ADAPTER_DIRS = Part("PEFT adapters saved in subfolders", (r"[^/]+/",), absent=RUN, folders=ADAPTER,
+                    content=ADAPTER_CONTENT, why="_load_from_checkpoint calls load_adapter on each subfolder")
+CONFIG = Part("model config (config.json)", (r"config\.json",), kind=JSON, absent=None,
+              why="_load_from_checkpoint parses it with PreTrainedConfig.from_json_file when it is there")
+OPTIMIZER = Part("optimizer state (optimizer.pt)", (r"optimizer\.pt",), code="missing_optimizer",
+                 why="_load_optimizer_and_scheduler loads the optimizer and scheduler only when both files are there: "
+                 "without it both silently restart (Adam moments and the step count from zero)")
+SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt",), code="missing_scheduler",
+                 why="_load_optimizer_and_scheduler loads the optimizer and scheduler only when both files are there: "
+                 "without it both silently restart (warmup and the schedule from step 0)")
+DEEPSPEED_SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt",), absent=RUN,
+                           code="missing_scheduler", why="under DeepSpeed _load_optimizer_and_scheduler loads it "
+                           "unless DeepSpeed's config names the scheduler (then the engine's save holds it)")
+SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
+              why="_load_scaler loads it when it is there; an fp16 run without it restarts its loss scale")
+RNG = Part("RNG state (rng_state.pth, or rng_state_N.pth per process)", (r"rng_state\.pth", r"rng_state_(\d+)\.pth"),
+           absent=WARNING, code="missing_rng", series=True, several=True, per_rank=True, template="rng_state_{n}.pth",
+           why="_load_rng_state skips a missing one with an info message (not bit-exact), but torch.load raises on a "
+           "damaged one")
+LATEST = Part("DeepSpeed's `latest` (the tag to load)", (r"latest",), kind=TAG,
+              why="deepspeed_load_checkpoint calls engine.load_checkpoint(tag=None), which reads the tag from it; "
+              "without it the load returns None and the Trainer raises 'failed to resume from checkpoint'")
+ENGINE_SAVE = Part("DeepSpeed engine save (global_stepN/: model, optimizer and scheduler states)",
+                   (r"global_step(\d+)/",), folders=ENGINE, stepped=True, code="missing_optimizer",
+                   why="deepspeed_load_checkpoint raises 'Can't find a valid checkpoint' without a global_step* dir")
+NOT_READ = (
+    (r"training_args\.bin", "TrainingArguments come from the caller; the pickle is never loaded on resume"),
+    (r"generation_config\.json", "read by generate(), not by the resume"),
+    (r"(?:tokenizer|tokenizer_config|special_tokens_map|added_tokens|preprocessor_config|processor_config|"
+     r"chat_template)\.json|vocab\..*|merges\.txt|spiece\.model|chat_template\.jinja",
+     "the processing class saved for export; the resume uses the one the caller passes"),
+    (r"README\.md", "a model card"),
+    (r"zero_to_fp32\.py", "DeepSpeed's consolidation script, copied in for users"),
+    MANIFEST,
+)
+MODEL_WHY = "_load_from_checkpoint raises ValueError: Can't find a valid checkpoint at <dir>"
+
 
 class Transformers(Profile):
     name = "transformers"
@@ -56,6 +111,27 @@ class Transformers(Profile):
     latest_rule = "resume_from_checkpoint=True: get_last_checkpoint, the highest N among checkpoint-N dirs, unverified"
     total_limit_rule = "save_total_limit: rotate_checkpoints deletes the oldest, keeping the newest and the best"
 
+    def resume_contract(self, ckpt):
+        """The layout decides what the resume reads: under DeepSpeed (a global_stepN/ dir) the engine's save, under
+        FSDP (pytorch_model_fsdp*, optimizer.bin or optimizer_N/) the FSDP states; model.safetensors beside them is an
+        export copy then, not read."""
+        listing = entries(ckpt.path)
+        shared = (TRAINER_STATE_PART, CONFIG, SCALER, RNG)
+        adapter = (ADAPTER_CONFIG,) if any(e.startswith("adapter_model.") for e in listing) else ()
+        if any(ENGINE_SAVE.matches([e], ckpt.path) for e in listing):
+            return Contract(LOAD, (LATEST, ENGINE_SAVE, DEEPSPEED_SCHEDULER) + shared, model=(ENGINE_SAVE,),
+                            model_why=MODEL_WHY, not_read=NOT_READ + (
+                                (r"model\.safetensors|pytorch_model\.bin", "an export copy: under DeepSpeed the "
+                                 "resume loads the engine's own save"),))
+        if is_fsdp(ckpt.path) or "optimizer.bin" in listing:
+            return Contract(LOAD, (FSDP_MODELS, FSDP_OPTIMIZERS, SCHEDULER) + adapter + shared, model=(FSDP_MODELS,),
+                            model_why=MODEL_WHY, not_read=NOT_READ + (
+                                (r"model\.safetensors|pytorch_model\.bin", "an export copy: under FSDP the resume "
+                                 "loads pytorch_model_fsdp* with load_fsdp_model"),))
+        models = (MODEL_FILES, ADAPTER_FILES, ADAPTER_DIRS)
+        return Contract(LOAD, models + adapter + (OPTIMIZER, SCHEDULER) + shared, model=models,
+                        model_why=MODEL_WHY, not_read=NOT_READ)
+
     def claims_path(self, path):
         """Its own files; or, cut short right after `save_model`, a top-level config.json beside the weights
         (Accelerate and diffusers dirs keep configs only inside save_pretrained subfolders)."""
@@ -66,13 +142,6 @@ class Transformers(Profile):
         return self.name_number(path) is not None and os.path.isfile(os.path.join(path, "config.json")) and any(
             os.path.isfile(os.path.join(path, w)) for w in WEIGHTS) and not os.path.exists(
             os.path.join(path, "random_states_0.pkl"))
-
-    def completion_problems(self, ckpt):
-        if os.path.isfile(os.path.join(ckpt.path, TRAINER_STATE)):
-            return []
-        return [Problem("missing_file", ERROR, f"no {TRAINER_STATE}: Trainer writes it last, after the model, "
-                        "optimizer, scheduler and RNG state, so this save never finished (and a resume could not "
-                        "restore the global step)", os.path.join(ckpt.path, TRAINER_STATE))]
 
     def own_latest(self, run_dir):
         return highest_checkpoint(run_dir, self.name_pattern)

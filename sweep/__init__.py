@@ -1,0 +1,293 @@
+"""`python -m sweep` (`make sweep`): every file of healthy checkpoints the real libraries wrote is deleted, cut to half
+its size and emptied, one at a time, in a copy of its run; each damaged copy goes through `inspect`, `verify
+--for-resume` and `latest --for-resume`, and the outcome must be the one the trainer's resume contract
+(ckpttool/trainers/contract.py) says:
+  - an error where the trainer's own resume fails or loses state, a warning where it loses only reproducibility,
+    nothing new for a file the contract lists as not read on resume;
+  - never an exception, never a file that no contract part and no not-read rule accounts for;
+  - `latest --for-resume` never picks a copy whose damage is an error.
+Layouts without a profile contract (a single .pt or .ckpt file, a DCP dir, a DeepSpeed save) are read whole by their
+format reader: any damage there is an error, except in the files the DeepSpeed engine never reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+os.environ.setdefault("CKPTTOOL_CACHE_DIR", "")  # every verify is a full one
+
+from ckpttool.model import ERROR, WARNING  # noqa: E402
+
+MODES = ("delete", "cut", "empty")
+DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
+NOT_READ_ANYWHERE = (("zero_to_fp32.py", "DeepSpeed's consolidation script, copied in for users"),)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A healthy checkpoint to damage: `checkpoint` inside the run folder `run` (copied whole, so that the run's
+    other checkpoints are there as a resume would find them)."""
+    name: str
+    run: str
+    checkpoint: str  # relative to run
+
+
+@dataclass
+class Case:
+    target: Target
+    file: str  # relative to the checkpoint ("" when the checkpoint is the file)
+    mode: str
+    expected: str | None  # ERROR, WARNING, or None (nothing new)
+    why: str
+    outcome: str | None = None  # the worst new severity verify reported
+    failure: str | None = None  # why the case failed, or None
+
+    @property
+    def label(self) -> str:
+        return f"{self.target.name}: {self.mode} {self.file or os.path.basename(self.target.checkpoint)}"
+
+
+def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, reference: str | None = None) -> list[Target]:
+    """The newest checkpoint of every real-library run the tests build (`runs`: fixtures.real_runs.build_runs), of
+    every real-run sample in tests/data, of the state dirs of the fixture corpus that Accelerate's save_state wrote
+    with the kohya, SimpleTuner and diffusers hooks (`corpus`: fixtures.generate.build), and of a reference-trainer
+    run (`reference`)."""
+    found = []
+    for name, run in sorted(runs.items()):
+        if name == "peft":
+            found.append(Target(name, os.path.dirname(run), os.path.basename(run)))
+        elif name.startswith("lightning"):
+            found.append(Target(name, run, _newest(run, lambda e: e.endswith(".ckpt") and "step=" in e)))
+        elif name == "torchtitan":
+            found.append(Target(name, run, _newest(run, lambda e: e.startswith("step-"))))
+        else:
+            found.append(Target(name, run, _newest(run, lambda e: e.startswith("checkpoint"))))
+    data = os.path.abspath(DATA)
+    for name in ("transformers", "accelerate"):
+        run = os.path.join(data, "fp16", name)
+        found.append(Target(f"fp16_{name}", run, _newest(run, lambda e: e.startswith("checkpoint"))))
+    found.append(Target("fp16_lightning", os.path.join(data, "fp16", "lightning"), "epoch=0-step=10.ckpt"))
+    found.append(Target("transformers4_bin", os.path.join(data, "transformers4_bin"), "checkpoint-4"))
+    for name in ("transformers_zero2", "fp16_transformers"):
+        run = os.path.join(data, "deepspeed", name)
+        found.append(Target(f"deepspeed_{name}", run, _newest(run, lambda e: e.startswith("checkpoint"))))
+    for name in ("zero2", "zero3", "zero2_bf16", "fp16_zero2"):
+        found.append(Target(f"deepspeed_{name}", os.path.join(data, "deepspeed"), name))
+    found.append(Target("cuda_accelerate_fp16", os.path.join(data, "cuda"), "accelerate_fp16"))
+    for key in ("kohya_step_state", "simpletuner", "accelerate", "diffusers_lora") if corpus else ():
+        path = corpus[key]
+        found.append(Target(f"corpus_{key}", os.path.dirname(path), os.path.basename(path)))
+    if reference:
+        found.append(Target("reference_trainer", reference, _newest(reference, lambda e: e.startswith("checkpoint"))))
+    return found
+
+
+def reference_run(out: str) -> str:
+    """A run of the reference trainer (python -m trainer), saving every 2 of 4 steps."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "trainer", "--output-dir", out, "--max-steps", "4", "--checkpointing-steps",
+                    "2", "--batch-size", "8"], check=True, capture_output=True,
+                   cwd=os.path.join(os.path.dirname(__file__), ".."))
+    return out
+
+
+def _newest(run: str, wanted) -> str:
+    import re
+
+    names = [e for e in os.listdir(run) if wanted(e)]
+    return max(names, key=lambda e: [int(n) for n in re.findall(r"\d+", e)] or [0])
+
+
+def files_of(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [""]
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
+
+
+def expectation(healthy: str, rel: str, mode: str) -> tuple[str | None, str]:
+    """What damaging `rel` in the checkpoint `healthy` must give, and why: from its trainer's resume contract."""
+    from ckpttool import trainers
+    from ckpttool.checkpoint import open_checkpoint
+    from ckpttool.trainers import contract as terms
+
+    name = os.path.basename(rel)
+    if any(name == n for n, _ in NOT_READ_ANYWHERE):
+        return None, "not read"
+    ckpt = open_checkpoint(healthy)
+    profile = trainers.profile_of(ckpt)
+    deal = profile.resume_contract(ckpt) if os.path.isdir(healthy) else None
+    if deal is None:
+        tag = ckpt.metadata.get("tag_from") and os.path.relpath(ckpt.path, healthy)
+        if tag and os.sep in rel and rel.split(os.sep)[0] != tag:
+            return None, "not read: load_checkpoint(tag=None) loads only the tag `latest` names"
+        return ERROR, "read whole by its format reader"
+    top = rel.split(os.sep)[0] + ("/" if os.sep in rel else "")
+    if any(terms.re.fullmatch(p, top) for p, _ in deal.not_read):
+        return None, "not read on resume"
+    part = next((p for p in deal.parts if p.matches([top], healthy)), None)
+    if part is None:
+        return "unaccounted", f"{top} is in no part of {profile.name}'s contract"
+    if os.sep in rel or mode != "delete":
+        return part.damaged, f"{part.what}: damaged"
+    listing = terms.entries(healthy)
+    if part in deal.model and not any(e != top for p in deal.model for e in p.matches(listing, healthy)):
+        return ERROR, "the only model weights"
+    if part.core:
+        return ERROR, f"{part.what}: core"
+    sibling = terms.nearest_sibling(healthy, profile.run_saves(healthy),
+                                    next((s.value for s in profile.name_counters(healthy)), None))
+    theirs = part.matches(terms.entries(sibling), sibling) if sibling else []
+    if part.absent in (ERROR, WARNING):
+        if part.series and len(part.matches(listing, healthy)) > 1 and part.number(top) == max(
+                part.number(e) for e in part.matches(listing, healthy)) and not theirs and not part.several \
+                and not (part.per_rank and terms.world_size(ckpt) > part.number(top)):
+            return None, "the last of a series, and no other checkpoint of the run to show it"
+        return part.absent, f"{part.what}: absent"
+    if part.absent == terms.RUN and (part.stepped and theirs or top in theirs):
+        return ERROR, f"{part.what}: the run's other checkpoints have it"
+    if part in deal.model:
+        return None, f"{part.what}: another model part holds the model"
+    return None, f"{part.what}: read only when present"
+
+
+def damage(path: str, mode: str):
+    if mode == "delete":
+        os.remove(path)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2 if mode == "cut" else 0)
+
+
+def run_case(case: Case, work: str) -> Case:
+    from ckpttool.errors import UsageError
+    from ckpttool.operations.inspect import inspect
+    from ckpttool.operations.latest import latest
+    from ckpttool.operations.verify import verify
+
+    target = case.target
+    copy = os.path.join(work, "run")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(target.run, copy, symlinks=True)
+    checkpoint = os.path.join(copy, target.checkpoint)
+    before = _keys(verify(checkpoint, for_resume=True, recall=False), copy)
+    damage(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode)
+    try:
+        report = verify(checkpoint, for_resume=True, recall=False)
+        inspect(checkpoint)
+        picked = latest(os.path.dirname(checkpoint), for_resume=True)["path"] \
+            if os.path.isdir(os.path.dirname(checkpoint)) else None
+    except UsageError as e:
+        case.failure = f"usage error instead of a report: {e}"
+        return case
+    except Exception as e:  # noqa: BLE001 - an escape is what the sweep exists to find
+        case.failure = f"{type(e).__name__}: {e}"
+        return case
+    new = [p for p in report["problems"] if _key(p, copy) not in before]
+    case.outcome = ERROR if any(p["severity"] == ERROR for p in new) else WARNING if new else None
+    if case.expected == "unaccounted":
+        case.failure = case.why
+    elif case.expected == ERROR and case.outcome != ERROR:
+        case.failure = f"expected an error ({case.why}), got {case.outcome or 'nothing new'}"
+    elif case.expected == WARNING and case.outcome != WARNING:
+        case.failure = f"expected a warning ({case.why}), got {case.outcome or 'nothing new'}"
+    elif case.expected is None and case.outcome == ERROR:
+        case.failure = f"expected nothing new ({case.why}), got an error: {new}"
+    elif case.outcome == ERROR and picked and os.path.abspath(picked) == os.path.abspath(checkpoint):
+        case.failure = "latest --for-resume picked it"
+    if case.failure and new:
+        case.failure += " | " + "; ".join(f"{p['severity']} {p['code']}: {p['message'][:160]}" for p in new)
+    return case
+
+
+def _key(problem: dict, root: str) -> tuple:
+    path = os.path.relpath(problem["path"], root) if problem.get("path") else ""
+    return problem["code"], problem["severity"], path
+
+
+def _keys(report: dict, root: str) -> set:
+    return {_key(p, root) for p in report["problems"]}
+
+
+def cases(target: Target, modes=MODES) -> list[Case]:
+    healthy = os.path.join(target.run, target.checkpoint)
+    found = []
+    for rel in files_of(healthy):
+        for mode in modes:
+            if mode == "delete" and not rel:
+                continue  # deleting the whole checkpoint leaves nothing to verify
+            expected, why = expectation(healthy, rel, mode)
+            found.append(Case(target, rel, mode, expected, why))
+    return found
+
+
+def healthy_case(target: Target) -> Case:
+    """The untouched checkpoint: it must verify for resume with no error (no false alarm); weights only (a PEFT
+    adapter) it must verify clean, and a resume from it is refused as weights_only, with nothing else."""
+    from ckpttool.operations.verify import verify
+
+    case = Case(target, "", "none", None, "healthy")
+    path = os.path.join(target.run, target.checkpoint)
+    report = verify(path, for_resume=True, recall=False)
+    errors = [p for p in report["problems"] if p["severity"] == ERROR and p["code"] != "weights_only"]
+    if any(p["code"] == "weights_only" for p in report["problems"]):
+        errors += [p for p in verify(path, recall=False)["problems"] if p["severity"] == ERROR]
+    case.outcome = ERROR if errors else WARNING if report["problems"] else None
+    if errors:
+        case.failure = "the healthy checkpoint is refused: " + "; ".join(f"{p['code']}: {p['message'][:160]}"
+                                                                         for p in errors)
+    return case
+
+
+def sweep(selected: list[Target], modes=MODES, progress=None) -> tuple[list[Case], dict]:
+    """The healthy checkpoint and every damaged copy of every target; (cases, tally)."""
+    done = []
+    with tempfile.TemporaryDirectory() as work:
+        for target in selected:
+            done.append(healthy_case(target))
+            if progress:
+                progress(done[-1])
+            for case in cases(target, modes):
+                done.append(run_case(case, work))
+                if progress:
+                    progress(done[-1])
+    return done, tally(done, selected)
+
+
+def tally(done: list[Case], selected: list[Target]) -> dict:
+    damaged = [c for c in done if c.mode != "none"]
+    count = collections.Counter(c.outcome or ("not read" if c.why.startswith("not read") else "clean")
+                                for c in damaged if not c.failure)
+    return {"healthy checkpoints": len(selected),
+            "healthy with warnings only": sum(1 for c in done if c.mode == "none" and c.outcome == WARNING),
+            "damaged copies": len(damaged), "errors": count[ERROR], "warnings": count[WARNING],
+            "not read": count["not read"], "clean (read only when present)": count["clean"],
+            "failed": sum(1 for c in done if c.failure)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", help="where the real-library runs are built (default: a temporary folder)")
+    parser.add_argument("--only", action="append", default=[], help="sweep only targets whose name contains this")
+    args = parser.parse_args(argv)
+    from fixtures.generate import build
+    from fixtures.real_runs import build_runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.work or tmp
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(os.path.join(root, "reference"), ignore_errors=True)
+        every = targets(build_runs(os.path.join(root, "runs")), build(os.path.join(root, "corpus")),
+                        reference_run(os.path.join(root, "reference")))
+        selected = [t for t in every if not args.only or any(o in t.name for o in args.only)]
+        done, counts = sweep(selected, progress=lambda c: c.failure and print(f"FAIL {c.label}: {c.failure}"))
+    for key, value in counts.items():
+        print(f"{key:32} {value}")
+    return 1 if counts["failed"] else 0
