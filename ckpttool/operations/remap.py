@@ -224,6 +224,7 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
     the source had one) rewritten for the new contents, the dir published only when complete."""
     import shutil
 
+    from ckpttool.checksums import MANIFEST_NAME
     from ckpttool.operations import manifest
 
     output.check_destination(src, dst, force)
@@ -236,11 +237,11 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
         staging = atomic.make_staging_dir(dst)
         try:
             out = os.path.join(staging, "dir")
-            stale = [manifest.MANIFEST_NAME] + (list(quanto.QMAP_NAMES) if options.get("dequantize") else [])
+            stale = [MANIFEST_NAME] + (list(quanto.QMAP_NAMES) if options.get("dequantize") else [])
             shutil.copytree(src, out, ignore=shutil.ignore_patterns(*stale), copy_function=shutil.copyfile)
             target = os.path.join(out, os.path.relpath(weights, src))
             result = remap(weights, target, force=True, to="safetensors", **options)
-            if os.path.exists(os.path.join(src, manifest.MANIFEST_NAME)):
+            if os.path.exists(os.path.join(src, MANIFEST_NAME)):
                 manifest.write(out)
             if os.path.lexists(dst):
                 shutil.rmtree(dst) if os.path.isdir(dst) else os.unlink(dst)
