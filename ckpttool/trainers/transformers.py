@@ -60,8 +60,6 @@ MODEL_FILES = Part("model weights (model.safetensors, pytorch_model.bin or a sha
                    absent=None, why="_load_from_checkpoint loads them with load_state_dict")
 ADAPTER_FILES = Part("PEFT adapter weights (adapter_model.safetensors)", (r"adapter_model\.(?:safetensors|bin)",),
                      absent=None, why="_load_from_checkpoint calls model.load_adapter on the checkpoint dir")
-ADAPTER_CONFIG = Part("PEFT adapter config (adapter_config.json)", (r"adapter_config\.json",), kind=JSON,
-                      why="load_adapter reads the adapter config before its weights and raises without it")
 ADAPTER_DIRS = Part("PEFT adapters saved in subfolders", (r"[^/]+/",), absent=RUN, folders=ADAPTER,
                     content=ADAPTER_CONTENT, why="_load_from_checkpoint calls load_adapter on each subfolder")
 CONFIG = Part("model config (config.json)", (r"config\.json",), kind=JSON, absent=None,
@@ -94,6 +92,8 @@ NOT_READ = (
      r"chat_template)\.json|vocab\..*|merges\.txt|spiece\.model|chat_template\.jinja",
      "the processing class saved for export; the resume uses the one the caller passes"),
     (r"README\.md", "a model card"),
+    (r"adapter_config\.json", "PEFT's load_adapter keeps the live model's config for an adapter it already has "
+     "(peft 0.21 PeftModel.load_adapter: the config is read only for a new adapter name)"),
     (r"zero_to_fp32\.py", "DeepSpeed's consolidation script, copied in for users"),
     MANIFEST,
 )
@@ -117,19 +117,18 @@ class Transformers(Profile):
         export copy then, not read."""
         listing = entries(ckpt.path)
         shared = (TRAINER_STATE_PART, CONFIG, SCALER, RNG)
-        adapter = (ADAPTER_CONFIG,) if any(e.startswith("adapter_model.") for e in listing) else ()
         if any(ENGINE_SAVE.matches([e], ckpt.path) for e in listing):
             return Contract(LOAD, (LATEST, ENGINE_SAVE, DEEPSPEED_SCHEDULER) + shared, model=(ENGINE_SAVE,),
                             model_why=MODEL_WHY, not_read=NOT_READ + (
                                 (r"model\.safetensors|pytorch_model\.bin", "an export copy: under DeepSpeed the "
                                  "resume loads the engine's own save"),))
         if is_fsdp(ckpt.path) or "optimizer.bin" in listing:
-            return Contract(LOAD, (FSDP_MODELS, FSDP_OPTIMIZERS, SCHEDULER) + adapter + shared, model=(FSDP_MODELS,),
+            return Contract(LOAD, (FSDP_MODELS, FSDP_OPTIMIZERS, SCHEDULER) + shared, model=(FSDP_MODELS,),
                             model_why=MODEL_WHY, not_read=NOT_READ + (
                                 (r"model\.safetensors|pytorch_model\.bin", "an export copy: under FSDP the resume "
                                  "loads pytorch_model_fsdp* with load_fsdp_model"),))
         models = (MODEL_FILES, ADAPTER_FILES, ADAPTER_DIRS)
-        return Contract(LOAD, models + adapter + (OPTIMIZER, SCHEDULER) + shared, model=models,
+        return Contract(LOAD, models + (OPTIMIZER, SCHEDULER) + shared, model=models,
                         model_why=MODEL_WHY, not_read=NOT_READ)
 
     def claims_path(self, path):
