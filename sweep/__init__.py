@@ -1,6 +1,7 @@
 """`python -m sweep` (`make sweep`): every file of healthy checkpoints the real libraries wrote is deleted, cut to half
 its size and emptied, one at a time, in a copy of its run; each damaged copy goes through `inspect`, `verify
---for-resume` and `latest --for-resume`, and the outcome must be the one the trainer's resume contract
+--for-resume`, the gate, and `latest --for-resume`, `prune` (its plan) and `report` on the run, and the outcome must be
+the one the trainer's resume contract
 (ckpttool/trainers/contract.py) says:
   - an error where the trainer's own resume fails or loses state, a warning where it loses only reproducibility,
     nothing new for a file the contract lists as not read on resume;
@@ -80,6 +81,9 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
     for name in ("zero2", "zero3", "zero2_bf16", "fp16_zero2"):
         found.append(Target(f"deepspeed_{name}", os.path.join(data, "deepspeed"), name))
     found.append(Target("cuda_accelerate_fp16", os.path.join(data, "cuda"), "accelerate_fp16"))
+    for name in sorted(os.listdir(os.path.join(data, "fsdp"))):
+        run = os.path.join(data, "fsdp", name)
+        found.append(Target(name, run, _newest(run, lambda e: e.startswith("checkpoint") or e.endswith(".ckpt"))))
     for key in ("kohya_step_state", "simpletuner", "accelerate", "diffusers_lora") if corpus else ():
         path = corpus[key]
         found.append(Target(f"corpus_{key}", os.path.dirname(path), os.path.basename(path)))
@@ -167,8 +171,11 @@ def damage(path: str, mode: str):
 
 def run_case(case: Case, work: str) -> Case:
     from ckpttool.errors import UsageError
+    from ckpttool.gate import ResumeGateError, check_resume
     from ckpttool.operations.inspect import inspect
     from ckpttool.operations.latest import latest
+    from ckpttool.operations.prune import plan
+    from ckpttool.operations.report import report as run_report
     from ckpttool.operations.verify import verify
 
     target = case.target
@@ -181,8 +188,14 @@ def run_case(case: Case, work: str) -> Case:
     try:
         report = verify(checkpoint, for_resume=True, recall=False)
         inspect(checkpoint)
-        picked = latest(os.path.dirname(checkpoint), for_resume=True)["path"] \
-            if os.path.isdir(os.path.dirname(checkpoint)) else None
+        run = os.path.dirname(checkpoint)
+        picked = latest(run, for_resume=True)["path"]
+        plan(run, keep=1)
+        run_report(run, for_resume=True)
+        try:
+            check_resume(checkpoint)
+        except ResumeGateError:
+            pass
     except UsageError as e:
         case.failure = f"usage error instead of a report: {e}"
         return case

@@ -24,7 +24,7 @@ OBJECT_GLOBALS = SAFE_GLOBALS | {"_io.BytesIO"}
 OBJECT_LIMIT = 1 << 20  # bytes of one non-tensor item read to show it; larger ones are only sized
 OBJECTS_READ = 2000  # non-tensor items read per checkpoint; the rest are listed unread
 COUNTER_TENSORS = 64  # `step` tensors of an optimizer state read (they are equal: one per parameter)
-OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)\.state\..+\.step")
+OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)(?:_\d+)?\.state\..+\.step")  # Lightning: optimizer_0, ...
 SCHEDULER_STEP = re.compile(r"(?:lr_scheduler|scheduler)(?:\.\d+)?\.last_epoch")
 
 

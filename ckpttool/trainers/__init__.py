@@ -20,7 +20,7 @@ from ckpttool.trainers.dcp_state import DcpState
 from ckpttool.trainers.deepspeed import DeepSpeed
 from ckpttool.trainers.diffusers import Diffusers
 from ckpttool.trainers.kohya import Kohya
-from ckpttool.trainers.lightning import Lightning
+from ckpttool.trainers.lightning import Lightning, LightningSharded
 from ckpttool.trainers.peft import Peft
 from ckpttool.trainers.reference import Reference
 from ckpttool.trainers.simpletuner import SimpleTuner
@@ -29,7 +29,7 @@ from ckpttool.trainers.training_dict import TrainingDict
 from ckpttool.trainers.transformers import Transformers
 
 PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), DeepSpeed(),
-                 ConsistencyModels(),
+                 ConsistencyModels(), LightningSharded(),
                  AccelerateAutomatic(), Diffusers(), Accelerate())
 CONTENT_PROFILES = (Lightning(), TrainingDict(), DcpState())
 GENERIC = Profile()

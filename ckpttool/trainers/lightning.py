@@ -7,6 +7,12 @@ the precision plugin's state under its class name (`MixedPrecision`: the GradSca
 `hyper_parameters`. No RNG state is saved. Schedulers step per step or per epoch (`interval`, not saved).
 `ModelCheckpoint` names files `epoch={epoch}-step={step}.ckpt` (`-v1` on clashes) and `last.ckpt`;
 `ckpt_path="last"` loads the `last*.ckpt` with the newest mtime. `save_top_k` deletes the worst-scoring.
+
+Sharded strategies (FSDPStrategy(state_dict_type="sharded"), ModelParallelStrategy, and Fabric's) make the same name
+a directory (pytorch/strategies/fsdp.py `save_checkpoint`): a DCP state dict {"model", "optimizer_0", ...} written by
+every rank, and `meta.pt` (rank 0, torch.save) with the rest of the checkpoint dict: epoch, global_step, loops,
+lr_schedulers, callbacks. `load_checkpoint` loads the DCP part, then `meta.pt`; a directory without `meta.pt` is no
+sharded checkpoint to it (`_is_sharded_checkpoint`) and it raises.
 """
 
 from __future__ import annotations
@@ -16,10 +22,21 @@ import re
 
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem, StepSource
 from ckpttool.trainers.base import Profile, weights_only_problem
+from ckpttool.trainers.contract import PRESENT, Contract, Part
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
 LAST = re.compile(r"last(?:-v?\d+)?\.ckpt")
 LOOP_OPTIMIZER_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"  # under loops["fit_loop"]
+META = "meta.pt"
+SHARDED_LOAD = "lightning 2.6 pytorch/strategies/fsdp.py FSDPStrategy.load_checkpoint, _is_sharded_checkpoint"
+META_PART = Part("meta.pt (epoch, global_step, loops, LR schedulers, callbacks)", (r"meta\.pt",), core=True,
+                 why="without it the directory is no sharded checkpoint to Lightning (_is_sharded_checkpoint), which "
+                 "raises ValueError; load_checkpoint loads it with torch.load, which raises on a damaged one")
+DCP_METADATA = Part("the DCP metadata (.metadata, written last)", (r"\.metadata",), kind=PRESENT,
+                    why="_distributed_checkpoint_load reads the model and optimizer shards through it")
+SHARDS = Part("the model and optimizer shards (__R_N.distcp, one per rank)", (r"__(\d+)_\d+\.distcp",), kind=PRESENT,
+              series=True, per_rank=True, template="__{n}_0.distcp",
+              why="every rank's shard is read back by dcp.load, which raises for a missing one")
 
 
 class Lightning(Profile):
@@ -71,6 +88,48 @@ class Lightning(Profile):
             problems.append(Problem("missing_scheduler", ERROR, "no lr_schedulers key: a resume would restart "
                                     "the LR schedule", ckpt.path))
         return problems
+
+
+class LightningSharded(Lightning):
+    """A sharded strategy's checkpoint directory: the DCP reader reads the model and optimizers, this profile adds
+    what meta.pt holds (its counters, schedulers, loops, callbacks) through the torch reader."""
+
+    layout = "Lightning sharded checkpoint dir (FSDP / ModelParallel)"
+    source = SHARDED_LOAD + ", save_checkpoint"
+
+    def claims_path(self, path):
+        from ckpttool.formats import dcp
+
+        return os.path.isdir(path) and (os.path.isfile(os.path.join(path, META)) or (
+            path.rstrip("/").endswith(".ckpt") and dcp.detect(path)))
+
+    def claims(self, ckpt):
+        return False
+
+    def interpret(self, ckpt):
+        from ckpttool.errors import CkptError
+        from ckpttool.formats import torchfile
+
+        meta = os.path.join(ckpt.path, META)
+        keys = {"state_dict"} if ckpt.model is not None else set()
+        keys |= {"optimizer_states"} if any(c.role == "optimizer" for c in ckpt.components) else set()
+        if os.path.isfile(meta) and os.path.getsize(meta):
+            try:
+                part = torchfile.read(meta)
+            except CkptError as e:
+                ckpt.add_problem(e.code, ERROR, f"{META}: {e.reason}", e.path or meta)
+            else:
+                ckpt.absorb_problems(part)
+                ckpt.files.extend(part.files)
+                ckpt.components.extend(c for c in part.components if c.role != "model")
+                ckpt.steps.extend(part.steps)
+                keys |= set(part.metadata.get("top_level_keys", []))
+                ckpt.metadata.update({k: v for k, v in part.metadata.items() if k != "top_level_keys"})
+        ckpt.metadata["top_level_keys"] = sorted(keys)
+        super().interpret(ckpt)
+
+    def resume_contract(self, ckpt):
+        return Contract(SHARDED_LOAD, (META_PART, DCP_METADATA, SHARDS))
 
 
 def _dig(obj, *keys):
