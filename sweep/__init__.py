@@ -278,7 +278,7 @@ def tally(done: list[Case], selected: list[Target]) -> dict:
     count = collections.Counter(c.outcome or ("not read" if c.why.startswith("not read") else "clean")
                                 for c in damaged if not c.failure)
     return {"healthy checkpoints": len(selected),
-            "healthy with warnings only": sum(1 for c in done if c.mode == "none" and c.outcome == WARNING),
+            "healthy with warnings (or weights only)": sum(1 for c in done if c.mode == "none" and c.outcome),
             "damaged copies": len(damaged), "errors": count[ERROR], "warnings": count[WARNING],
             "not read": count["not read"], "clean (read only when present)": count["clean"],
             "failed": sum(1 for c in done if c.failure)}
