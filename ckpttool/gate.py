@@ -1,14 +1,18 @@
-"""The pre-resume gate other trainers call: `check_resume(path, model, optimizer, scheduler, expected_step)`.
+"""The pre-resume gate other trainers call: `check_resume(path, model, optimizer, scheduler, expected_step)`, and
+`latest_valid(run_dir, ...)`, the newest checkpoint of a run that passes it.
 
 It runs everything `ckpttool verify --for-resume` checks, then compares the checkpoint with the live objects a
 resume will load it into: model keys, shapes and dtypes (prefixes and optimum-quanto layouts recognised and named),
-and the optimizer's parameter groups. Nothing is loaded into the objects; a failing gate raises `ResumeGateError`
-before any weight is touched, and its message says what to run to fix each problem.
+the optimizer's parameter groups, and the world size it was saved with against the live one. Nothing is loaded into
+the objects; a failing gate raises `ResumeGateError` before any weight is touched, and its message says what to run
+to fix each problem. The hooks for each trainer are in `ckpttool.integrations`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from ckpttool.errors import UsageError
@@ -16,6 +20,8 @@ from ckpttool.keys import compare
 from ckpttool.operations.verify import verify_checkpoint
 
 DAMAGE = ("truncated", "corrupt", "missing_file", "checksum_mismatch", "no_manifest")
+RNG_FILE = re.compile(r"(?:random_states|rng_state)_(\d+)\.(?:pkl|pth)")
+log = logging.getLogger("ckpttool.gate")
 
 
 class ResumeGateError(Exception):
@@ -150,8 +156,48 @@ def _optimizer_problems(ckpt, optimizer) -> list[dict]:
     return problems
 
 
-def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False):
-    """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError."""
+def live_world_size() -> int:
+    """The processes of this run: torch.distributed's world when it is up, else torchrun's WORLD_SIZE, else 1."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _world_size_problems(ckpt, live: int) -> list[dict]:
+    """The world size the checkpoint was saved with against the live one, and what follows: DCP reshards on load;
+    DeepSpeed ZeRO loads each rank's partition by rank; Accelerate's and transformers' RNG files are one per rank."""
+    from ckpttool.trainers.contract import world_size as dcp_ranks
+
+    problems = []
+    zero = ckpt.metadata.get("data_parallel_world_size")
+    if zero and zero != live:
+        tag = ckpt.path
+        problems.append({"code": "world_size_mismatch", "severity": "error",
+                         "message": f"saved by {zero} data-parallel ranks under ZeRO-{ckpt.metadata.get('zero_stage')},"
+                                    f" resuming with {live}: DeepSpeed loads each rank's optimizer partition by rank",
+                         "fix": f"convert it to a universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal "
+                                f"--input_folder {tag} --output_folder {tag}_universal) and load that with "
+                                "checkpoint: {load_universal: true}, or resume with the same number of ranks"})
+    ranks = sorted({int(m.group(1)) for f in ckpt.files if (m := RNG_FILE.fullmatch(os.path.basename(f)))})
+    saved = len(ranks) if ranks else 1 if any(os.path.basename(f) in ("rng_state.pth",) for f in ckpt.files) else 0
+    if saved and saved != live and not zero:
+        what = (f"ranks {saved} to {live - 1} start with fresh RNG state" if live > saved else
+                f"the RNG state of ranks {live} to {saved - 1} is not used")
+        problems.append({"code": "world_size_mismatch", "severity": "warning",
+                         "message": f"saved by {saved} processes (one RNG file each), resuming with {live}: {what}; "
+                                    "the resume works but is not bit-exact" +
+                                    (f" (the DCP state reshards from {dcp_ranks(ckpt)} ranks on load)"
+                                     if dcp_ranks(ckpt) > 1 else "")})
+    return problems
+
+
+def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+                 world_size=None):
+    """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError. `world_size`:
+    the live run's number of processes (by default torch.distributed's, else WORLD_SIZE, else 1)."""
     path = os.fspath(path)
     try:
         report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
@@ -166,6 +212,8 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
             problems += found
         if ckpt is not None and optimizer is not None:
             problems += _optimizer_problems(ckpt, optimizer)
+        if ckpt is not None:
+            problems += _world_size_problems(ckpt, world_size or live_world_size())
         if ckpt is not None and scheduler is not None and ckpt.component("scheduler") is not None:
             saved = ckpt.component("scheduler").tree
             live_keys = set(scheduler.state_dict())
@@ -182,3 +230,33 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
     if errors:
         raise ResumeGateError(path, errors)
     return GateReport(path, report["step"], problems)
+
+
+def latest_valid(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+                 world_size=None, model_for=None) -> str | None:
+    """The newest checkpoint under `run_dir` that passes the gate, for any trainer ckpttool recognises (ordered by the
+    number in its name, as `ckpttool latest` does); each newer one it skips is logged (logger "ckpttool.gate") with
+    its codes. None when none passes, or `run_dir` is no directory. `model_for(path)`: what to compare a candidate
+    with, where that depends on the checkpoint (a PEFT model and an adapter checkpoint)."""
+    from ckpttool.discovery import discover
+
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        log.warning("no checkpoints: %s is not a directory", run_dir)
+        return None
+    for candidate in discover(run_dir):
+        if candidate.skip:
+            log.warning("skipping %s: missing_file: %s", candidate.path, candidate.skip)
+            continue
+        try:
+            check_resume(candidate.path, model=model_for(candidate.path) if model_for else model, optimizer=optimizer,
+                         scheduler=scheduler, expected_step=expected_step, require_manifest=require_manifest,
+                         world_size=world_size)
+        except ResumeGateError as e:
+            log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p["code"] for p in e.problems})),
+                        e.problems[0]["message"])
+            continue
+        log.info("resuming from %s", candidate.path)
+        return candidate.path
+    log.warning("no checkpoint under %s passes the gate", run_dir)
+    return None

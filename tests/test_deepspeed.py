@@ -72,13 +72,16 @@ def test_gate_with_the_live_model(name):
     from ckpttool.gate import ResumeGateError, check_resume
 
     model = tiny_model()
-    report = check_resume(os.path.join(DATA, name), model=model, expected_step=5)
+    report = check_resume(os.path.join(DATA, name), model=model, expected_step=5, world_size=2)  # saved by 2 ranks
     # bf16: frozen parameters are saved (and consolidated, as zero_to_fp32 does) in the engine's bf16; said, not refused
     expected = ["frozen.bias", "frozen.weight"] if "bf16" in name else []
     assert report.ok and sorted(p["key"] for p in report.problems if p["code"] == "dtype_mismatch") == expected
     assert all(p["code"] == "dtype_mismatch" for p in report.problems)
     with pytest.raises(ResumeGateError, match="step_mismatch"):
-        check_resume(os.path.join(DATA, name), model=model, expected_step=6)
+        check_resume(os.path.join(DATA, name), model=model, expected_step=6, world_size=2)
+    with pytest.raises(ResumeGateError, match="world_size_mismatch") as err:  # ZeRO: another world needs universal
+        check_resume(os.path.join(DATA, name), model=model, expected_step=5, world_size=4)
+    assert "ds_to_universal" in str(err.value)
 
 
 def test_latest_follows_the_tag_file_and_says_when_it_cannot(run):
@@ -208,7 +211,7 @@ def test_transformers_under_deepspeed_gate_with_the_live_model():
     from ckpttool.gate import check_resume
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16))
-    report = check_resume(os.path.join(HF, "checkpoint-6"), model=model, expected_step=6)
+    report = check_resume(os.path.join(HF, "checkpoint-6"), model=model, expected_step=6, world_size=2)
     assert report.ok, report.problems
 
 

@@ -105,6 +105,8 @@ def read(path: str) -> Checkpoint:
     ckpt.metadata.update({k: torchfile.plain(states.get(k)) for k in ("ds_version", "dp_world_size", "mp_world_size")
                           if k in states})
     world = _world(optims, states)
+    if stage:  # what a resume must match: ZeRO loads each rank's partition by rank
+        ckpt.metadata.update({"zero_stage": stage, "data_parallel_world_size": world})
     for rank in sorted(model_files)[1:] if stage == 3 else ():  # their pieces of the frozen parameters
         _read(ckpt, raws, model_files[rank])
     if not 0 < world <= MAX_WORLD:

@@ -74,6 +74,8 @@ def read(path: str, profile) -> Checkpoint:
                 add(part, part.files)
             elif file_role and deepspeed.detect(full):  # a DeepSpeed engine's own save (transformers under DeepSpeed)
                 part = deepspeed.read(full)
+                ckpt.metadata.update({k: part.metadata[k] for k in ("zero_stage", "data_parallel_world_size")
+                                      if k in part.metadata})
                 for comp in part.components:
                     if comp.role == "model":  # the fp32 master weights, beside the trainer's own weights files
                         comp.name, comp.role = "deepspeed_fp32_master", "extra"

@@ -176,8 +176,9 @@ CONFIG_KEYS = ("resume_from_checkpoint", "global_step", "epoch")
 
 
 def read_training_config(path: str) -> dict:
-    """resume_from_checkpoint / global_step / epoch from a trainer config (JSON, TOML or YAML-style lines), with
-    $VARS expanded and relative paths taken from the config's folder."""
+    """resume_from_checkpoint / global_step / epoch from a trainer config (JSON, TOML, else YAML, each read by its own
+    parser; the first of each key at any depth), with $VARS expanded and relative paths taken from the config's
+    folder."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: config file not found")
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -194,11 +195,16 @@ def read_training_config(path: str) -> dict:
             values = _find_keys(tomllib.loads(text))
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not valid TOML ({e})") from None
-    else:
-        for line in text.splitlines():
-            m = re.match(r"\s*(resume_from_checkpoint|global_step|epoch)\s*[:=]\s*(.*?)\s*(?:#.*)?$", line)
-            if m and m.group(1) not in values and m.group(2):
-                values[m.group(1)] = m.group(2).strip("'\"")
+    else:  # YAML, read by a YAML parser: flow mappings, nesting, anchors and quoting as the trainers' own loaders
+        import yaml
+
+        try:
+            values = _find_keys(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise UsageError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); check the "
+                             "config's syntax") from None
     config = {"file": path}
     resume = values.get("resume_from_checkpoint")
     if isinstance(resume, str) and resume and resume.lower() not in ("none", "null", "false", "latest"):
@@ -210,11 +216,14 @@ def read_training_config(path: str) -> dict:
                                                                          expanded))
     for key in ("global_step", "epoch"):
         value = values.get(key)
-        if value is not None:
-            try:
-                config[key] = int(str(value))
-            except ValueError:
-                raise UsageError(f"{path}: {key} is {value!r}, not an integer") from None
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():  # YAML and TOML read `epoch: 2.0` as a float
+            value = int(value)
+        try:
+            config[key] = int(str(value))
+        except ValueError:
+            raise UsageError(f"{path}: {key} is {value!r}, not an integer") from None
     return config
 
 

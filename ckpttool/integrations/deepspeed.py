@@ -1,0 +1,54 @@
+"""`gated_load_checkpoint(engine, load_dir, tag=None, **load_kwargs)`: `engine.load_checkpoint` after ckpttool's gate.
+
+With `tag=None`, DeepSpeed loads the tag its `latest` file names, unverified (deepspeed runtime/engine.py
+load_checkpoint); here it is the newest tag under `load_dir` that passes the gate, each newer one skipped logged by
+"ckpttool.gate". The live module is compared with the consolidated fp32 weights (full shapes under ZeRO-3, whose
+parameters the engine holds partitioned), and the data-parallel world size with the one the tag was saved with: ZeRO
+loads each rank's partition by rank, so another size is refused with the universal-checkpoint command.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckpttool.gate import ResumeGateError, check_resume, latest_valid
+
+
+class FullShapes:
+    """A module whose ZeRO-3 parameters are partitioned, seen with their full shapes (DeepSpeed's `ds_shape`); each
+    parameter a one-element tensor broadcast to that shape, so tied parameters still share storage."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def state_dict(self):
+        import torch
+
+        placeholders = {}
+        out = {}
+        for name, value in self.module.state_dict(keep_vars=True).items():
+            shape = tuple(getattr(value, "ds_shape", value.shape))
+            if id(value) not in placeholders:
+                placeholders[id(value)] = torch.zeros((), dtype=value.dtype).expand(shape)
+            out[name] = placeholders[id(value)]
+        return out
+
+
+def gated_tag(engine, load_dir, tag=None, expected_step=None) -> str:
+    """The tag to load from `load_dir`: `tag` when it passes the gate, else (tag None) the newest one that does."""
+    model = FullShapes(engine.module)
+    world = engine.dp_world_size
+    if tag is not None:
+        check_resume(os.path.join(os.fspath(load_dir), tag), model=model, expected_step=expected_step,
+                     world_size=world)
+        return tag
+    path = latest_valid(load_dir, model=model, expected_step=expected_step, world_size=world)
+    if path is None:
+        raise ResumeGateError(os.fspath(load_dir), [{"code": "missing_file", "severity": "error", "message": (
+            f"no tag under {load_dir} passes the gate (each skipped one is logged by ckpttool.gate)")}])
+    return os.path.basename(os.path.normpath(path))
+
+
+def gated_load_checkpoint(engine, load_dir, tag=None, expected_step=None, **load_kwargs):
+    """engine.load_checkpoint(load_dir, tag, **load_kwargs) from a tag that passes the gate; returns what it does."""
+    return engine.load_checkpoint(load_dir, tag=gated_tag(engine, load_dir, tag, expected_step), **load_kwargs)

@@ -1,0 +1,91 @@
+"""`gated_train(trainer, resume_from_checkpoint=True|PATH, **train_kwargs)`: `transformers.Trainer.train`, resuming
+only from a checkpoint that passes ckpttool's gate.
+
+`True` means the newest checkpoint under `args.output_dir` that passes (not `get_last_checkpoint`'s highest number);
+each newer one it skips is logged ("ckpttool.gate"). Before anything is loaded the live model is compared with the
+checkpoint (keys, shapes, dtypes, tied weights; a PEFT model as the adapter it saves), and so are the optimizer and
+LR scheduler the Trainer will create: built here with its own `create_optimizer` / `create_scheduler`, compared, and
+dropped, so that train() builds them as it always does. A refusal raises `ResumeGateError` with nothing loaded and
+no step trained. Checkpoints of DDP, FSDP (sharded and full) and DeepSpeed runs are read as the Trainer writes them;
+under FSDP and DeepSpeed, where the Trainer creates the optimizer inside the wrapped model, only the model is compared
+beforehand.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckpttool.gate import ResumeGateError, check_resume, latest_valid, live_world_size
+
+
+class AdapterView:
+    """A PEFT model seen as the adapter its save_pretrained writes (get_peft_model_state_dict): the keys a LoRA
+    checkpoint holds, without the adapter name."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapters")
+
+
+def _holds_adapter(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_model.safetensors", "adapter_model.bin"))
+
+
+def _gate_model(trainer, path: str):
+    """What the checkpoint at `path` is compared with: the adapter view of a PEFT model whose checkpoint holds an
+    adapter, else the model (a plain model against an adapter, or the reverse, is a key mismatch: the adapter is
+    missing on one side)."""
+    model = trainer.model
+    return AdapterView(model) if _is_peft(model) and _holds_adapter(path) else model
+
+
+def _probe_optimizer_and_scheduler(trainer):
+    """The optimizer and scheduler train() will create, built now for the gate and dropped again; None under FSDP and
+    DeepSpeed (created inside the wrapped model) or when the caller passed their own."""
+    if trainer.optimizer is not None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return trainer.optimizer, trainer.lr_scheduler
+    try:
+        optimizer = trainer.create_optimizer()
+        scheduler = trainer.create_scheduler(num_training_steps=max(trainer.args.max_steps, 1), optimizer=optimizer)
+    finally:
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer._created_lr_scheduler = False
+    return optimizer, scheduler
+
+
+def gated_path(trainer, resume_from_checkpoint=True, expected_step=None, require_manifest=False) -> str:
+    """The checkpoint train() will resume from, gated; raises ResumeGateError (nothing loaded) when there is none."""
+    optimizer, scheduler = _probe_optimizer_and_scheduler(trainer)
+    world = max(trainer.args.world_size, live_world_size())
+    if resume_from_checkpoint is True:
+        run_dir = trainer.args.output_dir
+        path = latest_valid(run_dir, model=trainer.model, optimizer=optimizer, scheduler=scheduler,
+                            expected_step=expected_step, require_manifest=require_manifest, world_size=world,
+                            model_for=lambda p: _gate_model(trainer, p))
+        if path is None:
+            raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
+                f"no checkpoint under {run_dir} passes the gate (each skipped one is logged by ckpttool.gate)"),
+                "fix": "start without resume_from_checkpoint, or repair a checkpoint (ckpttool verify says what "
+                       "is wrong with each)"}])
+        return path
+    path = os.fspath(resume_from_checkpoint)
+    check_resume(path, model=_gate_model(trainer, path), optimizer=optimizer, scheduler=scheduler,
+                 expected_step=expected_step, require_manifest=require_manifest, world_size=world)
+    return path
+
+
+def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, require_manifest=False, **train_kwargs):
+    """trainer.train(resume_from_checkpoint=...) from a checkpoint that passes the gate; `False`/`None` trains from
+    scratch as train() does."""
+    if resume_from_checkpoint in (None, False):
+        return trainer.train(resume_from_checkpoint=None, **train_kwargs)
+    path = gated_path(trainer, resume_from_checkpoint, expected_step, require_manifest)
+    return trainer.train(resume_from_checkpoint=path, **train_kwargs)
