@@ -30,6 +30,8 @@ demo: $(STAMP)
 	@echo "== resume from the latest valid checkpoint, through ckpttool's gate"
 	$(TRAIN) --resume-from-checkpoint latest
 	$(BIN)/ckpttool verify --for-resume demo-run/train/checkpoint-30
+	@echo "== transformers.Trainer through the gate: its newest checkpoint cut, resume_from_checkpoint=True crashes, gated_train resumes from the one before"
+	$(BIN)/python examples/resume_transformers.py demo-run/hf
 	@echo "== real fp16 runs (made on a GPU; 3-4 updates skipped by the GradScaler): verified clean, the skips explained"
 	$(BIN)/ckpttool verify --for-resume tests/data/fp16/transformers/checkpoint-10
 	$(BIN)/ckpttool inspect "tests/data/fp16/lightning/epoch=0-step=10.ckpt"
