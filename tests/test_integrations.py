@@ -80,6 +80,29 @@ def hf_run(tmp_path_factory):
     return transformers_run(str(tmp_path_factory.mktemp("hf") / "run"), max_steps=6, save_steps=2)
 
 
+@pytest.mark.parametrize("sample,width,vocab,positions", [
+    ("fsdp/transformers_fsdp1_full/checkpoint-4", 16, 10, 8), ("fsdp/transformers_fsdp1_sharded/checkpoint-4", 16, 10, 8),
+    ("fsdp/transformers_fsdp2_sharded/checkpoint-4", 16, 10, 8), ("deepspeed/transformers_zero2/checkpoint-6", 8, 32, 16),
+])
+def test_transformers_layouts_of_ddp_fsdp_and_deepspeed_pass_with_the_live_model(runs, sample, width, vocab,
+                                                                                   positions):
+    """What the Trainer writes on 2 ranks (FSDP on 2 GPUs, ZeRO-2 and DDP on the CPU), gated against its model."""
+    _quiet()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model(w=width, v=vocab, p=positions):
+        return GPT2LMHeadModel(GPT2Config(vocab_size=v, n_positions=p, n_embd=w, n_layer=1, n_head=2))
+
+    def codes(path, live, world):  # save_pretrained drops GPT-2's tied lm_head.weight: a warning, as documented
+        return [p["code"] for p in check_resume(path, model=live, world_size=world).problems
+                if not (p["code"] == "key_mismatch" and "tied in the model" in p["message"])]
+
+    assert codes(os.path.join(DATA, sample), model(), 2) == []
+    ddp = os.path.join(runs["transformers_ddp"], "checkpoint-4")
+    assert codes(ddp, model(16, 10, 8), 2) == []
+    assert codes(ddp, model(16, 10, 8), 1) == ["world_size_mismatch"]
+
+
 def test_transformers_gated_train_resumes_as_train_does(hf_run, tmp_path):
     from ckpttool.integrations.transformers import gated_train
 
