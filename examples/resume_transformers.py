@@ -21,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from ckpttool.integrations.transformers import gated_train  # noqa: E402
-from fixtures.real_runs import _batches, _quiet, transformers_run  # noqa: E402
+from fixtures.real_runs import _batches, _quiet  # noqa: E402
 
 
 def trainer(out: str, max_steps: int):
@@ -32,14 +32,15 @@ def trainer(out: str, max_steps: int):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=8, n_embd=16, n_layer=1, n_head=2))
     data = [{"input_ids": ids, "labels": ids} for ids in torch.cat(_batches(16))]
     args = TrainingArguments(output_dir=out, max_steps=max_steps, save_steps=2, learning_rate=1e-3, report_to=[],
-                             per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True, log_level="error")
+                             per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True, log_level="error",
+                             logging_strategy="no")
     return Trainer(model=model, args=args, train_dataset=data)
 
 
 def main(out: str) -> int:
     logging.basicConfig(format="[%(name)s] %(message)s")
     logging.getLogger("ckpttool.gate").setLevel(logging.INFO)
-    transformers_run(out, max_steps=6, save_steps=2)
+    trainer(out, 6).train()
     weights = os.path.join(out, "checkpoint-6", "model.safetensors")
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
