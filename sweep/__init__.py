@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import shutil
 import sys
@@ -117,16 +118,12 @@ def files_of(path: str) -> list[str]:
 
 def expectation(healthy: str, rel: str, mode: str) -> tuple[str | None, str]:
     """What damaging `rel` in the checkpoint `healthy` must give, and why: from its trainer's resume contract."""
-    from ckpttool import trainers
-    from ckpttool.checkpoint import open_checkpoint
     from ckpttool.trainers import contract as terms
 
     name = os.path.basename(rel)
     if any(name == n for n, _ in NOT_READ_ANYWHERE):
         return None, "not read"
-    ckpt = open_checkpoint(healthy)
-    profile = trainers.profile_of(ckpt)
-    deal = profile.resume_contract(ckpt) if os.path.isdir(healthy) else None
+    ckpt, profile, deal = _understood(healthy)
     if deal is None:
         tag = ckpt.metadata.get("tag_from") and os.path.relpath(ckpt.path, healthy)
         if tag and os.sep in rel and rel.split(os.sep)[0] != tag:
@@ -161,6 +158,17 @@ def expectation(healthy: str, rel: str, mode: str) -> tuple[str | None, str]:
     return None, f"{part.what}: read only when present"
 
 
+@functools.lru_cache(maxsize=8)
+def _understood(healthy: str):
+    """The healthy checkpoint, its trainer profile and resume contract (None for a file), read once per target."""
+    from ckpttool import trainers
+    from ckpttool.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(healthy)
+    profile = trainers.profile_of(ckpt)
+    return ckpt, profile, profile.resume_contract(ckpt) if os.path.isdir(healthy) else None
+
+
 def damage(path: str, mode: str):
     if mode == "delete":
         os.remove(path)
@@ -169,7 +177,17 @@ def damage(path: str, mode: str):
             f.truncate(os.path.getsize(path) // 2 if mode == "cut" else 0)
 
 
-def run_case(case: Case, work: str) -> Case:
+def baseline(target: Target, work: str) -> set:
+    """The problems of the healthy checkpoint in a copy at `work` (what damage is told apart from)."""
+    from ckpttool.operations.verify import verify
+
+    copy = os.path.join(work, "run")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(target.run, copy, symlinks=True)
+    return _keys(verify(os.path.join(copy, target.checkpoint), for_resume=True, recall=False), copy)
+
+
+def run_case(case: Case, work: str, before: set) -> Case:
     from ckpttool.errors import UsageError
     from ckpttool.gate import ResumeGateError, check_resume
     from ckpttool.operations.inspect import inspect
@@ -183,7 +201,6 @@ def run_case(case: Case, work: str) -> Case:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(target.run, copy, symlinks=True)
     checkpoint = os.path.join(copy, target.checkpoint)
-    before = _keys(verify(checkpoint, for_resume=True, recall=False), copy)
     damage(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode)
     try:
         report = verify(checkpoint, for_resume=True, recall=False)
@@ -266,8 +283,9 @@ def sweep(selected: list[Target], modes=MODES, progress=None) -> tuple[list[Case
             done.append(healthy_case(target))
             if progress:
                 progress(done[-1])
+            before = baseline(target, work)
             for case in cases(target, modes):
-                done.append(run_case(case, work))
+                done.append(run_case(case, work, before))
                 if progress:
                     progress(done[-1])
     return done, tally(done, selected)
