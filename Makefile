@@ -43,6 +43,9 @@ demo: $(STAMP)
 	$(BIN)/python -m fixtures demo-run/fixtures > /dev/null
 	@echo "== a diffusers-style checkpoint-N (Accelerate save_state with unet/ weights)"
 	$(BIN)/ckpttool inspect demo-run/fixtures/diffusers/checkpoint-3
+	@echo "== a diffusers pipeline folder as save_pretrained writes it: each component by its own layout"
+	$(BIN)/python -m fixtures.model_folders demo-run/models > /dev/null
+	$(BIN)/ckpttool inspect demo-run/models/pipeline
 	@echo "== a quantized (optimum-quanto qint4) model, tensors listed"
 	$(BIN)/ckpttool inspect --tensors --filter 'linear_1' demo-run/fixtures/quanto/qint4/model.safetensors
 	@echo "== a truncated newest checkpoint: reported, exit 1"

@@ -200,8 +200,8 @@ def prune(directory, keep, keep_every, dry_run, as_json):
 @click.argument("b", required=False, type=click.Path(exists=True))
 @click.option("--model", "model_spec", metavar="MODULE:CALLABLE",
               help="Compare A against this model's state_dict() instead of a checkpoint B (imports your code).")
-@click.option("--component", default="model", show_default=True,
-              help="Which part to compare: model, ema, optimizer, model_1, unet, ...")
+@click.option("--component", help="Which part to compare: model, ema, optimizer, model_1, unet, ... (default: the "
+              "model; two diffusers pipelines component by component)")
 @click.option("--no-normalize", is_flag=True, help="Compare raw keys (no prefix or wrapper rules).")
 @click.option("--values", is_flag=True, help="Also compare contents (max abs diff, rel-L2, cosine; per module).")
 @click.option("--atol", type=float, default=0.0, show_default=True, help="With --values: absolute tolerance.")

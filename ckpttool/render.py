@@ -36,6 +36,12 @@ def inspect_report(r: dict) -> str:
     devices = r["metadata"].get("saved_on_devices")
     if devices:
         summary.append(("saved on", ", ".join(devices)))
+    hub = r["metadata"].get("hf_cache")
+    if hub:
+        summary.append(("hf cache", f"{hub['repo_id']} at revision {hub['revision']}"))
+    parts = r["metadata"].get("non_weight_parts")
+    if parts:
+        summary.append(("no weights", ", ".join(f"{name} ({cls})" for name, cls in parts.items())))
     out.append(tabulate(summary, tablefmt="plain"))
     if r["step_sources"]:
         rows = [(s["source"], s["value"], s["meaning_text"] + (f" ({s['note']})" if s.get("note") else ""))
@@ -160,6 +166,17 @@ def prune_report(r: dict) -> str:
 
 
 def diff_report(r: dict) -> str:
+    if "components" in r:  # two pipelines: each component's own report, then which differ
+        out = [f"A: {r['a']}\nB: {r['b']}"]
+        out += [f"== component {c['component']}\n" + diff_report(c).split("\n\n", 1)[1] for c in r["components"]]
+        for side, names in (("A", r["only_a_components"]), ("B", r["only_b_components"])):
+            if names:
+                out.append(f"Components only in {side}: {', '.join(names)}")
+        out.append(f"SAME: every component matches ({r['compared']} tensors)" if r["same"] else
+                   "DIFFERENT: " + ", ".join(r["different_components"] + [f"{n} (only in A)" for n in
+                                                                         r["only_a_components"]] +
+                                            [f"{n} (only in B)" for n in r["only_b_components"]]))
+        return "\n\n".join(out)
     out = [f"A: {r['a']}\nB: {r['b']}\ncomponent: {r['component']}"]
     if r["normalization"]:
         out.append("Key normalization applied:\n" + "\n".join(f"  - {rule}" for rule in r["normalization"]))

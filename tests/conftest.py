@@ -41,3 +41,12 @@ def runs(tmp_path_factory):
     from fixtures.real_runs import build_runs
 
     return build_runs(str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="session")
+def model_folders(tmp_path_factory):
+    """Folders written by the real save_pretrained of transformers, diffusers (a pipeline) and PEFT, and a Hugging
+    Face cache snapshot of one (fixtures/model_folders.py); {name: path}."""
+    from fixtures.model_folders import build
+
+    return build(str(tmp_path_factory.mktemp("model_folders")))

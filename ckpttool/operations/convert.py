@@ -2,7 +2,8 @@
 DCP dir, streaming tensor by tensor, then re-read and compared with the source.
 
 A training state (a training dict, a state dir) keeps every part when the target can hold it (.pt, Accelerate dir,
-DCP); weights targets take one component (the model unless --component names another).
+DCP); weights targets take one component (the model unless --component names another). A diffusers pipeline folder
+converted to a destination without a suffix becomes a folder of one safetensors file per model component.
 """
 
 from __future__ import annotations
@@ -281,18 +282,22 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
         raise UsageError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     cast = CAST.get(dtype)
     shard_bytes = parse_size(shard_size) if shard_size else None
-    kind = target_kind(dst, to, shard_bytes)
     output.check_destination(src, dst, force)
     ckpt = open_checkpoint(src)
+    per_component = ckpt.format == "pipeline" and not component and not to and not os.path.splitext(dst)[1]
+    kind = "components" if per_component else target_kind(dst, to, shard_bytes)
     if not component:  # only an explicitly chosen component may be taken from an otherwise damaged checkpoint
         output.refuse_broken(ckpt)
     chosen = select_component(ckpt, component or "model", src) if component or kind in ("safetensors", "sharded") \
         else None
+    if kind == "components":  # a diffusers pipeline: one safetensors file per model component, into a folder
+        whole = [c for c in ckpt.components if c.role in WEIGHT_ROLES and c.tensors]
+    else:
+        whole = list(ckpt.components) if chosen is None else [chosen]
     step = steps.global_step(ckpt)
     metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "converted_by": "ckpttool"}
     if step is not None:
         metadata["step"] = str(step)
-    whole = list(ckpt.components) if chosen is None else [chosen]
     total = sum(t.nbytes for c in whole for t in c.tensors)
     if not any(c.tensors for c in whole):
         raise CkptError("no_tensors", f"holds no tensors ({', '.join(c.name for c in whole) or 'no components'}): "
@@ -311,7 +316,12 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
     try:
         out_path = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
         with hashing.progress(total, "converting") as progress:
-            if kind == "safetensors":
+            if kind == "components":
+                os.makedirs(out_path)
+                for comp in whole:
+                    write_safetensors(os.path.join(out_path, f"{comp.name}.safetensors"), Part(comp, True), cast,
+                                      dict(metadata, component=comp.name), progress)
+            elif kind == "safetensors":
                 parts = [("model", Part(chosen, chosen.role in WEIGHT_ROLES))]
                 write_safetensors(out_path, parts[0][1], cast, metadata, progress)
             elif kind == "sharded":
@@ -337,7 +347,11 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
             else:
                 write_dcp(out_path, ckpt, whole, cast, progress)
                 parts = [(c.name, Part(c, c.role in WEIGHT_ROLES)) for c in whole]
-        compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0
+        if kind == "components":
+            compared = sum(verify_output([("model", Part(comp, True))], open_checkpoint(
+                os.path.join(out_path, f"{comp.name}.safetensors")), cast) for comp in whole) if verify else 0
+        else:
+            compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0
         if os.path.lexists(dst):  # --force: replace only now that the new output is complete
             shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
         os.replace(out_path, dst)

@@ -152,31 +152,81 @@ def _short(value) -> str:
     return value if isinstance(value, str) else f"{value:.3g}"
 
 
-def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str = "model",
+def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str | None = None,
          normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
          module_depth: int | None = None) -> dict:
+    """A against B (or --model). `component`: which part to compare (the model by default); two diffusers pipelines
+    without one are compared component by component."""
     a_ckpt = open_checkpoint(a_path)
+    b_ckpt = open_checkpoint(b_path) if not model_spec else None
+    options = dict(normalize=normalize, values=values, atol=atol, rtol=rtol, module_depth=module_depth)
+    if component is None and b_ckpt is not None and "pipeline" in (a_ckpt.format, b_ckpt.format):
+        return _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options)
+    component = component or "model"
     a_comp = select_component(a_ckpt, component, a_path)
     if model_spec:
         b_tensors, b_desc = model_tensors(load_model(model_spec)), model_spec
     else:
-        b_ckpt = open_checkpoint(b_path)
         b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
-    report = compare(a_comp.tensors, b_tensors, normalize)
-    problems = problems_of(report, strict=bool(model_spec))
+    return _diff_tensors(a_path, a_comp.tensors, b_tensors, b_desc, component, bool(model_spec), **options)
+
+
+def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, against_model, *, normalize, values, atol, rtol,
+                  module_depth) -> dict:
+    report = compare(a_tensors, b_tensors, normalize)
+    problems = problems_of(report, strict=against_model)
     key_problems = bool(problems)
     value_report = None
-    if values and not model_spec:
-        value_report = compare_values(in_model_order(report, a_comp.tensors, b_tensors, normalize), atol, rtol,
+    if values and not against_model:
+        value_report = compare_values(in_model_order(report, a_tensors, b_tensors, normalize), atol, rtol,
                                       module_depth)
         if value_report["different"]:
             problems.append({"code": "value_mismatch", "severity": "error",
                              "message": f"{len(value_report['different'])} tensors differ in content"})
-    same = not problems
     return {
-        "same": same, "a": a_path, "b": b_desc, "component": component, "normalization": report.rules,
+        "same": not problems, "a": a_path, "b": b_desc, "component": component, "normalization": report.rules,
         "only_a": report.only_a, "only_b": report.only_b, "shape_mismatches": report.shape_mismatches,
         "dtype_mismatches": report.dtype_mismatches, "quantized_keys": report.quantized,
         "compared": len(report.common), "values": value_report, "problems": problems,
-        "fix": fix_command(a_path, b_desc, bool(model_spec)) if key_problems else None,
+        "fix": fix_command(a_path, b_desc, against_model) if key_problems else None,
     }
+
+
+def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> dict:
+    """Two pipelines, component by component (each refused alone when broken): the top-level lists hold every
+    difference with its component's name in front ("unet/conv_in.weight"), `components` each one's own report."""
+    from ckpttool.operations.output import refuse_broken
+
+    a_parts = {c.name: c for c in a_ckpt.components if c.role == "model"}
+    b_parts = {c.name: c for c in b_ckpt.components if c.role == "model"}
+    reports = []
+    for name in sorted(set(a_parts) & set(b_parts)):
+        refuse_broken(a_ckpt, a_parts[name])
+        refuse_broken(b_ckpt, b_parts[name])
+        reports.append(_diff_tensors(a_path, a_parts[name].tensors, b_parts[name].tensors, b_path, name, False,
+                                     **options))
+    problems = [{"code": "key_mismatch", "severity": "error", "message": f"component {name} is only in {side}"}
+                for side, names in (("A", set(a_parts) - set(b_parts)), ("B", set(b_parts) - set(a_parts)))
+                for name in sorted(names)]
+    problems += [dict(p, component=r["component"]) for r in reports for p in r["problems"]]
+
+    def joined(key):
+        return [f"{r['component']}/{k}" if isinstance(k, str) else dict(k, key=f"{r['component']}/{k['key']}")
+                for r in reports for k in r[key]]
+
+    values = None
+    if options["values"]:
+        values = {"equal": sum(r["values"]["equal"] for r in reports)}
+        for key in ("different", "close", "modules"):
+            values[key] = [dict(d, **{"key" if key != "modules" else "module": f"{r['component']}/"
+                                      f"{d['key' if key != 'modules' else 'module']}"})
+                           for r in reports for d in (r["values"].get(key) or [])]
+        if all(r["values"]["modules"] is None for r in reports):
+            values["modules"] = None
+    return {"same": not problems, "a": a_path, "b": b_path, "component": None, "components": reports,
+            "different_components": [r["component"] for r in reports if not r["same"]],
+            "only_a_components": sorted(set(a_parts) - set(b_parts)),
+            "only_b_components": sorted(set(b_parts) - set(a_parts)), "normalization": [],
+            "only_a": joined("only_a"), "only_b": joined("only_b"), "shape_mismatches": joined("shape_mismatches"),
+            "dtype_mismatches": joined("dtype_mismatches"), "quantized_keys": [],
+            "compared": sum(r["compared"] for r in reports), "values": values, "problems": problems, "fix": None}

@@ -75,6 +75,10 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     before = verify_cache.listings(path) if verify_cache.cache_dir() else None  # listed before anything is read
     ckpt = open_checkpoint(path)
     target = manifest_path(ckpt)
+    hub = ckpt.metadata.get("hf_cache") or _hf_cache(target)
+    if hub:
+        raise UsageError(f"{path}: a Hugging Face cache snapshot ({hub['repo_id']} at revision {hub['revision']}); "
+                         "ckpttool writes nothing into the cache: copy it out (cp -rL) and write the manifest there")
     if os.path.exists(target) and not force:
         raise UsageError(f"{target}: a manifest already exists; pass --force to replace it (verify first if "
                          "you are not sure the checkpoint is still intact)")
@@ -92,6 +96,13 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
         atomic.write_text(target, text)
         _remember_reports(path, ckpt, target, doc, text.encode("utf-8"), before)
     return result
+
+
+def _hf_cache(target: str) -> dict | None:
+    from ckpttool.formats.pretrained import CACHE_SNAPSHOT
+
+    m = CACHE_SNAPSHOT.fullmatch(os.path.abspath(target))
+    return {"repo_id": f"{m.group(1)}/{m.group(2)}", "revision": m.group(3)} if m else None
 
 
 def _remember_reports(path: str, ckpt: Checkpoint, target: str, doc: dict, data: bytes, before: dict | None):

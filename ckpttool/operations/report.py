@@ -45,7 +45,8 @@ def report(run_dir: str, for_resume: bool = False, module_depth: int = 2) -> dic
 
 
 def _change(older: dict, newer: dict, depth: int) -> dict:
-    """Per-module relative change from one checkpoint's model weights to the next one's."""
+    """Per-module relative change from one checkpoint's model weights to the next one's: every model component (a
+    pipeline's unet, vae, ...: their modules named after them), or the one model."""
     from ckpttool.blockstats import compare_pairs
     from ckpttool.checkpoint import open_checkpoint
     from ckpttool.keys import compare
@@ -53,17 +54,24 @@ def _change(older: dict, newer: dict, depth: int) -> dict:
 
     out = {"from": older["name"], "to": newer["name"], "from_step": older["step"], "to_step": newer["step"]}
     try:
-        a, b = (open_checkpoint(c["path"]).component("model") for c in (newer, older))
+        a, b = ({c.name: c for c in open_checkpoint(e["path"]).components if c.role == "model"}
+                for e in (newer, older))
     except CkptError as e:
         return {**out, "modules": [], "note": f"cannot be read: {e}"}
-    if a is None or b is None:
+    names = sorted(set(a) & set(b)) if len(a) > 1 or "model" not in a else ["model"]
+    if not names or any(n not in a or n not in b for n in names):
         return {**out, "modules": [], "note": "no model weights in one of them"}
-    keys = compare(a.tensors, b.tensors)
-    if not keys.same_keys:
-        return {**out, "modules": [], "note": "their model keys or shapes differ (see `ckpttool diff`)"}
-    common = in_model_order(keys, a.tensors, b.tensors)
-    sums = compare_pairs([(ta, tb) for _, ta, tb in common], norms=True, label="comparing")
-    return {**out, "modules": module_changes([k for k, _, _ in common], sums, depth)}
+    modules = []
+    for name in names:
+        keys = compare(a[name].tensors, b[name].tensors)
+        if not keys.same_keys:
+            return {**out, "modules": [], "note": f"their {name} keys or shapes differ (see `ckpttool diff`)"}
+        common = in_model_order(keys, a[name].tensors, b[name].tensors)
+        sums = compare_pairs([(ta, tb) for _, ta, tb in common], norms=True, label="comparing")
+        prefix = "" if names == ["model"] else f"{name}/"
+        modules += [dict(m, module=prefix + m["module"]) for m in module_changes([k for k, _, _ in common], sums,
+                                                                                   depth)]
+    return {**out, "modules": modules}
 
 
 def write_html(result: dict, path: str):

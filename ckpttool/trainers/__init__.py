@@ -22,6 +22,7 @@ from ckpttool.trainers.diffusers import Diffusers
 from ckpttool.trainers.kohya import Kohya
 from ckpttool.trainers.lightning import Lightning, LightningSharded
 from ckpttool.trainers.peft import Peft
+from ckpttool.trainers.pretrained import ModelFolder
 from ckpttool.trainers.reference import Reference
 from ckpttool.trainers.simpletuner import SimpleTuner
 from ckpttool.trainers.torchtitan import Torchtitan
@@ -29,7 +30,7 @@ from ckpttool.trainers.training_dict import TrainingDict
 from ckpttool.trainers.transformers import Transformers
 
 PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), DeepSpeed(),
-                 ConsistencyModels(), LightningSharded(),
+                 ConsistencyModels(), LightningSharded(), ModelFolder(),
                  AccelerateAutomatic(), Diffusers(), Accelerate())
 CONTENT_PROFILES = (Lightning(), TrainingDict(), DcpState())
 GENERIC = Profile()
@@ -69,17 +70,17 @@ def resume_problems(ckpt: Checkpoint) -> list[Problem]:
     """What a resume from `ckpt` would lose or trip on, as the trainer that wrote it resumes; a weights file's
     problem names the state dir beside it when there is one."""
     problems = profile_of(ckpt).resume_problems(ckpt)
-    hint = state_dir_hint(ckpt.path) if os.path.isfile(ckpt.path) else None
+    hint = state_dir_hint(ckpt.path) if any(p.code == "weights_only" for p in problems) else None
     return [weights_only_problem(ckpt, hint) if p.code == "weights_only" and hint else p for p in problems]
 
 
 def state_dir_hint(path: str) -> str | None:
-    """The state dir a weights file belongs to: the dir holding it, kohya `<stem>-state`, else the newest
-    `checkpoint-N` beside it."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """The state dir a weights file or model folder belongs to: the dir holding it (`checkpoint-500/unet`), kohya
+    `<stem>-state`, else the newest `checkpoint-N` beside it."""
+    folder = os.path.dirname(os.path.abspath(os.path.normpath(path)))
     if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
         return folder
-    stem = os.path.basename(path)
+    stem = os.path.basename(os.path.normpath(path))
     for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         stem = stem.removesuffix(suffix)
     kohya = os.path.join(folder, f"{stem}-state")
