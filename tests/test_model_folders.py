@@ -132,3 +132,24 @@ def test_cache_snapshot_followed_named_and_never_written(model_folders):
 def test_peft_adapter_folder(model_folders):
     _, report = cli("inspect", "--json", model_folders["adapter"])
     assert report["trainer"] == "peft" and report["tensors"] > 0 and report["problems"] == []
+
+
+def test_sentence_transformers_modules(model_folders, tmp_path):
+    """The layout sentence-transformers' save writes (modules.json; not a test extra): the top-level transformers
+    folder, a Pooling module without weights, a Dense module with its own model.safetensors."""
+    root = shutil.copytree(model_folders["gpt2"], tmp_path / "st")
+    os.makedirs(root / "1_Pooling")
+    (root / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 16}')
+    os.makedirs(root / "2_Dense")
+    (root / "2_Dense" / "config.json").write_text('{"in_features": 16, "out_features": 4}')
+    save_file({"linear.weight": torch.zeros(4, 16)}, root / "2_Dense" / "model.safetensors")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    (root / "modules.json").write_text(json.dumps(modules))
+    _, report = cli("inspect", "--json", root)
+    assert report["layout"] == "sentence-transformers model folder (save_pretrained)" and report["problems"] == []
+    assert {c["name"]: c["tensors"] for c in report["components"]} == {"model": 16, "2": 1}
+    shutil.rmtree(root / "2_Dense")
+    result, report = cli("verify", "--json", root)
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
