@@ -153,3 +153,12 @@ def test_sentence_transformers_modules(model_folders, tmp_path):
     shutil.rmtree(root / "2_Dense")
     result, report = cli("verify", "--json", root)
     assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
+
+
+def test_report_measures_change_per_component(runs):
+    """A run whose checkpoints hold several models (Accelerate with two): each one's modules, named after it."""
+    from ckpttool.operations.report import report
+
+    result = report(runs["accelerate_two_models"])
+    modules = {m["module"].split("/")[0] for m in result["changes"][0]["modules"]}
+    assert modules == {"model", "model_1"}
