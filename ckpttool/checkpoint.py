@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from ckpttool import trainers
 from ckpttool.errors import UsageError
-from ckpttool.formats import READERS, dcp, deepspeed, quanto, safetensors, sharded, statedir
+from ckpttool.formats import readers_for
 from ckpttool.model import Checkpoint
 
 
@@ -44,11 +44,15 @@ def _open(path: str) -> Checkpoint:
         raise UsageError(f"{path}: no such file or directory")
     profile = trainers.for_path(path)
     if profile is not None and profile.file_roles and os.path.isdir(path):
+        from ckpttool.formats import statedir
+
         ckpt = statedir.read(path, profile)
     else:
-        reader = next((r for r in READERS if r.detect(path)), None)
+        reader = next((r for r in readers_for(path) if r.detect(path)), None)
         ckpt = reader.read(path) if reader else None
     if ckpt is not None:
+        from ckpttool.formats import quanto
+
         trainers.interpret(ckpt, profile)
         quanto.annotate(ckpt)
         return ckpt
@@ -61,6 +65,8 @@ def _open(path: str) -> Checkpoint:
 
 def guess_format(path: str) -> str:
     """Best guess of the format name for a path that failed to read."""
+    from ckpttool.formats import dcp, deepspeed, safetensors, sharded
+
     if os.path.isdir(path):
         return ("accelerate" if trainers.is_state_dir(path) else "dcp" if dcp.detect(path) else
                 "deepspeed" if deepspeed.detect(path) else "unknown")

@@ -17,7 +17,6 @@ import xxhash
 
 from ckpttool import hashing, steps
 from ckpttool.errors import CkptError
-from ckpttool.formats import torchfile
 from ckpttool.model import ERROR, Checkpoint, Problem
 
 MANIFEST_NAME = "ckpttool-manifest.json"
@@ -119,6 +118,8 @@ def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[
 def zip_crc_problems(path: str) -> list[Problem]:
     """Every stored member of a torch zip against its CRC-32."""
     try:
+        from ckpttool.formats import torchfile
+
         members = torchfile.stored_members(path)
     except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
         return []  # the reader has already reported why this file cannot be read
@@ -140,6 +141,8 @@ def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
                 what = f"tensor {name}" + (f" (chunk at {offsets})" if offsets else "") + \
                     f" in {os.path.basename(loc.file)}"
                 try:
+                    from ckpttool.formats import torchfile
+
                     found = torchfile.stored_members(loc.file, (loc.offset, loc.length))
                 except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
                     unreadable.append(Problem("corrupt", ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
@@ -166,4 +169,4 @@ def crc_problems(ckpt: Checkpoint) -> tuple[list[Problem], str]:
 
 def _is_zip(path: str) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == torchfile.ZIP_MAGIC
+        return f.read(4) == b"PK\x03\x04"  # torchfile.ZIP_MAGIC: a torch zip

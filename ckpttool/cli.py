@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 
@@ -14,6 +13,8 @@ from ckpttool.errors import CkptError, OutputError, UsageError
 
 
 def _emit_json(report: dict):
+    import json
+
     click.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -82,8 +83,9 @@ def main():
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (a list of them for several "
+              "paths).")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor (name, shape, dtype, bytes).")
 @click.option("--filter", "tensor_filter", metavar="REGEX",
               help="With --tensors or --stats: only names matching REGEX (alone, it implies --tensors).")
@@ -92,10 +94,11 @@ def main():
 @click.option("--modules", "modules", is_flag=True, help="The module tree from the keys: parameters, bytes and "
               "dtypes per module; quantized, tied and missing-in-EMA modules marked.")
 @click.option("--depth", type=click.IntRange(min=1), help="With --modules: down to this depth (default: all).")
-def inspect(path, as_json, list_tensors, tensor_filter, stats, modules, depth):
+def inspect(paths, as_json, list_tensors, tensor_filter, stats, modules, depth):
     """What a checkpoint is: format, layout, step, components, tensors, dtypes, quantization, problems.
 
-    Reads headers only, never tensor data (except with --stats). Exit 1 when it finds error-level problems."""
+    Reads headers only, never tensor data (except with --stats). Several PATHS: one table (or one JSON list), start-up
+    paid once. Exit 1 when it finds error-level problems in any."""
     from ckpttool.operations.inspect import has_errors, inspect as run_inspect
 
     if tensor_filter:
@@ -106,10 +109,12 @@ def inspect(path, as_json, list_tensors, tensor_filter, stats, modules, depth):
             raise click.BadParameter(f"not a regular expression ({e})", param_hint="--filter") from None
     if depth is not None and not modules:
         raise click.BadParameter("--depth goes with --modules", param_hint="--depth")
-    report = run_inspect(path, tensor_filter, list_tensors or (bool(tensor_filter) and not stats), stats, modules,
-                         depth)
-    _show(report, as_json, "inspect_report")
-    sys.exit(1 if has_errors(report) else 0)
+    reports = [run_inspect(path, tensor_filter, list_tensors or (bool(tensor_filter) and not stats), stats, modules,
+                           depth) for path in paths]
+    detailed = list_tensors or tensor_filter or stats or modules
+    _show(reports[0] if len(reports) == 1 else reports, as_json,
+          "inspect_report" if len(reports) == 1 else "inspect_reports" if detailed else "inspect_table")
+    sys.exit(1 if any(has_errors(r) for r in reports) else 0)
 
 
 @main.command()
@@ -133,29 +138,37 @@ def manifest(path, force, as_json):
 
 
 @main.command()
-@click.argument("path", required=False, type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (a list of them for several "
+              "paths).")
 @click.option("--require-manifest", is_flag=True, help="Fail when there is no manifest to check against.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="Trainer config (resume_from_checkpoint, global_step, epoch) that must agree with the checkpoint.")
 @click.option("--expect-step", type=int, help="Fail unless the checkpoint is at this step.")
 @click.option("--for-resume", is_flag=True, help="Require the optimizer, scheduler and RNG state a resume needs.")
 @click.option("--finite", is_flag=True, help="Scan every float tensor for NaN/Inf (reads all tensor data).")
-def verify(path, as_json, require_manifest, config_file, expect_step, for_resume, finite):
+def verify(paths, as_json, require_manifest, config_file, expect_step, for_resume, finite):
     """Is this checkpoint intact and consistent? Exit 0 only when no check failed.
 
-    PATH may be left out when --config names the checkpoint (resume_from_checkpoint)."""
+    PATHS may be left out when --config names the checkpoint (resume_from_checkpoint). Several PATHS: one table (or
+    one JSON list), start-up paid once; exit 0 only when every one passes."""
     from ckpttool.operations.verify_cache import recall
 
+    if len(paths) > 1 and config_file:
+        raise click.UsageError("--config names one checkpoint: give at most one PATH with it")
     options = {"require_manifest": require_manifest, "expect_step": expect_step, "for_resume": for_resume,
                "finite": finite}
-    report = recall(path, config_file, **options)  # before the readers are even imported
-    if report is None:
-        from ckpttool.operations.verify import verify as run_verify
+    reports = []
+    for path in paths or (None,):
+        report = recall(path, config_file, **options)  # before the readers are even imported
+        if report is None:
+            from ckpttool.operations.verify import verify as run_verify
 
-        report = run_verify(path, config_file=config_file, recall=False, **options)
-    _show(report, as_json, "verify_report")
-    sys.exit(0 if report["ok"] else 1)
+            report = run_verify(path, config_file=config_file, recall=False, **options)
+        reports.append(report)
+    _show(reports[0] if len(reports) == 1 else reports, as_json,
+          "verify_report" if len(reports) == 1 else "verify_table")
+    sys.exit(0 if all(r["ok"] for r in reports) else 1)
 
 
 @main.command()

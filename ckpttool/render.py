@@ -78,6 +78,33 @@ def inspect_report(r: dict) -> str:
     return "\n\n".join(out)
 
 
+def inspect_table(reports: list[dict]) -> str:
+    """Several checkpoints, a row each."""
+    rows = [(r["path"], r["format"], r.get("trainer") or "-", "-" if r["step"] is None else r["step"], r["tensors"],
+             f"{r['parameters']:,}", human_bytes(r["bytes"]), _codes(r["problems"])) for r in reports]
+    return tabulate(rows, headers=("path", "format", "trainer", "step", "tensors", "parameters", "model bytes",
+                                   "problems"), maxcolwidths=[60] + [None] * 6 + [40])
+
+
+def inspect_reports(reports: list[dict]) -> str:
+    """Several checkpoints, each in full (with --tensors, --stats or --modules)."""
+    return "\n\n".join(inspect_report(r) for r in reports)
+
+
+def verify_table(reports: list[dict]) -> str:
+    rows = [(r["path"], "OK" if r["ok"] else "FAILED", "-" if r["step"] is None else r["step"],
+             r.get("trainer") or "-", _codes(r["problems"])) for r in reports]
+    failed = sum(1 for r in reports if not r["ok"])
+    return tabulate(rows, headers=("path", "result", "step", "trainer", "problems"),
+                    maxcolwidths=[70, None, None, None, 50]) + \
+        f"\n\n{len(reports) - failed} of {len(reports)} verified" + (f", {failed} FAILED" if failed else "")
+
+
+def _codes(problems: list[dict]) -> str:
+    """Problem codes with their severity, each once: 'truncated (error), missing_rng (warning)'."""
+    return ", ".join(dict.fromkeys(f"{p['code']} ({p['severity']})" for p in problems)) or "none"
+
+
 def _one_line(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 200 else text[:197] + "..."

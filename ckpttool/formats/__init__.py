@@ -8,15 +8,36 @@ layout means adding one module to `READERS`; the profile then says what the chec
 
 from __future__ import annotations
 
+import importlib
+import os
+
 from ckpttool.errors import CkptError
-from ckpttool.formats import dcp, deepspeed, family, pretrained, safetensors, sharded, torchfile
 from ckpttool.model import Checkpoint
 
-READERS = (dcp, deepspeed, pretrained, sharded, family, safetensors, torchfile)
+READERS = ("dcp", "deepspeed", "pretrained", "sharded", "family", "safetensors", "torchfile")
+DIR_READERS = READERS[:4]
+
+
+def readers_for(path: str):
+    """The reader modules that could read `path`, in `READERS` order, imported only now: a cheap look at the path
+    (a dir, a shard index, a safetensors or a torch name) leaves the others unimported; an unusual name gets all."""
+    if os.path.isdir(path):
+        names = DIR_READERS
+    elif path.endswith(".index.json"):
+        names = ("sharded",)
+    elif path.endswith(".safetensors"):
+        names = ("safetensors",)
+    elif path.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")):
+        names = ("family", "safetensors", "torchfile")
+    else:
+        names = READERS
+    return [importlib.import_module(f"ckpttool.formats.{name}") for name in names]
 
 
 def read_file(path: str, role: str = "model", name: str | None = None) -> Checkpoint:
     """Read one weights/state file as a component of a larger checkpoint."""
+    from ckpttool.formats import safetensors, torchfile
+
     if safetensors.detect(path):
         ckpt = safetensors.read(path)
         for comp in ckpt.components:
@@ -25,4 +46,4 @@ def read_file(path: str, role: str = "model", name: str | None = None) -> Checkp
     return torchfile.read(path, role_hint=role, name_hint=name)
 
 
-__all__ = ["CkptError", "READERS", "read_file"]
+__all__ = ["CkptError", "READERS", "read_file", "readers_for"]

@@ -3,42 +3,45 @@ wrote a checkpoint and what its files, keys and counters mean (see `base.Profile
 
 `for_path(path)` recognises a trainer from names and files before anything is read (it picks the state-dir reader's
 file roles); `interpret(ckpt, profile)` applies a profile after reading, falling back to the profiles that recognise a
-file by its content (Lightning, training dicts). Adding a trainer means adding one module to `PATH_PROFILES` or
-`CONTENT_PROFILES`, most specific first.
+file by its content (Lightning, training dicts). Adding a trainer means adding one entry to `PATH_PROFILES` or
+`CONTENT_PROFILES`, most specific first. Profile modules are imported only when a path could be theirs (a file is
+claimed only by a consistency_models family; a safetensors file by no content profile): start-up is most of the
+cost of a command on a small file.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 
 from ckpttool.model import Checkpoint, Problem
-from ckpttool.trainers.accelerate import Accelerate, AccelerateAutomatic
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
-from ckpttool.trainers.consistency_models import ConsistencyModels
-from ckpttool.trainers.dcp_state import DcpState
-from ckpttool.trainers.deepspeed import DeepSpeed
-from ckpttool.trainers.diffusers import Diffusers
-from ckpttool.trainers.kohya import Kohya
-from ckpttool.trainers.lightning import Lightning, LightningSharded
-from ckpttool.trainers.peft import Peft
-from ckpttool.trainers.pretrained import ModelFolder
-from ckpttool.trainers.reference import Reference
-from ckpttool.trainers.simpletuner import SimpleTuner
-from ckpttool.trainers.torchtitan import Torchtitan
-from ckpttool.trainers.training_dict import TrainingDict
-from ckpttool.trainers.transformers import Transformers
 
-PATH_PROFILES = (Reference(), SimpleTuner(), Transformers(), Kohya(), Peft(), Torchtitan(), DeepSpeed(),
-                 ConsistencyModels(), LightningSharded(), ModelFolder(),
-                 AccelerateAutomatic(), Diffusers(), Accelerate())
-CONTENT_PROFILES = (Lightning(), TrainingDict(), DcpState())
+PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "kohya.Kohya",
+                 "peft.Peft", "torchtitan.Torchtitan", "deepspeed.DeepSpeed", "consistency_models.ConsistencyModels",
+                 "lightning.LightningSharded", "pretrained.ModelFolder", "accelerate.AccelerateAutomatic",
+                 "diffusers.Diffusers", "accelerate.Accelerate")
+FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file
+CONTENT_PROFILES = {"torch": ("lightning.Lightning", "training_dict.TrainingDict"), "dcp": ("dcp_state.DcpState",)}
 GENERIC = Profile()
+
+
+@functools.cache
+def _profile(dotted: str) -> Profile:
+    module, _, cls = dotted.rpartition(".")
+    return getattr(importlib.import_module(f"ckpttool.trainers.{module}"), cls)()
+
+
+def path_profiles(names=PATH_PROFILES) -> list[Profile]:
+    return [_profile(n) for n in names]
 
 
 def for_path(path: str) -> Profile | None:
     """The trainer whose output `path` is, judged by names and files alone; None when no profile claims it."""
-    return next((p for p in PATH_PROFILES if p.claims_path(path)), None)
+    names = PATH_PROFILES if os.path.isdir(path) else FILE_PROFILES
+    return next((p for p in path_profiles(names) if p.claims_path(path)), None)
 
 
 def is_state_dir(path: str) -> bool:
@@ -49,7 +52,8 @@ def is_state_dir(path: str) -> bool:
 
 def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
     """Apply the trainer profile to what a reader found; returns the profile used (GENERIC when none claims it)."""
-    profile = profile or next((p for p in CONTENT_PROFILES if p.claims(ckpt)), GENERIC)
+    profile = profile or next((p for p in path_profiles(CONTENT_PROFILES.get(ckpt.format, ())) if p.claims(ckpt)),
+                              GENERIC)
     profile.interpret(ckpt)
     return profile
 
@@ -62,7 +66,11 @@ def profile_of(ckpt: Checkpoint) -> Profile:
 def profile_named(trainer: str | None, layout: str | None = None) -> Profile:
     """The profile of a `trainer` name (as reports carry it), told apart by `layout` where one trainer has several
     (Accelerate's plain and automatically named dirs); GENERIC for None or an unknown name."""
-    named = [p for p in PATH_PROFILES + CONTENT_PROFILES if p.name == trainer and trainer is not None]
+    if trainer is None:
+        return GENERIC
+    module = {"ckpttool": "reference"}.get(trainer, trainer)  # each trainer's profiles live in its own module
+    every = PATH_PROFILES + tuple(n for names in CONTENT_PROFILES.values() for n in names)
+    named = [p for p in path_profiles(tuple(n for n in every if n.startswith(f"{module}."))) if p.name == trainer]
     return next((p for p in named if p.layout == layout), named[0] if named else GENERIC)
 
 

@@ -12,9 +12,12 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Problem, StepSource
-from ckpttool.trainers import contract
+
+if TYPE_CHECKING:
+    from ckpttool.trainers.contract import Contract
 
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
 
@@ -121,6 +124,8 @@ class Profile:
                                   if re.search(pattern, s.source)), None)
         ckpt.problems.extend(self.completion_problems(ckpt))
         if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
+            from ckpttool.trainers import contract
+
             ckpt.problems.extend(contract.damage(terms, ckpt))
 
     def completion_problems(self, ckpt: Checkpoint) -> list[Problem]:
@@ -144,7 +149,7 @@ class Profile:
 
     # --- resume ---
 
-    def resume_contract(self, ckpt: Checkpoint) -> contract.Contract | None:
+    def resume_contract(self, ckpt: Checkpoint) -> Contract | None:
         """What this trainer's own resume reads from a checkpoint dir, from its source (ckpttool/trainers/contract.py):
         every part checked when read, its absence when resuming. None: the roles the reader found decide."""
         return None
@@ -160,6 +165,8 @@ class Profile:
         if roles <= {"model", "ema", "extra", "target", "teacher", "config", "callbacks"}:
             return problems + [weights_only_problem(ckpt)]
         if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
+            from ckpttool.trainers import contract
+
             step = next((s.value for s in self.name_counters(ckpt.path)), None)
             sibling = contract.nearest_sibling(ckpt.path, self.run_saves(ckpt.path), step)
             return problems + contract.absence(terms, ckpt, sibling)

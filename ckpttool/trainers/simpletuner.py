@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, WARNING, Problem
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem
 from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
 from ckpttool.trainers.base import json_keys, numbered_dirs
 from ckpttool.trainers.contract import JSON, Part
