@@ -215,3 +215,19 @@ class Checkpoint:
     @property
     def has_errors(self) -> bool:
         return any(p.severity == ERROR for p in self.problems)
+
+
+@dataclass
+class Salvaged:
+    """What a damaged file still holds (`ckpttool repair`): the tensors whose bytes are all there (and pass every check
+    the file carries: a zip CRC-32, offsets that fit), and those lost, each with why. A salvage reader fills it
+    without loading tensor data; `kept` point into the damaged file, so their bytes can be copied out as they are."""
+
+    path: str
+    format: str  # safetensors | torch
+    kept: list = field(default_factory=list)  # TensorInfo
+    lost: list = field(default_factory=list)  # (tensor name, why)
+    metadata: dict = field(default_factory=dict)  # safetensors `__metadata__`
+    tree: object = None  # torch: the unpickled object (TensorRef leaves), to rebuild without the lost tensors
+    how: str = ""  # how it was read, e.g. "zip directory lost: local headers walked from the front"
+    checked: bool = True  # the file carries checksums (zip CRC-32s) that the kept bytes passed

@@ -236,3 +236,29 @@ def diff_report(r: dict) -> str:
     else:
         out.append("DIFFERENT" + (f"\nFix: {r['fix']}" if r["fix"] else ""))
     return "\n\n".join(out)
+
+
+LOST_SHOWN = 20  # lost tensors named per file in the text report; --json names them all
+
+
+def repair_report(r: dict) -> str:
+    if r["healthy"]:
+        return f"{r['src']}: nothing to repair (it verifies); nothing written"
+    rows = [(f["action"], f["code"] or "", _short(f["path"]), f["detail"]) for f in r["fixes"]]
+    lines = [tabulate(rows, headers=["fix", "problem", "path", "what"], maxcolwidths=[None, None, 40, 70])]
+    for f in r["fixes"]:
+        if f["action"] == "salvage" and f["lost"]:
+            lines.append(f"lost from {f['path']}:")
+            lines += [f"  {item['name']}: {item['why']}" for item in f["lost"][:LOST_SHOWN]]
+            if len(f["lost"]) > LOST_SHOWN:
+                lines.append(f"  ... and {len(f['lost']) - LOST_SHOWN} more (--json lists them all)")
+    if not r["saves_something"]:
+        lines.append("nothing can be saved; nothing written")
+    elif r["dry_run"]:
+        lines.append(f"dry run: nothing written; without --dry-run this writes {r['dst']}")
+    else:
+        after = r["after"]
+        verdict = "verifies" if after["ok"] else f"still has problems ({_codes(after['problems'])}: " \
+            f"`ckpttool verify {r['dst']}` says which)"
+        lines.append(f"wrote {r['dst']}: {r['kept']} tensors kept, {r['lost']} lost; it {verdict}")
+    return "\n".join(lines)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint, Component, Location, TensorInfo, dtype_bytes
+from ckpttool.model import Checkpoint, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
 SUFFIXES = (".safetensors",)
 MAX_HEADER = 100_000_000  # the reference reader's cap
@@ -101,6 +102,77 @@ def read(path: str) -> Checkpoint:
     ckpt = Checkpoint(path, "safetensors", "safetensors file", files=[path], metadata=dict(metadata))
     ckpt.components.append(Component("model", "model", files=[path], tensors=tensors, metadata=dict(metadata)))
     return ckpt
+
+
+# One `"name": {...}` header entry, for a header whose JSON as a whole no longer parses (a flipped or cut byte):
+# each entry is read on its own, so one damaged entry costs one tensor, not the file.
+HEADER_ENTRY = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*(\{[^{}]*\})')
+
+
+def salvage(path: str) -> Salvaged:
+    """The tensors of a damaged safetensors file whose header entry is sound and whose bytes are all in the file.
+
+    The header is the only map of the data: when it is cut or its length is damaged, nothing can be placed
+    (CkptError). Tensors whose ranges overlap another's are lost: which of them the damage moved cannot be told."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CkptError("truncated", f"file is {size} bytes, shorter than the 8-byte header length: no tensor can "
+                            "be located", path)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CkptError("truncated" if n <= MAX_HEADER else "corrupt",
+                            f"the header (declared {n} bytes, the file holds {size - 8}) is cut or its length is "
+                            "damaged: it is the only map of where each tensor lies, so none can be located", path)
+        raw = f.read(n)
+    start = 8 + n
+    out = Salvaged(path, "safetensors", how="header intact", checked=False)  # only a manifest vouches for bytes
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        entries = list(header.items()) if isinstance(header, dict) else None
+    except (UnicodeDecodeError, ValueError):
+        entries = None
+    if entries is None:
+        entries = []
+        for m in HEADER_ENTRY.finditer(raw):
+            try:
+                entries.append((json.loads(b'"' + m.group(1) + b'"'), json.loads(m.group(2))))
+            except (UnicodeDecodeError, ValueError):
+                continue
+        out.how = f"header JSON damaged: {len(entries)} entries read one by one"
+    found = []
+    for name, entry in entries:
+        if name == "__metadata__":
+            if isinstance(entry, dict):
+                out.metadata = {str(k): str(v) for k, v in entry.items() if isinstance(v, str)}
+            continue
+        try:
+            info = _tensor_entry(name, entry, path, start)
+        except CkptError as e:
+            out.lost.append((name, e.reason))
+            continue
+        end = info.location.offset + info.location.length
+        if end > size:
+            out.lost.append((name, f"cut: its bytes end at byte {end}, the file at {size}"))
+        else:
+            found.append(info)
+    found.sort(key=lambda t: (t.location.offset, t.location.length))
+    overlapping, claimed = set(), start
+    for before, after in zip(found, found[1:]):
+        if after.location.offset < before.location.offset + before.location.length:
+            overlapping.update((before.name, after.name))
+    for t in found:
+        if t.location.offset > claimed:  # an entry the damage made unreadable: its name is gone with it
+            out.lost.append(("(unnamed)", f"bytes {claimed - start} to {t.location.offset - start} of the data belong "
+                             "to no readable header entry"))
+        claimed = max(claimed, t.location.offset + t.location.length)
+    for t in found:
+        if t.name in overlapping:
+            out.lost.append((t.name, "its byte range overlaps another tensor's (a damaged header entry)"))
+        else:
+            out.kept.append(t)
+    return out
 
 
 class Writer:

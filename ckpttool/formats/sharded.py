@@ -5,11 +5,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint, Component
 
 INDEX_SUFFIX = ".index.json"
+# transformers' and diffusers' shard names (`model-00001-of-00003.safetensors`, `pytorch_model-00001-of-00002.bin`),
+# whose index is `<stem>.<suffix>.index.json` (transformers: modeling_utils, `_add_variant` and the shard naming)
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.(?P<suffix>safetensors|bin)$")
 
 
 def find_index(path: str) -> str | None:
@@ -76,3 +80,38 @@ def read(path: str, name="model", role="model") -> Checkpoint:
                          "bytes", index)
     ckpt.components.append(component)
     return ckpt
+
+
+def shard_groups(folder: str) -> dict[str, tuple[int, dict[int, str]]]:
+    """The shard sets in a folder, by the index name they belong to: (shard count their names state, {number: shard
+    file name}). Found by name only, so a set whose index is lost is found too."""
+    groups: dict[str, tuple[int, dict[int, str]]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = SHARD_NAME.match(name)
+        if m and os.path.isfile(os.path.join(folder, name)):
+            index = f"{m['stem']}.{m['suffix']}{INDEX_SUFFIX}"
+            count, shards = groups.setdefault(index, (int(m["count"]), {}))
+            if int(m["count"]) == count:
+                shards[int(m["number"])] = name
+    return groups
+
+
+def build_index(folder: str, shards: list[str], metadata: dict | None = None) -> dict:
+    """An index document for these shard files, from their own headers: each tensor mapped to the shard that holds
+    it, `total_size` the bytes of them all. CkptError when a shard cannot be read or two shards hold one tensor."""
+    from ckpttool.formats import read_file
+
+    weight_map, total = {}, 0
+    for shard in shards:
+        part = read_file(os.path.join(folder, shard))
+        errors = [p for p in part.problems if p.severity == "error"]
+        if errors:
+            raise CkptError(errors[0].code, errors[0].message, os.path.join(folder, shard))
+        for comp in part.components:
+            total += comp.nbytes
+            for t in comp.tensors:
+                if t.name in weight_map:
+                    raise CkptError("corrupt", f"{t.name} is in both {weight_map[t.name]} and {shard}",
+                                    os.path.join(folder, shard))
+                weight_map[t.name] = shard
+    return {"metadata": {**(metadata or {}), "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -1,0 +1,390 @@
+"""`ckpttool repair SRC DST`: what can be saved or rebuilt from a damaged checkpoint, written at DST. SRC is never
+written to; DST is written only when something was saved, and a healthy SRC gets "nothing to repair".
+
+The plan answers each problem verify finds with a fix, or with why none is possible:
+- a cut, corrupt or manifest-mismatched tensor file: its intact tensors copied out bit for bit (the salvage readers,
+  `formats.safetensors.salvage` and `formats.torchsalvage`, say which are intact; a manifest, where there is one,
+  vouches for each tensor's bytes);
+- shards whose index is lost or disagrees with them: a fresh index from the shards' own headers;
+- a DeepSpeed save dir whose `latest` names a broken tag: `latest` rewritten to the newest tag that verifies;
+- a run folder whose newest checkpoints were half written: DST without them, so "resume from latest" picks a good one.
+Every other file is copied as it is (or hard-linked, with `link`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ckpttool import atomic, hashing
+from ckpttool.checksums import MANIFEST_NAME, MANIFEST_SUFFIX
+from ckpttool.errors import CkptError, UsageError
+from ckpttool.model import Component, Salvaged
+
+SALVAGE_CODES = ("truncated", "corrupt", "checksum_mismatch")
+NO_REPAIR = {
+    "missing_file": "its bytes are nowhere in the checkpoint, so nothing can rebuild them",
+    "missing_optimizer": "the optimizer state was never saved; nothing can rebuild it",
+    "missing_scheduler": "the LR scheduler state was never saved; nothing can rebuild it",
+    "missing_rng": "the RNG state was never saved; a resume still works, not bit for bit",
+    "weights_only": "a weights file holds no training state; resume from the state dir verify names",
+    "step_mismatch": "the files cannot tell which counter is right; check the run's config and logs",
+    "unsafe_pickle": "ckpttool never runs pickled code; `ckpttool convert SRC out.safetensors` keeps the tensors "
+                     "without it, if you trust the weights",
+    "nonfinite": "NaN/Inf values came from training, not from damage to the file",
+    "quantized_keys": "`ckpttool remap SRC DST --dequantize` writes the plain keys a plain model loads",
+    "world_size_mismatch": "resume with the world size it was saved with",
+    "no_manifest": "`ckpttool manifest` writes one for a checkpoint that verifies",
+}
+SALVAGE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+LATEST = "latest"  # DeepSpeed's save dir names its newest tag here
+
+
+@dataclass
+class Fix:
+    """One line of the plan: the problem (verify's code, where verify gave one) and what repair does about it."""
+
+    code: str | None
+    path: str
+    action: str  # salvage | rebuild index | rewrite latest | leave out | none
+    detail: str
+    kept: int = 0
+    lost: list = field(default_factory=list)  # {"name", "why"}
+
+    def to_json(self) -> dict:
+        out = {"code": self.code, "path": self.path, "action": self.action, "detail": self.detail}
+        if self.action == "salvage":
+            out.update(kept=self.kept, lost=self.lost)
+        return out
+
+
+@dataclass
+class Plan:
+    src: str
+    fixes: list = field(default_factory=list)
+    salvaged: dict = field(default_factory=dict)  # absolute path of a damaged file -> Salvaged
+    generated: dict = field(default_factory=dict)  # path relative to SRC -> bytes written there in DST
+    left_out: set = field(default_factory=set)  # absolute paths not carried into DST
+    answered: set = field(default_factory=set)  # absolute paths whose problems a fix already answers
+
+    def add(self, fix: Fix, *answers: str):
+        self.fixes.append(fix)
+        self.answered.update(os.path.abspath(a) for a in (fix.path, *answers))
+
+    def is_answered(self, path: str) -> bool:
+        path = os.path.abspath(path)
+        return path in self.answered or any(_inside(path, out) for out in self.left_out)
+
+    @property
+    def saves_something(self) -> bool:
+        return any(f.action != "none" and (f.action != "salvage" or f.kept) for f in self.fixes)
+
+
+def plan(src: str) -> Plan:
+    """What repair would do for `src`, from verify's problems and a look at the layout; reads, never writes."""
+    from ckpttool.operations.verify import verify
+
+    if not os.path.exists(src):
+        raise UsageError(f"{src}: no such file or directory")
+    p = Plan(src)
+    if os.path.isdir(src):
+        _plan_indexes(p)
+        try:
+            report = verify(src, recall=False)
+        except UsageError:  # not one checkpoint: a run folder, or a shard set without its index
+            if not p.fixes:
+                _plan_run(p)
+            return p
+        if not report["ok"] and os.path.isfile(os.path.join(src, LATEST)):
+            _plan_latest(p, report)
+    else:
+        report = verify(src, recall=False)
+    if not report["ok"]:
+        _plan_problems(p, report)
+    return p
+
+
+def _plan_problems(p: Plan, report: dict):
+    manifest = _manifest_digests(p.src)
+    for problem in report["problems"]:
+        path, code = problem.get("path") or p.src, problem["code"]
+        if p.is_answered(path):
+            continue
+        if code in SALVAGE_CODES and _salvageable(path) and _inside(path, p.src):
+            _plan_salvage(p, code, path, manifest)
+        elif problem["severity"] == "error" or code in NO_REPAIR:
+            p.fixes.append(Fix(code, path, "none", f"{problem['message']}: no repair possible: "
+                               f"{NO_REPAIR.get(code, 'ckpttool has no repair for this')}"))
+
+
+def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
+    from ckpttool.formats import safetensors, torchsalvage
+
+    try:
+        found = (safetensors.salvage if path.endswith(".safetensors") else torchsalvage.salvage)(path)
+    except CkptError as e:
+        p.add(Fix(code, path, "none", f"no repair possible: {e.reason}"))
+        return
+    checked = _check_against_manifest(found, manifest)
+    p.salvaged[os.path.abspath(path)] = found
+    vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
+        (f", {checked} matched to the manifest" if checked else "")
+    p.add(Fix(code, path, "salvage", f"{len(found.kept)} of {len(found.kept) + len(found.lost)} tensors "
+                       f"whole ({vouch}); {found.how}", len(found.kept),
+                       [{"name": name, "why": why} for name, why in found.lost]))
+
+
+def _manifest_digests(src: str) -> dict:
+    """(file, offset, length) -> xxh3-128 of each tensor range in SRC's manifest, or {} when there is none."""
+    from ckpttool import checksums
+
+    target = os.path.join(src, MANIFEST_NAME) if os.path.isdir(src) else src + MANIFEST_SUFFIX
+    if not os.path.isfile(target):
+        return {}
+    try:
+        doc, _ = checksums.load(target)
+    except CkptError:
+        return {}
+    folder = os.path.dirname(os.path.abspath(target))
+    return {(os.path.normpath(os.path.join(folder, e["file"])), e["offset"], e["length"]): e.get(hashing.ALGORITHM)
+            for e in doc.get("tensors", []) if isinstance(e, dict) and {"file", "offset", "length"} <= set(e)}
+
+
+def _check_against_manifest(found: Salvaged, manifest: dict) -> int:
+    """Move the kept tensors whose bytes differ from the manifest to `lost`; how many were matched."""
+    checked, kept = 0, []
+    for t in found.kept:
+        loc = t.location
+        digest = manifest.get((os.path.abspath(loc.file), loc.offset, loc.length))
+        if digest is None:
+            kept.append(t)
+        elif hashing.hash_range(loc.file, loc.offset, loc.length)[0] == digest:
+            kept.append(t)
+            checked += 1
+        else:
+            found.lost.append((t.name, "its bytes differ from the manifest"))
+    found.kept = kept
+    return checked
+
+
+def _plan_indexes(p: Plan):
+    """A shard set whose index is lost, unreadable or disagrees with the shards gets a fresh one."""
+    from ckpttool.formats import sharded
+
+    for index, (count, shards) in sharded.shard_groups(p.src).items():
+        index_path = os.path.join(p.src, index)
+        gone = [n for n in range(1, count + 1) if n not in shards]
+        try:
+            old = sharded.read_index(index_path) if os.path.isfile(index_path) else None
+        except CkptError:
+            old = None
+        if gone:
+            if old is None:
+                p.fixes.append(Fix("missing_file", index_path, "none", f"shards {gone} of {count} are gone and so is "
+                                   "the index: an index without their tensors would load an incomplete model; no "
+                                   "repair possible"))
+            continue
+        try:
+            doc = sharded.build_index(p.src, [shards[n] for n in sorted(shards)], old[1] if old else None)
+        except CkptError as e:
+            if old is None:
+                p.fixes.append(Fix(e.code, index_path, "none", f"the index is lost and a shard cannot be read "
+                                   f"({e}): repair the shard first, then this folder"))
+            continue
+        if old is not None and old[0] == doc["weight_map"]:
+            continue
+        why = ("is lost" if not os.path.isfile(index_path) else "cannot be read" if old is None else
+               "disagrees with the shards' headers")
+        p.generated[index] = (json.dumps(doc, indent=2) + "\n").encode()
+        p.add(Fix("missing_file" if not os.path.isfile(index_path) else "corrupt", index_path,
+                           "rebuild index", f"the index {why}: rebuilt from the headers of {count} shards "
+                           f"({len(doc['weight_map'])} tensors)"), *(os.path.join(p.src, s) for s in shards.values()))
+
+
+def _plan_latest(p: Plan, report: dict):
+    """DeepSpeed: `latest` naming a tag that is gone or broken is pointed at the newest tag that verifies."""
+    from ckpttool.discovery import discover
+    from ckpttool.operations.verify import verify
+
+    latest = os.path.join(p.src, LATEST)
+    with open(latest, encoding="utf-8", errors="replace") as f:
+        named = f.read().strip()
+    errors = [e for e in report["problems"] if e["severity"] == "error"]
+    for candidate in discover(p.src):
+        if os.path.dirname(os.path.abspath(candidate.path)) != os.path.abspath(p.src) or candidate.skip:
+            continue
+        if verify(candidate.path, recall=False)["ok"]:
+            tag = os.path.basename(candidate.path)
+            p.generated[LATEST] = tag.encode()
+            broken = os.path.join(p.src, named)
+            if named and os.path.isdir(broken) and os.path.dirname(os.path.abspath(broken)) == os.path.abspath(p.src):
+                p.left_out.add(os.path.abspath(broken))
+            p.add(Fix(errors[0]["code"], latest, "rewrite latest", f"`latest` names {named!r} "
+                               f"({errors[0]['message']}); in DST it names {tag!r}, the newest tag that verifies"
+                               + (f", and {named} is left out" if os.path.abspath(broken) in p.left_out else "")))
+            return
+
+
+def _plan_run(p: Plan):
+    """A run folder: each checkpoint in it that fails verify is left out of DST, so resume-from-latest skips it."""
+    from ckpttool.operations.latest import verdicts
+
+    found = good = 0
+    for candidate, report in verdicts(p.src):
+        found += 1
+        if report is not None and report["ok"]:
+            good += 1
+            continue
+        why = candidate.skip if report is None else next(e["message"] for e in report["problems"]
+                                                         if e["severity"] == "error")
+        code = "missing_file" if report is None else next(e["code"] for e in report["problems"]
+                                                          if e["severity"] == "error")
+        p.left_out.update(os.path.abspath(f) for f in candidate.files or [candidate.path])
+        p.fixes.append(Fix(code, candidate.path, "leave out", f"{why}: left out of DST so a resume from the latest "
+                           f"checkpoint does not pick it (to save what is in it: `ckpttool repair {candidate.path} "
+                           "OUT`)"))
+    if not found:
+        raise UsageError(f"{p.src}: no checkpoint layout recognised here, nor checkpoints of a run; point repair at a "
+                         "checkpoint file, a state dir, a shard folder or a run's output folder")
+    if p.fixes and not good:
+        p.fixes = [Fix(f.code, f.path, "none", f.detail.split(": left out")[0] + ": no checkpoint of the run "
+                       "verifies, so leaving them out saves nothing; repair one of them on its own") for f in p.fixes]
+        p.left_out.clear()
+
+
+def _salvageable(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    if path.endswith(SALVAGE_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _inside(path: str, src: str) -> bool:
+    path, src = os.path.abspath(path), os.path.abspath(src)
+    return path == src or path.startswith(src.rstrip(os.sep) + os.sep)
+
+
+# --- writing ---
+
+def repair(src: str, dst: str, *, dry_run: bool = False, force: bool = False, link: bool = False) -> dict:
+    """Plan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
+    from ckpttool.operations.output import check_destination
+
+    p = plan(src)
+    result = {"src": src, "dst": dst, "healthy": not p.fixes, "dry_run": dry_run, "written": False,
+              "saves_something": p.saves_something, "fixes": [f.to_json() for f in p.fixes],
+              "kept": sum(f.kept for f in p.fixes), "lost": sum(len(f.lost) for f in p.fixes)}
+    if not p.fixes or dry_run or not p.saves_something:
+        return result
+    check_destination(src, dst, force)
+    if _inside(dst, src):
+        raise UsageError(f"{dst}: inside {src}; write the repair elsewhere (the input is never modified)")
+    with atomic.guard(dst, _size(p)):
+        _write(p, dst, link)
+    result["written"] = True
+    from ckpttool.operations.verify import verify
+
+    after = verify(dst, recall=False)
+    result["after"] = {"ok": after["ok"], "problems": after["problems"]}
+    return result
+
+
+def _size(p: Plan) -> int:
+    total = 0
+    for folder, _, files in os.walk(p.src) if os.path.isdir(p.src) else [("", [], [p.src])]:
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if os.path.exists(os.path.join(folder, f)))
+    return total
+
+
+def _write(p: Plan, dst: str, link: bool):
+    staging = atomic.make_staging_dir(dst)
+    try:
+        out = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
+        if os.path.isdir(p.src):
+            _write_dir(p, out, link)
+        else:
+            _write_salvaged(p.salvaged[os.path.abspath(p.src)], out)
+        if os.path.lexists(dst):  # --force: replace only now that the new output is complete
+            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
+        os.replace(out, dst)
+    finally:
+        atomic.discard(staging)
+
+
+def _write_dir(p: Plan, out: str, link: bool):
+    src = os.path.abspath(p.src)
+    for folder, dirs, files in os.walk(src):
+        rel = os.path.relpath(folder, src)
+        dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in p.left_out)
+        os.makedirs(os.path.join(out, rel), exist_ok=True)
+        for name in sorted(files):
+            full, target = os.path.join(folder, name), os.path.normpath(os.path.join(out, rel, name))
+            inner = os.path.normpath(os.path.join(rel, name))
+            if full in p.left_out or inner in p.generated or (rel == "." and name == MANIFEST_NAME):
+                continue  # SRC's manifest describes the damaged files: `ckpttool manifest DST` writes a new one
+            if full in p.salvaged:
+                if p.salvaged[full].kept:
+                    _write_salvaged(p.salvaged[full], target)
+            elif link:
+                try:
+                    os.link(os.path.realpath(full), target)
+                except OSError:
+                    shutil.copyfile(full, target)
+            else:
+                shutil.copyfile(full, target)
+    for inner, data in p.generated.items():
+        atomic.write_synced(os.path.join(out, inner), data)
+
+
+def _write_salvaged(found: Salvaged, path: str):
+    """The kept tensors, bytes copied file to file: a safetensors file in their order on disk, a torch file with the
+    object they were in (lost tensors dropped from their dict, None in their list)."""
+    from ckpttool.formats import safetensors
+
+    if found.format == "safetensors":
+        writer = safetensors.Writer(path, [(t.name, t.dtype, t.shape) for t in found.kept], found.metadata)
+        try:
+            for t in found.kept:
+                writer.write_raw(t.name, t.location.file, t.location.offset, t.location.length)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return
+    from ckpttool.operations.convert import Part, write_torch
+
+    lost = {name for name, _ in found.lost}
+    component = Component("model", "model", [found.path], list(found.kept), tree=_without(found.tree, lost))
+    try:
+        write_torch(path, {None: Part(component, False)}, None, lambda _n: None)
+    except CkptError as e:
+        if e.code != "unsafe_pickle":
+            raise
+        component.tree = None  # classes ckpttool never rebuilds: the tensors alone, as a flat state dict
+        found.how += "; written as a flat state dict (the object around the tensors holds classes ckpttool does not " \
+                     "rebuild)"
+        write_torch(path, {None: Part(component, False)}, None, lambda _n: None)
+
+
+def _without(obj, lost: set, prefix=""):
+    """The unpickled object less the lost tensors (by the dotted names `flatten` gives): gone from a dict, None in a
+    list or tuple, so every kept tensor keeps its name."""
+    from ckpttool.formats.pickles import TensorRef
+
+    def join(key):
+        return f"{prefix}.{key}" if prefix else str(key)
+
+    if isinstance(obj, dict):
+        items = [(k, _without(v, lost, join(k))) for k, v in obj.items()
+                 if not (isinstance(v, TensorRef) and join(k) in lost)]
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+    if isinstance(obj, (list, tuple)):
+        items = [None if isinstance(v, TensorRef) and join(i) in lost else _without(v, lost, join(i))
+                 for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
