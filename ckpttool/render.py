@@ -258,7 +258,14 @@ def repair_report(r: dict) -> str:
         lines.append(f"dry run: nothing written; without --dry-run this writes {r['dst']}")
     else:
         after = r["after"]
-        verdict = "verifies" if after["ok"] else f"still has problems ({_codes(after['problems'])}: " \
-            f"`ckpttool verify {r['dst']}` says which)"
-        lines.append(f"wrote {r['dst']}: {r['kept']} tensors kept, {r['lost']} lost; it {verdict}")
+        if "latest" in after:
+            verdict = f"latest picks {after['latest']}" if after["ok"] else "still no checkpoint in it verifies"
+        else:
+            verdict = ("it verifies" + (" as files; the lost tensors are not in it, and a strict load names them"
+                                        if r["lost"] else "")) if after["ok"] else f"it still has problems ({_codes(after['problems'])}: " \
+                f"`ckpttool verify {r['dst']}` says which)"
+        salvaged = [f for f in r["fixes"] if f["action"] == "salvage"]
+        tensors = f" ({r['kept']} tensors kept, {r['lost']} lost)" if salvaged else ""
+        applied = sum(f["action"] != "none" for f in r["fixes"])
+        lines.append(f"wrote {r['dst']}: {applied} fix{'es' if applied != 1 else ''} applied{tensors}; {verdict}")
     return "\n".join(lines)

@@ -64,6 +64,7 @@ class Fix:
 @dataclass
 class Plan:
     src: str
+    kind: str = "checkpoint"  # file | checkpoint | run (a folder of a run's checkpoints)
     fixes: list = field(default_factory=list)
     salvaged: dict = field(default_factory=dict)  # absolute path of a damaged file -> Salvaged
     generated: dict = field(default_factory=dict)  # path relative to SRC -> bytes written there in DST
@@ -96,11 +97,13 @@ def plan(src: str) -> Plan:
             report = verify(src, recall=False)
         except UsageError:  # not one checkpoint: a run folder, or a shard set without its index
             if not p.fixes:
+                p.kind = "run"
                 _plan_run(p)
             return p
         if not report["ok"] and os.path.isfile(os.path.join(src, LATEST)):
             _plan_latest(p, report)
     else:
+        p.kind = "file"
         report = verify(src, recall=False)
     if not report["ok"]:
         _plan_problems(p, report)
@@ -138,7 +141,7 @@ def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
 
 
 def _manifest_digests(src: str) -> dict:
-    """(file, offset, length) -> xxh3-128 of each tensor range in SRC's manifest, or {} when there is none."""
+    """(file, offset, length) -> (xxh3-128, names) of each tensor range in SRC's manifest; {} when there is none."""
     from ckpttool import checksums
 
     target = os.path.join(src, MANIFEST_NAME) if os.path.isdir(src) else src + MANIFEST_SUFFIX
@@ -149,24 +152,32 @@ def _manifest_digests(src: str) -> dict:
     except CkptError:
         return {}
     folder = os.path.dirname(os.path.abspath(target))
-    return {(os.path.normpath(os.path.join(folder, e["file"])), e["offset"], e["length"]): e.get(hashing.ALGORITHM)
+    return {(os.path.normpath(os.path.join(folder, e["file"])), e["offset"], e["length"]):
+            (e.get(hashing.ALGORITHM), e.get("names", []))
             for e in doc.get("tensors", []) if isinstance(e, dict) and {"file", "offset", "length"} <= set(e)}
 
 
 def _check_against_manifest(found: Salvaged, manifest: dict) -> int:
-    """Move the kept tensors whose bytes differ from the manifest to `lost`; how many were matched."""
-    checked, kept = 0, []
+    """Where the manifest covers the file, keep only the tensors it vouches for: the same byte range, the same bytes,
+    and (safetensors, whose header carries no checksum) the same name. How many it vouched for."""
+    path = os.path.abspath(found.path)
+    if not any(key[0] == path for key in manifest):
+        return 0
+    kept = []
     for t in found.kept:
         loc = t.location
-        digest = manifest.get((os.path.abspath(loc.file), loc.offset, loc.length))
+        digest, names = manifest.get((path, loc.offset, loc.length), (None, []))
         if digest is None:
-            kept.append(t)
-        elif hashing.hash_range(loc.file, loc.offset, loc.length)[0] == digest:
-            kept.append(t)
-            checked += 1
-        else:
+            found.lost.append((t.name, "the manifest has no tensor at its byte range: its header entry may be "
+                               "damaged"))
+        elif found.format == "safetensors" and not any(n == t.name or n.endswith("/" + t.name) for n in names):
+            found.lost.append((t.name, f"the manifest names its bytes {', '.join(names)}: its header entry is "
+                               "damaged"))
+        elif hashing.hash_range(loc.file, loc.offset, loc.length)[0] != digest:
             found.lost.append((t.name, "its bytes differ from the manifest"))
-    found.kept = kept
+        else:
+            kept.append(t)
+    checked, found.kept = len(kept), kept
     return checked
 
 
@@ -287,11 +298,21 @@ def repair(src: str, dst: str, *, dry_run: bool = False, force: bool = False, li
     with atomic.guard(dst, _size(p)):
         _write(p, dst, link)
     result["written"] = True
+    result["after"] = _after(p, dst)
+    return result
+
+
+def _after(p: Plan, dst: str) -> dict:
+    """What verify says of DST (for a run: what `latest` picks in it)."""
+    if p.kind == "run":
+        from ckpttool.operations.latest import latest
+
+        picked = latest(dst)
+        return {"ok": picked["path"] is not None, "latest": picked["path"], "problems": []}
     from ckpttool.operations.verify import verify
 
-    after = verify(dst, recall=False)
-    result["after"] = {"ok": after["ok"], "problems": after["problems"]}
-    return result
+    report = verify(dst, recall=False)
+    return {"ok": report["ok"], "problems": report["problems"]}
 
 
 def _size(p: Plan) -> int:
