@@ -1,0 +1,412 @@
+"""`ckpttool repair`: damaged files give back exactly their whole tensors, bit for bit, and name the rest; layouts get
+their index, `latest` or run rebuilt; SRC never changes; a healthy SRC writes nothing."""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from ckpttool.cli import main
+from ckpttool.formats.pickles import TensorRef
+from ckpttool.formats.torchfile import flatten, read_raw
+
+
+def tree_digest(path) -> str:
+    """One digest of every file's name, mode and bytes under `path` (or of the file)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+    for p in paths:
+        h.update(os.path.relpath(p, path).encode())
+        h.update(str(os.stat(p).st_mode).encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return {"embed.weight": torch.randn(12, 8, generator=g), "norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+            "counts": torch.arange(10, dtype=torch.int64), "mask": torch.rand(5, generator=g) > 0.5,
+            "empty": torch.zeros(0, 3), "head.weight": torch.randn(8, 12, generator=g).half(),
+            "last.bias": torch.randn(33, generator=g)}
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
+
+
+def cut_copy(src, dst, size):
+    with open(src, "rb") as f:
+        data = f.read(size)
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+# --- safetensors ---
+
+def safetensors_cuts(path):
+    """Every header boundary, and each tensor's first, middle and last byte."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    start, size = 8 + n, os.path.getsize(path)
+    points = {0, 4, 7, 8, 9, 8 + n // 2, start - 1, start, size - 1}
+    for name, e in header.items():
+        if name != "__metadata__":
+            a, b = e["data_offsets"]
+            points.update({start + a, start + a + 1, start + (a + b) // 2, start + b - 1, start + b})
+    return sorted(p for p in points if 0 <= p < size), header, start
+
+
+def test_safetensors_cut_at_every_boundary_keeps_exactly_the_whole_tensors(tmp_path):
+    original = weights()
+    src = tmp_path / "model.safetensors"
+    save_file(original, src, metadata={"step": "7"})
+    cuts, header, start = safetensors_cuts(src)
+    for cut in cuts:
+        damaged, out = tmp_path / f"cut{cut}.safetensors", tmp_path / f"out{cut}.safetensors"
+        cut_copy(src, damaged, cut)
+        before = tree_digest(damaged)
+        result, report = run(["repair", str(damaged), str(out), "--json"])
+        assert tree_digest(damaged) == before
+        whole = {k for k, e in header.items() if k != "__metadata__" and start + e["data_offsets"][1] <= cut}
+        if cut < start or not whole:
+            assert result.exit_code == 1, (cut, result.output)
+            assert not out.exists() and report["written"] is False
+            continue
+        assert result.exit_code == 0, (cut, result.output)
+        got = load_file(out)
+        assert set(got) == whole, cut
+        for name in whole:
+            assert got[name].dtype == original[name].dtype and bits(got[name]) == bits(original[name])
+        (fix,) = report["fixes"]
+        assert fix["action"] == "salvage" and fix["kept"] == len(whole)
+        assert {item["name"] for item in fix["lost"]} == set(original) - whole
+        with open(out, "rb") as f:
+            assert json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))["__metadata__"] == {"step": "7"}
+
+
+def test_safetensors_damaged_header_entry_costs_that_tensor_and_is_named(tmp_path):
+    src = tmp_path / "model.safetensors"
+    save_file(weights(), src)
+    data = bytearray(src.read_bytes())
+    at = data.index(b'"head.weight"') + 3
+    data[at:at + 20] = b"}" * 20  # the entry and the JSON around it are broken
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    result, report = run(["repair", str(damaged), str(tmp_path / "out.safetensors"), "--json"])
+    assert result.exit_code == 0, result.output
+    (fix,) = report["fixes"]
+    assert "entries read one by one" in fix["detail"]
+    assert "head.weight" not in load_file(tmp_path / "out.safetensors")
+    assert any(item["name"] == "(unnamed)" for item in fix["lost"])
+
+
+def test_a_manifest_drops_the_tensors_whose_bytes_changed(tmp_path):
+    """safetensors carries no checksum: a flipped data byte is caught only by the manifest, tensor by tensor."""
+    src = tmp_path / "model.safetensors"
+    save_file(weights(), src)
+    assert run(["manifest", str(src)])[0].exit_code == 0
+    _, header, start = safetensors_cuts(src)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    data = bytearray(src.read_bytes())
+    data[-1] ^= 0x40  # inside the last tensor in the file
+    src.write_bytes(bytes(data))
+    result, report = run(["repair", str(src), str(tmp_path / "out.safetensors"), "--json"])
+    assert result.exit_code == 0, result.output
+    (fix,) = report["fixes"]
+    assert fix["code"] == "checksum_mismatch"
+    assert [item["name"] for item in fix["lost"]] == [last]
+    assert "differ from the manifest" in fix["lost"][0]["why"]
+    assert set(load_file(tmp_path / "out.safetensors")) == set(weights()) - {last}
+
+
+# --- torch zip ---
+
+def training_dict():
+    w = weights()
+    del w["empty"]
+    return {"model": w, "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(12, 8)}},
+                                      "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "ema": [torch.randn(4), torch.randn(6)], "global_step": 3, "tied": w["embed.weight"]}
+
+
+def flat(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out = {}
+    for k, v in items:
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def zip_layout(path):
+    """(member name, header offset, data offset, data end) of each member."""
+    with open(path, "rb") as raw:
+        zf = zipfile.ZipFile(raw)
+        members = []
+        for info in zf.infolist():
+            raw.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+            data = info.header_offset + 30 + name_len + extra_len
+            members.append((info.filename, info.header_offset, data, data + info.file_size))
+    return members
+
+
+def test_torch_zip_cut_at_every_boundary_keeps_exactly_the_whole_storages(tmp_path):
+    original = training_dict()
+    src = tmp_path / "ckpt.pt"
+    torch.save(original, src)
+    members = zip_layout(src)
+    size = os.path.getsize(src)
+    names = flat(original)
+    storage_of = {}  # tensor name -> the member of its storage (by the safe reader, as torch names them)
+    for name, leaf in flatten(read_raw(str(src)).obj):
+        if isinstance(leaf, TensorRef):
+            storage_of[name] = next(m for m in members if m[0].endswith(f"/data/{leaf.storage.key}"))
+    assert set(storage_of) == set(names)
+    points = {size - 1, size - 22}
+    for _, header, data, end in members:
+        points.update({header, header + 10, data, (data + end) // 2, end, end + 8, end + 16})
+    for cut in sorted(p for p in points if 0 < p < size):
+        damaged, out = tmp_path / f"cut{cut}.pt", tmp_path / f"out{cut}.pt"
+        cut_copy(src, damaged, cut)
+        result, report = run(["repair", str(damaged), str(out), "--json"])
+        assert os.path.getsize(damaged) == cut
+        # a storage is saved when its bytes and the descriptor with their CRC-32 (16 bytes after) are in the file
+        whole = {n for n, m in storage_of.items() if m[3] + 16 <= cut}
+        if not whole:
+            assert result.exit_code == 1, (cut, result.output)
+            assert not out.exists()
+            continue
+        assert result.exit_code == 0, (cut, result.output)
+        got = flat(torch.load(out, weights_only=True))
+        assert set(got) == whole, cut
+        for name in whole:
+            assert got[name].dtype == names[name].dtype and bits(got[name]) == bits(names[name]), (cut, name)
+        (fix,) = report["fixes"]
+        assert {item["name"] for item in fix["lost"]} == set(names) - whole
+        assert torch.load(out, weights_only=True)["global_step"] == 3
+
+
+def test_torch_zip_flipped_storage_byte_fails_its_crc_and_only_that_storage_is_lost(tmp_path):
+    original = training_dict()
+    src = tmp_path / "ckpt.pt"
+    torch.save(original, src)
+    members = zip_layout(src)
+    _, _, data, end = next(m for m in members if m[0].endswith("data/1"))
+    raw = bytearray(src.read_bytes())
+    raw[(data + end) // 2] ^= 0x01
+    src.write_bytes(bytes(raw))
+    result, report = run(["repair", str(src), str(tmp_path / "out.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    lost = report["fixes"][0]["lost"]
+    assert lost and all("CRC-32" in item["why"] for item in lost)
+    got = flat(torch.load(tmp_path / "out.pt", weights_only=True))
+    expected = flat(original)
+    assert set(got) == set(expected) - {item["name"] for item in lost}
+    assert all(bits(got[n]) == bits(expected[n]) for n in got)
+
+
+def test_torch_legacy_cut_keeps_the_storages_before_the_cut(tmp_path):
+    original = {"a": torch.arange(6.0), "b": torch.ones(4, dtype=torch.int32), "c": torch.randn(3)}
+    src = tmp_path / "legacy.pt"
+    torch.save(original, src, _use_new_zipfile_serialization=False)
+    size = os.path.getsize(src)
+    for cut in (size - 1, size - 12, size - 13 - 8, size - 13 - 8 - 16):
+        damaged, out = tmp_path / f"cut{cut}.pt", tmp_path / f"out{cut}.pt"
+        cut_copy(src, damaged, cut)
+        result, report = run(["repair", str(damaged), str(out), "--json"])
+        if result.exit_code == 1:
+            assert not out.exists()
+            continue
+        assert result.exit_code == 0, result.output
+        got = torch.load(out, weights_only=True)
+        assert got and all(bits(got[k]) == bits(original[k]) for k in got)
+        assert {item["name"] for item in report["fixes"][0]["lost"]} == set(original) - set(got)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0.05, 1.0), flips=st.lists(st.tuples(st.floats(0.0, 0.999), st.integers(1, 255)), max_size=4),
+       kind=st.sampled_from(["pt", "safetensors"]))
+def test_mutated_damage_never_gives_back_a_changed_tensor(tmp_path_factory, cut, flips, kind):
+    """Cuts and flipped bytes anywhere: exit 0 or 1, never an exception; SRC unchanged; every tensor given back is
+    bit for bit the original (zip members by their CRC-32, safetensors by its manifest)."""
+    folder = tmp_path_factory.mktemp("mutated")
+    original = weights()
+    src = folder / f"ckpt.{kind}"
+    if kind == "pt":
+        torch.save(original, src)
+    else:
+        save_file(original, src)
+        assert run(["manifest", str(src)])[0].exit_code == 0
+    data = bytearray(src.read_bytes())
+    for where, mask in flips:
+        data[int(where * len(data))] ^= mask
+    src.write_bytes(bytes(data[: max(1, int(cut * len(data)))]))
+    before = tree_digest(src)
+    out = folder / f"out.{kind}"
+    result, report = run(["repair", str(src), str(out), "--json"])
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert tree_digest(src) == before
+    if result.exit_code == 1 or not out.exists():
+        assert not out.exists()
+        return
+    got = torch.load(out, weights_only=True) if kind == "pt" else load_file(out)
+    for name, tensor in got.items():
+        assert name in original and bits(tensor) == bits(original[name]) and tensor.dtype == original[name].dtype
+
+
+# --- layouts ---
+
+def test_healthy_inputs_write_nothing(corpus, tmp_path):
+    for name in ("safetensors", "torch_training", "torch_legacy", "sharded", "accelerate", "diffusers", "dcp"):
+        before = tree_digest(corpus[name])
+        out = tmp_path / name
+        result, report = run(["repair", corpus[name], str(out), "--json"])
+        assert result.exit_code == 0, (name, result.output)
+        assert report["healthy"] and not report["written"] and not out.exists(), name
+        assert tree_digest(corpus[name]) == before
+    result = CliRunner().invoke(main, ["repair", corpus["safetensors"], str(tmp_path / "x.safetensors")])
+    assert "nothing to repair" in result.output
+
+
+def test_shards_without_their_index_verify_after_repair(corpus, tmp_path):
+    src = shutil.copytree(corpus["sharded"], tmp_path / "sharded")
+    (index,) = [p for p in os.listdir(src) if p.endswith(".index.json")]
+    original = json.load(open(os.path.join(src, index)))
+    os.unlink(os.path.join(src, index))
+    before = tree_digest(src)
+    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [f["action"] for f in report["fixes"]] == ["rebuild index"]
+    assert report["after"]["ok"] and tree_digest(src) == before
+    rebuilt = json.load(open(tmp_path / "fixed" / index))
+    assert rebuilt["weight_map"] == original["weight_map"]
+    assert run(["verify", str(tmp_path / "fixed")])[0].exit_code == 0
+
+
+def test_a_wrong_index_is_rebuilt_and_a_missing_shard_is_not_papered_over(corpus, tmp_path):
+    src = shutil.copytree(corpus["sharded"], tmp_path / "sharded")
+    (index,) = [p for p in os.listdir(src) if p.endswith(".index.json")]
+    doc = json.load(open(os.path.join(src, index)))
+    key = sorted(doc["weight_map"])[0]
+    doc["weight_map"][key] = next(s for s in sorted(set(doc["weight_map"].values())) if s != doc["weight_map"][key])
+    json.dump(doc, open(os.path.join(src, index), "w"))
+    assert run(["verify", str(src)])[0].exit_code == 1
+    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    assert result.exit_code == 0 and report["fixes"][0]["action"] == "rebuild index", result.output
+    assert run(["verify", str(tmp_path / "fixed")])[0].exit_code == 0
+
+    result, report = run(["repair", corpus["sharded_missing"], str(tmp_path / "none"), "--json"])
+    assert result.exit_code == 1 and not (tmp_path / "none").exists()
+    assert report["fixes"][0]["code"] == "missing_file" and report["fixes"][0]["action"] == "none"
+
+
+def test_state_dir_with_cut_files_is_salvaged_file_by_file(corpus, tmp_path):
+    src = shutil.copytree(corpus["accelerate"], tmp_path / "state")
+    model = src / "model.safetensors"
+    os.truncate(model, os.path.getsize(model) * 2 // 3)
+    optimizer = src / "optimizer.bin"
+    members = zip_layout(corpus["accelerate"] + "/optimizer.bin")
+    os.truncate(optimizer, max(m[3] for m in members) + 16)  # every member whole, the directory cut away
+    before = tree_digest(src)
+    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert tree_digest(src) == before
+    by_file = {os.path.basename(f["path"]): f for f in report["fixes"]}
+    assert by_file["optimizer.bin"]["action"] == "salvage" and not by_file["optimizer.bin"]["lost"]
+    assert by_file["model.safetensors"]["lost"]
+    fixed_opt = torch.load(tmp_path / "fixed" / "optimizer.bin", weights_only=True)
+    whole_opt = torch.load(corpus["accelerate"] + "/optimizer.bin", weights_only=True)
+    assert fixed_opt["param_groups"] == whole_opt["param_groups"]
+    assert all(bits(a) == bits(b) for a, b in zip(flat(fixed_opt).values(), flat(whole_opt).values()))
+    for name in ("scheduler.bin", "random_states_0.pkl"):
+        assert (tmp_path / "fixed" / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_deepspeed_latest_naming_a_broken_tag_is_rewritten(tmp_path):
+    src = shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "deepspeed", "zero2"), tmp_path / "ds")
+    good = (src / "latest").read_text().strip()
+    shutil.copytree(src / good, src / "global_step9")
+    os.unlink(src / "global_step9" / "mp_rank_00_model_states.pt")
+    (src / "latest").write_text("global_step9")
+    result, report = run(["repair", str(src), str(tmp_path / "dry"), "--dry-run", "--json"])
+    assert result.exit_code == 0 and not (tmp_path / "dry").exists()
+    assert report["fixes"][0]["action"] == "rewrite latest" and good in report["fixes"][0]["detail"]
+    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fixed" / "latest").read_text() == good
+    assert not (tmp_path / "fixed" / "global_step9").exists()
+    assert report["after"]["ok"] and (src / "latest").read_text() == "global_step9"
+
+
+def test_a_run_without_its_half_written_newest_checkpoint(corpus, tmp_path):
+    run_dir = os.path.dirname(corpus["diffusers_truncated_newest"])
+    result, report = run(["repair", run_dir, str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [os.path.basename(f["path"]) for f in report["fixes"] if f["action"] == "leave out"] == \
+        [os.path.basename(corpus["diffusers_truncated_newest"])]
+    assert not (tmp_path / "run" / os.path.basename(corpus["diffusers_truncated_newest"])).exists()
+    assert report["after"]["ok"] and os.path.basename(report["after"]["latest"]) == "checkpoint-3"
+
+
+def test_dry_run_lists_a_fix_or_why_none_for_each_problem(corpus, tmp_path):
+    result, report = run(["repair", corpus["torch_step_mismatch"], str(tmp_path / "x.pt"), "--dry-run", "--json"])
+    assert result.exit_code == 1 and not (tmp_path / "x.pt").exists()
+    assert report["fixes"] and all(f["action"] == "none" and "no repair possible" in f["detail"]
+                                   for f in report["fixes"])
+    result = CliRunner().invoke(main, ["repair", corpus["safetensors_truncated"], str(tmp_path / "y.safetensors"),
+                                       "--dry-run"])
+    assert result.exit_code == 0 and "dry run: nothing written" in result.output
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_destination_rules(corpus, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    result = CliRunner().invoke(main, ["repair", corpus["safetensors_truncated"], str(out)])
+    assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == b"keep me"
+    result = CliRunner().invoke(main, ["repair", corpus["safetensors_truncated"], str(out), "--force"])
+    assert result.exit_code == 0 and load_file(out)
+    src = shutil.copytree(corpus["sharded"], tmp_path / "sharded")
+    os.unlink(next(src / p for p in os.listdir(src) if p.endswith(".index.json")))
+    result = CliRunner().invoke(main, ["repair", str(src), str(src / "inside")])
+    assert result.exit_code == 2 and not (src / "inside").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_real_transformers_checkpoint_resumes_after_its_optimizer_lost_the_zip_directory(runs, tmp_path):
+    """The Trainer's own resume reads the repaired checkpoint: optimizer.pt cut just before its zip directory."""
+    from fixtures.real_runs import resume_transformers
+
+    run_dir = runs["transformers"]
+    newest = sorted(os.listdir(run_dir), key=lambda d: int(d.split("-")[1]) if d.startswith("checkpoint-") else -1)[-1]
+    src = shutil.copytree(os.path.join(run_dir, newest), tmp_path / newest)
+    members = zip_layout(os.path.join(run_dir, newest, "optimizer.pt"))
+    os.truncate(src / "optimizer.pt", max(m[3] for m in members) + 16)
+    assert run(["verify", str(src)])[0].exit_code == 1
+    fixed = tmp_path / "fixed" / newest
+    os.makedirs(fixed.parent)
+    result, report = run(["repair", str(src), str(fixed), "--json"])
+    assert result.exit_code == 0 and report["after"]["ok"], result.output
+    keys = ("global_step", "optimizer_restored", "scheduler_step")
+    resumed, healthy = resume_transformers(str(fixed)), resume_transformers(os.path.join(run_dir, newest))
+    assert resumed["optimizer_restored"] and {k: resumed[k] for k in keys} == {k: healthy[k] for k in keys}
