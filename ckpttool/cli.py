@@ -335,19 +335,22 @@ def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_jso
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
+@click.option("--like", metavar="REF", type=click.Path(exists=True),
+              help="Align the model weights' keys to this checkpoint's (prefixes, quanto keys), as remap --like does.")
 @click.option("--dry-run", is_flag=True, help="Say what would be saved and what is lost; write nothing.")
 @click.option("--link", is_flag=True, help="Hard-link the files repair leaves as they are, rather than copy them.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def repair(src, dst, dry_run, link, force, as_json):
+def repair(src, dst, like, dry_run, link, force, as_json):
     """Save what can be saved from a damaged checkpoint SRC into DST.
 
     The intact tensors of a cut or corrupt file (bit for bit), a fresh index for shards that lost theirs, DeepSpeed's
-    `latest` pointed at a tag that verifies, a run without its half-written checkpoints. SRC is never modified; DST
+    `latest` pointed at a tag that verifies, a run without its half-written checkpoints, with --like REF the model's
+    keys aligned to REF's (module./_orig_mod. prefixes, quanto keys). SRC is never modified; DST
     is written only when something was saved. Exit 0: DST written (or nothing to repair), 1: nothing could be saved."""
     from ckpttool.operations.repair import repair as run_repair
 
-    result = run_repair(src, dst, dry_run=dry_run, force=force, link=link)
+    result = run_repair(src, dst, like=like, dry_run=dry_run, force=force, link=link)
     _show(result, as_json, "repair_report")
     if not result["healthy"] and not result["saves_something"]:
         sys.exit(1)

@@ -410,3 +410,30 @@ def test_real_transformers_checkpoint_resumes_after_its_optimizer_lost_the_zip_d
     keys = ("global_step", "optimizer_restored", "scheduler_step")
     resumed, healthy = resume_transformers(str(fixed)), resume_transformers(os.path.join(run_dir, newest))
     assert resumed["optimizer_restored"] and {k: resumed[k] for k in keys} == {k: healthy[k] for k in keys}
+
+
+def test_like_aligns_a_module_prefix_and_dequantizes_quanto_keys(corpus, tmp_path):
+    """Key damage against the model to load into is repaired by remap's own alignment."""
+    from fixtures.generate import TinyNet
+
+    result, report = run(["repair", corpus["torch_module_prefix"], str(tmp_path / "plain.pt"), "--like",
+                          corpus["torch_state_dict"], "--json"])
+    assert result.exit_code == 0, result.output
+    assert [f["action"] for f in report["fixes"]] == ["remap"] and "module." in report["fixes"][0]["detail"]
+    assert run(["diff", str(tmp_path / "plain.pt"), corpus["torch_state_dict"]])[0].exit_code == 0
+
+    torch.manual_seed(0)
+    reference = tmp_path / "plain256.safetensors"
+    save_file({k: v.contiguous() for k, v in TinyNet(width=256).state_dict().items()}, reference)
+    src = shutil.copytree(os.path.dirname(corpus["quanto_qint8"]), tmp_path / "quanto")
+    before = tree_digest(src)
+    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--like", str(reference), "--json"])
+    assert result.exit_code == 0, result.output
+    assert report["fixes"][0]["code"] == "quantized_keys" and report["fixes"][0]["action"] == "remap"
+    assert os.listdir(tmp_path / "fixed") == ["model.safetensors"]  # the quanto map went with the quantized keys
+    fixed = load_file(tmp_path / "fixed" / "model.safetensors")
+    assert set(fixed) == set(load_file(reference)) and tree_digest(src) == before
+
+    result, report = run(["repair", corpus["torch_state_dict"], str(tmp_path / "same.pt"), "--like",
+                          corpus["torch_state_dict"], "--json"])
+    assert result.exit_code == 0 and report["healthy"] and not (tmp_path / "same.pt").exists()

@@ -7,7 +7,9 @@ The plan answers each problem verify finds with a fix, or with why none is possi
   vouches for each tensor's bytes);
 - shards whose index is lost or disagrees with them: a fresh index from the shards' own headers;
 - a DeepSpeed save dir whose `latest` names a broken tag: `latest` rewritten to the newest tag that verifies;
-- a run folder whose newest checkpoints were half written: DST without them, so "resume from latest" picks a good one.
+- a run folder whose newest checkpoints were half written: DST without them, so "resume from latest" picks a good one;
+- with `like` (a reference checkpoint of the model to load into): safetensors weights whose keys differ from it by a
+  prefix (`module.`, `_orig_mod.`) or by optimum-quanto's `._data`/`._scale` keys are aligned as `remap --like` does.
 Every other file is copied as it is (or hard-linked, with `link`).
 """
 
@@ -49,7 +51,7 @@ class Fix:
 
     code: str | None
     path: str
-    action: str  # salvage | rebuild index | rewrite latest | leave out | none
+    action: str  # salvage | rebuild index | rewrite latest | leave out | remap | none
     detail: str
     kept: int = 0
     lost: list = field(default_factory=list)  # {"name", "why"}
@@ -70,6 +72,7 @@ class Plan:
     generated: dict = field(default_factory=dict)  # path relative to SRC -> bytes written there in DST
     left_out: set = field(default_factory=set)  # absolute paths not carried into DST
     answered: set = field(default_factory=set)  # absolute paths whose problems a fix already answers
+    remaps: dict = field(default_factory=dict)  # absolute path of a weights file -> the reference its keys align to
 
     def add(self, fix: Fix, *answers: str):
         self.fixes.append(fix)
@@ -84,12 +87,22 @@ class Plan:
         return any(f.action != "none" and (f.action != "salvage" or f.kept) for f in self.fixes)
 
 
-def plan(src: str) -> Plan:
-    """What repair would do for `src`, from verify's problems and a look at the layout; reads, never writes."""
-    from ckpttool.operations.verify import verify
-
+def plan(src: str, like: str | None = None) -> Plan:
+    """What repair would do for `src` (keys aligned to `like`, if given), from verify's problems and a look at the
+    layout; reads, never writes."""
     if not os.path.exists(src):
         raise UsageError(f"{src}: no such file or directory")
+    if like is not None and not os.path.exists(like):
+        raise UsageError(f"{like}: no such file or directory (--like names the checkpoint whose keys DST must have)")
+    p = _plan_damage(src)
+    if like is not None and p.kind != "run":
+        _plan_like(p, like)
+    return p
+
+
+def _plan_damage(src: str) -> Plan:
+    from ckpttool.operations.verify import verify
+
     p = Plan(src)
     if os.path.isdir(src):
         _plan_indexes(p)
@@ -266,6 +279,63 @@ def _plan_run(p: Plan):
         p.left_out.clear()
 
 
+def _plan_like(p: Plan, like: str):
+    """Align the model weights' keys to the reference's where they differ, as `remap --like` would."""
+    from ckpttool.checkpoint import open_checkpoint
+    from ckpttool.formats import quanto
+    from ckpttool.operations import remap
+    from ckpttool.operations.diff import select_component
+
+    ref = select_component(open_checkpoint(like), "model", like).tensors
+    weights, tensors = _model_weights(p)
+    if weights is None:
+        p.fixes.append(Fix("key_mismatch", p.src, "none", "--like: the model weights are not a file of their own "
+                           "here (a training dict's other parts would not survive a remap): `ckpttool remap SRC "
+                           "OUT --like REF --component model` writes the weights alone"))
+        return
+    if {t.name for t in tensors} == {t.name for t in ref}:
+        return
+    keys = remap.Plan(tensors)
+    try:
+        remap.align_like(keys, ref, quanto.find_qmap(like))
+    except (CkptError, UsageError) as e:
+        p.fixes.append(Fix("key_mismatch", weights, "none", f"its keys differ from {like}'s and cannot be aligned: "
+                           f"{e.args[0] if isinstance(e, UsageError) else e.reason}"))
+        return
+    code = "quantized_keys" if any("quantized" in change for change in keys.changes) else "key_mismatch"
+    p.remaps[os.path.abspath(weights)] = like
+    p.add(Fix(code, weights, "remap", f"keys aligned to {like} as `ckpttool remap --like` does: "
+              f"{'; '.join(keys.changes)}"))
+
+
+def _model_weights(p: Plan):
+    """(the file of SRC's model weights, its tensors as repair leaves them), or (None, None) when they are not one
+    file of their own (a training dict's other parts would not survive a remap)."""
+    from ckpttool.checkpoint import open_checkpoint
+
+    if os.path.abspath(p.src) in p.salvaged:
+        from ckpttool.formats.pickles import TensorRef
+        from ckpttool.formats.torchfile import flatten
+
+        found = p.salvaged[os.path.abspath(p.src)]
+        plain = found.format == "safetensors" or all(isinstance(leaf, TensorRef) for _, leaf in flatten(found.tree))
+        return (p.src, found.kept) if plain else (None, None)
+    try:
+        ckpt = open_checkpoint(p.src)
+    except (CkptError, UsageError):
+        return None, None
+    comp = ckpt.model
+    files = {t.location.file for t in comp.tensors if t.location} if comp else set()
+    if len(files) != 1:
+        return None, None
+    weights = files.pop()
+    if any(c is not comp and any(t.location and t.location.file == weights for t in c.tensors)
+           for c in ckpt.components):
+        return None, None
+    found = p.salvaged.get(os.path.abspath(weights))
+    return weights, found.kept if found else comp.tensors
+
+
 def _salvageable(path: str) -> bool:
     if not os.path.isfile(path):
         return False
@@ -282,11 +352,12 @@ def _inside(path: str, src: str) -> bool:
 
 # --- writing ---
 
-def repair(src: str, dst: str, *, dry_run: bool = False, force: bool = False, link: bool = False) -> dict:
+def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False, force: bool = False,
+           link: bool = False) -> dict:
     """Plan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
     from ckpttool.operations.output import check_destination
 
-    p = plan(src)
+    p = plan(src, like)
     result = {"src": src, "dst": dst, "healthy": not p.fixes, "dry_run": dry_run, "written": False,
               "saves_something": p.saves_something, "fixes": [f.to_json() for f in p.fixes],
               "kept": sum(f.kept for f in p.fixes), "lost": sum(len(f.lost) for f in p.fixes)}
@@ -328,8 +399,13 @@ def _write(p: Plan, dst: str, link: bool):
         out = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
         if os.path.isdir(p.src):
             _write_dir(p, out, link)
-        else:
+        elif os.path.abspath(p.src) in p.salvaged:
             _write_salvaged(p.salvaged[os.path.abspath(p.src)], out)
+        else:
+            shutil.copyfile(p.src, out)
+        for weights, like in p.remaps.items():
+            _remap_in_place(out if weights == os.path.abspath(p.src) else
+                            os.path.join(out, os.path.relpath(weights, os.path.abspath(p.src))), like)
         if os.path.lexists(dst):  # --force: replace only now that the new output is complete
             shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
         os.replace(out, dst)
@@ -360,6 +436,23 @@ def _write_dir(p: Plan, out: str, link: bool):
                 shutil.copyfile(full, target)
     for inner, data in p.generated.items():
         atomic.write_synced(os.path.join(out, inner), data)
+
+
+def _remap_in_place(target: str, like: str):
+    """The weights file at `target` (inside the staging) with its keys aligned to `like`; a quanto map beside it goes
+    when the weights were dequantized."""
+    from ckpttool.formats import quanto
+    from ckpttool.operations import remap
+
+    aligned = target + ".aligned"
+    result = remap.remap(target, aligned, like=like, force=True,
+                         to="safetensors" if target.endswith(".safetensors") else "torch")
+    os.replace(aligned, target)
+    if any("dequantized" in change for change in result["changes"]):
+        for name in quanto.QMAP_NAMES:
+            beside = os.path.join(os.path.dirname(target), name)
+            if os.path.isfile(beside):
+                os.unlink(beside)
 
 
 def _write_salvaged(found: Salvaged, path: str):
