@@ -229,5 +229,6 @@ class Salvaged:
     lost: list = field(default_factory=list)  # (tensor name, why)
     metadata: dict = field(default_factory=dict)  # safetensors `__metadata__`
     tree: object = None  # torch: the unpickled object (TensorRef leaves), to rebuild without the lost tensors
+    dropped: set = field(default_factory=set)  # torch: dotted paths of parts left out whole (an incomplete optimizer)
     how: str = ""  # how it was read, e.g. "zip directory lost: local headers walked from the front"
     checked: bool = True  # the file carries checksums (zip CRC-32s) that the kept bytes passed

@@ -191,6 +191,9 @@ def test_torch_zip_cut_at_every_boundary_keeps_exactly_the_whole_storages(tmp_pa
         assert os.path.getsize(damaged) == cut
         # a storage is saved when its bytes and the descriptor with their CRC-32 (16 bytes after) are in the file
         whole = {n for n, m in storage_of.items() if m[3] + 16 <= cut}
+        optimizer = {n for n in names if n.startswith("optimizer.")}
+        if optimizer - whole:  # an optimizer state that lost a tensor is left out whole, never loaded half
+            whole -= optimizer
         if not whole:
             assert result.exit_code == 1, (cut, result.output)
             assert not out.exists()
@@ -202,7 +205,8 @@ def test_torch_zip_cut_at_every_boundary_keeps_exactly_the_whole_storages(tmp_pa
             assert got[name].dtype == names[name].dtype and bits(got[name]) == bits(names[name]), (cut, name)
         (fix,) = report["fixes"]
         assert {item["name"] for item in fix["lost"]} == set(names) - whole
-        assert torch.load(out, weights_only=True)["global_step"] == 3
+        saved = torch.load(out, weights_only=True)
+        assert saved["global_step"] == 3 and ("optimizer" in saved) == bool(optimizer & whole)
 
 
 def test_torch_zip_flipped_storage_byte_fails_its_crc_and_only_that_storage_is_lost(tmp_path):

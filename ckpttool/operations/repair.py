@@ -145,6 +145,8 @@ def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
         p.add(Fix(code, path, "none", f"no repair possible: {e.reason}"))
         return
     checked = _check_against_manifest(found, manifest)
+    if found.format == "torch":
+        _drop_incomplete_optimizers(found)
     p.salvaged[os.path.abspath(path)] = found
     vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
         (f", {checked} matched to the manifest" if checked else "")
@@ -192,6 +194,38 @@ def _check_against_manifest(found: Salvaged, manifest: dict) -> int:
             kept.append(t)
     checked, found.kept = len(kept), kept
     return checked
+
+
+def _drop_incomplete_optimizers(found: Salvaged):
+    """An optimizer state that lost any tensor is left out whole: loaded, a partial one resumes the parameters whose
+    moments are gone as if new (Adam re-creates empty state), silently; left out, the resume and verify say so."""
+    for path in _optimizer_paths(found.tree):
+        def inside(name, path=path):
+            return not path or name == path or name.startswith(path + ".")
+
+        gone = [name for name, _ in found.lost if inside(name)]
+        if not gone:
+            continue
+        found.dropped.add(path)
+        found.lost += [(t.name, f"left out with the optimizer state it belongs to ({path or 'the whole file'}), "
+                        f"which lost {len(gone)} tensors: a partial state would resume those parameters with fresh "
+                        "moments, silently") for t in found.kept if inside(t.name)]
+        found.kept = [t for t in found.kept if not inside(t.name)]
+
+
+def _optimizer_paths(obj, prefix=""):
+    """Dotted paths (as `flatten` names them) of the optimizer state dicts in an unpickled object."""
+    if isinstance(obj, dict):
+        if {"state", "param_groups"} <= set(map(str, obj)):
+            yield prefix
+            return
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return
+    for key, value in items:
+        yield from _optimizer_paths(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def _plan_indexes(p: Plan):
@@ -473,7 +507,8 @@ def _write_salvaged(found: Salvaged, path: str):
     from ckpttool.operations.convert import Part, write_torch
 
     lost = {name for name, _ in found.lost}
-    component = Component("model", "model", [found.path], list(found.kept), tree=_without(found.tree, lost))
+    component = Component("model", "model", [found.path], list(found.kept),
+                          tree=_without(found.tree, lost | found.dropped))
     try:
         write_torch(path, {None: Part(component, False)}, None, lambda _n: None)
     except CkptError as e:
@@ -486,8 +521,8 @@ def _write_salvaged(found: Salvaged, path: str):
 
 
 def _without(obj, lost: set, prefix=""):
-    """The unpickled object less the lost tensors (by the dotted names `flatten` gives): gone from a dict, None in a
-    list or tuple, so every kept tensor keeps its name."""
+    """The unpickled object less the lost tensors and dropped parts (by the dotted names `flatten` gives): gone from
+    a dict, None in a list or tuple, so every kept tensor keeps its name."""
     from ckpttool.formats.pickles import TensorRef
 
     def join(key):
@@ -495,10 +530,10 @@ def _without(obj, lost: set, prefix=""):
 
     if isinstance(obj, dict):
         items = [(k, _without(v, lost, join(k))) for k, v in obj.items()
-                 if not (isinstance(v, TensorRef) and join(k) in lost)]
+                 if not ((isinstance(v, TensorRef) or isinstance(v, (dict, list, tuple))) and join(k) in lost)]
         return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     if isinstance(obj, (list, tuple)):
-        items = [None if isinstance(v, TensorRef) and join(i) in lost else _without(v, lost, join(i))
-                 for i, v in enumerate(obj)]
+        items = [None if join(i) in lost and isinstance(v, (TensorRef, dict, list, tuple))
+                 else _without(v, lost, join(i)) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
     return obj
