@@ -1,4 +1,5 @@
-"""`python -m fuzz` (`make fuzz`): mutated real checkpoint files through `inspect` and `verify`, in-process, at volume.
+"""`python -m fuzz` (`make fuzz`): mutated real checkpoint files through `inspect`, `verify` and the salvage readers
+`repair` uses, in-process, at volume.
 
 Seeds are files the real libraries wrote (the fixture corpus): safetensors, torch zip and legacy files, a CUDA-saved
 file, Accelerate numpy RNG pickles, an optimizer state, a sharded index JSON. Each input is one seed with seeded
@@ -120,7 +121,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 class Worker:
-    """One process: a scratch dir, the unraisable hook, and the two commands called in-process."""
+    """One process: a scratch dir, the unraisable hook, and the commands called in-process."""
 
     def __init__(self, seeds: dict[str, str], scratch: str):
         from ckpttool.errors import CkptError, UsageError
@@ -130,6 +131,7 @@ class Worker:
         self.scratch = scratch
         self.expected = (CkptError, UsageError)
         self.inspect, self.verify = inspect.inspect, verify.verify
+        self.commands = (self.inspect, self.verify, salvage)
         self.index_dir = os.path.join(scratch, "sharded")
         shutil.copytree(os.path.dirname(seeds["sharded_index"]), self.index_dir)
         self.unraisable: list[str] = []
@@ -144,7 +146,7 @@ class Worker:
         return os.path.join(self.scratch, "input.safetensors" if seed == "safetensors" else "input.pt")
 
     def run(self, base: int, index: int) -> tuple[str, str, str] | None:
-        """None when both commands end in a result or the toolkit's own error; else (seed, kind, detail)."""
+        """None when every command ends in a result or the toolkit's own error; else (seed, kind, detail)."""
         rng = random.Random(base * 1_000_003 + index)
         seed = SEEDS[index % len(SEEDS)]
         path = self.target(seed)
@@ -152,7 +154,7 @@ class Worker:
             f.write(mutate(self.seeds[seed], rng))
         entry = path if seed != "sharded_index" else self.index_dir
         self.unraisable.clear()
-        for command in (self.inspect, self.verify):
+        for command in self.commands:
             try:
                 command(entry)
             except self.expected:
@@ -176,6 +178,14 @@ class Worker:
         self.stderr.seek(0)
         self.stderr.truncate()
         return lines
+
+
+def salvage(path: str):
+    """What `repair` reads of a damaged file: its salvage reader, whatever the bytes (a folder: nothing to salvage)."""
+    from ckpttool.formats import safetensors, torchsalvage
+
+    if os.path.isfile(path):
+        (safetensors.salvage if path.endswith(".safetensors") else torchsalvage.salvage)(path)
 
 
 def _work(args) -> tuple[int, list]:
@@ -218,7 +228,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     kinds = collections.Counter((seed, kind) for _, seed, kind, _ in escapes)
-    print(f"fuzz: {done} mutated inputs (seed {args.seed}), each through inspect and verify, in {elapsed:.0f} s on "
+    print(f"fuzz: {done} mutated inputs (seed {args.seed}), each through inspect, verify and salvage, in {elapsed:.0f} s on "
           f"{args.jobs} processes: {len(escapes)} escapes" + (", PAYLOAD EXECUTED" if executed else ""))
     for (seed, kind), count in kinds.most_common():
         first, detail = min((i, d) for i, s, k, d in escapes if (s, k) == (seed, kind))

@@ -59,24 +59,43 @@ def _salvage_zip(path: str, size: int) -> Salvaged:
             raise CkptError("corrupt", f"{prefix}data.pkl fails its CRC-32 check: the pickle that names and shapes "
                             "every tensor is damaged, so no tensor can be trusted", path)
     out = Salvaged(path, "torch", tree=obj, how=how)
-    verdicts: dict[str, str | None] = {}  # storage key -> why it is lost, None when whole
-    storages = {}
+    refs = {}
+    for _, leaf in flatten(obj):
+        if isinstance(leaf, TensorRef):
+            refs.setdefault(leaf.storage.key, leaf.storage)
+    verdicts = _storage_verdicts(path, size, {key: (members.get(f"{prefix}data/{key}"), ref.nbytes)
+                                               for key, ref in refs.items()})
+    storages = {key: (refs[key], members[f"{prefix}data/{key}"].data) for key, why in verdicts.items() if not why}
+    raw = RawPickle(obj, "torch zip", storages)
     for name, leaf in flatten(obj):
-        if not isinstance(leaf, TensorRef):
-            continue
-        key = leaf.storage.key
-        if key not in verdicts:
-            verdicts[key] = _storage_verdict(path, size, members.get(f"{prefix}data/{key}"), leaf.storage.nbytes)
-            if verdicts[key] is None:
-                storages[key] = (leaf.storage, members[f"{prefix}data/{key}"].data)
-        if verdicts[key]:
-            out.lost.append((name, f"storage {key}: {verdicts[key]}"))
-        else:
-            out.kept.append(tensor_info(name, leaf, RawPickle(obj, "torch zip", storages), path))
+        if isinstance(leaf, TensorRef):
+            why = verdicts[leaf.storage.key]
+            if why:
+                out.lost.append((name, f"storage {leaf.storage.key}: {why}"))
+            else:
+                out.kept.append(tensor_info(name, leaf, raw, path))
     return out
 
 
-def _storage_verdict(path: str, size: int, member: _Member | None, nbytes: int) -> str | None:
+def _storage_verdicts(path: str, size: int, storages: dict) -> dict[str, str | None]:
+    """Storage key -> why it is lost, or None when whole; the CRC-32s of the candidates computed on all cores."""
+    verdicts, jobs, keys = {}, [], []
+    for key, (member, nbytes) in storages.items():
+        verdicts[key] = _storage_verdict(size, member, nbytes)
+        if verdicts[key] is None:
+            jobs.append((path, member.data, member.length))
+            keys.append(key)
+    results = hashing.run_jobs(jobs, hashing.crc32_range, sum(job[2] for job in jobs), "checking CRC-32s")
+    for key, (crc, done), job in zip(keys, results, jobs):
+        if done != job[2]:
+            verdicts[key] = f"cut: {done} of its {job[2]} bytes are in the file"
+        elif crc != storages[key][0].crc:
+            verdicts[key] = "fails its CRC-32 check (damaged bytes)"
+    return verdicts
+
+
+def _storage_verdict(size: int, member: _Member | None, nbytes: int) -> str | None:
+    """Why a storage is lost before its bytes are read, or None when its CRC-32 is to be checked."""
     if member is None:
         return "its member is gone (the file was cut before it, or the archive is damaged there)"
     if member.data + nbytes > size:
@@ -85,11 +104,6 @@ def _storage_verdict(path: str, size: int, member: _Member | None, nbytes: int) 
         return f"its member holds {member.length} bytes, its tensors need {nbytes}"
     if member.crc is None:
         return "the CRC-32 after its bytes was cut away, so they cannot be checked"
-    crc, done = hashing.crc32_range(path, member.data, member.length)
-    if done != member.length:
-        return f"cut: {done} of its {member.length} bytes are in the file"
-    if crc != member.crc:
-        return "fails its CRC-32 check (damaged bytes)"
     return None
 
 

@@ -400,8 +400,9 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     check_destination(src, dst, force)
     if _inside(dst, src):
         raise UsageError(f"{dst}: inside {src}; write the repair elsewhere (the input is never modified)")
-    with atomic.guard(dst, _size(p)):
-        _write(p, dst, link)
+    total = _size(p)
+    with atomic.guard(dst, total), hashing.progress(total, "writing") as advance:
+        _write(p, dst, link, advance)
     result["written"] = True
     result["after"] = _after(p, dst)
     return result
@@ -427,12 +428,12 @@ def _size(p: Plan) -> int:
     return total
 
 
-def _write(p: Plan, dst: str, link: bool):
+def _write(p: Plan, dst: str, link: bool, advance):
     staging = atomic.make_staging_dir(dst)
     try:
         out = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
         if os.path.isdir(p.src):
-            _write_dir(p, out, link)
+            _write_dir(p, out, link, advance)
         elif os.path.abspath(p.src) in p.salvaged:
             _write_salvaged(p.salvaged[os.path.abspath(p.src)], out)
         else:
@@ -447,7 +448,7 @@ def _write(p: Plan, dst: str, link: bool):
         atomic.discard(staging)
 
 
-def _write_dir(p: Plan, out: str, link: bool):
+def _write_dir(p: Plan, out: str, link: bool, advance):
     src = os.path.abspath(p.src)
     for folder, dirs, files in os.walk(src):
         rel = os.path.relpath(folder, src)
@@ -468,6 +469,7 @@ def _write_dir(p: Plan, out: str, link: bool):
                     shutil.copyfile(full, target)
             else:
                 shutil.copyfile(full, target)
+            advance(os.path.getsize(full))
     for inner, data in p.generated.items():
         atomic.write_synced(os.path.join(out, inner), data)
 
