@@ -187,8 +187,9 @@ def test_torch_zip_cut_at_every_boundary_keeps_exactly_the_whole_storages(tmp_pa
     for cut in sorted(p for p in points if 0 < p < size):
         damaged, out = tmp_path / f"cut{cut}.pt", tmp_path / f"out{cut}.pt"
         cut_copy(src, damaged, cut)
+        before = tree_digest(damaged)
         result, report = run(["repair", str(damaged), str(out), "--json"])
-        assert os.path.getsize(damaged) == cut
+        assert tree_digest(damaged) == before
         # a storage is saved when its bytes and the descriptor with their CRC-32 (16 bytes after) are in the file
         whole = {n for n, m in storage_of.items() if m[3] + 16 <= cut}
         optimizer = {n for n in names if n.startswith("optimizer.")}
@@ -370,6 +371,22 @@ def test_a_run_without_its_half_written_newest_checkpoint(corpus, tmp_path):
         [os.path.basename(corpus["diffusers_truncated_newest"])]
     assert not (tmp_path / "run" / os.path.basename(corpus["diffusers_truncated_newest"])).exists()
     assert report["after"]["ok"] and os.path.basename(report["after"]["latest"]) == "checkpoint-3"
+
+
+def test_a_run_where_nothing_verifies_is_not_rewritten_and_link_shares_the_untouched_files(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    shutil.copytree(corpus["diffusers_truncated_newest"], run_dir / "checkpoint-5")
+    result, report = run(["repair", str(run_dir), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert [f["action"] for f in report["fixes"]] == ["none"] and "repair one on its own" in report["fixes"][0]["detail"]
+
+    src = shutil.copytree(corpus["accelerate"], tmp_path / "state")
+    os.truncate(src / "model.safetensors", os.path.getsize(src / "model.safetensors") - 1)
+    result, _ = run(["repair", str(src), str(tmp_path / "linked"), "--link", "--json"])
+    assert result.exit_code == 0, result.output
+    assert os.stat(src / "scheduler.bin").st_ino == os.stat(tmp_path / "linked" / "scheduler.bin").st_ino
+    assert os.stat(src / "model.safetensors").st_ino != os.stat(tmp_path / "linked" / "model.safetensors").st_ino
 
 
 def test_dry_run_lists_a_fix_or_why_none_for_each_problem(corpus, tmp_path):

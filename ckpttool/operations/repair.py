@@ -150,9 +150,8 @@ def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
     p.salvaged[os.path.abspath(path)] = found
     vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
         (f", {checked} matched to the manifest" if checked else "")
-    p.add(Fix(code, path, "salvage", f"{len(found.kept)} of {len(found.kept) + len(found.lost)} tensors "
-                       f"whole ({vouch}); {found.how}", len(found.kept),
-                       [{"name": name, "why": why} for name, why in found.lost]))
+    p.add(Fix(code, path, "salvage", f"{len(found.kept)} of {len(found.kept) + len(found.lost)} tensors whole "
+              f"({vouch}); {found.how}", len(found.kept), [{"name": name, "why": why} for name, why in found.lost]))
 
 
 def _manifest_digests(src: str) -> dict:
@@ -257,9 +256,9 @@ def _plan_indexes(p: Plan):
         why = ("is lost" if not os.path.isfile(index_path) else "cannot be read" if old is None else
                "disagrees with the shards' headers")
         p.generated[index] = (json.dumps(doc, indent=2) + "\n").encode()
-        p.add(Fix("missing_file" if not os.path.isfile(index_path) else "corrupt", index_path,
-                           "rebuild index", f"the index {why}: rebuilt from the headers of {count} shards "
-                           f"({len(doc['weight_map'])} tensors)"), *(os.path.join(p.src, s) for s in shards.values()))
+        p.add(Fix("missing_file" if not os.path.isfile(index_path) else "corrupt", index_path, "rebuild index",
+                  f"the index {why}: rebuilt from the headers of {count} shards ({len(doc['weight_map'])} tensors)"),
+              *(os.path.join(p.src, shard) for shard in shards.values()))
 
 
 def _plan_latest(p: Plan, report: dict):
@@ -280,37 +279,37 @@ def _plan_latest(p: Plan, report: dict):
             broken = os.path.join(p.src, named)
             if named and os.path.isdir(broken) and os.path.dirname(os.path.abspath(broken)) == os.path.abspath(p.src):
                 p.left_out.add(os.path.abspath(broken))
-            p.add(Fix(errors[0]["code"], latest, "rewrite latest", f"`latest` names {named!r} "
-                               f"({errors[0]['message']}); in DST it names {tag!r}, the newest tag that verifies"
-                               + (f", and {named} is left out" if os.path.abspath(broken) in p.left_out else "")))
+            p.add(Fix(errors[0]["code"], latest, "rewrite latest", f"`latest` names {named!r} ({errors[0]['message']}); "
+                      f"in DST it names {tag!r}, the newest tag that verifies"
+                      + (f", and {named} is left out" if os.path.abspath(broken) in p.left_out else "")))
             return
 
 
 def _plan_run(p: Plan):
-    """A run folder: each checkpoint in it that fails verify is left out of DST, so resume-from-latest skips it."""
+    """A run folder: each checkpoint in it that fails verify is left out of DST, so resume-from-latest skips it
+    (when at least one verifies: with none, leaving them out would save nothing)."""
     from ckpttool.operations.latest import verdicts
 
-    found = good = 0
+    found, broken = 0, []
     for candidate, report in verdicts(p.src):
         found += 1
-        if report is not None and report["ok"]:
-            good += 1
+        if report is None:
+            broken.append((candidate, "missing_file", candidate.skip))
+        elif not report["ok"]:
+            error = next(e for e in report["problems"] if e["severity"] == "error")
+            broken.append((candidate, error["code"], error["message"]))
+    if not found:
+        raise UsageError(f"{p.src}: no checkpoint layout recognised here, nor checkpoints of a run; point repair at a "
+                         "checkpoint file, a state dir, a shard folder or a run's output folder")
+    for candidate, code, why in broken:
+        if len(broken) == found:
+            p.fixes.append(Fix(code, candidate.path, "none", f"{why}: no checkpoint of the run verifies, so leaving "
+                               f"them out saves nothing; repair one on its own: `ckpttool repair {candidate.path} OUT`"))
             continue
-        why = candidate.skip if report is None else next(e["message"] for e in report["problems"]
-                                                         if e["severity"] == "error")
-        code = "missing_file" if report is None else next(e["code"] for e in report["problems"]
-                                                          if e["severity"] == "error")
         p.left_out.update(os.path.abspath(f) for f in candidate.files or [candidate.path])
         p.fixes.append(Fix(code, candidate.path, "leave out", f"{why}: left out of DST so a resume from the latest "
                            f"checkpoint does not pick it (to save what is in it: `ckpttool repair {candidate.path} "
                            "OUT`)"))
-    if not found:
-        raise UsageError(f"{p.src}: no checkpoint layout recognised here, nor checkpoints of a run; point repair at a "
-                         "checkpoint file, a state dir, a shard folder or a run's output folder")
-    if p.fixes and not good:
-        p.fixes = [Fix(f.code, f.path, "none", f.detail.split(": left out")[0] + ": no checkpoint of the run "
-                       "verifies, so leaving them out saves nothing; repair one of them on its own") for f in p.fixes]
-        p.left_out.clear()
 
 
 def _plan_like(p: Plan, like: str):
@@ -391,15 +390,16 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     """Plan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
     from ckpttool.operations.output import check_destination
 
+    if not dry_run:  # before the plan, which may read the whole checkpoint
+        check_destination(src, dst, force)
+        if _inside(dst, src):
+            raise UsageError(f"{dst}: inside {src}; write the repair elsewhere (the input is never modified)")
     p = plan(src, like)
     result = {"src": src, "dst": dst, "healthy": not p.fixes, "dry_run": dry_run, "written": False,
               "saves_something": p.saves_something, "fixes": [f.to_json() for f in p.fixes],
               "kept": sum(f.kept for f in p.fixes), "lost": sum(len(f.lost) for f in p.fixes)}
     if not p.fixes or dry_run or not p.saves_something:
         return result
-    check_destination(src, dst, force)
-    if _inside(dst, src):
-        raise UsageError(f"{dst}: inside {src}; write the repair elsewhere (the input is never modified)")
     total = _size(p)
     with atomic.guard(dst, total), hashing.progress(total, "writing") as advance:
         _write(p, dst, link, advance)
