@@ -458,3 +458,16 @@ def test_like_aligns_a_module_prefix_and_dequantizes_quanto_keys(corpus, tmp_pat
     result, report = run(["repair", corpus["torch_state_dict"], str(tmp_path / "same.pt"), "--like",
                           corpus["torch_state_dict"], "--json"])
     assert result.exit_code == 0 and report["healthy"] and not (tmp_path / "same.pt").exists()
+
+
+def test_data_descriptors_of_both_sizes(tmp_path):
+    """miniz writes 16-byte descriptors, and 24-byte (zip64) ones once the archive passes 4 GiB, even after a small
+    member: each is told by its sizes agreeing with the member's length (seen on a real 4.4 GB torch.save)."""
+    from ckpttool.formats.torchsalvage import _descriptor
+
+    for form, tail in ((16, struct.pack("<LLL", 0xABCD, 40, 40)), (24, struct.pack("<LQQ", 0xABCD, 40, 40))):
+        path = tmp_path / f"d{form}"
+        path.write_bytes(b"x" * 40 + b"PK\x07\x08" + tail + b"PK\x03\x04")
+        with open(path, "rb") as f:
+            assert _descriptor(f, 40, 40) == (0xABCD, form)
+            assert _descriptor(f, 40, 41) is None

@@ -167,10 +167,10 @@ def _descriptor(f, at: int, length: int) -> tuple[int, int] | None:
     raw = _pread(f, at, 24)
     if raw[:4] != DESCRIPTOR or len(raw) < 16:
         return None
-    crc, small = struct.unpack("<LL", raw[4:12])
-    if small == length and length < ZIP64_SIZE:
+    crc, compressed, size = struct.unpack("<LLL", raw[4:16])
+    if compressed == size == length:
         return crc, 16
-    if len(raw) == 24 and struct.unpack("<Q", raw[8:16])[0] == length:
+    if len(raw) == 24 and struct.unpack("<QQ", raw[8:24]) == (length, length):  # zip64: miniz past 4 GiB
         return crc, 24
     return None
 
