@@ -260,10 +260,12 @@ def repair_report(r: dict) -> str:
         after = r["after"]
         if "latest" in after:
             verdict = f"latest picks {after['latest']}" if after["ok"] else "still no checkpoint in it verifies"
+        elif not after["ok"]:
+            verdict = f"it still has problems ({_codes(after['problems'])}: `ckpttool verify {r['dst']}` says which)"
+        elif r["lost"]:
+            verdict = "it verifies as files; the lost tensors are not in it, and a strict load names them"
         else:
-            verdict = ("it verifies" + (" as files; the lost tensors are not in it, and a strict load names them"
-                                        if r["lost"] else "")) if after["ok"] else f"it still has problems ({_codes(after['problems'])}: " \
-                f"`ckpttool verify {r['dst']}` says which)"
+            verdict = "it verifies"
         salvaged = [f for f in r["fixes"] if f["action"] == "salvage"]
         tensors = f" ({r['kept']} tensors kept, {r['lost']} lost)" if salvaged else ""
         applied = sum(f["action"] != "none" for f in r["fixes"])

@@ -141,12 +141,15 @@ def salvage(path: str) -> Salvaged:
             except (UnicodeDecodeError, ValueError):
                 continue
         out.how = f"header JSON damaged: {len(entries)} entries read one by one"
-    found = []
+    found, spans = [], []  # spans: (begin, end) in the data of every entry whose offsets read, kept or lost
     for name, entry in entries:
         if name == "__metadata__":
             if isinstance(entry, dict):
                 out.metadata = {str(k): str(v) for k, v in entry.items() if isinstance(v, str)}
             continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets):
+            spans.append(tuple(offsets))
         try:
             info = _tensor_entry(name, entry, path, start)
         except CkptError as e:
@@ -158,15 +161,15 @@ def salvage(path: str) -> Salvaged:
         else:
             found.append(info)
     found.sort(key=lambda t: (t.location.offset, t.location.length))
-    overlapping, claimed = set(), start
+    overlapping, claimed = set(), 0
     for before, after in zip(found, found[1:]):
         if after.location.offset < before.location.offset + before.location.length:
             overlapping.update((before.name, after.name))
-    for t in found:
-        if t.location.offset > claimed:  # an entry the damage made unreadable: its name is gone with it
-            out.lost.append(("(unnamed)", f"bytes {claimed - start} to {t.location.offset - start} of the data belong "
-                             "to no readable header entry"))
-        claimed = max(claimed, t.location.offset + t.location.length)
+    for begin, end in sorted(spans):
+        if begin > claimed:  # an entry the damage made unreadable: its name is gone with it
+            out.lost.append(("(unnamed)", f"bytes {claimed} to {begin} of the data belong to no readable header "
+                             "entry"))
+        claimed = max(claimed, end)
     for t in found:
         if t.name in overlapping:
             out.lost.append((t.name, "its byte range overlaps another tensor's (a damaged header entry)"))
