@@ -61,9 +61,9 @@ demo: $(STAMP)
 	$(BIN)/ckpttool verify demo-run/work/run-000001-state || echo "(exit $$?: bit rot caught)"
 	@echo "== latest: the newest diffusers checkpoint is truncated, so the one before it is chosen"
 	$(BIN)/ckpttool latest demo-run/fixtures/diffusers
-	@echo "== repair: the bit-rotted state dir keeps every tensor the manifest vouches for; the cut newest checkpoint gives back its whole tensors; the run is rewritten without it"
+	@echo "== repair: the bit-rotted state dir keeps every tensor the manifest vouches for; a cut training .pt gives back its model (its optimizer lost tensors, so it is left out whole); the run is rewritten without its cut newest checkpoint"
 	$(BIN)/ckpttool repair demo-run/work/run-000001-state demo-run/work/run-000001-state-repaired
-	$(BIN)/ckpttool repair --dry-run demo-run/fixtures/diffusers/checkpoint-5 demo-run/work/checkpoint-5-repaired
+	$(BIN)/ckpttool repair demo-run/fixtures/torch/truncated.pt demo-run/work/truncated-repaired.pt
 	$(BIN)/ckpttool repair demo-run/fixtures/diffusers demo-run/work/diffusers-repaired
 	@echo "== convert the trained checkpoint's weights to safetensors (streamed, verified), then diff the contents"
 	$(BIN)/ckpttool convert demo-run/train/checkpoint-30 demo-run/work/model.safetensors

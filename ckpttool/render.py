@@ -249,9 +249,14 @@ def repair_report(r: dict) -> str:
     for f in r["fixes"]:
         if f["action"] == "salvage" and f["lost"]:
             lines.append(f"lost from {f['path']}:")
-            lines += [f"  {item['name']}: {item['why']}" for item in f["lost"][:LOST_SHOWN]]
-            if len(f["lost"]) > LOST_SHOWN:
-                lines.append(f"  ... and {len(f['lost']) - LOST_SHOWN} more (--json lists them all)")
+            by_reason: dict[str, list] = {}  # tensors lost for one reason (an optimizer left out whole) on one line
+            for item in f["lost"]:
+                by_reason.setdefault(item["why"], []).append(item["name"])
+            for why, names in list(by_reason.items())[:LOST_SHOWN]:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                lines.append(f"  {', '.join(names[:3])}{more}: {why}")
+            if len(by_reason) > LOST_SHOWN:
+                lines.append(f"  ... and {len(by_reason) - LOST_SHOWN} more reasons (--json lists every tensor)")
     if not r["saves_something"]:
         lines.append("nothing can be saved; nothing written")
     elif r["dry_run"]:
@@ -263,7 +268,8 @@ def repair_report(r: dict) -> str:
         elif not after["ok"]:
             verdict = f"it still has problems ({_codes(after['problems'])}: `ckpttool verify {r['dst']}` says which)"
         elif r["lost"]:
-            verdict = "it verifies as files; the lost tensors are not in it, and a strict load names them"
+            verdict = "it verifies as files; what was lost is not in it (a strict load or a resume that needs it fails " \
+                "there, loudly)"
         else:
             verdict = "it verifies"
         salvaged = [f for f in r["fixes"] if f["action"] == "salvage"]

@@ -71,7 +71,7 @@ def _salvage_zip(path: str, size: int) -> Salvaged:
         if isinstance(leaf, TensorRef):
             why = verdicts[leaf.storage.key]
             if why:
-                out.lost.append((name, f"storage {leaf.storage.key}: {why}"))
+                out.lost.append((name, f"its storage {why}"))
             else:
                 out.kept.append(tensor_info(name, leaf, raw, path))
     return out
@@ -88,7 +88,7 @@ def _storage_verdicts(path: str, size: int, storages: dict) -> dict[str, str | N
     results = hashing.run_jobs(jobs, hashing.crc32_range, sum(job[2] for job in jobs), "checking CRC-32s")
     for key, (crc, done), job in zip(keys, results, jobs):
         if done != job[2]:
-            verdicts[key] = f"cut: {done} of its {job[2]} bytes are in the file"
+            verdicts[key] = f"is cut: {done} of its {job[2]} bytes are in the file"
         elif crc != storages[key][0].crc:
             verdicts[key] = "fails its CRC-32 check (damaged bytes)"
     return verdicts
@@ -97,13 +97,13 @@ def _storage_verdicts(path: str, size: int, storages: dict) -> dict[str, str | N
 def _storage_verdict(size: int, member: _Member | None, nbytes: int) -> str | None:
     """Why a storage is lost before its bytes are read, or None when its CRC-32 is to be checked."""
     if member is None:
-        return "its member is gone (the file was cut before it, or the archive is damaged there)"
+        return "is gone (the file was cut before it, or the archive is damaged there)"
     if member.data + nbytes > size:
-        return f"cut: its bytes end at byte {member.data + nbytes}, the file at {size}"
+        return f"is cut: its bytes end at byte {member.data + nbytes}, the file at {size}"
     if member.length < nbytes:
-        return f"its member holds {member.length} bytes, its tensors need {nbytes}"
+        return f"holds {member.length} bytes, its tensors need {nbytes}"
     if member.crc is None:
-        return "the CRC-32 after its bytes was cut away, so they cannot be checked"
+        return "cannot be checked: the CRC-32 after its bytes was cut away"
     return None
 
 
@@ -244,12 +244,12 @@ def _salvage_legacy(path: str, size: int) -> Salvaged:
                 break
             (numel,) = struct.unpack("<q", head)
             if numel != ref.numel:
-                lost[key] = f"its element count reads {numel}, its tensors say {ref.numel}: the bytes from here on " \
+                lost[key] = f"reads {numel} elements where its tensors say {ref.numel}: the bytes from here on " \
                             "cannot be placed"
                 break
             end = pos + 8 + numel * ref.itemsize
             if end > size:
-                lost[key] = f"cut: its bytes end at byte {end}, the file at {size}"
+                lost[key] = f"is cut: its bytes end at byte {end}, the file at {size}"
                 break
             whole[key] = (ref, pos + 8)
             pos = end
@@ -261,7 +261,7 @@ def _salvage_legacy(path: str, size: int) -> Salvaged:
             if key in whole:
                 out.kept.append(tensor_info(name, leaf, raw, path))
             else:
-                out.lost.append((name, f"storage {key}: {lost.get(key, 'the file ends before it')}"))
+                out.lost.append((name, f"its storage {lost.get(key, 'is not in the file: the file ends before it')}"))
     return out
 
 
