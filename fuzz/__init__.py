@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     kinds = collections.Counter((seed, kind) for _, seed, kind, _ in escapes)
-    print(f"fuzz: {done} mutated inputs (seed {args.seed}), each through inspect, verify and salvage, in {elapsed:.0f} s on "
-          f"{args.jobs} processes: {len(escapes)} escapes" + (", PAYLOAD EXECUTED" if executed else ""))
+    print(f"fuzz: {done} mutated inputs (seed {args.seed}), each through inspect, verify and salvage, in "
+          f"{elapsed:.0f} s on {args.jobs} processes: {len(escapes)} escapes" + (", PAYLOAD EXECUTED" if executed else ""))
     for (seed, kind), count in kinds.most_common():
         first, detail = min((i, d) for i, s, k, d in escapes if (s, k) == (seed, kind))
         print(f"  {count:6d}  {seed}: {kind}: {detail}\n          replay: python -m fuzz --seed {args.seed} "

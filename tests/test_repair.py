@@ -8,7 +8,6 @@ import shutil
 import struct
 import zipfile
 
-import pytest
 import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -39,7 +38,8 @@ def bits(t: torch.Tensor) -> bytes:
 
 def weights():
     g = torch.Generator().manual_seed(0)
-    return {"embed.weight": torch.randn(12, 8, generator=g), "norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+    return {"embed.weight": torch.randn(12, 8, generator=g),
+            "norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
             "counts": torch.arange(10, dtype=torch.int64), "mask": torch.rand(5, generator=g) > 0.5,
             "empty": torch.zeros(0, 3), "head.weight": torch.randn(8, 12, generator=g).half(),
             "last.bias": torch.randn(33, generator=g)}
@@ -379,7 +379,8 @@ def test_a_run_where_nothing_verifies_is_not_rewritten_and_link_shares_the_untou
     shutil.copytree(corpus["diffusers_truncated_newest"], run_dir / "checkpoint-5")
     result, report = run(["repair", str(run_dir), str(tmp_path / "out"), "--json"])
     assert result.exit_code == 1 and not (tmp_path / "out").exists()
-    assert [f["action"] for f in report["fixes"]] == ["none"] and "repair one on its own" in report["fixes"][0]["detail"]
+    assert [f["action"] for f in report["fixes"]] == ["none"]
+    assert "repair one on its own" in report["fixes"][0]["detail"]
 
     src = shutil.copytree(corpus["accelerate"], tmp_path / "state")
     os.truncate(src / "model.safetensors", os.path.getsize(src / "model.safetensors") - 1)

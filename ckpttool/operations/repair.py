@@ -279,8 +279,9 @@ def _plan_latest(p: Plan, report: dict):
             broken = os.path.join(p.src, named)
             if named and os.path.isdir(broken) and os.path.dirname(os.path.abspath(broken)) == os.path.abspath(p.src):
                 p.left_out.add(os.path.abspath(broken))
-            p.add(Fix(errors[0]["code"], latest, "rewrite latest", f"`latest` names {named!r} ({errors[0]['message']}); "
-                      f"in DST it names {tag!r}, the newest tag that verifies"
+            p.add(Fix(errors[0]["code"], latest, "rewrite latest",
+                      f"`latest` names {named!r} ({errors[0]['message']}); in DST it names {tag!r}, the newest tag "
+                      "that verifies"
                       + (f", and {named} is left out" if os.path.abspath(broken) in p.left_out else "")))
             return
 
@@ -304,7 +305,8 @@ def _plan_run(p: Plan):
     for candidate, code, why in broken:
         if len(broken) == found:
             p.fixes.append(Fix(code, candidate.path, "none", f"{why}: no checkpoint of the run verifies, so leaving "
-                               f"them out saves nothing; repair one on its own: `ckpttool repair {candidate.path} OUT`"))
+                               "them out saves nothing; repair one on its own: "
+                               f"`ckpttool repair {candidate.path} OUT`"))
             continue
         p.left_out.update(os.path.abspath(f) for f in candidate.files or [candidate.path])
         p.fixes.append(Fix(code, candidate.path, "leave out", f"{why}: left out of DST so a resume from the latest "
