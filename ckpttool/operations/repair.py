@@ -41,7 +41,6 @@ NO_REPAIR = {
     "world_size_mismatch": "resume with the world size it was saved with",
     "no_manifest": "`ckpttool manifest` writes one for a checkpoint that verifies",
 }
-SALVAGE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 LATEST = "latest"  # DeepSpeed's save dir names its newest tag here
 
 
@@ -372,12 +371,10 @@ def _model_weights(p: Plan):
 
 
 def _salvageable(path: str) -> bool:
-    if not os.path.isfile(path):
-        return False
-    if path.endswith(SALVAGE_SUFFIXES):
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+    """A file a salvage reader reads: safetensors, or torch.save's (zip or legacy) by its suffix or first bytes."""
+    from ckpttool.formats import safetensors, torchfile
+
+    return safetensors.detect(path) or torchfile.detect(path)
 
 
 def _inside(path: str, src: str) -> bool:
