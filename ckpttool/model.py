@@ -230,5 +230,6 @@ class Salvaged:
     metadata: dict = field(default_factory=dict)  # safetensors `__metadata__`
     tree: object = None  # torch: the unpickled object (TensorRef leaves), to rebuild without the lost tensors
     dropped: set = field(default_factory=set)  # torch: dotted paths of parts left out whole (an incomplete optimizer)
+    unsafe_globals: list = field(default_factory=list)  # torch: what its pickle imports outside the allow-list
     how: str = ""  # how it was read, e.g. "zip directory lost: local headers walked from the front"
     checked: bool = True  # the file carries checksums (zip CRC-32s) that the kept bytes passed

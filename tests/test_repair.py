@@ -472,3 +472,17 @@ def test_data_descriptors_of_both_sizes(tmp_path):
         with open(path, "rb") as f:
             assert _descriptor(f, 40, 40) == (0xABCD, form)
             assert _descriptor(f, 40, 41) is None
+
+
+def test_a_cut_malicious_pickle_gives_back_its_tensors_and_never_its_code(corpus, tmp_path, no_payload):
+    """The cut hides the payload from verify (the directory is gone), not from the salvage: it is named, never run,
+    and DST holds the tensors alone."""
+    src = tmp_path / "cut.pt"
+    members = zip_layout(corpus["torch_malicious"])
+    cut_copy(corpus["torch_malicious"], src, max(m[3] for m in members if "/data/" in m[0]) + 16)
+    result, report = run(["repair", str(src), str(tmp_path / "out.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "outside the allow-list (never run)" in report["fixes"][0]["detail"]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got and all(isinstance(v, torch.Tensor) for v in got.values())
+    assert not os.path.exists(no_payload)

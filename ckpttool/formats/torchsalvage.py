@@ -51,14 +51,14 @@ def _salvage_zip(path: str, size: int) -> Salvaged:
     how = "zip directory intact" if listed else f"zip directory lost: members walked from the front ({stopped})"
     if parsed is None:
         parsed = _pickle_from_directory(path, members)
-    obj, _, prefix = parsed[:3]
+    obj, unpickler, prefix = parsed[:3]
     pickle_member = members.get(prefix + "data.pkl")
     if pickle_member is not None and pickle_member.crc is not None:
         crc, _ = hashing.crc32_range(path, pickle_member.data, pickle_member.length)
         if crc != pickle_member.crc:
             raise CkptError("corrupt", f"{prefix}data.pkl fails its CRC-32 check: the pickle that names and shapes "
                             "every tensor is damaged, so no tensor can be trusted", path)
-    out = Salvaged(path, "torch", tree=obj, how=how)
+    out = Salvaged(path, "torch", tree=obj, how=how, unsafe_globals=unpickler.unsafe_globals)
     refs = {}
     for _, leaf in flatten(obj):
         if isinstance(leaf, TensorRef):
@@ -253,7 +253,8 @@ def _salvage_legacy(path: str, size: int) -> Salvaged:
                 break
             whole[key] = (ref, pos + 8)
             pos = end
-    out = Salvaged(path, "torch", tree=obj, how="torch legacy: storages read in order", checked=False)
+    out = Salvaged(path, "torch", tree=obj, how="torch legacy: storages read in order", checked=False,
+                   unsafe_globals=unpickler.unsafe_globals)
     raw = RawPickle(obj, "torch legacy", whole)
     for name, leaf in flatten(obj):
         if isinstance(leaf, TensorRef):

@@ -146,6 +146,9 @@ def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
     checked = _check_against_manifest(found, manifest)
     if found.format == "torch":
         _drop_incomplete_optimizers(found)
+    if found.unsafe_globals:  # never rebuilt, never carried: the tensors alone
+        found.how += f"; its pickle imports {', '.join(found.unsafe_globals)}, outside the allow-list (never run): " \
+                     "DST holds the tensors alone, as a flat state dict"
     p.salvaged[os.path.abspath(path)] = found
     vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
         (f", {checked} matched to the manifest" if checked else "")
@@ -492,7 +495,8 @@ def _remap_in_place(target: str, like: str):
 
 def _write_salvaged(found: Salvaged, path: str):
     """The kept tensors, bytes copied file to file: a safetensors file in their order on disk, a torch file with the
-    object they were in (lost tensors dropped from their dict, None in their list)."""
+    object they were in (lost tensors dropped from their dict, None in their list), or a flat state dict when that
+    object names globals outside the allow-list."""
     from ckpttool.formats import safetensors
 
     if found.format == "safetensors":
@@ -508,17 +512,9 @@ def _write_salvaged(found: Salvaged, path: str):
     from ckpttool.operations.convert import Part, write_torch
 
     lost = {name for name, _ in found.lost}
-    component = Component("model", "model", [found.path], list(found.kept),
-                          tree=_without(found.tree, lost | found.dropped))
-    try:
-        write_torch(path, {None: Part(component, False)}, None, lambda _n: None)
-    except CkptError as e:
-        if e.code != "unsafe_pickle":
-            raise
-        component.tree = None  # classes ckpttool never rebuilds: the tensors alone, as a flat state dict
-        found.how += "; written as a flat state dict (the object around the tensors holds classes ckpttool does not " \
-                     "rebuild)"
-        write_torch(path, {None: Part(component, False)}, None, lambda _n: None)
+    tree = None if found.unsafe_globals else _without(found.tree, lost | found.dropped)  # None: a flat state dict
+    write_torch(path, {None: Part(Component("model", "model", [found.path], list(found.kept), tree=tree), False)},
+                None, lambda _n: None)
 
 
 def _without(obj, lost: set, prefix=""):
