@@ -233,3 +233,8 @@ class Salvaged:
     unsafe_globals: list = field(default_factory=list)  # torch: what its pickle imports outside the allow-list
     how: str = ""  # how it was read, e.g. "zip directory lost: local headers walked from the front"
     checked: bool = True  # the file carries checksums (zip CRC-32s) that the kept bytes passed
+
+    @property
+    def saves_anything(self) -> bool:
+        """Tensors were kept, or a torch file's object came back whole (a scheduler state holds no tensor at all)."""
+        return bool(self.kept) or (self.format == "torch" and not self.lost and "" not in self.dropped)

@@ -54,6 +54,7 @@ class Fix:
     detail: str
     kept: int = 0
     lost: list = field(default_factory=list)  # {"name", "why"}
+    saves: bool = True  # whether applying it saves anything (a salvage that kept nothing does not)
 
     def to_json(self) -> dict:
         out = {"code": self.code, "path": self.path, "action": self.action, "detail": self.detail}
@@ -65,7 +66,7 @@ class Fix:
 @dataclass
 class Plan:
     src: str
-    kind: str = "checkpoint"  # file | checkpoint | run (a folder of a run's checkpoints)
+    kind: str = "checkpoint"  # file | checkpoint (a folder) | run (a folder of a run's checkpoints)
     fixes: list = field(default_factory=list)
     salvaged: dict = field(default_factory=dict)  # absolute path of a damaged file -> Salvaged
     generated: dict = field(default_factory=dict)  # path relative to SRC -> bytes written there in DST
@@ -83,7 +84,7 @@ class Plan:
 
     @property
     def saves_something(self) -> bool:
-        return any(f.action != "none" and (f.action != "salvage" or f.kept) for f in self.fixes)
+        return any(f.action != "none" and f.saves for f in self.fixes)
 
 
 def plan(src: str, like: str | None = None) -> Plan:
@@ -106,7 +107,7 @@ def _plan_damage(src: str) -> Plan:
     if os.path.isdir(src):
         _plan_indexes(p)
         try:
-            report = verify(src, recall=False)
+            report = _verdict(src)
         except UsageError:  # not one checkpoint: a run folder, or a shard set without its index
             if not p.fixes:
                 p.kind = "run"
@@ -120,6 +121,21 @@ def _plan_damage(src: str) -> Plan:
     if not report["ok"]:
         _plan_problems(p, report)
     return p
+
+
+def _verdict(path: str) -> dict:
+    """verify's report on a folder; for a training state (an optimizer, scheduler or RNG state among its parts), with
+    what its trainer's resume reads checked too, as `verify --for-resume` does (a folder of weights is not judged as
+    a resume point: that it holds weights only is no damage)."""
+    from ckpttool.operations.verify import Verification, check_resume, verify_checkpoint
+
+    report, ckpt = verify_checkpoint(path)
+    if ckpt is not None and any(c.role in ("optimizer", "scheduler", "rng") for c in ckpt.components):
+        v = Verification(path)
+        check_resume(v, ckpt)
+        report["problems"] += [problem.to_json() for problem in v.problems]
+        report["ok"] = report["ok"] and not any(problem.severity == "error" for problem in v.problems)
+    return report
 
 
 def _plan_problems(p: Plan, report: dict):
@@ -153,7 +169,8 @@ def _plan_salvage(p: Plan, code: str, path: str, manifest: dict):
     vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
         (f", {checked} matched to the manifest" if checked else "")
     p.add(Fix(code, path, "salvage", f"{len(found.kept)} of {len(found.kept) + len(found.lost)} tensors whole "
-              f"({vouch}); {found.how}", len(found.kept), [{"name": name, "why": why} for name, why in found.lost]))
+              f"({vouch}); {found.how}", len(found.kept), [{"name": name, "why": why} for name, why in found.lost],
+              found.saves_anything))
 
 
 def _manifest_digests(src: str) -> dict:
@@ -266,7 +283,6 @@ def _plan_indexes(p: Plan):
 def _plan_latest(p: Plan, report: dict):
     """DeepSpeed: `latest` naming a tag that is gone or broken is pointed at the newest tag that verifies."""
     from ckpttool.discovery import discover
-    from ckpttool.operations.verify import verify
 
     latest = os.path.join(p.src, LATEST)
     with open(latest, encoding="utf-8", errors="replace") as f:
@@ -275,7 +291,7 @@ def _plan_latest(p: Plan, report: dict):
     for candidate in discover(p.src):
         if os.path.dirname(os.path.abspath(candidate.path)) != os.path.abspath(p.src) or candidate.skip:
             continue
-        if verify(candidate.path, recall=False)["ok"]:
+        if _verdict(candidate.path)["ok"]:
             tag = os.path.basename(candidate.path)
             p.generated[LATEST] = tag.encode()
             broken = os.path.join(p.src, named)
@@ -411,7 +427,7 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
 
 
 def _after(p: Plan, dst: str) -> dict:
-    """What verify says of DST (for a run: what `latest` picks in it)."""
+    """What verify says of DST (of a training state, for resume too; of a run, what `latest` picks in it)."""
     if p.kind == "run":
         from ckpttool.operations.latest import latest
 
@@ -419,7 +435,7 @@ def _after(p: Plan, dst: str) -> dict:
         return {"ok": picked["path"] is not None, "latest": picked["path"], "problems": []}
     from ckpttool.operations.verify import verify
 
-    report = verify(dst, recall=False)
+    report = _verdict(dst) if p.kind == "checkpoint" else verify(dst, recall=False)
     return {"ok": report["ok"], "problems": report["problems"]}
 
 
@@ -462,7 +478,7 @@ def _write_dir(p: Plan, out: str, link: bool, advance):
             if full in p.left_out or inner in p.generated or (rel == "." and name == MANIFEST_NAME):
                 continue  # SRC's manifest describes the damaged files: `ckpttool manifest DST` writes a new one
             if full in p.salvaged:
-                if p.salvaged[full].kept:
+                if p.salvaged[full].saves_anything:
                     _write_salvaged(p.salvaged[full], target)
             elif link:
                 try:
