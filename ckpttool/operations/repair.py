@@ -8,8 +8,9 @@ The plan answers each problem verify finds with a fix, or with why none is possi
 - shards whose index is lost or disagrees with them: a fresh index from the shards' own headers;
 - a DeepSpeed save dir whose `latest` names a broken tag: `latest` rewritten to the newest tag that verifies;
 - a run folder whose newest checkpoints were half written: DST without them, so "resume from latest" picks a good one;
-- with `like` (a reference checkpoint of the model to load into): safetensors weights whose keys differ from it by a
-  prefix (`module.`, `_orig_mod.`) or by optimum-quanto's `._data`/`._scale` keys are aligned as `remap --like` does.
+- with `like` (a reference checkpoint of the model to load into): model weights in a file of their own whose keys
+  differ from it by a prefix (`module.`, `_orig_mod.`) or by optimum-quanto's `._data`/`._scale` keys are aligned as
+  `remap --like` does.
 Every other file is copied as it is (or hard-linked, with `link`).
 """
 
