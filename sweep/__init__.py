@@ -1,12 +1,11 @@
 """`python -m sweep` (`make sweep`): every file of healthy checkpoints the real libraries wrote is deleted, cut to half
 its size and emptied, one at a time, in a copy of its run; each damaged copy goes through `inspect`, `verify
---for-resume`, the gate, and `latest --for-resume`, `prune` (its plan) and `report` on the run, and the outcome must be
-the one the trainer's resume contract
-(ckpttool/trainers/contract.py) says:
+--for-resume`, the gate and `repair`'s plan, and `latest --for-resume`, `prune` (its plan) and `report` on the run, and
+the outcome must be the one the trainer's resume contract (ckpttool/trainers/contract.py) says:
   - an error where the trainer's own resume fails or loses state, a warning where it loses only reproducibility,
     nothing new for a file the contract lists as not read on resume;
   - never an exception, never a file that no contract part and no not-read rule accounts for;
-  - `latest --for-resume` never picks a copy whose damage is an error.
+  - `latest --for-resume` never picks a copy whose damage is an error, and `repair` never calls it healthy.
 Layouts without a profile contract (a single .pt or .ckpt file, a DCP dir, a DeepSpeed save) are read whole by their
 format reader: any damage there is an error, except in the files the DeepSpeed engine never reads.
 """
@@ -193,6 +192,7 @@ def run_case(case: Case, work: str, before: set) -> Case:
     from ckpttool.operations.inspect import inspect
     from ckpttool.operations.latest import latest
     from ckpttool.operations.prune import plan
+    from ckpttool.operations.repair import plan as repair_plan
     from ckpttool.operations.report import report as run_report
     from ckpttool.operations.verify import verify
 
@@ -213,6 +213,7 @@ def run_case(case: Case, work: str, before: set) -> Case:
             check_resume(checkpoint)
         except ResumeGateError:
             pass
+        fixes = repair_plan(checkpoint).fixes
     except UsageError as e:
         case.failure = f"usage error instead of a report: {e}"
         return case
@@ -231,6 +232,8 @@ def run_case(case: Case, work: str, before: set) -> Case:
         case.failure = f"expected nothing new ({case.why}), got an error: {new}"
     elif case.outcome == ERROR and picked and os.path.abspath(picked) == os.path.abspath(checkpoint):
         case.failure = "latest --for-resume picked it"
+    elif case.outcome == ERROR and not fixes:
+        case.failure = "repair says there is nothing to repair"
     if case.failure and new:
         case.failure += " | " + "; ".join(f"{p['severity']} {p['code']}: {p['message'][:160]}" for p in new)
     return case
