@@ -17,6 +17,7 @@ import xxhash
 
 from ckpttool import hashing, steps
 from ckpttool.errors import CkptError
+from ckpttool.formats import ZIP_MAGIC
 from ckpttool.model import ERROR, Checkpoint, Problem
 
 MANIFEST_NAME = "ckpttool-manifest.json"
@@ -169,4 +170,4 @@ def crc_problems(ckpt: Checkpoint) -> tuple[list[Problem], str]:
 
 def _is_zip(path: str) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"  # torchfile.ZIP_MAGIC: a torch zip
+        return f.read(4) == ZIP_MAGIC

@@ -2,8 +2,9 @@
 `Checkpoint` out. Readers know file formats, never trainers (`ckpttool.checkpoint` composes the two).
 
 Readers are asked in `READERS` order: directory layouts before file layouts (a model folder before a bare shard
-index), and a consistency_models family member before a plain torch file. A state dir is read by `statedir` with the file roles its trainer profile names. Adding a
-layout means adding one module to `READERS`; the profile then says what the checkpoint means.
+index), and a consistency_models family member before a plain torch file. A state dir is read by `statedir` with the
+file roles its trainer profile names. Adding a layout means adding one module to `READERS`; the profile then says what
+the checkpoint means.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from ckpttool.model import Checkpoint
 
 READERS = ("dcp", "deepspeed", "pretrained", "sharded", "family", "safetensors", "torchfile")
 DIR_READERS = READERS[:4]
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # what torch.save files are named (torchfile)
+ZIP_MAGIC = b"PK\x03\x04"  # a zip member's local header: how a torch zip file begins
 
 
 def readers_for(path: str):
@@ -27,7 +30,7 @@ def readers_for(path: str):
         names = ("sharded",)
     elif path.endswith(".safetensors"):
         names = ("safetensors",)
-    elif path.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")):
+    elif path.endswith(TORCH_SUFFIXES):
         names = ("family", "safetensors", "torchfile")
     else:
         names = READERS
@@ -46,4 +49,4 @@ def read_file(path: str, role: str = "model", name: str | None = None) -> Checkp
     return torchfile.read(path, role_hint=role, name_hint=name)
 
 
-__all__ = ["CkptError", "READERS", "read_file", "readers_for"]
+__all__ = ["CkptError", "READERS", "TORCH_SUFFIXES", "ZIP_MAGIC", "read_file", "readers_for"]

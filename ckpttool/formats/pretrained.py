@@ -56,9 +56,15 @@ def read(path: str) -> Checkpoint:
     else:
         ckpt = Checkpoint(path, "pretrained", "model folder (save_pretrained)")
         _read_folder(ckpt, path, "model")
-    if m := CACHE_SNAPSHOT.fullmatch(os.path.abspath(path)):
-        ckpt.metadata["hf_cache"] = {"repo_id": f"{m.group(1)}/{m.group(2)}", "revision": m.group(3)}
+    if hub := hf_cache(path):
+        ckpt.metadata["hf_cache"] = hub
     return ckpt
+
+
+def hf_cache(path: str) -> dict | None:
+    """The repo id and revision of a Hugging Face cache snapshot that `path` is (or lies in), else None."""
+    m = CACHE_SNAPSHOT.fullmatch(os.path.abspath(path))
+    return {"repo_id": f"{m.group(1)}/{m.group(2)}", "revision": m.group(3)} if m else None
 
 
 def _json(ckpt: Checkpoint, path: str) -> dict | None:

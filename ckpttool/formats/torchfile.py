@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import xxhash
 
 from ckpttool.errors import CkptError
+from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
 from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque, RepicklingPickler,
                                       TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
                             contiguous_strides, dtype_bytes)
 
-SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+SUFFIXES = TORCH_SUFFIXES
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-ZIP_MAGIC = b"PK\x03\x04"
 
 # Keys of a training dict, by the component role they hold.
 COMPONENT_KEYS = {

@@ -70,12 +70,13 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     """Write the manifest for `path`; an existing one is replaced only with `force`. `staged_dir`: `path` is a folder
     still being staged by its writer (a trainer's `checkpoint-N.tmp`), so the manifest is written straight into it
     under its own name: the folder's rename publishes it, and no temporary name of its own ever appears."""
+    from ckpttool.formats.pretrained import hf_cache
     from ckpttool.operations import verify_cache
 
     before = verify_cache.listings(path) if verify_cache.cache_dir() else None  # listed before anything is read
     ckpt = open_checkpoint(path)
     target = manifest_path(ckpt)
-    hub = ckpt.metadata.get("hf_cache") or _hf_cache(target)
+    hub = ckpt.metadata.get("hf_cache") or hf_cache(target)
     if hub:
         raise UsageError(f"{path}: a Hugging Face cache snapshot ({hub['repo_id']} at revision {hub['revision']}); "
                          "ckpttool writes nothing into the cache: copy it out (cp -rL) and write the manifest there")
@@ -96,13 +97,6 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
         atomic.write_text(target, text)
         _remember_reports(path, ckpt, target, doc, text.encode("utf-8"), before)
     return result
-
-
-def _hf_cache(target: str) -> dict | None:
-    from ckpttool.formats.pretrained import CACHE_SNAPSHOT
-
-    m = CACHE_SNAPSHOT.fullmatch(os.path.abspath(target))
-    return {"repo_id": f"{m.group(1)}/{m.group(2)}", "revision": m.group(3)} if m else None
 
 
 def _remember_reports(path: str, ckpt: Checkpoint, target: str, doc: dict, data: bytes, before: dict | None):

@@ -1,8 +1,7 @@
 """Model folders as `save_pretrained` writes them (transformers, diffusers, sentence-transformers) and diffusers
 pipeline folders (`ckpttool/formats/pretrained.py` reads them): weights for inference or fine-tuning, not a training
 state. What a folder's config.json says about its weights is checked against them: a `torch_dtype` the weights do
-not have is a warning (from_pretrained casts to it), and with `tie_word_embeddings` the output embedding is expected
-to be absent (save_pretrained drops tied copies; loading re-ties them).
+not have is a warning (from_pretrained casts to it).
 """
 
 from __future__ import annotations
