@@ -179,22 +179,10 @@ def _lightning_trainer(root, plugins=(), max_steps=6):
 def _module(width=16):
     import lightning as L
 
+    from fixtures.real_runs import lightning_module
+
     L.seed_everything(0, verbose=False)
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = TinyNet(width)
-
-        def training_step(self, batch, _index):
-            return self.net(batch).float().pow(2).mean()
-
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return Module()
+    return lightning_module(width)
 
 
 def _data():
