@@ -74,6 +74,7 @@ class Plan:
     left_out: set = field(default_factory=set)  # absolute paths not carried into DST
     answered: set = field(default_factory=set)  # absolute paths whose problems a fix already answers
     remaps: dict = field(default_factory=dict)  # absolute path of a weights file -> the reference its keys align to
+    ckpt: object = None  # SRC as verify read it (None when unreadable, or a run)
 
     def add(self, fix: Fix, *answers: str):
         self.fixes.append(fix)
@@ -102,13 +103,13 @@ def plan(src: str, like: str | None = None) -> Plan:
 
 
 def _plan_damage(src: str) -> Plan:
-    from ckpttool.operations.verify import verify
+    from ckpttool.operations.verify import verify_checkpoint
 
     p = Plan(src)
     if os.path.isdir(src):
         _plan_indexes(p)
         try:
-            report = _verdict(src)
+            report, p.ckpt = _verdict(src)
         except UsageError:  # not one checkpoint: a run folder, or a shard set without its index
             if not p.fixes:
                 p.kind = "run"
@@ -118,14 +119,14 @@ def _plan_damage(src: str) -> Plan:
             _plan_latest(p, report)
     else:
         p.kind = "file"
-        report = verify(src, recall=False)
+        report, p.ckpt = verify_checkpoint(src)
     if not report["ok"]:
         _plan_problems(p, report)
     return p
 
 
-def _verdict(path: str) -> dict:
-    """verify's report on a folder; for a training state (an optimizer, scheduler or RNG state among its parts), with
+def _verdict(path: str):
+    """verify's report on a folder, and the checkpoint it read; for a training state (an optimizer, scheduler or RNG state among its parts), with
     what its trainer's resume reads checked too, as `verify --for-resume` does (a folder of weights is not judged as
     a resume point: that it holds weights only is no damage)."""
     from ckpttool.operations.verify import Verification, check_resume, verify_checkpoint
@@ -136,7 +137,7 @@ def _verdict(path: str) -> dict:
         check_resume(v, ckpt)
         report["problems"] += [problem.to_json() for problem in v.problems]
         report["ok"] = report["ok"] and not any(problem.severity == "error" for problem in v.problems)
-    return report
+    return report, ckpt
 
 
 def _plan_problems(p: Plan, report: dict):
@@ -292,7 +293,7 @@ def _plan_latest(p: Plan, report: dict):
     for candidate in discover(p.src):
         if os.path.dirname(os.path.abspath(candidate.path)) != os.path.abspath(p.src) or candidate.skip:
             continue
-        if _verdict(candidate.path)["ok"]:
+        if _verdict(candidate.path)[0]["ok"]:
             tag = os.path.basename(candidate.path)
             p.generated[LATEST] = tag.encode()
             broken = os.path.join(p.src, named)
@@ -365,8 +366,6 @@ def _plan_like(p: Plan, like: str):
 def _model_weights(p: Plan):
     """(the file of SRC's model weights, its tensors as repair leaves them), or (None, None) when they are not one
     file of their own (a training dict's other parts would not survive a remap)."""
-    from ckpttool.checkpoint import open_checkpoint
-
     if os.path.abspath(p.src) in p.salvaged:
         from ckpttool.formats.pickles import TensorRef
         from ckpttool.formats.torchfile import flatten
@@ -374,9 +373,8 @@ def _model_weights(p: Plan):
         found = p.salvaged[os.path.abspath(p.src)]
         plain = found.format == "safetensors" or all(isinstance(leaf, TensorRef) for _, leaf in flatten(found.tree))
         return (p.src, found.kept) if plain else (None, None)
-    try:
-        ckpt = open_checkpoint(p.src)
-    except (CkptError, UsageError):
+    ckpt = p.ckpt  # as verify read it: not read a second time
+    if ckpt is None:
         return None, None
     comp = ckpt.model
     files = {t.location.file for t in comp.tensors if t.location} if comp else set()
@@ -436,7 +434,7 @@ def _after(p: Plan, dst: str) -> dict:
         return {"ok": picked["path"] is not None, "latest": picked["path"], "problems": []}
     from ckpttool.operations.verify import verify
 
-    report = _verdict(dst) if p.kind == "checkpoint" else verify(dst, recall=False)
+    report = _verdict(dst)[0] if p.kind == "checkpoint" else verify(dst, recall=False)
     return {"ok": report["ok"], "problems": report["problems"]}
 
 
