@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ckpttool.cli import main
 from ckpttool.formats.pickles import TensorRef
 from ckpttool.formats.torchfile import flatten, read_raw
+from tests.helpers import cli
 
 
 def tree_digest(path) -> str:
@@ -57,11 +58,6 @@ def same(a, b) -> bool:
     return a == b
 
 
-def run(args):
-    result = CliRunner().invoke(main, args)
-    return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
-
-
 def cut_copy(src, dst, size):
     with open(src, "rb") as f:
         data = f.read(size)
@@ -94,7 +90,7 @@ def test_safetensors_cut_at_every_boundary_keeps_exactly_the_whole_tensors(tmp_p
         damaged, out = tmp_path / f"cut{cut}.safetensors", tmp_path / f"out{cut}.safetensors"
         cut_copy(src, damaged, cut)
         before = tree_digest(damaged)
-        result, report = run(["repair", str(damaged), str(out), "--json"])
+        result, report = cli("repair", str(damaged), str(out), "--json")
         assert tree_digest(damaged) == before
         whole = {k for k, e in header.items() if k != "__metadata__" and start + e["data_offsets"][1] <= cut}
         if cut < start or not whole:
@@ -121,7 +117,7 @@ def test_safetensors_damaged_header_entry_costs_that_tensor_and_is_named(tmp_pat
     data[at:at + 20] = b"}" * 20  # the entry and the JSON around it are broken
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(bytes(data))
-    result, report = run(["repair", str(damaged), str(tmp_path / "out.safetensors"), "--json"])
+    result, report = cli("repair", str(damaged), str(tmp_path / "out.safetensors"), "--json")
     assert result.exit_code == 0, result.output
     (fix,) = report["fixes"]
     assert "entries read one by one" in fix["detail"]
@@ -133,13 +129,13 @@ def test_a_manifest_drops_the_tensors_whose_bytes_changed(tmp_path):
     """safetensors carries no checksum: a flipped data byte is caught only by the manifest, tensor by tensor."""
     src = tmp_path / "model.safetensors"
     save_file(weights(), src)
-    assert run(["manifest", str(src)])[0].exit_code == 0
+    assert cli("manifest", str(src))[0].exit_code == 0
     _, header, start = safetensors_cuts(src)
     last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     data = bytearray(src.read_bytes())
     data[-1] ^= 0x40  # inside the last tensor in the file
     src.write_bytes(bytes(data))
-    result, report = run(["repair", str(src), str(tmp_path / "out.safetensors"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "out.safetensors"), "--json")
     assert result.exit_code == 0, result.output
     (fix,) = report["fixes"]
     assert fix["code"] == "checksum_mismatch"
@@ -200,7 +196,7 @@ def test_torch_zip_cut_at_every_boundary_keeps_exactly_the_whole_storages(tmp_pa
         damaged, out = tmp_path / f"cut{cut}.pt", tmp_path / f"out{cut}.pt"
         cut_copy(src, damaged, cut)
         before = tree_digest(damaged)
-        result, report = run(["repair", str(damaged), str(out), "--json"])
+        result, report = cli("repair", str(damaged), str(out), "--json")
         assert tree_digest(damaged) == before
         # a storage is saved when its bytes and the descriptor with their CRC-32 (16 bytes after) are in the file
         whole = {n for n, m in storage_of.items() if m[3] + 16 <= cut}
@@ -231,7 +227,7 @@ def test_torch_zip_flipped_storage_byte_fails_its_crc_and_only_that_storage_is_l
     raw = bytearray(src.read_bytes())
     raw[(data + end) // 2] ^= 0x01
     src.write_bytes(bytes(raw))
-    result, report = run(["repair", str(src), str(tmp_path / "out.pt"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "out.pt"), "--json")
     assert result.exit_code == 0, result.output
     lost = report["fixes"][0]["lost"]
     assert lost and all("CRC-32" in item["why"] for item in lost)
@@ -249,7 +245,7 @@ def test_torch_legacy_cut_keeps_the_storages_before_the_cut(tmp_path):
     for cut in (size - 1, size - 12, size - 13 - 8, size - 13 - 8 - 16):
         damaged, out = tmp_path / f"cut{cut}.pt", tmp_path / f"out{cut}.pt"
         cut_copy(src, damaged, cut)
-        result, report = run(["repair", str(damaged), str(out), "--json"])
+        result, report = cli("repair", str(damaged), str(out), "--json")
         if result.exit_code == 1:
             assert not out.exists()
             continue
@@ -272,14 +268,14 @@ def test_mutated_damage_never_gives_back_a_changed_tensor(tmp_path_factory, cut,
         torch.save(original, src)
     else:
         save_file(original, src)
-        assert run(["manifest", str(src)])[0].exit_code == 0
+        assert cli("manifest", str(src))[0].exit_code == 0
     data = bytearray(src.read_bytes())
     for where, mask in flips:
         data[int(where * len(data))] ^= mask
     src.write_bytes(bytes(data[: max(1, int(cut * len(data)))]))
     before = tree_digest(src)
     out = folder / f"out.{kind}"
-    result, report = run(["repair", str(src), str(out), "--json"])
+    result, report = cli("repair", str(src), str(out), "--json")
     assert result.exit_code in (0, 1), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert tree_digest(src) == before
@@ -297,7 +293,7 @@ def test_healthy_inputs_write_nothing(corpus, tmp_path):
     for name in ("safetensors", "torch_training", "torch_legacy", "sharded", "accelerate", "diffusers", "dcp"):
         before = tree_digest(corpus[name])
         out = tmp_path / name
-        result, report = run(["repair", corpus[name], str(out), "--json"])
+        result, report = cli("repair", corpus[name], str(out), "--json")
         assert result.exit_code == 0, (name, result.output)
         assert report["healthy"] and not report["written"] and not out.exists(), name
         assert tree_digest(corpus[name]) == before
@@ -311,13 +307,13 @@ def test_shards_without_their_index_verify_after_repair(corpus, tmp_path):
     original = json.load(open(os.path.join(src, index)))
     os.unlink(os.path.join(src, index))
     before = tree_digest(src)
-    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "fixed"), "--json")
     assert result.exit_code == 0, result.output
     assert [f["action"] for f in report["fixes"]] == ["rebuild index"]
     assert report["after"]["ok"] and tree_digest(src) == before
     rebuilt = json.load(open(tmp_path / "fixed" / index))
     assert rebuilt["weight_map"] == original["weight_map"]
-    assert run(["verify", str(tmp_path / "fixed")])[0].exit_code == 0
+    assert cli("verify", str(tmp_path / "fixed"))[0].exit_code == 0
 
 
 def test_a_wrong_index_is_rebuilt_and_a_missing_shard_is_not_papered_over(corpus, tmp_path):
@@ -327,12 +323,12 @@ def test_a_wrong_index_is_rebuilt_and_a_missing_shard_is_not_papered_over(corpus
     key = sorted(doc["weight_map"])[0]
     doc["weight_map"][key] = next(s for s in sorted(set(doc["weight_map"].values())) if s != doc["weight_map"][key])
     json.dump(doc, open(os.path.join(src, index), "w"))
-    assert run(["verify", str(src)])[0].exit_code == 1
-    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    assert cli("verify", str(src))[0].exit_code == 1
+    result, report = cli("repair", str(src), str(tmp_path / "fixed"), "--json")
     assert result.exit_code == 0 and report["fixes"][0]["action"] == "rebuild index", result.output
-    assert run(["verify", str(tmp_path / "fixed")])[0].exit_code == 0
+    assert cli("verify", str(tmp_path / "fixed"))[0].exit_code == 0
 
-    result, report = run(["repair", corpus["sharded_missing"], str(tmp_path / "none"), "--json"])
+    result, report = cli("repair", corpus["sharded_missing"], str(tmp_path / "none"), "--json")
     assert result.exit_code == 1 and not (tmp_path / "none").exists()
     assert report["fixes"][0]["code"] == "missing_file" and report["fixes"][0]["action"] == "none"
 
@@ -345,7 +341,7 @@ def test_state_dir_with_cut_files_is_salvaged_file_by_file(corpus, tmp_path):
     members = zip_layout(corpus["accelerate"] + "/optimizer.bin")
     os.truncate(optimizer, max(m[3] for m in members) + 16)  # every member whole, the directory cut away
     before = tree_digest(src)
-    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "fixed"), "--json")
     assert result.exit_code == 0, result.output
     assert tree_digest(src) == before
     by_file = {os.path.basename(f["path"]): f for f in report["fixes"]}
@@ -365,10 +361,10 @@ def test_deepspeed_latest_naming_a_broken_tag_is_rewritten(tmp_path):
     shutil.copytree(src / good, src / "global_step9")
     os.unlink(src / "global_step9" / "mp_rank_00_model_states.pt")
     (src / "latest").write_text("global_step9")
-    result, report = run(["repair", str(src), str(tmp_path / "dry"), "--dry-run", "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "dry"), "--dry-run", "--json")
     assert result.exit_code == 0 and not (tmp_path / "dry").exists()
     assert report["fixes"][0]["action"] == "rewrite latest" and good in report["fixes"][0]["detail"]
-    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "fixed"), "--json")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fixed" / "latest").read_text() == good
     assert not (tmp_path / "fixed" / "global_step9").exists()
@@ -377,7 +373,7 @@ def test_deepspeed_latest_naming_a_broken_tag_is_rewritten(tmp_path):
 
 def test_a_run_without_its_half_written_newest_checkpoint(corpus, tmp_path):
     run_dir = os.path.dirname(corpus["diffusers_truncated_newest"])
-    result, report = run(["repair", run_dir, str(tmp_path / "run"), "--json"])
+    result, report = cli("repair", run_dir, str(tmp_path / "run"), "--json")
     assert result.exit_code == 0, result.output
     assert [os.path.basename(f["path"]) for f in report["fixes"] if f["action"] == "leave out"] == \
         [os.path.basename(corpus["diffusers_truncated_newest"])]
@@ -389,21 +385,21 @@ def test_a_run_where_nothing_verifies_is_not_rewritten_and_link_shares_the_untou
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
     shutil.copytree(corpus["diffusers_truncated_newest"], run_dir / "checkpoint-5")
-    result, report = run(["repair", str(run_dir), str(tmp_path / "out"), "--json"])
+    result, report = cli("repair", str(run_dir), str(tmp_path / "out"), "--json")
     assert result.exit_code == 1 and not (tmp_path / "out").exists()
     assert [f["action"] for f in report["fixes"]] == ["none"]
     assert "repair one on its own" in report["fixes"][0]["detail"]
 
     src = shutil.copytree(corpus["accelerate"], tmp_path / "state")
     os.truncate(src / "model.safetensors", os.path.getsize(src / "model.safetensors") - 1)
-    result, _ = run(["repair", str(src), str(tmp_path / "linked"), "--link", "--json"])
+    result, _ = cli("repair", str(src), str(tmp_path / "linked"), "--link", "--json")
     assert result.exit_code == 0, result.output
     assert os.stat(src / "scheduler.bin").st_ino == os.stat(tmp_path / "linked" / "scheduler.bin").st_ino
     assert os.stat(src / "model.safetensors").st_ino != os.stat(tmp_path / "linked" / "model.safetensors").st_ino
 
 
 def test_dry_run_lists_a_fix_or_why_none_for_each_problem(corpus, tmp_path):
-    result, report = run(["repair", corpus["torch_step_mismatch"], str(tmp_path / "x.pt"), "--dry-run", "--json"])
+    result, report = cli("repair", corpus["torch_step_mismatch"], str(tmp_path / "x.pt"), "--dry-run", "--json")
     assert result.exit_code == 1 and not (tmp_path / "x.pt").exists()
     assert report["fixes"] and all(f["action"] == "none" and "no repair possible" in f["detail"]
                                    for f in report["fixes"])
@@ -436,10 +432,10 @@ def test_real_transformers_checkpoint_resumes_after_its_optimizer_lost_the_zip_d
     src = shutil.copytree(os.path.join(run_dir, newest), tmp_path / newest)
     members = zip_layout(os.path.join(run_dir, newest, "optimizer.pt"))
     os.truncate(src / "optimizer.pt", max(m[3] for m in members) + 16)
-    assert run(["verify", str(src)])[0].exit_code == 1
+    assert cli("verify", str(src))[0].exit_code == 1
     fixed = tmp_path / "fixed" / newest
     os.makedirs(fixed.parent)
-    result, report = run(["repair", str(src), str(fixed), "--json"])
+    result, report = cli("repair", str(src), str(fixed), "--json")
     assert result.exit_code == 0 and report["after"]["ok"], result.output
     keys = ("global_step", "optimizer_restored", "scheduler_step")
     resumed, healthy = resume_transformers(str(fixed)), resume_transformers(os.path.join(run_dir, newest))
@@ -450,26 +446,26 @@ def test_like_aligns_a_module_prefix_and_dequantizes_quanto_keys(corpus, tmp_pat
     """Key damage against the model to load into is repaired by remap's own alignment."""
     from fixtures.generate import TinyNet
 
-    result, report = run(["repair", corpus["torch_module_prefix"], str(tmp_path / "plain.pt"), "--like",
-                          corpus["torch_state_dict"], "--json"])
+    result, report = cli("repair", corpus["torch_module_prefix"], str(tmp_path / "plain.pt"), "--like",
+                          corpus["torch_state_dict"], "--json")
     assert result.exit_code == 0, result.output
     assert [f["action"] for f in report["fixes"]] == ["remap"] and "module." in report["fixes"][0]["detail"]
-    assert run(["diff", str(tmp_path / "plain.pt"), corpus["torch_state_dict"]])[0].exit_code == 0
+    assert cli("diff", str(tmp_path / "plain.pt"), corpus["torch_state_dict"])[0].exit_code == 0
 
     torch.manual_seed(0)
     reference = tmp_path / "plain256.safetensors"
     save_file({k: v.contiguous() for k, v in TinyNet(width=256).state_dict().items()}, reference)
     src = shutil.copytree(os.path.dirname(corpus["quanto_qint8"]), tmp_path / "quanto")
     before = tree_digest(src)
-    result, report = run(["repair", str(src), str(tmp_path / "fixed"), "--like", str(reference), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "fixed"), "--like", str(reference), "--json")
     assert result.exit_code == 0, result.output
     assert report["fixes"][0]["code"] == "quantized_keys" and report["fixes"][0]["action"] == "remap"
     assert os.listdir(tmp_path / "fixed") == ["model.safetensors"]  # the quanto map went with the quantized keys
     fixed = load_file(tmp_path / "fixed" / "model.safetensors")
     assert set(fixed) == set(load_file(reference)) and tree_digest(src) == before
 
-    result, report = run(["repair", corpus["torch_state_dict"], str(tmp_path / "same.pt"), "--like",
-                          corpus["torch_state_dict"], "--json"])
+    result, report = cli("repair", corpus["torch_state_dict"], str(tmp_path / "same.pt"), "--like",
+                          corpus["torch_state_dict"], "--json")
     assert result.exit_code == 0 and report["healthy"] and not (tmp_path / "same.pt").exists()
 
 
@@ -492,7 +488,7 @@ def test_a_cut_malicious_pickle_gives_back_its_tensors_and_never_its_code(corpus
     src = tmp_path / "cut.pt"
     members = zip_layout(corpus["torch_malicious"])
     cut_copy(corpus["torch_malicious"], src, max(m[3] for m in members if "/data/" in m[0]) + 16)
-    result, report = run(["repair", str(src), str(tmp_path / "out.pt"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "out.pt"), "--json")
     assert result.exit_code == 0, result.output
     assert "outside the allow-list (never run)" in report["fixes"][0]["detail"]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -511,10 +507,10 @@ def test_real_diffusers_checkpoint_whose_pickles_lost_their_directories_resumes_
     src = shutil.copytree(os.path.join(run_dir, newest), tmp_path / newest)
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         os.truncate(src / name, max(m[3] for m in zip_layout(os.path.join(run_dir, newest, name))) + 16)
-    assert run(["verify", str(src)])[0].exit_code == 1
+    assert cli("verify", str(src))[0].exit_code == 1
     fixed = tmp_path / "fixed" / newest
     os.makedirs(fixed.parent)
-    result, report = run(["repair", str(src), str(fixed), "--json"])
+    result, report = cli("repair", str(src), str(fixed), "--json")
     assert result.exit_code == 0 and report["after"]["ok"], result.output
     assert {f["action"] for f in report["fixes"]} == {"salvage"} and report["lost"] == 0
     listing = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, files in os.walk(src) for f in files)
@@ -528,7 +524,7 @@ def test_real_diffusers_checkpoint_whose_pickles_lost_their_directories_resumes_
 
     weights = src / "unet" / "diffusion_pytorch_model.safetensors"
     os.truncate(weights, os.path.getsize(weights) - 1)
-    result, report = run(["repair", str(src), str(tmp_path / "partial"), "--json"])
+    result, report = cli("repair", str(src), str(tmp_path / "partial"), "--json")
     assert result.exit_code == 0 and report["lost"] == 1, result.output
     with pytest.raises(Exception):  # noqa: B017 - diffusers' own error for the missing key, whatever its type
         resume_unet(str(tmp_path / "partial"))
