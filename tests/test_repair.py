@@ -528,3 +528,15 @@ def test_real_diffusers_checkpoint_whose_pickles_lost_their_directories_resumes_
     assert result.exit_code == 0 and report["lost"] == 1, result.output
     with pytest.raises(Exception):  # noqa: B017 - diffusers' own error for the missing key, whatever its type
         resume_unet(str(tmp_path / "partial"))
+
+
+def test_usage_errors_are_one_line_with_the_next_step(tmp_path):
+    """What is no checkpoint at all, or a missing --like reference, is exit 2 with one line saying what to give."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, expected in ((["repair", str(empty), str(tmp_path / "out")], "point repair at a checkpoint file"),
+                           (["repair", str(empty), str(tmp_path / "out"), "--like", str(tmp_path / "nope.pt")],
+                            "does not exist")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()
