@@ -55,12 +55,44 @@ def _open(path: str) -> Checkpoint:
 
         trainers.interpret(ckpt, profile)
         quanto.annotate(ckpt)
+        if os.path.isdir(path):
+            _look_at_the_rest(ckpt)
         return ckpt
     if os.path.isdir(path):
         raise UsageError(f"{path}: no checkpoint layout recognised in this directory (expected a trainer's state dir "
                          "such as checkpoint-N, a DCP dir or a sharded index); point at a checkpoint file or state dir")
     raise UsageError(f"{path}: not a checkpoint file ckpttool reads (.pt .pth .bin .ckpt .safetensors, an index "
                      "or a state dir)")
+
+
+WALK_LIMIT = 100_000  # entries of one checkpoint dir looked at; a dir of more is reported, not walked without end
+
+
+def _look_at_the_rest(ckpt: Checkpoint):
+    """What the readers did not open in a checkpoint dir: links out of it and special files (`unsafe_path`, never
+    followed or opened), and pickles the resume never loads that would run code (`unsafe_pickle`)."""
+    from ckpttool import paths
+    from ckpttool.formats.torchfile import code_in_files
+
+    read, unread, seen = {os.path.abspath(f) for f in ckpt.files}, [], 0
+    for folder, dirs, files in os.walk(ckpt.path):
+        dirs.sort()
+        for name in sorted(dirs) + sorted(files):
+            seen += 1
+            if seen > WALK_LIMIT:
+                ckpt.add_problem("unsafe_path", "warning", f"more than {WALK_LIMIT} entries: only the first were "
+                                 "checked for links out of the checkpoint and pickles that run code", ckpt.path)
+                return ckpt.problems.extend(code_in_files(unread, ckpt.path))
+            full = os.path.join(folder, name)
+            kind = paths.special(full) or ("a link out of the checkpoint, to " + os.path.realpath(full)
+                                           if paths.leaves(full, ckpt.path) else None)
+            if kind:
+                ckpt.add_problem("unsafe_path", "error", f"{os.path.relpath(full, ckpt.path)} is {kind}: never "
+                                 "followed or opened; a resume that reads it reads something that is not this "
+                                 "checkpoint's (copy the file in, or remove it)", full)
+            elif name in files and os.path.abspath(full) not in read and os.path.isfile(full):
+                unread.append(full)
+    ckpt.problems.extend(code_in_files(unread, ckpt.path))
 
 
 def guess_format(path: str) -> str:

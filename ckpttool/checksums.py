@@ -15,7 +15,7 @@ import zipfile
 
 import xxhash
 
-from ckpttool import hashing, steps
+from ckpttool import hashing, paths, steps
 from ckpttool.errors import CkptError
 from ckpttool.formats import ZIP_MAGIC
 from ckpttool.model import ERROR, Checkpoint, Problem
@@ -36,14 +36,18 @@ def manifest_path(ckpt: Checkpoint) -> str:
 
 
 def covered_files(ckpt: Checkpoint) -> list[str]:
-    """Every file a manifest covers: all files under a checkpoint dir, else the files the reader used."""
+    """Every file a manifest covers: all regular files under a checkpoint dir, else the files the reader used; never
+    a FIFO, device or socket (opening one blocks or reads without end), nor a link out of the checkpoint (the readers
+    report both)."""
     if os.path.isdir(ckpt.path):
         found = []
         for dirpath, dirnames, filenames in os.walk(ckpt.path):
             dirnames.sort()
             for name in sorted(filenames):
-                if name != MANIFEST_NAME and not name.endswith(".tmp"):
-                    found.append(os.path.join(dirpath, name))
+                full = os.path.join(dirpath, name)
+                if name != MANIFEST_NAME and not name.endswith(".tmp") and not paths.special(full) and \
+                        not paths.leaves(full, ckpt.path):
+                    found.append(full)
         return found
     return sorted({os.path.abspath(f) for f in ckpt.files if os.path.isfile(f)})
 
@@ -102,7 +106,45 @@ def load(target: str) -> tuple[dict, str]:
         raise CkptError("corrupt", "not a ckpttool manifest of a version this tool reads", target)
     if doc.get("algorithm") != hashing.ALGORITHM:
         raise CkptError("corrupt", f"manifest uses {doc.get('algorithm')!r}, expected {hashing.ALGORITHM}", target)
+    _check_shape(doc, os.path.dirname(os.path.abspath(target)), target)
     return doc, xxhash.xxh3_128_hexdigest(data)
+
+
+MIN_PIECE_SIZE = 4096  # a manifest of 1-byte pieces cost ~2 KB of RAM per checked byte; ckpttool writes 64 MiB
+MAX_PIECE_SIZE = 1 << 40
+
+
+def _check_shape(doc: dict, folder: str, target: str):
+    """A manifest is checkpoint bytes like any other: every path it names stays inside its folder (never opened
+    outside it: a matching hash would confirm a guess at another file), every count is an int in bounds, and the
+    pieces listed are exactly those its sizes and piece size make."""
+    def bad(why):
+        raise CkptError("corrupt", f"manifest {why}; verify cannot trust it: rewrite it with `ckpttool manifest "
+                        f"--force` once the checkpoint verifies", target)
+
+    piece_size = doc.get("piece_size", hashing.PIECE_SIZE)
+    if type(piece_size) is not int or not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE:
+        bad(f"gives piece_size {str(piece_size)[:40]!r}, outside {MIN_PIECE_SIZE} to {MAX_PIECE_SIZE} bytes")
+    for rel, entry in doc["files"].items():
+        try:
+            paths.inside(folder, rel, "file")
+        except CkptError as e:
+            bad(f"lists {e.reason}")
+        if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0 or \
+                not isinstance(entry.get("pieces"), list) or not all(isinstance(p, str) for p in entry["pieces"]):
+            bad(f"entry for {rel!r} is not {{size, pieces}}")
+        if len(entry["pieces"]) != max(1, -(-entry["size"] // piece_size)):
+            bad(f"entry for {rel!r} lists {len(entry['pieces'])} pieces, its size makes "
+                f"{max(1, -(-entry['size'] // piece_size))}")
+    tensors = doc.get("tensors", [])
+    if not isinstance(tensors, list):
+        bad("has a tensors field that is not a list")
+    for e in tensors:
+        ok = isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] in doc["files"] and \
+            all(type(e.get(k)) is int and e[k] >= 0 for k in ("offset", "length")) and \
+            isinstance(e.get("names"), list) and e["names"] and all(isinstance(n, str) for n in e["names"])
+        if not ok:
+            bad(f"has a tensor entry {str(e)[:80]!r} that is not {{file it lists, offset, length, names}}")
 
 
 # --- CRC-32s ---

@@ -6,15 +6,18 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ckpttool import trainers
+from ckpttool import paths, trainers
 from ckpttool.checksums import MANIFEST_SUFFIX
 from ckpttool.formats import family
 from ckpttool.trainers.base import TEMPORARY_NAME
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-STEP_IN_FILE_NAME = re.compile(r"(?:step|iter|checkpoint|ckpt|epoch)?[-_=]?(\d+)(?:-v\d+)?"
-                               r"\.(?:pt|pth|bin|ckpt|safetensors)$")
+# A loose file is a candidate only by a name a trainer writes: a counter word before the number (`step_20.pt`,
+# Lightning's `epoch=0-step=10.ckpt`, `ckpt_iter500.pth`) or kohya's `{name}-{epoch:06d}.safetensors`; never a file
+# that merely has digits in its name (`train_data_7.bin`, `unet_fp16.safetensors`, `notes_v2.pt`).
+STEP_IN_FILE_NAME = re.compile(r"(?:.*[-_.])?(?:global_step|step|iter|checkpoint|ckpt|epoch)[-_=]?(\d+)(?:-v\d+)?"
+                               r"\.(?:pt|pth|bin|ckpt|safetensors)")
+KOHYA_WEIGHTS = re.compile(r".+-(\d{6})\.(?:safetensors|ckpt|pt)")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
 
 
@@ -32,12 +35,13 @@ class Candidate:
 
 def discover(root: str) -> list[Candidate]:
     found: list[Candidate] = []
-    folders = [root] + [os.path.join(root, "checkpoints")] * os.path.isdir(os.path.join(root, "checkpoints"))
+    nested = os.path.join(root, "checkpoints")  # Accelerate's automatic naming; never followed through a link
+    folders = [root] + [nested] * (os.path.isdir(nested) and not os.path.islink(nested))
     for folder in folders:
         families: dict[int, list[str]] = {}
         for entry in sorted(os.listdir(folder)):
             full = os.path.join(folder, entry)
-            if os.path.islink(full):
+            if os.path.islink(full) or paths.special(full):  # links are not followed; a FIFO would block
                 continue
             if os.path.isdir(full):
                 candidate = _dir_candidate(full, entry)
@@ -45,7 +49,7 @@ def discover(root: str) -> list[Candidate]:
                     found.append(candidate)
             elif (parsed := family.parse(entry)) is not None:
                 families.setdefault(parsed[1], []).append(full)
-            elif entry.endswith(WEIGHT_SUFFIXES) and (m := STEP_IN_FILE_NAME.search(entry)):
+            elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
             elif LIGHTNING_LAST.fullmatch(entry):
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))

@@ -257,6 +257,8 @@ def repair_report(r: dict) -> str:
                 lines.append(f"  {', '.join(names[:3])}{more}: {why}")
             if len(by_reason) > LOST_SHOWN:
                 lines.append(f"  ... and {len(by_reason) - LOST_SHOWN} more reasons (--json lists every tensor)")
+    for item in r.get("not_copied", []):
+        lines.append(f"not copied: {item['path']}: {item['why']}")
     if not r["saves_something"]:
         lines.append("nothing can be saved; nothing written")
     elif r["dry_run"]:

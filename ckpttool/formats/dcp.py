@@ -11,6 +11,7 @@ import os
 import re
 from collections import defaultdict
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Component, Location, StepSource,
@@ -120,8 +121,14 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     storage = defaultdict(list)  # fqn -> [_StorageInfo fields, with the chunk's offsets from its MetadataIndex]
     for index, info in (meta.get("storage_data") or {}).items():
         if isinstance(index, Opaque) and isinstance(info, Opaque):
-            fields = index.fields()
-            storage[fields.get("fqn")].append({**info.fields(), "chunk_offsets": fields.get("offset")})
+            fields, where = index.fields(), info.fields()
+            relative = str(where.get("relative_path"))
+            if os.path.basename(relative) != relative or relative in (".", ".."):  # FileSystemWriter's own names
+                raise CkptError("corrupt", f".metadata places {fields.get('fqn')!r} in {relative!r}, outside the "
+                                "checkpoint dir (DCP writes its data files beside .metadata); it was not read",
+                                meta_path)
+            paths.inside(path, relative, "data file", meta_path)  # nor through a link out of the dir
+            storage[fields.get("fqn")].append({**where, "chunk_offsets": fields.get("offset")})
 
     ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=[meta_path])
     component = Component(name, role, files=[meta_path])

@@ -25,6 +25,7 @@ import math
 import os
 import re
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import torchfile
 from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, TensorRef
@@ -54,7 +55,8 @@ def tag_dir(path: str) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     target = os.path.join(path, tag)
-    return target if tag and os.path.basename(tag) == tag and os.path.isdir(target) else None
+    plain_name = tag and os.path.basename(tag) == tag and tag not in (".", "..")
+    return target if plain_name and os.path.isdir(target) and not paths.leaves(target, path) else None
 
 
 def detect(path: str) -> bool:

@@ -55,6 +55,38 @@ DCP_GLOBALS = {
     "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "torch.distributed.checkpoint._extension.StreamTransformExtension",
 }
 
+# Globals that run code, reach the system or load more code when a pickle calls them: torch.load(weights_only=False),
+# pickle.load and every scanner treat them as payloads. A pickle naming one is `unsafe_pickle` (an error) in any file of
+# a checkpoint, read on resume or not; other globals outside the allow-list are judged where the file is read.
+CODE_RUNNING_MODULES = {
+    "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil", "socket",
+    "ctypes", "multiprocessing", "pty", "code", "codeop", "webbrowser", "pdb", "bdb", "timeit", "cProfile", "profile",
+    "trace", "doctest", "pip", "setuptools", "distutils", "urllib", "http", "requests", "ftplib", "smtplib", "telnetlib",
+    "asyncio", "signal", "platform", "tempfile", "glob", "io", "_io", "zipimport", "pkgutil", "dill", "cloudpickle",
+    "joblib", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch.classes", "torch.package",
+    "torch.serialization", "torch._dynamo", "torch._inductor", "numpy.testing", "numpy.lib.npyio", "jinja2",
+}
+CODE_RUNNING_GLOBALS = {
+    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open", "builtins.__import__", "builtins.getattr",
+    "builtins.setattr", "builtins.delattr", "builtins.globals", "builtins.locals", "builtins.vars",
+    "builtins.breakpoint", "builtins.input", "builtins.help", "builtins.exit", "builtins.quit", "builtins.type",
+    "builtins.apply", "builtins.execfile", "builtins.file", "builtins.reload", "types.FunctionType",
+    "types.CodeType", "types.LambdaType", "types.MethodType", "types.ModuleType",
+    "functools.partial", "functools.reduce", "operator.attrgetter", "operator.methodcaller", "operator.itemgetter",
+    "_operator.attrgetter", "_operator.methodcaller", "_operator.itemgetter", "copyreg._reconstructor_unsafe",
+    "torch.load", "torch.save", "numpy.load", "numpy.fromfile", "numpy.memmap",
+}
+
+
+def runs_code(name: str) -> bool:
+    """Whether a pickle global (`module.attr`) runs code or reaches the system when called: a module or callable
+    on the lists above, or any dunder attribute (`__reduce__`, `__import__`, `__builtins__` lookups)."""
+    module, _, attr = name.rpartition(".")
+    parts = module.split(".")
+    return (name in CODE_RUNNING_GLOBALS or attr.startswith("__") or
+            any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
+
+
 # Protocol-2 pickles name Python 2 modules; map them as the standard unpickler would.
 MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
@@ -120,6 +152,8 @@ class RepicklingPickler(pickle._Pickler):
             ref = obj.global_name
         else:
             return super().save_global(obj, name)
+        if ref not in SAFE_GLOBALS:  # the last guard: nothing written names a global torch.load would not take
+            raise CkptError("unsafe_pickle", f"refusing to write a reference to {ref}, outside the allow-list")
         module, _, attr = ref.rpartition(".")
         self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode("utf-8"))
         self.memoize(obj)

@@ -7,6 +7,7 @@ import os
 import re
 import struct
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
@@ -29,6 +30,7 @@ def detect(path: str) -> bool:
 
 def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
     """Validated tensor list, `__metadata__` and data start offset of a safetensors file."""
+    paths.regular(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)

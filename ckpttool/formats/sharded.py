@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint, Component
 
@@ -55,7 +56,11 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     component = Component(name, role, files=[index])
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(folder, shard)
-        if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
+        if os.path.basename(shard) != shard or shard in (".", "..") or paths.leaves(shard_path, folder):
+            ckpt.add_problem("corrupt", "error", f"the index names shard {shard!r}, outside its folder (shards lie "
+                             "beside their index); it was not read", index, component=name)
+            continue
+        if not os.path.isfile(shard_path):
             wanted = sum(1 for v in weight_map.values() if v == shard)
             ckpt.add_problem("missing_file", "error", f"shard {shard} ({wanted} tensors) is missing", shard_path,
                              component=name)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint, StepSource
 
@@ -24,7 +25,7 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
     for entry in sorted(os.listdir(path)):
         fields = next((f for pattern, f in state_files.items() if re.fullmatch(pattern, entry)), None)
         full = os.path.join(path, entry)
-        if fields is None or not os.path.isfile(full):
+        if fields is None or not os.path.isfile(full) or paths.leaves(full, path):
             continue
         ckpt.files.append(full)
         try:
@@ -57,6 +58,8 @@ def read(path: str, profile) -> Checkpoint:
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
         name = None
+        if paths.special(full) or paths.leaves(full, path):
+            continue  # never opened: ckpttool.checkpoint reports it (unsafe_path)
         try:
             is_dir = os.path.isdir(full)
             file_role = next(((r, m) for r in profile.file_roles if r.folder == is_dir

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
 from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque, RepicklingPickler,
@@ -69,6 +70,8 @@ def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = Non
     """The file's pickle and storages; with `span` (offset, length), of a torch.save blob embedded in the file (a DCP
     item), with storage offsets still counted from the start of the file; with `data`, of a blob in memory (`path`
     then only names it in errors)."""
+    if data is None:
+        paths.regular(path)
     size = len(data) if data is not None else span[1] if span else os.path.getsize(path)
     opener = ((lambda: io.BytesIO(data)) if data is not None else (lambda: _Window(path, *span)) if span else
               (lambda: open(path, "rb")))
@@ -246,6 +249,45 @@ def _salvage(raw, info) -> bytes | None:
         return None
 
 
+def globals_of(path: str) -> list[str]:
+    """Every global the pickles of a torch or pickle file name, damaged or not, tensor data never read: for a file a
+    checkpoint holds but its resume never loads (transformers' training_args.bin), which other tools, older library
+    versions and torch.load(weights_only=False) still unpickle."""
+    try:
+        return read_raw(path).globals_seen
+    except CkptError:
+        pass
+    with open(path, "rb") as raw:
+        if raw.read(4) != ZIP_MAGIC:
+            raw.seek(0)
+            return scan_records(raw.read(SCAN_LIMIT))
+        try:
+            return _other_pickles_globals(raw, zipfile.ZipFile(raw).infolist(), SAFE_GLOBALS)
+        except ZIP_ERRORS:
+            return []  # no directory to find the members by: the pickle is unreachable for torch.load too
+
+
+def code_in_files(files: list[str], folder: str) -> list:
+    """`unsafe_pickle` problems for the pickle files among `files` (by name or first byte) that name a global which
+    runs code when unpickled (pickles.runs_code); no other global is judged here."""
+    from ckpttool.formats.pickles import runs_code
+    from ckpttool.model import ERROR, Problem
+
+    found = []
+    for full in files:
+        with open(full, "rb") as f:
+            head = f.read(4)
+        if not (full.endswith(SUFFIXES + PICKLE_SUFFIXES) or head == ZIP_MAGIC or head[:1] == b"\x80"):
+            continue
+        code = [g for g in globals_of(full) if runs_code(g)]
+        if code:
+            found.append(Problem("unsafe_pickle", ERROR, f"{os.path.relpath(full, folder)} imports "
+                                 f"{', '.join(code)}, which runs code when unpickled: the resume does not load it, "
+                                 "but torch.load(weights_only=False), older library versions and other tools do; it "
+                                 "was not executed. Delete it if you did not put it there", full))
+    return found
+
+
 def _has_end_record(opener, size: int) -> bool:
     """Whether the zip end-of-central-directory signature is in the file's tail (absent: the file was cut short)."""
     with opener() as f:
@@ -392,27 +434,67 @@ def flatten(obj, prefix="", seen=None):
         yield from flatten(value, f"{prefix}.{key}" if prefix else str(key), seen)
 
 
-def rebuild(obj, replace, prefix=""):
+def rebuild(obj, replace, prefix="", memo=None):
     """A copy of an unpickled object with each TensorRef replaced by `replace(dotted name)` (names as `flatten`
-    gives them). Objects of classes outside plain data cannot be carried: CkptError."""
+    gives them: a container reached twice is rebuilt once, at its first name, and shared as it was). Only plain data
+    is carried: sets and allow-listed objects (numpy RNG state) are rebuilt from contents checked to be inert, so a
+    payload hidden inside them is never written back out; anything else is CkptError (unsafe_pickle)."""
+    memo = {} if memo is None else memo
     if isinstance(obj, TensorRef):
         return replace(prefix)
-    if isinstance(obj, (int, float, str, bool, bytes)) or obj is None:
+    if isinstance(obj, PLAIN) or obj is None:
         return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
     join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
     if isinstance(obj, dict):
-        return type(obj)((k, rebuild(v, replace, join(k))) for k, v in obj.items()) if isinstance(obj, OrderedDict) \
-            else {k: rebuild(v, replace, join(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [rebuild(v, replace, join(i)) for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    if isinstance(obj, (set, frozenset, complex)):
-        return obj
-    if isinstance(obj, Opaque) and obj.global_name in SAFE_GLOBALS:  # numpy RNG state and the like: re-pickled as is
-        return obj
-    name = obj.global_name if isinstance(obj, Opaque) else type(obj).__name__
-    raise CkptError("unsafe_pickle", f"{prefix or 'the object'} is a {name}, which ckpttool does not rebuild (it "
-                    "never runs pickled code); convert the weights alone with --component")
+        for key in obj:
+            _check_inert(key, f"{prefix or 'the object'} key")
+        out = type(obj)() if isinstance(obj, OrderedDict) else {}
+        memo[id(obj)] = out
+        out.update((k, rebuild(v, replace, join(k), memo)) for k, v in obj.items())
+        return out
+    if isinstance(obj, list):
+        out = memo[id(obj)] = []
+        out.extend(rebuild(v, replace, join(i), memo) for i, v in enumerate(obj))
+        return out
+    if isinstance(obj, tuple):
+        memo[id(obj)] = out = tuple(rebuild(v, replace, join(i), memo) for i, v in enumerate(obj))
+        return out
+    _check_inert(obj, prefix or "the object")  # sets, complex numbers, numpy RNG state: carried as they are
+    return obj
+
+
+PLAIN = (int, float, str, bool, bytes)
+INERT_DEPTH = 64
+
+
+def _check_inert(obj, where: str, depth: int = 0, seen=None):
+    """Raise CkptError (unsafe_pickle) unless `obj` is plain data all the way down: scalars, containers of them,
+    torch dtypes, and objects of allow-listed globals built from such data (each object visited once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, PLAIN + (complex, DtypeRef)) or obj is None:
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if depth > INERT_DEPTH:
+        raise CkptError("unsafe_pickle", f"{where} nests too deeply to be checked; ckpttool does not rebuild it")
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        parts = list(obj)
+    elif isinstance(obj, dict):
+        parts = [x for item in obj.items() for x in item]
+    elif isinstance(obj, type) and issubclass(obj, Opaque) and obj.global_name in SAFE_GLOBALS:
+        parts = []
+    elif isinstance(obj, Opaque) and obj.global_name in SAFE_GLOBALS:
+        parts = [obj.args, obj.state, obj.items, obj.entries]
+    else:
+        name = obj.global_name if isinstance(obj, Opaque) or isinstance(obj, type) and issubclass(obj, Opaque) \
+            else type(obj).__name__
+        raise CkptError("unsafe_pickle", f"{where} holds a {name}, which ckpttool does not rebuild (it never writes "
+                        "back a global outside the allow-list); convert the weights alone with --component")
+    for part in parts:
+        _check_inert(part, where, depth + 1, seen)
 
 
 def _has_tensors(obj) -> bool:

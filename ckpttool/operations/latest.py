@@ -6,7 +6,7 @@ import os
 
 from ckpttool import trainers
 from ckpttool.discovery import discover
-from ckpttool.errors import UsageError
+from ckpttool.errors import CkptError, UsageError
 from ckpttool.operations.verify import verify
 
 
@@ -19,11 +19,24 @@ def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
         if candidate.skip:
             yield candidate, None
             continue
-        report = verify(candidate.path, for_resume=for_resume)
+        report = judged(candidate.path, for_resume)
         yield candidate, report
         valid += report["ok"]
         if stop_after_valid is not None and valid >= stop_after_valid:
             return
+
+
+def judged(path: str, for_resume: bool) -> dict:
+    """verify's report on one candidate; a candidate so malformed that reading it fails unexpectedly is reported
+    `corrupt` and skipped, never allowed to stop the scan of the rest of the run."""
+    try:
+        return verify(path, for_resume=for_resume)
+    except (UsageError, CkptError) as e:
+        reason = e.reason if isinstance(e, CkptError) else str(e)
+    except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+        reason = f"it cannot be read ({type(e).__name__})"
+    return {"path": path, "ok": False, "step": None, "format": None, "layout": None, "trainer": None, "checks": [],
+            "problems": [{"code": "corrupt", "severity": "error", "message": reason, "path": path}]}
 
 
 def latest(root: str, for_resume=False) -> dict:

@@ -26,8 +26,16 @@ def target_format(dst: str, to: str | None) -> str:
 
 
 def check_destination(src: str, dst: str, force: bool):
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise UsageError(f"{dst}: the output would replace the input; write to a new path (inputs are never modified)")
+    """DST may not be SRC, lie inside it, hold it, or reach it through a link (real paths compared): `--force`
+    replaces DST whole, and an input is never modified."""
+    from ckpttool import paths
+
+    if paths.overlap(src, dst):
+        same = os.path.realpath(src) == os.path.realpath(dst)
+        where = ("is the input" if same else "lies inside the input" if paths.within(dst, src) else
+                 "holds the input")
+        raise UsageError(f"{dst}: the output {where} ({os.path.realpath(src)}, links resolved); write to a path "
+                         "apart from it (inputs are never modified)")
     if os.path.lexists(dst) and not force:
         raise UsageError(f"{dst}: already exists; pass --force to replace it")
     parent = os.path.dirname(os.path.abspath(dst))

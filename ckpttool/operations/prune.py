@@ -1,4 +1,7 @@
-"""`ckpttool prune`: delete old checkpoints beyond the newest N valid ones, never the newest valid one."""
+"""`ckpttool prune`: delete old checkpoints beyond the newest N resumable ones, never the one `latest --for-resume`
+picks. Valid means resumable by the trainer's own contract (verify --for-resume), not merely readable files: a run
+whose newest save lacks its optimizer must keep the older ones it can still resume from. A checkpoint newer than the
+newest resumable one is neither kept as valid nor deleted: it may still be being written."""
 
 from __future__ import annotations
 
@@ -18,15 +21,16 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
         raise UsageError("--keep-every must be a positive step interval")
     keep_rows, delete_rows = [], []
     valid = 0
-    for candidate, report in verdicts(root):
+    for candidate, report in verdicts(root, for_resume=True):
         ok = report is not None and report["ok"]
         step = report["step"] if report else None
         row = {"path": candidate.path, "step": step, "files": candidate.files}
         if ok and valid < keep:
             valid += 1
-            keep_rows.append({**row, "reason": "newest valid" if valid == 1 else f"valid, within the newest {keep}"})
+            keep_rows.append({**row, "reason": "newest valid (latest --for-resume picks it)" if valid == 1
+                              else f"valid, within the newest {keep}"})
         elif valid == 0:
-            keep_rows.append({**row, "reason": "newer than every valid checkpoint (may still be being written)"})
+            keep_rows.append({**row, "reason": "newer than every resumable checkpoint (may still be being written)"})
         elif keep_every and ok and step is not None and step % keep_every == 0:
             keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
         elif valid < keep:

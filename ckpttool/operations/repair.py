@@ -22,7 +22,7 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ckpttool import atomic, hashing
+from ckpttool import atomic, hashing, paths
 from ckpttool.checksums import MANIFEST_NAME, MANIFEST_SUFFIX
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Component, Salvaged
@@ -75,6 +75,7 @@ class Plan:
     answered: set = field(default_factory=set)  # absolute paths whose problems a fix already answers
     remaps: dict = field(default_factory=dict)  # absolute path of a weights file -> the reference its keys align to
     ckpt: object = None  # SRC as verify read it (None when unreadable, or a run)
+    not_copied: list = field(default_factory=list)  # {"path", "why"}: links out of SRC and special files, unread
 
     def add(self, fix: Fix, *answers: str):
         self.fixes.append(fix)
@@ -409,8 +410,6 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
         check_destination(src, dst, force)
-        if _inside(dst, src):
-            raise UsageError(f"{dst}: inside {src}; write the repair elsewhere (the input is never modified)")
     p = plan(src, like)
     result = {"src": src, "dst": dst, "healthy": not p.fixes, "dry_run": dry_run, "written": False,
               "saves_something": p.saves_something, "fixes": [f.to_json() for f in p.fixes],
@@ -421,6 +420,7 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     with atomic.guard(dst, total), hashing.progress(total, "writing") as advance:
         _write(p, dst, link, advance)
     result["written"] = True
+    result["not_copied"] = p.not_copied
     result["after"] = _after(p, dst)
     return result
 
@@ -441,7 +441,8 @@ def _after(p: Plan, dst: str) -> dict:
 def _size(p: Plan) -> int:
     total = 0
     for folder, _, files in os.walk(p.src) if os.path.isdir(p.src) else [("", [], [p.src])]:
-        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if os.path.exists(os.path.join(folder, f)))
+        total += sum(os.lstat(os.path.join(folder, f)).st_size for f in files
+                     if os.path.lexists(os.path.join(folder, f)))
     return total
 
 
@@ -470,18 +471,26 @@ def _write_dir(p: Plan, out: str, link: bool, advance):
     for folder, dirs, files in os.walk(src):
         rel = os.path.relpath(folder, src)
         dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in p.left_out)
+        for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:  # os.walk does not follow them
+            p.not_copied.append({"path": os.path.join(folder, d), "why": "a link to a folder: not followed, not copied"})
         os.makedirs(os.path.join(out, rel), exist_ok=True)
         for name in sorted(files):
             full, target = os.path.join(folder, name), os.path.normpath(os.path.join(out, rel, name))
             inner = os.path.normpath(os.path.join(rel, name))
             if full in p.left_out or inner in p.generated or (rel == "." and name == MANIFEST_NAME):
                 continue  # SRC's manifest describes the damaged files: `ckpttool manifest DST` writes a new one
+            why = paths.special(full) or ("a link out of the checkpoint" if paths.leaves(full, src) else None)
+            if why:  # never read through: a FIFO would block the copy, an outside file is not the checkpoint's
+                p.not_copied.append({"path": full, "why": f"{why}: not read, not copied"})
+                continue
             if full in p.salvaged:
                 if p.salvaged[full].saves_anything:
                     _write_salvaged(p.salvaged[full], target)
+            elif link and os.path.islink(full):  # a link inside SRC: its target's bytes, copied
+                shutil.copyfile(os.path.realpath(full), target)
             elif link:
                 try:
-                    os.link(os.path.realpath(full), target)
+                    os.link(full, target)
                 except OSError:
                     shutil.copyfile(full, target)
             else:

@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
 
@@ -139,6 +140,8 @@ def damage(contract: Contract, ckpt: Checkpoint) -> list[Problem]:
 
 
 def _entry_problems(part: Part, full: str, is_folder: bool, ckpt: Checkpoint) -> list[Problem]:
+    if paths.special(full) or paths.leaves(full, ckpt.path):
+        return []  # never opened; ckpttool.checkpoint reports it (unsafe_path)
     if is_folder:
         return (_dcp_problems(part, full, ckpt) if part.folders == DCP else
                 _folder_problems(part, full, ckpt, "config.json", PRETRAINED_WEIGHTS) if part.folders == PRETRAINED
@@ -168,7 +171,9 @@ def _json_problems(part: Part, full: str) -> list[Problem]:
 def _tag_problems(part: Part, full: str) -> list[Problem]:
     with open(full, encoding="utf-8", errors="replace") as f:
         tag = f.read().strip()
-    if tag and os.path.basename(tag) == tag and os.path.isdir(os.path.join(os.path.dirname(full), tag)):
+    target = os.path.join(os.path.dirname(full), tag)
+    if tag and os.path.basename(tag) == tag and tag not in (".", "..") and os.path.isdir(target) and \
+            paths.within(target, os.path.dirname(full)):
         return []
     return [Problem("corrupt", part.damaged, f"{os.path.basename(full)} names {tag!r}, which is no folder beside it "
                     f"(cut short or damaged?): {part.why}", full)]
@@ -233,8 +238,9 @@ def _folder_problems(part: Part, folder: str, ckpt: Checkpoint, config_name: str
 def _lower(ckpt: Checkpoint, full: str, why: str):
     """Damage the resume does not mind (the trainer catches it, or never opens the file): what the readers found in
     `full` is a warning, saying why."""
-    for p in ckpt.problems:
-        if p.severity == ERROR and p.path and (p.path == full or p.path.startswith(full + os.sep)):
+    for p in ckpt.problems:  # a pickle that runs code is a payload whether or not the resume opens it
+        if p.severity == ERROR and p.code not in ("unsafe_pickle", "unsafe_path") and p.path and \
+                (p.path == full or p.path.startswith(full + os.sep)):
             p.severity = WARNING
             p.message += f" ({why})"
 
