@@ -100,7 +100,7 @@ def load(target: str) -> tuple[dict, str]:
         with open(target, "rb") as f:
             data = f.read()
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CkptError("corrupt", f"manifest is not valid JSON ({e})", target) from None
     if not isinstance(doc, dict) or doc.get("ckpttool_manifest") != VERSION or not isinstance(doc.get("files"), dict):
         raise CkptError("corrupt", "not a ckpttool manifest of a version this tool reads", target)

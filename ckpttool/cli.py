@@ -18,6 +18,26 @@ def _emit_json(report: dict):
     click.echo(json.dumps(report, indent=2, default=str))
 
 
+# What a terminal would act on rather than show: C0 and C1 controls (ESC starts colour, cursor and title sequences;
+# a newline starts a fake line of output) and the bidirectional overrides that reorder what is shown.
+UNPRINTABLE = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def _safe(value):
+    """A report with every string in it shown as text: names, paths and messages come from the checkpoint's bytes,
+    so their control characters are written as escapes (\\x1b, \\n), never sent to the terminal. JSON output escapes
+    them itself."""
+    if isinstance(value, str):
+        if not any(ord(c) in UNPRINTABLE for c in value):
+            return value
+        return "".join(repr(c)[1:-1] if ord(c) in UNPRINTABLE else c for c in value)
+    if isinstance(value, dict):
+        return {_safe(k): _safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe(v) for v in value]
+    return value
+
+
 def _show(report: dict, as_json: bool, table: str):
     """JSON for scripts, or the named table from ckpttool.render (imported only then: tabulate costs start-up)."""
     if as_json:
@@ -25,11 +45,11 @@ def _show(report: dict, as_json: bool, table: str):
     else:
         from ckpttool import render
 
-        click.echo(getattr(render, table)(report))
+        click.echo(getattr(render, table)(_safe(report)))
 
 
 def _fail(code: int, message: str):
-    click.echo(f"ckpttool: {message}", err=True)
+    click.echo(f"ckpttool: {_safe(message)}", err=True)
     sys.exit(code)
 
 
@@ -131,6 +151,7 @@ def manifest(path, force, as_json):
     if as_json:
         _emit_json(result)
     else:
+        result = _safe(result)
         from ckpttool.render import human_bytes
 
         click.echo(f"wrote {result['manifest']}: {result['files']} files, {result['tensors']} tensors, "
@@ -183,6 +204,7 @@ def latest(directory, as_json, for_resume):
     if as_json:
         _emit_json(result)
     else:
+        result = _safe(result)
         for skipped in result["skipped"]:
             click.echo(f"skipped {skipped['path']}: {', '.join(skipped['codes'])}: {skipped['reason']}", err=True)
         if result.get("differs"):
@@ -296,6 +318,7 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
     if as_json:
         _emit_json(result)
     else:
+        result = _safe(result)
         from ckpttool.render import human_bytes
 
         for change in result["changes"]:
@@ -325,6 +348,7 @@ def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_jso
     if as_json:
         _emit_json(result)
     else:
+        result = _safe(result)
         from ckpttool.render import human_bytes
 
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
@@ -392,6 +416,7 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
     if as_json:
         _emit_json(result)
         return
+    result = _safe(result)
     for rule in result["normalization"]:
         click.echo(f"aligned keys: {rule}")
     for s in result["sources"]:
@@ -430,6 +455,6 @@ def report(run_dir, html_path, for_resume, module_depth, as_json):
         return
     from ckpttool import render
 
-    click.echo(render.run_report(result))
+    click.echo(render.run_report(_safe(result)))
     if html_path:
         click.echo(f"wrote {html_path}")

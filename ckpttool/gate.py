@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ckpttool.errors import UsageError
+from ckpttool.errors import CkptError, UsageError
 from ckpttool.keys import compare
 from ckpttool.operations.verify import verify_checkpoint
 
@@ -156,6 +156,52 @@ def _optimizer_problems(ckpt, optimizer) -> list[dict]:
     return problems
 
 
+def _scheduler_problems(saved, scheduler) -> list[dict]:
+    """The saved scheduler state against the live scheduler's: a state without a key the live class keeps in its
+    own (LambdaLR's lr_lambdas, StepLR's step_size) comes from another class, and load_state_dict raises (KeyError)
+    or leaves that setting as the fresh run has it. Private keys (`_is_initial`, `_get_lr_called_within_step`) come
+    and go between torch versions and only warn."""
+    live = scheduler.state_dict()
+    if not isinstance(saved, dict) or not isinstance(live, dict):
+        return []
+    saved_keys, live_keys = set(map(str, saved)), set(map(str, live))
+    if saved_keys == live_keys:
+        return []
+    kind = type(getattr(scheduler, "scheduler", scheduler)).__name__  # Accelerate wraps the scheduler it prepared
+    missing = sorted(k for k in live_keys - saved_keys if not k.startswith("_") and k != "verbose")
+    if missing:
+        return [{"code": "scheduler_mismatch", "severity": "error",
+                 "message": f"the saved scheduler state lacks {', '.join(missing[:6])}, which the live {kind} keeps: "
+                            "it was saved by another scheduler class, and loading it into this one fails (LambdaLR: "
+                            "KeyError 'lr_lambdas') or silently keeps the fresh run's settings; build the scheduler "
+                            "the run was saved with"}]
+    return [{"code": "scheduler_mismatch", "severity": "warning",
+             "message": f"saved scheduler state has keys {sorted(saved_keys)[:6]}, the live {kind} "
+                        f"{sorted(live_keys)[:6]}: saved by another torch version, or another scheduler class?"}]
+
+
+def _trainable_count_problems(ckpt, model) -> list[dict]:
+    """Without the live optimizer: the parameters the saved optimizers cover against the model's trainable ones. An
+    optimizer built over the same model covers each once; a different count means another set of trainable
+    parameters (a frozen or added layer), which load_state_dict refuses, unless the optimizer deliberately covers a
+    subset: a warning, which the live optimizer turns into a verdict."""
+    saved = 0
+    for comp in ckpt.components:
+        if comp.role != "optimizer":
+            continue
+        groups = comp.tree.get("param_groups") if isinstance(comp.tree, dict) else None
+        if not isinstance(groups, list):
+            return []
+        saved += sum(len(g.get("params", [])) if isinstance(g, dict) else 0 for g in groups)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if not saved or saved == trainable:
+        return []
+    return [{"code": "optimizer_mismatch", "severity": "warning",
+             "message": f"the saved optimizer state covers {saved} parameters, the live model has {trainable} "
+                        "trainable ones: unless the optimizer covers only some of them, load_state_dict will refuse "
+                        "it (pass optimizer= to the gate to know)"}]
+
+
 def live_world_size() -> int:
     """The processes of this run: torch.distributed's world when it is up, else torchrun's WORLD_SIZE, else 1."""
     import sys
@@ -196,14 +242,26 @@ def _world_size_problems(ckpt, live: int) -> list[dict]:
 
 def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
                  world_size=None):
-    """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError. `world_size`:
-    the live run's number of processes (by default torch.distributed's, else WORLD_SIZE, else 1)."""
+    """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError, and nothing
+    else: a checkpoint too malformed even to be read is refused, never an exception of the reader's escaping into
+    the trainer. `world_size`: the live run's number of processes (by default torch.distributed's, else
+    WORLD_SIZE, else 1)."""
     path = os.fspath(path)
     try:
-        report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
-                                         require_manifest=require_manifest)
+        return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size)
     except UsageError as e:
         raise ResumeGateError(path, [{"code": "missing_file", "severity": "error", "message": str(e)}]) from None
+    except CkptError as e:
+        raise ResumeGateError(path, [{"code": e.code, "severity": "error", "message": str(e)}]) from None
+    except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+        raise ResumeGateError(path, [{"code": "corrupt", "severity": "error", "message": f"{path} cannot be read "
+                                      f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint"}]) \
+            from None
+
+
+def _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size):
+    report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
+                                     require_manifest=require_manifest)
     problems = list(report["problems"])
     model_file = None
     if not any(p["code"] in DAMAGE and p["severity"] == "error" for p in problems):  # damaged: nothing to compare
@@ -212,15 +270,12 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
             problems += found
         if ckpt is not None and optimizer is not None:
             problems += _optimizer_problems(ckpt, optimizer)
+        elif ckpt is not None and model is not None:
+            problems += _trainable_count_problems(ckpt, model)
         if ckpt is not None:
             problems += _world_size_problems(ckpt, world_size or live_world_size())
         if ckpt is not None and scheduler is not None and ckpt.component("scheduler") is not None:
-            saved = ckpt.component("scheduler").tree
-            live_keys = set(scheduler.state_dict())
-            if isinstance(saved, dict) and set(map(str, saved)) != live_keys:
-                problems.append({"code": "scheduler_mismatch", "severity": "warning",
-                                 "message": f"saved scheduler state has keys {sorted(map(str, saved))[:6]}, the live "
-                                            f"scheduler {sorted(live_keys)[:6]}: a different scheduler class?"})
+            problems += _scheduler_problems(ckpt.component("scheduler").tree, scheduler)
     for p in problems:
         fix = _fix(p["code"], path, p, model_file)
         p.pop("remap", None)

@@ -158,6 +158,7 @@ class Component:
     tensors: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     tree: object = None  # torch inputs: the unpickled object (TensorRef leaves), so convert can rebuild it
+    pickle_globals: list = field(default_factory=list)  # torch inputs: the globals its file's pickle names
 
     @property
     def nbytes(self) -> int:

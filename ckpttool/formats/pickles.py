@@ -45,6 +45,27 @@ SAFE_GLOBALS = {
     "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
 
+# torch.load(weights_only=True)'s own list, by name (torch 2.13 _weights_only_unpickler.py _get_allowed_globals): the
+# numpy pieces, frozenset, slice and codecs.encode of SAFE_GLOBALS are not on it, so a file naming them loads only
+# where the trainer's loader allow-lists them too.
+TORCH_WEIGHTS_ONLY = {
+    "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
+    "torch.Size", "torch.Tensor", "torch.device", "_codecs.encode", "builtins.bytearray", "builtins.set",
+    "builtins.complex", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_device_tensor_from_numpy",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._tensor._rebuild_from_type_v2", "torch.storage.UntypedStorage",
+    "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine", "torch.per_channel_symmetric",
+    "torch.per_channel_affine_float_qparams",
+} | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
+# What Accelerate's `load` (accelerate 1.15 utils/other.py TORCH_SAFE_GLOBALS) and transformers' RNG load
+# (trainer_pt_utils.py safe_globals) add for numpy RNG state; a numpy scalar (`numpy.float64(0.1)`) is not among them.
+NUMPY_RNG_GLOBALS = {
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+}
+
 # Extra globals a torch.distributed.checkpoint `.metadata` file legitimately names.
 DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.TensorStorageMetadata",

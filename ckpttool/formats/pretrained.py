@@ -77,7 +77,7 @@ def _json(ckpt: Checkpoint, path: str) -> dict | None:
         ckpt.add_problem("missing_file", "error", f"{os.path.basename(path)} is missing: from_pretrained reads it "
                          "first", path)
         return None
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         ckpt.add_problem("corrupt", "error", f"{os.path.basename(path)} is not valid JSON (cut short or damaged: "
                          f"{e})", path)
         return None
@@ -148,7 +148,7 @@ def _read_modules(ckpt: Checkpoint):
     try:
         with open(os.path.join(ckpt.path, MODULES), encoding="utf-8") as f:
             modules = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         ckpt.add_problem("corrupt", "error", f"{MODULES} is not valid JSON ({e})", os.path.join(ckpt.path, MODULES))
         return
     ckpt.files.append(os.path.join(ckpt.path, MODULES))

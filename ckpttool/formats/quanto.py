@@ -72,7 +72,7 @@ def annotate(ckpt):
         try:
             with open(qmap_path, encoding="utf-8") as f:
                 qmap = json.load(f)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             ckpt.add_problem("corrupt", "warning", f"quantization map is not valid JSON ({e})", qmap_path)
         if not isinstance(qmap, dict):
             qmap = {}

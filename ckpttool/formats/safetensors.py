@@ -45,7 +45,7 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CkptError("corrupt", f"header is not valid JSON ({e})", path) from None
     if not isinstance(header, dict):
         raise CkptError("corrupt", "header is not a JSON object", path)
@@ -133,14 +133,14 @@ def salvage(path: str) -> Salvaged:
     try:
         header = json.loads(raw.decode("utf-8"))
         entries = list(header.items()) if isinstance(header, dict) else None
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         entries = None
     if entries is None:
         entries = []
         for m in HEADER_ENTRY.finditer(raw):
             try:
                 entries.append((json.loads(b'"' + m.group(1) + b'"'), json.loads(m.group(2))))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 continue
         out.how = f"header JSON damaged: {len(entries)} entries read one by one"
     found, spans = [], []  # spans: (begin, end) in the data of every entry whose offsets read, kept or lost

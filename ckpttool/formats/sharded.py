@@ -36,7 +36,7 @@ def read_index(index: str) -> tuple[dict, dict]:
     try:
         with open(index, encoding="utf-8") as f:
             doc = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CkptError("corrupt", f"index is not valid JSON ({e})", index) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -31,7 +31,7 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
         try:
             with open(full, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             ckpt.add_problem("corrupt", "error", f"{entry} is not valid JSON ({e})", full)
             continue
         if not isinstance(doc, dict):

@@ -138,6 +138,11 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
         except ZIP_ERRORS as e:
             raise CkptError("corrupt", f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
         members = zf.infolist()
+        names = [m.filename for m in members]
+        if len(set(names)) != len(names):  # torch.save never writes one name twice
+            twice = next(n for n in names if names.count(n) > 1)
+            raise CkptError("corrupt", f"zip archive holds two members named {twice}: torch.load reads the first, "
+                            "other zip readers the last, so no reader can say which values the file holds", path)
         # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
         first = members[0].filename if members else ""
         pkl = first[: first.find("/") + 1] + "data.pkl"
@@ -202,6 +207,9 @@ def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise CkptError("corrupt", f"zip member {name} uses compression method {info.compress_type}, which torch "
                         "cannot read", path)
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > inflate_limit(info.compress_size):
+        raise CkptError("corrupt", f"zip member {name} would inflate from {info.compress_size} to {info.file_size} "
+                        "bytes: torch never compresses its members, and ckpttool does not inflate a bomb", path)
     raw.seek(zip_data_offset(raw, info, path))
     data = raw.read(info.compress_size)
     if len(data) < info.compress_size:
@@ -221,6 +229,12 @@ def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dat", ".data")
 SCAN_LIMIT = 256 << 20  # bytes of one extra member scanned for pickled globals
+INFLATE_FLOOR, INFLATE_RATIO = 16 << 20, 32  # deflated pickles compress a few times; bombs a thousand
+
+
+def inflate_limit(compressed: int) -> int:
+    """The most bytes a deflated member is inflated to: memory stays proportional to the file's own size."""
+    return min(SCAN_LIMIT, max(INFLATE_FLOOR, INFLATE_RATIO * compressed))
 
 
 def _other_pickles_globals(raw, members, allowed) -> list[str]:
@@ -243,7 +257,7 @@ def _salvage(raw, info) -> bytes | None:
         raw.seek(local[1])
         data = raw.read(min(info.compress_size, SCAN_LIMIT))
         if info.compress_type == zipfile.ZIP_DEFLATED:
-            data = zlib.decompressobj(-15).decompress(data, SCAN_LIMIT)
+            data = zlib.decompressobj(-15).decompress(data, inflate_limit(len(data)))
         return data
     except (OSError, zlib.error, ValueError, OverflowError):
         return None
@@ -503,10 +517,15 @@ def _has_tensors(obj) -> bool:
 
 def _role_of_dict(obj) -> str | None:
     """Role of a file that holds one state_dict (Accelerate's optimizer.bin, scheduler.bin, ...), or of a non-empty
-    list of state dicts of one role (Lightning's optimizer_states, lr_schedulers)."""
+    list of state dicts of one role (Lightning's optimizer_states, lr_schedulers): one level of list, each item
+    looked at once (a list that holds itself, or shares its items 60 levels deep, costs its length, not 2^60)."""
     if isinstance(obj, list) and obj:
-        roles = {_role_of_dict(item) for item in obj}
+        roles = {_own_role(item) if not isinstance(item, list) else None for item in obj}
         return roles.pop() if len(roles) == 1 else None
+    return _own_role(obj)
+
+
+def _own_role(obj) -> str | None:
     if not isinstance(obj, dict):
         return None
     keys = set(map(str, obj))
@@ -542,7 +561,7 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
 
     def component(name, role, value):
         tensors = [tensor_info(n, leaf, raw, path) for n, leaf in flatten(value) if isinstance(leaf, TensorRef)]
-        comp = Component(name, role, files=[path], tensors=tensors, tree=value)
+        comp = Component(name, role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen)
         components.append(comp)
         steps.extend(_component_steps(comp, value, raw, path))
         return comp
@@ -582,9 +601,17 @@ def _scalars_into(metadata, key, value):
 SHOWN_ITEMS = 32  # of a list or dict shown as metadata; the rest are counted
 
 
-def plain(value, depth=0):
+PLAIN_NODES = 4096  # values one picture shows at most: shared children would otherwise be shown once per path
+
+
+def plain(value, depth=0, budget=None):
     """A JSON-able picture of an unpickled value: numbers and strings as they are, short bytes as their repr,
-    tensors by dtype and shape, other objects by their class name; long lists and dicts cut short."""
+    tensors by dtype and shape, other objects by their class name; long lists and dicts cut short, and the whole
+    picture cut at PLAIN_NODES values (a dict of shared children 30 deep would otherwise be expanded 2^30 times)."""
+    budget = [PLAIN_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "..."
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if isinstance(value, (bytes, bytearray)):
@@ -594,12 +621,12 @@ def plain(value, depth=0):
     if isinstance(value, Opaque):
         return f"<{value.global_name}>"
     if depth < 8 and isinstance(value, dict):
-        shown = {str(k): plain(v, depth + 1) for k, v in list(value.items())[:SHOWN_ITEMS]}
+        shown = {str(k): plain(v, depth + 1, budget) for k, v in list(value.items())[:SHOWN_ITEMS]}
         if len(value) > SHOWN_ITEMS:
             shown["..."] = f"{len(value) - SHOWN_ITEMS} more"
         return shown
     if depth < 8 and isinstance(value, (list, tuple)):
-        shown = [plain(v, depth + 1) for v in value[:SHOWN_ITEMS]]
+        shown = [plain(v, depth + 1, budget) for v in value[:SHOWN_ITEMS]]
         return shown + [f"... {len(value) - SHOWN_ITEMS} more"] if len(value) > SHOWN_ITEMS else shown
     return f"<{type(value).__name__}>"
 
@@ -618,12 +645,16 @@ def _component_steps(comp: Component, value, raw: RawPickle, path: str):
         yield StepSource(f"{comp.name} step", value["step"])  # what it counts, the trainer profile says
 
 
-def _optimizer_dicts(value):
+def _optimizer_dicts(value, seen=None):
+    seen = set() if seen is None else seen
+    if id(value) in seen:  # a list shared or holding itself is looked at once
+        return
+    seen.add(id(value))
     if isinstance(value, dict) and "state" in value:
         yield value
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _optimizer_dicts(item)
+            yield from _optimizer_dicts(item, seen)
 
 
 def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:

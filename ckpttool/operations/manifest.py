@@ -23,7 +23,7 @@ from ckpttool.checksums import (
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Checkpoint
 
-BLOCKING = ("truncated", "corrupt", "missing_file")  # a manifest of a broken checkpoint would bless the damage
+BLOCKING = ("truncated", "corrupt", "missing_file", "unsafe_path")  # a manifest of a broken checkpoint would bless the damage
 
 
 def build(ckpt: Checkpoint) -> dict:

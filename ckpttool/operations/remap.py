@@ -154,7 +154,7 @@ def load_qmap(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             qmap = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{path}: cannot read the quantization map ({e})") from None
     if not isinstance(qmap, dict):
         raise UsageError(f"{path}: a quantization map is a JSON object of module -> {{\"weights\": qtype}}")

@@ -234,8 +234,13 @@ def _drop_incomplete_optimizers(found: Salvaged):
         found.kept = [t for t in found.kept if not inside(t.name)]
 
 
-def _optimizer_paths(obj, prefix=""):
-    """Dotted paths (as `flatten` names them) of the optimizer state dicts in an unpickled object."""
+def _optimizer_paths(obj, prefix="", seen=None):
+    """Dotted paths (as `flatten` names them: a shared container at its first path) of the optimizer state dicts in
+    an unpickled object."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if isinstance(obj, dict):
         if {"state", "param_groups"} <= set(map(str, obj)):
             yield prefix
@@ -246,7 +251,7 @@ def _optimizer_paths(obj, prefix=""):
     else:
         return
     for key, value in items:
-        yield from _optimizer_paths(value, f"{prefix}.{key}" if prefix else str(key))
+        yield from _optimizer_paths(value, f"{prefix}.{key}" if prefix else str(key), seen)
 
 
 def _plan_indexes(p: Plan):
@@ -541,20 +546,28 @@ def _write_salvaged(found: Salvaged, path: str):
                 None, lambda _n: None)
 
 
-def _without(obj, lost: set, prefix=""):
+def _without(obj, lost: set, prefix="", memo=None):
     """The unpickled object less the lost tensors and dropped parts (by the dotted names `flatten` gives): gone from
-    a dict, None in a list or tuple, so every kept tensor keeps its name."""
+    a dict, None in a list or tuple, so every kept tensor keeps its name. A shared container is rebuilt once."""
     from ckpttool.formats.pickles import TensorRef
+
+    memo = {} if memo is None else memo
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
 
     def join(key):
         return f"{prefix}.{key}" if prefix else str(key)
 
     if isinstance(obj, dict):
-        items = [(k, _without(v, lost, join(k))) for k, v in obj.items()
-                 if not ((isinstance(v, TensorRef) or isinstance(v, (dict, list, tuple))) and join(k) in lost)]
-        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
-    if isinstance(obj, (list, tuple)):
-        items = [None if join(i) in lost and isinstance(v, (TensorRef, dict, list, tuple))
-                 else _without(v, lost, join(i)) for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    return obj
+        out = memo[id(obj)] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        out.update((k, _without(v, lost, join(k), memo)) for k, v in obj.items()
+                   if not ((isinstance(v, TensorRef) or isinstance(v, (dict, list, tuple))) and join(k) in lost))
+        return out
+    out = memo[id(obj)] = []
+    out.extend(None if join(i) in lost and isinstance(v, (TensorRef, dict, list, tuple))
+               else _without(v, lost, join(i), memo) for i, v in enumerate(obj))
+    if isinstance(obj, tuple):
+        memo[id(obj)] = out = tuple(out)
+    return out

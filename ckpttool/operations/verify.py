@@ -187,7 +187,7 @@ def read_training_config(path: str) -> dict:
     if path.endswith(".json"):
         try:
             values = _find_keys(json.loads(text))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise UsageError(f"{path}: not valid JSON ({e})") from None
     elif path.endswith(".toml"):
         import tomllib
@@ -200,6 +200,8 @@ def read_training_config(path: str) -> dict:
 
         try:
             values = _find_keys(yaml.safe_load(text))
+        except RecursionError:
+            raise UsageError(f"{path}: nests too deeply to read as YAML; check the config's syntax") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -228,10 +230,15 @@ def read_training_config(path: str) -> dict:
 
 
 def _find_keys(doc) -> dict:
-    found = {}
+    """The first value of each CONFIG_KEYS key at any depth; each node looked at once (YAML anchors make one object
+    reachable along many paths: nine nested aliases of nine items are 9^9 paths to a walk that does not remember)."""
+    found, seen = {}, set()
     stack = [doc]
     while stack:
         node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, dict):
             for k, val in node.items():
                 if k in CONFIG_KEYS and k not in found and not isinstance(val, (dict, list)):

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import replace
 
+from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import MICRO_STEPS, SAVES, WARNING
 from ckpttool.trainers.base import Profile, numbered_dirs, role
 from ckpttool.trainers.contract import RUN, Contract, Part, entries
@@ -110,11 +111,21 @@ def has_accelerate_files(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in MARKERS)
 
 
+# accelerate 1.15 checkpointing.py load_accelerator_state reads these through utils/other.py `load`:
+# torch.load(weights_only=True) with TORCH_SAFE_GLOBALS added; a random_states file it cannot load is skipped.
+ACCELERATE_LOAD = frozenset(TORCH_WEIGHTS_ONLY | NUMPY_RNG_GLOBALS)
+WEIGHTS_ONLY_LOADS = (
+    (r"(?:optimizer|scheduler|sampler|dl_state_dict|pytorch_model)(?:_\d+)?\.bin|scaler\.pt", ACCELERATE_LOAD, True),
+    (r"random_states_\d+\.pkl", ACCELERATE_LOAD, False),
+)
+
+
 class Accelerate(Profile):
     name = "accelerate"
     layout = "Accelerate save_state dir"
     source = "accelerate 1.15: checkpointing.py save_accelerator_state, scheduler.py AcceleratedScheduler.step"
     file_roles = FILES
+    weights_only_loads = WEIGHTS_ONLY_LOADS
     counter_meanings = ((r"^random_states_\d+ step$", MICRO_STEPS),)
     scheduler_rule = "AcceleratedScheduler: skipped with the optimizer on fp16 overflow, else once per process"
 

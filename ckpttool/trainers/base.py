@@ -46,7 +46,7 @@ def json_keys(folder: str, name: str) -> set | None:
     try:
         with open(os.path.join(folder, name), encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return set(doc) if isinstance(doc, dict) else None
 
@@ -63,6 +63,32 @@ def numbered_dirs(folder: str, pattern: re.Pattern) -> dict[int, str]:
         if m and os.path.isdir(os.path.join(folder, entry)):
             found[int(m.group(1))] = os.path.join(folder, entry)
     return found
+
+
+MOMENT = re.compile(r"(?:(.*)\.)?state\.(\d+)\.(exp_avg|exp_avg_sq|max_exp_avg_sq|momentum_buffer)")
+
+
+def moment_problems(ckpt: Checkpoint) -> list[Problem]:
+    """A torch optimizer keeps every moment of one parameter in that parameter's shape (Adam's exp_avg, exp_avg_sq,
+    SGD's momentum_buffer): moments of one index in two shapes were swapped or mixed between parameters, and the
+    first step after the resume fails (RuntimeError: the size of tensor a must match tensor b)."""
+    problems = []
+    for comp in ckpt.components:
+        if comp.role != "optimizer":
+            continue
+        shapes: dict[tuple, dict[str, tuple]] = {}
+        for t in comp.tensors:
+            if (m := MOMENT.fullmatch(t.name)) and t.shape:
+                shapes.setdefault((m.group(1), int(m.group(2))), {})[m.group(3)] = tuple(t.shape)
+        for (prefix, index), moments in sorted(shapes.items(), key=lambda item: (item[0][0] or "", item[0][1])):
+            if len(set(moments.values())) > 1:
+                seen = ", ".join(f"{k} {list(v)}" for k, v in sorted(moments.items()))
+                problems.append(Problem("optimizer_mismatch", ERROR, f"the optimizer state of parameter {index} holds "
+                                        f"moments of different shapes ({seen}): they were swapped or mixed between "
+                                        "parameters, and the first step after the resume fails", comp.files[0]
+                                        if comp.files else ckpt.path, key=f"{prefix + '.' if prefix else ''}state."
+                                        f"{index}", component=comp.name))
+    return problems
 
 
 class Profile:
@@ -82,6 +108,10 @@ class Profile:
     needs_scheduler = True
     scheduler_rule = "after each optimizer step, or after each training step"
     scheduler_may_step_per_epoch = False  # Lightning's interval="epoch": last_epoch counts epochs
+    # (file name pattern, the globals the trainer's torch.load(weights_only=True) of it accepts, whether a refusal
+    # stops the resume): a file naming anything else fails there, whatever ckpttool itself can read. Empty where the
+    # loader is unknown or unpickles freely (DeepSpeed's engine, Lightning's torch.load of a trusted .ckpt).
+    weights_only_loads: tuple[tuple[str, frozenset, bool], ...] = ()
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
     total_limit_rule: str | None = None  # how its total limit deletes, in words
 
@@ -154,6 +184,28 @@ class Profile:
         every part checked when read, its absence when resuming. None: the roles the reader found decide."""
         return None
 
+    def loader_problems(self, ckpt: Checkpoint) -> list[Problem]:
+        """Parts whose file names globals the trainer's own weights_only load refuses (an optimizer `lr` saved as a
+        numpy.float64): an error where the refusal stops the resume, with the line that lets it load."""
+        from ckpttool.formats.pickles import runs_code
+
+        problems = []
+        for comp in ckpt.components:
+            name = os.path.basename(comp.files[0]) if comp.files else ""
+            allowed, fatal = next(((a, f) for pattern, a, f in self.weights_only_loads if re.fullmatch(pattern, name)),
+                                  (None, False))
+            refused = [g for g in comp.pickle_globals if allowed is not None and g not in allowed and not runs_code(g)]
+            if refused:
+                line = f"torch.serialization.add_safe_globals([{', '.join(refused)}])"
+                problems.append(Problem(
+                    "needs_safe_globals", ERROR if fatal else WARNING,
+                    f"{os.path.basename(comp.files[0])} names {', '.join(refused)}, which {self.name}'s resume loads "
+                    f"with torch.load(weights_only=True) and refuses (UnpicklingError)" +
+                    (": the resume fails" if fatal else ": it goes on without this part") +
+                    f"; if you trust the file, run `{line}` (the objects imported) before resuming", comp.files[0],
+                    component=comp.name))
+        return problems
+
     def resume_problems(self, ckpt: Checkpoint) -> list[Problem]:
         """What a resume from this checkpoint would fail on or silently lose."""
         roles = {c.role for c in ckpt.components}
@@ -164,6 +216,7 @@ class Profile:
                                     "(trainers rename it into place when done)", ckpt.path))
         if roles <= {"model", "ema", "extra", "target", "teacher", "config", "callbacks"}:
             return problems + [weights_only_problem(ckpt)]
+        problems += self.loader_problems(ckpt) + moment_problems(ckpt)
         if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
             from ckpttool.trainers import contract
 

@@ -162,7 +162,7 @@ def _json_problems(part: Part, full: str) -> list[Problem]:
     try:
         with open(full, encoding="utf-8") as f:
             json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         return [Problem("corrupt", part.damaged, f"{os.path.basename(full)} is not valid JSON (cut short or damaged: "
                         f"{e}): {part.why}", full)]
     return []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 
+from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import GLOBAL_STEP, WARNING
 from ckpttool.trainers.accelerate import FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, is_fsdp
 from ckpttool.trainers.base import Profile, role
@@ -106,6 +107,12 @@ class Transformers(Profile):
     source = "transformers 5.x trainer.py _save_checkpoint / _inner_training_loop, trainer_utils.py get_last_checkpoint"
     file_roles = FILES
     state_files = {TRAINER_STATE: {"global_step": GLOBAL_STEP}}
+    # _load_optimizer_and_scheduler, _load_scaler and _load_from_checkpoint: torch.load(weights_only=True);
+    # _load_rng_state: the same inside trainer_pt_utils.safe_globals() (numpy's RNG pieces), uncaught
+    weights_only_loads = (
+        (r"optimizer\.pt|scheduler\.pt|scaler\.pt|pytorch_model\.bin", frozenset(TORCH_WEIGHTS_ONLY), True),
+        (r"rng_state(?:_\d+)?\.pth", frozenset(TORCH_WEIGHTS_ONLY | NUMPY_RNG_GLOBALS), True),
+    )
     counter_meanings = ENGINE_COUNTERS  # the DeepSpeed engine's step counts optimizer steps as global_step does
     name_pattern = re.compile(r"checkpoint-(\d+)")
     latest_rule = "resume_from_checkpoint=True: get_last_checkpoint, the highest N among checkpoint-N dirs, unverified"
