@@ -1,3 +1,3 @@
 """ckpttool: inspect, verify, diff, convert and repair deep-learning training checkpoints."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,5 +1,5 @@
 """`python -m fuzz` (`make fuzz`): mutated real checkpoint files through `inspect`, `verify` and the salvage readers
-`repair` uses, in-process, at volume.
+`repair` uses, in-process, at volume; and hostile shapes built from them (SHAPES), each bounded in time and memory.
 
 Seeds are files the real libraries wrote (the fixture corpus): safetensors, torch zip and legacy files, a CUDA-saved
 file, Accelerate numpy RNG pickles, an optimizer state, a sharded index JSON. Each input is one seed with seeded
@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -25,6 +26,12 @@ import traceback
 
 SEEDS = ("safetensors", "torch_training", "torch_legacy", "torch_cuda", "torch_numpy_rng", "accelerate_rng",
          "accelerate_optimizer", "sharded_index", "torch_malicious")
+# Inputs built, not mutated: the shapes a few hundred hostile bytes take (issue 29). Each must end, within
+# INPUT_SECONDS and the workers' address-space limit, in a result or the toolkit's own error, and none may open
+# the decoy file outside the scratch dir.
+SHAPES = ("shared_refs", "deflated_member", "duplicate_member", "outside_path")
+INPUT_SECONDS = 20
+WORKER_MEMORY = 3 << 30
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07")
 # (offset, width) of each field of a zip record after its signature: local header, central entry, end record
 ZIP_FIELDS = {
@@ -120,20 +127,108 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
+def shared_refs(rng: random.Random) -> bytes:
+    """A pickle of lists and dicts each holding the level below several times: 2^depth paths in a few hundred
+    bytes, in a torch zip or bare."""
+    import pickle
+
+    node = rng.choice(([], {}, "leaf", 0))
+    for level in range(rng.randint(20, 64)):
+        width = rng.randint(2, 4)
+        node = [node] * width if rng.random() < 0.5 else {f"k{i}": node for i in range(width)}
+        if rng.random() < 0.05:
+            node = {"state": node, "param_groups": [node]} if rng.random() < 0.5 else {"model": node, "step": level}
+    data = pickle.dumps(node, protocol=2)
+    return torch_zip({"archive/data.pkl": data, "archive/version": b"3\n"}) if rng.random() < 0.7 else data
+
+
+def torch_zip(members: dict, deflated=(), duplicate=None) -> bytes:
+    """A zip in torch.save's layout: `members` in order, those named in `deflated` compressed, `duplicate` (name,
+    bytes) written a second time under the same name."""
+    import io
+    import warnings
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is told to write
+        for name, data in members.items():
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if name in deflated else zipfile.ZIP_STORED)
+            if duplicate and duplicate[0] == name:
+                z.writestr(name, duplicate[1])
+    return out.getvalue()
+
+
+def zip_members(data: bytes) -> dict:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return {info.filename: z.read(info) for info in z.infolist()}
+
+
+def deflated_member(seed: bytes, rng: random.Random) -> bytes:
+    """A real torch zip whose data.pkl is deflated, sometimes after growing it into a bomb (zeros after STOP, or a
+    pickle of one huge bytes object)."""
+    members = zip_members(seed)
+    pkl = next(name for name in members if name.endswith("data.pkl"))
+    if rng.random() < 0.5:
+        size = rng.choice((1 << 20, 16 << 20, 48 << 20))
+        members[pkl] = (b"\x80\x03B" + struct.pack("<I", size) + bytes(size) + b".") if rng.random() < 0.5 \
+            else members[pkl] + bytes(size)
+    return torch_zip(members, deflated=(pkl,))
+
+
+def duplicate_member(seed: bytes, rng: random.Random) -> bytes:
+    """A real torch zip with one member written twice: a storage with other bytes, or another pickle."""
+    members = zip_members(seed)
+    name = rng.choice(list(members))
+    other = bytes(rng.randrange(256) for _ in range(len(members[name]))) if rng.random() < 0.5 else \
+        members[name][::-1]
+    return torch_zip(members, duplicate=(name, other))
+
+
+OUTSIDE = ("../decoy.safetensors", "{decoy}", "sub/../../decoy.safetensors", "./../decoy.safetensors", "..",
+           "linked.safetensors", ".", "")
+
+
+def outside_path(index: bytes, rng: random.Random, decoy: str) -> bytes:
+    """A sharded index whose weight_map sends some tensors out of its folder: `..`, the decoy's absolute path, a
+    link to it."""
+    import json
+
+    doc = json.loads(index)
+    for key in rng.sample(sorted(doc["weight_map"]), rng.randint(1, min(3, len(doc["weight_map"])))):
+        doc["weight_map"][key] = rng.choice(OUTSIDE).format(decoy=decoy)
+    return json.dumps(doc).encode()
+
+
 class Worker:
-    """One process: a scratch dir, the unraisable hook, and the commands called in-process."""
+    """One process: a scratch dir, the unraisable hook, an audit hook that watches for the decoy being opened, and
+    the commands called in-process."""
 
     def __init__(self, seeds: dict[str, str], scratch: str):
+        import resource
+
         from ckpttool.errors import CkptError, UsageError
         from ckpttool.operations import inspect, verify
 
         self.seeds = {name: open(path, "rb").read() for name, path in seeds.items()}
         self.scratch = scratch
+        self.decoy = os.path.join(os.path.dirname(scratch), os.path.basename(scratch) + "-decoy.safetensors")
+        shutil.copyfile(seeds["safetensors"], self.decoy)
+        self.opened_decoy: list[str] = []
+        decoy = os.path.realpath(self.decoy)
+        sys.addaudithook(lambda event, args: self.opened_decoy.append(event) if event == "open" and args
+                         and isinstance(args[0], str) and os.path.realpath(args[0]) == decoy else None)
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+        signal.signal(signal.SIGALRM, _hung)
         self.expected = (CkptError, UsageError)
         self.inspect, self.verify = inspect.inspect, verify.verify
         self.commands = (self.inspect, self.verify, salvage)
         self.index_dir = os.path.join(scratch, "sharded")
         shutil.copytree(os.path.dirname(seeds["sharded_index"]), self.index_dir)
+        os.symlink(self.decoy, os.path.join(self.index_dir, "linked.safetensors"))
         self.unraisable: list[str] = []
         sys.unraisablehook = lambda u: self.unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
         # errors C code prints straight to stderr (PyErr_Print) are caught by pointing fd 2 at a file
@@ -141,28 +236,51 @@ class Worker:
         os.dup2(self.stderr.fileno(), 2)
 
     def target(self, seed: str) -> str:
-        if seed == "sharded_index":
+        if seed in ("sharded_index", "outside_path"):
             return os.path.join(self.index_dir, "model.safetensors.index.json")
         return os.path.join(self.scratch, "input.safetensors" if seed == "safetensors" else "input.pt")
 
+    def build(self, seed: str, rng: random.Random) -> bytes:
+        if seed == "shared_refs":
+            return shared_refs(rng)
+        if seed == "deflated_member":
+            return deflated_member(self.seeds[rng.choice(("torch_training", "torch_cuda", "torch_malicious"))], rng)
+        if seed == "duplicate_member":
+            return duplicate_member(self.seeds[rng.choice(("torch_training", "torch_cuda"))], rng)
+        if seed == "outside_path":
+            return outside_path(self.seeds["sharded_index"], rng, self.decoy)
+        return mutate(self.seeds[seed], rng)
+
     def run(self, base: int, index: int) -> tuple[str, str, str] | None:
-        """None when every command ends in a result or the toolkit's own error; else (seed, kind, detail)."""
+        """None when every command ends in a result or the toolkit's own error, in time, without opening the decoy;
+        else (seed, kind, detail)."""
         rng = random.Random(base * 1_000_003 + index)
-        seed = SEEDS[index % len(SEEDS)]
+        every = SEEDS + SHAPES
+        seed = every[index % len(every)]
         path = self.target(seed)
         with open(path, "wb") as f:
-            f.write(mutate(self.seeds[seed], rng))
-        entry = path if seed != "sharded_index" else self.index_dir
+            f.write(self.build(seed, rng))
+        entry = path if seed not in ("sharded_index", "outside_path") else self.index_dir
         self.unraisable.clear()
+        self.opened_decoy.clear()
         for command in self.commands:
+            started = time.perf_counter()
+            signal.alarm(3 * INPUT_SECONDS)  # a hang ends as an escape, not as a fuzz run that never finishes
             try:
                 command(entry)
             except self.expected:
                 pass
-            except Exception as e:  # noqa: BLE001 - the escape being looked for
+            except Exception as e:  # noqa: BLE001 - the escape being looked for (MemoryError past the limit too)
                 frame = traceback.extract_tb(e.__traceback__)[-1]
                 where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
                 return seed, f"{type(e).__name__} at {where}", str(e)[:100]
+            finally:
+                signal.alarm(0)
+            spent = time.perf_counter() - started
+            if spent > INPUT_SECONDS:
+                return seed, f"slow {command.__name__}", f"{spent:.0f} s for one input"
+            if self.opened_decoy:
+                return seed, f"{command.__name__} opened a file outside the checkpoint", self.decoy
         printed = self._printed()
         if self.unraisable or printed:
             message = (self.unraisable or printed)[0]
@@ -178,6 +296,14 @@ class Worker:
         self.stderr.seek(0)
         self.stderr.truncate()
         return lines
+
+
+class Hung(Exception):
+    """One command on one input ran past 3 x INPUT_SECONDS."""
+
+
+def _hung(signum, frame):
+    raise Hung(f"still running after {3 * INPUT_SECONDS} s")
 
 
 def salvage(path: str):
@@ -196,6 +322,8 @@ def _work(args) -> tuple[int, list]:
         return len(indices), [(i, *found) for i in indices if (found := worker.run(base, i))]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.exists(scratch + "-decoy.safetensors"):
+            os.remove(scratch + "-decoy.safetensors")
 
 
 def main(argv=None) -> int:

@@ -104,11 +104,36 @@ def test_repair_never_links_or_reads_a_file_outside_src(tmp_path):
         result, out = cli("repair", *link, "--json", built["src"], dst)
         assert result.exit_code == 0 and out["written"]
         assert not os.path.lexists(os.path.join(dst, "notes.txt"))
-        assert [os.path.basename(i["path"]) for i in out["not_copied"]] == ["notes.txt"]
-        assert "link out of the checkpoint" in out["not_copied"][0]["why"]
+        fix = next(f for f in out["fixes"] if os.path.basename(f["path"]) == "notes.txt")
+        assert fix["code"] == "unsafe_path" and fix["action"] == "leave out"
+        assert "a link out of the checkpoint" in fix["detail"]
     with open(built["secret"]) as f:
         assert f.read() == "TOP SECRET\n"
     assert os.stat(built["secret"]).st_nlink == 1
+
+
+def test_repair_leaves_special_files_and_folder_links_out(tmp_path):
+    built = hostile.build_symlink_outside_repair(str(tmp_path))
+    os.mkfifo(os.path.join(built["src"], "pipe.bin"))
+    os.symlink(str(tmp_path / "outside"), os.path.join(built["src"], "elsewhere"))
+    result, out = cli("repair", "--link", "--json", built["src"], built["dst"])
+    assert result.exit_code == 0 and out["written"] and out["after"]["ok"]
+    left_out = sorted(os.path.basename(f["path"]) for f in out["fixes"] if f["code"] == "unsafe_path")
+    assert left_out == ["elsewhere", "notes.txt", "pipe.bin"]
+    assert all(f["action"] == "leave out" for f in out["fixes"] if f["code"] == "unsafe_path")
+    assert not {"elsewhere", "notes.txt", "pipe.bin"} & set(os.listdir(built["dst"]))
+    assert "model.safetensors" in os.listdir(built["dst"])
+
+
+def test_repair_of_a_run_copies_no_link_out_of_it(tmp_path):
+    secret = hostile._outside_secret(str(tmp_path))
+    run = hostile._run(str(tmp_path), (10, 20))
+    os.truncate(os.path.join(run, "checkpoint-20", "model.safetensors"), 100)  # the half-written newest: left out
+    os.symlink(secret, os.path.join(run, "notes.txt"))
+    result, out = cli("repair", "--link", "--json", run, tmp_path / "fixed")
+    assert result.exit_code == 0 and out["written"]
+    assert [os.path.basename(i["path"]) for i in out["not_copied"]] == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path / "fixed")) == ["checkpoint-10"]
 
 
 def test_a_link_out_of_a_checkpoint_is_reported_and_not_read(tmp_path):

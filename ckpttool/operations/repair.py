@@ -149,6 +149,10 @@ def _plan_problems(p: Plan, report: dict):
             continue
         if code in SALVAGE_CODES and _salvageable(path) and _inside(path, p.src):
             _plan_salvage(p, code, path, manifest)
+        elif code == "unsafe_path" and _inside(path, p.src) and os.path.abspath(path) != os.path.abspath(p.src):
+            p.left_out.add(os.path.abspath(path))
+            p.add(Fix(code, path, "leave out", f"{problem['message'].split(':')[0]}: never read; DST is written "
+                      "without it"))
         elif problem["severity"] == "error" or code in NO_REPAIR:
             p.fixes.append(Fix(code, path, "none", f"{problem['message']}: no repair possible: "
                                f"{NO_REPAIR.get(code, 'ckpttool has no repair for this')}"))
