@@ -74,25 +74,29 @@ def _look_at_the_rest(ckpt: Checkpoint):
     from ckpttool import paths
     from ckpttool.formats.torchfile import code_in_files
 
-    read, unread, seen = {os.path.abspath(f) for f in ckpt.files}, [], 0
-    for folder, dirs, files in os.walk(ckpt.path):
-        dirs.sort()
-        for name in sorted(dirs) + sorted(files):
-            seen += 1
-            if seen > WALK_LIMIT:
-                ckpt.add_problem("unsafe_path", "warning", f"more than {WALK_LIMIT} entries: only the first were "
-                                 "checked for links out of the checkpoint and pickles that run code", ckpt.path)
-                return ckpt.problems.extend(code_in_files(unread, ckpt.path))
-            full = os.path.join(folder, name)
-            kind = paths.special(full) or ("a link out of the checkpoint, to " + os.path.realpath(full)
-                                           if paths.leaves(full, ckpt.path) else None)
-            if kind:
-                ckpt.add_problem("unsafe_path", "error", f"{os.path.relpath(full, ckpt.path)} is {kind}: never "
-                                 "followed or opened; a resume that reads it reads something that is not this "
-                                 "checkpoint's (copy the file in, or remove it)", full)
-            elif name in files and os.path.abspath(full) not in read and os.path.isfile(full):
-                unread.append(full)
+    read, unread = {os.path.abspath(f) for f in ckpt.files}, []
+    for seen, (full, is_file) in enumerate(_entries(ckpt.path)):
+        if seen == WALK_LIMIT:
+            ckpt.add_problem("unsafe_path", "warning", f"more than {WALK_LIMIT} entries: only the first were checked "
+                             "for links out of the checkpoint and pickles that run code", ckpt.path)
+            break
+        kind = paths.special(full) or ("a link out of the checkpoint, to " + os.path.realpath(full)
+                                       if paths.leaves(full, ckpt.path) else None)
+        if kind:
+            ckpt.add_problem("unsafe_path", "error", f"{os.path.relpath(full, ckpt.path)} is {kind}: never followed "
+                             "or opened; a resume that reads it reads something that is not this checkpoint's (copy "
+                             "the file in, or remove it)", full)
+        elif is_file and os.path.abspath(full) not in read and os.path.isfile(full):
+            unread.append(full)
     ckpt.problems.extend(code_in_files(unread, ckpt.path))
+
+
+def _entries(folder: str):
+    """(path, whether os.walk lists it as a file) of everything under `folder`, sorted, links not followed."""
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        yield from ((os.path.join(parent, d), False) for d in dirs)
+        yield from ((os.path.join(parent, f), True) for f in sorted(files))
 
 
 def guess_format(path: str) -> str:

@@ -128,8 +128,8 @@ def _check_shape(doc: dict, folder: str, target: str):
     for rel, entry in doc["files"].items():
         try:
             paths.inside(folder, rel, "file")
-        except CkptError as e:
-            bad(f"lists {e.reason}")
+        except CkptError as e:  # forged, not rotted: an error whether or not a manifest is required
+            raise CkptError("unsafe_path", f"manifest lists {e.reason}; verify cannot trust it", target) from None
         if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0 or \
                 not isinstance(entry.get("pieces"), list) or not all(isinstance(p, str) for p in entry["pieces"]):
             bad(f"entry for {rel!r} is not {{size, pieces}}")

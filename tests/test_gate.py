@@ -123,8 +123,20 @@ def test_accelerate_hook_checks_custom_objects_before_loading(corpus):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_gate_warns_on_a_different_scheduler_class(corpus):
+def test_gate_refuses_a_different_scheduler_class(corpus):
     model, opt, _ = live()
-    other = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
-    report = check_resume(corpus["accelerate"], model=model, optimizer=opt, scheduler=other)
+    other = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # the saved state has no step_size, gamma
+    with pytest.raises(ResumeGateError) as e:
+        check_resume(corpus["accelerate"], model=model, optimizer=opt, scheduler=other)
+    assert [p["code"] for p in e.value.problems] == ["scheduler_mismatch"]
+    assert "step_size" in e.value.problems[0]["message"]
+
+
+def test_gate_only_warns_on_private_scheduler_keys_of_another_torch_version(corpus, tmp_path):
+    model, opt, sched = live()
+    d = copy(corpus["accelerate"], tmp_path)
+    saved = torch.load(os.path.join(d, "scheduler.bin"), weights_only=True)
+    saved["_an_older_torch_key"] = 1
+    torch.save(saved, os.path.join(d, "scheduler.bin"))
+    report = check_resume(d, model=model, optimizer=opt, scheduler=sched)
     assert report.ok and [p["code"] for p in report.problems] == ["scheduler_mismatch"]

@@ -141,8 +141,9 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
         names = [m.filename for m in members]
         if len(set(names)) != len(names):  # torch.save never writes one name twice
             twice = next(n for n in names if names.count(n) > 1)
-            raise CkptError("corrupt", f"zip archive holds two members named {twice}: torch.load reads the first, "
-                            "other zip readers the last, so no reader can say which values the file holds", path)
+            raise CkptError("corrupt", f"zip archive holds two members named {twice}: readers disagree on which "
+                            "one the file means (torch.load takes the last, a reader walking the local headers the "
+                            "first), so no check can vouch for the values a load gets", path)
         # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
         first = members[0].filename if members else ""
         pkl = first[: first.find("/") + 1] + "data.pkl"

@@ -72,7 +72,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     try:
         doc, digest = checksums.load(target)
     except CkptError as e:  # the checksums cannot be checked: a warning, or an error where they are required
-        v.problem(e.code, ERROR if require else WARNING, f"{e.reason}: the checksums cannot be checked; verify the "
+        v.problem(e.code, ERROR if require or e.code == "unsafe_path" else WARNING, f"{e.reason}: the checksums cannot be checked; verify the "
                   f"checkpoint, then rewrite it with `ckpttool manifest --force {ckpt.path}`", target)
         v.check("checksums", FAIL if require else WARN, f"{e.code}: {e.reason}")
         return False
