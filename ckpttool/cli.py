@@ -212,7 +212,7 @@ def latest(directory, as_json, for_resume):
         if result["path"]:
             click.echo(result["path"])
         else:
-            click.echo(f"ckpttool: no valid checkpoint under {directory}", err=True)
+            click.echo(f"ckpttool: no valid checkpoint under {_safe(directory)}", err=True)
     sys.exit(0 if result["path"] else 1)
 
 
@@ -323,7 +323,8 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
 
         for change in result["changes"]:
             click.echo(f"  {change}")
-        click.echo(f"wrote {dst} ({result['format']}, {result['tensors']} tensors, {human_bytes(result['bytes'])})")
+        click.echo(f"wrote {_safe(dst)} ({result['format']}, {result['tensors']} tensors, "
+                   f"{human_bytes(result['bytes'])})")
 
 
 @main.command()
@@ -352,7 +353,8 @@ def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_jso
         from ckpttool.render import human_bytes
 
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
-        click.echo(f"wrote {dst} ({result['target']}: {', '.join(result['components'])}; {result['tensors']} tensors, "
+        click.echo(f"wrote {_safe(dst)} ({result['target']}: {', '.join(result['components'])}; "
+                   f"{result['tensors']} tensors, "
                    f"{human_bytes(result['bytes'])}{check})")
 
 
@@ -426,7 +428,7 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
                    f"{', '.join(result['taken_from_newest'][:5])}"
                    + (f" and {len(result['taken_from_newest']) - 5} more" if len(result["taken_from_newest"]) > 5
                       else ""))
-    click.echo(f"wrote {dst} ({result['mode']} average of {len(result['sources'])} checkpoints, "
+    click.echo(f"wrote {_safe(dst)} ({result['mode']} average of {len(result['sources'])} checkpoints, "
                f"{result['averaged']} tensors averaged)")
 
 
@@ -457,4 +459,4 @@ def report(run_dir, html_path, for_resume, module_depth, as_json):
 
     click.echo(render.run_report(_safe(result)))
     if html_path:
-        click.echo(f"wrote {html_path}")
+        click.echo(f"wrote {_safe(html_path)}")

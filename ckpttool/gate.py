@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.keys import compare
 from ckpttool.operations.verify import verify_checkpoint
+from ckpttool.trainers.base import MOMENT
 
 DAMAGE = ("truncated", "corrupt", "missing_file", "checksum_mismatch", "no_manifest")
 RNG_FILE = re.compile(r"(?:random_states|rng_state)_(\d+)\.(?:pkl|pth)")
@@ -144,12 +145,12 @@ def _optimizer_problems(ckpt, optimizer) -> list[dict]:
     problems = []
     shapes = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for t in comp.tensors:
-        parts = t.name.split(".")
-        if len(parts) == 3 and parts[0] == "state" and parts[1].isdigit() and int(parts[1]) < len(params):
-            param = params[int(parts[1])]
+    for t in comp.tensors:  # only the moments kept in the parameter's own shape: Adafactor's row and column
+        m = MOMENT.fullmatch(t.name)  # factors and 8-bit states' absmax are smaller by design
+        if m and m.group(1) is None and int(m.group(2)) < len(params):
+            param = params[int(m.group(2))]
             if t.shape and tuple(t.shape) != tuple(param.shape):
-                shapes[int(parts[1])] = (t.name, list(t.shape), list(param.shape))
+                shapes[int(m.group(2))] = (t.name, list(t.shape), list(param.shape))
     for index, (name, saved_shape, live_shape) in sorted(shapes.items()):
         problems.append({"code": "shape_mismatch", "severity": "error", "key": name,
                          "message": f"optimizer {name}: saved {saved_shape}, parameter {index} is {live_shape}"})

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-from tabulate import tabulate
+from tabulate import tabulate as _tabulate
 
 SHOWN_OBJECTS = 40  # non-tensor items listed in the text report
+
+
+def tabulate(rows, *args, maxcolwidths=None, **kwargs) -> str:
+    """tabulate's table; maxcolwidths only for rows there are (tabulate 0.9 reads the first row to apply them, and
+    an empty folder given to prune or report has none)."""
+    return _tabulate(rows, *args, maxcolwidths=maxcolwidths if rows else None, **kwargs)
 
 
 def human_bytes(n: int) -> str:
@@ -189,6 +195,8 @@ def prune_report(r: dict) -> str:
     rows += [("would delete" if r["dry_run"] else "deleted", d["step"], d["path"], d["reason"]) for d in r["delete"]]
     rows += [("would delete" if r["dry_run"] else "deleted", None, path, "staging left by a killed ckpttool run")
              for path in r["stale_staging"]]
+    if not rows:
+        return "no checkpoint found: nothing kept, nothing deleted"
     return tabulate(rows, headers=("action", "step", "path", "reason"), maxcolwidths=[None, None, 70, 50])
 
 

@@ -422,3 +422,65 @@ def build_gate_live_mismatch(tmp, variant):
     if state is not None and variant != "healthy":
         torch.save(state, opt_file)
     return {"dir": d}
+
+
+# second attack pass -----------------------------------------------------------------------------------------------
+def _opcode_string(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def payload_after_a_refused_call() -> bytes:
+    """A pickle that first calls _codecs.encode('abc', 'utf-8') (pickle.load does it; ckpttool's stand-in refuses
+    any codec but latin1), drops the result, then calls posix.system."""
+    return (b"\x80\x02c_codecs\nencode\n" + _opcode_string("abc") + _opcode_string("utf-8") + b"\x86R0" +
+            b"cposix\nsystem\n" + _opcode_string(f"touch {MARKER}") + b"\x85R.")
+
+
+def global_call(module: str, name: str) -> bytes:
+    """A pickle that calls module.name('x') through GLOBAL + REDUCE (never unpickled here)."""
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + _opcode_string("x") + b"\x85R."
+
+
+def computed_global_call() -> bytes:
+    """A protocol-4 STACK_GLOBAL whose module name is not a string pushed by an opcode but the result of a call."""
+    return (b"\x80\x04\x8c\x08builtins\x8c\x03str\x93" + _opcode_string("posix") + b"\x85R" +
+            _opcode_string("system") + b"\x93" + _opcode_string("x") + b"\x85R.")
+
+
+def build_dcp_bad_range(tmp, offset=-100):
+    """A DCP dir of {"w", "note"} whose .metadata gives the note object's item a negative byte offset."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    d = os.path.join(tmp, "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(8, dtype=torch.float32), "note": "hello"}, checkpoint_id=d, no_dist=True)
+    meta = dcp.FileSystemReader(d).read_metadata()  # our own freshly written metadata
+    for index, info in list(meta.storage_data.items()):
+        if index.fqn == "note":
+            meta.storage_data[index] = type(info)(relative_path=info.relative_path, offset=offset,
+                                                  length=info.length)
+    with open(os.path.join(d, ".metadata"), "wb") as f:
+        pickle.dump(meta, f)
+    return {"dir": d}
+
+
+def build_extra_member_bombs(tmp, members=4, size=16 << 20):
+    """A real torch.save file with `members` extra deflated members, each a pickle of `size` one-byte opcodes
+    (EMPTY_LIST, POP): a few KB on disk, millions of opcodes to walk."""
+    import io as _io
+
+    src = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, src)
+    x = os.path.join(tmp, "extra.pt")
+    body = b"\x80\x02" + b"]0" * (size // 2) + b"N."
+    with zipfile.ZipFile(_io.BytesIO(src.getvalue())) as zin, zipfile.ZipFile(x, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info), zipfile.ZIP_STORED)
+        folder = zin.infolist()[0].filename.split("/")[0]
+        for i in range(members):
+            zout.writestr(f"{folder}/extra{i}.pkl", body, zipfile.ZIP_DEFLATED)
+    return {"file": x}

@@ -403,3 +403,128 @@ def test_a_state_dir_is_otherwise_unchanged_by_every_check(tmp_path):
     for args in (["verify", "--for-resume"], ["inspect"], ["latest", "--for-resume"]):
         cli(*args, d if args[0] != "latest" else tmp_path)
     assert {f: digest(os.path.join(d, f)) for f in os.listdir(d)} == before
+
+
+# --- the second attack pass ---
+
+def _state_dir_with(tmp_path, name, data):
+    d = state_dir(str(tmp_path / "checkpoint-5"), 5)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+    return d
+
+
+def test_a_refused_call_does_not_hide_a_later_payload(tmp_path):
+    d = _state_dir_with(tmp_path, "extra.pkl", hostile.payload_after_a_refused_call())
+    result, report = cli("verify", "--for-resume", "--json", d)
+    assert result.exit_code == 1 and codes(report, "error") == ["unsafe_pickle"]
+    assert "posix.system" in report["problems"][0]["message"]
+
+
+@pytest.mark.parametrize("module,name", [("pydoc", "locate"), ("torch.fx.graph_module", "reduce_graph_module"),
+                                         ("_posixsubprocess", "fork_exec"), ("builtins", "getattr"),
+                                         ("torch.storage", "_load_from_bytes"), ("importlib", "import_module")])
+def test_code_running_globals_in_an_unread_file_are_errors(tmp_path, module, name):
+    d = _state_dir_with(tmp_path, "extra.bin", hostile.global_call(module, name))
+    _, report = cli("verify", "--for-resume", "--json", d)
+    assert codes(report, "error") == ["unsafe_pickle"] and f"{module}.{name}" in report["problems"][0]["message"]
+
+
+def test_a_global_named_by_computed_strings_is_an_error(tmp_path):
+    d = _state_dir_with(tmp_path, "extra.pkl", hostile.computed_global_call())
+    _, report = cli("verify", "--json", d)
+    assert codes(report, "error") == ["unsafe_pickle"] and "computed strings" in report["problems"][0]["message"]
+
+
+def test_an_unknown_global_in_an_unread_file_is_a_warning(tmp_path):
+    d = _state_dir_with(tmp_path, "extra.pkl", hostile.global_call("mytools.config", "Settings"))
+    result, report = cli("verify", "--for-resume", "--json", d)
+    assert result.exit_code == 0 and codes(report, "warning") == ["unsafe_pickle"]
+    assert "does not know to be inert" in report["problems"][0]["message"]
+    assert "names only allow-listed" not in json.dumps(report["checks"])  # the pass line makes no such claim then
+
+
+def test_extra_member_bombs_cost_one_budget(tmp_path):
+    x = hostile.build_extra_member_bombs(str(tmp_path))["file"]
+    assert os.path.getsize(x) < 1 << 20
+    code, seconds = _limited(["verify", x], memory=1 << 30)
+    assert code == 1
+    _, report = cli("verify", "--json", x)
+    assert codes(report) == ["unsafe_pickle"] and "too long to scan" in report["problems"][0]["message"]
+
+
+def test_the_gate_passes_healthy_adafactor_state(tmp_path):
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ckpttool.gate import check_resume
+
+    def live():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.manual_seed(0)
+        model = hostile.Four()
+        opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)  # row and column factors: smaller than the weight
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        acc = Accelerator(cpu=True)
+        return (acc, *acc.prepare(model, opt, sched))
+
+    acc, model, opt, sched = live()
+    hostile._step(model, opt, sched)
+    d = str(tmp_path / "checkpoint-1")
+    acc.save_state(d)
+    acc, model, opt, sched = live()
+    assert check_resume(d, model=model, optimizer=opt, scheduler=sched).ok
+    acc.load_state(d)
+
+
+def test_lightning_refuses_what_its_weights_only_load_refuses(tmp_path):
+    import numpy as np
+
+    sample = os.path.join(os.path.dirname(__file__), "data", "fp16", "lightning", "epoch=0-step=10.ckpt")
+    assert cli("verify", "--for-resume", sample)[0].exit_code == 0
+    ckpt = torch.load(sample, weights_only=True, map_location="cpu")  # the committed sample (saved on a GPU)
+    ckpt.setdefault("hyper_parameters", {})["lr"] = np.float64(0.01)
+    bad = str(tmp_path / "epoch=0-step=10.ckpt")
+    torch.save(ckpt, bad)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(bad, map_location="cpu")  # as Lightning's cloud_io._load: weights_only=None, True in torch >= 2.6
+    result, report = cli("verify", "--for-resume", "--json", bad)
+    assert result.exit_code == 1 and "needs_safe_globals" in codes(report, "error")
+    problem = next(p for p in report["problems"] if p["code"] == "needs_safe_globals")
+    assert "add_safe_globals" in problem["message"] and "numpy" in problem["message"]
+
+
+def test_prune_and_report_of_a_folder_without_checkpoints(tmp_path):
+    for args in (["prune", "--keep", "1"], ["prune", "--dry-run", "--keep", "1"], ["report"]):
+        result, _ = cli(*args, tmp_path)
+        assert result.exit_code == 0 and "internal error" not in result.output
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "tuple"])
+def test_a_pickle_nested_too_deep_is_corrupt(tmp_path, kind):
+    obj = {"w": torch.ones(2)}
+    for _ in range(400):  # deeper than ckpttool walks (200), within what torch.save's recursion can write
+        obj = [obj] if kind == "list" else {"x": obj} if kind == "dict" else (obj,)
+    x = str(tmp_path / "deep.pt")
+    torch.save(obj, x)
+    for args in (["verify"], ["inspect", "--stats"], ["convert", x.replace(".pt", ".safetensors")]):
+        code, _ = _limited([args[0], *args[1:-1], x, args[-1]] if args[0] == "convert" else [*args, x])
+        assert code == 1
+    _, report = cli("verify", "--json", x)
+    assert codes(report) == ["corrupt"] and "nests deeper" in report["problems"][0]["message"]
+
+
+def test_a_dcp_item_with_a_negative_offset_is_corrupt(tmp_path):
+    d = hostile.build_dcp_bad_range(str(tmp_path))["dir"]
+    result, report = cli("verify", "--json", d)
+    assert result.exit_code == 1 and "corrupt" in codes(report, "error")
+    assert any("byte range -100" in p["message"] for p in report["problems"])
+
+
+def test_paths_the_user_gave_are_escaped_too(tmp_path):
+    run = tmp_path / "run\x1b]0;TITLE\x07"
+    run.mkdir()
+    done = subprocess.run([sys.executable, "-m", "ckpttool", "latest", str(run)], capture_output=True)
+    assert done.returncode == 1 and b"\x1b" not in done.stderr and b"\\x1b]0;TITLE\\x07" in done.stderr

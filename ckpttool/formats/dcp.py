@@ -205,6 +205,10 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
         return None
     full = os.path.join(path, str(item.get("relative_path")))
     offset, length = item.get("offset", 0), item.get("length", 0)
+    if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+        ckpt.add_problem("corrupt", "error", f".metadata gives item {fqn!r} the byte range {offset!r}+{length!r}",
+                         os.path.join(path, METADATA))
+        return None
     if not os.path.isfile(full) or not _end(item) or _end(item) > os.path.getsize(full):
         return None  # a missing or cut-short data file, or a malformed range, is reported once, by read()
     try:

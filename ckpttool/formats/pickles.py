@@ -55,7 +55,8 @@ TORCH_WEIGHTS_ONLY = {
     "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor",
     "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_device_tensor_from_numpy",
-    "torch._utils._rebuild_meta_tensor_no_storage", "torch._tensor._rebuild_from_type_v2", "torch.storage.UntypedStorage",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._tensor._rebuild_from_type_v2",
+    "torch.storage.UntypedStorage",
     "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine", "torch.per_channel_symmetric",
     "torch.per_channel_affine_float_qparams",
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
@@ -79,13 +80,19 @@ DCP_GLOBALS = {
 # Globals that run code, reach the system or load more code when a pickle calls them: torch.load(weights_only=False),
 # pickle.load and every scanner treat them as payloads. A pickle naming one is `unsafe_pickle` (an error) in any file of
 # a checkpoint, read on resume or not; other globals outside the allow-list are judged where the file is read.
+COMPUTED_GLOBAL = "?.(a global named by computed strings)"  # STACK_GLOBAL whose operands no opcode spelled out
 CODE_RUNNING_MODULES = {
     "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil", "socket",
     "ctypes", "multiprocessing", "pty", "code", "codeop", "webbrowser", "pdb", "bdb", "timeit", "cProfile", "profile",
-    "trace", "doctest", "pip", "setuptools", "distutils", "urllib", "http", "requests", "ftplib", "smtplib", "telnetlib",
+    "trace", "doctest", "pip", "setuptools", "distutils", "urllib", "http", "requests", "ftplib", "smtplib",
+    "telnetlib",
     "asyncio", "signal", "platform", "tempfile", "glob", "io", "_io", "zipimport", "pkgutil", "dill", "cloudpickle",
     "joblib", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch.classes", "torch.package",
     "torch.serialization", "torch._dynamo", "torch._inductor", "numpy.testing", "numpy.lib.npyio", "jinja2",
+    "pydoc", "torch.fx", "_posixsubprocess", "_ctypes", "numpy.ctypeslib", "torch.utils.cpp_extension", "imp",
+    "site", "shelve", "zipfile", "tarfile", "logging.config", "_thread", "threading", "concurrent", "ssl", "xmlrpc",
+    "wsgiref", "venv", "ensurepip", "compileall", "py_compile", "sqlite3", "numpy.f2py", "numpy.distutils", "select",
+    "selectors", "fcntl", "resource", "mmap", "_winapi", "msvcrt", "winreg", "ntpath", "posixpath", "genericpath",
 }
 CODE_RUNNING_GLOBALS = {
     "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open", "builtins.__import__", "builtins.getattr",
@@ -95,7 +102,8 @@ CODE_RUNNING_GLOBALS = {
     "types.CodeType", "types.LambdaType", "types.MethodType", "types.ModuleType",
     "functools.partial", "functools.reduce", "operator.attrgetter", "operator.methodcaller", "operator.itemgetter",
     "_operator.attrgetter", "_operator.methodcaller", "_operator.itemgetter", "copyreg._reconstructor_unsafe",
-    "torch.load", "torch.save", "numpy.load", "numpy.fromfile", "numpy.memmap",
+    "torch.load", "torch.save", "numpy.load", "numpy.fromfile", "numpy.memmap", "torch.storage._load_from_bytes",
+    "uuid._get_command_stdout", "codecs.open", "builtins.__import__", "builtins.map", "builtins.filter",
 }
 
 
@@ -104,7 +112,7 @@ def runs_code(name: str) -> bool:
     on the lists above, or any dunder attribute (`__reduce__`, `__import__`, `__builtins__` lookups)."""
     module, _, attr = name.rpartition(".")
     parts = module.split(".")
-    return (name in CODE_RUNNING_GLOBALS or attr.startswith("__") or
+    return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or attr.startswith("__") or
             any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
 
 
@@ -381,29 +389,112 @@ def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     unpickler = SafeUnpickler(stream, allowed)
     try:
-        return unpickler.load(), unpickler
+        obj = unpickler.load()
     except Exception as e:  # noqa: BLE001 - malformed input raises many types (IndexError, KeyError, struct.error...)
         failure = _failure(e, what)
+    else:
+        if _deeper_than(obj, MAX_DEPTH):
+            failure = CkptError("corrupt", f"{what} nests deeper than {MAX_DEPTH} levels; no trainer saves one so "
+                                "deep, and walking it would exhaust the stack")
+        else:
+            return obj, unpickler
     if unpickler.unsafe_globals:
         raise CkptError("unsafe_pickle", f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
                         f"allow-list (torch.load would run it), and then cannot be read: {failure.reason}")
     raise failure
 
 
-def scan_records(data: bytes, allowed=SAFE_GLOBALS) -> list[str]:
-    """The globals named by every pickle in `data`, one record after another, up to the end or the first record that
-    cannot be read (its globals up to that point included). For bytes that torch.load itself never unpickles but
-    other loaders and scanners do: concatenated pickles, extra archive members."""
-    stream, seen = io.BytesIO(data), []
-    while stream.tell() < len(data):
-        unpickler = SafeUnpickler(stream, allowed)
+SCAN_OPCODES = 4_000_000  # opcodes one scan walks at most (a few seconds); what lies past them is not seen
+STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+MAX_DEPTH = 200  # containers within containers; real checkpoints nest a dozen or so (Hydra configs in hparams)
+
+
+def _deeper_than(obj, limit: int) -> bool:
+    """Whether containers nest more than `limit` deep, each looked at once (the unpickler builds any depth without
+    recursion; the walks after it recurse)."""
+    stack, seen = [(obj, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, Opaque):
+            stack.extend((v, depth + 1) for v in (node.args, node.state, node.items, node.entries))
+    return False
+
+
+UNSCANNED = "?.(the rest of a pickle too long to scan)"  # what scan_records names past its opcode budget
+
+
+def scan_records(data: bytes, budget: list | None = None) -> list[str]:
+    """The globals named by every pickle in `data`, one record after another, read as opcodes: nothing is built,
+    so memory stays that of the bytes, and no call the reader would refuse (a `_codecs.encode` of another codec)
+    hides the globals named after it. Records follow one another while the next starts with PROTO; a record that
+    cannot be parsed ends the scan, its globals up to that point counted; UNSCANNED when `budget` (shared by the
+    scans of one file) ran out first. For bytes torch.load itself never unpickles but other loaders and scanners
+    do: concatenated pickles, extra archive members."""
+    names, complete = scan_opcodes(data, budget)
+    return names if complete else names + [UNSCANNED]
+
+
+def scan_opcodes(source, budget: list | None = None) -> tuple[list[str], bool]:
+    """(globals named in `source`, bytes or a binary file, whether every record was walked to its end within
+    `budget`, a one-item list of opcodes left that several scans may share; SCAN_OPCODES by default). STACK_GLOBAL
+    takes its module and name from the strings pushed before it (directly, or fetched back from the memo); one built
+    any other way is COMPUTED_GLOBAL."""
+    import pickletools
+
+    budget = [SCAN_OPCODES] if budget is None else budget
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    seen, memo = [], {}
+    while budget[0] > 0:
+        start = stream.tell()
+        if stream.read(1) != b"\x80":  # the next record, if any, starts with PROTO
+            return [_aliased(g) for g in dict.fromkeys(seen)], True
+        stream.seek(start)
+        recent: list = []  # the last two values pushed, as far as strings go (None: anything else)
         try:
-            unpickler.load()
-        except Exception:  # noqa: BLE001 - damage ends the scan; what was named before it still counts
-            seen.extend(unpickler.globals_seen)
-            break
-        seen.extend(unpickler.globals_seen)
-    return list(dict.fromkeys(seen))
+            for op, arg, _ in pickletools.genops(stream):
+                budget[0] -= 1
+                name = op.name
+                if name in STRING_OPS:
+                    recent.append(arg if isinstance(arg, str) else None)
+                elif name in GET_OPS:
+                    recent.append(memo.get(arg))
+                elif name in PUT_OPS:
+                    memo[arg] = recent[-1] if recent else None
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif name == "GLOBAL":
+                    seen.append(".".join(str(arg).split(" ", 1)))
+                    recent.append(None)
+                elif name == "STACK_GLOBAL":
+                    pair = recent[-2:]
+                    seen.append(f"{pair[0]}.{pair[1]}" if len(pair) == 2 and None not in pair else COMPUTED_GLOBAL)
+                    recent.append(None)
+                elif name not in ("FRAME", "PROTO"):
+                    recent.append(None)
+                del recent[:-2]
+                if budget[0] <= 0:
+                    break
+        except Exception:  # noqa: BLE001 - a record that cannot be parsed ends the scan (pickle.load stops there too)
+            return [_aliased(g) for g in dict.fromkeys(seen)], True
+    return [_aliased(g) for g in dict.fromkeys(seen)], False
+
+
+def _aliased(name: str) -> str:
+    module, _, attr = name.partition(".")
+    return f"{MODULE_ALIASES.get(module, module)}.{attr}"
 
 
 def _failure(e: Exception, what: str) -> CkptError:

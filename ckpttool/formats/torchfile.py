@@ -22,8 +22,8 @@ import xxhash
 from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
-from ckpttool.formats.pickles import (SAFE_GLOBALS, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque, RepicklingPickler,
-                                      TensorRef, scan_records, unpickle)
+from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque,
+                                      RepicklingPickler, TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
                             contiguous_strides, dtype_bytes)
 
@@ -81,12 +81,14 @@ def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = Non
         raise CkptError("truncated", "file is empty", path)
     try:
         if head == ZIP_MAGIC:
-            return _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
-        if span or data is not None:
+            raw = _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
+        elif span or data is not None:
             raise CkptError("corrupt", "the embedded item is not a torch.save archive", path)
-        return _read_legacy(path, size, allowed)
+        else:
+            raw = _read_legacy(path, size, allowed)
     except (OSError, ValueError, OverflowError, MemoryError) as e:  # offsets and sizes a damaged file made absurd
         raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
+    return raw
 
 
 class _Window(io.RawIOBase):
@@ -149,8 +151,9 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
         pkl = first[: first.find("/") + 1] + "data.pkl"
         prefix = pkl[: -len("data.pkl")]
         info = next((m for m in members if m.filename == pkl), None)
+        budget = [SCAN_OPCODES]  # one file's scans share it: four huge extra members cost what one does
         others = _other_pickles_globals(raw, [m for m in members if m is not info and not
-                                              m.filename.startswith(prefix + "data/")], allowed)
+                                              m.filename.startswith(prefix + "data/")], budget)
         try:
             if info is None:
                 raise CkptError("corrupt", "zip archive has no data.pkl in its first folder: not a torch.save file",
@@ -160,13 +163,13 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
             obj, unpickler = _unpickle_at(stream, allowed, path, pkl)
         except CkptError as e:
             salvaged = _salvage(raw, info) if info is not None else None
-            unsafe = [g for g in others + (scan_records(salvaged, allowed) if salvaged else []) if g not in allowed]
+            unsafe = [g for g in others + (scan_records(salvaged, budget) if salvaged else []) if g not in allowed]
             if e.code == "unsafe_pickle" or not unsafe:
                 raise
             raise CkptError("unsafe_pickle", f"pickles in the archive import {', '.join(dict.fromkeys(unsafe))}, "
                             f"outside the allow-list; the archive is also damaged ({e.reason})", path) from None
         trailing = data[stream.tell():]  # more pickles after the first STOP: torch stops there, others read on
-        globals_seen = _union([unpickler.globals_seen, others, scan_records(trailing, allowed) if trailing else []])
+        globals_seen = _union([unpickler.globals_seen, others, scan_records(trailing, budget) if trailing else []])
         members = []
         for key, ref in unpickler.storages.items():
             member = f"{prefix}data/{key}"
@@ -238,14 +241,14 @@ def inflate_limit(compressed: int) -> int:
     return min(SCAN_LIMIT, max(INFLATE_FLOOR, INFLATE_RATIO * compressed))
 
 
-def _other_pickles_globals(raw, members, allowed) -> list[str]:
+def _other_pickles_globals(raw, members, budget: list) -> list[str]:
     """Globals of the archive's other pickles: torch.load does not unpickle them, but other loaders and scanners do.
     A member counts as a pickle by its name or by its first byte (PROTO); damage is read through, as they would."""
     seen = []
     for info in members:
         data = _salvage(raw, info)
         if data and (info.filename.endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80"):
-            seen.extend(scan_records(data, allowed))
+            seen.extend(scan_records(data, budget))
     return seen
 
 
@@ -264,29 +267,47 @@ def _salvage(raw, info) -> bytes | None:
         return None
 
 
-def globals_of(path: str) -> list[str]:
-    """Every global the pickles of a torch or pickle file name, damaged or not, tensor data never read: for a file a
-    checkpoint holds but its resume never loads (transformers' training_args.bin), which other tools, older library
-    versions and torch.load(weights_only=False) still unpickle."""
-    try:
-        return read_raw(path).globals_seen
-    except CkptError:
-        pass
+def globals_of(path: str) -> tuple[list[str], bool]:
+    """(every global the pickles of a torch or pickle file name, whether they were walked to the end), damaged or
+    not, read as opcodes (pickles.scan_opcodes): for a file a checkpoint holds but its resume never loads
+    (transformers' training_args.bin), which other tools, older library versions and torch.load(weights_only=False)
+    still unpickle."""
+    from ckpttool.formats.pickles import scan_opcodes
+
     with open(path, "rb") as raw:
         if raw.read(4) != ZIP_MAGIC:
             raw.seek(0)
-            return scan_records(raw.read(SCAN_LIMIT))
+            return scan_opcodes(raw)
         try:
-            return _other_pickles_globals(raw, zipfile.ZipFile(raw).infolist(), SAFE_GLOBALS)
+            members = zipfile.ZipFile(raw).infolist()
         except ZIP_ERRORS:
-            return []  # no directory to find the members by: the pickle is unreachable for torch.load too
+            return [], True  # no directory to find the members by: the pickle is unreachable for torch.load too
+        seen, complete, budget = [], True, [SCAN_OPCODES]
+        for info in members:
+            data = _salvage(raw, info)
+            if data and (info.filename.endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80"):
+                names, whole = scan_opcodes(data, budget)
+                seen.extend(names)
+                complete = complete and whole
+        return list(dict.fromkeys(seen)), complete
+
+
+# Classes a checkpoint's own metadata pickles hold as data (transformers' training_args.bin: TrainingArguments, its
+# enums and dataclasses, Accelerate's state); any other global a file nobody reads on resume names is worth a word.
+INERT_PREFIXES = ("transformers.training_args", "transformers.trainer_utils.", "transformers.trainer_pt_utils.",
+                  "transformers.training_args_seq2seq.", "trl.trainer.", "accelerate.state.",
+                  "accelerate.utils.dataclasses.", "peft.utils.peft_types.", "enum.", "torch.device", "torch.dtype",
+                  "argparse.Namespace", "pathlib.", "datetime.", "collections.", "copyreg._reconstructor",
+                  "builtins.object", "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
+                  "builtins.bytearray")
 
 
 def code_in_files(files: list[str], folder: str) -> list:
-    """`unsafe_pickle` problems for the pickle files among `files` (by name or first byte) that name a global which
-    runs code when unpickled (pickles.runs_code); no other global is judged here."""
-    from ckpttool.formats.pickles import runs_code
-    from ckpttool.model import ERROR, Problem
+    """Problems of the pickle files among `files` (by name or first byte), read as opcodes: a global that runs code
+    when unpickled (pickles.runs_code) is `unsafe_pickle`, an error; a global ckpttool does not know to be inert, or
+    a pickle too long to walk to its end, a warning of that code."""
+    from ckpttool.formats.pickles import SAFE_GLOBALS, runs_code
+    from ckpttool.model import ERROR, WARNING, Problem
 
     found = []
     for full in files:
@@ -294,12 +315,20 @@ def code_in_files(files: list[str], folder: str) -> list:
             head = f.read(4)
         if not (full.endswith(SUFFIXES + PICKLE_SUFFIXES) or head == ZIP_MAGIC or head[:1] == b"\x80"):
             continue
-        code = [g for g in globals_of(full) if runs_code(g)]
+        names, complete = globals_of(full)
+        rel = os.path.relpath(full, folder)
+        code = [g for g in names if runs_code(g)]
+        unknown = [g for g in names if g not in SAFE_GLOBALS and not runs_code(g) and not g.startswith(INERT_PREFIXES)]
         if code:
-            found.append(Problem("unsafe_pickle", ERROR, f"{os.path.relpath(full, folder)} imports "
-                                 f"{', '.join(code)}, which runs code when unpickled: the resume does not load it, "
-                                 "but torch.load(weights_only=False), older library versions and other tools do; it "
-                                 "was not executed. Delete it if you did not put it there", full))
+            found.append(Problem("unsafe_pickle", ERROR, f"{rel} imports {', '.join(code)}, which runs code when "
+                                 "unpickled: the resume does not load it, but torch.load(weights_only=False), older "
+                                 "library versions and other tools do; it was not executed. Delete it if you did not "
+                                 "put it there", full))
+        elif unknown or not complete:
+            what = (f"names {', '.join(unknown[:8])}, which ckpttool does not know to be inert" if unknown else
+                    f"is too long to scan to its end (past {SCAN_LIMIT >> 20} MiB or 4,000,000 opcodes)")
+            found.append(Problem("unsafe_pickle", WARNING, f"{rel} {what}: the resume does not load it, but "
+                                 "pickle.load would import and may call them; it was not executed", full))
     return found
 
 
@@ -369,7 +398,7 @@ def _read_legacy(path, size, allowed) -> RawPickle:
             if magic_record.storages:
                 raise CkptError("corrupt", "pickle references torch storages but carries none", path)
             # pickle.load called again (joblib, custom loaders, scanners) reads on: scan the records that follow
-            seen = _union([magic_record.globals_seen, scan_records(f.read(SCAN_LIMIT), allowed)])
+            seen = _union([magic_record.globals_seen, scan_records(f.read(SCAN_LIMIT))])
             return RawPickle(first, "pickle", {}, seen, [g for g in seen if g not in allowed])
         _, protocol_record = _unpickle_at(f, allowed, path, "protocol record")
         _, sys_info_record = _unpickle_at(f, allowed, path, "sys_info record")

@@ -23,7 +23,8 @@ from ckpttool.checksums import (
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Checkpoint
 
-BLOCKING = ("truncated", "corrupt", "missing_file", "unsafe_path")  # a manifest of a broken checkpoint would bless the damage
+# a manifest of a broken checkpoint, or of one holding a link out or a FIFO, would bless the damage
+BLOCKING = ("truncated", "corrupt", "missing_file", "unsafe_path")
 
 
 def build(ckpt: Checkpoint) -> dict:

@@ -481,7 +481,8 @@ def _write_dir(p: Plan, out: str, link: bool, advance):
         rel = os.path.relpath(folder, src)
         dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in p.left_out)
         for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:  # os.walk does not follow them
-            p.not_copied.append({"path": os.path.join(folder, d), "why": "a link to a folder: not followed, not copied"})
+            p.not_copied.append({"path": os.path.join(folder, d),
+                                 "why": "a link to a folder: not followed, not copied"})
         os.makedirs(os.path.join(out, rel), exist_ok=True)
         for name in sorted(files):
             full, target = os.path.join(folder, name), os.path.normpath(os.path.join(out, rel, name))

@@ -52,7 +52,8 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
         detail = f"{len(ckpt.files)} files readable" + (f", {checked} good" if checked else "")
     v.from_problems("integrity", reader, detail)
     unsafe = [p for p in ckpt.problems if p.code == "unsafe_pickle"]
-    v.from_problems("pickle safety", unsafe, "every pickle global is on the allow-list")
+    v.from_problems("pickle safety", unsafe, "what the resume unpickles names only allow-listed globals, and no "
+                    "pickle in the checkpoint names one that runs code")
 
 
 # --- checksums ---
@@ -72,9 +73,10 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     try:
         doc, digest = checksums.load(target)
     except CkptError as e:  # the checksums cannot be checked: a warning, or an error where they are required
-        v.problem(e.code, ERROR if require or e.code == "unsafe_path" else WARNING, f"{e.reason}: the checksums cannot be checked; verify the "
-                  f"checkpoint, then rewrite it with `ckpttool manifest --force {ckpt.path}`", target)
-        v.check("checksums", FAIL if require else WARN, f"{e.code}: {e.reason}")
+        forged = e.code == "unsafe_path"  # names files outside the checkpoint: an error, required or not
+        v.problem(e.code, ERROR if require or forged else WARNING, f"{e.reason}: the checksums cannot be checked; "
+                  f"verify the checkpoint, then rewrite it with `ckpttool manifest --force {ckpt.path}`", target)
+        v.check("checksums", FAIL if require or forged else WARN, f"{e.code}: {e.reason}")
         return False
     v.manifest = (target, doc, digest)
     folder = os.path.dirname(target)

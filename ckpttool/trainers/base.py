@@ -189,9 +189,12 @@ class Profile:
         numpy.float64): an error where the refusal stops the resume, with the line that lets it load."""
         from ckpttool.formats.pickles import runs_code
 
-        problems = []
-        for comp in ckpt.components:
-            name = os.path.basename(comp.files[0]) if comp.files else ""
+        problems, files = [], {}
+        for comp in ckpt.components:  # the parts of one file (a Lightning .ckpt) share its globals: one problem
+            if comp.files and comp.pickle_globals:
+                files.setdefault(comp.files[0], comp)
+        for path, comp in files.items():
+            name = os.path.basename(path)
             allowed, fatal = next(((a, f) for pattern, a, f in self.weights_only_loads if re.fullmatch(pattern, name)),
                                   (None, False))
             refused = [g for g in comp.pickle_globals if allowed is not None and g not in allowed and not runs_code(g)]
@@ -199,10 +202,10 @@ class Profile:
                 line = f"torch.serialization.add_safe_globals([{', '.join(refused)}])"
                 problems.append(Problem(
                     "needs_safe_globals", ERROR if fatal else WARNING,
-                    f"{os.path.basename(comp.files[0])} names {', '.join(refused)}, which {self.name}'s resume loads "
+                    f"{name} names {', '.join(refused)}, which {self.name}'s resume loads "
                     f"with torch.load(weights_only=True) and refuses (UnpicklingError)" +
                     (": the resume fails" if fatal else ": it goes on without this part") +
-                    f"; if you trust the file, run `{line}` (the objects imported) before resuming", comp.files[0],
+                    f"; if you trust the file, run `{line}` (the objects imported) before resuming", path,
                     component=comp.name))
         return problems
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import re
 
+from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem, StepSource
-from ckpttool.trainers.base import Profile, weights_only_problem
+from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
 from ckpttool.trainers.contract import PRESENT, Contract, Part
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
@@ -51,6 +52,9 @@ class Lightning(Profile):
     saves_rng = False
     scheduler_rule = "per step or per epoch, as configured (the interval is not saved)"
     scheduler_may_step_per_epoch = True
+    # lightning 2.6 fabric/utilities/cloud_io.py _load: torch.load(f, weights_only=None), which torch >= 2.6 takes as
+    # True: Trainer.fit(ckpt_path=...) refuses what torch's own allow-list does not name (a numpy.float64 hparam)
+    weights_only_loads = ((r".*\.ckpt", frozenset(TORCH_WEIGHTS_ONLY), True),)
     latest_rule = 'ckpt_path="last": the last*.ckpt with the newest modification time'
     total_limit_rule = "ModelCheckpoint(save_top_k=k) deletes all but the k best-scoring files"
 
@@ -80,7 +84,7 @@ class Lightning(Profile):
         keys = set(ckpt.metadata.get("top_level_keys", []))
         if not {"optimizer_states", "lr_schedulers"} & keys:  # save_weights_only=True writes neither
             return [weights_only_problem(ckpt)] if "state_dict" in keys else super().resume_problems(ckpt)
-        problems = []
+        problems = self.loader_problems(ckpt) + moment_problems(ckpt)
         if not [c for c in ckpt.components if c.role == "optimizer"]:
             problems.append(Problem("missing_optimizer", ERROR, "no optimizer_states: a resume would restart the "
                                     "optimizer", ckpt.path))
