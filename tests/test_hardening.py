@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -528,3 +529,27 @@ def test_paths_the_user_gave_are_escaped_too(tmp_path):
     run.mkdir()
     done = subprocess.run([sys.executable, "-m", "ckpttool", "latest", str(run)], capture_output=True)
     assert done.returncode == 1 and b"\x1b" not in done.stderr and b"\\x1b]0;TITLE\\x07" in done.stderr
+
+
+def test_an_rng_file_of_the_other_numpy_spelling_is_refused_as_transformers_would(tmp_path):
+    import zipfile
+
+    import numpy as np
+    from transformers.trainer_pt_utils import safe_globals
+
+    d = os.path.join(str(tmp_path), "checkpoint-2")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "transformers4_bin", "checkpoint-2"), d)
+    rng = os.path.join(d, "rng_state.pth")
+    ours, other = ("numpy._core", "numpy.core") if int(np.__version__.split(".")[0]) >= 2 else \
+        ("numpy.core", "numpy._core")
+    with zipfile.ZipFile(rng) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(rng, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            z.writestr(name, data.replace(f"{ours}.multiarray".encode(), f"{other}.multiarray".encode())
+                       if name.endswith("data.pkl") else data)
+    with safe_globals(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(rng, weights_only=True)  # transformers' _load_rng_state
+    result, report = cli("verify", "--for-resume", "--json", d)
+    assert result.exit_code == 1 and codes(report, "error") == ["needs_safe_globals"]
+    assert f"{other}.multiarray._reconstruct" in report["problems"][0]["message"]

@@ -45,9 +45,14 @@ SAFE_GLOBALS = {
     "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
 
-# torch.load(weights_only=True)'s own list, by name (torch 2.13 _weights_only_unpickler.py _get_allowed_globals): the
-# numpy pieces, frozenset, slice and codecs.encode of SAFE_GLOBALS are not on it, so a file naming them loads only
-# where the trainer's loader allow-lists them too.
+# torch.load(weights_only=True)'s own list, by the names its unpickler matches (torch 2.13 _weights_only_unpickler.py
+# _get_allowed_globals, plus what `import torch` registers: nested tensors, the device-mesh layouts): the numpy
+# pieces, frozenset, slice and codecs.encode of SAFE_GLOBALS are not on it, so a file naming them loads only where the
+# trainer's loader allow-lists them too.
+_TYPED = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
+_CANONICAL_DTYPES = sorted(set(TORCH_DTYPES) - set(DTYPE_ALIASES)) + [
+    "complex32", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2", "bits8",
+    "bits16"] + [f"int{n}" for n in range(1, 8)] + [f"uint{n}" for n in range(1, 8)]
 TORCH_WEIGHTS_ONLY = {
     "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
     "torch.Size", "torch.Tensor", "torch.device", "_codecs.encode", "builtins.bytearray", "builtins.set",
@@ -55,11 +60,24 @@ TORCH_WEIGHTS_ONLY = {
     "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor",
     "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_device_tensor_from_numpy",
-    "torch._utils._rebuild_meta_tensor_no_storage", "torch._tensor._rebuild_from_type_v2",
-    "torch.storage.UntypedStorage",
-    "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine", "torch.per_channel_symmetric",
-    "torch.per_channel_affine_float_qparams",
-} | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch._tensor._rebuild_from_type_v2", "torch.storage.UntypedStorage", "torch.storage.TypedStorage",
+    "torch.QUInt2x4Storage", "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine",
+    "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
+    "torch.nested._internal.nested_tensor.NestedTensor", "torch.nested._internal.nested_tensor._rebuild_njt",
+    "torch.distributed._mesh_layout._FlatLayout", "torch.distributed._mesh_layout._MeshLayout",
+} | {f"torch.{name}" for name in STORAGE_DTYPES if name != "UntypedStorage"} \
+  | {f"torch.cuda.{name}Storage" for name in _TYPED + ("ComplexDouble", "ComplexFloat")} \
+  | {f"torch.{prefix}{name}Tensor" for prefix in ("", "cuda.") for name in _TYPED} \
+  | {f"torch.{prefix}{name}Tensor" for prefix in ("sparse.", "cuda.sparse.") for name in _TYPED if name != "Bool"} \
+  | {f"torch.{name}" for name in _CANONICAL_DTYPES}
+# torch.distributed.tensor registers these when imported, as accelerate, transformers and lightning all do: a DTensor
+# (FSDP2's per-rank state) loads under weights_only there.
+DTENSOR_GLOBALS = {
+    f"torch.distributed.{name}" for name in (
+        "device_mesh.DeviceMesh", "tensor.DTensor", "tensor._dtensor_spec.DTensorSpec", "tensor._dtensor_spec.TensorMeta",
+        "tensor._dtensor_spec.ShardOrderEntry", "tensor.placement_types.Partial", "tensor.placement_types.Replicate",
+        "tensor.placement_types.Shard", "tensor.placement_types._StridedShard")}
 # What Accelerate's `load` (accelerate 1.15 utils/other.py TORCH_SAFE_GLOBALS) and transformers' RNG load
 # (trainer_pt_utils.py safe_globals) add for numpy RNG state; a numpy scalar (`numpy.float64(0.1)`) is not among them.
 NUMPY_RNG_GLOBALS = {

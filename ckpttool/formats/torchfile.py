@@ -295,7 +295,8 @@ def globals_of(path: str) -> tuple[list[str], bool]:
 # Classes a checkpoint's own metadata pickles hold as data (transformers' training_args.bin: TrainingArguments, its
 # enums and dataclasses, Accelerate's state); any other global a file nobody reads on resume names is worth a word.
 INERT_PREFIXES = ("transformers.training_args", "transformers.trainer_utils.", "transformers.trainer_pt_utils.",
-                  "transformers.training_args_seq2seq.", "trl.trainer.", "accelerate.state.",
+                  "transformers.training_args_seq2seq.", "transformers.integrations.deepspeed.Hf", "trl.trainer.",
+                  "accelerate.state.",
                   "accelerate.utils.dataclasses.", "peft.utils.peft_types.", "enum.", "torch.device", "torch.dtype",
                   "argparse.Namespace", "pathlib.", "datetime.", "collections.", "copyreg._reconstructor",
                   "builtins.object", "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import replace
 
-from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
+from ckpttool.formats.pickles import DTENSOR_GLOBALS, NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import MICRO_STEPS, SAVES, WARNING
 from ckpttool.trainers.base import Profile, numbered_dirs, role
 from ckpttool.trainers.contract import RUN, Contract, Part, entries
@@ -111,10 +111,15 @@ def has_accelerate_files(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in MARKERS)
 
 
-# accelerate 1.15 checkpointing.py load_accelerator_state reads these through utils/other.py `load`:
+# accelerate 1.16 checkpointing.py load_accelerator_state reads these through utils/other.py `load`:
 # torch.load(weights_only=True) with TORCH_SAFE_GLOBALS added; a random_states file it cannot load is skipped.
-ACCELERATE_LOAD = frozenset(TORCH_WEIGHTS_ONLY | NUMPY_RNG_GLOBALS)
+# FSDP's files go through utils/fsdp_utils.py: a plain torch.load(weights_only=True). Importing accelerate imports
+# torch.distributed.tensor, which allow-lists DTensor.
+TORCH_LOAD = frozenset(TORCH_WEIGHTS_ONLY | DTENSOR_GLOBALS)
+ACCELERATE_LOAD = frozenset(TORCH_LOAD | NUMPY_RNG_GLOBALS)
+FSDP_FILES = r"pytorch_model_fsdp(?:_\d+)?(?:_rank\d+)?\.bin|optimizer_\d+_rank\d+\.bin"
 WEIGHTS_ONLY_LOADS = (
+    (FSDP_FILES, TORCH_LOAD, True),
     (r"(?:optimizer|scheduler|sampler|dl_state_dict|pytorch_model)(?:_\d+)?\.bin|scaler\.pt", ACCELERATE_LOAD, True),
     (r"random_states_\d+\.pkl", ACCELERATE_LOAD, False),
 )

@@ -8,6 +8,7 @@ decide these.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -89,6 +90,20 @@ def moment_problems(ckpt: Checkpoint) -> list[Problem]:
                                         if comp.files else ckpt.path, key=f"{prefix + '.' if prefix else ''}state."
                                         f"{index}", component=comp.name))
     return problems
+
+
+@functools.lru_cache(maxsize=1)
+def _other_numpy_core() -> str | None:
+    """The spelling of numpy's core module that a weights_only load on this machine does not accept: the trainers
+    allow-list `np._core.multiarray._reconstruct` under numpy 2 and `np.core...` under numpy 1, and torch matches
+    names exactly, so an RNG file written under the other numpy is refused. None where numpy is not installed."""
+    from importlib import metadata
+
+    try:
+        major = int(metadata.version("numpy").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    return "numpy.core" if major >= 2 else "numpy._core"
 
 
 class Profile:
@@ -197,6 +212,8 @@ class Profile:
             name = os.path.basename(path)
             allowed, fatal = next(((a, f) for pattern, a, f in self.weights_only_loads if re.fullmatch(pattern, name)),
                                   (None, False))
+            if allowed is not None and (other := _other_numpy_core()):
+                allowed = {g for g in allowed if not g.startswith(other + ".")}
             refused = [g for g in comp.pickle_globals if allowed is not None and g not in allowed and not runs_code(g)]
             if refused:
                 line = f"torch.serialization.add_safe_globals([{', '.join(refused)}])"

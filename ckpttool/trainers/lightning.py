@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
+from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem, StepSource
 from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
 from ckpttool.trainers.contract import PRESENT, Contract, Part
@@ -53,8 +53,9 @@ class Lightning(Profile):
     scheduler_rule = "per step or per epoch, as configured (the interval is not saved)"
     scheduler_may_step_per_epoch = True
     # lightning 2.6 fabric/utilities/cloud_io.py _load: torch.load(f, weights_only=None), which torch >= 2.6 takes as
-    # True: Trainer.fit(ckpt_path=...) refuses what torch's own allow-list does not name (a numpy.float64 hparam)
-    weights_only_loads = ((r".*\.ckpt", frozenset(TORCH_WEIGHTS_ONLY), True),)
+    # True: Trainer.fit(ckpt_path=...) refuses what torch's own allow-list does not name (a numpy.float64 hparam);
+    # a sharded dir's meta.pt the same (strategies/fsdp.py, model_parallel.py). Lightning adds no safe globals.
+    weights_only_loads = ((r".*\.ckpt|meta\.pt", frozenset(TORCH_WEIGHTS_ONLY | DTENSOR_GLOBALS), True),)
     latest_rule = 'ckpt_path="last": the last*.ckpt with the newest modification time'
     total_limit_rule = "ModelCheckpoint(save_top_k=k) deletes all but the k best-scoring files"
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import GLOBAL_STEP, WARNING
-from ckpttool.trainers.accelerate import FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, is_fsdp
+from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS
+from ckpttool.trainers.accelerate import (FSDP_FILES, FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, TORCH_LOAD,
+                                          is_fsdp)
 from ckpttool.trainers.base import Profile, role
 from ckpttool.trainers.contract import ADAPTER, ADAPTER_CONTENT, ENGINE, JSON, RUN, TAG, Contract, Part, entries
 from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
@@ -107,11 +108,13 @@ class Transformers(Profile):
     source = "transformers 5.x trainer.py _save_checkpoint / _inner_training_loop, trainer_utils.py get_last_checkpoint"
     file_roles = FILES
     state_files = {TRAINER_STATE: {"global_step": GLOBAL_STEP}}
-    # _load_optimizer_and_scheduler, _load_scaler and _load_from_checkpoint: torch.load(weights_only=True);
-    # _load_rng_state: the same inside trainer_pt_utils.safe_globals() (numpy's RNG pieces), uncaught
+    # _load_optimizer_and_scheduler, _load_scaler, _load_from_checkpoint (and load_sharded_checkpoint, PEFT's
+    # load_adapter, Accelerate's FSDP loaders): torch.load(weights_only=True); _load_rng_state: the same inside
+    # trainer_pt_utils.safe_globals() (numpy's RNG pieces). None of them catches a refusal.
     weights_only_loads = (
-        (r"optimizer\.pt|scheduler\.pt|scaler\.pt|pytorch_model\.bin", frozenset(TORCH_WEIGHTS_ONLY), True),
-        (r"rng_state(?:_\d+)?\.pth", frozenset(TORCH_WEIGHTS_ONLY | NUMPY_RNG_GLOBALS), True),
+        (r"optimizer\.pt|scheduler\.pt|scaler\.pt|pytorch_model(?:-\d+-of-\d+)?\.bin|adapter_model\.bin|optimizer\.bin|"
+         + FSDP_FILES, TORCH_LOAD, True),
+        (r"rng_state(?:_\d+)?\.pth", frozenset(TORCH_LOAD | NUMPY_RNG_GLOBALS), True),
     )
     counter_meanings = ENGINE_COUNTERS  # the DeepSpeed engine's step counts optimizer steps as global_step does
     name_pattern = re.compile(r"checkpoint-(\d+)")
