@@ -244,12 +244,22 @@ def _run(tasks, owners, sizes, measure, results, extra=(), label: str = "reading
             results[i] = value
 
 
+def _components(tensor):
+    """A flat tensor of the values to measure: a complex tensor's real and imaginary parts side by side (each part
+    counted, compared and summed as a value of its own: its L2 norm is the complex one), anything else flattened."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    return torch.view_as_real(flat.resolve_conj()).reshape(-1) if flat.is_complex() else flat
+
+
 def _measured_in(tensor):
     """The torch dtype a tensor read through torch is measured in: as NUMPY_READ says for its dtype, else float32."""
     import torch
 
     name = str(tensor.dtype).removeprefix("torch.")
-    return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" else torch.float32
+    return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" \
+        else torch.float32
 
 
 def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float, norms: bool = False) -> Sums | None:
@@ -258,7 +268,7 @@ def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float, norm
 
     from ckpttool.tensors import load_tensor
 
-    ta, tb = load_tensor(a).reshape(-1).contiguous(), load_tensor(b).reshape(-1).contiguous()
+    ta, tb = _components(load_tensor(a)).contiguous(), _components(load_tensor(b)).contiguous()
     if (torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)) or torch.equal(ta, tb)) and not norms:
         return None
     wide = _measured_in(ta)
@@ -398,7 +408,7 @@ def _segment_moments(arrays: list) -> list[Moments]:
 
 def _moments_loaded(tensor) -> Moments:
     """Moments of a torch tensor (one read through torch, or a dequantized weight), block by block."""
-    flat = tensor.detach().reshape(-1)
+    flat = _components(tensor)
     wide = _measured_in(flat)
     total = Moments()
     for start in range(0, flat.numel(), BLOCK_ELEMENTS):

@@ -334,18 +334,20 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
               help="Target layout (default: from DST's suffix).")
 @click.option("--component", help="Convert only this part (model, ema, optimizer, model_1, unet, ...).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Cast floating-point weights.")
+@click.option("--allow-lossy-cast", is_flag=True, help="With --dtype: write values the cast turns into inf (beyond the "
+              "target's range) or 0 (below its smallest) instead of refusing; they are counted in the output.")
 @click.option("--shard-size", metavar="SIZE", help="Sharded safetensors with shards of at most SIZE (e.g. 5GB).")
 @click.option("--no-verify", is_flag=True, help="Skip re-reading the output and comparing it with the source.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_json):
+def convert(src, dst, to, component, dtype, allow_lossy_cast, shard_size, no_verify, force, as_json):
     """Convert between .pt, safetensors (single or sharded), Accelerate state dirs and DCP dirs.
 
     Streams tensor by tensor; the output appears only when complete and verified against the source."""
     from ckpttool.operations.convert import convert as run_convert
 
     result = run_convert(src, dst, to=to, component=component, dtype=dtype, shard_size=shard_size,
-                         verify=not no_verify, force=force)
+                         verify=not no_verify, force=force, allow_lossy_cast=allow_lossy_cast)
     if as_json:
         _emit_json(result)
     else:
@@ -354,8 +356,11 @@ def convert(src, dst, to, component, dtype, shard_size, no_verify, force, as_jso
 
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
         click.echo(f"wrote {_safe(dst)} ({result['target']}: {', '.join(result['components'])}; "
-                   f"{result['tensors']} tensors, "
-                   f"{human_bytes(result['bytes'])}{check})")
+                   f"{result['tensors']} tensors, {human_bytes(result['bytes'])}{check})")
+        if result["lossy_cast"]:
+            lossy = result["lossy_cast"]
+            click.echo(f"lossy cast to {result['dtype']} (--allow-lossy-cast): {lossy['overflowed']} values became "
+                       f"inf and {lossy['underflowed']} became 0, in {len(lossy['tensors'])} tensors", err=True)
 
 
 @main.command()

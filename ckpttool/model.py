@@ -78,6 +78,8 @@ class TensorInfo:
     location: Location | None = None
     storage_key: str | None = None  # tensors sharing a storage (tied weights, views) share this
     chunks: tuple = ()  # a tensor saved in pieces (DCP, one per shard): location is None, the reader assembles it
+    conj: bool = False  # the values are the stored data conjugated (torch's conj bit, saved by torch.save)
+    neg: bool = False  # the values are the stored data negated (torch's neg bit)
 
     @property
     def readable(self) -> bool:
@@ -99,9 +101,10 @@ class TensorInfo:
         return dtype_bytes(self.dtype, self.shape)
 
     def byte_range(self):
-        """(file, offset, length) of exactly this tensor's bytes when they lie contiguous on disk, else None."""
+        """(file, offset, length) of exactly this tensor's bytes when they lie contiguous on disk and are its values
+        as they are (no conj or neg bit to apply), else None."""
         loc = self.location
-        if loc is None or loc.encoding != "raw":
+        if loc is None or loc.encoding != "raw" or self.conj or self.neg:
             return None
         numel = math.prod(self.shape)
         if not numel:
@@ -159,6 +162,7 @@ class Component:
     metadata: dict = field(default_factory=dict)
     tree: object = None  # torch inputs: the unpickled object (TensorRef leaves), so convert can rebuild it
     pickle_globals: list = field(default_factory=list)  # torch inputs: the globals its file's pickle names
+    uncarried: list = field(default_factory=list)  # (name, layout) of tensors in layouts ckpttool does not read
 
     @property
     def nbytes(self) -> int:

@@ -82,7 +82,17 @@ def _assemble(info: TensorInfo):
 
 
 def load_tensor(info: TensorInfo):
-    """The tensor as a CPU torch.Tensor (whatever device it was saved from)."""
+    """The tensor as a CPU torch.Tensor (whatever device it was saved from), with the values torch.load gives: a
+    conj or neg bit torch.save recorded is applied, so what is returned is the values, not the stored data."""
+    tensor = _load(info)
+    if info.conj:
+        tensor = tensor.conj_physical()
+    if info.neg:
+        tensor = tensor.neg()
+    return tensor
+
+
+def _load(info: TensorInfo):
     import torch
 
     if info.chunks:

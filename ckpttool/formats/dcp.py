@@ -6,6 +6,7 @@ checkpoint imports neither torch nor anything the file names.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -55,7 +56,7 @@ def _split_by_role(component: Component, object_names=()) -> list[Component]:
         head, _, rest = t.name.partition(".")
         if not rest:
             return [component]
-        groups.setdefault(head, []).append(TensorInfo(rest, t.dtype, t.shape, t.location, t.storage_key, t.chunks))
+        groups.setdefault(head, []).append(dataclasses.replace(t, name=rest))
     for name in object_names:
         head, _, rest = name.partition(".")
         if rest and head not in groups and role_of_key(head):

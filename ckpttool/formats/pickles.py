@@ -43,6 +43,9 @@ SAFE_GLOBALS = {
     "codecs.encode", "_codecs.encode", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
     "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
     "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+    "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor",
+    "torch.serialization._get_layout", "torch.per_tensor_affine", "torch.per_tensor_symmetric",
+    "torch.per_channel_affine", "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
 
 # torch.load(weights_only=True)'s own list, by the names its unpickler matches (torch 2.13 _weights_only_unpickler.py
@@ -173,6 +176,36 @@ class TensorRef:
     shape: tuple
     stride: tuple
     dtype: str
+    conj: bool = False  # torch.save of `c.conj()`: the data as stored, to be conjugated (torch's conj bit)
+    neg: bool = False  # torch.save of `torch._neg_view(x)`: the data as stored, to be negated (torch's neg bit)
+
+
+@dataclass
+class LayoutTensor:
+    """A tensor torch.load rebuilds in a layout ckpttool does not read (sparse COO/CSR/CSC/BSR/BSC, quantized,
+    nested): named and counted, never dropped silently; its parts stay inside."""
+
+    layout: str  # sparse_coo, sparse_csr, ..., quantized, nested
+    shape: tuple | None
+    parts: tuple = ()
+
+
+def _rebuild_sparse(layout, data, *_rest):
+    parts = tuple(data) if isinstance(data, (tuple, list)) else ()
+    size = next((p for p in reversed(parts) if isinstance(p, tuple) and all(type(d) is int for d in p)), None)
+    return LayoutTensor(str(layout).removeprefix("torch."), size, parts)
+
+
+def _rebuild_qtensor(storage, storage_offset, size, *rest):
+    return LayoutTensor("quantized", tuple(size) if isinstance(size, (tuple, list)) else None, (storage, *rest))
+
+
+def _rebuild_nested(buffer, sizes, *rest):
+    return LayoutTensor("nested", None, (buffer, sizes, *rest))
+
+
+def _get_layout(name):
+    return str(name)
 
 
 @dataclass(frozen=True)
@@ -256,15 +289,19 @@ class Opaque:
 INT_ONLY = {int}  # the types a valid size or stride holds (bool is not int here)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_rest):
-    return _tensor(storage, storage_offset, size, stride, None)
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None,
+                       *_rest):
+    return _tensor(storage, storage_offset, size, stride, None, metadata)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_rest):
-    return _tensor(storage, storage_offset, size, stride, dtype)
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None, *_rest):
+    return _tensor(storage, storage_offset, size, stride, dtype, metadata)
 
 
-def _tensor(storage, storage_offset, size, stride, dtype):
+TENSOR_BITS = {"conj", "neg"}  # what torch._utils.get_tensor_metadata writes; torch.load sets each on the tensor
+
+
+def _tensor(storage, storage_offset, size, stride, dtype, metadata=None):
     if not isinstance(storage, StorageRef):
         raise CkptError("corrupt", f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if isinstance(dtype, DtypeRef):
@@ -277,7 +314,10 @@ def _tensor(storage, storage_offset, size, stride, dtype):
     dims = shape + stride
     if type(storage_offset) is not int or (dims and (set(map(type, dims)) != INT_ONLY or min(dims) < 0)):
         raise CkptError("corrupt", "tensor has a malformed size, stride or offset")
-    return TensorRef(storage, storage_offset, shape, stride, name)
+    bits = metadata if isinstance(metadata, dict) else {}
+    if set(map(str, bits)) - TENSOR_BITS or not all(type(v) is bool for v in bits.values()):
+        raise CkptError("corrupt", f"tensor metadata {str(metadata)[:80]} is not torch's conj/neg bits")
+    return TensorRef(storage, storage_offset, shape, stride, name, bits.get("conj", False), bits.get("neg", False))
 
 
 def _first_arg(data, *_rest):
@@ -317,6 +357,10 @@ IMITATIONS = {
     "builtins.complex": complex,
     "codecs.encode": _codecs_encode,
     "_codecs.encode": _codecs_encode,
+    "torch._utils._rebuild_sparse_tensor": _rebuild_sparse,
+    "torch._utils._rebuild_qtensor": _rebuild_qtensor,
+    "torch._utils._rebuild_nested_tensor": _rebuild_nested,
+    "torch.serialization._get_layout": _get_layout,
 }
 
 

@@ -22,8 +22,8 @@ import xxhash
 from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
-from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, DtypeRef, GlobalRef, Opaque,
-                                      RepicklingPickler, TensorRef, scan_records, unpickle)
+from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, DtypeRef, GlobalRef, LayoutTensor,
+                                      Opaque, RepicklingPickler, TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
                             contiguous_strides, dtype_bytes)
 
@@ -450,13 +450,13 @@ def _unpickle_at(f, allowed, path, what):
 def tensor_info(name: str, ref: TensorRef, raw: RawPickle, path: str) -> TensorInfo:
     storage, offset = raw.storages[ref.storage.key]
     location = Location(path, offset, storage.nbytes, ref.storage_offset, ref.stride, storage.location)
-    return TensorInfo(name, ref.dtype, ref.shape, location, storage_key=storage.key)
+    return TensorInfo(name, ref.dtype, ref.shape, location, storage_key=storage.key, conj=ref.conj, neg=ref.neg)
 
 
 def flatten(obj, prefix="", seen=None):
     """Yield (dotted name, leaf) for every tensor and scalar in a nested object, modules included."""
     seen = set() if seen is None else seen
-    if isinstance(obj, (TensorRef, int, float, str, bool, bytes)) or obj is None:
+    if isinstance(obj, (TensorRef, LayoutTensor, int, float, str, bool, bytes)) or obj is None:
         yield prefix, obj
         return
     if id(obj) in seen:
@@ -543,7 +543,7 @@ def _check_inert(obj, where: str, depth: int = 0, seen=None):
 
 
 def _has_tensors(obj) -> bool:
-    return any(isinstance(leaf, TensorRef) for _, leaf in flatten(obj))
+    return any(isinstance(leaf, (TensorRef, LayoutTensor)) for _, leaf in flatten(obj))
 
 
 def _role_of_dict(obj) -> str | None:
@@ -591,8 +591,10 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
     components, steps, metadata = [], [], {}
 
     def component(name, role, value):
-        tensors = [tensor_info(n, leaf, raw, path) for n, leaf in flatten(value) if isinstance(leaf, TensorRef)]
-        comp = Component(name, role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen)
+        leaves = list(flatten(value))
+        tensors = [tensor_info(n, leaf, raw, path) for n, leaf in leaves if isinstance(leaf, TensorRef)]
+        comp = Component(name, role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen,
+                         uncarried=[(n, leaf.layout) for n, leaf in leaves if isinstance(leaf, LayoutTensor)])
         components.append(comp)
         steps.extend(_component_steps(comp, value, raw, path))
         return comp
@@ -736,6 +738,12 @@ def read(path: str, role_hint=None, name_hint=None) -> Checkpoint:
     ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
                       files=[path])
     note_pickle(ckpt, raw, path)
+    uncarried = [f"{n} ({layout})" for c in components for n, layout in c.uncarried]
+    if uncarried:
+        ckpt.add_problem("unsupported_layout", "warning", f"{len(uncarried)} tensors in layouts ckpttool does not "
+                         f"read: {', '.join(uncarried[:8])}{' ...' if len(uncarried) > 8 else ''}; torch.load gives "
+                         "them, their values are not checked, and convert, remap, average and diff refuse this file "
+                         "rather than drop them", path)
     return ckpt
 
 

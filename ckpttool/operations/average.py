@@ -9,6 +9,8 @@ newest input, and the report says which.
 
 from __future__ import annotations
 
+import math
+
 from ckpttool import steps
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
@@ -43,6 +45,10 @@ def plan_weights(sources: list[str], found_steps: list, weights: list[float] | N
     if weights is not None:
         if len(weights) != count:
             raise UsageError(f"--weights has {len(weights)} values for {count} checkpoints")
+        if not all(math.isfinite(w) for w in weights) or not math.isfinite(sum(weights)):
+            raise UsageError(f"--weights {','.join(map(str, weights))}: each weight and their sum must be finite "
+                             "(inf, nan or an overflowing sum would write inf or nan); give relative weights such as "
+                             "1,3")
         if any(w < 0 for w in weights) or not sum(weights) > 0:
             raise UsageError("--weights must be non-negative with a positive sum")
         return list(range(count)), list(weights), "weighted"

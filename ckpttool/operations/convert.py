@@ -70,21 +70,57 @@ def _cast(info: TensorInfo, dtype: str | None, part: Part) -> str:
     return dtype if dtype and part.weights and info.dtype in FLOAT_DTYPES else info.dtype
 
 
+class CastPlan(str):
+    """The --dtype target, which also keeps count of the values the cast changes beyond rounding: finite values past
+    the target's range (they become inf) and nonzero ones below its smallest (they become 0). Unless `allow`, the
+    first such tensor stops the conversion: nothing is written."""
+
+    def __new__(cls, name: str, allow: bool):
+        plan = super().__new__(cls, name)
+        plan.allow, plan.overflowed, plan.underflowed, plan.tensors = allow, 0, 0, []
+        return plan
+
+    def count(self, info: TensorInfo, before, after):
+        import torch
+
+        if not after.is_floating_point():
+            return
+        overflowed = int((torch.isinf(after) & torch.isfinite(before)).sum())
+        underflowed = int(((after == 0) & (before != 0)).sum())
+        if not (overflowed or underflowed):
+            return
+        if not self.allow:
+            raise CkptError("lossy_cast", f"--dtype {self}: tensor {info.name} holds {overflowed} finite values beyond "
+                            f"{self}'s range (they would become inf) and {underflowed} nonzero values below its "
+                            "smallest (they would become 0); nothing written. Pass --allow-lossy-cast to write them "
+                            "anyway, or keep the dtype", info.location.file if info.location else None)
+        self.overflowed += overflowed
+        self.underflowed += underflowed
+        self.tensors.append(info.name)
+
+
 def _loader(dtype_name):
+    """Tensors read and cast; a CastPlan counts (or refuses) what its cast changes beyond rounding."""
     from ckpttool.tensors import load_tensor, torch_dtype
 
     def load(info: TensorInfo, cast: str):
         tensor = load_tensor(info)
-        return tensor.to(torch_dtype(cast)) if cast != info.dtype else tensor
+        if cast == info.dtype:
+            return tensor
+        out = tensor.to(torch_dtype(cast))
+        if isinstance(dtype_name, CastPlan):
+            dtype_name.count(info, tensor, out)
+        return out
     return load
 
 
 def _identity(info: TensorInfo):
-    """Tensors with the same storage and the same view are one tensor saved under several names (tied weights)."""
+    """Tensors with the same storage, the same view and the same conj and neg bits are one tensor saved under several
+    names (tied weights)."""
     loc = info.location
     if loc is None or info.storage_key is None:
         return None
-    return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype
+    return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype, info.conj, info.neg
 
 
 def write_safetensors(path: str, part: Part, dtype, metadata, progress):
@@ -267,7 +303,7 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
 
         from ckpttool.tensors import load_tensor
 
-        load = _loader(dtype)
+        load = _loader(str(dtype) if dtype else None)  # cast again to compare: counted once, when written
         for label, info, target, cast in rest:
             a, b = load(info, cast), load_tensor(target)
             if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(
@@ -277,10 +313,10 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
 
 
 def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_size=None, verify=True,
-            force=False) -> dict:
+            force=False, allow_lossy_cast=False) -> dict:
     if dtype is not None and dtype not in CAST:
         raise UsageError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
-    cast = CAST.get(dtype)
+    cast = CastPlan(CAST[dtype], allow_lossy_cast) if dtype else None
     shard_bytes = parse_size(shard_size) if shard_size else None
     output.check_destination(src, dst, force)
     ckpt = open_checkpoint(src)
@@ -305,8 +341,10 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
     with atomic.guard(dst, total):
         compared = _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify)
     return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
-            "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast,
-            "verified_tensors": compared if verify else None}
+            "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast and str(cast),
+            "verified_tensors": compared if verify else None,
+            "lossy_cast": {"overflowed": cast.overflowed, "underflowed": cast.underflowed, "tensors": cast.tensors}
+            if cast is not None and cast.tensors else None}
 
 
 def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify) -> int:

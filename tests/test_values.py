@@ -1,0 +1,116 @@
+"""Issue 30, first part: the values ckpttool reads, writes and compares are the ones torch.load gives: conj and neg
+bits applied, layouts it cannot carry named (never dropped), complex values whole, casts that change values beyond
+rounding refused unless asked for, average weights finite."""
+
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import cli, codes
+
+warnings.filterwarnings("ignore", message=".*(Sparse|sparse|nested|quantize).*")
+
+
+@pytest.fixture
+def bits(tmp_path):
+    """A .pt of a conjugated complex tensor, a negated view, both at once, and a plain tensor beside them."""
+    c = torch.tensor([1 + 1j, 2 - 2j, -3 + 0.5j])
+    x = torch.tensor([0.19, 1.457, -0.5])
+    path = str(tmp_path / "bits.pt")
+    torch.save({"conj": c.conj(), "neg": torch._neg_view(x), "both": torch._neg_view(c.conj()),
+                "plain": torch.arange(3.0)}, path)
+    return path
+
+
+def loaded(path):
+    return {k: v.resolve_conj().resolve_neg() for k, v in torch.load(path, weights_only=True).items()}
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.pt"])
+def test_conj_and_neg_bits_are_applied_when_converting(bits, tmp_path, target):
+    out = str(tmp_path / target)
+    result, _ = cli("convert", bits, out)
+    assert result.exit_code == 0
+    got = load_file(out) if target.endswith(".safetensors") else loaded(out)
+    for name, value in loaded(bits).items():
+        assert torch.equal(got[name], value), name
+    assert cli("diff", "--values", bits, out)[0].exit_code == 0
+
+
+def test_conj_and_neg_bits_are_applied_to_an_accelerate_dir_and_dcp(bits, tmp_path):
+    want = loaded(bits)
+    for to in ("accelerate", "dcp"):
+        out = str(tmp_path / to)
+        assert cli("convert", bits, out, "--to", to)[0].exit_code == 0
+        assert cli("diff", "--values", bits, out)[0].exit_code == 0, to
+    torch.save({"conj": torch.tensor([1 + 1j, 2 - 2j, -3 + 0.5j])}, tmp_path / "unconjugated.pt")
+    assert want["conj"][0] == 1 - 1j
+    result, _ = cli("diff", "--values", "--component", "model", bits, tmp_path / "unconjugated.pt")
+    assert result.exit_code == 1
+
+
+def test_stats_see_the_negated_values(bits):
+    _, report = cli("inspect", "--stats", "--json", bits)
+    neg = next(s for s in report["stats"] if s["name"] == "neg")
+    assert neg["min"] == pytest.approx(-1.457) and neg["max"] == pytest.approx(0.5)
+
+
+def test_layouts_ckpttool_cannot_carry_are_named_never_dropped(tmp_path):
+    path = str(tmp_path / "layouts.pt")
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.tensor([3.0, 4.0]), (2, 2))
+    torch.save({"dense": torch.ones(2), "coo": coo, "csr": coo.to_sparse_csr(),
+                "q": torch.quantize_per_tensor(torch.tensor([1.0, 2.0]), 0.1, 0, torch.qint8),
+                "qc": torch.quantize_per_channel(torch.ones(2, 2), torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), 0,
+                                                 torch.qint8),
+                "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, path)
+    assert set(torch.load(path, weights_only=True)) == {"dense", "coo", "csr", "q", "qc", "nested"}
+    result, report = cli("inspect", "--json", path)
+    assert result.exit_code == 0 and codes(report) == ["unsupported_layout"]  # a warning, and never unsafe_pickle
+    message = report["problems"][0]["message"]
+    for name in ("coo (sparse_coo)", "csr (sparse_csr)", "q (quantized)", "qc (quantized)", "nested (nested)"):
+        assert name in message
+    for args in (["convert", path, tmp_path / "out.safetensors"], ["convert", path, tmp_path / "out.pt"],
+                 ["diff", path, path]):
+        result, _ = cli(*args)
+        assert result.exit_code == 1 and "unsupported_layout" in result.stderr and "coo (sparse_coo)" in result.stderr
+    assert not os.path.exists(tmp_path / "out.safetensors") and not os.path.exists(tmp_path / "out.pt")
+
+
+def test_complex_values_are_compared_and_measured_whole(tmp_path):
+    torch.save({"z": torch.tensor([1 + 1j, 2 + 2j])}, tmp_path / "a.pt")
+    torch.save({"z": torch.tensor([1 - 5j, 2 + 9j])}, tmp_path / "b.pt")  # the same real parts
+    result, report = cli("diff", "--values", "--json", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert result.exit_code == 1 and report["same"] is False
+    _, report = cli("inspect", "--stats", "--json", tmp_path / "b.pt")
+    z = report["stats"][0]
+    assert (z["min"], z["max"]) == (-5, 9)  # over the real and imaginary parts together
+    assert z["l2"] == pytest.approx(abs(torch.tensor([1 - 5j, 2 + 9j])).pow(2).sum().sqrt().item())
+
+
+def test_a_cast_beyond_rounding_is_refused_unless_asked_for(tmp_path):
+    src = str(tmp_path / "bf16.safetensors")
+    save_file({"w": torch.tensor([1e5, 1.0, 1e-30, 0.5], dtype=torch.bfloat16)}, src)
+    out = str(tmp_path / "fp16.safetensors")
+    result, _ = cli("convert", src, out, "--dtype", "fp16")
+    assert result.exit_code == 1 and "lossy_cast" in result.stderr and not os.path.exists(out)
+    assert "1 finite values beyond" in result.stderr and "1 nonzero values below" in result.stderr
+    result, report = cli("convert", "--json", src, out, "--dtype", "fp16", "--allow-lossy-cast")
+    assert result.exit_code == 0 and report["lossy_cast"] == {"overflowed": 1, "underflowed": 1, "tensors": ["w"]}
+    assert torch.isinf(load_file(out)["w"][0])
+    fine = str(tmp_path / "fine.safetensors")
+    save_file({"w": torch.tensor([1.0, 0.5], dtype=torch.bfloat16)}, fine)
+    result, report = cli("convert", "--json", fine, tmp_path / "fine16.safetensors", "--dtype", "fp16")
+    assert result.exit_code == 0 and report["lossy_cast"] is None
+
+
+@pytest.mark.parametrize("weights", ["inf,1", "nan,1", "1e308,1e308"])
+def test_average_refuses_weights_that_are_not_finite(tmp_path, weights):
+    for name in ("a", "b"):
+        save_file({"w": torch.ones(2)}, str(tmp_path / f"{name}.safetensors"))
+    result, _ = cli("average", tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "avg.safetensors",
+                    "--weights", weights)
+    assert result.exit_code == 2 and "must be finite" in result.stderr
+    assert not os.path.exists(tmp_path / "avg.safetensors")
