@@ -48,6 +48,24 @@ def make_staging_dir(dst: str) -> str:
     return path
 
 
+def publish(staged: str, dst: str):
+    """Move a complete output into place. A file replaces a file in one rename. A folder cannot replace anything in
+    one rename, so the old output is renamed aside first (under a staging name, which the next write or `prune`
+    removes if this is interrupted), the new one renamed in, and the old one deleted last: at every moment one whole
+    output exists, at `dst` or aside, never a half-deleted one."""
+    if not os.path.lexists(dst) or not (os.path.isdir(staged) or os.path.isdir(dst)):
+        os.replace(staged, dst)
+        return
+    aside = staging_path(dst)
+    os.rename(dst, aside)
+    try:
+        os.rename(staged, dst)
+    except BaseException:
+        os.rename(aside, dst)  # the old output back where it was
+        raise
+    discard(aside)
+
+
 def discard(path: str):
     """Remove a staging file or folder, whatever is left of it."""
     if os.path.isdir(path) and not os.path.islink(path):

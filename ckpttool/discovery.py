@@ -49,15 +49,31 @@ def discover(root: str) -> list[Candidate]:
                     found.append(candidate)
             elif (parsed := family.parse(entry)) is not None:
                 families.setdefault(parsed[1], []).append(full)
-            elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
-                found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
             elif LIGHTNING_LAST.fullmatch(entry):
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
+            elif entry.endswith(".ckpt"):  # Lightning: any filename template, so the step the file records
+                found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
+            elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
+                found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
             found.append(Candidate(main, step, sorted(members) + _existing(manifest)))
     return sorted(found, key=lambda c: c.order, reverse=True)
+
+
+def recorded_step(path: str) -> int | None:
+    """The global_step a Lightning .ckpt records in its own pickle (its name is a template that may hold a metric's
+    digits, `epoch=0-val_loss=0.89.ckpt`); None when it records none or cannot be read (verify then says why)."""
+    from ckpttool.errors import CkptError
+    from ckpttool.formats.torchfile import read_raw
+
+    try:
+        obj = read_raw(path).obj
+    except (CkptError, OSError):
+        return None
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    return step if type(step) is int and step >= 0 else None
 
 
 def _dir_candidate(full: str, entry: str) -> Candidate | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 from ckpttool import atomic, hashing, steps
 from ckpttool.checkpoint import open_checkpoint
@@ -390,9 +389,7 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
                 os.path.join(out_path, f"{comp.name}.safetensors")), cast) for comp in whole) if verify else 0
         else:
             compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0
-        if os.path.lexists(dst):  # --force: replace only now that the new output is complete
-            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
-        os.replace(out_path, dst)
+        atomic.publish(out_path, dst)  # --force: the old output goes only once the new one is in its place
     finally:
         atomic.discard(staging)
     return compared

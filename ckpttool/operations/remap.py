@@ -243,9 +243,7 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
             result = remap(weights, target, force=True, to="safetensors", **options)
             if os.path.exists(os.path.join(src, MANIFEST_NAME)):
                 manifest.write(out)
-            if os.path.lexists(dst):
-                shutil.rmtree(dst) if os.path.isdir(dst) else os.unlink(dst)
-            os.replace(out, dst)
+            atomic.publish(out, dst)
         finally:
             atomic.discard(staging)
     return {**result, "src": src, "dst": dst, "format": "state dir"}

@@ -468,9 +468,7 @@ def _write(p: Plan, dst: str, link: bool, advance):
         for weights, like in p.remaps.items():
             _remap_in_place(out if weights == os.path.abspath(p.src) else
                             os.path.join(out, os.path.relpath(weights, os.path.abspath(p.src))), like)
-        if os.path.lexists(dst):  # --force: replace only now that the new output is complete
-            shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
-        os.replace(out, dst)
+        atomic.publish(out, dst)  # --force: the old output goes only once the new one is in its place
     finally:
         atomic.discard(staging)
 
