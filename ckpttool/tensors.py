@@ -6,7 +6,7 @@ This is the only place the format layer needs torch, and it imports it lazily.
 from __future__ import annotations
 
 from ckpttool.errors import CkptError
-from ckpttool.model import TensorInfo
+from ckpttool.model import TensorInfo, contiguous_strides
 
 
 def torch_dtype(name: str):
@@ -34,22 +34,51 @@ def read_bytes(info: TensorInfo) -> bytes:
     return data
 
 
-def read_storage(info: TensorInfo):
-    """The tensor's storage bytes as a uint8 tensor, read straight into it (one copy, no intermediate bytes)."""
+def read_storage(info: TensorInfo, start: int = 0, length: int | None = None):
+    """`length` bytes of the tensor's storage from byte `start` (all of it by default) as a uint8 tensor, read
+    straight into it (one copy, no intermediate bytes)."""
     import torch
 
     loc = info.location
-    buf = torch.empty(loc.length, dtype=torch.uint8)
+    length = loc.length - start if length is None else length
+    buf = torch.empty(length, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     done = 0
     with open(loc.file, "rb", buffering=0) as f:
-        f.seek(loc.offset)
-        while done < loc.length:
+        f.seek(loc.offset + start)
+        while done < length:
             n = f.readinto(view[done:])
             if not n:
-                raise _short_read(info, done)
+                raise _short_read(info, start + done)
             done += n
     return buf
+
+
+VIEW_SPAN = 1 << 20  # bytes of a view's storage read at once: a column of a 100 MB matrix reads it piece by piece
+
+
+def _read_view(info: TensorInfo, dtype):
+    """A strided view of a larger storage, reading only the elements' span, in pieces along its largest stride of at
+    most VIEW_SPAN bytes each: memory is the tensor's size and one piece, not the storage's."""
+    import torch
+
+    loc, shape, stride = info.location, tuple(info.shape), tuple(info.location.stride)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not shape or stride == contiguous_strides(shape):  # exactly its own bytes, read at once
+        return read_storage(info, loc.storage_offset * itemsize, info.numel * itemsize).view(dtype).reshape(shape)
+    out = torch.empty(shape, dtype=dtype)
+    dim = max(range(len(shape)), key=lambda d: stride[d] if shape[d] > 1 else -1)
+    rest = sum((size - 1) * st for d, (size, st) in enumerate(zip(shape, stride)) if d != dim)
+    per_step = max(1, stride[dim])
+    block = max(1, (VIEW_SPAN // itemsize - rest - 1) // per_step + 1)
+    for first in range(0, shape[dim], block):
+        count = min(block, shape[dim] - first)
+        begin = loc.storage_offset + first * stride[dim]
+        span = (count - 1) * stride[dim] + rest + 1
+        piece = read_storage(info, begin * itemsize, span * itemsize).view(dtype)
+        sizes = shape[:dim] + (count,) + shape[dim + 1:]
+        out.narrow(dim, first, count).copy_(piece.as_strided(sizes, stride, 0))
+    return out
 
 
 def _load_saved(name: str, loc, shape):
@@ -104,11 +133,12 @@ def _load(info: TensorInfo):
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    flat = read_storage(info).view(dtype)
-    if info.location.stride is None:  # safetensors: contiguous, exactly this tensor
-        return flat.reshape(info.shape)
-    needed = info.location.storage_offset + sum((s - 1) * st for s, st in zip(info.shape, info.location.stride)) + 1
-    if needed > flat.numel():
-        raise CkptError("corrupt", f"tensor {info.name} reaches element {needed} of a {flat.numel()}-element storage",
-                        info.location.file)
-    return flat.as_strided(info.shape, info.location.stride, info.location.storage_offset)
+    loc = info.location
+    if loc.stride is None:  # safetensors: contiguous, exactly this tensor
+        return read_storage(info).view(dtype).reshape(info.shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = loc.storage_offset + sum((s - 1) * st for s, st in zip(info.shape, loc.stride)) + 1
+    if needed * itemsize > loc.length:
+        raise CkptError("corrupt", f"tensor {info.name} reaches element {needed} of a "
+                        f"{loc.length // itemsize}-element storage", loc.file)
+    return _read_view(info, dtype)

@@ -114,3 +114,34 @@ def test_average_refuses_weights_that_are_not_finite(tmp_path, weights):
                     "--weights", weights)
     assert result.exit_code == 2 and "must be finite" in result.stderr
     assert not os.path.exists(tmp_path / "avg.safetensors")
+
+
+def test_views_read_only_their_own_span_in_bounded_pieces(tmp_path, monkeypatch):
+    from ckpttool import tensors
+    from ckpttool.checkpoint import open_checkpoint  # never the whole 1.2 MB storage for a smaller view
+
+    base = torch.randn(1000, 300)
+    views = {"t": base.t(), "col": base[:, 5], "block": base[10:20, 3:9], "every": base[::7, ::3], "one": base[3, 4],
+             "row": base[2], "whole": base, "expanded": torch.randn(5, 1).expand(5, 4), "empty": torch.zeros(0, 3),
+             "bf16": torch.randn(8, 8).to(torch.bfloat16)[:, 1],
+             "8d": torch.randn(2, 1, 2, 1, 2, 1, 2, 3).permute(7, 6, 5, 4, 3, 2, 1, 0)}
+    path = str(tmp_path / "views.pt")
+    torch.save(views, path)
+    want = torch.load(path, weights_only=True)
+    read, real = [], tensors.read_storage
+
+    def recording(info, start=0, length=None):
+        out = real(info, start, length)
+        read.append(out.numel())
+        return out
+
+    monkeypatch.setattr(tensors, "read_storage", recording)
+    monkeypatch.setattr(tensors, "VIEW_SPAN", 4096)
+    for t in open_checkpoint(path).model.tensors:
+        read.clear()
+        got = tensors.load_tensor(t)
+        assert torch.equal(got, want[t.name]) and got.shape == want[t.name].shape, t.name
+        own = got.numel() * got.element_size()  # a contiguous tensor reads exactly its bytes, a view bounded pieces
+        assert max(read, default=0) <= (own if got.is_contiguous() and t.name in ("whole", "row") else 4096), t.name
+        if t.name == "block":  # ten rows of the block: its span, not the storage
+            assert sum(read) < 10 * 300 * 4
