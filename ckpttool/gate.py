@@ -92,10 +92,29 @@ def _prefix_remap(ckpt_keys, model_keys) -> str | None:
     return None
 
 
-def _model_problems(ckpt, model) -> tuple[list[dict], str | None]:
+def _several(live) -> list:
+    """The live objects of one kind: none, one, or a list of them (every model an Accelerator prepared)."""
+    return [] if live is None else list(live) if isinstance(live, (list, tuple)) else [live]
+
+
+def _part(ckpt, role: str, index: int):
+    """The saved part the index-th live object of `role` loads from: Accelerate names them model, model_1, ...
+    (optimizer_1, scheduler_1); the first may be any component of that role."""
+    if index == 0:
+        return ckpt.component(role)
+    return next((c for c in ckpt.components if c.name == f"{role}_{index}"), None)
+
+
+def _missing_part(role: str, index: int, count: int) -> dict:
+    return {"code": "missing_file", "severity": "error",
+            "message": f"the run prepared {count} {role}s, but the checkpoint holds no {role}_{index}: load_state "
+                       "would load the others into place and then fail on it"}
+
+
+def _model_problems(ckpt, model, comp=None) -> tuple[list[dict], str | None]:
     from ckpttool.operations.diff import model_tensors, problems_of
 
-    comp = ckpt.model
+    comp = comp or ckpt.model
     if comp is None:
         return [], None
     model_file = next((f for f in comp.files if f.endswith((".safetensors", ".bin", ".pt", ".pth"))), None)
@@ -129,8 +148,8 @@ def _tied_and_present(model, report) -> dict[str, str]:
     return tied
 
 
-def _optimizer_problems(ckpt, optimizer) -> list[dict]:
-    comp = ckpt.component("optimizer")
+def _optimizer_problems(ckpt, optimizer, comp=None) -> list[dict]:
+    comp = comp or ckpt.component("optimizer")
     saved = comp.tree if comp is not None else None
     if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
         return []
@@ -245,8 +264,9 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
                  world_size=None):
     """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError, and nothing
     else: a checkpoint too malformed even to be read is refused, never an exception of the reader's escaping into
-    the trainer. `world_size`: the live run's number of processes (by default torch.distributed's, else
-    WORLD_SIZE, else 1)."""
+    the trainer. `model`, `optimizer` and `scheduler` may each be a list (every one an Accelerator prepared: the
+    i-th is compared with model_i, optimizer_i, scheduler_i). `world_size`: the live run's number of processes (by
+    default torch.distributed's, else WORLD_SIZE, else 1)."""
     path = os.fspath(path)
     try:
         return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size)
@@ -266,17 +286,29 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, require_mani
     problems = list(report["problems"])
     model_file = None
     if not any(p["code"] in DAMAGE and p["severity"] == "error" for p in problems):  # damaged: nothing to compare
-        if ckpt is not None and model is not None:
-            found, model_file = _model_problems(ckpt, model)
-            problems += found
-        if ckpt is not None and optimizer is not None:
-            problems += _optimizer_problems(ckpt, optimizer)
-        elif ckpt is not None and model is not None:
-            problems += _trainable_count_problems(ckpt, model)
+        models, optimizers, schedulers = _several(model), _several(optimizer), _several(scheduler)
         if ckpt is not None:
+            for i, live in enumerate(models):
+                comp = _part(ckpt, "model", i)
+                if i and comp is None:
+                    problems.append(_missing_part("model", i, len(models)))
+                    continue
+                found, file = _model_problems(ckpt, live, comp)
+                problems += found
+                model_file = model_file or file
+            for i, live in enumerate(optimizers):
+                comp = _part(ckpt, "optimizer", i)
+                problems += [_missing_part("optimizer", i, len(optimizers))] if i and comp is None else \
+                    _optimizer_problems(ckpt, live, comp)
+            if models and not optimizers:
+                problems += _trainable_count_problems(ckpt, models[0])
             problems += _world_size_problems(ckpt, world_size or live_world_size())
-        if ckpt is not None and scheduler is not None and ckpt.component("scheduler") is not None:
-            problems += _scheduler_problems(ckpt.component("scheduler").tree, scheduler)
+            for i, live in enumerate(schedulers):
+                comp = _part(ckpt, "scheduler", i)
+                if i and comp is None:
+                    problems.append(_missing_part("scheduler", i, len(schedulers)))
+                elif comp is not None:
+                    problems += _scheduler_problems(comp.tree, live)
     for p in problems:
         fix = _fix(p["code"], path, p, model_file)
         p.pop("remap", None)

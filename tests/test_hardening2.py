@@ -73,3 +73,76 @@ def test_convert_force_replaces_a_folder_whole(tmp_path):
     assert cli("convert", src, out, "--to", "accelerate", "--force")[0].exit_code == 0
     assert cli("diff", "--values", src, out)[0].exit_code == 0
     assert not [e for e in os.listdir(tmp_path) if atomic.STAGING.match(e)]
+
+
+def _accelerate_project(tmp_path, shapes=((3, 4),), seed=0):
+    """A real Accelerator with automatic checkpoint naming, models of the given Linear shapes, AdamW, LambdaLR."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.manual_seed(seed)
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path),
+                                                                    automatic_checkpoint_naming=True))
+    models = [torch.nn.Linear(*shape) for shape in shapes]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
+    prepared = acc.prepare(*models, *opts, *scheds)
+    return acc, prepared[:len(models)], prepared[len(models):2 * len(models)]
+
+
+def _steps(models, opts, n=1):
+    for _ in range(n):
+        for m, o in zip(models, opts):
+            m(torch.randn(2, m.in_features)).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+
+
+def test_accelerate_gate_refuses_what_load_state_would_pick_over_the_newest(tmp_path):
+    from ckpttool.gate import ResumeGateError
+    from ckpttool.integrations.accelerate import install_resume_gate
+
+    acc, models, opts = _accelerate_project(tmp_path)
+    for _ in range(3):
+        _steps(models, opts)
+        acc.save_state()
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints / "checkpoint_0", checkpoints / "checkpoint_10_old")  # a stray copy of step 1
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1", "checkpoint_10_old", "checkpoint_2"]
+    acc, models, opts = _accelerate_project(tmp_path, seed=1)
+    before = models[0].weight.detach().clone()
+    install_resume_gate(acc, fallback=False)
+    with pytest.raises(ResumeGateError) as e:
+        acc.load_state()
+    assert e.value.problems[0]["code"] == "step_mismatch" and "checkpoint_10_old" in e.value.problems[0]["message"]
+    assert torch.equal(models[0].weight, before)  # nothing was loaded
+    acc, models, opts = _accelerate_project(tmp_path, seed=1)
+    install_resume_gate(acc, fallback=True)
+    acc.load_state()  # the newest checkpoint_N that passes, by name
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoints / "checkpoint_2" / "model.safetensors"))
+    assert torch.equal(models[0].weight.detach(), saved["weight"])
+
+
+def test_accelerate_gate_compares_every_prepared_model(tmp_path):
+    from ckpttool.gate import ResumeGateError
+    from ckpttool.integrations.accelerate import install_resume_gate
+
+    acc, models, opts = _accelerate_project(tmp_path, shapes=((3, 4), (4, 2)))
+    _steps(models, opts)
+    acc.save_state()
+    acc, models, opts = _accelerate_project(tmp_path, shapes=((3, 4), (4, 5)), seed=1)  # the second one changed
+    before = models[0].weight.detach().clone()
+    install_resume_gate(acc)
+    with pytest.raises(ResumeGateError) as e:
+        acc.load_state(str(tmp_path / "checkpoints" / "checkpoint_0"))
+    assert {"shape_mismatch"} <= {p["code"] for p in e.value.problems}
+    assert torch.equal(models[0].weight, before)  # model 0 untouched: the gate ran before anything was loaded
+    acc, models, opts = _accelerate_project(tmp_path, shapes=((3, 4), (4, 2)), seed=1)
+    install_resume_gate(acc)
+    acc.load_state(str(tmp_path / "checkpoints" / "checkpoint_0"))

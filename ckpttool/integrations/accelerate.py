@@ -1,8 +1,10 @@
 """`install_resume_gate(accelerator, fallback=True)`: `accelerator.load_state(dir)` runs ckpttool's gate first and
-raises `ResumeGateError` before any weight, optimizer or RNG state is loaded. With automatic checkpoint naming,
-`load_state()` takes the newest `checkpoint_N` that passes (Accelerate's own takes the highest N, unverified:
-accelerate 1.15 accelerator.py load_state), each newer one skipped logged by "ckpttool.gate"; `fallback=False` gates
-the one Accelerate picks instead."""
+raises `ResumeGateError` before any weight, optimizer or RNG state is loaded; every prepared model, optimizer and
+scheduler is compared with the part it loads from (model_1, optimizer_1, ...). With automatic checkpoint naming,
+`load_state()` takes the newest `checkpoint_N` that passes, loaded by name (Accelerate's own takes the entry of
+checkpoints/ with the highest first number in its name, unverified: accelerate 1.16 accelerator.py load_state), each
+newer one skipped logged by "ckpttool.gate"; `fallback=False` gates the one Accelerate picks instead, and refuses when
+that is not the run's newest `checkpoint_N` (a stray `checkpoint_10_old` sorts after `checkpoint_2`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 
 from ckpttool.gate import ResumeGateError, check_resume, latest_valid
 from ckpttool.trainers.accelerate import AccelerateAutomatic
+from ckpttool.trainers.base import numbered_dirs
 
 
 def _custom_object_problems(path: str, accelerator) -> list[dict]:
@@ -27,17 +30,34 @@ def _custom_object_problems(path: str, accelerator) -> list[dict]:
              "fix": "register the same objects (in the same order) as the run that saved it"}]
 
 
+def _accelerates_pick(run_dir: str) -> str:
+    """What load_state() with automatic naming will load, refused unless it is the run's newest checkpoint_N."""
+    profile = AccelerateAutomatic()
+    pick = profile.own_latest(os.path.dirname(run_dir))
+    if pick is None:
+        raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
+            f"load_state() cannot pick from {run_dir}: it is empty, or an entry has no number in its name "
+            "(Accelerate sorts every entry by its first number and raises IndexError)")}])
+    saves = numbered_dirs(run_dir, profile.name_pattern)
+    newest = saves[max(saves)] if saves else None
+    if newest is not None and os.path.abspath(pick) != os.path.abspath(newest):
+        raise ResumeGateError(pick, [{"code": "step_mismatch", "severity": "error", "message": (
+            f"load_state() would load {os.path.basename(pick)} (the first number in its name sorts highest), not "
+            f"{os.path.basename(newest)}, the run's newest checkpoint_N: the resume would go back to an older or "
+            f"foreign state"), "fix": f"move {pick} out of {run_dir}, or pass load_state() the folder to load"}])
+    return pick
+
+
 def install_resume_gate(accelerator, expected_step=None, require_manifest=False, fallback=True):
     """Wrap `accelerator.load_state` so every call is gated; returns the accelerator."""
     original = accelerator.load_state
 
     def live():
         models = [accelerator.unwrap_model(m) for m in accelerator._models]
-        optimizers = accelerator._optimizers
         schedulers = [getattr(s, "scheduler", s) for s in accelerator._schedulers]
-        return dict(model=models[0] if models else None, optimizer=optimizers[0] if optimizers else None,
-                    scheduler=schedulers[0] if schedulers else None, expected_step=expected_step,
-                    require_manifest=require_manifest, world_size=accelerator.num_processes)
+        return dict(model=models or None, optimizer=list(accelerator._optimizers) or None,
+                    scheduler=schedulers or None, expected_step=expected_step, require_manifest=require_manifest,
+                    world_size=accelerator.num_processes)
 
     @functools.wraps(original)
     def gated_load_state(input_dir=None, *args, **kwargs):
@@ -52,7 +72,7 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
                         "ckpttool.gate)")}])
                 input_dir = path
             else:
-                path = AccelerateAutomatic().own_latest(accelerator.project_dir or ".")  # what load_state() loads
+                path = _accelerates_pick(run_dir)
         if path is not None:
             problems = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator)
             try:

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import MICRO_STEPS, SAVES, WARNING
-from ckpttool.trainers.base import Profile, numbered_dirs, role
+from ckpttool.trainers.base import Profile, role
 from ckpttool.trainers.contract import RUN, Contract, Part, entries
 
 # FSDP (accelerate.utils save_fsdp_model / save_fsdp_optimizer): full `optimizer.bin`, sharded DCP dirs
@@ -158,7 +158,17 @@ class AccelerateAutomatic(Accelerate):
         return self.name_number(path) is not None and has_accelerate_files(path)
 
     def own_latest(self, run_dir):
+        """What load_state() with automatic naming loads (accelerate 1.16 accelerator.py load_state): every entry
+        of checkpoints/, files and stray folders too, sorted by the first number in its name, the last one (ties
+        kept in listing order); None where it would fail (no entry, or one without a number: IndexError)."""
         folder = os.path.join(run_dir, "checkpoints") if os.path.isdir(os.path.join(run_dir, "checkpoints")) \
             else run_dir
-        saves = numbered_dirs(folder, self.name_pattern)
-        return saves[max(saves)] if saves else None
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            return None
+        numbers = [re.findall(r"[0-9]+", entry) for entry in entries]
+        if not entries or not all(numbers):
+            return None
+        ordered = sorted(zip(entries, numbers), key=lambda item: int(item[1][0]))
+        return os.path.join(folder, ordered[-1][0])
