@@ -26,7 +26,7 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EFBIG: "the file is larger than the file-size limit allows (ulimit -f, or the filesystem's "
                              "largest file)",
                 errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
+                errno.EPERM: "operation not permitted", errno.EIO: "an I/O error occurred"}
 
 
 def staging_path(dst: str) -> str:
@@ -97,6 +97,22 @@ def write_bytes(path: str, data: bytes):
             os.replace(tmp, path)
         finally:
             discard(tmp)
+
+
+def failed_write(folder: str) -> OSError:
+    """The OSError behind a write a library reported only as its own error (torch's C++ archive writer): a file in
+    `folder` at the file-size limit (EFBIG), else a full disk (ENOSPC), else an I/O error."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    sizes = [os.lstat(os.path.join(parent, name)).st_size for parent, _, names in os.walk(folder) for name in names]
+    if limit != resource.RLIM_INFINITY and any(size >= limit - (1 << 16) for size in sizes):
+        code = errno.EFBIG
+    elif shutil.disk_usage(folder).free < (1 << 20):
+        code = errno.ENOSPC
+    else:
+        code = errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def _pid_running(pid: int) -> bool:

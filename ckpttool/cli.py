@@ -53,6 +53,25 @@ def _fail(code: int, message: str):
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, Docker) raised where the command is, so that every `finally` removes its staging."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the one it replaces (nothing outside the main thread, where Python
+    allows no handler: a command run in-process from another thread keeps the caller's)."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 class Group(click.Group):
     """Turns the toolkit's errors into one-line messages and contract exit codes, never a traceback."""
 
@@ -69,6 +88,7 @@ class Group(click.Group):
         # passes over them cost as much as building them. Paused for the command (restored for callers in-process).
         collecting = gc.isenabled()
         gc.disable()
+        previous = _on_sigterm(_terminated)
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -84,12 +104,15 @@ class Group(click.Group):
             _fail(1, f"{where}{e.strerror or e} (check the path, its permissions and the free space)")
         except KeyboardInterrupt:
             _fail(130, "interrupted")
+        except Terminated:
+            _fail(143, "terminated (SIGTERM); what it was writing was removed, inputs untouched")
         except Exception as e:  # a bug in ckpttool: still no traceback unless asked for
             if os.environ.get("CKPTTOOL_DEBUG"):
                 raise
             _fail(1, f"internal error {type(e).__name__}: {e} (set CKPTTOOL_DEBUG=1 for the traceback and "
                      "please report it)")
         finally:
+            _on_sigterm(previous)
             if collecting:
                 gc.enable()
             if "ckpttool.distributed" in sys.modules:  # loaded only under torchrun

@@ -146,3 +146,23 @@ def test_accelerate_gate_compares_every_prepared_model(tmp_path):
     acc, models, opts = _accelerate_project(tmp_path, shapes=((3, 4), (4, 2)), seed=1)
     install_resume_gate(acc)
     acc.load_state(str(tmp_path / "checkpoints" / "checkpoint_0"))
+
+
+def test_sigterm_removes_the_staging_and_says_so(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "big.pt"
+    torch.save({f"w{i}": torch.randn(256, 1024) for i in range(128)}, src)  # 128 MiB, cast tensor by tensor
+    proc = subprocess.Popen([sys.executable, "-m", "ckpttool", "convert", str(src), str(tmp_path / "out.safetensors"),
+                             "--dtype", "fp16"], stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not [e for e in os.listdir(tmp_path) if atomic.STAGING.match(e)]:
+        time.sleep(0.01)  # until it is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the conversion finished before the signal arrived")
+    assert proc.returncode == 143 and err.strip().endswith("inputs untouched") and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["big.pt"]

@@ -231,7 +231,12 @@ class Writer:
         self._file.close()
 
     def abort(self):
-        self._file.close()
+        """Close without raising: on a full disk, closing flushes the buffered tail and fails again; the file is
+        closed all the same, and the caller removes it."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 def copy_range(src_fd: int, offset: int, dst_fd: int, length: int):

@@ -266,9 +266,14 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dcp.save(state, checkpoint_id=folder, no_dist=True)
-        except dcp.api.CheckpointException as e:  # DCP wraps each rank's error as (exception, stack)
-            raise next(failure[0] for failure in e.failures.values()) from None
+            try:
+                dcp.save(state, checkpoint_id=folder, no_dist=True)
+            except dcp.api.CheckpointException as e:  # DCP wraps each rank's error as (exception, stack)
+                raise next(failure[0] for failure in e.failures.values()) from None
+        except RuntimeError as e:  # torch's C++ archive writer reports a failed write as an "enforce fail"
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            raise atomic.failed_write(folder) from None
 
 
 def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> int:

@@ -94,10 +94,12 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
             if staged:
                 os.replace(tmp, dst)
         finally:
-            if writer is not None:
-                writer.abort()
-            if staged or writer is not None:
-                atomic.discard(tmp)
+            try:
+                if writer is not None:
+                    writer.abort()
+            finally:  # never a full-size staging file left behind, whatever closing it raised
+                if staged or writer is not None:
+                    atomic.discard(tmp)
 
 
 def write_json_beside(dst: str, name: str, doc: dict):
