@@ -210,6 +210,10 @@ def verify(paths, as_json, require_manifest, config_file, expect_step, for_resum
 
             report = run_verify(path, config_file=config_file, recall=False, **options)
         reports.append(report)
+    if "ckpttool.distributed" in sys.modules and sys.modules["ckpttool.distributed"].active():
+        sys.modules["ckpttool.distributed"].same_everywhere("the verdict", [
+            (r["ok"], r["step"], sorted((p["code"], p["severity"], p.get("path")) for p in r["problems"]))
+            for r in reports])
     _show(reports[0] if len(reports) == 1 else reports, as_json,
           "verify_report" if len(reports) == 1 else "verify_table")
     sys.exit(0 if all(r["ok"] for r in reports) else 1)

@@ -21,6 +21,7 @@ def launched() -> bool:
 
 
 _started = False  # set by `start`: a process group a trainer started for itself is not ckpttool's to use
+_work_group = None  # the group the shared work gathers over, with the long timeout (the default group: the join's)
 
 
 def active() -> bool:
@@ -52,24 +53,36 @@ def enter(command: str):
 
 
 def start():
+    """Join the other processes within CKPTTOOL_DIST_JOIN_S (a rank that died before joining ends every rank with
+    one line, not a wait of the whole work timeout), then gather the work over a group whose timeout is
+    CKPTTOOL_DIST_TIMEOUT_MIN (a rank waits this long for the slowest)."""
     import datetime
 
     import torch.distributed as dist
 
-    global _started
+    from ckpttool.errors import UsageError
+
+    global _started, _work_group
     backend = os.environ.get("CKPTTOOL_DIST_BACKEND", "gloo")
-    minutes = float(os.environ.get("CKPTTOOL_DIST_TIMEOUT_MIN", "60"))  # a rank waits this long for the slowest
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+    join = float(os.environ.get("CKPTTOOL_DIST_JOIN_S", "300"))
+    minutes = float(os.environ.get("CKPTTOOL_DIST_TIMEOUT_MIN", "60"))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=join))
+        _work_group = dist.new_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, a refused or timed-out connection
+        raise UsageError(f"under torchrun: not all {os.environ.get('WORLD_SIZE')} processes joined within {join:g} s "
+                         f"({type(e).__name__}); start them together, raise CKPTTOOL_DIST_JOIN_S, or run without "
+                         "torchrun") from None
     _started = True
 
 
 def stop():
-    global _started
+    global _started, _work_group
     if _started:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-        _started = False
+        _started, _work_group = False, None
 
 
 def silence():
@@ -103,6 +116,7 @@ def run_shared(items: list, sizes: list[int], run):
 
     from ckpttool.errors import CkptError
 
+    same_everywhere("the work to share", [repr(item) for item in items], sizes)
     mine = share(sizes)
     try:
         outcome = ("ok", dict(zip(mine, run([items[i] for i in mine]))))
@@ -113,7 +127,7 @@ def run_shared(items: list, sizes: list[int], run):
     except Exception as e:  # noqa: BLE001 - carried to every process, then raised there
         outcome = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, outcome)
+    dist.all_gather_object(gathered, outcome, group=_work_group)
     merged = {}
     for status, value in gathered:
         if status == "checkpoint":
@@ -122,3 +136,24 @@ def run_shared(items: list, sizes: list[int], run):
             raise value
         merged.update(value)
     return [merged[i] for i in range(len(items))]
+
+
+def same_everywhere(what: str, *values):
+    """Raise, on every process alike, unless every process holds the same `values`: ranks that see other bytes
+    (another copy of the checkpoint on another node, a file changed between the reads) would otherwise share out
+    different work, or report different verdicts, and exit with different codes."""
+    import json
+
+    import torch.distributed as dist
+    import xxhash
+
+    from ckpttool.errors import CkptError
+
+    digest = xxhash.xxh3_128_hexdigest(json.dumps(values, sort_keys=True, default=str).encode("utf-8"))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest, group=_work_group)
+    odd = [r for r, d in enumerate(gathered) if d != gathered[0]]
+    if odd:
+        raise CkptError("corrupt", f"the processes do not see the same checkpoint: {what} differs on rank "
+                        f"{', '.join(map(str, odd))} from rank 0 (another copy on another node, or files changed "
+                        "while they were read); verify it from one process, or give every rank the same files")

@@ -112,3 +112,36 @@ def test_a_tensor_that_cannot_be_read_stops_every_process_the_same_way(corpus, t
     two = run("verify", "--finite", str(path), ranks=2)
     assert one[0] == two[0] == 1 and one[1] == two[1] and one[2].strip() in two[2]
     assert one[2].startswith("ckpttool: ") and "[corrupt]" in one[2] and "internal error" not in one[2]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_never_joins_ends_the_launch_with_one_line(run_dir):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), CKPTTOOL_DIST_JOIN_S="3", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "ckpttool", "verify", str(run_dir / "checkpoint-10")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "not all 2 processes joined within 3 s" in lines[0], \
+        proc.stderr
+
+
+def test_ranks_that_see_different_bytes_fail_alike(run_dir, tmp_path):
+    """Each rank verifies `ckpt` relative to its own folder (another node's copy): one is cut short."""
+    for rank in (0, 1):
+        shutil.copytree(run_dir / "checkpoint-10", tmp_path / f"node{rank}" / "ckpt")
+    with open(tmp_path / "node1" / "ckpt" / "optimizer.pt", "r+b") as f:
+        f.truncate(1000)
+    script = tmp_path / "rank.sh"
+    script.write_text(f'cd {tmp_path}/node$RANK && exec {sys.executable} -m ckpttool verify ckpt\n')
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--no-python", "bash", str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "OK: verified" not in proc.stdout
+    assert "the processes do not see the same checkpoint" in proc.stdout + proc.stderr
