@@ -37,11 +37,64 @@ class ResumeGateError(Exception):
         super().__init__("\n".join(lines))
 
 
+SNAPSHOT_LIMIT = 100_000  # files whose identity a snapshot records (a checkpoint of more is rare; the rest unchecked)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the gate checked, by the identity of every file of the checkpoint: (device, inode, size, mtime_ns,
+    ctime_ns). A file replaced between the check and the library's load (a rolling save, a sync job renaming a new
+    copy in) or rewritten in place changes it; `confirm_unchanged` after the load refuses such a resume."""
+
+    path: str
+    files: tuple
+
+    @classmethod
+    def of(cls, path: str) -> "Snapshot":
+        entries = []
+        walk = os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path) or ".", [],
+                                                           [os.path.basename(path)])]
+        for folder, dirs, names in walk:
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(folder, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                entries.append((full, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                if len(entries) >= SNAPSHOT_LIMIT:
+                    return cls(path, tuple(entries))
+        return cls(path, tuple(entries))
+
+    def changed(self) -> list[str]:
+        """The files added, removed, replaced or rewritten since the snapshot was taken."""
+        now = {e[0]: e for e in Snapshot.of(self.path).files}
+        then = {e[0]: e for e in self.files}
+        return sorted(f for f in set(now) | set(then) if now.get(f) != then.get(f))
+
+
+def confirm_unchanged(report: "GateReport"):
+    """Raise ResumeGateError if any file of the checkpoint the gate passed changed since (the hooks call it after the
+    library loaded): the bytes checked must be the bytes loaded."""
+    changed = report.snapshot.changed() if report.snapshot is not None else []
+    if changed:
+        names = [os.path.relpath(f, report.path) if os.path.isdir(report.path) else f for f in changed[:5]]
+        raise ResumeGateError(report.path, [{
+            "code": "checksum_mismatch", "severity": "error",
+            "message": f"{', '.join(names)}{' ...' if len(changed) > 5 else ''} changed between the gate's check "
+                       "and the library's load "
+                       "(replaced or rewritten: a save or a sync still writing into it?); what was loaded is not what "
+                       "was checked, so this resume must not go on",
+            "fix": "stop what writes into the checkpoint, then resume again"}])
+
+
 @dataclass
 class GateReport:
     path: str
     step: int | None
     problems: list = field(default_factory=list)  # warnings only when it passed
+    snapshot: Snapshot | None = None  # the checkpoint's files as the gate found them before reading them
 
     @property
     def ok(self) -> bool:
@@ -281,6 +334,7 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
 
 
 def _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size):
+    before = Snapshot.of(path)
     report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
                                      require_manifest=require_manifest)
     problems = list(report["problems"])
@@ -317,12 +371,23 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, require_mani
     errors = [p for p in problems if p["severity"] == "error"]
     if errors:
         raise ResumeGateError(path, errors)
-    return GateReport(path, report["step"], problems)
+    passed = GateReport(path, report["step"], problems, before)
+    confirm_unchanged(passed)  # nothing changed while it was being checked, either
+    return passed
 
 
 def latest_valid(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
                  world_size=None, model_for=None) -> str | None:
-    """The newest checkpoint under `run_dir` that passes the gate, for any trainer ckpttool recognises (ordered by the
+    """The path of `latest_passing`'s report (see there), or None."""
+    report = latest_passing(run_dir, model, optimizer, scheduler, expected_step, require_manifest, world_size,
+                            model_for)
+    return report.path if report is not None else None
+
+
+def latest_passing(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+                   world_size=None, model_for=None) -> GateReport | None:
+    """The gate's report on the newest checkpoint under `run_dir` that passes it (its snapshot for
+    `confirm_unchanged` after the load), for any trainer ckpttool recognises (ordered by the
     number in its name, as `ckpttool latest` does); each newer one it skips is logged (logger "ckpttool.gate") with
     its codes. None when none passes, or `run_dir` is no directory. `model_for(path)`: what to compare a candidate
     with, where that depends on the checkpoint (a PEFT model and an adapter checkpoint)."""
@@ -337,14 +402,14 @@ def latest_valid(run_dir, model=None, optimizer=None, scheduler=None, expected_s
             log.warning("skipping %s: missing_file: %s", candidate.path, candidate.skip)
             continue
         try:
-            check_resume(candidate.path, model=model_for(candidate.path) if model_for else model, optimizer=optimizer,
-                         scheduler=scheduler, expected_step=expected_step, require_manifest=require_manifest,
-                         world_size=world_size)
+            report = check_resume(candidate.path, model=model_for(candidate.path) if model_for else model,
+                                  optimizer=optimizer, scheduler=scheduler, expected_step=expected_step,
+                                  require_manifest=require_manifest, world_size=world_size)
         except ResumeGateError as e:
             log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p["code"] for p in e.problems})),
                         e.problems[0]["message"])
             continue
         log.info("resuming from %s", candidate.path)
-        return candidate.path
+        return report
     log.warning("no checkpoint under %s passes the gate", run_dir)
     return None

@@ -166,3 +166,55 @@ def test_sigterm_removes_the_staging_and_says_so(tmp_path):
         pytest.skip("the conversion finished before the signal arrived")
     assert proc.returncode == 143 and err.strip().endswith("inputs untouched") and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["big.pt"]
+
+
+def _swap(path):
+    """What a rolling save or a sync job does: a new file renamed over the old one."""
+    new = path + ".new"
+    shutil.copyfile(path, new)
+    os.replace(new, path)
+
+
+def test_accelerate_hook_refuses_files_swapped_between_check_and_load(tmp_path):
+    from ckpttool.gate import ResumeGateError
+    from ckpttool.integrations.accelerate import install_resume_gate
+
+    acc, models, opts = _accelerate_project(tmp_path)
+    _steps(models, opts)
+    acc.save_state()
+    ckpt = str(tmp_path / "checkpoints" / "checkpoint_0")
+    acc, models, opts = _accelerate_project(tmp_path, seed=1)
+    real = acc.load_state
+
+    def swapped_then_loaded(input_dir=None, *args, **kwargs):
+        _swap(os.path.join(ckpt, "model.safetensors"))
+        return real(input_dir, *args, **kwargs)
+
+    acc.load_state = swapped_then_loaded
+    install_resume_gate(acc)
+    with pytest.raises(ResumeGateError) as e:
+        acc.load_state(ckpt)
+    assert e.value.problems[0]["code"] == "checksum_mismatch" and "model.safetensors" in str(e.value)
+    acc, models, opts = _accelerate_project(tmp_path, seed=1)
+    install_resume_gate(acc)
+    acc.load_state(ckpt)  # unchanged files: no alarm
+
+
+def test_a_file_changed_while_the_gate_reads_it_is_refused(tmp_path, monkeypatch):
+    from ckpttool import gate
+
+    acc, models, opts = _accelerate_project(tmp_path)
+    _steps(models, opts)
+    acc.save_state()
+    ckpt = str(tmp_path / "checkpoints" / "checkpoint_0")
+    real = gate.verify_checkpoint
+
+    def changing(path, **kwargs):
+        result = real(path, **kwargs)
+        _swap(os.path.join(ckpt, "optimizer.bin"))
+        return result
+
+    monkeypatch.setattr(gate, "verify_checkpoint", changing)
+    with pytest.raises(gate.ResumeGateError) as e:
+        gate.check_resume(ckpt)
+    assert "optimizer.bin changed between the gate's check" in str(e.value)

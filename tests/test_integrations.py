@@ -103,6 +103,29 @@ def test_transformers_layouts_of_ddp_fsdp_and_deepspeed_pass_with_the_live_model
     assert codes(ddp, model(16, 10, 8), 1) == ["world_size_mismatch"]
 
 
+def test_transformers_gated_train_refuses_files_swapped_before_the_first_step(hf_run, tmp_path):
+    """A rolling save renames a new optimizer.pt over the checked one after the gate passed it: the Trainer loads
+    other bytes than were checked, and gated_train stops before the first step."""
+    from transformers import TrainerCallback
+
+    from ckpttool.integrations.transformers import gated_train
+
+    run = shutil.copytree(hf_run, tmp_path / "a")
+    ckpt = os.path.join(run, "checkpoint-6")
+
+    class Swapper(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            new = os.path.join(ckpt, "optimizer.pt.new")
+            shutil.copyfile(os.path.join(ckpt, "optimizer.pt"), new)
+            os.replace(new, os.path.join(ckpt, "optimizer.pt"))
+
+    trainer = _trainer(run)
+    trainer.add_callback(Swapper())
+    with pytest.raises(ResumeGateError) as e:
+        gated_train(trainer, resume_from_checkpoint=ckpt)
+    assert "optimizer.pt changed between the gate's check" in str(e.value) and trainer.state.global_step == 6
+
+
 def test_transformers_gated_train_resumes_as_train_does(hf_run, tmp_path):
     from ckpttool.integrations.transformers import gated_train
 

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 
-from ckpttool.gate import ResumeGateError, check_resume, latest_valid
+from ckpttool.gate import ResumeGateError, check_resume, confirm_unchanged, latest_passing
 from ckpttool.trainers.accelerate import AccelerateAutomatic
 from ckpttool.trainers.base import numbered_dirs
 
@@ -65,23 +65,30 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
         if path is None and accelerator.project_configuration.automatic_checkpoint_naming:
             run_dir = os.path.join(accelerator.project_dir or ".", "checkpoints")
             if fallback:  # the newest checkpoint_N that passes, loaded by name
-                path = latest_valid(run_dir, **live())
-                if path is None:
+                passed = latest_passing(run_dir, **live())
+                if passed is None:
                     raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
                         f"no checkpoint_N under {run_dir} passes the gate (each skipped one is logged by "
                         "ckpttool.gate)")}])
-                input_dir = path
+                if _custom_object_problems(passed.path, accelerator):
+                    raise ResumeGateError(passed.path, _custom_object_problems(passed.path, accelerator))
+                loaded = original(passed.path, *args, **kwargs)
+                confirm_unchanged(passed)  # the bytes loaded are the bytes checked
+                return loaded
             else:
                 path = _accelerates_pick(run_dir)
-        if path is not None:
-            problems = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator)
-            try:
-                check_resume(path, **live())
-            except ResumeGateError as e:
-                problems = e.problems + problems
-            if problems:
-                raise ResumeGateError(path, problems)
-        return original(input_dir, *args, **kwargs)
+        if path is None:
+            return original(input_dir, *args, **kwargs)
+        problems, passed = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator), None
+        try:
+            passed = check_resume(path, **live())
+        except ResumeGateError as e:
+            problems = e.problems + problems
+        if problems:
+            raise ResumeGateError(path, problems)
+        loaded = original(input_dir, *args, **kwargs)
+        confirm_unchanged(passed)  # the bytes loaded are the bytes checked
+        return loaded
 
     accelerator.load_state = gated_load_state
     return accelerator

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ckpttool.gate import ResumeGateError, check_resume, latest_valid
+from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing
 
 
 class FullShapes:
@@ -34,21 +34,25 @@ class FullShapes:
         return out
 
 
-def gated_tag(engine, load_dir, tag=None, expected_step=None) -> str:
-    """The tag to load from `load_dir`: `tag` when it passes the gate, else (tag None) the newest one that does."""
+def _passing(engine, load_dir, tag, expected_step) -> GateReport:
+    """The gate's report on the tag to load from `load_dir`: `tag` when it passes, else (tag None) the newest one
+    that does."""
     model = FullShapes(engine.module)
     world = engine.dp_world_size
     if tag is not None:
-        check_resume(os.path.join(os.fspath(load_dir), tag), model=model, expected_step=expected_step,
-                     world_size=world)
-        return tag
-    path = latest_valid(load_dir, model=model, expected_step=expected_step, world_size=world)
-    if path is None:
+        return check_resume(os.path.join(os.fspath(load_dir), tag), model=model, expected_step=expected_step,
+                            world_size=world)
+    passed = latest_passing(load_dir, model=model, expected_step=expected_step, world_size=world)
+    if passed is None:
         raise ResumeGateError(os.fspath(load_dir), [{"code": "missing_file", "severity": "error", "message": (
             f"no tag under {load_dir} passes the gate (each skipped one is logged by ckpttool.gate)")}])
-    return os.path.basename(os.path.normpath(path))
+    return passed
 
 
 def gated_load_checkpoint(engine, load_dir, tag=None, expected_step=None, **load_kwargs):
-    """engine.load_checkpoint(load_dir, tag, **load_kwargs) from a tag that passes the gate; returns what it does."""
-    return engine.load_checkpoint(load_dir, tag=gated_tag(engine, load_dir, tag, expected_step), **load_kwargs)
+    """engine.load_checkpoint(load_dir, tag, **load_kwargs) from a tag that passes the gate; returns what it does,
+    once the tag's files are confirmed unchanged since the check."""
+    passed = _passing(engine, load_dir, tag, expected_step)
+    loaded = engine.load_checkpoint(load_dir, tag=os.path.basename(os.path.normpath(passed.path)), **load_kwargs)
+    confirm_unchanged(passed)
+    return loaded

@@ -20,28 +20,27 @@ import os
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ckpttool.gate import ResumeGateError, check_resume, latest_valid
+from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing
 
 log = logging.getLogger("ckpttool.gate")
 
 
-def gate_path(path, model=None, fallback=False, expected_step=None, world_size=None) -> str:
-    """`path` when it passes the gate; with `fallback`, else the newest checkpoint beside it that does (logged);
-    else raises ResumeGateError."""
+def gate(path, model=None, fallback=False, expected_step=None, world_size=None) -> GateReport:
+    """The gate's report on `path` when it passes; with `fallback`, else on the newest checkpoint beside it that does
+    (logged); else raises ResumeGateError. Its snapshot confirms, after the load, that the files did not change."""
     path = os.fspath(path)
     try:
-        check_resume(path, model=model, expected_step=expected_step, world_size=world_size)
-        return path
+        return check_resume(path, model=model, expected_step=expected_step, world_size=world_size)
     except ResumeGateError as refused:
         if not fallback:
             raise
         run_dir = os.path.dirname(os.path.abspath(path))
         log.warning("skipping %s: %s: %s", path, ", ".join(sorted({p["code"] for p in refused.problems})),
                     refused.problems[0]["message"])
-        found = latest_valid(run_dir, model=model, expected_step=expected_step, world_size=world_size)
+        found = latest_passing(run_dir, model=model, expected_step=expected_step, world_size=world_size)
         if found is None:
             raise
-        log.warning("resuming from %s instead of %s", found, path)
+        log.warning("resuming from %s instead of %s", found.path, path)
         return found
 
 
@@ -55,10 +54,13 @@ class GatedCheckpointIO(TorchCheckpointIO):
         self.expected_step = expected_step
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        path = gate_path(path, model=self.model, fallback=self.fallback, expected_step=self.expected_step)
+        passed = gate(path, model=self.model, fallback=self.fallback, expected_step=self.expected_step)
         if map_location is None:
-            return super().load_checkpoint(path, weights_only=weights_only)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            loaded = super().load_checkpoint(passed.path, weights_only=weights_only)
+        else:
+            loaded = super().load_checkpoint(passed.path, map_location=map_location, weights_only=weights_only)
+        confirm_unchanged(passed)  # the bytes loaded are the bytes checked
+        return loaded
 
 
 def install_resume_gate(trainer, fallback: bool = False, expected_step=None):
@@ -69,9 +71,11 @@ def install_resume_gate(trainer, fallback: bool = False, expected_step=None):
 
     @functools.wraps(original)
     def gated_load_checkpoint(checkpoint_path, *args, **kwargs):
-        path = gate_path(checkpoint_path, model=trainer.lightning_module, fallback=fallback,
-                         expected_step=expected_step, world_size=trainer.world_size)
-        return original(path, *args, **kwargs)
+        passed = gate(checkpoint_path, model=trainer.lightning_module, fallback=fallback, expected_step=expected_step,
+                      world_size=trainer.world_size)
+        loaded = original(passed.path, *args, **kwargs)
+        confirm_unchanged(passed)  # the bytes loaded are the bytes checked
+        return loaded
 
     strategy.load_checkpoint = gated_load_checkpoint
     return trainer

@@ -8,14 +8,15 @@ LR scheduler the Trainer will create: built here with its own `create_optimizer`
 dropped, so that train() builds them as it always does. A refusal raises `ResumeGateError` with nothing loaded and
 no step trained. Checkpoints of DDP, FSDP (sharded and full) and DeepSpeed runs are read as the Trainer writes them;
 under FSDP and DeepSpeed, where the Trainer creates the optimizer inside the wrapped model, only the model is compared
-beforehand.
+beforehand. Before the first step trains (everything then loaded) the checkpoint's files are confirmed unchanged
+since the gate passed them: a file a save or sync job replaced in between raises `ResumeGateError`.
 """
 
 from __future__ import annotations
 
 import os
 
-from ckpttool.gate import ResumeGateError, check_resume, latest_valid, live_world_size
+from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing, live_world_size
 
 
 class AdapterView:
@@ -61,25 +62,48 @@ def _probe_optimizer_and_scheduler(trainer):
     return optimizer, scheduler
 
 
-def gated_path(trainer, resume_from_checkpoint=True, expected_step=None, require_manifest=False) -> str:
-    """The checkpoint train() will resume from, gated; raises ResumeGateError (nothing loaded) when there is none."""
+def gated(trainer, resume_from_checkpoint=True, expected_step=None, require_manifest=False) -> GateReport:
+    """The gate's report on the checkpoint train() will resume from; raises ResumeGateError (nothing loaded) when
+    there is none."""
     optimizer, scheduler = _probe_optimizer_and_scheduler(trainer)
     world = max(trainer.args.world_size, live_world_size())
     if resume_from_checkpoint is True:
         run_dir = trainer.args.output_dir
-        path = latest_valid(run_dir, model=trainer.model, optimizer=optimizer, scheduler=scheduler,
-                            expected_step=expected_step, require_manifest=require_manifest, world_size=world,
-                            model_for=lambda p: _gate_model(trainer, p))
-        if path is None:
+        passed = latest_passing(run_dir, model=trainer.model, optimizer=optimizer, scheduler=scheduler,
+                                expected_step=expected_step, require_manifest=require_manifest, world_size=world,
+                                model_for=lambda p: _gate_model(trainer, p))
+        if passed is None:
             raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
                 f"no checkpoint under {run_dir} passes the gate (each skipped one is logged by ckpttool.gate)"),
                 "fix": "start without resume_from_checkpoint, or repair a checkpoint (ckpttool verify says what "
                        "is wrong with each)"}])
-        return path
+        return passed
     path = os.fspath(resume_from_checkpoint)
-    check_resume(path, model=_gate_model(trainer, path), optimizer=optimizer, scheduler=scheduler,
-                 expected_step=expected_step, require_manifest=require_manifest, world_size=world)
-    return path
+    return check_resume(path, model=_gate_model(trainer, path), optimizer=optimizer, scheduler=scheduler,
+                        expected_step=expected_step, require_manifest=require_manifest, world_size=world)
+
+
+def _confirming(passed: GateReport):
+    """A TrainerCallback that confirms, before the first step trains (the model, optimizer, scheduler and RNG state
+    then loaded), that the checkpoint's files did not change since the gate passed them."""
+    from transformers import TrainerCallback
+
+    class ConfirmLoaded(TrainerCallback):
+        def __init__(self):
+            self.done = False
+
+        def confirm(self):
+            if not self.done:
+                self.done = True
+                confirm_unchanged(passed)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.confirm()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.confirm()
+
+    return ConfirmLoaded()
 
 
 def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, require_manifest=False, **train_kwargs):
@@ -87,5 +111,10 @@ def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, requir
     scratch as train() does."""
     if resume_from_checkpoint in (None, False):
         return trainer.train(resume_from_checkpoint=None, **train_kwargs)
-    path = gated_path(trainer, resume_from_checkpoint, expected_step, require_manifest)
-    return trainer.train(resume_from_checkpoint=path, **train_kwargs)
+    passed = gated(trainer, resume_from_checkpoint, expected_step, require_manifest)
+    confirming = _confirming(passed)
+    trainer.add_callback(confirming)
+    try:
+        return trainer.train(resume_from_checkpoint=passed.path, **train_kwargs)
+    finally:
+        trainer.remove_callback(confirming)
