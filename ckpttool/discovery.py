@@ -27,6 +27,7 @@ class Candidate:
     number: int | None  # the number in its name (step, save index or epoch): the ordering key
     files: list = field(default_factory=list)  # what deleting it removes
     skip: str | None = None  # why it is never chosen, without even verifying (temp dir, no guard)
+    named: bool = True  # its name follows a trainer's naming; False: a .ckpt ordered by the step it records only
 
     @property
     def order(self):
@@ -52,7 +53,8 @@ def discover(root: str) -> list[Candidate]:
             elif LIGHTNING_LAST.fullmatch(entry):
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
             elif entry.endswith(".ckpt"):  # Lightning: any filename template, so the step the file records
-                found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
+                found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX),
+                                       named=bool(STEP_IN_FILE_NAME.fullmatch(entry))))
             elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
         for step, members in families.items():

@@ -29,6 +29,15 @@ def test_lightning_files_are_ordered_by_the_step_they_record(tmp_path):
     assert [os.path.basename(r["path"]) for r in plan["delete"]] == ["epoch=0-val_loss=0.89.ckpt"]
 
 
+def test_prune_never_deletes_a_weights_ckpt_that_is_not_named_like_a_save(tmp_path):
+    shutil.copy(os.path.join(SAMPLES, "epoch=0-step=5.ckpt"), tmp_path / "epoch=0-step=5.ckpt")
+    shutil.copy(os.path.join(SAMPLES, "epoch=0-step=10.ckpt"), tmp_path / "epoch=0-step=10.ckpt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "sd-base.ckpt")  # exported weights
+    result, out = cli("prune", "--keep", "1", "--json", tmp_path)
+    assert result.exit_code == 0 and [os.path.basename(r["path"]) for r in out["delete"]] == ["epoch=0-step=5.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=10.ckpt", "sd-base.ckpt"]
+
+
 def _folder(path, value):
     os.makedirs(path)
     save_file({"w": torch.full((4,), float(value))}, os.path.join(path, "model.safetensors"))

@@ -35,6 +35,9 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
             keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
         elif valid < keep:
             keep_rows.append({**row, "reason": f"invalid but newer than the {keep}th valid checkpoint"})
+        elif not ok and not candidate.named:  # `sd-v1-4.ckpt` beside a Lightning run: weights, not a broken save
+            keep_rows.append({**row, "reason": "does not resume and is not named like a save of this run (exported "
+                                               "weights?): never deleted"})
         else:
             delete_rows.append({**row, "reason": "valid, older than the kept ones" if ok else "invalid and old"})
     return {"keep": keep_rows, "delete": delete_rows, "stale_staging": atomic.stale_staging(root)}
