@@ -553,3 +553,15 @@ def test_an_rng_file_of_the_other_numpy_spelling_is_refused_as_transformers_woul
     result, report = cli("verify", "--for-resume", "--json", d)
     assert result.exit_code == 1 and codes(report, "error") == ["needs_safe_globals"]
     assert f"{other}.multiarray._reconstruct" in report["problems"][0]["message"]
+
+
+def test_the_weights_only_list_is_torchs_own():
+    """TORCH_WEIGHTS_ONLY names exactly what torch.load(weights_only=True) accepts with torch alone imported, and
+    DTENSOR_GLOBALS what torch.distributed.tensor adds (as accelerate, transformers and lightning import it): asked
+    of a fresh process, where no test has added safe globals."""
+    from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
+
+    probe = ("import json, torch, torch.distributed.tensor, torch._weights_only_unpickler as u; "
+             "print(json.dumps(sorted(set(u._get_allowed_globals()) | set(u._get_user_allowed_globals()))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert TORCH_WEIGHTS_ONLY | DTENSOR_GLOBALS == set(json.loads(done.stdout))
