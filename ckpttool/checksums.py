@@ -151,7 +151,12 @@ def _check_shape(doc: dict, folder: str, target: str):
 
 def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[Problem]:
     """Check stored zip members, each (file, member, data offset, what it holds), against their CRC-32s on all
-    cores, batched per file so that many small members cost few tasks."""
+    cores, batched per file so that many small members cost few tasks. Under torchrun every process compares the
+    CRCs with its own copy's directory: those must be the same everywhere, or each would judge another file."""
+    from ckpttool import distributed
+
+    if distributed.active():
+        distributed.same_everywhere("the zip directories' CRC-32s", [info.CRC for _, info, _, _ in members])
     crcs = hashing.run_batched([(path, offset, info.file_size) for path, info, offset, _ in members],
                                hashing.crc32_ranges, "CRC")
     return [Problem("corrupt", ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)

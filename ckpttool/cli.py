@@ -102,10 +102,20 @@ class Group(click.Group):
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             _fail(1, f"{where}{e.strerror or e} (check the path, its permissions and the free space)")
+        except RuntimeError as e:
+            if "ckpttool.distributed" in sys.modules and sys.modules["ckpttool.distributed"].active():
+                # a collective whose peer has gone: that process failed first (its output is silenced, rank 0's not)
+                _fail(1, f"another process of the launch stopped ({type(e).__name__}: {str(e)[:120]}): it failed "
+                         "on its own, or sees another checkpoint; verify from one process to see why")
+            if os.environ.get("CKPTTOOL_DEBUG"):
+                raise
+            _fail(1, f"internal error {type(e).__name__}: {e} (set CKPTTOOL_DEBUG=1 for the traceback and "
+                     "please report it)")
         except KeyboardInterrupt:
             _fail(130, "interrupted")
         except Terminated:
-            _fail(143, "terminated (SIGTERM); what it was writing was removed, inputs untouched")
+            _fail(143, "terminated (SIGTERM); nothing was left half-written (an output being written was removed, a "
+                       "checkpoint prune was deleting is whole or gone), inputs untouched")
         except Exception as e:  # a bug in ckpttool: still no traceback unless asked for
             if os.environ.get("CKPTTOOL_DEBUG"):
                 raise

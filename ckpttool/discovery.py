@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from ckpttool import paths, trainers
+from ckpttool.atomic import STAGING
 from ckpttool.checksums import MANIFEST_SUFFIX
 from ckpttool.formats import family
 from ckpttool.trainers.base import TEMPORARY_NAME
@@ -19,6 +20,9 @@ STEP_IN_FILE_NAME = re.compile(r"(?:.*[-_.])?(?:global_step|step|iter|checkpoint
                                r"\.(?:pt|pth|bin|ckpt|safetensors)")
 KOHYA_WEIGHTS = re.compile(r".+-(\d{6})\.(?:safetensors|ckpt|pt)")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
+# ModelCheckpoint's filename template with auto_insert_metric_name (the default): `epoch=0-val_loss=0.89.ckpt`; a
+# `.ckpt` named otherwise (`pretrained_base.ckpt`) is no save of this run, whatever step it records
+LIGHTNING_TEMPLATE = re.compile(r"[A-Za-z_][\w./]*=[^=]*?(?:-[A-Za-z_][\w./]*=[^=]*?)*(?:-v\d+)?\.ckpt")
 
 
 @dataclass
@@ -27,7 +31,6 @@ class Candidate:
     number: int | None  # the number in its name (step, save index or epoch): the ordering key
     files: list = field(default_factory=list)  # what deleting it removes
     skip: str | None = None  # why it is never chosen, without even verifying (temp dir, no guard)
-    named: bool = True  # its name follows a trainer's naming; False: a .ckpt ordered by the step it records only
 
     @property
     def order(self):
@@ -42,8 +45,8 @@ def discover(root: str) -> list[Candidate]:
         families: dict[int, list[str]] = {}
         for entry in sorted(os.listdir(folder)):
             full = os.path.join(folder, entry)
-            if os.path.islink(full) or paths.special(full):  # links are not followed; a FIFO would block
-                continue
+            if os.path.islink(full) or paths.special(full) or STAGING.match(entry):  # never a link, a FIFO (it
+                continue  # would block) or ckpttool's own staging (an output being written, a prune's deletion)
             if os.path.isdir(full):
                 candidate = _dir_candidate(full, entry)
                 if candidate:
@@ -52,9 +55,8 @@ def discover(root: str) -> list[Candidate]:
                 families.setdefault(parsed[1], []).append(full)
             elif LIGHTNING_LAST.fullmatch(entry):
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
-            elif entry.endswith(".ckpt"):  # Lightning: any filename template, so the step the file records
-                found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX),
-                                       named=bool(STEP_IN_FILE_NAME.fullmatch(entry))))
+            elif LIGHTNING_TEMPLATE.fullmatch(entry):  # Lightning's names hold metrics too: the step it records
+                found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
             elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
         for step, members in families.items():

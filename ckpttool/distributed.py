@@ -16,8 +16,26 @@ DISTRIBUTED_COMMANDS = ("verify", "manifest")
 
 
 def launched() -> bool:
-    """Whether torchrun (or another launcher setting its environment) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    """Whether torchrun (or another launcher setting its environment) started this process as one of several (a
+    WORLD_SIZE that is no number is no launch: torchrun always sets one)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _seconds(name: str, default: float, unit: float = 1.0) -> float:
+    """A positive, finite duration from the environment variable `name` (in units of `unit` seconds)."""
+    import math
+
+    from ckpttool.errors import UsageError
+
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value * unit < 10 ** 7):
+        raise UsageError(f"{name}={raw!r}: give a positive number of {'minutes' if unit == 60 else 'seconds'}")
+    return value * unit
 
 
 _started = False  # set by `start`: a process group a trainer started for itself is not ckpttool's to use
@@ -64,11 +82,11 @@ def start():
 
     global _started, _work_group
     backend = os.environ.get("CKPTTOOL_DIST_BACKEND", "gloo")
-    join = float(os.environ.get("CKPTTOOL_DIST_JOIN_S", "300"))
-    minutes = float(os.environ.get("CKPTTOOL_DIST_TIMEOUT_MIN", "60"))
+    join = _seconds("CKPTTOOL_DIST_JOIN_S", 300)
+    work = _seconds("CKPTTOOL_DIST_TIMEOUT_MIN", 60, unit=60)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=join))
-        _work_group = dist.new_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+        _work_group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=work))
     except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, a refused or timed-out connection
         raise UsageError(f"under torchrun: not all {os.environ.get('WORLD_SIZE')} processes joined within {join:g} s "
                          f"({type(e).__name__}); start them together, raise CKPTTOOL_DIST_JOIN_S, or run without "

@@ -145,3 +145,29 @@ def test_ranks_that_see_different_bytes_fail_alike(run_dir, tmp_path):
                            "--no-python", "bash", str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "OK: verified" not in proc.stdout
     assert "the processes do not see the same checkpoint" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "0", "-5"])
+def test_a_join_timeout_that_is_no_duration_is_one_line(run_dir, value):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), CKPTTOOL_DIST_JOIN_S=value)
+    proc = subprocess.run([sys.executable, "-m", "ckpttool", "verify", str(run_dir / "checkpoint-10")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        f"ckpttool: CKPTTOOL_DIST_JOIN_S={value!r}: give a positive number of seconds"
+
+
+def test_manifest_of_copies_with_other_bytes_fails_alike(run_dir, tmp_path):
+    import torch
+
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        torch.save({"w": torch.full((8,), float(rank))}, tmp_path / f"node{rank}" / "x.pt")  # same layout
+    script = tmp_path / "rank.sh"
+    script.write_text(f'cd {tmp_path}/node$RANK && exec {sys.executable} -m ckpttool manifest x.pt\n')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--no-python", "bash", str(script)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode != 0 and "internal error" not in proc.stderr
+    assert "the processes do not see the same checkpoint" in proc.stderr
+    assert not [p for p in tmp_path.rglob("*.ckpttool-manifest.json")]

@@ -29,13 +29,18 @@ def test_lightning_files_are_ordered_by_the_step_they_record(tmp_path):
     assert [os.path.basename(r["path"]) for r in plan["delete"]] == ["epoch=0-val_loss=0.89.ckpt"]
 
 
-def test_prune_never_deletes_a_weights_ckpt_that_is_not_named_like_a_save(tmp_path):
+def test_a_ckpt_not_named_like_a_save_is_no_candidate(tmp_path):
+    """Exported weights, or another run's save, beside a Lightning run: never picked, never deleted."""
     shutil.copy(os.path.join(SAMPLES, "epoch=0-step=5.ckpt"), tmp_path / "epoch=0-step=5.ckpt")
     shutil.copy(os.path.join(SAMPLES, "epoch=0-step=10.ckpt"), tmp_path / "epoch=0-step=10.ckpt")
-    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "sd-base.ckpt")  # exported weights
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "sd-base.ckpt")
+    shutil.copy(os.path.join(SAMPLES, "epoch=0-step=10.ckpt"), tmp_path / "pretrained_base.ckpt")  # resumable
+    os.utime(tmp_path / "pretrained_base.ckpt")
+    _, latest = cli("latest", "--for-resume", "--json", tmp_path)
+    assert os.path.basename(latest["path"]) == "epoch=0-step=10.ckpt"
     result, out = cli("prune", "--keep", "1", "--json", tmp_path)
     assert result.exit_code == 0 and [os.path.basename(r["path"]) for r in out["delete"]] == ["epoch=0-step=5.ckpt"]
-    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=10.ckpt", "sd-base.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=10.ckpt", "pretrained_base.ckpt", "sd-base.ckpt"]
 
 
 def _folder(path, value):
@@ -173,7 +178,7 @@ def test_sigterm_removes_the_staging_and_says_so(tmp_path):
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the conversion finished before the signal arrived")
-    assert proc.returncode == 143 and err.strip().endswith("inputs untouched") and "Traceback" not in err
+    assert proc.returncode == 143 and "nothing was left half-written" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["big.pt"]
 
 
@@ -227,3 +232,30 @@ def test_a_file_changed_while_the_gate_reads_it_is_refused(tmp_path, monkeypatch
     with pytest.raises(gate.ResumeGateError) as e:
         gate.check_resume(ckpt)
     assert "optimizer.bin changed between the gate's check" in str(e.value)
+
+
+def test_a_prune_stopped_half_way_leaves_each_checkpoint_whole_or_gone(tmp_path, monkeypatch):
+    from helpers import state_dir
+
+    from ckpttool.operations import prune
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        state_dir(str(run / f"checkpoint-{step}"), step)
+    calls = []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        with open(os.path.join(path, "model.safetensors"), "wb"):
+            pass  # a first file gone, as rmtree removes it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune.prune(str(run), keep=1)
+    assert atomic.STAGING.match(os.path.basename(calls[0]))  # what was being deleted was already out of the run
+    left = sorted(e for e in os.listdir(run) if not atomic.STAGING.match(e))
+    assert left in (["checkpoint-2", "checkpoint-3"], ["checkpoint-1", "checkpoint-3"])
+    assert all(cli("verify", run / name)[0].exit_code == 0 for name in left)  # whole, not half deleted
+    _, latest = cli("latest", "--json", run)
+    assert os.path.basename(latest["path"]) == "checkpoint-3" and latest["skipped"] == []

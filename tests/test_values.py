@@ -145,3 +145,20 @@ def test_views_read_only_their_own_span_in_bounded_pieces(tmp_path, monkeypatch)
         assert max(read, default=0) <= (own if got.is_contiguous() and t.name in ("whole", "row") else 4096), t.name
         if t.name == "block":  # ten rows of the block: its span, not the storage
             assert sum(read) < 10 * 300 * 4
+
+
+def test_jagged_and_meta_tensors_are_named_and_complex32_reads(tmp_path):
+    path = str(tmp_path / "more.pt")
+    torch.save({"w": torch.ones(2), "jagged": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)],
+                                                                        layout=torch.jagged),
+                "meta": torch.empty(4, device="meta")}, path)
+    result, report = cli("verify", "--json", path)
+    assert result.exit_code == 0 and codes(report) == ["unsupported_layout"]  # never unsafe_pickle: torch loads it
+    result, _ = cli("convert", path, tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "jagged (jagged)" in result.stderr and "meta (meta)" in result.stderr
+    half = str(tmp_path / "chalf.pt")
+    torch.save({"z": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex32)}, half)
+    assert cli("verify", half)[0].exit_code == 0
+    assert cli("convert", half, tmp_path / "chalf-out.pt")[0].exit_code == 0
+    result, _ = cli("convert", half, tmp_path / "chalf.safetensors")
+    assert result.exit_code == 2 and "no safetensors equivalent" in result.stderr

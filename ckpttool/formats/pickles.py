@@ -27,7 +27,7 @@ STORAGE_DTYPES = {
 }
 TORCH_DTYPES = {
     "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
-    "int16", "short", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "complex64", "complex128",
+    "int16", "short", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "complex32", "complex64", "complex128",
     "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
 }
 DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
@@ -46,6 +46,10 @@ SAFE_GLOBALS = {
     "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor",
     "torch.serialization._get_layout", "torch.per_tensor_affine", "torch.per_tensor_symmetric",
     "torch.per_channel_affine", "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
+    "torch.nested._internal.nested_tensor._rebuild_njt", "torch.nested._internal.nested_tensor.NestedTensor",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_wrapper_subclass",
+    "torch._utils._rebuild_device_tensor_from_numpy", "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+    "torch._dynamo.decorators._DimRange",  # a jagged nested tensor's ragged dimension, pickled with it
 } | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
 
 # torch.load(weights_only=True)'s own list, by the names its unpickler matches (torch 2.13 _weights_only_unpickler.py
@@ -54,7 +58,7 @@ SAFE_GLOBALS = {
 # trainer's loader allow-lists them too.
 _TYPED = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
 _CANONICAL_DTYPES = sorted(set(TORCH_DTYPES) - set(DTYPE_ALIASES)) + [
-    "complex32", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2", "bits8",
+    "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2", "bits8",
     "bits16"] + [f"int{n}" for n in range(1, 8)] + [f"uint{n}" for n in range(1, 8)]
 TORCH_WEIGHTS_ONLY = {
     "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
@@ -133,6 +137,8 @@ def runs_code(name: str) -> bool:
     on the lists above, or any dunder attribute (`__reduce__`, `__import__`, `__builtins__` lookups)."""
     module, _, attr = name.rpartition(".")
     parts = module.split(".")
+    if name in SAFE_GLOBALS:  # what torch.load(weights_only=True) takes, wherever its module lives
+        return False
     return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or attr.startswith("__") or
             any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
 
@@ -206,6 +212,19 @@ def _rebuild_nested(buffer, sizes, *rest):
 
 def _get_layout(name):
     return str(name)
+
+
+def _rebuild_njt(fields, *_rest):
+    values = fields.get("values") if isinstance(fields, dict) else None
+    return LayoutTensor("jagged", None, (fields,) if values is not None else ())
+
+
+def _rebuild_meta(dtype, size, *_rest):
+    return LayoutTensor("meta", tuple(size) if isinstance(size, (tuple, list)) else None)
+
+
+def _layout_of(kind):
+    return lambda *args: LayoutTensor(kind, None, args)
 
 
 @dataclass(frozen=True)
@@ -361,6 +380,11 @@ IMITATIONS = {
     "torch._utils._rebuild_qtensor": _rebuild_qtensor,
     "torch._utils._rebuild_nested_tensor": _rebuild_nested,
     "torch.serialization._get_layout": _get_layout,
+    "torch.nested._internal.nested_tensor._rebuild_njt": _rebuild_njt,
+    "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta,
+    "torch._utils._rebuild_wrapper_subclass": _layout_of("wrapper_subclass"),
+    "torch._utils._rebuild_device_tensor_from_numpy": _layout_of("device"),
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": _layout_of("device"),
 }
 
 

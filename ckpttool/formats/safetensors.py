@@ -8,7 +8,7 @@ import re
 import struct
 
 from ckpttool import paths
-from ckpttool.errors import CkptError
+from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Checkpoint, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
 SUFFIXES = (".safetensors",)
@@ -192,7 +192,8 @@ class Writer:
         for name, dtype, shape in specs:
             code = DTYPE_CODES.get(dtype)
             if code is None:
-                raise CkptError("corrupt", f"tensor {name}: dtype {dtype} has no safetensors equivalent")
+                raise UsageError(f"tensor {name}: dtype {dtype} has no safetensors equivalent; write a .pt instead "
+                                 "(or leave it out with --component)")
             size = dtype_bytes(dtype, shape)
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size

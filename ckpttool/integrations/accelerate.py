@@ -79,6 +79,7 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
                 path = _accelerates_pick(run_dir)
         if path is None:
             return original(input_dir, *args, **kwargs)
+        input_dir = path  # what was checked is what loads: Accelerate does not pick again
         problems, passed = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator), None
         try:
             passed = check_resume(path, **live())

@@ -35,9 +35,6 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
             keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
         elif valid < keep:
             keep_rows.append({**row, "reason": f"invalid but newer than the {keep}th valid checkpoint"})
-        elif not ok and not candidate.named:  # `sd-v1-4.ckpt` beside a Lightning run: weights, not a broken save
-            keep_rows.append({**row, "reason": "does not resume and is not named like a save of this run (exported "
-                                               "weights?): never deleted"})
         else:
             delete_rows.append({**row, "reason": "valid, older than the kept ones" if ok else "invalid and old"})
     return {"keep": keep_rows, "delete": delete_rows, "stale_staging": atomic.stale_staging(root)}
@@ -50,7 +47,11 @@ def prune(root: str, keep: int, keep_every: int | None = None, dry_run: bool = F
         for path in [p for row in result["delete"] for p in row["files"]] + result["stale_staging"]:
             try:
                 if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
+                    # renamed aside first: a prune stopped half way leaves each checkpoint whole or gone from the
+                    # run, never half deleted in place (the staging name is removed by the next prune)
+                    aside = path if atomic.STAGING.match(os.path.basename(path)) else atomic.staging_path(path)
+                    os.rename(path, aside)
+                    shutil.rmtree(aside)
                 elif os.path.lexists(path):
                     os.unlink(path)
             except OSError as e:
