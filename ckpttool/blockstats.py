@@ -317,6 +317,7 @@ class Moments:
     nan: int = 0
     inf: int = 0
     zeros: int = 0
+    values: int | None = None  # a complex tensor's element count (`count` is of its real and imaginary parts)
 
     def add(self, other: Moments) -> None:
         if not other.count:
@@ -342,7 +343,7 @@ class Moments:
         std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 and self.m2 >= 0 else math.nan
         if self.nan or self.inf:  # torch: a NaN or Inf makes the mean what float arithmetic makes it, the std NaN
             std = math.nan
-        return {"numel": self.count, "min": math.nan if empty else self.minimum,
+        return {"numel": self.count if self.values is None else self.values, "min": math.nan if empty else self.minimum,
                 "max": math.nan if empty else self.maximum, "mean": math.nan if empty else self.mean, "std": std,
                 "l2": math.sqrt(self.sum_sq), "nan": self.nan, "inf": self.inf, "zeros": self.zeros}
 
@@ -407,12 +408,25 @@ def _segment_moments(arrays: list) -> list[Moments]:
 
 
 def _moments_loaded(tensor) -> Moments:
-    """Moments of a torch tensor (one read through torch, or a dequantized weight), block by block."""
+    """Moments of a torch tensor (one read through torch, or a dequantized weight), block by block. A complex
+    tensor's extremes, mean, std and L2 are over its real and imaginary parts together; its count, NaN, Inf and
+    zeros are of its values (a value is NaN when either part is, zero when both are)."""
     flat = _components(tensor)
     wide = _measured_in(flat)
     total = Moments()
-    for start in range(0, flat.numel(), BLOCK_ELEMENTS):
-        total.add(block_moments(flat[start:start + BLOCK_ELEMENTS].to(wide).numpy()))
+    try:
+        for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+            total.add(block_moments(flat[start:start + BLOCK_ELEMENTS].to(wide).numpy()))
+    except (NotImplementedError, RuntimeError):  # a dtype torch cannot widen (float4_e2m1fn_x2, bits8): not measured
+        return Moments(values=tensor.numel())
+    if tensor.is_complex():
+        import torch
+
+        values = tensor.detach().reshape(-1)
+        total.values = values.numel()
+        total.nan = int(torch.isnan(values).sum())
+        total.inf = int(torch.isinf(values).sum())
+        total.zeros = int((values == 0).sum())
     return total
 
 

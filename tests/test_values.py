@@ -87,6 +87,7 @@ def test_complex_values_are_compared_and_measured_whole(tmp_path):
     _, report = cli("inspect", "--stats", "--json", tmp_path / "b.pt")
     z = report["stats"][0]
     assert (z["min"], z["max"]) == (-5, 9)  # over the real and imaginary parts together
+    assert (z["numel"], z["zeros"]) == (2, 0)  # counted as values
     assert z["l2"] == pytest.approx(abs(torch.tensor([1 - 5j, 2 + 9j])).pow(2).sum().sqrt().item())
 
 
@@ -100,6 +101,7 @@ def test_a_cast_beyond_rounding_is_refused_unless_asked_for(tmp_path):
     result, report = cli("convert", "--json", src, out, "--dtype", "fp16", "--allow-lossy-cast")
     assert result.exit_code == 0 and report["lossy_cast"] == {"overflowed": 1, "underflowed": 1, "tensors": ["w"]}
     assert torch.isinf(load_file(out)["w"][0])
+    assert cli("convert", src, tmp_path / "plain.safetensors", "--allow-lossy-cast")[0].exit_code == 2
     fine = str(tmp_path / "fine.safetensors")
     save_file({"w": torch.tensor([1.0, 0.5], dtype=torch.bfloat16)}, fine)
     result, report = cli("convert", "--json", fine, tmp_path / "fine16.safetensors", "--dtype", "fp16")
@@ -162,3 +164,9 @@ def test_jagged_and_meta_tensors_are_named_and_complex32_reads(tmp_path):
     assert cli("convert", half, tmp_path / "chalf-out.pt")[0].exit_code == 0
     result, _ = cli("convert", half, tmp_path / "chalf.safetensors")
     assert result.exit_code == 2 and "no safetensors equivalent" in result.stderr
+
+
+def test_stats_of_a_dtype_torch_cannot_widen_say_nothing_rather_than_fail(tmp_path):
+    torch.save({"f4": torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, tmp_path / "f4.pt")
+    result, report = cli("inspect", "--stats", "--json", tmp_path / "f4.pt")
+    assert result.exit_code == 0 and report["stats"][0]["numel"] == 4 and report["stats"][0]["min"] == "nan"

@@ -320,6 +320,8 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
             force=False, allow_lossy_cast=False) -> dict:
     if dtype is not None and dtype not in CAST:
         raise UsageError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    if allow_lossy_cast and dtype is None:
+        raise UsageError("--allow-lossy-cast only applies to a --dtype cast; give --dtype, or leave it out")
     cast = CastPlan(CAST[dtype], allow_lossy_cast) if dtype else None
     shard_bytes = parse_size(shard_size) if shard_size else None
     output.check_destination(src, dst, force)
