@@ -42,9 +42,10 @@ SNAPSHOT_LIMIT = 100_000  # files whose identity a snapshot records (a checkpoin
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the gate checked, by the identity of every file of the checkpoint: (device, inode, size, mtime_ns,
-    ctime_ns). A file replaced between the check and the library's load (a rolling save, a sync job renaming a new
-    copy in) or rewritten in place changes it; `confirm_unchanged` after the load refuses such a resume."""
+    """What the gate checked, by the identity of every file of the checkpoint: (device, inode, size, mtime_ns). A file
+    replaced between the check and the library's load (a rolling save, a sync job renaming a new copy in) or
+    rewritten in place changes it; `confirm_unchanged` after the load refuses such a resume. Not the ctime, which a
+    backup hard-linking the files also changes."""
 
     path: str
     files: tuple
@@ -62,7 +63,7 @@ class Snapshot:
                     st = os.stat(full)
                 except OSError:
                     continue
-                entries.append((full, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                entries.append((full, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
                 if len(entries) >= SNAPSHOT_LIMIT:
                     return cls(path, tuple(entries))
         return cls(path, tuple(entries))

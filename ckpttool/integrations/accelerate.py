@@ -70,8 +70,8 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
                     raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
                         f"no checkpoint_N under {run_dir} passes the gate (each skipped one is logged by "
                         "ckpttool.gate)")}])
-                if _custom_object_problems(passed.path, accelerator):
-                    raise ResumeGateError(passed.path, _custom_object_problems(passed.path, accelerator))
+                if mismatch := _custom_object_problems(passed.path, accelerator):
+                    raise ResumeGateError(passed.path, mismatch)
                 loaded = original(passed.path, *args, **kwargs)
                 confirm_unchanged(passed)  # the bytes loaded are the bytes checked
                 return loaded
