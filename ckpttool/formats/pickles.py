@@ -335,7 +335,8 @@ def _tensor(storage, storage_offset, size, stride, dtype, metadata=None):
         raise CkptError("corrupt", "tensor has a malformed size, stride or offset")
     bits = metadata if isinstance(metadata, dict) else {}
     if set(map(str, bits)) - TENSOR_BITS or not all(type(v) is bool for v in bits.values()):
-        raise CkptError("corrupt", f"tensor metadata {str(metadata)[:80]} is not torch's conj/neg bits")
+        # a flag of a later torch, say: its values are not known to be the stored data, so the tensor is named
+        return LayoutTensor(f"tensor with metadata {sorted(map(str, bits))}", shape)
     return TensorRef(storage, storage_offset, shape, stride, name, bits.get("conj", False), bits.get("neg", False))
 
 
