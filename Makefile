@@ -83,7 +83,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	cd benchmarks && for b in startup inspect verify diff convert repair ranks trainer; do ../$(BIN)/python bench_$$b.py || exit 1; done
+	cd benchmarks && for b in startup inspect verify diff convert repair views ranks trainer; do ../$(BIN)/python bench_$$b.py || exit 1; done
 
 # 100,000 seeded mutations of real checkpoint files through inspect, verify and the salvage readers (README: Fuzzing)
 fuzz: $(STAMP)
