@@ -129,20 +129,31 @@ def _fix(code: str, path: str, problem: dict, model_file: str | None) -> str | N
     return None
 
 
+def _prefixes(keys, others: set):
+    """Each prefix ending in "." that turns a key of `keys` into one of `others` when taken off it, once each."""
+    seen = set()
+    for key in keys:
+        dot = key.find(".")
+        while dot != -1:
+            prefix = key[:dot + 1]
+            if key[dot + 1:] in others and prefix not in seen:
+                seen.add(prefix)
+                yield prefix
+            dot = key.find(".", dot + 1)
+
+
 def _prefix_remap(ckpt_keys, model_keys) -> str | None:
-    """The --strip-prefix/--add-prefix option that turns the checkpoint's keys into the model's, if one does."""
-    model_set = set(model_keys)
-    for key in ckpt_keys:
-        for other in model_keys:
-            if key.endswith(other) and key != other and key[: -len(other)].endswith("."):
-                prefix = key[: -len(other)]
-                if all(k[len(prefix):] in model_set for k in ckpt_keys if k.startswith(prefix)):
-                    return f"--strip-prefix {prefix}"
-            if other.endswith(key) and key != other and other[: -len(key)].endswith("."):
-                prefix = other[: -len(key)]
-                if all(prefix + k in model_set for k in ckpt_keys):
-                    return f"--add-prefix {prefix}"
-        break
+    """The --strip-prefix/--add-prefix option that turns the checkpoint's keys into the model's, if one does, tried
+    from every key (not the first alone: a counter such as `averaged_steps` beside `module.`-prefixed weights has no
+    counterpart). Top-level names without a "." (counters, not weights) need not map."""
+    model_set, ckpt_set = set(model_keys), set(ckpt_keys)
+    weights = [k for k in ckpt_keys if "." in k]
+    for prefix in _prefixes(weights, model_set):
+        if all(k[len(prefix):] in model_set for k in weights if k.startswith(prefix)):
+            return f"--strip-prefix {prefix}"
+    for prefix in _prefixes(model_keys, ckpt_set):
+        if weights and all(prefix + k in model_set for k in weights):
+            return f"--add-prefix {prefix}"
     return None
 
 
@@ -191,7 +202,10 @@ def _tied_and_present(model, report) -> dict[str, str]:
     """Model keys the checkpoint lacks that share storage with a key it holds (tied weights): {missing: present}."""
     pointers = {}
     for key, value in model.state_dict().items():
-        pointers.setdefault(value.untyped_storage().data_ptr(), []).append(key)
+        storage = value.untyped_storage()
+        if value.device.type == "meta" or not storage.nbytes():  # every meta tensor points at 0: none is tied
+            continue
+        pointers.setdefault((str(value.device), storage.data_ptr(), storage.nbytes()), []).append(key)
     present = {key for key, _, _ in report.common}
     tied = {}
     for group in pointers.values():

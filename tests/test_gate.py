@@ -140,3 +140,42 @@ def test_gate_only_warns_on_private_scheduler_keys_of_another_torch_version(corp
     torch.save(saved, os.path.join(d, "scheduler.bin"))
     report = check_resume(d, model=model, optimizer=opt, scheduler=sched)
     assert report.ok and [p["code"] for p in report.problems] == ["scheduler_mismatch"]
+
+
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Linear(4, 2)
+
+
+def test_a_model_on_the_meta_device_has_no_tied_weights(tmp_path):
+    """Every meta tensor's storage points at 0: grouped by pointer alone, every key the checkpoint lacks was taken
+    for a tied copy of one it holds, and the gate said nothing."""
+    model = _Two()
+    ckpt = {"model": {k: v for k, v in model.state_dict().items() if k.startswith("a.")}, "optimizer": {
+        "state": {}, "param_groups": [{"params": [0, 1, 2, 3], "lr": 0.1}]}, "lr_scheduler": {
+        "last_epoch": 0, "base_lrs": [0.1], "_step_count": 1}, "global_step": 0}
+    torch.save(ckpt, tmp_path / "step_0.pt")
+    with torch.device("meta"):
+        on_meta = _Two()
+    problems = {}
+    for name, live_model in (("cpu", model), ("meta", on_meta)):
+        with pytest.raises(ResumeGateError) as e:
+            check_resume(tmp_path / "step_0.pt", model=live_model)
+        problems[name] = sorted(p["code"] for p in e.value.problems)
+    assert problems["meta"] == problems["cpu"] and "key_mismatch" in problems["meta"]
+
+
+def test_the_remap_hint_tries_every_key(tmp_path):
+    """A counter key first, with no counterpart in the model, beside `module.`-prefixed weights."""
+    model = _Two()
+    weights = {"averaged_steps": torch.tensor(3)}
+    weights.update({f"module.{k}": v for k, v in model.state_dict().items()})
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ResumeGateError) as e:
+        check_resume(tmp_path / "model.safetensors", model=model)
+    fixes = [p.get("fix") or "" for p in e.value.problems]
+    assert any("--strip-prefix module." in fix for fix in fixes), e.value
