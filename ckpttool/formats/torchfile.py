@@ -295,8 +295,7 @@ def globals_of(path: str) -> tuple[list[str], bool]:
 # Classes a checkpoint's own metadata pickles hold as data (transformers' training_args.bin: TrainingArguments, its
 # enums and dataclasses, Accelerate's state); any other global a file nobody reads on resume names is worth a word.
 INERT_PREFIXES = ("transformers.training_args", "transformers.trainer_utils.", "transformers.trainer_pt_utils.",
-                  "transformers.training_args_seq2seq.", "transformers.integrations.deepspeed.Hf", "trl.trainer.",
-                  "accelerate.state.",
+                  "transformers.integrations.deepspeed.Hf", "trl.trainer.", "accelerate.state.",
                   "accelerate.utils.dataclasses.", "peft.utils.peft_types.", "enum.", "torch.device", "torch.dtype",
                   "argparse.Namespace", "pathlib.", "datetime.", "collections.", "copyreg._reconstructor",
                   "builtins.object", "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
@@ -325,11 +324,14 @@ def code_in_files(files: list[str], folder: str) -> list:
                                  "unpickled: the resume does not load it, but torch.load(weights_only=False), older "
                                  "library versions and other tools do; it was not executed. Delete it if you did not "
                                  "put it there", full))
-        elif unknown or not complete:
-            what = (f"names {', '.join(unknown[:8])}, which ckpttool does not know to be inert" if unknown else
-                    f"is too long to scan to its end (past {SCAN_LIMIT >> 20} MiB or 4,000,000 opcodes)")
-            found.append(Problem("unsafe_pickle", WARNING, f"{rel} {what}: the resume does not load it, but "
-                                 "pickle.load would import and may call them; it was not executed", full))
+        elif unknown:
+            found.append(Problem("unsafe_pickle", WARNING, f"{rel} names {', '.join(unknown[:8])}, which ckpttool does "
+                                 "not know to be inert: the resume does not load it, but pickle.load would import and "
+                                 "may call them; it was not executed", full))
+        elif not complete:
+            found.append(Problem("unsafe_pickle", WARNING, f"{rel} is too long to scan to its end (4,000,000 opcodes): "
+                                 "the resume does not load it, but pickle.load would, and what lies past that point "
+                                 "was not looked at", full))
     return found
 
 
