@@ -258,8 +258,7 @@ def _measured_in(tensor):
     import torch
 
     name = str(tensor.dtype).removeprefix("torch.")
-    return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" \
-        else torch.float32
+    return torch.float64 if NUMPY_READ.get(name, ("", "float32"))[1] == "float64" else torch.float32
 
 
 def _measure_loaded(a: TensorInfo, b: TensorInfo, atol: float, rtol: float, norms: bool = False) -> Sums | None:

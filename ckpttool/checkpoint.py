@@ -80,9 +80,7 @@ def _look_at_the_rest(ckpt: Checkpoint):
             ckpt.add_problem("unsafe_path", "warning", f"more than {WALK_LIMIT} entries: only the first were checked "
                              "for links out of the checkpoint and pickles that run code", ckpt.path)
             break
-        kind = paths.special(full) or ("a link out of the checkpoint, to " + os.path.realpath(full)
-                                       if paths.leaves(full, ckpt.path) else None)
-        if kind:
+        if kind := paths.unsafe(full, ckpt.path):
             ckpt.add_problem("unsafe_path", "error", f"{os.path.relpath(full, ckpt.path)} is {kind}: never followed "
                              "or opened; a resume that reads it reads something that is not this checkpoint's (copy "
                              "the file in, or remove it)", full)

@@ -45,8 +45,7 @@ def covered_files(ckpt: Checkpoint) -> list[str]:
             dirnames.sort()
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
-                if name != MANIFEST_NAME and not name.endswith(".tmp") and not paths.special(full) and \
-                        not paths.leaves(full, ckpt.path):
+                if name != MANIFEST_NAME and not name.endswith(".tmp") and not paths.unsafe(full, ckpt.path):
                     found.append(full)
         return found
     return sorted({os.path.abspath(f) for f in ckpt.files if os.path.isfile(f)})

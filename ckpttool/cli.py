@@ -53,6 +53,13 @@ def _fail(code: int, message: str):
     sys.exit(code)
 
 
+def _launch():
+    """ckpttool.distributed while this command shares its work over a torchrun launch, else None (the module is
+    imported only under torchrun)."""
+    module = sys.modules.get("ckpttool.distributed")
+    return module if module is not None and module.active() else None
+
+
 class Terminated(BaseException):
     """SIGTERM (timeout, Slurm, Docker) raised where the command is, so that every `finally` removes its staging."""
 
@@ -103,7 +110,7 @@ class Group(click.Group):
             where = f"{e.filename}: " if e.filename else ""
             _fail(1, f"{where}{e.strerror or e} (check the path, its permissions and the free space)")
         except RuntimeError as e:
-            if "ckpttool.distributed" in sys.modules and sys.modules["ckpttool.distributed"].active():
+            if _launch():
                 # a collective whose peer has gone: that process failed first (its output is silenced, rank 0's not)
                 _fail(1, f"another process of the launch stopped ({type(e).__name__}: {str(e)[:120]}): it failed "
                          "on its own, or sees another checkpoint; verify from one process to see why")
@@ -220,8 +227,8 @@ def verify(paths, as_json, require_manifest, config_file, expect_step, for_resum
 
             report = run_verify(path, config_file=config_file, recall=False, **options)
         reports.append(report)
-    if "ckpttool.distributed" in sys.modules and sys.modules["ckpttool.distributed"].active():
-        sys.modules["ckpttool.distributed"].same_everywhere("the verdict", [
+    if launch := _launch():
+        launch.same_everywhere("the verdict", [
             (r["ok"], r["step"], sorted((p["code"], p["severity"], p.get("path")) for p in r["problems"]))
             for r in reports])
     _show(reports[0] if len(reports) == 1 else reports, as_json,

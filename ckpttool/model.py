@@ -177,6 +177,16 @@ class Component:
         return total
 
 
+def uncarried_tensors(components, shown: int = 8) -> str | None:
+    """The components' tensors in layouts ckpttool does not read (sparse, quantized, nested ...), in words, or None:
+    "2 tensors in layouts ckpttool does not read: a (sparse_coo), b (quantized)"."""
+    names = [f"{name} ({layout})" for comp in components for name, layout in comp.uncarried]
+    if not names:
+        return None
+    more = " ..." if len(names) > shown else ""
+    return f"{len(names)} tensors in layouts ckpttool does not read: {', '.join(names[:shown])}{more}"
+
+
 @dataclass
 class Checkpoint:
     """What a reader found at a path."""

@@ -53,6 +53,27 @@ def leaves(path: str, root: str) -> bool:
     return not within(path, root) and not snapshot_blob(path, root)
 
 
+def unsafe(path: str, root: str) -> str | None:
+    """Why `path`, under `root`, is never opened: a FIFO, device or socket, or a link out of `root`; None when it may
+    be."""
+    if kind := special(path):
+        return kind
+    return f"a link out of the checkpoint, to {os.path.realpath(path)}" if leaves(path, root) else None
+
+
+def plain_name(name: str) -> bool:
+    """A bare entry name, as DCP's data files, DeepSpeed's tags and shards beside their index are named: no folder
+    part, not `.` or `..`."""
+    return bool(name) and os.path.basename(name) == name and name not in (".", "..")
+
+
+def folder_named(parent: str, name: str) -> str | None:
+    """`parent/name` when `name` (what a `latest` file holds) is a plain name of a folder inside `parent`, not a
+    link out of it; else None."""
+    target = os.path.join(parent, name)
+    return target if plain_name(name) and os.path.isdir(target) and not leaves(target, parent) else None
+
+
 def special(path: str) -> str | None:
     """What a non-regular, non-folder entry is (a FIFO, a device, a socket), which opening could block on or read
     without end; None for regular files, folders, links and paths that do not exist."""

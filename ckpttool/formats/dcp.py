@@ -124,7 +124,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         if isinstance(index, Opaque) and isinstance(info, Opaque):
             fields, where = index.fields(), info.fields()
             relative = str(where.get("relative_path"))
-            if os.path.basename(relative) != relative or relative in (".", ".."):  # FileSystemWriter's own names
+            if not paths.plain_name(relative):  # FileSystemWriter's own names
                 raise CkptError("corrupt", f".metadata places {fields.get('fqn')!r} in {relative!r}, outside the "
                                 "checkpoint dir (DCP writes its data files beside .metadata); it was not read",
                                 meta_path)
@@ -162,7 +162,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
                                             chunks=() if whole else tuple(chunks)))
     for data_file in sorted(data_files):
         full = os.path.join(path, data_file)
-        if os.path.basename(data_file) != data_file or not os.path.isfile(full):
+        if not os.path.isfile(full):  # every name is a plain one: checked as .metadata was read
             ckpt.add_problem("missing_file", "error", f"data file {data_file} named by .metadata is missing; it held "
                              f"{_held(storage, data_file)}", full)
             continue

@@ -54,9 +54,7 @@ def tag_dir(path: str) -> str | None:
             tag = f.read(256).strip()
     except (OSError, UnicodeDecodeError):
         return None
-    target = os.path.join(path, tag)
-    plain_name = tag and os.path.basename(tag) == tag and tag not in (".", "..")
-    return target if plain_name and os.path.isdir(target) and not paths.leaves(target, path) else None
+    return paths.folder_named(path, tag)
 
 
 def detect(path: str) -> bool:

@@ -82,8 +82,8 @@ TORCH_WEIGHTS_ONLY = {
 # (FSDP2's per-rank state) loads under weights_only there.
 DTENSOR_GLOBALS = {
     f"torch.distributed.{name}" for name in (
-        "device_mesh.DeviceMesh", "tensor.DTensor", "tensor._dtensor_spec.DTensorSpec", "tensor._dtensor_spec.TensorMeta",
-        "tensor._dtensor_spec.ShardOrderEntry", "tensor.placement_types.Partial", "tensor.placement_types.Replicate",
+        "device_mesh.DeviceMesh", "tensor.DTensor", "tensor._dtensor_spec.DTensorSpec",
+        "tensor._dtensor_spec.TensorMeta", "tensor._dtensor_spec.ShardOrderEntry", "tensor.placement_types.Partial", "tensor.placement_types.Replicate",
         "tensor.placement_types.Shard", "tensor.placement_types._StridedShard")}
 # What Accelerate's `load` (accelerate 1.15 utils/other.py TORCH_SAFE_GLOBALS) and transformers' RNG load
 # (trainer_pt_utils.py safe_globals) add for numpy RNG state; a numpy scalar (`numpy.float64(0.1)`) is not among them.
@@ -110,9 +110,8 @@ CODE_RUNNING_MODULES = {
     "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil", "socket",
     "ctypes", "multiprocessing", "pty", "code", "codeop", "webbrowser", "pdb", "bdb", "timeit", "cProfile", "profile",
     "trace", "doctest", "pip", "setuptools", "distutils", "urllib", "http", "requests", "ftplib", "smtplib",
-    "telnetlib",
-    "asyncio", "signal", "platform", "tempfile", "glob", "io", "_io", "zipimport", "pkgutil", "dill", "cloudpickle",
-    "joblib", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch.classes", "torch.package",
+    "telnetlib", "asyncio", "signal", "platform", "tempfile", "glob", "io", "_io", "zipimport", "pkgutil", "dill",
+    "cloudpickle", "joblib", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch.classes", "torch.package",
     "torch.serialization", "torch._dynamo", "torch._inductor", "numpy.testing", "numpy.lib.npyio", "jinja2",
     "pydoc", "torch.fx", "_posixsubprocess", "_ctypes", "numpy.ctypeslib", "torch.utils.cpp_extension", "imp",
     "site", "shelve", "zipfile", "tarfile", "logging.config", "_thread", "threading", "concurrent", "ssl", "xmlrpc",
@@ -128,17 +127,17 @@ CODE_RUNNING_GLOBALS = {
     "functools.partial", "functools.reduce", "operator.attrgetter", "operator.methodcaller", "operator.itemgetter",
     "_operator.attrgetter", "_operator.methodcaller", "_operator.itemgetter", "copyreg._reconstructor_unsafe",
     "torch.load", "torch.save", "numpy.load", "numpy.fromfile", "numpy.memmap", "torch.storage._load_from_bytes",
-    "uuid._get_command_stdout", "codecs.open", "builtins.__import__", "builtins.map", "builtins.filter",
+    "uuid._get_command_stdout", "codecs.open", "builtins.map", "builtins.filter",
 }
 
 
 def runs_code(name: str) -> bool:
     """Whether a pickle global (`module.attr`) runs code or reaches the system when called: a module or callable
     on the lists above, or any dunder attribute (`__reduce__`, `__import__`, `__builtins__` lookups)."""
-    module, _, attr = name.rpartition(".")
-    parts = module.split(".")
     if name in SAFE_GLOBALS:  # what torch.load(weights_only=True) takes, wherever its module lives
         return False
+    module, _, attr = name.rpartition(".")
+    parts = module.split(".")
     return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or attr.startswith("__") or
             any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
 
@@ -543,11 +542,11 @@ def scan_opcodes(source, budget: list | None = None) -> tuple[list[str], bool]:
 
     budget = [SCAN_OPCODES] if budget is None else budget
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    seen, memo = [], {}
-    while budget[0] > 0:
+    seen, memo, complete = [], {}, budget[0] > 0
+    while complete:
         start = stream.tell()
         if stream.read(1) != b"\x80":  # the next record, if any, starts with PROTO
-            return [_aliased(g) for g in dict.fromkeys(seen)], True
+            break
         stream.seek(start)
         recent: list = []  # the last two values pushed, as far as strings go (None: anything else)
         try:
@@ -573,10 +572,11 @@ def scan_opcodes(source, budget: list | None = None) -> tuple[list[str], bool]:
                     recent.append(None)
                 del recent[:-2]
                 if budget[0] <= 0:
+                    complete = False
                     break
         except Exception:  # noqa: BLE001 - a record that cannot be parsed ends the scan (pickle.load stops there too)
-            return [_aliased(g) for g in dict.fromkeys(seen)], True
-    return [_aliased(g) for g in dict.fromkeys(seen)], False
+            break
+    return [_aliased(g) for g in dict.fromkeys(seen)], complete
 
 
 def _aliased(name: str) -> str:

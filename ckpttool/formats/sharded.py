@@ -56,7 +56,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     component = Component(name, role, files=[index])
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(folder, shard)
-        if os.path.basename(shard) != shard or shard in (".", "..") or paths.leaves(shard_path, folder):
+        if not paths.plain_name(shard) or paths.leaves(shard_path, folder):
             ckpt.add_problem("corrupt", "error", f"the index names shard {shard!r}, outside its folder (shards lie "
                              "beside their index); it was not read", index, component=name)
             continue

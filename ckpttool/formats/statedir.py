@@ -58,7 +58,7 @@ def read(path: str, profile) -> Checkpoint:
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
         name = None
-        if paths.special(full) or paths.leaves(full, path):
+        if paths.unsafe(full, path):
             continue  # never opened: ckpttool.checkpoint reports it (unsafe_path)
         try:
             is_dir = os.path.isdir(full)

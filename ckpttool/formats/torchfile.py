@@ -22,10 +22,10 @@ import xxhash
 from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
-from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, DtypeRef, GlobalRef, LayoutTensor,
-                                      Opaque, RepicklingPickler, TensorRef, scan_records, unpickle)
+from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, UNSCANNED, DtypeRef, GlobalRef,
+                                      LayoutTensor, Opaque, RepicklingPickler, TensorRef, scan_records, unpickle)
 from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
-                            contiguous_strides, dtype_bytes)
+                            contiguous_strides, dtype_bytes, uncarried_tensors)
 
 SUFFIXES = TORCH_SUFFIXES
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -81,14 +81,12 @@ def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = Non
         raise CkptError("truncated", "file is empty", path)
     try:
         if head == ZIP_MAGIC:
-            raw = _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
-        elif span or data is not None:
+            return _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
+        if span or data is not None:
             raise CkptError("corrupt", "the embedded item is not a torch.save archive", path)
-        else:
-            raw = _read_legacy(path, size, allowed)
+        return _read_legacy(path, size, allowed)
     except (OSError, ValueError, OverflowError, MemoryError) as e:  # offsets and sizes a damaged file made absurd
         raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
-    return raw
 
 
 class _Window(io.RawIOBase):
@@ -242,8 +240,9 @@ def inflate_limit(compressed: int) -> int:
 
 
 def _other_pickles_globals(raw, members, budget: list) -> list[str]:
-    """Globals of the archive's other pickles: torch.load does not unpickle them, but other loaders and scanners do.
-    A member counts as a pickle by its name or by its first byte (PROTO); damage is read through, as they would."""
+    """Globals of the pickles among `members` (the ones torch.load does not unpickle: other loaders and scanners do),
+    within one opcode `budget`. A member counts as a pickle by its name or by its first byte (PROTO); damage is read
+    through, as they would."""
     seen = []
     for info in members:
         data = _salvage(raw, info)
@@ -282,14 +281,8 @@ def globals_of(path: str) -> tuple[list[str], bool]:
             members = zipfile.ZipFile(raw).infolist()
         except ZIP_ERRORS:
             return [], True  # no directory to find the members by: the pickle is unreachable for torch.load too
-        seen, complete, budget = [], True, [SCAN_OPCODES]
-        for info in members:
-            data = _salvage(raw, info)
-            if data and (info.filename.endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80"):
-                names, whole = scan_opcodes(data, budget)
-                seen.extend(names)
-                complete = complete and whole
-        return list(dict.fromkeys(seen)), complete
+        names = _other_pickles_globals(raw, members, [SCAN_OPCODES])
+        return [n for n in dict.fromkeys(names) if n != UNSCANNED], UNSCANNED not in names
 
 
 # Classes a checkpoint's own metadata pickles hold as data (transformers' training_args.bin: TrainingArguments, its
@@ -740,12 +733,9 @@ def read(path: str, role_hint=None, name_hint=None) -> Checkpoint:
     ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
                       files=[path])
     note_pickle(ckpt, raw, path)
-    uncarried = [f"{n} ({layout})" for c in components for n, layout in c.uncarried]
-    if uncarried:
-        ckpt.add_problem("unsupported_layout", "warning", f"{len(uncarried)} tensors in layouts ckpttool does not "
-                         f"read: {', '.join(uncarried[:8])}{' ...' if len(uncarried) > 8 else ''}; torch.load gives "
-                         "them, their values are not checked, and convert, remap, average and diff refuse this file "
-                         "rather than drop them", path)
+    if uncarried := uncarried_tensors(components):
+        ckpt.add_problem("unsupported_layout", "warning", f"{uncarried}; torch.load gives them, their values are not "
+                         "checked, and convert, remap, average and diff refuse this file rather than drop them", path)
     return ckpt
 
 

@@ -61,7 +61,7 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
 
     @functools.wraps(original)
     def gated_load_state(input_dir=None, *args, **kwargs):
-        path = input_dir
+        path, passed = input_dir, None
         if path is None and accelerator.project_configuration.automatic_checkpoint_naming:
             run_dir = os.path.join(accelerator.project_dir or ".", "checkpoints")
             if fallback:  # the newest checkpoint_N that passes, loaded by name
@@ -70,24 +70,20 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
                     raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
                         f"no checkpoint_N under {run_dir} passes the gate (each skipped one is logged by "
                         "ckpttool.gate)")}])
-                if mismatch := _custom_object_problems(passed.path, accelerator):
-                    raise ResumeGateError(passed.path, mismatch)
-                loaded = original(passed.path, *args, **kwargs)
-                confirm_unchanged(passed)  # the bytes loaded are the bytes checked
-                return loaded
+                path = passed.path
             else:
                 path = _accelerates_pick(run_dir)
         if path is None:
             return original(input_dir, *args, **kwargs)
-        input_dir = path  # what was checked is what loads: Accelerate does not pick again
-        problems, passed = [] if not os.path.isdir(path) else _custom_object_problems(path, accelerator), None
-        try:
-            passed = check_resume(path, **live())
-        except ResumeGateError as e:
-            problems = e.problems + problems
+        problems = _custom_object_problems(path, accelerator) if os.path.isdir(path) else []
+        if passed is None:
+            try:
+                passed = check_resume(path, **live())
+            except ResumeGateError as e:
+                problems = e.problems + problems
         if problems:
             raise ResumeGateError(path, problems)
-        loaded = original(input_dir, *args, **kwargs)
+        loaded = original(path, *args, **kwargs)  # what was checked is what loads: Accelerate does not pick again
         confirm_unchanged(passed)  # the bytes loaded are the bytes checked
         return loaded
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ckpttool import atomic
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import dtype_bytes
+from ckpttool.model import dtype_bytes, uncarried_tensors
 
 FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
 FORMAT_NAMES = {"safetensors": "safetensors", "torch": "torch", "pt": "torch"}
@@ -52,12 +52,9 @@ def refuse_broken(ckpt, component=None):
         first = errors[0]
         raise CkptError(first.code, f"input is broken, nothing written: {first.message}; run `ckpttool verify "
                         f"{ckpt.path}` for details", first.path or ckpt.path)
-    uncarried = [f"{n} ({layout})" for c in ([component] if component is not None else ckpt.components)
-                 for n, layout in c.uncarried]
-    if uncarried:
-        raise CkptError("unsupported_layout", f"{len(uncarried)} tensors are in layouts ckpttool does not read: "
-                        f"{', '.join(uncarried[:8])}{' ...' if len(uncarried) > 8 else ''}; it would drop them, so "
-                        "nothing is written or compared (torch.load them and save them dense first)", ckpt.path)
+    if uncarried := uncarried_tensors([component] if component is not None else ckpt.components):
+        raise CkptError("unsupported_layout", f"{uncarried}; it would drop them, so nothing is written or compared "
+                        "(torch.load them and save them dense first)", ckpt.path)
 
 
 @dataclass(frozen=True)

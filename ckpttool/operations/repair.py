@@ -487,8 +487,7 @@ def _write_dir(p: Plan, out: str, link: bool, advance):
             inner = os.path.normpath(os.path.join(rel, name))
             if full in p.left_out or inner in p.generated or (rel == "." and name == MANIFEST_NAME):
                 continue  # SRC's manifest describes the damaged files: `ckpttool manifest DST` writes a new one
-            why = paths.special(full) or ("a link out of the checkpoint" if paths.leaves(full, src) else None)
-            if why:  # never read through: a FIFO would block the copy, an outside file is not the checkpoint's
+            if why := paths.unsafe(full, src):  # never read through: a FIFO blocks a copy, an outside file is not SRC's
                 p.not_copied.append({"path": full, "why": f"{why}: not read, not copied"})
                 continue
             if full in p.salvaged:

@@ -140,7 +140,7 @@ def damage(contract: Contract, ckpt: Checkpoint) -> list[Problem]:
 
 
 def _entry_problems(part: Part, full: str, is_folder: bool, ckpt: Checkpoint) -> list[Problem]:
-    if paths.special(full) or paths.leaves(full, ckpt.path):
+    if paths.unsafe(full, ckpt.path):
         return []  # never opened; ckpttool.checkpoint reports it (unsafe_path)
     if is_folder:
         return (_dcp_problems(part, full, ckpt) if part.folders == DCP else
@@ -171,9 +171,7 @@ def _json_problems(part: Part, full: str) -> list[Problem]:
 def _tag_problems(part: Part, full: str) -> list[Problem]:
     with open(full, encoding="utf-8", errors="replace") as f:
         tag = f.read().strip()
-    target = os.path.join(os.path.dirname(full), tag)
-    if tag and os.path.basename(tag) == tag and tag not in (".", "..") and os.path.isdir(target) and \
-            paths.within(target, os.path.dirname(full)):
+    if paths.folder_named(os.path.dirname(full), tag):
         return []
     return [Problem("corrupt", part.damaged, f"{os.path.basename(full)} names {tag!r}, which is no folder beside it "
                     f"(cut short or damaged?): {part.why}", full)]
