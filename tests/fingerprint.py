@@ -41,6 +41,15 @@ def _problems(report: dict) -> list:
     return sorted({f"{p['code']}:{p['severity']}" for p in report["problems"]})
 
 
+def _as_json(report) -> dict:
+    """A report as the CLI's --json shows it."""
+    return json.loads(json.dumps(report.to_json() if hasattr(report, "to_json") else report, default=_default))
+
+
+def _default(value):
+    return value.to_json() if hasattr(value, "to_json") else str(value)
+
+
 def fingerprint(paths: dict[str, str]) -> dict:
     """{name: what inspect, verify and verify --for-resume say of it}, or the error a command ends in."""
     from ckpttool.errors import CkptError, UsageError
@@ -52,14 +61,16 @@ def fingerprint(paths: dict[str, str]) -> dict:
         facts = {}
         try:
             r = inspect(path)
+            r = _as_json(r)
             facts["inspect"] = {"format": r["format"], "layout": r["layout"], "trainer": r["trainer"],
                                 "step": r["step"], "problems": _problems(r),
-                                "components": sorted([c["name"], c["role"], c["tensors"]] for c in r["components"])}
+                                "components": sorted([c["name"], c["role"], c["tensors"]] for c in r["components"]),
+                                "step_sources": [[s["source"], s["value"], s["meaning"]] for s in r["step_sources"]]}
         except (CkptError, UsageError) as e:
             facts["inspect"] = {"error": getattr(e, "code", "usage")}
         for key, for_resume in (("verify", False), ("verify_for_resume", True)):
             try:
-                r = verify(path, for_resume=for_resume, recall=False)
+                r = _as_json(verify(path, for_resume=for_resume, recall=False))
                 facts[key] = {"ok": r["ok"], "step": r["step"], "problems": _problems(r)}
             except (CkptError, UsageError) as e:
                 facts[key] = {"error": getattr(e, "code", "usage")}
