@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ckpttool.errors import CkptError
 from ckpttool.hashing import progress, workers
-from ckpttool.model import TensorInfo
+from ckpttool.model import Code, TensorInfo
 
 # Elements per block and side. Measured on 16 cores, two 2 GiB files: 256Ki-element blocks spend their time handing
 # the GIL between numpy calls (0.70 s with 16 threads, slower than 4), 1Mi take 0.27 s, 4Mi 0.33 s.
@@ -161,7 +161,7 @@ class _Reader:
             return data[offset - low:offset - low + length]
         data = os.pread(self._fd(path), length, offset)
         if len(data) != length:
-            raise CkptError("truncated", f"tensor {info.name}: the file ends before byte {offset + length}",
+            raise CkptError(Code.TRUNCATED, f"tensor {info.name}: the file ends before byte {offset + length}",
                             info.location.file)
         return data
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from ckpttool import trainers
 from ckpttool.errors import UsageError
 from ckpttool.formats import readers_for
-from ckpttool.model import Checkpoint
+from ckpttool.model import ERROR, WARNING, Checkpoint, Code
 
 
 def open_checkpoint(path: str) -> Checkpoint:
@@ -77,11 +77,11 @@ def _look_at_the_rest(ckpt: Checkpoint):
     read, unread = {os.path.abspath(f) for f in ckpt.files}, []
     for seen, (full, is_file) in enumerate(_entries(ckpt.path)):
         if seen == WALK_LIMIT:
-            ckpt.add_problem("unsafe_path", "warning", f"more than {WALK_LIMIT} entries: only the first were checked "
+            ckpt.add_problem(Code.UNSAFE_PATH, WARNING, f"more than {WALK_LIMIT} entries: only the first were checked "
                              "for links out of the checkpoint and pickles that run code", ckpt.path)
             break
         if kind := paths.unsafe(full, ckpt.path):
-            ckpt.add_problem("unsafe_path", "error", f"{os.path.relpath(full, ckpt.path)} is {kind}: never followed "
+            ckpt.add_problem(Code.UNSAFE_PATH, ERROR, f"{os.path.relpath(full, ckpt.path)} is {kind}: never followed "
                              "or opened; a resume that reads it reads something that is not this checkpoint's (copy "
                              "the file in, or remove it)", full)
         elif is_file and os.path.abspath(full) not in read and os.path.isfile(full):

@@ -18,7 +18,7 @@ import xxhash
 from ckpttool import hashing, paths, steps
 from ckpttool.errors import CkptError
 from ckpttool.formats import ZIP_MAGIC
-from ckpttool.model import ERROR, Checkpoint, Problem
+from ckpttool.model import ERROR, Checkpoint, Code, Problem
 
 MANIFEST_NAME = "ckpttool-manifest.json"
 MANIFEST_SUFFIX = ".ckpttool-manifest.json"
@@ -80,7 +80,7 @@ def hash_files(paths: list[str], label="hashing") -> dict[str, dict]:
     out = {p: {"size": os.path.getsize(p), "pieces": []} for p in paths}
     for (path, _, length), (digest, read) in zip(jobs, results):
         if read != length:
-            raise CkptError("truncated", "file shrank while it was being hashed", path)
+            raise CkptError(Code.TRUNCATED, "file shrank while it was being hashed", path)
         out[path]["pieces"].append(digest)
     for entry in out.values():
         entry["xxh3_128"] = hashing.root_digest(entry["pieces"])
@@ -100,11 +100,11 @@ def load(target: str) -> tuple[dict, str]:
             data = f.read()
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CkptError("corrupt", f"manifest is not valid JSON ({e})", target) from None
+        raise CkptError(Code.CORRUPT, f"manifest is not valid JSON ({e})", target) from None
     if not isinstance(doc, dict) or doc.get("ckpttool_manifest") != VERSION or not isinstance(doc.get("files"), dict):
-        raise CkptError("corrupt", "not a ckpttool manifest of a version this tool reads", target)
+        raise CkptError(Code.CORRUPT, "not a ckpttool manifest of a version this tool reads", target)
     if doc.get("algorithm") != hashing.ALGORITHM:
-        raise CkptError("corrupt", f"manifest uses {doc.get('algorithm')!r}, expected {hashing.ALGORITHM}", target)
+        raise CkptError(Code.CORRUPT, f"manifest uses {doc.get('algorithm')!r}, expected {hashing.ALGORITHM}", target)
     _check_shape(doc, os.path.dirname(os.path.abspath(target)), target)
     return doc, xxhash.xxh3_128_hexdigest(data)
 
@@ -118,7 +118,7 @@ def _check_shape(doc: dict, folder: str, target: str):
     outside it: a matching hash would confirm a guess at another file), every count is an int in bounds, and the
     pieces listed are exactly those its sizes and piece size make."""
     def bad(why):
-        raise CkptError("corrupt", f"manifest {why}; verify cannot trust it: rewrite it with `ckpttool manifest "
+        raise CkptError(Code.CORRUPT, f"manifest {why}; verify cannot trust it: rewrite it with `ckpttool manifest "
                         f"--force` once the checkpoint verifies", target)
 
     piece_size = doc.get("piece_size", hashing.PIECE_SIZE)
@@ -128,7 +128,7 @@ def _check_shape(doc: dict, folder: str, target: str):
         try:
             paths.inside(folder, rel, "file")
         except CkptError as e:  # forged, not rotted: an error whether or not a manifest is required
-            raise CkptError("unsafe_path", f"manifest lists {e.reason}; verify cannot trust it", target) from None
+            raise CkptError(Code.UNSAFE_PATH, f"manifest lists {e.reason}; verify cannot trust it", target) from None
         if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0 or \
                 not isinstance(entry.get("pieces"), list) or not all(isinstance(p, str) for p in entry["pieces"]):
             bad(f"entry for {rel!r} is not {{size, pieces}}")
@@ -158,7 +158,7 @@ def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[
         distributed.same_everywhere("the zip directories' CRC-32s", [info.CRC for _, info, _, _ in members])
     crcs = hashing.run_batched([(path, offset, info.file_size) for path, info, offset, _ in members],
                                hashing.crc32_ranges, "CRC")
-    return [Problem("corrupt", ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)
+    return [Problem(Code.CORRUPT, ERROR, f"{what} fails its CRC-32 check (damaged bytes)", path)
             for i, (path, info, _, what) in enumerate(members) if crcs[i] != info.CRC]
 
 
@@ -192,7 +192,7 @@ def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
 
                     found = torchfile.stored_members(loc.file, (loc.offset, loc.length))
                 except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
-                    unreadable.append(Problem("corrupt", ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
+                    unreadable.append(Problem(Code.CORRUPT, ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
                                               "cannot be read (damaged bytes)", loc.file))
                     continue
                 members.extend((loc.file, info, offset, what) for info, offset in found)

@@ -12,10 +12,12 @@ from ckpttool import __version__
 from ckpttool.errors import CkptError, OutputError, UsageError
 
 
-def _emit_json(report: dict):
+def _emit_json(report):
     import json
 
-    click.echo(json.dumps(report, indent=2, default=str))
+    from ckpttool.model import to_json
+
+    click.echo(json.dumps(to_json(report), indent=2, default=str))
 
 
 # What a terminal would act on rather than show: C0 and C1 controls (ESC starts colour, cursor and title sequences;
@@ -38,14 +40,16 @@ def _safe(value):
     return value
 
 
-def _show(report: dict, as_json: bool, table: str):
-    """JSON for scripts, or the named table from ckpttool.render (imported only then: tabulate costs start-up)."""
+def _show(report, as_json: bool, table: str):
+    """JSON for scripts, or the named table from ckpttool.render (imported only then: tabulate costs start-up): a
+    typed report becomes JSON here, at the edge, for both."""
     if as_json:
         _emit_json(report)
     else:
         from ckpttool import render
+        from ckpttool.model import to_json
 
-        click.echo(getattr(render, table)(_safe(report)))
+        click.echo(getattr(render, table)(_safe(to_json(report))))
 
 
 def _fail(code: int, message: str):
@@ -229,11 +233,10 @@ def verify(paths, as_json, require_manifest, config_file, expect_step, for_resum
         reports.append(report)
     if launch := _launch():
         launch.same_everywhere("the verdict", [
-            (r["ok"], r["step"], sorted((p["code"], p["severity"], p.get("path")) for p in r["problems"]))
-            for r in reports])
+            (r.ok, r.step, sorted((p.code.value, p.severity.value, p.path) for p in r.problems)) for r in reports])
     _show(reports[0] if len(reports) == 1 else reports, as_json,
           "verify_report" if len(reports) == 1 else "verify_table")
-    sys.exit(0 if all(r["ok"] for r in reports) else 1)
+    sys.exit(0 if all(r.ok for r in reports) else 1)
 
 
 @main.command()

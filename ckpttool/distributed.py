@@ -10,6 +10,8 @@ writes; the others stay silent. Outside torchrun none of this runs and torch.dis
 
 from __future__ import annotations
 
+from ckpttool.model import Code
+
 import os
 
 DISTRIBUTED_COMMANDS = ("verify", "manifest")
@@ -172,6 +174,6 @@ def same_everywhere(what: str, *values):
     dist.all_gather_object(gathered, digest, group=_work_group)
     odd = [r for r, d in enumerate(gathered) if d != gathered[0]]
     if odd:
-        raise CkptError("corrupt", f"the processes do not see the same checkpoint: {what} differs on rank "
+        raise CkptError(Code.CORRUPT, f"the processes do not see the same checkpoint: {what} differs on rank "
                         f"{', '.join(map(str, odd))} from rank 0 (another copy on another node, or files changed "
                         "while they were read); verify it from one process, or give every rank the same files")

@@ -17,23 +17,24 @@ from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.keys import compare
+from ckpttool.model import DAMAGE, ERROR, WARNING, Code, Problem, errors
 from ckpttool.operations.verify import verify_checkpoint
 from ckpttool.trainers.base import MOMENT
 
-DAMAGE = ("truncated", "corrupt", "missing_file", "checksum_mismatch", "no_manifest")
 RNG_FILE = re.compile(r"(?:random_states|rng_state)_(\d+)\.(?:pkl|pth)")
 log = logging.getLogger("ckpttool.gate")
 
 
 class ResumeGateError(Exception):
-    """The checkpoint must not be resumed from. `.problems`: [{"code", "severity", "message", "fix"}, ...]."""
+    """The checkpoint must not be resumed from. `.problems`: the Problems that refuse it (each also read by key, as
+    {"code", "severity", "message", "fix"})."""
 
-    def __init__(self, path: str, problems: list[dict]):
+    def __init__(self, path: str, problems: list[Problem]):
         self.path = path
         self.problems = problems
         lines = [f"refusing to resume from {path}:"]
         for p in problems:
-            lines.append(f"  [{p['code']}] {p['message']}" + (f"\n      fix: {p['fix']}" if p.get("fix") else ""))
+            lines.append(f"  [{p.code}] {p.message}" + (f"\n      fix: {p.fix}" if p.fix else ""))
         super().__init__("\n".join(lines))
 
 
@@ -81,13 +82,12 @@ def confirm_unchanged(report: "GateReport"):
     changed = report.snapshot.changed() if report.snapshot is not None else []
     if changed:
         names = [os.path.relpath(f, report.path) if os.path.isdir(report.path) else f for f in changed[:5]]
-        raise ResumeGateError(report.path, [{
-            "code": "checksum_mismatch", "severity": "error",
-            "message": f"{', '.join(names)}{' ...' if len(changed) > 5 else ''} changed between the gate's check "
-                       "and the library's load "
-                       "(replaced or rewritten: a save or a sync still writing into it?); what was loaded is not what "
-                       "was checked, so this resume must not go on",
-            "fix": "stop what writes into the checkpoint, then resume again"}])
+        raise ResumeGateError(report.path, [Problem(Code.CHECKSUM_MISMATCH, ERROR,
+                                                    f"{', '.join(names)}{' ...' if len(changed) > 5 else ''} changed "
+                                                    "between the gate's check and the library's load (replaced or "
+                                                    "rewritten: a save or a sync still writing into it?); what was "
+                                                    "loaded is not what was checked, so this resume must not go on",
+                                                    fix="stop what writes into the checkpoint, then resume again")])
 
 
 @dataclass
@@ -99,28 +99,30 @@ class GateReport:
 
     @property
     def ok(self) -> bool:
-        return not any(p["severity"] == "error" for p in self.problems)
+        return not errors(self.problems)
 
 
-def _fix(code: str, path: str, problem: dict, model_file: str | None) -> str | None:
+def _fix(problem: Problem, path: str, model_file: str | None) -> str | None:
+    """What to run about `problem` of the checkpoint at `path`."""
+    code = problem.code
     run_dir = os.path.dirname(os.path.abspath(path))
     if code in DAMAGE:
         return f"resume from an earlier intact checkpoint: ckpttool latest --for-resume {run_dir}"
-    if code == "step_mismatch":
+    if code == Code.STEP_MISMATCH:
         return f"see which step source is wrong with `ckpttool verify {path}`, then fix the config or pick the " \
                "checkpoint that matches"
-    if code == "weights_only":
+    if code == Code.WEIGHTS_ONLY:
         return "point the resume at the training-state dir named above, not at exported weights"
-    if code in ("missing_optimizer", "missing_scheduler"):
+    if code in (Code.MISSING_OPTIMIZER, Code.MISSING_SCHEDULER):
         return "this checkpoint cannot continue the schedule; resume from a full training-state checkpoint " \
                f"(ckpttool latest --for-resume {run_dir}) or start the schedule deliberately from scratch"
-    if code == "unsafe_pickle":
+    if code == Code.UNSAFE_PICKLE:
         return "load it only if you trust where it came from; or re-save the tensors with `ckpttool convert`"
-    if code in ("quantized_keys", "key_mismatch") and model_file:
-        option = "--dequantize" if code == "quantized_keys" else problem.get("remap")
+    if code in (Code.QUANTIZED_KEYS, Code.KEY_MISMATCH) and model_file:
+        option = "--dequantize" if code == Code.QUANTIZED_KEYS else problem.remap
         if not option:
             return None
-        suffix = "dequantized" if code == "quantized_keys" else "remapped"
+        suffix = "dequantized" if code == Code.QUANTIZED_KEYS else "remapped"
         if os.path.isdir(path):  # a state dir is remapped whole: the other files come along, the manifest is renewed
             target = f"{os.path.normpath(path)}-{suffix}"
             return f"ckpttool remap {path} {target} {option}, then resume from {target}"
@@ -171,12 +173,12 @@ def _part(ckpt, role: str, index: int):
 
 
 def _missing_part(role: str, index: int, count: int) -> dict:
-    return {"code": "missing_file", "severity": "error",
-            "message": f"the run prepared {count} {role}s, but the checkpoint holds no {role}_{index}: load_state "
-                       "would load the others into place and then fail on it"}
+    return Problem(Code.MISSING_FILE, ERROR,
+                   f"the run prepared {count} {role}s, but the checkpoint holds no {role}_{index}: load_state "
+                   "would load the others into place and then fail on it")
 
 
-def _model_problems(ckpt, model, comp=None) -> tuple[list[dict], str | None]:
+def _model_problems(ckpt, model, comp=None) -> tuple[list[Problem], str | None]:
     from ckpttool.operations.diff import model_tensors, problems_of
 
     comp = comp or ckpt.model
@@ -187,14 +189,14 @@ def _model_problems(ckpt, model, comp=None) -> tuple[list[dict], str | None]:
     report = compare(comp.tensors, live, labels=("the checkpoint", "the model"))
     tied = _tied_and_present(model, report)
     report.only_b = [k for k in report.only_b if k not in tied]
-    problems = problems_of(report, "the checkpoint", "the model", dtype_severity="warning", strict=True)
+    problems = problems_of(report, "the checkpoint", "the model", dtype_severity=WARNING, strict=True)
     if tied:  # safetensors saving drops tied copies (save_model, transformers' save_pretrained); loading re-ties
-        problems.append({"code": "key_mismatch", "severity": "warning",
-                         "message": f"{', '.join(sorted(tied)[:5])} not in the checkpoint, but tied in the model to "
-                                    f"{', '.join(sorted(set(tied.values()))[:5])}, which it holds: load with "
-                                    "strict=False (as transformers does) or re-tie after loading"})
+        problems.append(Problem(Code.KEY_MISMATCH, WARNING,
+                                f"{', '.join(sorted(tied)[:5])} not in the checkpoint, but tied in the model to "
+                                f"{', '.join(sorted(set(tied.values()))[:5])}, which it holds: load with "
+                                "strict=False (as transformers does) or re-tie after loading"))
     if report.rules:  # the first problem is then the prefix one: say which remap option fixes it
-        problems[0]["remap"] = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
+        problems[0].remap = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
     return problems, model_file
 
 
@@ -216,7 +218,7 @@ def _tied_and_present(model, report) -> dict[str, str]:
     return tied
 
 
-def _optimizer_problems(ckpt, optimizer, comp=None) -> list[dict]:
+def _optimizer_problems(ckpt, optimizer, comp=None) -> list[Problem]:
     comp = comp or ckpt.component("optimizer")
     saved = comp.tree if comp is not None else None
     if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
@@ -226,9 +228,9 @@ def _optimizer_problems(ckpt, optimizer, comp=None) -> list[dict]:
     saved_sizes = [len(g.get("params", [])) if isinstance(g, dict) else 0 for g in saved_groups]
     live_sizes = [len(g["params"]) for g in live]
     if saved_sizes != live_sizes:
-        return [{"code": "optimizer_mismatch", "severity": "error",
-                 "message": f"the saved optimizer has parameter groups of sizes {saved_sizes}, the live one "
-                            f"{live_sizes}: load_state_dict would refuse it (different trainable parameters?)"}]
+        return [Problem(Code.OPTIMIZER_MISMATCH, ERROR,
+                        f"the saved optimizer has parameter groups of sizes {saved_sizes}, the live one "
+                        f"{live_sizes}: load_state_dict would refuse it (different trainable parameters?)")]
     problems = []
     shapes = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -239,12 +241,13 @@ def _optimizer_problems(ckpt, optimizer, comp=None) -> list[dict]:
             if t.shape and tuple(t.shape) != tuple(param.shape):
                 shapes[int(m.group(2))] = (t.name, list(t.shape), list(param.shape))
     for index, (name, saved_shape, live_shape) in sorted(shapes.items()):
-        problems.append({"code": "shape_mismatch", "severity": "error", "key": name,
-                         "message": f"optimizer {name}: saved {saved_shape}, parameter {index} is {live_shape}"})
+        problems.append(Problem(Code.SHAPE_MISMATCH, ERROR,
+                                f"optimizer {name}: saved {saved_shape}, parameter {index} is {live_shape}",
+                                key=name))
     return problems
 
 
-def _scheduler_problems(saved, scheduler) -> list[dict]:
+def _scheduler_problems(saved, scheduler) -> list[Problem]:
     """The saved scheduler state against the live scheduler's: a state without a key the live class keeps in its
     own (LambdaLR's lr_lambdas, StepLR's step_size) comes from another class, and load_state_dict raises (KeyError)
     or leaves that setting as the fresh run has it. Private keys (`_is_initial`, `_get_lr_called_within_step`) come
@@ -258,17 +261,17 @@ def _scheduler_problems(saved, scheduler) -> list[dict]:
     kind = type(getattr(scheduler, "scheduler", scheduler)).__name__  # Accelerate wraps the scheduler it prepared
     missing = sorted(k for k in live_keys - saved_keys if not k.startswith("_") and k != "verbose")
     if missing:
-        return [{"code": "scheduler_mismatch", "severity": "error",
-                 "message": f"the saved scheduler state lacks {', '.join(missing[:6])}, which the live {kind} keeps: "
-                            "it was saved by another scheduler class, and loading it into this one fails (LambdaLR: "
-                            "KeyError 'lr_lambdas') or silently keeps the fresh run's settings; build the scheduler "
-                            "the run was saved with"}]
-    return [{"code": "scheduler_mismatch", "severity": "warning",
-             "message": f"saved scheduler state has keys {sorted(saved_keys)[:6]}, the live {kind} "
-                        f"{sorted(live_keys)[:6]}: saved by another torch version, or another scheduler class?"}]
+        return [Problem(Code.SCHEDULER_MISMATCH, ERROR,
+                        f"the saved scheduler state lacks {', '.join(missing[:6])}, which the live {kind} keeps: "
+                        "it was saved by another scheduler class, and loading it into this one fails (LambdaLR: "
+                        "KeyError 'lr_lambdas') or silently keeps the fresh run's settings; build the scheduler "
+                        "the run was saved with")]
+    return [Problem(Code.SCHEDULER_MISMATCH, WARNING,
+                    f"saved scheduler state has keys {sorted(saved_keys)[:6]}, the live {kind} "
+                    f"{sorted(live_keys)[:6]}: saved by another torch version, or another scheduler class?")]
 
 
-def _trainable_count_problems(ckpt, model) -> list[dict]:
+def _trainable_count_problems(ckpt, model) -> list[Problem]:
     """Without the live optimizer: the parameters the saved optimizers cover against the model's trainable ones. An
     optimizer built over the same model covers each once; a different count means another set of trainable
     parameters (a frozen or added layer), which load_state_dict refuses, unless the optimizer deliberately covers a
@@ -284,10 +287,10 @@ def _trainable_count_problems(ckpt, model) -> list[dict]:
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if not saved or saved == trainable:
         return []
-    return [{"code": "optimizer_mismatch", "severity": "warning",
-             "message": f"the saved optimizer state covers {saved} parameters, the live model has {trainable} "
-                        "trainable ones: unless the optimizer covers only some of them, load_state_dict will refuse "
-                        "it (pass optimizer= to the gate to know)"}]
+    return [Problem(Code.OPTIMIZER_MISMATCH, WARNING,
+                    f"the saved optimizer state covers {saved} parameters, the live model has {trainable} "
+                    "trainable ones: unless the optimizer covers only some of them, load_state_dict will refuse "
+                    "it (pass optimizer= to the gate to know)")]
 
 
 def live_world_size() -> int:
@@ -300,7 +303,7 @@ def live_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _world_size_problems(ckpt, live: int) -> list[dict]:
+def _world_size_problems(ckpt, live: int) -> list[Problem]:
     """The world size the checkpoint was saved with against the live one, and what follows: DCP reshards on load;
     DeepSpeed ZeRO loads each rank's partition by rank; Accelerate's and transformers' RNG files are one per rank."""
     from ckpttool.trainers.contract import world_size as dcp_ranks
@@ -309,22 +312,23 @@ def _world_size_problems(ckpt, live: int) -> list[dict]:
     zero = ckpt.metadata.get("data_parallel_world_size")
     if zero and zero != live:
         tag = ckpt.path
-        problems.append({"code": "world_size_mismatch", "severity": "error",
-                         "message": f"saved by {zero} data-parallel ranks under ZeRO-{ckpt.metadata.get('zero_stage')},"
-                                    f" resuming with {live}: DeepSpeed loads each rank's optimizer partition by rank",
-                         "fix": f"convert it to a universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal "
-                                f"--input_folder {tag} --output_folder {tag}_universal) and load that with "
-                                "checkpoint: {load_universal: true}, or resume with the same number of ranks"})
+        problems.append(Problem(Code.WORLD_SIZE_MISMATCH, ERROR,
+                                f"saved by {zero} data-parallel ranks under ZeRO-{ckpt.metadata.get('zero_stage')},"
+                                f" resuming with {live}: DeepSpeed loads each rank's optimizer partition by rank",
+                                fix="convert it to a universal checkpoint (python -m "
+                                f"deepspeed.checkpoint.ds_to_universal --input_folder {tag} --output_folder "
+                                f"{tag}_universal) and load that with checkpoint: {{load_universal: true}}, or resume "
+                                "with the same number of ranks"))
     ranks = sorted({int(m.group(1)) for f in ckpt.files if (m := RNG_FILE.fullmatch(os.path.basename(f)))})
     saved = len(ranks) if ranks else 1 if any(os.path.basename(f) in ("rng_state.pth",) for f in ckpt.files) else 0
     if saved and saved != live and not zero:
         what = (f"ranks {saved} to {live - 1} start with fresh RNG state" if live > saved else
                 f"the RNG state of ranks {live} to {saved - 1} is not used")
-        problems.append({"code": "world_size_mismatch", "severity": "warning",
-                         "message": f"saved by {saved} processes (one RNG file each), resuming with {live}: {what}; "
-                                    "the resume works but is not bit-exact" +
-                                    (f" (the DCP state reshards from {dcp_ranks(ckpt)} ranks on load)"
-                                     if dcp_ranks(ckpt) > 1 else "")})
+        problems.append(Problem(Code.WORLD_SIZE_MISMATCH, WARNING,
+                                f"saved by {saved} processes (one RNG file each), resuming with {live}: {what}; "
+                                "the resume works but is not bit-exact" +
+                                (f" (the DCP state reshards from {dcp_ranks(ckpt)} ranks on load)"
+                                if dcp_ranks(ckpt) > 1 else "")))
     return problems
 
 
@@ -339,12 +343,12 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
     try:
         return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size)
     except UsageError as e:
-        raise ResumeGateError(path, [{"code": "missing_file", "severity": "error", "message": str(e)}]) from None
+        raise ResumeGateError(path, [Problem(Code.MISSING_FILE, ERROR, str(e))]) from None
     except CkptError as e:
-        raise ResumeGateError(path, [{"code": e.code, "severity": "error", "message": str(e)}]) from None
+        raise ResumeGateError(path, [Problem(e.code, ERROR, str(e))]) from None
     except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
-        raise ResumeGateError(path, [{"code": "corrupt", "severity": "error", "message": f"{path} cannot be read "
-                                      f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint"}]) \
+        raise ResumeGateError(path, [Problem(Code.CORRUPT, ERROR, f"{path} cannot be read "
+                                      f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint")]) \
             from None
 
 
@@ -352,9 +356,9 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, require_mani
     before = Snapshot.of(path)
     report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
                                      require_manifest=require_manifest)
-    problems = list(report["problems"])
+    problems = list(report.problems)
     model_file = None
-    if not any(p["code"] in DAMAGE and p["severity"] == "error" for p in problems):  # damaged: nothing to compare
+    if not any(p.code in DAMAGE for p in errors(problems)):  # damaged: nothing to compare
         models, optimizers, schedulers = _several(model), _several(optimizer), _several(scheduler)
         if ckpt is not None:
             for i, live in enumerate(models):
@@ -379,14 +383,10 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, require_mani
                 elif comp is not None:
                     problems += _scheduler_problems(comp.tree, live)
     for p in problems:
-        fix = _fix(p["code"], path, p, model_file)
-        p.pop("remap", None)
-        if fix:
-            p["fix"] = fix
-    errors = [p for p in problems if p["severity"] == "error"]
-    if errors:
-        raise ResumeGateError(path, errors)
-    passed = GateReport(path, report["step"], problems, before)
+        p.fix = _fix(p, path, model_file) or p.fix
+    if refusals := errors(problems):
+        raise ResumeGateError(path, refusals)
+    passed = GateReport(path, report.step, problems, before)
     confirm_unchanged(passed)  # nothing changed while it was being checked, either
     return passed
 
@@ -421,8 +421,8 @@ def latest_passing(run_dir, model=None, optimizer=None, scheduler=None, expected
                                   optimizer=optimizer, scheduler=scheduler, expected_step=expected_step,
                                   require_manifest=require_manifest, world_size=world_size)
         except ResumeGateError as e:
-            log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p["code"] for p in e.problems})),
-                        e.problems[0]["message"])
+            log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p.code for p in e.problems})),
+                        e.problems[0].message)
             continue
         log.info("resuming from %s", candidate.path)
         return report

@@ -9,9 +9,60 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-ERROR = "error"
-WARNING = "warning"
+
+class Severity(StrEnum):
+    ERROR = "error"  # the checkpoint must not be used as it is: exit 1, the gate refuses
+    WARNING = "warning"  # worth knowing; nothing fails on it
+
+
+ERROR, WARNING = Severity.ERROR, Severity.WARNING
+
+
+class Code(StrEnum):
+    """The problem codes of the contract (../shared/CONTRACT.md, README): stable, add more, never rename."""
+
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    MISSING_FILE = "missing_file"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    NO_MANIFEST = "no_manifest"
+    STEP_MISMATCH = "step_mismatch"
+    MISSING_OPTIMIZER = "missing_optimizer"
+    MISSING_SCHEDULER = "missing_scheduler"
+    MISSING_RNG = "missing_rng"
+    WEIGHTS_ONLY = "weights_only"
+    UNSAFE_PICKLE = "unsafe_pickle"
+    NEEDS_SAFE_GLOBALS = "needs_safe_globals"
+    UNSAFE_PATH = "unsafe_path"
+    NONFINITE = "nonfinite"
+    NO_TENSORS = "no_tensors"
+    QUANTIZED_KEYS = "quantized_keys"
+    KEY_MISMATCH = "key_mismatch"
+    SHAPE_MISMATCH = "shape_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    VALUE_MISMATCH = "value_mismatch"
+    OPTIMIZER_MISMATCH = "optimizer_mismatch"
+    SCHEDULER_MISMATCH = "scheduler_mismatch"
+    WORLD_SIZE_MISMATCH = "world_size_mismatch"
+    CUSTOM_CHECKPOINT_MISMATCH = "custom_checkpoint_mismatch"
+    UNSUPPORTED_LAYOUT = "unsupported_layout"
+    LOSSY_CAST = "lossy_cast"
+
+
+# What makes a checkpoint's bytes unusable (as against a resume that would lose state, or a mismatch with a model).
+DAMAGE = frozenset({Code.TRUNCATED, Code.CORRUPT, Code.MISSING_FILE, Code.CHECKSUM_MISMATCH, Code.NO_MANIFEST})
+
+
+class Status(StrEnum):
+    """A verify check's result."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    WARN = "warn"
+    NOTE = "note"  # nothing checked, but something to know (no manifest to check against)
+    SKIP = "skip"  # nothing to check
 
 # Bits per element of every dtype we can meet, keyed by the canonical torch-style name.
 DTYPE_BITS = {
@@ -29,22 +80,101 @@ def dtype_bytes(dtype: str, shape) -> int:
 
 @dataclass
 class Problem:
-    code: str
-    severity: str
+    """One thing found wrong, from the reader or check that finds it to the renderer that prints it."""
+
+    code: Code
+    severity: Severity
     message: str
     path: str | None = None
     key: str | None = None
     component: str | None = None  # the component it concerns, when a reader knows
+    fix: str | None = None  # what to run about it (the gate says it for every problem it can)
+    remap: str | None = None  # the `ckpttool remap` option that aligns the keys, where one does (never shown)
+
+    def __post_init__(self):
+        self.code, self.severity = Code(self.code), Severity(self.severity)  # a misspelt code fails where it is made
 
     def to_json(self) -> dict:
-        out = {"code": self.code, "severity": self.severity, "message": self.message}
+        out = {"code": self.code.value, "severity": self.severity.value, "message": self.message}
         if self.component:
             out["component"] = self.component
         if self.path:
             out["path"] = self.path
         if self.key:
             out["key"] = self.key
+        if self.fix:
+            out["fix"] = self.fix
         return out
+
+    # The gate's problems were documented as dicts ({"code", "severity", "message", "fix"}): reading them by key
+    # keeps working.
+    def __getitem__(self, name: str):
+        return self.to_json()[name]
+
+    def get(self, name: str, default=None):
+        return self.to_json().get(name, default)
+
+
+
+def errors(problems) -> list[Problem]:
+    return [p for p in problems if p.severity is ERROR]
+
+
+@dataclass
+class CheckResult:
+    """One row of verify's table: a check, how it came out, and why."""
+
+    check: str
+    status: Status
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "status": self.status.value, "detail": self.detail}
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: every check with its result, and the problems behind them."""
+
+    path: str
+    step: int | None
+    format: str | None
+    layout: str | None = None
+    trainer: str | None = None
+    checks: list = field(default_factory=list)  # CheckResult
+    problems: list = field(default_factory=list)  # Problem
+    recalled: bool = False  # remembered from an earlier verify of the same bytes (operations/verify_cache.py)
+
+    @property
+    def ok(self) -> bool:
+        return not errors(self.problems)
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "ok": self.ok, "step": self.step, "format": self.format, "layout": self.layout,
+               "trainer": self.trainer, "checks": [c.to_json() for c in self.checks],
+               "problems": [p.to_json() for p in self.problems]}
+        if self.recalled:
+            out["recalled"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "VerifyReport":
+        """A report kept by to_json (the verify cache's own file)."""
+        return cls(doc["path"], doc["step"], doc["format"], doc.get("layout"), doc.get("trainer"),
+                   [CheckResult(c["check"], Status(c["status"]), c["detail"]) for c in doc["checks"]],
+                   [Problem(p["code"], p["severity"], p["message"], p.get("path"), p.get("key"), p.get("component"),
+                            p.get("fix")) for p in doc["problems"]], bool(doc.get("recalled")))
+
+
+def to_json(value):
+    """A report made JSON-able at the edge (cli.py): typed objects by their to_json, inside dicts and lists too."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
 
 
 @dataclass
@@ -136,15 +266,34 @@ MICRO_STEPS = "micro_steps"  # gradient-accumulation micro-batches (Accelerate's
 SKIPPED_UPDATES = "skipped_updates"  # updates the trainer itself counted as fp16-skipped (DeepSpeed skipped_steps)
 
 
+class Record(StrEnum):
+    """The kind of record a counter was read from: what a trainer profile matches on (with the key), never the
+    label shown to users."""
+
+    NAME = "name"  # the checkpoint's own file or folder name
+    TRAINING_DICT = "training_dict"  # a top-level key of a torch-saved training dict
+    OPTIMIZER = "optimizer"  # an optimizer state's per-parameter `step`
+    SCHEDULER = "scheduler"  # an LR scheduler state (`last_epoch`, `last_batch_iteration`)
+    RNG = "rng"  # an RNG state's `step` (Accelerate's random_states_N.pkl)
+    STATE_FILE = "state_file"  # a JSON file of counters (trainer_state.json, train_state.json ...)
+    ENGINE = "engine"  # DeepSpeed's model states file
+    CLIENT_STATE = "client_state"  # what a DeepSpeed caller saved beside the engine's state
+    DCP_STATE = "dcp_state"  # a non-tensor item of a torch.distributed.checkpoint
+    LOOPS = "loops"  # Lightning's loop progress counters
+
+
 @dataclass
 class StepSource:
     """One counter a checkpoint states. `meaning` is one of the constants above, or None while unknown (the
-    trainer profile names it; a counter with no meaning is shown but never compared)."""
+    trainer profile names it from `record` and `key`; a counter with no meaning is shown but never compared)."""
 
-    source: str  # e.g. "directory name", "train_state.json current_step", "optimizer state step"
+    source: str  # shown to users, e.g. "directory name", "train_state.json current_step", "optimizer state step"
     value: int
     meaning: str | None = None
     note: str | None = None  # e.g. why a counter is never compared
+    record: Record = field(kw_only=True)  # where it was read
+    key: str = field(default="", kw_only=True)  # its key path in that record ("global_step", "lr_scheduler.last_epoch")
+    file: str | None = field(default=None, kw_only=True)  # the file it was read from, relative to the checkpoint
 
     @property
     def kind(self) -> str:

@@ -12,6 +12,7 @@ import os
 import stat
 
 from ckpttool.errors import CkptError
+from ckpttool.model import Code
 
 
 def within(path: str, root: str) -> bool:
@@ -29,10 +30,10 @@ def inside(root: str, relative: str, what: str, source: str | None = None) -> st
     """`root/relative` for a path a checkpoint's own metadata (the file `source`) names; CkptError (corrupt) when it
     is absolute, climbs out with `..`, or reaches outside `root` through a link."""
     if not isinstance(relative, str) or not relative or "\0" in relative:
-        raise CkptError("corrupt", f"{what} {relative!r} is not a file name", source)
+        raise CkptError(Code.CORRUPT, f"{what} {relative!r} is not a file name", source)
     joined = os.path.normpath(os.path.join(root, relative))
     if os.path.isabs(relative) or leaves(joined, root):
-        raise CkptError("corrupt", f"{what} {relative!r} points outside the checkpoint; it was not read", source)
+        raise CkptError(Code.CORRUPT, f"{what} {relative!r} points outside the checkpoint; it was not read", source)
     return joined
 
 
@@ -93,5 +94,5 @@ def regular(path: str):
     readers' guard before they open anything."""
     kind = special(path)
     if kind:
-        raise CkptError("corrupt", f"{kind}, not a regular file: never opened (reading it could block or never end)",
+        raise CkptError(Code.CORRUPT, f"{kind}, not a regular file: never opened (reading it could block or never end)",
                         path)

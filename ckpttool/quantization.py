@@ -8,6 +8,7 @@ A plain weight is quantized by building the matching `torch.nn.Linear`/`Conv2d`,
 from __future__ import annotations
 
 from ckpttool.errors import CkptError
+from ckpttool.model import Code
 
 WEIGHT_KEYS = ("weight._data._data", "weight._data", "weight._scale", "weight._shift")
 SCALE_KEYS = ("input_scale", "output_scale")
@@ -21,7 +22,7 @@ def _plain_module(shape, bias: bool, dtype):
     if len(shape) in (3, 4, 5):
         conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[len(shape)]
         return conv(shape[1], shape[0], kernel_size=tuple(shape[2:]), bias=bias, dtype=dtype)
-    raise CkptError("corrupt", f"cannot (de)quantize a weight of shape {list(shape)}: only Linear and Conv weights")
+    raise CkptError(Code.CORRUPT, f"cannot (de)quantize a weight of shape {list(shape)}: only Linear and Conv weights")
 
 
 def _holder(module):
@@ -38,7 +39,7 @@ def quantize_module(weight, bias, weights_qtype: str, activations_qtype: str | N
     from optimum.quanto import freeze, qtypes, quantize
 
     if weights_qtype not in qtypes:
-        raise CkptError("corrupt", f"unknown optimum-quanto qtype {weights_qtype!r}; known: {', '.join(qtypes)}")
+        raise CkptError(Code.CORRUPT, f"unknown optimum-quanto qtype {weights_qtype!r}; known: {', '.join(qtypes)}")
     module = _plain_module(tuple(weight.shape), bias is not None, weight.dtype)
     with torch.no_grad():
         module.weight.copy_(weight)
@@ -61,7 +62,7 @@ def dequantize_module(state: dict, weights_qtype: str, shape, dtype):
     quantize(holder, weights=qtypes[weights_qtype])
     missing = [k for k in state if k not in ("bias",) + SCALE_KEYS + WEIGHT_KEYS]
     if missing:
-        raise CkptError("corrupt", f"unexpected keys for a quantized module: {missing}")
+        raise CkptError(Code.CORRUPT, f"unexpected keys for a quantized module: {missing}")
     load = dict(state)
     for key in SCALE_KEYS:
         load.setdefault(key, torch.ones(()))
@@ -70,7 +71,7 @@ def dequantize_module(state: dict, weights_qtype: str, shape, dtype):
         weight = holder.m.weight
         return weight.dequantize().to(dtype).contiguous() if hasattr(weight, "dequantize") else weight.detach()
     except (RuntimeError, ValueError, AssertionError) as e:
-        raise CkptError("corrupt", f"optimum-quanto could not rebuild the {weights_qtype} weight of shape "
+        raise CkptError(Code.CORRUPT, f"optimum-quanto could not rebuild the {weights_qtype} weight of shape "
                         f"{list(shape)} ({e})") from None
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES, SCHEDULER_STEPS,
-                            SKIPPED_UPDATES, WARNING, Checkpoint, Problem)
+                            SKIPPED_UPDATES, WARNING, Checkpoint, Code, Problem)
 
 MEANINGS = {
     GLOBAL_STEP: "global step: training steps taken, fp16-skipped updates included",
@@ -96,10 +96,10 @@ class Judge:
         self.notes: list[str] = []
 
     def error(self, message):
-        self.problems.append(Problem("step_mismatch", ERROR, message, self.ckpt.path))
+        self.problems.append(Problem(Code.STEP_MISMATCH, ERROR, message, self.ckpt.path))
 
     def warn(self, message):
-        self.problems.append(Problem("step_mismatch", WARNING, message, self.ckpt.path))
+        self.problems.append(Problem(Code.STEP_MISMATCH, WARNING, message, self.ckpt.path))
 
     def agree(self, meaning, what):
         sources = of(self.ckpt, meaning)

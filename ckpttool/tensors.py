@@ -6,7 +6,7 @@ This is the only place the format layer needs torch, and it imports it lazily.
 from __future__ import annotations
 
 from ckpttool.errors import CkptError
-from ckpttool.model import TensorInfo, contiguous_strides
+from ckpttool.model import Code, TensorInfo, contiguous_strides
 
 
 def torch_dtype(name: str):
@@ -14,13 +14,13 @@ def torch_dtype(name: str):
 
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CkptError("corrupt", f"dtype {name} is not available in this torch build ({torch.__version__})")
+        raise CkptError(Code.CORRUPT, f"dtype {name} is not available in this torch build ({torch.__version__})")
     return dtype
 
 
 def _short_read(info: TensorInfo, got: int):
     loc = info.location
-    return CkptError("truncated", f"tensor {info.name} needs {loc.length} bytes at offset {loc.offset}, the file "
+    return CkptError(Code.TRUNCATED, f"tensor {info.name} needs {loc.length} bytes at offset {loc.offset}, the file "
                      f"holds {got}", loc.file)
 
 
@@ -99,7 +99,7 @@ def _assemble(info: TensorInfo):
         if chunk.location.encoding == "torch.save":
             piece = _load_saved(info.name, chunk.location, chunk.sizes)
             if piece.dtype != out.dtype:
-                raise CkptError("corrupt", f"tensor {info.name}: a chunk is {piece.dtype}, the tensor {out.dtype}",
+                raise CkptError(Code.CORRUPT, f"tensor {info.name}: a chunk is {piece.dtype}, the tensor {out.dtype}",
                                 chunk.location.file)
         else:
             piece = read_storage(TensorInfo(info.name, info.dtype, chunk.sizes, chunk.location)).view(out.dtype)
@@ -127,7 +127,7 @@ def _load(info: TensorInfo):
     if info.chunks:
         return _assemble(info)
     if info.location is None:
-        raise CkptError("corrupt", f"tensor {info.name} has no data location to read")
+        raise CkptError(Code.CORRUPT, f"tensor {info.name} has no data location to read")
     if info.location.encoding == "torch.save":
         return _load_saved(info.name, info.location, info.shape)
     dtype = torch_dtype(info.dtype)
@@ -139,6 +139,6 @@ def _load(info: TensorInfo):
     itemsize = torch.empty((), dtype=dtype).element_size()
     needed = loc.storage_offset + sum((s - 1) * st for s, st in zip(info.shape, loc.stride)) + 1
     if needed * itemsize > loc.length:
-        raise CkptError("corrupt", f"tensor {info.name} reaches element {needed} of a "
+        raise CkptError(Code.CORRUPT, f"tensor {info.name} reaches element {needed} of a "
                         f"{loc.length // itemsize}-element storage", loc.file)
     return _read_view(info, dtype)

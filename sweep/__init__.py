@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 os.environ.setdefault("CKPTTOOL_CACHE_DIR", "")  # every verify is a full one
 
-from ckpttool.model import ERROR, WARNING  # noqa: E402
+from ckpttool.model import ERROR, WARNING, Code, Problem, VerifyReport, errors  # noqa: E402
 
 MODES = ("delete", "cut", "empty")
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
@@ -220,8 +220,8 @@ def run_case(case: Case, work: str, before: set) -> Case:
     except Exception as e:  # noqa: BLE001 - an escape is what the sweep exists to find
         case.failure = f"{type(e).__name__}: {e}"
         return case
-    new = [p for p in report["problems"] if _key(p, copy) not in before]
-    case.outcome = ERROR if any(p["severity"] == ERROR for p in new) else WARNING if new else None
+    new = [p for p in report.problems if _key(p, copy) not in before]
+    case.outcome = ERROR if errors(new) else WARNING if new else None
     if case.expected == "unaccounted":
         case.failure = case.why
     elif case.expected == ERROR and case.outcome != ERROR:
@@ -235,17 +235,17 @@ def run_case(case: Case, work: str, before: set) -> Case:
     elif case.outcome == ERROR and not fixes:
         case.failure = "repair says there is nothing to repair"
     if case.failure and new:
-        case.failure += " | " + "; ".join(f"{p['severity']} {p['code']}: {p['message'][:160]}" for p in new)
+        case.failure += " | " + "; ".join(f"{p.severity} {p.code}: {p.message[:160]}" for p in new)
     return case
 
 
-def _key(problem: dict, root: str) -> tuple:
-    path = os.path.relpath(problem["path"], root) if problem.get("path") else ""
-    return problem["code"], problem["severity"], path
+def _key(problem: Problem, root: str) -> tuple:
+    path = os.path.relpath(problem.path, root) if problem.path else ""
+    return problem.code, problem.severity, path
 
 
-def _keys(report: dict, root: str) -> set:
-    return {_key(p, root) for p in report["problems"]}
+def _keys(report: VerifyReport, root: str) -> set:
+    return {_key(p, root) for p in report.problems}
 
 
 def cases(target: Target, modes=MODES) -> list[Case]:
@@ -268,13 +268,13 @@ def healthy_case(target: Target) -> Case:
     case = Case(target, "", "none", None, "healthy")
     path = os.path.join(target.run, target.checkpoint)
     report = verify(path, for_resume=True, recall=False)
-    errors = [p for p in report["problems"] if p["severity"] == ERROR and p["code"] != "weights_only"]
-    if any(p["code"] == "weights_only" for p in report["problems"]):
-        errors += [p for p in verify(path, recall=False)["problems"] if p["severity"] == ERROR]
-    case.outcome = ERROR if errors else WARNING if report["problems"] else None
-    if errors:
-        case.failure = "the healthy checkpoint is refused: " + "; ".join(f"{p['code']}: {p['message'][:160]}"
-                                                                         for p in errors)
+    refused = [p for p in errors(report.problems) if p.code != Code.WEIGHTS_ONLY]
+    if any(p.code == Code.WEIGHTS_ONLY for p in report.problems):
+        refused += errors(verify(path, recall=False).problems)
+    case.outcome = ERROR if refused else WARNING if report.problems else None
+    if refused:
+        case.failure = "the healthy checkpoint is refused: " + "; ".join(f"{p.code}: {p.message[:160]}"
+                                                                         for p in refused)
     return case
 
 

@@ -175,7 +175,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     saved = [e for e in os.listdir(tmp_path) if e.startswith("checkpoint-")]
     assert len(saved) == 1 and not saved[0].endswith(".tmp")
     from ckpttool.operations.verify import verify
-    assert verify(str(tmp_path / saved[0]), for_resume=True, require_manifest=True)["ok"]
+    assert verify(str(tmp_path / saved[0]), for_resume=True, require_manifest=True).ok
 
 
 def test_quantized_run_resumes_into_plain_run_after_remap(tmp_path):

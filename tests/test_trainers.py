@@ -248,7 +248,7 @@ def test_scaler_with_a_non_default_init_scale_warns(tmp_path):
 def test_long_run_scale_grown_past_the_default_still_explains_skips():
     """10,100 steps: the scale grew to 131072 (growths every 2000 clean updates, each undone by an overflow but one):
     skips = growths - 1 <= 4, so a lag of 4 is explained; a lag of 6 is not, though the tracker allows it."""
-    from ckpttool.model import GLOBAL_STEP, OPTIMIZER_UPDATES, Checkpoint, Component, StepSource
+    from ckpttool.model import GLOBAL_STEP, OPTIMIZER_UPDATES, Checkpoint, Component, Record, StepSource
     from ckpttool.steps import judge
     from ckpttool.trainers import GENERIC
 
@@ -256,7 +256,8 @@ def test_long_run_scale_grown_past_the_default_still_explains_skips():
         scaler = Component("scaler", "scaler", tree={"scale": 131072.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                                       "growth_interval": 2000, "_growth_tracker": 100})
         return Checkpoint("x", "torch", "t", components=[scaler], steps=[
-            StepSource("state", 10100, GLOBAL_STEP), StepSource("optimizer", updates, OPTIMIZER_UPDATES)])
+            StepSource("state", 10100, GLOBAL_STEP, record=Record.STATE_FILE, key="global_step"),
+            StepSource("optimizer", updates, OPTIMIZER_UPDATES, record=Record.OPTIMIZER, key="step")])
 
     problems, notes = judge(checkpoint(10096), GENERIC)
     assert problems == [] and "4 fp16-skipped updates" in notes[0]

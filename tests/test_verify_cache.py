@@ -56,8 +56,8 @@ def _seeded_equals_full(path, full_runs):
     manifest.write(path)
     for for_resume in (False, True):
         before = len(full_runs)
-        recalled = verify(path, for_resume=for_resume)
-        full = verify(path, for_resume=for_resume, recall=False)
+        recalled = verify(path, for_resume=for_resume).to_json()
+        full = verify(path, for_resume=for_resume, recall=False).to_json()
         clean = full["ok"] and not full["problems"]
         assert recalled.pop("recalled", False) is clean, (for_resume, full["problems"])
         assert recalled == full
@@ -73,7 +73,7 @@ def test_manifest_seeds_the_report_a_full_verify_gives(cache, corpus, tmp_path, 
     folder = copy(os.path.dirname(corpus[name]), str(tmp_path))
     path = os.path.join(folder, os.path.basename(corpus[name]))
     _seeded_equals_full(path, full_runs)
-    assert verify(path)["recalled"]  # every healthy layout verifies clean
+    assert verify(path).recalled  # every healthy layout verifies clean
 
 
 @pytest.mark.parametrize("key,name", [(k, n) for k, n, _, _ in TRAINER_RUNS[::2]],
@@ -83,7 +83,7 @@ def test_manifest_seeds_real_trainer_runs(cache, runs, tmp_path, full_runs, key,
     folder = copy(run_dir(runs, key), str(tmp_path))
     path = os.path.join(folder, name)
     _seeded_equals_full(path, full_runs)
-    assert verify(path, for_resume=True)["recalled"]  # every real healthy save is clean for a resume
+    assert verify(path, for_resume=True).recalled  # every real healthy save is clean for a resume
 
 
 @pytest.mark.parametrize("name,inside", [("deepspeed/zero3", ""), ("deepspeed/fp16_zero2", ""),
@@ -94,13 +94,13 @@ def test_manifest_seeds_deepspeed_and_peft_saves(cache, runs, tmp_path, full_run
     (tmp_path / "run").mkdir()  # not beside the cache folder: a name added there is a change
     path = os.path.join(copy(source, str(tmp_path / "run")), inside)
     _seeded_equals_full(path, full_runs)
-    assert verify(path)["recalled"]  # each verifies clean
+    assert verify(path).recalled  # each verifies clean
 
 
 def test_first_verify_after_manifest_is_a_recall(cache, checkpoint, full_runs):
     manifest.write(checkpoint)
     report = verify(checkpoint, require_manifest=True)  # --require-manifest shares the entry
-    assert report["recalled"] and report["ok"] and full_runs == []
+    assert report.recalled and report.ok and full_runs == []
     kept = verify_cache._entry_path(checkpoint, None, {"expect_step": None, "for_resume": False, "finite": False})
     assert [str(e) for e in cache.iterdir()] == [kept]  # for a resume, weights alone are refused: not clean, not kept
 
@@ -108,8 +108,8 @@ def test_first_verify_after_manifest_is_a_recall(cache, checkpoint, full_runs):
 def test_a_full_verify_is_remembered(cache, checkpoint, full_runs):
     manifest.write(checkpoint)
     shutil.rmtree(cache)
-    first = verify(checkpoint)
-    second = verify(checkpoint)
+    first = verify(checkpoint).to_json()
+    second = verify(checkpoint).to_json()
     assert first["ok"] and len(full_runs) == 1
     assert second.pop("recalled") is True and second == first
 
@@ -118,8 +118,8 @@ def test_bit_rot_is_caught(cache, checkpoint, full_runs):
     manifest.write(checkpoint)
     flip_byte(checkpoint, os.path.getsize(checkpoint) - 200)  # inside the zip directory: no CRC covers it
     report = verify(checkpoint)
-    assert "recalled" not in report and not report["ok"] and len(full_runs) == 1
-    assert "checksum_mismatch" in {p["code"] for p in report["problems"]}
+    assert not report.recalled and not report.ok and len(full_runs) == 1
+    assert "checksum_mismatch" in {p.code for p in report.problems}
 
 
 @pytest.mark.parametrize("change", ["sibling", "removed", "subfolder", "manifest"])
@@ -140,7 +140,7 @@ def test_a_changed_name_or_manifest_means_a_full_verify(cache, checkpoint, full_
         doc = json.load(open(target))
         doc["note"] = "edited"
         json.dump(doc, open(target, "w"))
-    assert "recalled" not in verify(checkpoint)
+    assert not verify(checkpoint).recalled
     assert len(full_runs) == 1
 
 
@@ -148,7 +148,7 @@ def test_a_touch_is_no_change(cache, checkpoint, full_runs):
     """Nothing trusts a timestamp: the same names and bytes recall, whatever the clock says."""
     manifest.write(checkpoint)
     os.utime(checkpoint, ns=(1, 1))
-    assert verify(checkpoint)["recalled"] and full_runs == []
+    assert verify(checkpoint).recalled and full_runs == []
 
 
 def test_a_name_that_comes_while_verify_reads_is_not_remembered(cache, checkpoint, monkeypatch):
@@ -161,16 +161,16 @@ def test_a_name_that_comes_while_verify_reads_is_not_remembered(cache, checkpoin
         return real(*args, **kwargs)
 
     monkeypatch.setattr(verify_module, "check_steps", sibling_appears)
-    assert verify(checkpoint)["ok"]
+    assert verify(checkpoint).ok
     assert not cache.exists() or not list(cache.iterdir())
 
 
 def test_other_options_are_kept_apart(cache, checkpoint, full_runs):
     manifest.write(checkpoint)
-    assert "recalled" not in verify(checkpoint, finite=True)
-    assert verify(checkpoint, finite=True)["recalled"] and verify(checkpoint)["recalled"]
-    assert "recalled" not in verify(checkpoint, expect_step=5)  # fails (no step recorded): not kept either
-    assert "recalled" not in verify(checkpoint, expect_step=5)
+    assert not verify(checkpoint, finite=True).recalled
+    assert verify(checkpoint, finite=True).recalled and verify(checkpoint).recalled
+    assert not verify(checkpoint, expect_step=5).recalled  # fails (no step recorded): not kept either
+    assert not verify(checkpoint, expect_step=5).recalled
     assert len(full_runs) == 3
 
 
@@ -188,7 +188,7 @@ def test_oldest_entries_are_evicted(cache, checkpoint, monkeypatch, full_runs):
     os.utime(seeded, ns=(1, 1))  # older than the next by more than the clock's tick
     verify(checkpoint, finite=True)
     assert len(list(cache.iterdir())) == 1
-    assert verify(checkpoint, finite=True)["recalled"] and "recalled" not in verify(checkpoint)
+    assert verify(checkpoint, finite=True).recalled and not verify(checkpoint).recalled
     assert len(full_runs) == 2
 
 
@@ -197,7 +197,7 @@ def test_unwritable_cache_folder_is_no_error(tmp_path, checkpoint, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("CKPTTOOL_CACHE_DIR", str(blocker / "verify"))
     manifest.write(checkpoint)
-    assert verify(checkpoint)["ok"] and verify(checkpoint)["ok"]
+    assert verify(checkpoint).ok and verify(checkpoint).ok
 
 
 def test_cli_recalls_and_says_so(cache, checkpoint):

@@ -15,8 +15,8 @@ from collections import defaultdict
 from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
-from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Component, Location, StepSource,
-                            TensorInfo)
+from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Code, Component, Location,
+                            Record, StepSource, TensorInfo)
 
 METADATA = ".metadata"
 # A non-tensor item is a torch.save blob of the value (default_planner.DefaultSavePlanner.transform_object), and DCP
@@ -41,7 +41,7 @@ def detect(path: str) -> bool:
 
 def _fields(obj, what, path) -> dict:
     if not isinstance(obj, Opaque):
-        raise CkptError("corrupt", f".metadata {what} is not a DCP record", path)
+        raise CkptError(Code.CORRUPT, f".metadata {what} is not a DCP record", path)
     return obj.fields()
 
 
@@ -87,10 +87,10 @@ def _chunks(fqn, fields, items, locations, shape, meta_path) -> list[Chunk]:
         sizes = sizes_at.get(offsets, tuple(shape) if len(items) == 1 else None)
         if sizes is None or not len(offsets) == len(sizes) == len(shape) or any(
                 o < 0 or z < 0 or o + z > d for o, z, d in zip(offsets, sizes, shape)):
-            raise CkptError("corrupt", f".metadata chunk of {fqn!r} at {offsets} has no valid size", meta_path)
+            raise CkptError(Code.CORRUPT, f".metadata chunk of {fqn!r} at {offsets} has no valid size", meta_path)
         found.append(Chunk(offsets, sizes, location))
     if sum(math.prod(c.sizes) for c in found) != math.prod(shape):
-        raise CkptError("corrupt", f".metadata chunks of {fqn!r} do not cover its {tuple(shape)} elements exactly",
+        raise CkptError(Code.CORRUPT, f".metadata chunks of {fqn!r} do not cover its {tuple(shape)} elements exactly",
                         meta_path)
     return found
 
@@ -107,7 +107,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     if not os.path.isfile(meta_path):
         ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=sorted(
             os.path.join(path, e) for e in os.listdir(path) if DATA_FILE.fullmatch(e)))
-        ckpt.add_problem("missing_file", "error", f"no {METADATA}: DCP writes it last, after every rank's data files, "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"no {METADATA}: DCP writes it last, after every rank's data files, "
                          "so this save never finished and dcp.load cannot read it", meta_path)
         return ckpt
     with open(meta_path, "rb") as f:
@@ -118,14 +118,14 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     meta = _fields(obj, "root", meta_path)
     entries = meta.get("state_dict_metadata")
     if not isinstance(entries, dict):
-        raise CkptError("corrupt", ".metadata has no state_dict_metadata", meta_path)
+        raise CkptError(Code.CORRUPT, ".metadata has no state_dict_metadata", meta_path)
     storage = defaultdict(list)  # fqn -> [_StorageInfo fields, with the chunk's offsets from its MetadataIndex]
     for index, info in (meta.get("storage_data") or {}).items():
         if isinstance(index, Opaque) and isinstance(info, Opaque):
             fields, where = index.fields(), info.fields()
             relative = str(where.get("relative_path"))
             if not paths.plain_name(relative):  # FileSystemWriter's own names
-                raise CkptError("corrupt", f".metadata places {fields.get('fqn')!r} in {relative!r}, outside the "
+                raise CkptError(Code.CORRUPT, f".metadata places {fields.get('fqn')!r} in {relative!r}, outside the "
                                 "checkpoint dir (DCP writes its data files beside .metadata); it was not read",
                                 meta_path)
             paths.inside(path, relative, "data file", meta_path)  # nor through a link out of the dir
@@ -150,10 +150,10 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         dtype = state[0] if isinstance(state, tuple) and state else _fields(props, "properties", meta_path).get("dtype")
         shape = _ints(fields.get("size"))
         if not isinstance(dtype, DtypeRef) or shape is None or any(d < 0 for d in shape):
-            raise CkptError("corrupt", f".metadata entry {fqn!r} has no dtype or size", meta_path)
+            raise CkptError(Code.CORRUPT, f".metadata entry {fqn!r} has no dtype or size", meta_path)
         places = [(item.get("offset", 0), item.get("length", 0)) for item in items]
         if not all(type(o) is int and type(n) is int and o >= 0 and n >= 0 for o, n in places):
-            raise CkptError("corrupt", f".metadata entry {fqn!r} has a malformed byte range", meta_path)
+            raise CkptError(Code.CORRUPT, f".metadata entry {fqn!r} has a malformed byte range", meta_path)
         locations = [Location(os.path.join(path, str(item.get("relative_path"))), o, n, encoding="torch.save")
                      for item, (o, n) in zip(items, places)]
         chunks = _chunks(fqn, fields, items, locations, shape, meta_path)
@@ -163,7 +163,7 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     for data_file in sorted(data_files):
         full = os.path.join(path, data_file)
         if not os.path.isfile(full):  # every name is a plain one: checked as .metadata was read
-            ckpt.add_problem("missing_file", "error", f"data file {data_file} named by .metadata is missing; it held "
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"data file {data_file} named by .metadata is missing; it held "
                              f"{_held(storage, data_file)}", full)
             continue
         ckpt.files.append(full)
@@ -171,14 +171,14 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         size = os.path.getsize(full)
         ends = [_end(i) for items in storage.values() for i in items if i.get("relative_path") == data_file]
         if max(ends, default=0) > size:
-            ckpt.add_problem("truncated", "error", f"{data_file} ends at byte {size}, before byte {max(ends)} that "
+            ckpt.add_problem(Code.TRUNCATED, ERROR, f"{data_file} ends at byte {size}, before byte {max(ends)} that "
                              f".metadata expects: it was cut short, losing {_held(storage, data_file, size)}", full)
     ckpt.components.extend(_split_by_role(component, objects))
     if objects:
         ckpt.metadata["objects"] = objects
     ckpt.steps.extend(_counters(objects, component.tensors, path))
     if unpickler.unsafe_globals:
-        ckpt.add_problem("unsafe_pickle", "error", f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
+        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
                          "outside the allow-list; it was not executed", meta_path)
     return ckpt
 
@@ -207,7 +207,7 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     full = os.path.join(path, str(item.get("relative_path")))
     offset, length = item.get("offset", 0), item.get("length", 0)
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        ckpt.add_problem("corrupt", "error", f".metadata gives item {fqn!r} the byte range {offset!r}+{length!r}",
+        ckpt.add_problem(Code.CORRUPT, ERROR, f".metadata gives item {fqn!r} the byte range {offset!r}+{length!r}",
                          os.path.join(path, METADATA))
         return None
     if not os.path.isfile(full) or not _end(item) or _end(item) > os.path.getsize(full):
@@ -215,10 +215,10 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     try:
         raw = read_raw(full, allowed, span=(offset, length))
     except CkptError as e:
-        ckpt.add_problem(e.code, "error", f"item {fqn!r} at byte {offset}: {e.reason}", full)
+        ckpt.add_problem(e.code, ERROR, f"item {fqn!r} at byte {offset}: {e.reason}", full)
         return None
     if raw.unsafe_globals:
-        ckpt.add_problem("unsafe_pickle", "error", f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
+        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
                          "allow-list: dcp.load unpickles it with weights_only=False and would run that code; it was "
                          "not executed", full)
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
@@ -256,9 +256,9 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
         if type(value) is not int:
             continue
         if fqn.rsplit(".", 1)[-1] in STEP_KEYS + EPOCH_KEYS and not OPTIMIZER_STEP.fullmatch(fqn):
-            found.append(StepSource(f"DCP state '{fqn}'", value))
+            found.append(StepSource(f"DCP state '{fqn}'", value, record=Record.DCP_STATE, key=fqn))
         elif SCHEDULER_STEP.fullmatch(fqn):
-            found.append(StepSource(fqn, value, SCHEDULER_STEPS))
+            found.append(StepSource(fqn, value, SCHEDULER_STEPS, record=Record.SCHEDULER, key=fqn))
     for t in tensors:
         if t.numel != 1 or t.location is None or t.name.rsplit(".", 1)[-1] not in STEP_KEYS + EPOCH_KEYS:
             continue
@@ -268,10 +268,11 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
         else:
             value = _scalar(t)
             if value is not None:
-                found.append(StepSource(f"DCP state '{t.name}'", value))
+                found.append(StepSource(f"DCP state '{t.name}'", value, record=Record.DCP_STATE, key=t.name))
     updates = [int(u) for u in updates if u is not None]
     if updates:
-        found.append(StepSource("optimizer state step", max(updates), OPTIMIZER_UPDATES))
+        found.append(StepSource("optimizer state step", max(updates), OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
+                                key="step"))
     return found
 
 

@@ -29,7 +29,8 @@ from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import torchfile
 from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, TensorRef
-from ckpttool.model import OPTIMIZER_UPDATES, Checkpoint, Chunk, Component, Location, StepSource, TensorInfo
+from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, Checkpoint, Chunk, Code, Component, Location, Record, StepSource,
+                            TensorInfo)
 
 LATEST = "latest"
 MAX_WORLD = 1 << 20  # ranks; a partition_count beyond it is damage, not a run
@@ -86,7 +87,7 @@ def read(path: str) -> Checkpoint:
     if other_mp:
         ckpt.metadata["other_model_parallel_files"] = other_mp  # tensor parallelism: only mp rank 0 is consolidated
     if 0 not in model_files:
-        ckpt.add_problem("missing_file", "error", "no mp_rank_00 model states file (the engine writes it first)",
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, "no mp_rank_00 model states file (the engine writes it first)",
                          os.path.join(folder, "mp_rank_00_model_states.pt"))
         ckpt.files.extend(os.path.join(folder, e) for e in entries)
         return ckpt
@@ -96,7 +97,7 @@ def read(path: str) -> Checkpoint:
         ckpt.files.extend(os.path.join(folder, e) for e in entries)
         return ckpt
     if not isinstance(states, dict) or "param_shapes" not in states:
-        raise CkptError("corrupt", "not DeepSpeed model states: no param_shapes", model_files[0])
+        raise CkptError(Code.CORRUPT, "not DeepSpeed model states: no param_shapes", model_files[0])
     optims = {r: _read(ckpt, raws, f) for r, f in sorted(optim_files.items())}
     optims = {r: o["optimizer_state_dict"] for r, o in optims.items()
               if isinstance(o, dict) and isinstance(o.get("optimizer_state_dict"), dict)}
@@ -110,7 +111,7 @@ def read(path: str) -> Checkpoint:
     for rank in sorted(model_files)[1:] if stage == 3 else ():  # their pieces of the frozen parameters
         _read(ckpt, raws, model_files[rank])
     if not 0 < world <= MAX_WORLD:
-        raise CkptError("corrupt", f"the optimizer states give {world} ranks, not a world size", folder)
+        raise CkptError(Code.CORRUPT, f"the optimizer states give {world} ranks, not a world size", folder)
     expected = set(range(world)) if stage else set()
     _missing(ckpt, folder, sorted(expected - set(optim_files)), "optimizer", world, lambda rank: (
         f"{'its piece of every parameter' if stage == 3 else _zero2_held(states, optims, rank, world)} and its part "
@@ -119,7 +120,7 @@ def read(path: str) -> Checkpoint:
         _missing(ckpt, folder, sorted(expected - set(model_files)), "model", world,
                  lambda rank: "its pieces of the frozen parameters are lost")
     ckpt.files.extend([model_files[r] for r in sorted(model_files)] + [optim_files[r] for r in sorted(optim_files)])
-    complete = not any(p.code in ("missing_file", "truncated", "corrupt") for p in ckpt.problems)
+    complete = not any(p.code in (Code.MISSING_FILE, Code.TRUNCATED, Code.CORRUPT) for p in ckpt.problems)
     ckpt.components.append(_model(ckpt, raws, states, model_files, optims, optim_files, stage, world, complete))
     ckpt.components.extend(_training_state(ckpt, raws, states, optims, optim_files, model_files[0]))
     return ckpt
@@ -132,16 +133,16 @@ def _no_tag(path: str) -> Checkpoint:
     ckpt.files.extend(os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n)))
     latest = os.path.join(path, LATEST)
     if any(OPTIM_STATES.fullmatch(n) for n in names):
-        ckpt.add_problem("missing_file", "error", "no mp_rank_00 model states file (the engine writes it first): "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, "no mp_rank_00 model states file (the engine writes it first): "
                          "load_checkpoint cannot load this tag", os.path.join(path, "mp_rank_00_model_states.pt"))
     elif not os.path.isfile(latest):
-        ckpt.add_problem("missing_file", "error", "no `latest` file naming the tag to load: load_checkpoint(tag=None) "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, "no `latest` file naming the tag to load: load_checkpoint(tag=None) "
                          "warns 'Unable to find latest file' and returns (None, None), so the run starts over; pass "
                          "the tag (load_checkpoint(dir, tag='global_stepN')) or write it into `latest`", latest)
     else:
         with open(latest, encoding="utf-8", errors="replace") as f:
             tag = f.read(256).strip()
-        ckpt.add_problem("corrupt", "error", f"`latest` names {tag!r}, which is no tag dir here (cut short or "
+        ckpt.add_problem(Code.CORRUPT, ERROR, f"`latest` names {tag!r}, which is no tag dir here (cut short or "
                          "damaged?): load_checkpoint(tag=None) cannot load it", latest)
     return ckpt
 
@@ -149,12 +150,12 @@ def _no_tag(path: str) -> Checkpoint:
 def _missing(ckpt: Checkpoint, folder: str, ranks: list[int], kind: str, world: int, lost, shown: int = 16):
     """One missing_file problem per absent rank file (the first `shown`; then one for the rest)."""
     for rank in ranks[:shown]:
-        ckpt.add_problem("missing_file", "error", f"rank {rank}'s {kind} states are missing ({world} ranks saved "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"rank {rank}'s {kind} states are missing ({world} ranks saved "
                          f"this checkpoint): {lost(rank)}",
                          os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_{kind.replace('optimizer', 'optim')}"
                                               "_states.pt"))
     if len(ranks) > shown:
-        ckpt.add_problem("missing_file", "error", f"and the {kind} states of {len(ranks) - shown} more ranks "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"and the {kind} states of {len(ranks) - shown} more ranks "
                          f"({', '.join(map(str, ranks[shown:shown + 8]))}, ...) are missing", folder)
 
 
@@ -163,7 +164,7 @@ def _read(ckpt: Checkpoint, raws: dict, path: str):
     try:
         raw = torchfile.read_raw(path, DEEPSPEED_GLOBALS)
     except CkptError as e:
-        ckpt.add_problem(e.code, "error", e.reason, path)
+        ckpt.add_problem(e.code, ERROR, e.reason, path)
         return None
     torchfile.note_pickle(ckpt, raw, path)
     raws[path] = raw
@@ -294,7 +295,7 @@ def _zero2(raws, shapes, optims, optim_files, world, complete) -> list[TensorInf
         if partitions and len(partitions) == world:
             align = 2 * world  # zero_to_fp32: both sides rounded up to 2 * world_size before comparing
             if align * math.ceil(offset / align) != align * math.ceil(start / align):
-                raise CkptError("corrupt", f"param group {g} needs {offset} elements, its partitions hold {start}",
+                raise CkptError(Code.CORRUPT, f"param group {g} needs {offset} elements, its partitions hold {start}",
                                 optim_files[0])
     return tensors
 
@@ -339,7 +340,7 @@ def _zero3(raws, shapes, optims, optim_files, world, complete) -> list[TensorInf
     if usable:
         held = sum(math.prod(ref.shape) for _, ref, _ in per_rank[0])
         if offset != held:
-            raise CkptError("corrupt", f"the parameters need {offset} elements per rank, rank 0 holds {held}",
+            raise CkptError(Code.CORRUPT, f"the parameters need {offset} elements per rank, rank 0 holds {held}",
                             optim_files[0])
     return tensors
 
@@ -349,10 +350,12 @@ def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Comp
     parts = []
     for key in ("global_steps", "skipped_steps", "global_samples"):
         if type(states.get(key)) is int:
-            ckpt.steps.append(StepSource(f"model states {key}", states[key]))
+            ckpt.steps.append(StepSource(f"model states {key}", states[key], record=Record.ENGINE, key=key,
+                                         file=os.path.basename(path0)))
     for key in torchfile.STEP_KEYS + torchfile.EPOCH_KEYS:  # client_state the user saved alongside
         if type(states.get(key)) is int:
-            ckpt.steps.append(StepSource(f"client_state '{key}'", states[key]))
+            ckpt.steps.append(StepSource(f"client_state '{key}'", states[key], record=Record.CLIENT_STATE, key=key,
+                                         file=os.path.basename(path0)))
     if not optims and isinstance(states.get("optimizer"), dict):  # no ZeRO: the optimizer is in the model states
         optims, optim_files = {0: states["optimizer"]}, {0: path0}
     if optims:
@@ -368,13 +371,16 @@ def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Comp
                       if isinstance(optims[first].get(k), dict)), optims[first])
         step = torchfile.optimizer_step(inner, raws[optim_files[first]], optim_files[first])
         if step is not None:
-            ckpt.steps.append(StepSource("optimizer state step", step, OPTIMIZER_UPDATES))
+            ckpt.steps.append(StepSource("optimizer state step", step, OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
+                                         key="step", file=os.path.basename(optim_files[first])))
     scheduler = states.get("lr_scheduler")
     if isinstance(scheduler, dict):
         parts.append(Component("lr_scheduler", "scheduler", files=[path0], tree=scheduler))
         if type(scheduler.get("last_batch_iteration")) is int:  # DeepSpeed's schedulers: -1 before the first step
             ckpt.steps.append(StepSource("lr_scheduler last_batch_iteration + 1",
-                                         scheduler["last_batch_iteration"] + 1))
+                                         scheduler["last_batch_iteration"] + 1, record=Record.SCHEDULER,
+                                         key="lr_scheduler.last_batch_iteration", file=os.path.basename(path0)))
         elif type(scheduler.get("last_epoch")) is int:  # a torch LRScheduler given to the engine
-            ckpt.steps.append(StepSource("lr_scheduler last_epoch", scheduler["last_epoch"]))
+            ckpt.steps.append(StepSource("lr_scheduler last_epoch", scheduler["last_epoch"], record=Record.SCHEDULER,
+                                         key="lr_scheduler.last_epoch", file=os.path.basename(path0)))
     return parts

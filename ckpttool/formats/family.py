@@ -7,7 +7,7 @@ import os
 import re
 
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint, StepSource
+from ckpttool.model import ERROR, Checkpoint, Code, Record, StepSource
 
 MEMBER = re.compile(r"^(model|opt|target_model|teacher_model|ema_\d*\.?\d+_)(\d{6,})\.pt$")
 ROLES = {"model": "model", "opt": "optimizer", "target_model": "target", "teacher_model": "teacher"}
@@ -44,14 +44,14 @@ def read(path: str) -> Checkpoint:
     family = members(folder).get(step, {})
     kinds_anywhere = {kind for group in members(folder).values() for kind in group}
     # what the name's step means, trainers/consistency_models says
-    ckpt = Checkpoint(path, "family", "consistency_models file family", steps=[StepSource("file name", step)])
+    ckpt = Checkpoint(path, "family", "consistency_models file family", steps=[StepSource("file name", step, record=Record.NAME)])
     for kind in sorted(family, key=lambda k: (k != "model", k)):
         member = family[kind]
         role = "ema" if kind.startswith("ema_") else ROLES.get(kind, "extra")
         try:
             part = read_file(member, role=role, name=kind)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, member, component=kind)
+            ckpt.add_problem(e.code, ERROR, e.reason, member, component=kind)
             continue
         ckpt.absorb_problems(part)
         ckpt.steps.extend(part.steps)
@@ -59,7 +59,7 @@ def read(path: str) -> Checkpoint:
         ckpt.files.append(member)
     # A member kind the run saves at other steps but not at this one was lost (or never written).
     for kind in sorted(kinds_anywhere - set(family)):
-        ckpt.add_problem("missing_file", "error", f"no {kind} file for step {step}, although the run saved "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"no {kind} file for step {step}, although the run saved "
                          f"{kind} at other steps; a loader would silently skip it",
                          os.path.join(folder, _member_name(kind, step)), component=kind)
     return ckpt

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ckpttool.errors import CkptError
-from ckpttool.model import DTYPE_BITS
+from ckpttool.model import DTYPE_BITS, Code
 
 # torch storage class name -> dtype
 STORAGE_DTYPES = {
@@ -251,7 +251,7 @@ class RepicklingPickler(pickle._Pickler):
         else:
             return super().save_global(obj, name)
         if ref not in SAFE_GLOBALS:  # the last guard: nothing written names a global torch.load would not take
-            raise CkptError("unsafe_pickle", f"refusing to write a reference to {ref}, outside the allow-list")
+            raise CkptError(Code.UNSAFE_PICKLE, f"refusing to write a reference to {ref}, outside the allow-list")
         module, _, attr = ref.rpartition(".")
         self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode("utf-8"))
         self.memoize(obj)
@@ -321,17 +321,17 @@ TENSOR_BITS = {"conj", "neg"}  # what torch._utils.get_tensor_metadata writes; t
 
 def _tensor(storage, storage_offset, size, stride, dtype, metadata=None):
     if not isinstance(storage, StorageRef):
-        raise CkptError("corrupt", f"tensor rebuilt from {type(storage).__name__}, not a storage")
+        raise CkptError(Code.CORRUPT, f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if isinstance(dtype, DtypeRef):
         name = dtype.name
     elif dtype is None:
         name = storage.dtype
     else:
-        raise CkptError("corrupt", "tensor dtype is not a torch dtype")
+        raise CkptError(Code.CORRUPT, "tensor dtype is not a torch dtype")
     shape, stride = tuple(size), tuple(stride)
     dims = shape + stride
     if type(storage_offset) is not int or (dims and (set(map(type, dims)) != INT_ONLY or min(dims) < 0)):
-        raise CkptError("corrupt", "tensor has a malformed size, stride or offset")
+        raise CkptError(Code.CORRUPT, "tensor has a malformed size, stride or offset")
     bits = metadata if isinstance(metadata, dict) else {}
     if set(map(str, bits)) - TENSOR_BITS or not all(type(v) is bool for v in bits.values()):
         # a flag of a later torch, say: its values are not known to be the stored data, so the tensor is named
@@ -349,7 +349,7 @@ def _rebuild_from_type(func, new_type, args, state):
 
 def _codecs_encode(text, encoding="utf-8", *_rest):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise CkptError("corrupt", "codecs.encode used for something other than latin1 bytes")
+        raise CkptError(Code.CORRUPT, "codecs.encode used for something other than latin1 bytes")
     return codecs.encode(text, "latin1")
 
 
@@ -450,10 +450,10 @@ class SafeUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-            raise CkptError("corrupt", f"unknown persistent id {str(pid)[:60]!r}")
+            raise CkptError(Code.CORRUPT, f"unknown persistent id {str(pid)[:60]!r}")
         _, stype, key, location, numel = pid[:5]
         if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-            raise CkptError("corrupt", f"malformed storage record {str(pid)[:80]!r}")
+            raise CkptError(Code.CORRUPT, f"malformed storage record {str(pid)[:80]!r}")
         key = str(key)
         ref = self.storages.get(key)
         if ref is None:
@@ -480,12 +480,12 @@ def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
         failure = _failure(e, what)
     else:
         if _deeper_than(obj, MAX_DEPTH):
-            failure = CkptError("corrupt", f"{what} nests deeper than {MAX_DEPTH} levels; no trainer saves one so "
+            failure = CkptError(Code.CORRUPT, f"{what} nests deeper than {MAX_DEPTH} levels; no trainer saves one so "
                                 "deep, and walking it would exhaust the stack")
         else:
             return obj, unpickler
     if unpickler.unsafe_globals:
-        raise CkptError("unsafe_pickle", f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
+        raise CkptError(Code.UNSAFE_PICKLE, f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
                         f"allow-list (torch.load would run it), and then cannot be read: {failure.reason}")
     raise failure
 
@@ -588,9 +588,9 @@ def _failure(e: Exception, what: str) -> CkptError:
     if isinstance(e, CkptError):
         return e
     if isinstance(e, EOFError) or "truncated" in str(e) or "ran out of input" in str(e).lower():
-        return CkptError("truncated", f"{what} ends before its STOP opcode")
+        return CkptError(Code.TRUNCATED, f"{what} ends before its STOP opcode")
     if isinstance(e, RecursionError):
-        return CkptError("corrupt", f"{what} nests too deeply to read")
+        return CkptError(Code.CORRUPT, f"{what} nests too deeply to read")
     if isinstance(e, MemoryError):
-        return CkptError("corrupt", f"{what} asks for more memory than it could hold")
-    return CkptError("corrupt", f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})")
+        return CkptError(Code.CORRUPT, f"{what} asks for more memory than it could hold")
+    return CkptError(Code.CORRUPT, f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})")

@@ -22,7 +22,7 @@ import os
 import re
 
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint
+from ckpttool.model import ERROR, Checkpoint, Code
 
 WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin",
            "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
@@ -74,15 +74,15 @@ def _json(ckpt: Checkpoint, path: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except FileNotFoundError:
-        ckpt.add_problem("missing_file", "error", f"{os.path.basename(path)} is missing: from_pretrained reads it "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{os.path.basename(path)} is missing: from_pretrained reads it "
                          "first", path)
         return None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        ckpt.add_problem("corrupt", "error", f"{os.path.basename(path)} is not valid JSON (cut short or damaged: "
+        ckpt.add_problem(Code.CORRUPT, ERROR, f"{os.path.basename(path)} is not valid JSON (cut short or damaged: "
                          f"{e})", path)
         return None
     if not isinstance(doc, dict):
-        ckpt.add_problem("corrupt", "error", f"{os.path.basename(path)} is not a JSON object", path)
+        ckpt.add_problem(Code.CORRUPT, ERROR, f"{os.path.basename(path)} is not a JSON object", path)
         return None
     return doc
 
@@ -99,13 +99,13 @@ def _read_folder(ckpt: Checkpoint, folder: str, name: str):
             if k in config}
     weights = weights_file(folder)
     if weights is None:
-        ckpt.add_problem("missing_file", "error", f"{name}: no weights ({', '.join(WEIGHTS[2:4])}, "
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{name}: no weights ({', '.join(WEIGHTS[2:4])}, "
                          f"{WEIGHTS[6]} or a shard index): from_pretrained cannot load it", folder, component=name)
         return
     try:
         part = sharded.read(weights, name=name) if weights.endswith(".index.json") else read_file(weights, name=name)
     except CkptError as e:
-        ckpt.add_problem(e.code, "error", f"{name}: {e.reason}", e.path or weights, component=name)
+        ckpt.add_problem(e.code, ERROR, f"{name}: {e.reason}", e.path or weights, component=name)
         ckpt.files.append(weights)
         return
     ckpt.absorb_problems(part)
@@ -125,7 +125,7 @@ def _read_pipeline(ckpt: Checkpoint):
             continue
         folder = os.path.join(ckpt.path, name)
         if os.path.basename(name) != name or not os.path.isdir(folder):
-            ckpt.add_problem("missing_file", "error", f"model_index.json names {name} ({spec[0]}.{spec[1]}), but "
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"model_index.json names {name} ({spec[0]}.{spec[1]}), but "
                              f"{name}/ is missing: DiffusionPipeline.from_pretrained raises", folder, component=name)
             continue
         if _holds_no_weights(spec):
@@ -149,7 +149,7 @@ def _read_modules(ckpt: Checkpoint):
         with open(os.path.join(ckpt.path, MODULES), encoding="utf-8") as f:
             modules = json.load(f)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        ckpt.add_problem("corrupt", "error", f"{MODULES} is not valid JSON ({e})", os.path.join(ckpt.path, MODULES))
+        ckpt.add_problem(Code.CORRUPT, ERROR, f"{MODULES} is not valid JSON ({e})", os.path.join(ckpt.path, MODULES))
         return
     ckpt.files.append(os.path.join(ckpt.path, MODULES))
     for module in modules if isinstance(modules, list) else []:
@@ -157,7 +157,7 @@ def _read_modules(ckpt: Checkpoint):
         name = module.get("name", rel or "model") if isinstance(module, dict) else "model"
         folder = os.path.normpath(os.path.join(ckpt.path, rel))
         if not os.path.isdir(folder):
-            ckpt.add_problem("missing_file", "error", f"{MODULES} lists module {name} at {rel}/, which is missing",
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{MODULES} lists module {name} at {rel}/, which is missing",
                              folder, component=str(name))
         elif is_model_folder(folder):
             _read_folder(ckpt, folder, "model" if not rel else str(name))

@@ -7,6 +7,8 @@ A `quantization_map` JSON beside the checkpoint (`quanto_qmap.json` by conventio
 
 from __future__ import annotations
 
+from ckpttool.model import WARNING, Code
+
 import json
 import os
 
@@ -73,7 +75,7 @@ def annotate(ckpt):
             with open(qmap_path, encoding="utf-8") as f:
                 qmap = json.load(f)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            ckpt.add_problem("corrupt", "warning", f"quantization map is not valid JSON ({e})", qmap_path)
+            ckpt.add_problem(Code.CORRUPT, WARNING, f"quantization map is not valid JSON ({e})", qmap_path)
         if not isinstance(qmap, dict):
             qmap = {}
     for entry in found:

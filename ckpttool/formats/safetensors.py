@@ -9,7 +9,7 @@ import struct
 
 from ckpttool import paths
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import Checkpoint, Component, Location, Salvaged, TensorInfo, dtype_bytes
+from ckpttool.model import Checkpoint, Code, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
 SUFFIXES = (".safetensors",)
 MAX_HEADER = 100_000_000  # the reference reader's cap
@@ -35,24 +35,24 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CkptError("truncated", f"file is {size} bytes, shorter than the 8-byte header length", path)
+            raise CkptError(Code.TRUNCATED, f"file is {size} bytes, shorter than the 8-byte header length", path)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
-            raise CkptError("corrupt", f"header length {n} exceeds the {MAX_HEADER}-byte limit: not a safetensors "
+            raise CkptError(Code.CORRUPT, f"header length {n} exceeds the {MAX_HEADER}-byte limit: not a safetensors "
                             "file or its first bytes are damaged", path)
         if 8 + n > size:
-            raise CkptError("truncated", f"header declares {n} bytes but the file holds only {size - 8}", path)
+            raise CkptError(Code.TRUNCATED, f"header declares {n} bytes but the file holds only {size - 8}", path)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CkptError("corrupt", f"header is not valid JSON ({e})", path) from None
+        raise CkptError(Code.CORRUPT, f"header is not valid JSON ({e})", path) from None
     if not isinstance(header, dict):
-        raise CkptError("corrupt", "header is not a JSON object", path)
+        raise CkptError(Code.CORRUPT, "header is not a JSON object", path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
-        raise CkptError("corrupt", "__metadata__ must map strings to strings", path)
+        raise CkptError(Code.CORRUPT, "__metadata__ must map strings to strings", path)
     start = 8 + n
     tensors = [_tensor_entry(name, entry, path, start) for name, entry in header.items()]
     _check_offsets(tensors, start, size, path)
@@ -61,20 +61,20 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
 
 def _tensor_entry(name, entry, path, start) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise CkptError("corrupt", f"header entry {name!r} is not an object", path)
+        raise CkptError(Code.CORRUPT, f"header entry {name!r} is not an object", path)
     dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise CkptError("corrupt", f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}", path)
+        raise CkptError(Code.CORRUPT, f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}", path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CkptError("corrupt", f"tensor {name!r} has an invalid shape {shape!r}", path)
+        raise CkptError(Code.CORRUPT, f"tensor {name!r} has an invalid shape {shape!r}", path)
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
-        raise CkptError("corrupt", f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
+        raise CkptError(Code.CORRUPT, f"tensor {name!r} has invalid data_offsets {offsets!r}", path)
     begin, end = offsets
     expected = dtype_bytes(dtype, shape)
     if end - begin != expected:
-        raise CkptError("corrupt", f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}",
+        raise CkptError(Code.CORRUPT, f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}",
                         path)
     return TensorInfo(name, dtype, tuple(shape), Location(path, start + begin, end - begin))
 
@@ -86,17 +86,17 @@ def _check_offsets(tensors, start, size, path):
     for t in sorted(tensors, key=lambda t: (t.location.offset, t.location.length)):
         begin = t.location.offset - start
         if begin < expected_begin:
-            raise CkptError("corrupt", f"tensor {t.name!r} overlaps the tensor before it (offset {begin} < "
+            raise CkptError(Code.CORRUPT, f"tensor {t.name!r} overlaps the tensor before it (offset {begin} < "
                             f"{expected_begin})", path)
         if begin > expected_begin:
-            raise CkptError("corrupt", f"{begin - expected_begin} unused bytes before tensor {t.name!r}: offsets "
+            raise CkptError(Code.CORRUPT, f"{begin - expected_begin} unused bytes before tensor {t.name!r}: offsets "
                             "must be contiguous", path)
         expected_begin = begin + t.location.length
     if expected_begin > buffer_size:
-        raise CkptError("truncated", f"data ends at byte {expected_begin} of the buffer but the file holds only "
+        raise CkptError(Code.TRUNCATED, f"data ends at byte {expected_begin} of the buffer but the file holds only "
                         f"{buffer_size}: it was cut short (partial copy or interrupted save)", path)
     if expected_begin < buffer_size:
-        raise CkptError("corrupt", f"{buffer_size - expected_begin} bytes follow the last tensor", path)
+        raise CkptError(Code.CORRUPT, f"{buffer_size - expected_begin} bytes follow the last tensor", path)
 
 
 def read(path: str) -> Checkpoint:
@@ -120,11 +120,11 @@ def salvage(path: str) -> Salvaged:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CkptError("truncated", f"file is {size} bytes, shorter than the 8-byte header length: no tensor can "
+            raise CkptError(Code.TRUNCATED, f"file is {size} bytes, shorter than the 8-byte header length: no tensor can "
                             "be located", path)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
-            raise CkptError("truncated" if n <= MAX_HEADER else "corrupt",
+            raise CkptError(Code.TRUNCATED if n <= MAX_HEADER else Code.CORRUPT,
                             f"the header (declared {n} bytes, the file holds {size - 8}) is cut or its length is "
                             "damaged: it is the only map of where each tensor lies, so none can be located", path)
         raw = f.read(n)
@@ -255,6 +255,6 @@ def copy_range(src_fd: int, offset: int, dst_fd: int, length: int):
     while done < length:
         chunk = os.pread(src_fd, min(8 << 20, length - done), offset + done)
         if not chunk:
-            raise CkptError("truncated", f"source ended {length - done} bytes early")
+            raise CkptError(Code.TRUNCATED, f"source ended {length - done} bytes early")
         os.write(dst_fd, chunk)
         done += len(chunk)

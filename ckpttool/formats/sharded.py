@@ -9,7 +9,7 @@ import re
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint, Component
+from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Component
 
 INDEX_SUFFIX = ".index.json"
 # transformers' and diffusers' shard names (`model-00001-of-00003.safetensors`, `pytorch_model-00001-of-00002.bin`),
@@ -37,10 +37,10 @@ def read_index(index: str) -> tuple[dict, dict]:
         with open(index, encoding="utf-8") as f:
             doc = json.load(f)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CkptError("corrupt", f"index is not valid JSON ({e})", index) from None
+        raise CkptError(Code.CORRUPT, f"index is not valid JSON ({e})", index) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CkptError("corrupt", "index has no weight_map of tensor name -> shard file", index)
+        raise CkptError(Code.CORRUPT, "index has no weight_map of tensor name -> shard file", index)
     metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     return weight_map, metadata
 
@@ -57,12 +57,12 @@ def read(path: str, name="model", role="model") -> Checkpoint:
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(folder, shard)
         if not paths.plain_name(shard) or paths.leaves(shard_path, folder):
-            ckpt.add_problem("corrupt", "error", f"the index names shard {shard!r}, outside its folder (shards lie "
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"the index names shard {shard!r}, outside its folder (shards lie "
                              "beside their index); it was not read", index, component=name)
             continue
         if not os.path.isfile(shard_path):
             wanted = sum(1 for v in weight_map.values() if v == shard)
-            ckpt.add_problem("missing_file", "error", f"shard {shard} ({wanted} tensors) is missing", shard_path,
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"shard {shard} ({wanted} tensors) is missing", shard_path,
                              component=name)
             continue
         component.files.append(shard_path)
@@ -70,18 +70,18 @@ def read(path: str, name="model", role="model") -> Checkpoint:
         try:
             part = read_file(shard_path, role=role)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, shard_path, component=name)
+            ckpt.add_problem(e.code, ERROR, e.reason, shard_path, component=name)
             continue
         ckpt.absorb_problems(part)
         in_shard = {t.name: t for c in part.components for t in c.tensors}
         expected = {name for name, file in weight_map.items() if file == shard}
         component.tensors.extend(t for name, t in in_shard.items() if name in expected)
         for key in sorted(expected - set(in_shard)):
-            ckpt.add_problem("missing_file", "error", f"index maps {key} to {shard}, which does not hold it",
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"index maps {key} to {shard}, which does not hold it",
                              shard_path, key=key, component=name)
     total = metadata.get("total_size")
     if isinstance(total, int) and not ckpt.has_errors and total != component.nbytes:
-        ckpt.add_problem("corrupt", "warning", f"index total_size {total} differs from the shards' {component.nbytes} "
+        ckpt.add_problem(Code.CORRUPT, WARNING, f"index total_size {total} differs from the shards' {component.nbytes} "
                          "bytes", index)
     ckpt.components.append(component)
     return ckpt
@@ -109,14 +109,14 @@ def build_index(folder: str, shards: list[str], metadata: dict | None = None) ->
     weight_map, total = {}, 0
     for shard in shards:
         part = read_file(os.path.join(folder, shard))
-        errors = [p for p in part.problems if p.severity == "error"]
+        errors = [p for p in part.problems if p.severity == ERROR]
         if errors:
             raise CkptError(errors[0].code, errors[0].message, os.path.join(folder, shard))
         for comp in part.components:
             total += comp.nbytes
             for t in comp.tensors:
                 if t.name in weight_map:
-                    raise CkptError("corrupt", f"{t.name} is in both {weight_map[t.name]} and {shard}",
+                    raise CkptError(Code.CORRUPT, f"{t.name} is in both {weight_map[t.name]} and {shard}",
                                     os.path.join(folder, shard))
                 weight_map[t.name] = shard
     return {"metadata": {**(metadata or {}), "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -13,7 +13,7 @@ import re
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.model import Checkpoint, StepSource
+from ckpttool.model import ERROR, Checkpoint, Code, Record, StepSource
 
 SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                      "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
@@ -32,15 +32,16 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
             with open(full, encoding="utf-8") as f:
                 doc = json.load(f)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            ckpt.add_problem("corrupt", "error", f"{entry} is not valid JSON ({e})", full)
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"{entry} is not valid JSON ({e})", full)
             continue
         if not isinstance(doc, dict):
-            ckpt.add_problem("corrupt", "error", f"{entry} is not a JSON object", full)
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"{entry} is not a JSON object", full)
             continue
         ckpt.metadata[entry] = {k: v for k, v in doc.items() if k != "log_history"}
         for key, meaning in fields.items():
             if type(doc.get(key)) is int:
-                ckpt.steps.append(StepSource(f"{entry} {key}", doc[key], meaning))
+                ckpt.steps.append(StepSource(f"{entry} {key}", doc[key], meaning, record=Record.STATE_FILE, key=key,
+                                             file=entry))
 
 
 def read(path: str, profile) -> Checkpoint:
@@ -92,7 +93,7 @@ def read(path: str, profile) -> Checkpoint:
                             else read_file(sub, role=part_role, name=entry))
                     add(part, part.files)
         except CkptError as e:
-            ckpt.add_problem(e.code, "error", e.reason, e.path or full, component=name)
+            ckpt.add_problem(e.code, ERROR, e.reason, e.path or full, component=name)
             ckpt.files.append(full)
     ckpt.components.sort(key=lambda c: (ORDER.index(c.role) if c.role in ORDER else len(ORDER), c.name))
     return ckpt

@@ -24,8 +24,9 @@ from ckpttool.errors import CkptError
 from ckpttool.formats import TORCH_SUFFIXES, ZIP_MAGIC
 from ckpttool.formats.pickles import (SAFE_GLOBALS, SCAN_OPCODES, STORAGE_DTYPES, UNSCANNED, DtypeRef, GlobalRef,
                                       LayoutTensor, Opaque, RepicklingPickler, TensorRef, scan_records, unpickle)
-from ckpttool.model import (OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Component, Location, StepSource, TensorInfo,
-                            contiguous_strides, dtype_bytes, uncarried_tensors)
+from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Checkpoint, Code, Component, Location,
+                            Problem, Record, StepSource, TensorInfo, contiguous_strides, dtype_bytes,
+                            uncarried_tensors)
 
 SUFFIXES = TORCH_SUFFIXES
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -78,15 +79,15 @@ def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = Non
     with opener() as f:
         head = f.read(4)
     if not head:
-        raise CkptError("truncated", "file is empty", path)
+        raise CkptError(Code.TRUNCATED, "file is empty", path)
     try:
         if head == ZIP_MAGIC:
             return _read_zip(path, size, allowed, opener, base=span[0] if span else 0)
         if span or data is not None:
-            raise CkptError("corrupt", "the embedded item is not a torch.save archive", path)
+            raise CkptError(Code.CORRUPT, "the embedded item is not a torch.save archive", path)
         return _read_legacy(path, size, allowed)
     except (OSError, ValueError, OverflowError, MemoryError) as e:  # offsets and sizes a damaged file made absurd
-        raise CkptError("corrupt", f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
+        raise CkptError(Code.CORRUPT, f"cannot be read as a torch file ({type(e).__name__}: {e})", path) from None
 
 
 class _Window(io.RawIOBase):
@@ -132,16 +133,16 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
             zf = zipfile.ZipFile(raw)
         except zipfile.BadZipFile:
             if _has_end_record(opener, size):
-                raise CkptError("corrupt", "zip directory is damaged", path) from None
-            raise CkptError("truncated", "zip directory is missing: the file was cut short (partial copy or "
+                raise CkptError(Code.CORRUPT, "zip directory is damaged", path) from None
+            raise CkptError(Code.TRUNCATED, "zip directory is missing: the file was cut short (partial copy or "
                             "interrupted save)", path) from None
         except ZIP_ERRORS as e:
-            raise CkptError("corrupt", f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
+            raise CkptError(Code.CORRUPT, f"zip directory cannot be read ({type(e).__name__}: {e})", path) from None
         members = zf.infolist()
         names = [m.filename for m in members]
         if len(set(names)) != len(names):  # torch.save never writes one name twice
             twice = next(n for n in names if names.count(n) > 1)
-            raise CkptError("corrupt", f"zip archive holds two members named {twice}: readers disagree on which "
+            raise CkptError(Code.CORRUPT, f"zip archive holds two members named {twice}: readers disagree on which "
                             "one the file means (torch.load takes the last, a reader walking the local headers the "
                             "first), so no check can vouch for the values a load gets", path)
         # torch reads `<first entry's top folder>/data.pkl` (caffe2/serialize/inline_container.cc, init())
@@ -154,7 +155,7 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
                                               m.filename.startswith(prefix + "data/")], budget)
         try:
             if info is None:
-                raise CkptError("corrupt", "zip archive has no data.pkl in its first folder: not a torch.save file",
+                raise CkptError(Code.CORRUPT, "zip archive has no data.pkl in its first folder: not a torch.save file",
                                 path)
             data = member_bytes(raw, info, path)
             stream = io.BytesIO(data)
@@ -162,9 +163,9 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
         except CkptError as e:
             salvaged = _salvage(raw, info) if info is not None else None
             unsafe = [g for g in others + (scan_records(salvaged, budget) if salvaged else []) if g not in allowed]
-            if e.code == "unsafe_pickle" or not unsafe:
+            if e.code == Code.UNSAFE_PICKLE or not unsafe:
                 raise
-            raise CkptError("unsafe_pickle", f"pickles in the archive import {', '.join(dict.fromkeys(unsafe))}, "
+            raise CkptError(Code.UNSAFE_PICKLE, f"pickles in the archive import {', '.join(dict.fromkeys(unsafe))}, "
                             f"outside the allow-list; the archive is also damaged ({e.reason})", path) from None
         trailing = data[stream.tell():]  # more pickles after the first STOP: torch stops there, others read on
         globals_seen = _union([unpickler.globals_seen, others, scan_records(trailing, budget) if trailing else []])
@@ -174,19 +175,19 @@ def _read_zip(path, size, allowed, opener, base=0) -> RawPickle:
             try:
                 info = zf.getinfo(member)
             except KeyError:
-                raise CkptError("corrupt", f"storage {key!r} is referenced by {pkl} but {member} is missing",
+                raise CkptError(Code.CORRUPT, f"storage {key!r} is referenced by {pkl} but {member} is missing",
                                 path) from None
             if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & ENCRYPTED:
-                raise CkptError("corrupt", f"{member} is compressed or encrypted; torch writes storages as they are",
+                raise CkptError(Code.CORRUPT, f"{member} is compressed or encrypted; torch writes storages as they are",
                                 path)
             if info.file_size < ref.nbytes:
-                raise CkptError("corrupt", f"{member} holds {info.file_size} bytes but its tensors need "
+                raise CkptError(Code.CORRUPT, f"{member} holds {info.file_size} bytes but its tensors need "
                                 f"{ref.nbytes}", path)
             members.append((key, ref, info))
         storages = {}
         for (key, ref, info), offset in zip(members, _data_offsets(raw, [m[2] for m in members], path)):
             if offset + info.file_size > size:
-                raise CkptError("truncated", f"{info.filename} ends past the end of the file", path)
+                raise CkptError(Code.TRUNCATED, f"{info.filename} ends past the end of the file", path)
             storages[key] = (ref, base + offset)
     return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed])
 
@@ -205,27 +206,27 @@ def member_bytes(raw, info: zipfile.ZipInfo, path: str) -> bytes:
     CRC-32. Any damage is a CkptError naming the member, never zipfile's or zlib's own exception."""
     name = info.filename
     if info.flag_bits & ENCRYPTED:
-        raise CkptError("corrupt", f"zip member {name} is marked encrypted, which torch never writes nor reads", path)
+        raise CkptError(Code.CORRUPT, f"zip member {name} is marked encrypted, which torch never writes nor reads", path)
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise CkptError("corrupt", f"zip member {name} uses compression method {info.compress_type}, which torch "
+        raise CkptError(Code.CORRUPT, f"zip member {name} uses compression method {info.compress_type}, which torch "
                         "cannot read", path)
     if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > inflate_limit(info.compress_size):
-        raise CkptError("corrupt", f"zip member {name} would inflate from {info.compress_size} to {info.file_size} "
+        raise CkptError(Code.CORRUPT, f"zip member {name} would inflate from {info.compress_size} to {info.file_size} "
                         "bytes: torch never compresses its members, and ckpttool does not inflate a bomb", path)
     raw.seek(zip_data_offset(raw, info, path))
     data = raw.read(info.compress_size)
     if len(data) < info.compress_size:
-        raise CkptError("truncated", f"zip member {name} ends past the end of the file", path)
+        raise CkptError(Code.TRUNCATED, f"zip member {name} ends past the end of the file", path)
     if info.compress_type == zipfile.ZIP_DEFLATED:
         try:
             data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)  # never more than declared
         except zlib.error as e:
-            raise CkptError("corrupt", f"zip member {name} cannot be inflated ({e})", path) from None
+            raise CkptError(Code.CORRUPT, f"zip member {name} cannot be inflated ({e})", path) from None
     if len(data) != info.file_size:
-        raise CkptError("corrupt", f"zip member {name} holds {len(data)} bytes, its directory entry says "
+        raise CkptError(Code.CORRUPT, f"zip member {name} holds {len(data)} bytes, its directory entry says "
                         f"{info.file_size}", path)
     if zlib.crc32(data) != info.CRC:
-        raise CkptError("corrupt", f"zip member {name} fails its CRC-32 check (damaged bytes)", path)
+        raise CkptError(Code.CORRUPT, f"zip member {name} fails its CRC-32 check (damaged bytes)", path)
     return data
 
 
@@ -300,7 +301,6 @@ def code_in_files(files: list[str], folder: str) -> list:
     when unpickled (pickles.runs_code) is `unsafe_pickle`, an error; a global ckpttool does not know to be inert, or
     a pickle too long to walk to its end, a warning of that code."""
     from ckpttool.formats.pickles import SAFE_GLOBALS, runs_code
-    from ckpttool.model import ERROR, WARNING, Problem
 
     found = []
     for full in files:
@@ -313,16 +313,16 @@ def code_in_files(files: list[str], folder: str) -> list:
         code = [g for g in names if runs_code(g)]
         unknown = [g for g in names if g not in SAFE_GLOBALS and not runs_code(g) and not g.startswith(INERT_PREFIXES)]
         if code:
-            found.append(Problem("unsafe_pickle", ERROR, f"{rel} imports {', '.join(code)}, which runs code when "
+            found.append(Problem(Code.UNSAFE_PICKLE, ERROR, f"{rel} imports {', '.join(code)}, which runs code when "
                                  "unpickled: the resume does not load it, but torch.load(weights_only=False), older "
                                  "library versions and other tools do; it was not executed. Delete it if you did not "
                                  "put it there", full))
         elif unknown:
-            found.append(Problem("unsafe_pickle", WARNING, f"{rel} names {', '.join(unknown[:8])}, which ckpttool does "
+            found.append(Problem(Code.UNSAFE_PICKLE, WARNING, f"{rel} names {', '.join(unknown[:8])}, which ckpttool does "
                                  "not know to be inert: the resume does not load it, but pickle.load would import and "
                                  "may call them; it was not executed", full))
         elif not complete:
-            found.append(Problem("unsafe_pickle", WARNING, f"{rel} is too long to scan to its end (4,000,000 opcodes): "
+            found.append(Problem(Code.UNSAFE_PICKLE, WARNING, f"{rel} is too long to scan to its end (4,000,000 opcodes): "
                                  "the resume does not load it, but pickle.load would, and what lies past that point "
                                  "was not looked at", full))
     return found
@@ -377,9 +377,9 @@ def zip_data_offset(raw, info, path) -> int:
     """Where a member's data starts: after its local header, whose name must be the directory's."""
     local = _local_header(raw, info)
     if local is None:
-        raise CkptError("corrupt", f"zip local header of {info.filename} is damaged", path)
+        raise CkptError(Code.CORRUPT, f"zip local header of {info.filename} is damaged", path)
     if local[0] != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace"):
-        raise CkptError("corrupt", f"zip local header of {info.filename} names another file", path)
+        raise CkptError(Code.CORRUPT, f"zip local header of {info.filename} names another file", path)
     return local[1]
 
 
@@ -392,7 +392,7 @@ def _read_legacy(path, size, allowed) -> RawPickle:
         if first != LEGACY_MAGIC:
             # Not a torch legacy file: torch.load unpickles this first pickle, takes it for a bad magic number, stops.
             if magic_record.storages:
-                raise CkptError("corrupt", "pickle references torch storages but carries none", path)
+                raise CkptError(Code.CORRUPT, "pickle references torch storages but carries none", path)
             # pickle.load called again (joblib, custom loaders, scanners) reads on: scan the records that follow
             seen = _union([magic_record.globals_seen, scan_records(f.read(SCAN_LIMIT))])
             return RawPickle(first, "pickle", {}, seen, [g for g in seen if g not in allowed])
@@ -401,27 +401,27 @@ def _read_legacy(path, size, allowed) -> RawPickle:
         obj, unpickler = _unpickle_at(f, allowed, path, "object pickle")
         keys, keys_record = _unpickle_at(f, allowed, path, "storage key list")
         if not isinstance(keys, list):
-            raise CkptError("corrupt", "legacy storage key list is not a list", path)
+            raise CkptError(Code.CORRUPT, "legacy storage key list is not a list", path)
         storages, pos = {}, f.tell()
         for key in keys:
             ref = unpickler.storages.get(str(key))
             if ref is None:
-                raise CkptError("corrupt", f"legacy storage {key!r} is not referenced by the object", path)
+                raise CkptError(Code.CORRUPT, f"legacy storage {key!r} is not referenced by the object", path)
             f.seek(pos)
             head = f.read(8)
             if len(head) < 8:
-                raise CkptError("truncated", f"file ends before storage {key!r}", path)
+                raise CkptError(Code.TRUNCATED, f"file ends before storage {key!r}", path)
             (numel,) = struct.unpack("<q", head)
             length = numel * ref.itemsize
             if numel < ref.numel:
-                raise CkptError("corrupt", f"storage {key!r} holds {numel} elements, its tensors need {ref.numel}", path)
+                raise CkptError(Code.CORRUPT, f"storage {key!r} holds {numel} elements, its tensors need {ref.numel}", path)
             if pos + 8 + length > size:
-                raise CkptError("truncated", f"storage {key!r} ends past the end of the file: it was cut short", path)
+                raise CkptError(Code.TRUNCATED, f"storage {key!r} ends past the end of the file: it was cut short", path)
             storages[str(key)] = (ref, pos + 8)
             pos += 8 + length
         missing = set(unpickler.storages) - set(storages)
         if missing:
-            raise CkptError("corrupt", f"storages {sorted(missing)[:5]} have no data", path)
+            raise CkptError(Code.CORRUPT, f"storages {sorted(missing)[:5]} have no data", path)
     records = (magic_record, protocol_record, sys_info_record, unpickler, keys_record)
     return RawPickle(obj, "torch legacy", storages, _union(r.globals_seen for r in records),
                      _union(r.unsafe_globals for r in records))
@@ -519,7 +519,7 @@ def _check_inert(obj, where: str, depth: int = 0, seen=None):
         return
     seen.add(id(obj))
     if depth > INERT_DEPTH:
-        raise CkptError("unsafe_pickle", f"{where} nests too deeply to be checked; ckpttool does not rebuild it")
+        raise CkptError(Code.UNSAFE_PICKLE, f"{where} nests too deeply to be checked; ckpttool does not rebuild it")
     if isinstance(obj, (list, tuple, set, frozenset)):
         parts = list(obj)
     elif isinstance(obj, dict):
@@ -531,7 +531,7 @@ def _check_inert(obj, where: str, depth: int = 0, seen=None):
     else:
         name = obj.global_name if isinstance(obj, Opaque) or isinstance(obj, type) and issubclass(obj, Opaque) \
             else type(obj).__name__
-        raise CkptError("unsafe_pickle", f"{where} holds a {name}, which ckpttool does not rebuild (it never writes "
+        raise CkptError(Code.UNSAFE_PICKLE, f"{where} holds a {name}, which ckpttool does not rebuild (it never writes "
                         "back a global outside the allow-list); convert the weights alone with --component")
     for part in parts:
         _check_inert(part, where, depth + 1, seen)
@@ -613,7 +613,8 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
         for key in STEP_KEYS + EPOCH_KEYS:
             value = obj.get(key)
             if type(value) is int or (isinstance(value, float) and value.is_integer()):
-                steps.append(StepSource(f"training dict '{key}'", int(value)))  # the trainer profile names it
+                steps.append(StepSource(f"training dict '{key}'", int(value), record=Record.TRAINING_DICT, key=key,
+                                        file=os.path.basename(path)))  # the trainer profile names it
     else:
         role = role_hint or "model"
         component(name_hint or role, role, obj)
@@ -664,13 +665,16 @@ def _component_steps(comp: Component, value, raw: RawPickle, path: str):
         for state in _optimizer_dicts(value):
             step = optimizer_step(state, raw, path)
             if step is not None:
-                yield StepSource(f"{comp.name} state step", step, OPTIMIZER_UPDATES)
+                yield StepSource(f"{comp.name} state step", step, OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
+                                 key=f"{comp.name}.step", file=os.path.basename(path))
     elif comp.role == "scheduler":
         for sched in value if isinstance(value, list) else [value]:
             if isinstance(sched, dict) and type(sched.get("last_epoch")) is int:
-                yield StepSource(f"{comp.name} last_epoch", sched["last_epoch"], SCHEDULER_STEPS)
+                yield StepSource(f"{comp.name} last_epoch", sched["last_epoch"], SCHEDULER_STEPS,
+                                 record=Record.SCHEDULER, key=f"{comp.name}.last_epoch", file=os.path.basename(path))
     elif comp.role == "rng" and isinstance(value, dict) and type(value.get("step")) is int:
-        yield StepSource(f"{comp.name} step", value["step"])  # what it counts, the trainer profile says
+        yield StepSource(f"{comp.name} step", value["step"], record=Record.RNG,  # what it counts, the profile says
+                         key=f"{comp.name}.step", file=os.path.basename(path))
 
 
 def _optimizer_dicts(value, seen=None):
@@ -710,7 +714,7 @@ def saved_tensor(name: str, loc: Location, shape) -> TensorInfo:
         raise CkptError(e.code, f"tensor {name}: the piece at byte {loc.offset} cannot be read ({e.reason})",
                         loc.file) from None
     if not isinstance(raw.obj, TensorRef) or tuple(raw.obj.shape) != tuple(shape):
-        raise CkptError("corrupt", f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
+        raise CkptError(Code.CORRUPT, f"tensor {name}: the piece at byte {loc.offset} is not a {tuple(shape)} tensor",
                         loc.file)
     return tensor_info(name, raw.obj, raw, loc.file)
 
@@ -734,7 +738,7 @@ def read(path: str, role_hint=None, name_hint=None) -> Checkpoint:
                       files=[path])
     note_pickle(ckpt, raw, path)
     if uncarried := uncarried_tensors(components):
-        ckpt.add_problem("unsupported_layout", "warning", f"{uncarried}; torch.load gives them, their values are not "
+        ckpt.add_problem(Code.UNSUPPORTED_LAYOUT, WARNING, f"{uncarried}; torch.load gives them, their values are not "
                          "checked, and convert, remap, average and diff refuse this file rather than drop them", path)
     return ckpt
 
@@ -743,7 +747,7 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
     if raw.unsafe_globals:
-        ckpt.add_problem("unsafe_pickle", "error",
+        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"pickle imports {', '.join(raw.unsafe_globals)}, outside the allow-list: torch.load "
                          "would run that code (or refuse with weights_only); it was not executed. Load it only if "
                          "you trust its source, or re-save the tensors with `ckpttool convert`", path)

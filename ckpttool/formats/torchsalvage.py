@@ -20,7 +20,7 @@ from ckpttool.errors import CkptError
 from ckpttool.formats.pickles import TensorRef, unpickle
 from ckpttool.formats.torchfile import (LEGACY_MAGIC, ZIP_ERRORS, ZIP_MAGIC, RawPickle, flatten, tensor_info,
                                         zip_data_offset)
-from ckpttool.model import Salvaged
+from ckpttool.model import Code, Salvaged
 
 DESCRIPTOR = b"PK\x07\x08"
 DESCRIPTOR_SEARCH = 1 << 20  # bytes searched for the descriptor of a small member of unknown size (version, ...)
@@ -39,7 +39,7 @@ def salvage(path: str) -> Salvaged:
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise CkptError("truncated", "file is empty: nothing to save", path)
+        raise CkptError(Code.TRUNCATED, "file is empty: nothing to save", path)
     return _salvage_zip(path, size) if head == ZIP_MAGIC else _salvage_legacy(path, size)
 
 
@@ -56,7 +56,7 @@ def _salvage_zip(path: str, size: int) -> Salvaged:
     if pickle_member is not None and pickle_member.crc is not None:
         crc, _ = hashing.crc32_range(path, pickle_member.data, pickle_member.length)
         if crc != pickle_member.crc:
-            raise CkptError("corrupt", f"{prefix}data.pkl fails its CRC-32 check: the pickle that names and shapes "
+            raise CkptError(Code.CORRUPT, f"{prefix}data.pkl fails its CRC-32 check: the pickle that names and shapes "
                             "every tensor is damaged, so no tensor can be trusted", path)
     out = Salvaged(path, "torch", tree=obj, how=how, unsafe_globals=unpickler.unsafe_globals)
     refs = {}
@@ -215,7 +215,7 @@ def _listed(path: str) -> dict[str, _Member]:
 def _pickle_from_directory(path: str, members: dict[str, _Member]):
     pickles = [name for name in members if name.endswith("data.pkl") and name.count("/") == 1]
     if not pickles:
-        raise CkptError("corrupt", "no data.pkl could be found: the pickle that names every tensor is gone", path)
+        raise CkptError(Code.CORRUPT, "no data.pkl could be found: the pickle that names every tensor is gone", path)
     prefix = pickles[0][: -len("data.pkl")]
     with open(path, "rb") as f:
         return _pickle_at(f, members[pickles[0]].data, path, prefix)
@@ -226,7 +226,7 @@ def _salvage_legacy(path: str, size: int) -> Salvaged:
         try:
             magic, _ = unpickle(f, what="first pickle")
             if magic != LEGACY_MAGIC:
-                raise CkptError("corrupt", "neither a torch zip nor a legacy torch.save file (its first pickle is not "
+                raise CkptError(Code.CORRUPT, "neither a torch zip nor a legacy torch.save file (its first pickle is not "
                                 "torch's magic number)")
             for what in ("protocol record", "sys_info record"):
                 unpickle(f, what=what)

@@ -13,21 +13,22 @@ import os
 import re
 
 from ckpttool.gate import ResumeGateError, check_resume, confirm_unchanged, latest_passing
+from ckpttool.model import ERROR, Code, Problem
 from ckpttool.trainers.accelerate import AccelerateAutomatic
 from ckpttool.trainers.base import numbered_dirs
 
 
-def _custom_object_problems(path: str, accelerator) -> list[dict]:
+def _custom_object_problems(path: str, accelerator) -> list[Problem]:
     """Accelerate compares custom_checkpoint_*.pkl files with registered objects only after it has loaded the
     weights, optimizer and schedulers; checked here, a mismatch stops the resume before anything is loaded."""
     files = [e for e in os.listdir(path) if re.fullmatch(r"custom_checkpoint_\d+\.pkl", e)]
     registered = len(accelerator._custom_objects)
     if len(files) == registered:
         return []
-    return [{"code": "custom_checkpoint_mismatch", "severity": "error",
-             "message": f"{len(files)} custom_checkpoint_*.pkl files but {registered} objects registered with "
-                        "accelerator.register_for_checkpointing: Accelerate would fail after loading the weights",
-             "fix": "register the same objects (in the same order) as the run that saved it"}]
+    return [Problem(Code.CUSTOM_CHECKPOINT_MISMATCH, ERROR,
+                    f"{len(files)} custom_checkpoint_*.pkl files but {registered} objects registered with "
+                    "accelerator.register_for_checkpointing: Accelerate would fail after loading the weights",
+                    fix="register the same objects (in the same order) as the run that saved it")]
 
 
 def _accelerates_pick(run_dir: str) -> str:
@@ -35,16 +36,19 @@ def _accelerates_pick(run_dir: str) -> str:
     profile = AccelerateAutomatic()
     pick = profile.own_latest(os.path.dirname(run_dir))
     if pick is None:
-        raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
-            f"load_state() cannot pick from {run_dir}: it is empty, or an entry has no number in its name "
-            "(Accelerate sorts every entry by its first number and raises IndexError)")}])
+        raise ResumeGateError(run_dir, [Problem(Code.MISSING_FILE, ERROR,
+                                                f"load_state() cannot pick from {run_dir}: it is empty, or an entry "
+                                                "has no number in its name (Accelerate sorts every entry by its "
+                                                "first number and raises IndexError)")])
     saves = numbered_dirs(run_dir, profile.name_pattern)
     newest = saves[max(saves)] if saves else None
     if newest is not None and os.path.abspath(pick) != os.path.abspath(newest):
-        raise ResumeGateError(pick, [{"code": "step_mismatch", "severity": "error", "message": (
-            f"load_state() would load {os.path.basename(pick)} (the first number in its name sorts highest), not "
-            f"{os.path.basename(newest)}, the run's newest checkpoint_N: the resume would go back to an older or "
-            f"foreign state"), "fix": f"move {pick} out of {run_dir}, or pass load_state() the folder to load"}])
+        raise ResumeGateError(pick, [Problem(Code.STEP_MISMATCH, ERROR,
+                                             f"load_state() would load {os.path.basename(pick)} (the first number in "
+                                             f"its name sorts highest), not {os.path.basename(newest)}, the run's "
+                                             "newest checkpoint_N: the resume would go back to an older or foreign "
+                                             "state", fix=f"move {pick} out of {run_dir}, or pass load_state() the "
+                                                          "folder to load")])
     return pick
 
 
@@ -67,9 +71,9 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
             if fallback:  # the newest checkpoint_N that passes, loaded by name
                 passed = latest_passing(run_dir, **live())
                 if passed is None:
-                    raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
-                        f"no checkpoint_N under {run_dir} passes the gate (each skipped one is logged by "
-                        "ckpttool.gate)")}])
+                    raise ResumeGateError(run_dir, [Problem(Code.MISSING_FILE, ERROR,
+                                                            f"no checkpoint_N under {run_dir} passes the gate (each "
+                                                            "skipped one is logged by ckpttool.gate)")])
                 path = passed.path
             else:
                 path = _accelerates_pick(run_dir)

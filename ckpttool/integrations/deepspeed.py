@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing
+from ckpttool.model import ERROR, Code, Problem
 
 
 class FullShapes:
@@ -44,8 +45,9 @@ def _passing(engine, load_dir, tag, expected_step) -> GateReport:
                             world_size=world)
     passed = latest_passing(load_dir, model=model, expected_step=expected_step, world_size=world)
     if passed is None:
-        raise ResumeGateError(os.fspath(load_dir), [{"code": "missing_file", "severity": "error", "message": (
-            f"no tag under {load_dir} passes the gate (each skipped one is logged by ckpttool.gate)")}])
+        raise ResumeGateError(os.fspath(load_dir), [Problem(Code.MISSING_FILE, ERROR,
+                                                            f"no tag under {load_dir} passes the gate (each skipped "
+                                                            "one is logged by ckpttool.gate)")])
     return passed
 
 

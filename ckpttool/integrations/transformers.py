@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing, live_world_size
+from ckpttool.model import ERROR, Code, Problem
 
 
 class AdapterView:
@@ -73,10 +74,11 @@ def gated(trainer, resume_from_checkpoint=True, expected_step=None, require_mani
                                 expected_step=expected_step, require_manifest=require_manifest, world_size=world,
                                 model_for=lambda p: _gate_model(trainer, p))
         if passed is None:
-            raise ResumeGateError(run_dir, [{"code": "missing_file", "severity": "error", "message": (
-                f"no checkpoint under {run_dir} passes the gate (each skipped one is logged by ckpttool.gate)"),
-                "fix": "start without resume_from_checkpoint, or repair a checkpoint (ckpttool verify says what "
-                       "is wrong with each)"}])
+            raise ResumeGateError(run_dir, [Problem(Code.MISSING_FILE, ERROR,
+                                                    f"no checkpoint under {run_dir} passes the gate (each skipped one "
+                                                    "is logged by ckpttool.gate)",
+                                                    fix="start without resume_from_checkpoint, or repair a checkpoint "
+                                                        "(ckpttool verify says what is wrong with each)")])
         return passed
     path = os.fspath(resume_from_checkpoint)
     return check_resume(path, model=_gate_model(trainer, path), optimizer=optimizer, scheduler=scheduler,

@@ -15,6 +15,7 @@ from ckpttool import steps
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.keys import align, compare
+from ckpttool.model import Code
 from ckpttool.operations import output
 from ckpttool.operations.diff import problems_of, select_component
 
@@ -79,10 +80,10 @@ def average(sources: list[str], dst: str, *, weights: list[float] | None = None,
         if i == newest:
             continue
         report = compare(comp.tensors, reference.tensors, normalize)
-        problems = [p for p in problems_of(report, sources[i], sources[newest]) if p["code"] != "dtype_mismatch"]
+        problems = [p for p in problems_of(report, sources[i], sources[newest]) if p.code != Code.DTYPE_MISMATCH]
         if problems:
-            raise CkptError(problems[0]["code"], f"{sources[i]} and {sources[newest]} are not checkpoints of one "
-                            f"model: {'; '.join(p['message'] for p in problems[:3])}. `ckpttool diff {sources[i]} "
+            raise CkptError(problems[0].code, f"{sources[i]} and {sources[newest]} are not checkpoints of one "
+                            f"model: {'; '.join(p.message for p in problems[:3])}. `ckpttool diff {sources[i]} "
                             f"{sources[newest]}` shows every difference; nothing written")
         alignment = align([t.name for t in reference.tensors], [t.name for t in comp.tensors], normalize)
         by_aligned = {alignment.b[t.name]: t for t in comp.tensors}

@@ -16,7 +16,7 @@ from ckpttool import atomic, hashing, steps
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats.torchfile import rebuild
-from ckpttool.model import Checkpoint, Component, TensorInfo, dtype_bytes
+from ckpttool.model import Checkpoint, Code, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import select_component
 
@@ -291,7 +291,7 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
         for name, info in part.sources.items():
             target = written.get(name)
             if target is None:
-                raise CkptError("corrupt", f"after writing, {out_component}/{name} is missing from the output")
+                raise CkptError(Code.CORRUPT, f"after writing, {out_component}/{name} is missing from the output")
             pairs.append((f"{out_component}/{name}", info, target, _cast(info, dtype, part)))
     hashable = [(label, src.byte_range(), dst.byte_range()) for label, src, dst, cast in pairs
                 if cast == src.dtype == dst.dtype and src.shape == dst.shape and src.byte_range() and dst.byte_range()]
@@ -299,7 +299,7 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
     digests = hashing.run_jobs(jobs, hashing.hash_range, sum(j[2] for j in jobs), "verifying")
     for i, (label, _, _) in enumerate(hashable):
         if digests[2 * i][0] != digests[2 * i + 1][0]:
-            raise CkptError("corrupt", f"after writing, {label} differs from the source")
+            raise CkptError(Code.CORRUPT, f"after writing, {label} differs from the source")
     done = {label for label, _, _ in hashable}
     rest = [p for p in pairs if p[0] not in done]
     if rest:
@@ -312,7 +312,7 @@ def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> 
             a, b = load(info, cast), load_tensor(target)
             if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(
                     a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)):
-                raise CkptError("corrupt", f"after writing, {label} differs from the source")
+                raise CkptError(Code.CORRUPT, f"after writing, {label} differs from the source")
     return len(pairs)
 
 
@@ -342,7 +342,7 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
         metadata["step"] = str(step)
     total = sum(t.nbytes for c in whole for t in c.tensors)
     if not any(c.tensors for c in whole):
-        raise CkptError("no_tensors", f"holds no tensors ({', '.join(c.name for c in whole) or 'no components'}): "
+        raise CkptError(Code.NO_TENSORS, f"holds no tensors ({', '.join(c.name for c in whole) or 'no components'}): "
                         "there is nothing to convert, and no output was written", src)
     with atomic.guard(dst, total):
         compared = _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify)

@@ -3,6 +3,7 @@ checkpoint and a model, seeing through wrapper prefixes and quantized layouts.""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -11,7 +12,7 @@ import sys
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import UsageError
 from ckpttool.keys import KeyReport, align, compare
-from ckpttool.model import Component, TensorInfo
+from ckpttool.model import ERROR, Code, Component, Problem, TensorInfo
 
 
 def select_component(ckpt, wanted: str, path: str) -> Component:
@@ -60,30 +61,30 @@ def fix_command(a_path: str, b_desc: str, b_is_model: bool) -> str:
            f"{target}"
 
 
-def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = "error",
+def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = ERROR,
                 strict: bool = False) -> list[dict]:
     """Contract problems for what a key comparison found; `a`/`b` name the sides in the messages. `strict`: B is a
     live model, whose load_state_dict sees raw keys, so a prefix the comparison saw through is still a failure."""
     problems = []
     if strict and report.rules:
-        problems.append({"code": "key_mismatch", "severity": "error",
-                         "message": f"load_state_dict(strict=True) would fail: keys match only after "
-                                    f"{'; '.join(report.rules)}"})
+        problems.append(Problem(Code.KEY_MISMATCH, ERROR,
+                                f"load_state_dict(strict=True) would fail: keys match only after "
+                                f"{'; '.join(report.rules)}"))
     for q in report.quantized:
         side = a if q["quantized_side"] == "a" else b
-        problems.append({"code": "quantized_keys", "severity": "error", "key": q["module"],
-                         "message": f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {side} only: "
-                                    f"._data/._scale keys where the other side has {q['module']}.weight"})
+        problems.append(Problem(Code.QUANTIZED_KEYS, ERROR,
+                                f"{q['module']} is {q['qtype']}-quantized (optimum-quanto) in {side} only: "
+                                f"._data/._scale keys where the other side has {q['module']}.weight", key=q["module"]))
     if report.only_a or report.only_b:
-        problems.append({"code": "key_mismatch", "severity": "error",
-                         "message": f"{len(report.only_a)} keys only in {a} ({', '.join(report.only_a[:3])}), "
-                                    f"{len(report.only_b)} only in {b} ({', '.join(report.only_b[:3])})"})
+        problems.append(Problem(Code.KEY_MISMATCH, ERROR,
+                                f"{len(report.only_a)} keys only in {a} ({', '.join(report.only_a[:3])}), "
+                                f"{len(report.only_b)} only in {b} ({', '.join(report.only_b[:3])})"))
     for m in report.shape_mismatches:
-        problems.append({"code": "shape_mismatch", "severity": "error", "key": m["key"],
-                         "message": f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}"})
+        problems.append(Problem(Code.SHAPE_MISMATCH, ERROR,
+                                f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}", key=m["key"]))
     for m in report.dtype_mismatches:
-        problems.append({"code": "dtype_mismatch", "severity": dtype_severity, "key": m["key"],
-                         "message": f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}"})
+        problems.append(Problem(Code.DTYPE_MISMATCH, dtype_severity,
+                                f"{m['key']}: {m['a']} in {a}, {m['b']} in {b}", key=m["key"]))
     return problems
 
 
@@ -181,8 +182,8 @@ def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, against_model
         value_report = compare_values(in_model_order(report, a_tensors, b_tensors, normalize), atol, rtol,
                                       module_depth)
         if value_report["different"]:
-            problems.append({"code": "value_mismatch", "severity": "error",
-                             "message": f"{len(value_report['different'])} tensors differ in content"})
+            problems.append(Problem(Code.VALUE_MISMATCH, ERROR,
+                                    f"{len(value_report['different'])} tensors differ in content"))
     return {
         "same": not problems, "a": a_path, "b": b_desc, "component": component, "normalization": report.rules,
         "only_a": report.only_a, "only_b": report.only_b, "shape_mismatches": report.shape_mismatches,
@@ -205,10 +206,10 @@ def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> dict:
         refuse_broken(b_ckpt, b_parts[name])
         reports.append(_diff_tensors(a_path, a_parts[name].tensors, b_parts[name].tensors, b_path, name, False,
                                      **options))
-    problems = [{"code": "key_mismatch", "severity": "error", "message": f"component {name} is only in {side}"}
+    problems = [Problem(Code.KEY_MISMATCH, ERROR, f"component {name} is only in {side}")
                 for side, names in (("A", set(a_parts) - set(b_parts)), ("B", set(b_parts) - set(a_parts)))
                 for name in sorted(names)]
-    problems += [dict(p, component=r["component"]) for r in reports for p in r["problems"]]
+    problems += [dataclasses.replace(p, component=r["component"]) for r in reports for p in r["problems"]]
 
     def joined(key):
         return [f"{r['component']}/{k}" if isinstance(k, str) else dict(k, key=f"{r['component']}/{k['key']}")

@@ -10,7 +10,7 @@ from collections import Counter
 from ckpttool import steps
 from ckpttool.checkpoint import guess_format, open_checkpoint
 from ckpttool.errors import CkptError
-from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo
+from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo, errors
 
 
 def model_components(ckpt: Checkpoint):
@@ -42,7 +42,7 @@ def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: 
         "quantization": ckpt.quantization,
         "pickle_globals": ckpt.pickle_globals,
         "metadata": ckpt.metadata,
-        "problems": [p.to_json() for p in ckpt.problems],
+        "problems": list(ckpt.problems),
     }
     if list_tensors:
         pattern = re.compile(tensor_filter) if tensor_filter else None
@@ -165,4 +165,4 @@ def _finite_or_text(value):
 
 
 def has_errors(report: dict) -> bool:
-    return any(p["severity"] == ERROR for p in report["problems"])
+    return bool(errors(report["problems"]))

@@ -7,6 +7,7 @@ import os
 from ckpttool import trainers
 from ckpttool.discovery import discover
 from ckpttool.errors import CkptError, UsageError
+from ckpttool.model import ERROR, Code, Problem, VerifyReport, errors
 from ckpttool.operations.verify import verify
 
 
@@ -21,12 +22,12 @@ def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
             continue
         report = judged(candidate.path, for_resume)
         yield candidate, report
-        valid += report["ok"]
+        valid += report.ok
         if stop_after_valid is not None and valid >= stop_after_valid:
             return
 
 
-def judged(path: str, for_resume: bool) -> dict:
+def judged(path: str, for_resume: bool) -> VerifyReport:
     """verify's report on one candidate; a candidate so malformed that reading it fails unexpectedly is reported
     `corrupt` and skipped, never allowed to stop the scan of the rest of the run."""
     try:
@@ -35,8 +36,7 @@ def judged(path: str, for_resume: bool) -> dict:
         reason = e.reason if isinstance(e, CkptError) else str(e)
     except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
         reason = f"it cannot be read ({type(e).__name__})"
-    return {"path": path, "ok": False, "step": None, "format": None, "layout": None, "trainer": None, "checks": [],
-            "problems": [{"code": "corrupt", "severity": "error", "message": reason, "path": path}]}
+    return VerifyReport(path, None, None, problems=[Problem(Code.CORRUPT, ERROR, reason, path)])
 
 
 def latest(root: str, for_resume=False) -> dict:
@@ -44,17 +44,17 @@ def latest(root: str, for_resume=False) -> dict:
     latest" would have picked (with why ckpttool differs, when it does)."""
     skipped, result, layout = [], None, None
     for candidate, report in verdicts(root, for_resume, stop_after_valid=1):
-        if report is not None and report["ok"]:
-            result = {"path": candidate.path, "step": report["step"], "trainer": report.get("trainer")}
-            layout = report.get("layout")
+        if report is not None and report.ok:
+            result = {"path": candidate.path, "step": report.step, "trainer": report.trainer}
+            layout = report.layout
             break
         if report is None:
-            skipped.append({"path": candidate.path, "codes": ["missing_file"], "reason": candidate.skip})
+            skipped.append({"path": candidate.path, "codes": [Code.MISSING_FILE.value], "reason": candidate.skip})
         else:
-            errors = [p for p in report["problems"] if p["severity"] == "error"]
-            skipped.append({"path": candidate.path, "codes": sorted({p["code"] for p in errors}),
-                            "reason": errors[0]["message"], "trainer": report.get("trainer")})
-            layout = layout or report.get("layout")
+            found = errors(report.problems)
+            skipped.append({"path": candidate.path, "codes": sorted({p.code.value for p in found}),
+                            "reason": found[0].message, "trainer": report.trainer})
+            layout = layout or report.layout
     result = result or {"path": None, "step": None,
                         "trainer": next((s["trainer"] for s in skipped if s.get("trainer")), None)}
     result["skipped"] = skipped

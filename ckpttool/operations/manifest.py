@@ -21,22 +21,22 @@ from ckpttool.checksums import (
     tensor_ranges,
 )
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import Checkpoint
+from ckpttool.model import ERROR, Checkpoint, Code
 
 # a manifest of a broken checkpoint, or of one holding a link out or a FIFO, would bless the damage
-BLOCKING = ("truncated", "corrupt", "missing_file", "unsafe_path")
+BLOCKING = (Code.TRUNCATED, Code.CORRUPT, Code.MISSING_FILE, Code.UNSAFE_PATH)
 
 
 def build(ckpt: Checkpoint) -> dict:
     """The manifest document of a readable checkpoint."""
-    broken = [p for p in ckpt.problems if p.code in BLOCKING and p.severity == "error"]
+    broken = [p for p in ckpt.problems if p.code in BLOCKING and p.severity == ERROR]
     if broken:
         first = broken[0]
         raise CkptError(first.code, f"not writing a manifest for a broken checkpoint: {first.message} "
                         f"({first.path}); run `ckpttool verify` for the full list", ckpt.path)
     damaged, _ = crc_problems(ckpt)
     if damaged:
-        raise CkptError("corrupt", f"not writing a manifest for a damaged checkpoint: {damaged[0].message} "
+        raise CkptError(Code.CORRUPT, f"not writing a manifest for a damaged checkpoint: {damaged[0].message} "
                         f"({damaged[0].path}); run `ckpttool verify` for the full list", ckpt.path)
     folder = os.path.dirname(manifest_path(ckpt))
     files = hash_files(covered_files(ckpt))

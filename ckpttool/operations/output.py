@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ckpttool import atomic
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import dtype_bytes, uncarried_tensors
+from ckpttool.model import ERROR, Code, dtype_bytes, uncarried_tensors
 
 FILE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch"}
 FORMAT_NAMES = {"safetensors": "safetensors", "torch": "torch", "pt": "torch"}
@@ -46,14 +46,14 @@ def check_destination(src: str, dst: str, force: bool):
 def refuse_broken(ckpt, component=None):
     """A truncated, corrupt or incomplete input gives exit 1 and no output at all. With `component`, problems a
     reader pinned on another component do not count (a family's missing optimizer does not stop reading its model)."""
-    errors = [p for p in ckpt.problems if p.severity == "error" and p.code != "unsafe_pickle"
+    errors = [p for p in ckpt.problems if p.severity == ERROR and p.code != Code.UNSAFE_PICKLE
               and not (component is not None and p.component and p.component != component.name)]
     if errors:
         first = errors[0]
         raise CkptError(first.code, f"input is broken, nothing written: {first.message}; run `ckpttool verify "
                         f"{ckpt.path}` for details", first.path or ckpt.path)
     if uncarried := uncarried_tensors([component] if component is not None else ckpt.components):
-        raise CkptError("unsupported_layout", f"{uncarried}; it would drop them, so nothing is written or compared "
+        raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{uncarried}; it would drop them, so nothing is written or compared "
                         "(torch.load them and save them dense first)", ckpt.path)
 
 

@@ -22,8 +22,8 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
     keep_rows, delete_rows = [], []
     valid = 0
     for candidate, report in verdicts(root, for_resume=True):
-        ok = report is not None and report["ok"]
-        step = report["step"] if report else None
+        ok = report is not None and report.ok
+        step = report.step if report else None
         row = {"path": candidate.path, "step": step, "files": candidate.files}
         if ok and valid < keep:
             valid += 1

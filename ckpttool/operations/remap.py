@@ -13,7 +13,7 @@ from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats import quanto
 from ckpttool.keys import align
-from ckpttool.model import TensorInfo, dtype_bytes
+from ckpttool.model import Code, TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import load_model, model_tensors, select_component
 from ckpttool.quantization import infer_weight_shape, module_inputs
@@ -76,7 +76,9 @@ class Plan:
     def __init__(self, tensors):
         self.entries: dict[str, Planned] = {t.name: Planned(t.name, t.dtype, t.shape, source=t) for t in tensors}
         self.jobs: dict[str, ModuleJob] = {}
-        self.changes: list[str] = []
+        self.changes: list[str] = []  # in words, for the user
+        self.dequantized = 0  # modules turned from optimum-quanto's layout into plain weights
+        self.quantized = 0  # and the reverse
 
     def rename_all(self, func, label):
         renamed, dropped, moved, sources = {}, 0, 0, {}
@@ -86,7 +88,7 @@ class Plan:
                 dropped += 1
                 continue
             if new in renamed:
-                raise CkptError("key_mismatch", f"{label} maps both {sources[new]!r} and {old!r} to {new!r}; "
+                raise CkptError(Code.KEY_MISMATCH, f"{label} maps both {sources[new]!r} and {old!r} to {new!r}; "
                                 "adjust the rule so every key stays unique")
             moved += new != old
             entry.name = new
@@ -102,11 +104,11 @@ class Plan:
             selected = module_inputs(module, info, self.entries)  # {"weight._data": entry, ..., "bias": entry}
             inputs = {k: e.source for k, e in selected.items()}
             if any(v is None for v in inputs.values()):
-                raise CkptError("corrupt", f"{module}: cannot dequantize keys that were produced by this remap")
+                raise CkptError(Code.CORRUPT, f"{module}: cannot dequantize keys that were produced by this remap")
             sources = {k: e.source for k, e in self.entries.items() if e.source is not None}
             shape = (shapes or {}).get(module) or infer_weight_shape(module, sources)
             if shape is None:
-                raise CkptError("corrupt", f"{module} is {info['weights']}-packed and its weight shape cannot be "
+                raise CkptError(Code.CORRUPT, f"{module} is {info['weights']}-packed and its weight shape cannot be "
                                 "known from the file (no bias to give out_features); pass --like REF or --model "
                                 "so the shape can be taken from there")
             for key in selected:
@@ -115,6 +117,7 @@ class Plan:
             self.jobs[module] = ModuleJob("dequantize", info["weights"], inputs, tuple(shape), info["dtype"])
             self.entries[f"{module}.weight"] = Planned(f"{module}.weight", info["dtype"], tuple(shape), module=module,
                                                        key="weight")
+        self.dequantized += len(modules)
         if modules:
             qtypes = sorted({i["weights"] for i in modules.values()})
             self.changes.append(f"dequantized {len(modules)} modules ({', '.join(qtypes)}) to plain weights")
@@ -130,7 +133,7 @@ class Plan:
             if qtype in (None, "none") or weight is None:
                 continue
             if weight.source is None:
-                raise CkptError("corrupt", f"{module}: cannot quantize a weight this remap produced")
+                raise CkptError(Code.CORRUPT, f"{module}: cannot quantize a weight this remap produced")
             bias = self.entries.get(f"{module}.bias")
             inputs = {"weight": weight.source, **({"bias": bias.source} if bias else {})}
             sample = quantize_module(load_tensor(weight.source), load_tensor(bias.source) if bias else None, qtype,
@@ -147,6 +150,7 @@ class Plan:
         if not done:
             raise UsageError("--quantize: no module in the map has a plain `<module>.weight` in the checkpoint; check "
                              "the map's module names against `ckpttool inspect --tensors`")
+        self.quantized += done
         self.changes.append(f"quantized {done} modules with optimum-quanto")
 
 
@@ -193,7 +197,7 @@ def align_like(plan: Plan, ref_tensors: list[TensorInfo], ref_qmap_path: str | N
             parts.append(f"{len(extra)} keys have no place in the reference (e.g. {', '.join(extra[:3])})")
         if shape_off:
             parts.append(f"{len(shape_off)} shapes differ (e.g. {shape_off[0]})")
-        raise CkptError("key_mismatch", "cannot align to the reference: " + "; ".join(parts) +
+        raise CkptError(Code.KEY_MISMATCH, "cannot align to the reference: " + "; ".join(parts) +
                         ". Add --drop/--rename for those keys, or compare with `ckpttool diff`")
 
 

@@ -25,22 +25,22 @@ from dataclasses import dataclass, field
 from ckpttool import atomic, hashing, paths
 from ckpttool.checksums import MANIFEST_NAME, MANIFEST_SUFFIX
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import Component, Salvaged
+from ckpttool.model import ERROR, Code, Component, Salvaged, VerifyReport, errors
 
-SALVAGE_CODES = ("truncated", "corrupt", "checksum_mismatch")
+SALVAGE_CODES = (Code.TRUNCATED, Code.CORRUPT, Code.CHECKSUM_MISMATCH)
 NO_REPAIR = {
-    "missing_file": "its bytes are nowhere in the checkpoint, so nothing can rebuild them",
-    "missing_optimizer": "the optimizer state was never saved; nothing can rebuild it",
-    "missing_scheduler": "the LR scheduler state was never saved; nothing can rebuild it",
-    "missing_rng": "the RNG state was never saved; a resume still works, not bit for bit",
-    "weights_only": "a weights file holds no training state; resume from the state dir verify names",
-    "step_mismatch": "the files cannot tell which counter is right; check the run's config and logs",
-    "unsafe_pickle": "ckpttool never runs pickled code; `ckpttool convert SRC out.safetensors` keeps the tensors "
+    Code.MISSING_FILE: "its bytes are nowhere in the checkpoint, so nothing can rebuild them",
+    Code.MISSING_OPTIMIZER: "the optimizer state was never saved; nothing can rebuild it",
+    Code.MISSING_SCHEDULER: "the LR scheduler state was never saved; nothing can rebuild it",
+    Code.MISSING_RNG: "the RNG state was never saved; a resume still works, not bit for bit",
+    Code.WEIGHTS_ONLY: "a weights file holds no training state; resume from the state dir verify names",
+    Code.STEP_MISMATCH: "the files cannot tell which counter is right; check the run's config and logs",
+    Code.UNSAFE_PICKLE: "ckpttool never runs pickled code; `ckpttool convert SRC out.safetensors` keeps the tensors "
                      "without it, if you trust the weights",
-    "nonfinite": "NaN/Inf values came from training, not from damage to the file",
+    Code.NONFINITE: "NaN/Inf values came from training, not from damage to the file",
     "quantized_keys": "`ckpttool remap SRC DST --dequantize` writes the plain keys a plain model loads",
-    "world_size_mismatch": "resume with the world size it was saved with",
-    "no_manifest": "`ckpttool manifest` writes one for a checkpoint that verifies",
+    Code.WORLD_SIZE_MISMATCH: "resume with the world size it was saved with",
+    Code.NO_MANIFEST: "`ckpttool manifest` writes one for a checkpoint that verifies",
 }
 LATEST = "latest"  # DeepSpeed's save dir names its newest tag here
 
@@ -116,45 +116,44 @@ def _plan_damage(src: str) -> Plan:
                 p.kind = "run"
                 _plan_run(p)
             return p
-        if not report["ok"] and os.path.isfile(os.path.join(src, LATEST)):
+        if not report.ok and os.path.isfile(os.path.join(src, LATEST)):
             _plan_latest(p, report)
     else:
         p.kind = "file"
         report, p.ckpt = verify_checkpoint(src)
-    if not report["ok"]:
+    if not report.ok:
         _plan_problems(p, report)
     return p
 
 
-def _verdict(path: str):
-    """verify's report on a folder, and the checkpoint it read; for a training state (an optimizer, scheduler or RNG state among its parts), with
-    what its trainer's resume reads checked too, as `verify --for-resume` does (a folder of weights is not judged as
-    a resume point: that it holds weights only is no damage)."""
+def _verdict(path: str) -> tuple[VerifyReport, object]:
+    """verify's report on a folder, and the checkpoint it read; for a training state (an optimizer, scheduler or RNG
+    state among its parts), with what its trainer's resume reads checked too, as `verify --for-resume` does (a
+    folder of weights is not judged as a resume point: that it holds weights only is no damage)."""
     from ckpttool.operations.verify import Verification, check_resume, verify_checkpoint
 
     report, ckpt = verify_checkpoint(path)
     if ckpt is not None and any(c.role in ("optimizer", "scheduler", "rng") for c in ckpt.components):
         v = Verification(path)
         check_resume(v, ckpt)
-        report["problems"] += [problem.to_json() for problem in v.problems]
-        report["ok"] = report["ok"] and not any(problem.severity == "error" for problem in v.problems)
+        report.problems += v.problems
     return report, ckpt
 
 
-def _plan_problems(p: Plan, report: dict):
+def _plan_problems(p: Plan, report: VerifyReport):
     manifest = _manifest_digests(p.src)
-    for problem in report["problems"]:
-        path, code = problem.get("path") or p.src, problem["code"]
+    for problem in report.problems:
+        path, code = problem.path or p.src, problem.code
         if p.is_answered(path):
             continue
         if code in SALVAGE_CODES and _salvageable(path) and _inside(path, p.src):
             _plan_salvage(p, code, path, manifest)
-        elif code == "unsafe_path" and _inside(path, p.src) and os.path.abspath(path) != os.path.abspath(p.src):
+        elif code == Code.UNSAFE_PATH and _inside(path, p.src) and os.path.abspath(path) != os.path.abspath(p.src):
             p.left_out.add(os.path.abspath(path))
-            p.add(Fix(code, path, "leave out", f"{problem['message'].split(':')[0]}: never read; DST is written "
+            p.add(Fix(code, path, "leave out", f"{problem.message.split(':')[0]}: never read; DST is written "
                       "without it"))
-        elif problem["severity"] == "error" or code in NO_REPAIR:
-            p.fixes.append(Fix(code, path, "none", f"{problem['message']}: no repair possible: "
+        elif problem.severity is ERROR or code in NO_REPAIR:
+            p.fixes.append(Fix(code, path, "none", f"{problem.message}: no repair possible: "
                                f"{NO_REPAIR.get(code, 'ckpttool has no repair for this')}"))
 
 
@@ -271,7 +270,7 @@ def _plan_indexes(p: Plan):
             old = None
         if gone:
             if old is None:
-                p.fixes.append(Fix("missing_file", index_path, "none", f"shards {gone} of {count} are gone and so is "
+                p.fixes.append(Fix(Code.MISSING_FILE, index_path, "none", f"shards {gone} of {count} are gone and so is "
                                    "the index: an index without their tensors would load an incomplete model; no "
                                    "repair possible"))
             continue
@@ -287,30 +286,30 @@ def _plan_indexes(p: Plan):
         why = ("is lost" if not os.path.isfile(index_path) else "cannot be read" if old is None else
                "disagrees with the shards' headers")
         p.generated[index] = (json.dumps(doc, indent=2) + "\n").encode()
-        p.add(Fix("missing_file" if not os.path.isfile(index_path) else "corrupt", index_path, "rebuild index",
+        p.add(Fix(Code.MISSING_FILE if not os.path.isfile(index_path) else Code.CORRUPT, index_path, "rebuild index",
                   f"the index {why}: rebuilt from the headers of {count} shards ({len(doc['weight_map'])} tensors)"),
               *(os.path.join(p.src, shard) for shard in shards.values()))
 
 
-def _plan_latest(p: Plan, report: dict):
+def _plan_latest(p: Plan, report: VerifyReport):
     """DeepSpeed: `latest` naming a tag that is gone or broken is pointed at the newest tag that verifies."""
     from ckpttool.discovery import discover
 
     latest = os.path.join(p.src, LATEST)
     with open(latest, encoding="utf-8", errors="replace") as f:
         named = f.read().strip()
-    errors = [e for e in report["problems"] if e["severity"] == "error"]
+    first = errors(report.problems)[0]
     for candidate in discover(p.src):
         if os.path.dirname(os.path.abspath(candidate.path)) != os.path.abspath(p.src) or candidate.skip:
             continue
-        if _verdict(candidate.path)[0]["ok"]:
+        if _verdict(candidate.path)[0].ok:
             tag = os.path.basename(candidate.path)
             p.generated[LATEST] = tag.encode()
             broken = os.path.join(p.src, named)
             if named and os.path.isdir(broken) and os.path.dirname(os.path.abspath(broken)) == os.path.abspath(p.src):
                 p.left_out.add(os.path.abspath(broken))
-            p.add(Fix(errors[0]["code"], latest, "rewrite latest",
-                      f"`latest` names {named!r} ({errors[0]['message']}); in DST it names {tag!r}, the newest tag "
+            p.add(Fix(first.code, latest, "rewrite latest",
+                      f"`latest` names {named!r} ({first.message}); in DST it names {tag!r}, the newest tag "
                       "that verifies"
                       + (f", and {named} is left out" if os.path.abspath(broken) in p.left_out else "")))
             return
@@ -325,10 +324,10 @@ def _plan_run(p: Plan):
     for candidate, report in verdicts(p.src):
         found += 1
         if report is None:
-            broken.append((candidate, "missing_file", candidate.skip))
-        elif not report["ok"]:
-            error = next(e for e in report["problems"] if e["severity"] == "error")
-            broken.append((candidate, error["code"], error["message"]))
+            broken.append((candidate, Code.MISSING_FILE, candidate.skip))
+        elif not report.ok:
+            error = errors(report.problems)[0]
+            broken.append((candidate, error.code, error.message))
     if not found:
         raise UsageError(f"{p.src}: no checkpoint layout recognised here, nor checkpoints of a run; point repair at a "
                          "checkpoint file, a state dir, a shard folder or a run's output folder")
@@ -354,7 +353,7 @@ def _plan_like(p: Plan, like: str):
     ref = select_component(open_checkpoint(like), "model", like).tensors
     weights, tensors = _model_weights(p)
     if weights is None:
-        p.fixes.append(Fix("key_mismatch", p.src, "none", "--like: the model weights are not a file of their own "
+        p.fixes.append(Fix(Code.KEY_MISMATCH, p.src, "none", "--like: the model weights are not a file of their own "
                            "here (a training dict's other parts would not survive a remap): `ckpttool remap SRC "
                            "OUT --like REF --component model` writes the weights alone"))
         return
@@ -364,10 +363,10 @@ def _plan_like(p: Plan, like: str):
     try:
         remap.align_like(keys, ref, quanto.find_qmap(like))
     except (CkptError, UsageError) as e:
-        p.fixes.append(Fix("key_mismatch", weights, "none", f"its keys differ from {like}'s and cannot be aligned: "
+        p.fixes.append(Fix(Code.KEY_MISMATCH, weights, "none", f"its keys differ from {like}'s and cannot be aligned: "
                            f"{e.args[0] if isinstance(e, UsageError) else e.reason}"))
         return
-    code = "quantized_keys" if any("quantized" in change for change in keys.changes) else "key_mismatch"
+    code = Code.QUANTIZED_KEYS if keys.quantized or keys.dequantized else Code.KEY_MISMATCH
     p.remaps[os.path.abspath(weights)] = like
     p.add(Fix(code, weights, "remap", f"keys aligned to {like} as `ckpttool remap --like` does: "
               f"{'; '.join(keys.changes)}"))
@@ -444,7 +443,7 @@ def _after(p: Plan, dst: str) -> dict:
     from ckpttool.operations.verify import verify
 
     report = _verdict(dst)[0] if p.kind == "checkpoint" else verify(dst, recall=False)
-    return {"ok": report["ok"], "problems": report["problems"]}
+    return {"ok": report.ok, "problems": report.problems}
 
 
 def _size(p: Plan) -> int:

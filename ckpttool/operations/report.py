@@ -7,6 +7,7 @@ import html
 import os
 
 from ckpttool.errors import CkptError
+from ckpttool.model import Code, errors
 
 
 def _size(path: str) -> int:
@@ -24,12 +25,11 @@ def report(run_dir: str, for_resume: bool = False, module_depth: int = 2) -> dic
         entry = {"path": candidate.path, "name": os.path.relpath(candidate.path, run_dir),
                  "size": _size(candidate.path)}
         if verdict is None:
-            entry.update(step=None, trainer=None, ok=False, codes=["missing_file"], reason=candidate.skip)
+            entry.update(step=None, trainer=None, ok=False, codes=[Code.MISSING_FILE.value], reason=candidate.skip)
         else:
-            errors = [p for p in verdict["problems"] if p["severity"] == "error"]
-            entry.update(step=verdict["step"], trainer=verdict.get("trainer"), format=verdict["format"],
-                         ok=verdict["ok"], codes=sorted({p["code"] for p in errors}),
-                         reason=errors[0]["message"] if errors else None)
+            found = errors(verdict.problems)
+            entry.update(step=verdict.step, trainer=verdict.trainer, format=verdict.format, ok=verdict.ok,
+                         codes=sorted({p.code.value for p in found}), reason=found[0].message if found else None)
         if entry["ok"] and picked is None:
             picked = entry["path"]
             entry["picked"] = True

@@ -10,9 +10,9 @@ from ckpttool import checksums, hashing, steps, trainers
 from ckpttool.checkpoint import guess_format, open_checkpoint
 from ckpttool.checksums import crc_problems
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
+from ckpttool.model import ERROR, WARNING, Checkpoint, CheckResult, Code, Problem, Status, VerifyReport, errors
 
-PASS, FAIL, WARN, NOTE, SKIP = "pass", "fail", "warn", "note", "skip"
+PASS, FAIL, WARN, NOTE, SKIP = Status.PASS, Status.FAIL, Status.WARN, Status.NOTE, Status.SKIP
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                 "float8_e5m2fnuz", "complex64", "complex128"}
 
@@ -22,12 +22,12 @@ class Verification:
 
     def __init__(self, path):
         self.path = path
-        self.checks: list[dict] = []
+        self.checks: list[CheckResult] = []
         self.problems: list[Problem] = []
         self.manifest: tuple[str, dict, str] | None = None  # (path, document, its digest) checked against
 
     def check(self, name, status, detail=""):
-        self.checks.append({"check": name, "status": status, "detail": detail})
+        self.checks.append(CheckResult(name, status, detail))
 
     def problem(self, code, severity, message, path=None, key=None):
         self.problems.append(Problem(code, severity, message, path, key))
@@ -35,7 +35,7 @@ class Verification:
     def from_problems(self, name, problems, clean_detail):
         """One check row summarising problems already found (by the reader, say)."""
         self.problems.extend(problems)
-        worst = FAIL if any(p.severity == ERROR for p in problems) else WARN if problems else PASS
+        worst = FAIL if errors(problems) else WARN if problems else PASS
         self.check(name, worst, "; ".join(f"{p.code}: {p.message}" for p in problems) or clean_detail)
 
 
@@ -43,7 +43,7 @@ class Verification:
 
 def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
     """`crcs_covered`: every byte matched a manifest written after the same CRCs were checked, so they still hold."""
-    reader = [p for p in ckpt.problems if p.code != "unsafe_pickle"]
+    reader = [p for p in ckpt.problems if p.code != Code.UNSAFE_PICKLE]
     if crcs_covered:
         detail = f"{len(ckpt.files)} files readable, zip CRCs checked when the manifest was written"
     else:
@@ -51,7 +51,7 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
         reader.extend(problems)
         detail = f"{len(ckpt.files)} files readable" + (f", {checked} good" if checked else "")
     v.from_problems("integrity", reader, detail)
-    unsafe = [p for p in ckpt.problems if p.code == "unsafe_pickle"]
+    unsafe = [p for p in ckpt.problems if p.code == Code.UNSAFE_PICKLE]
     v.from_problems("pickle safety", unsafe, "what the resume unpickles names only allow-listed globals, and no "
                     "pickle in the checkpoint names one that runs code")
 
@@ -63,7 +63,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     target = checksums.manifest_path(ckpt)
     if not os.path.exists(target):
         if require:
-            v.problem("no_manifest", ERROR, f"no manifest at {target}; create one with `ckpttool manifest "
+            v.problem(Code.NO_MANIFEST, ERROR, f"no manifest at {target}; create one with `ckpttool manifest "
                       f"{ckpt.path}` right after saving", target)
             v.check("checksums", FAIL, "no manifest (required)")
         else:
@@ -73,7 +73,7 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     try:
         doc, digest = checksums.load(target)
     except CkptError as e:  # the checksums cannot be checked: a warning, or an error where they are required
-        forged = e.code == "unsafe_path"  # names files outside the checkpoint: an error, required or not
+        forged = e.code == Code.UNSAFE_PATH  # names files outside the checkpoint: an error, required or not
         v.problem(e.code, ERROR if require or forged else WARNING, f"{e.reason}: the checksums cannot be checked; "
                   f"verify the checkpoint, then rewrite it with `ckpttool manifest --force {ckpt.path}`", target)
         v.check("checksums", FAIL if require or forged else WARN, f"{e.code}: {e.reason}")
@@ -85,12 +85,12 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
     for rel, expected in doc["files"].items():
         full = os.path.join(folder, rel)
         if not os.path.isfile(full):
-            v.problem("missing_file", ERROR, f"{rel} is listed in the manifest but missing", full)
+            v.problem(Code.MISSING_FILE, ERROR, f"{rel} is listed in the manifest but missing", full)
         elif os.path.getsize(full) < expected.get("size", 0):
-            v.problem("truncated", ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
+            v.problem(Code.TRUNCATED, ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
                       f"{expected['size']}", full)
         elif os.path.getsize(full) != expected.get("size"):
-            v.problem("checksum_mismatch", ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
+            v.problem(Code.CHECKSUM_MISMATCH, ERROR, f"{rel} is {os.path.getsize(full)} bytes, the manifest recorded "
                       f"{expected.get('size')}", full)
         else:
             present[full] = expected
@@ -110,9 +110,9 @@ def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
         _name_damaged_tensors(v, doc, folder, full, ranges)
     extra = [f for f in checksums.covered_files(ckpt) if os.path.relpath(f, folder) not in doc["files"]]
     for f in extra:
-        v.problem("checksum_mismatch", WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
+        v.problem(Code.CHECKSUM_MISMATCH, WARNING, f"{os.path.relpath(f, folder)} is not covered by the manifest "
                   "(added after it was written?)", f)
-    failed = [p for p in v.problems[before:] if p.severity == ERROR]
+    failed = errors(v.problems[before:])
     if failed:
         v.check("checksums", FAIL, f"{len(failed)} mismatches")
     else:
@@ -132,10 +132,10 @@ def _name_damaged_tensors(v, doc, folder, full, ranges):
     damaged = [e for e, d in zip(suspects, digests) if d != e.get(hashing.ALGORITHM)]
     for e in damaged:
         chunk = f" (chunk at {tuple(e['chunk'])})" if e.get("chunk") else ""
-        v.problem("checksum_mismatch", ERROR, f"tensor {', '.join(e['names'])}{chunk} in {rel} differs from the "
+        v.problem(Code.CHECKSUM_MISMATCH, ERROR, f"tensor {', '.join(e['names'])}{chunk} in {rel} differs from the "
                   "manifest", full, key=e["names"][0])
     if not damaged:
-        v.problem("checksum_mismatch", ERROR, f"{rel} differs from the manifest outside tensor data (header, pickle "
+        v.problem(Code.CHECKSUM_MISMATCH, ERROR, f"{rel} differs from the manifest outside tensor data (header, pickle "
                   "or metadata bytes)", full)
 
 
@@ -158,9 +158,9 @@ def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None
         if value is None:
             continue
         if have is None:
-            v.problem("step_mismatch", ERROR, f"{label} expects {kind} {value} but the checkpoint states no {kind}")
+            v.problem(Code.STEP_MISMATCH, ERROR, f"{label} expects {kind} {value} but the checkpoint states no {kind}")
         elif have != value:
-            v.problem("step_mismatch", ERROR, f"{label} is {value} but the checkpoint is at {kind} {have} (off by "
+            v.problem(Code.STEP_MISMATCH, ERROR, f"{label} is {value} but the checkpoint is at {kind} {have} (off by "
                       f"{value - have:+d}): resuming would {'skip' if value > have else 'repeat'} "
                       f"{abs(value - have)} {kind}s of the schedule")
     found = v.problems[before:]
@@ -168,7 +168,7 @@ def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None
                                                        steps.SCHEDULER_STEPS, steps.EPOCH)]
     sources = ", ".join(f"{s.source}={s.value}" for s in compared) or "none"
     detail = "; ".join([p.message for p in found] + notes) or f"consistent ({sources})"
-    v.check("step consistency", FAIL if any(p.severity == ERROR for p in found) else WARN if found else
+    v.check("step consistency", FAIL if errors(found) else WARN if found else
             PASS if compared else SKIP, detail)
 
 
@@ -257,7 +257,7 @@ def check_resume(v: Verification, ckpt: Checkpoint):
     """What a resume would silently lose, as the trainer that wrote it saves state (ckpttool/trainers/)."""
     found = trainers.resume_problems(ckpt)
     v.problems.extend(found)
-    v.check("resume completeness", FAIL if any(p.severity == ERROR for p in found) else WARN if found else PASS,
+    v.check("resume completeness", FAIL if errors(found) else WARN if found else PASS,
             "; ".join(f"{p.code}: {p.message}" for p in found) or
             "everything this trainer saves for a resume is present")
 
@@ -286,14 +286,14 @@ def check_finite(v: Verification, ckpt: Checkpoint):
     bad = [name for (name, _), ok in zip(floats, results) if not ok]
     scanned = len(floats)
     if bad:
-        v.problem("nonfinite", ERROR, f"NaN or Inf in {len(bad)} tensors: {', '.join(bad[:10])}"
+        v.problem(Code.NONFINITE, ERROR, f"NaN or Inf in {len(bad)} tensors: {', '.join(bad[:10])}"
                   + (" ..." if len(bad) > 10 else ""), ckpt.path, key=bad[0])
     v.check("finite values", FAIL if bad else PASS, f"{len(bad)} of {scanned} float tensors have NaN/Inf" if bad
             else f"{scanned} float tensors finite")
 
 
 def verify(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
-           for_resume=False, finite=False, recall=True) -> dict:
+           for_resume=False, finite=False, recall=True) -> VerifyReport:
     """The verify report for `path` (see the README for every check). A clean report, remembered by an earlier
     verify or by `manifest`, is recalled rather than recomputed while the folders hold the same names and every byte
     still matches the manifest (verify_cache); `recall=False` when the caller has just asked the cache itself."""
@@ -309,17 +309,17 @@ def verify(path: str | None = None, *, require_manifest=False, config_file=None,
     return report
 
 
-def report_while_matching(path: str, ckpt: Checkpoint, target: str, doc: dict, for_resume: bool) -> dict:
+def report_while_matching(path: str, ckpt: Checkpoint, target: str, doc: dict, for_resume: bool) -> VerifyReport:
     """The report a verify of `path` (no --config, --expect-step or --finite) gives while every byte matches the
     manifest `doc` that was just written for `ckpt` at `target`, after its CRCs were checked: the same checks as
     _verify, with the checksums already known to pass."""
-    checksums = Verification(path)
-    _checksums_passed(checksums, target, len(doc["files"]))
-    return _checks(Verification(path), ckpt, checksums, True, None, None, for_resume, False)
+    sums = Verification(path)
+    _checksums_passed(sums, target, len(doc["files"]))
+    return _checks(Verification(path), ckpt, sums, crcs_covered=True, for_resume=for_resume)
 
 
 def verify_checkpoint(path: str | None = None, *, require_manifest=False, config_file=None, expect_step=None,
-                      for_resume=False, finite=False) -> tuple[dict, Checkpoint | None]:
+                      for_resume=False, finite=False) -> tuple[VerifyReport, Checkpoint | None]:
     """The report and the checkpoint it read (None when unreadable), for callers that go on to use it."""
     report, ckpt, _ = _verify(path, require_manifest=require_manifest, config_file=config_file,
                               expect_step=expect_step, for_resume=for_resume, finite=finite)
@@ -337,7 +337,7 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
     v = Verification(path)
     if config and "resume_from_checkpoint" in config and \
             os.path.realpath(config["resume_from_checkpoint"]) != os.path.realpath(path):
-        v.problem("step_mismatch", WARNING, f"config {config_file} resumes from {config['resume_from_checkpoint']}, "
+        v.problem(Code.STEP_MISMATCH, WARNING, f"config {config_file} resumes from {config['resume_from_checkpoint']}, "
                   f"not {path}")
     try:
         ckpt = open_checkpoint(path)
@@ -347,18 +347,20 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
         check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
         return _report(v, guess_format(path), None), None, v
-    checksums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
-    covered = check_manifest(checksums, ckpt, require_manifest)
-    return _checks(v, ckpt, checksums, covered, expect_step, config, for_resume, finite), ckpt, v
+    sums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
+    covered = check_manifest(sums, ckpt, require_manifest)
+    report = _checks(v, ckpt, sums, crcs_covered=covered, expect_step=expect_step, config=config,
+                     for_resume=for_resume, finite=finite)
+    return report, ckpt, v
 
 
-def _checks(v: Verification, ckpt: Checkpoint, checksums: Verification, crcs_covered: bool, expect_step, config,
-            for_resume: bool, finite: bool) -> dict:
-    """Every check after the checksums (already made into `checksums`), in report order."""
+def _checks(v: Verification, ckpt: Checkpoint, sums: Verification, *, crcs_covered: bool, expect_step=None,
+            config=None, for_resume: bool, finite: bool = False) -> VerifyReport:
+    """Every check after the checksums (already made into `sums`), in report order."""
     check_integrity(v, ckpt, crcs_covered=crcs_covered)
-    v.checks.extend(checksums.checks)
-    v.problems.extend(checksums.problems)
-    v.manifest = checksums.manifest
+    v.checks.extend(sums.checks)
+    v.problems.extend(sums.problems)
+    v.manifest = sums.manifest
     check_steps(v, ckpt, expect_step, config)
     if for_resume:
         check_resume(v, ckpt)
@@ -367,7 +369,6 @@ def _checks(v: Verification, ckpt: Checkpoint, checksums: Verification, crcs_cov
     return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer)
 
 
-def _report(v: Verification, fmt, step, layout=None, trainer=None) -> dict:
-    return {"path": v.path, "ok": not any(p.severity == ERROR for p in v.problems), "step": step, "format": fmt,
-            "layout": layout, "trainer": trainer, "checks": v.checks, "problems": [p.to_json() for p in v.problems]}
+def _report(v: Verification, fmt, step, layout=None, trainer=None) -> VerifyReport:
+    return VerifyReport(v.path, step, fmt, layout, trainer, v.checks, v.problems)
 

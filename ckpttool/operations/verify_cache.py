@@ -24,6 +24,7 @@ import os
 import xxhash
 
 from ckpttool import __version__, hashing
+from ckpttool.model import Status, VerifyReport
 
 MAX_ENTRIES = 1024  # the oldest are removed beyond this: a trainer that writes a manifest per save adds two a save
 
@@ -70,7 +71,7 @@ def file_digest(path: str) -> str | None:
     return digest
 
 
-def recall(path: str | None, config_file: str | None = None, **options) -> dict | None:
+def recall(path: str | None, config_file: str | None = None, **options) -> VerifyReport | None:
     """The remembered report when every folder verify looks in holds the same names and every byte still matches,
     else None. Light on imports: the CLI asks before it loads the readers."""
     from ckpttool import distributed
@@ -95,10 +96,15 @@ def recall(path: str | None, config_file: str | None = None, **options) -> dict 
         got.setdefault(p, []).append(digest if read == length else None)
     if got != pieces:
         return None
-    return {**entry["report"], "path": path, "recalled": True}
+    try:
+        report = VerifyReport.from_json(entry["report"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    report.path, report.recalled = path, True
+    return report
 
 
-def remember(report: dict, ckpt, manifest, path: str, before: dict | None, config_file: str | None = None,
+def remember(report: VerifyReport, ckpt, manifest, path: str, before: dict | None, config_file: str | None = None,
              **options):
     """Keep a clean report checked against a manifest, (its path, document, digest of its bytes), when the folders
     listed `before` the checkpoint was read still hold the same names and cover every file it read."""
@@ -106,9 +112,9 @@ def remember(report: dict, ckpt, manifest, path: str, before: dict | None, confi
     from ckpttool.checksums import covered_files
 
     entry_path = _entry_path(path, config_file, options)
-    if (entry_path is None or before is None or distributed.active() or not report["ok"] or report["problems"]
+    if (entry_path is None or before is None or distributed.active() or not report.ok or report.problems
             or manifest is None or ckpt is None
-            or not any(c["check"] == "checksums" and c["status"] == "pass" for c in report["checks"])):
+            or not any(c.check == "checksums" and c.status is Status.PASS for c in report.checks)):
         return
     target, doc, digest = manifest
     folder = os.path.dirname(target)
@@ -118,7 +124,7 @@ def remember(report: dict, ckpt, manifest, path: str, before: dict | None, confi
             listings(path) != before:
         return  # a file no digest covers, a folder not listed, or a name that came or went while it was read
     entry = {"tool": __version__, "listings": before, "manifest": target, "manifest_digest": digest,
-             "piece_size": doc.get("piece_size", hashing.PIECE_SIZE), "pieces": pieces, "report": report}
+             "piece_size": doc.get("piece_size", hashing.PIECE_SIZE), "pieces": pieces, "report": report.to_json()}
     try:
         os.makedirs(os.path.dirname(entry_path), exist_ok=True)
         staging = f"{entry_path}.{os.getpid()}.tmp"

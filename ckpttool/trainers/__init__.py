@@ -16,7 +16,7 @@ import importlib
 import os
 import re
 
-from ckpttool.model import Checkpoint, Problem
+from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "kohya.Kohya",
@@ -78,8 +78,8 @@ def resume_problems(ckpt: Checkpoint) -> list[Problem]:
     """What a resume from `ckpt` would lose or trip on, as the trainer that wrote it resumes; a weights file's
     problem names the state dir beside it when there is one."""
     problems = profile_of(ckpt).resume_problems(ckpt)
-    hint = state_dir_hint(ckpt.path) if any(p.code == "weights_only" for p in problems) else None
-    return [weights_only_problem(ckpt, hint) if p.code == "weights_only" and hint else p for p in problems]
+    hint = state_dir_hint(ckpt.path) if any(p.code == Code.WEIGHTS_ONLY for p in problems) else None
+    return [weights_only_problem(ckpt, hint) if p.code == Code.WEIGHTS_ONLY and hint else p for p in problems]
 
 
 def state_dir_hint(path: str) -> str | None:

@@ -17,9 +17,9 @@ import re
 from dataclasses import replace
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
-from ckpttool.model import MICRO_STEPS, SAVES, WARNING
+from ckpttool.model import MICRO_STEPS, SAVES, WARNING, Code, Record
 from ckpttool.trainers.base import Profile, role
-from ckpttool.trainers.contract import RUN, Contract, Part, entries
+from ckpttool.trainers.contract import RUN, Absent, Contract, Part, entries
 
 # FSDP (accelerate.utils save_fsdp_model / save_fsdp_optimizer): full `optimizer.bin`, sharded DCP dirs
 FSDP_PARTS = (
@@ -58,14 +58,14 @@ FSDP_MODELS = Part("FSDP model state (pytorch_model_fsdp_0/ sharded, pytorch_mod
                    why="fsdp_utils.py load_fsdp_model reads it for every prepared model (dist_cp.load of the folder, "
                    "or torch.load of the file): the resume raises")
 OPTIMIZERS = Part("optimizer state (optimizer.bin, optimizer_1.bin, ...)", (r"optimizer(?:_(\d+))?\.bin",),
-                  code="missing_optimizer", series=True, template="optimizer{_n}.bin",
+                  code=Code.MISSING_OPTIMIZER, series=True, template="optimizer{_n}.bin",
                   why="load_accelerator_state loads one per prepared optimizer and raises FileNotFoundError")
 FSDP_OPTIMIZERS = Part("FSDP optimizer state (optimizer_0/ sharded, optimizer.bin full)",
-                       (r"optimizer_(\d+)/", r"optimizer(?:_(\d+))?\.bin"), code="missing_optimizer", series=True,
+                       (r"optimizer_(\d+)/", r"optimizer(?:_(\d+))?\.bin"), code=Code.MISSING_OPTIMIZER, series=True,
                        template="optimizer_{n}/", why="fsdp_utils.py load_fsdp_optimizer reads it for every prepared "
                        "optimizer: the resume raises")
 SCHEDULERS = Part("LR scheduler state (scheduler.bin, scheduler_1.bin, ...)", (r"scheduler(?:_(\d+))?\.bin",),
-                  code="missing_scheduler", series=True, template="scheduler{_n}.bin",
+                  code=Code.MISSING_SCHEDULER, series=True, template="scheduler{_n}.bin",
                   why="load_accelerator_state loads one per prepared scheduler and raises FileNotFoundError; without "
                   "it warmup and the schedule restart")
 # A loop that prepares no LR scheduler saves none, and load_state loads only the prepared ones: only the run's other
@@ -80,8 +80,8 @@ DATALOADERS = Part("stateful dataloader state (dl_state_dict.bin)", (r"dl_state_
                    why="load_accelerator_state loads it when it exists (use_stateful_dataloader): the data position")
 SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
               why="load_state loads it whenever the run has a scaler (fp16) and raises FileNotFoundError without it")
-RNG = Part("RNG state (random_states_N.pkl, one per process)", (r"random_states_(\d+)\.pkl",), absent=WARNING,
-           damaged=WARNING, code="missing_rng", series=True, per_rank=True, template="random_states_{n}.pkl",
+RNG = Part("RNG state (random_states_N.pkl, one per process)", (r"random_states_(\d+)\.pkl",), absent=Absent.WARNING,
+           damaged=WARNING, code=Code.MISSING_RNG, series=True, per_rank=True, template="random_states_{n}.pkl",
            why="load_accelerator_state catches a missing or unreadable one ('Could not load random states') and "
            "goes on: data order and dropout are not bit-exact")
 CUSTOM = Part("registered objects' state (custom_checkpoint_N.pkl)", (r"custom_checkpoint_(\d+)\.pkl",), absent=RUN,
@@ -131,7 +131,7 @@ class Accelerate(Profile):
     source = "accelerate 1.15: checkpointing.py save_accelerator_state, scheduler.py AcceleratedScheduler.step"
     file_roles = FILES
     weights_only_loads = WEIGHTS_ONLY_LOADS
-    counter_meanings = ((r"^random_states_\d+ step$", MICRO_STEPS),)
+    counter_meanings = ((Record.RNG, r"random_states_\d+\.step", MICRO_STEPS),)
     scheduler_rule = "AcceleratedScheduler: skipped with the optimizer on fp16 overflow, else once per process"
 
     def claims_path(self, path):

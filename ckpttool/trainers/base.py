@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Problem, StepSource
+from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
 
 if TYPE_CHECKING:
     from ckpttool.trainers.contract import Contract
@@ -84,7 +84,7 @@ def moment_problems(ckpt: Checkpoint) -> list[Problem]:
         for (prefix, index), moments in sorted(shapes.items(), key=lambda item: (item[0][0] or "", item[0][1])):
             if len(set(moments.values())) > 1:
                 seen = ", ".join(f"{k} {list(v)}" for k, v in sorted(moments.items()))
-                problems.append(Problem("optimizer_mismatch", ERROR, f"the optimizer state of parameter {index} holds "
+                problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR, f"the optimizer state of parameter {index} holds "
                                         f"moments of different shapes ({seen}): they were swapped or mixed between "
                                         "parameters, and the first step after the resume fails", comp.files[0]
                                         if comp.files else ckpt.path, key=f"{prefix + '.' if prefix else ''}state."
@@ -115,7 +115,9 @@ class Profile:
     file_roles: tuple[FileRole, ...] = ()  # for state dirs
     state_files: dict[str, dict[str, str]] = {}  # JSON files of counters: file -> {key: meaning}
     key_roles: dict[str, str] = {}  # a training dict's top-level keys -> roles (beyond the generic ones)
-    counter_meanings: tuple[tuple[str, str], ...] = ()  # (regex on the source name, meaning) for unnamed counters
+    # (the record a counter was read from, a regex its key matches whole, its meaning) for counters the reader did not
+    # name: matched on where a counter was read, never on the label shown for it
+    counter_meanings: tuple[tuple[Record, str, str], ...] = ()
     name_pattern: re.Pattern | None = None  # the checkpoint's own name; group 1 is `name_meaning`'s value
     name_meaning = GLOBAL_STEP
     skips_advance_global_step = True  # an fp16-skipped update still advances the global step
@@ -149,7 +151,7 @@ class Profile:
     def name_counters(self, path: str) -> list[StepSource]:
         number = self.name_number(path)
         label = "file name" if os.path.isfile(path) else "directory name"
-        return [] if number is None else [StepSource(label, number, self.name_meaning)]
+        return [] if number is None else [StepSource(label, number, self.name_meaning, record=Record.NAME)]
 
     def interpret(self, ckpt: Checkpoint):
         """Name the trainer, the roles of its parts and the meaning of each counter; add what an unfinished save
@@ -165,8 +167,8 @@ class Profile:
         ckpt.steps[:0] = self.name_counters(ckpt.path)
         for s in ckpt.steps:
             if s.meaning is None:
-                s.meaning = next((meaning for pattern, meaning in self.counter_meanings
-                                  if re.search(pattern, s.source)), None)
+                s.meaning = next((meaning for record, pattern, meaning in self.counter_meanings
+                                  if s.record is record and re.fullmatch(pattern, s.key)), None)
         ckpt.problems.extend(self.completion_problems(ckpt))
         if os.path.isdir(ckpt.path) and (terms := self.resume_contract(ckpt)) is not None:
             from ckpttool.trainers import contract
@@ -218,7 +220,7 @@ class Profile:
             if refused:
                 line = f"torch.serialization.add_safe_globals([{', '.join(refused)}])"
                 problems.append(Problem(
-                    "needs_safe_globals", ERROR if fatal else WARNING,
+                    Code.NEEDS_SAFE_GLOBALS, ERROR if fatal else WARNING,
                     f"{name} names {', '.join(refused)}, which {self.name}'s resume loads "
                     f"with torch.load(weights_only=True) and refuses (UnpicklingError)" +
                     (": the resume fails" if fatal else ": it goes on without this part") +
@@ -232,7 +234,7 @@ class Profile:
         problems = []
         name = os.path.basename(os.path.normpath(ckpt.path))
         if TEMPORARY_NAME.fullmatch(name):  # SimpleTuner's checkpoint-N-tmp, the reference trainer's .tmp
-            problems.append(Problem("missing_file", ERROR, f"{name} is a temporary dir: its save never completed "
+            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{name} is a temporary dir: its save never completed "
                                     "(trainers rename it into place when done)", ckpt.path))
         if roles <= {"model", "ema", "extra", "target", "teacher", "config", "callbacks"}:
             return problems + [weights_only_problem(ckpt)]
@@ -244,13 +246,13 @@ class Profile:
             sibling = contract.nearest_sibling(ckpt.path, self.run_saves(ckpt.path), step)
             return problems + contract.absence(terms, ckpt, sibling)
         if "optimizer" not in roles:
-            problems.append(Problem("missing_optimizer", ERROR, "no optimizer state: a resume would restart Adam "
+            problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, "no optimizer state: a resume would restart Adam "
                                     "moments and the step count from zero", ckpt.path))
         if self.needs_scheduler and "scheduler" not in roles:
-            problems.append(Problem("missing_scheduler", ERROR, "no LR scheduler state: a resume would restart "
+            problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, "no LR scheduler state: a resume would restart "
                                     "warmup and the schedule from step 0", ckpt.path))
         if self.saves_rng and "rng" not in roles:
-            problems.append(Problem("missing_rng", WARNING, "no RNG state: a resume works but data order and dropout "
+            problems.append(Problem(Code.MISSING_RNG, WARNING, "no RNG state: a resume works but data order and dropout "
                                     "differ from an uninterrupted run (not bit-exact)", ckpt.path))
         return problems
 
@@ -260,5 +262,5 @@ def weights_only_problem(ckpt: Checkpoint, hint: str | None = None) -> Problem:
     (`ckpttool.trainers.resume_problems` finds it)."""
     advice = (f"resume from the state dir beside it: {hint}" if hint else
               "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
-    return Problem("weights_only", ERROR, f"{os.path.basename(os.path.normpath(ckpt.path))} holds weights only; "
+    return Problem(Code.WEIGHTS_ONLY, ERROR, f"{os.path.basename(os.path.normpath(ckpt.path))} holds weights only; "
                    f"{advice}", ckpt.path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ckpttool.formats import family
-from ckpttool.model import ERROR, GLOBAL_STEP, Problem
+from ckpttool.model import ERROR, GLOBAL_STEP, Code, Problem, Record
 from ckpttool.trainers.base import Profile
 
 
@@ -21,7 +21,7 @@ class ConsistencyModels(Profile):
     name = "consistency_models"
     layout = "consistency_models file family"
     source = "openai/consistency_models cm/train_util.py TrainLoop.save, CMTrainLoop.run_step"
-    counter_meanings = ((r"^file name$", GLOBAL_STEP),)
+    counter_meanings = ((Record.NAME, ".*", GLOBAL_STEP),)
     skips_advance_global_step = False
     needs_scheduler = False
     saves_rng = False
@@ -38,5 +38,5 @@ class ConsistencyModels(Profile):
         """A family is a training state even when its opt file is gone: the loader would skip it silently."""
         if any(c.role == "optimizer" for c in ckpt.components):
             return []
-        return [Problem("missing_optimizer", ERROR, "no opt file at this step: consistency_models' loader skips it "
+        return [Problem(Code.MISSING_OPTIMIZER, ERROR, "no opt file at this step: consistency_models' loader skips it "
                         "without a word and restarts the optimizer", ckpt.path)]

@@ -25,23 +25,44 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.model import ERROR, WARNING, Checkpoint, Problem
+from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Problem, Severity
 
-RUN = "run"  # `absent`: an error when the run's other checkpoints have it (the run uses it), else nothing
 
-# How a present file is checked
-WEIGHTS = "weights"  # a torch or safetensors file (or a sharded index), read by ckpttool's readers
-JSON = "json"  # parsed as JSON
-PRESENT = "present"  # must not be empty
-TAG = "tag"  # names a folder beside it (DeepSpeed's `latest`: the tag load_checkpoint(tag=None) loads)
-# How a present folder is checked
-DCP = "dcp"  # a torch.distributed.checkpoint folder: `.metadata` (written last) and every data file it names
-PRETRAINED = "pretrained"  # a save_pretrained folder: config.json and complete weights
-ADAPTER = "adapter"  # a PEFT save_pretrained folder: adapter_config.json and adapter_model.*
-ENGINE = "engine"  # read by its own format reader with the checkpoint (a DeepSpeed tag dir, the EMA weights)
+class Absent(StrEnum):
+    """What a part's absence is (None: nothing, the trainer reads it only when present)."""
+
+    ERROR = Severity.ERROR  # the resume fails or silently restarts that state
+    WARNING = Severity.WARNING  # only reproducibility is lost
+    RUN = "run"  # an error when the run's other checkpoints have it (the run uses it), else nothing
+
+
+RUN = Absent.RUN
+
+
+class FileCheck(StrEnum):
+    """How a present file is checked."""
+
+    WEIGHTS = "weights"  # a torch or safetensors file (or a sharded index), read by ckpttool's readers
+    JSON = "json"  # parsed as JSON
+    PRESENT = "present"  # must not be empty
+    TAG = "tag"  # names a folder beside it (DeepSpeed's `latest`: the tag load_checkpoint(tag=None) loads)
+
+
+class FolderCheck(StrEnum):
+    """How a present folder is checked."""
+
+    DCP = "dcp"  # a torch.distributed.checkpoint folder: `.metadata` (written last) and every data file it names
+    PRETRAINED = "pretrained"  # a save_pretrained folder: config.json and complete weights
+    ADAPTER = "adapter"  # a PEFT save_pretrained folder: adapter_config.json and adapter_model.*
+    ENGINE = "engine"  # read by its own format reader with the checkpoint (a DeepSpeed tag dir, the EMA weights)
+
+
+WEIGHTS, JSON, PRESENT, TAG = FileCheck.WEIGHTS, FileCheck.JSON, FileCheck.PRESENT, FileCheck.TAG
+DCP, PRETRAINED, ADAPTER, ENGINE = FolderCheck.DCP, FolderCheck.PRETRAINED, FolderCheck.ADAPTER, FolderCheck.ENGINE
 
 PRETRAINED_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                       "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
@@ -56,12 +77,12 @@ ADAPTER_CONTENT = ("adapter_config.json",) + ADAPTER_WEIGHTS
 class Part:
     what: str  # in words, with its file names: "optimizer state (optimizer.bin, optimizer_1.bin, ...)"
     names: tuple[str, ...]  # regexes of entries (a folder's ends in "/"); a series numbers them in group 1
-    absent: str | None = ERROR
-    damaged: str = ERROR
-    code: str = "missing_file"  # the code when absent (missing_optimizer, missing_scheduler, missing_rng, ...)
+    absent: Absent | None = Absent.ERROR
+    damaged: Severity = ERROR
+    code: Code = Code.MISSING_FILE  # the code when absent (missing_optimizer, missing_scheduler, missing_rng, ...)
     why: str = ""  # the trainer's own failure, or what a resume loses, and where in its source
-    kind: str = WEIGHTS  # how a file is checked
-    folders: str = DCP  # how a folder is checked
+    kind: FileCheck = WEIGHTS  # how a file is checked
+    folders: FolderCheck = DCP  # how a folder is checked
     content: tuple[str, ...] = ()  # a folder matches only when it holds one of these (a save_pretrained folder)
     series: bool = False  # every matching entry is read, numbered from 0 (model, model_1, ...; one per rank)
     template: str = ""  # a series member's name: "{_n}" is "" for 0 and "_N" else, "{n}" the number
@@ -134,7 +155,7 @@ def damage(contract: Contract, ckpt: Checkpoint) -> list[Problem]:
         if why:
             _lower(ckpt, _full(ckpt.path, entry), f"not read on resume: {why}")
     if contract.model and not any(p.matches(listing, ckpt.path) for p in contract.model):
-        found.append(Problem("missing_file", ERROR, f"no model weights ({'; '.join(p.what for p in contract.model)})"
+        found.append(Problem(Code.MISSING_FILE, ERROR, f"no model weights ({'; '.join(p.what for p in contract.model)})"
                              f": {contract.model_why}", ckpt.path))
     return found
 
@@ -148,7 +169,7 @@ def _entry_problems(part: Part, full: str, is_folder: bool, ckpt: Checkpoint) ->
                 else _folder_problems(part, full, ckpt, "adapter_config.json", ADAPTER_WEIGHTS)
                 if part.folders == ADAPTER else [])
     if os.path.getsize(full) == 0:
-        return [Problem("missing_file", part.damaged, f"{os.path.basename(full)} is empty: {part.why}", full)]
+        return [Problem(Code.MISSING_FILE, part.damaged, f"{os.path.basename(full)} is empty: {part.why}", full)]
     if part.kind == JSON:
         return _json_problems(part, full)
     if part.kind == TAG:
@@ -163,7 +184,7 @@ def _json_problems(part: Part, full: str) -> list[Problem]:
         with open(full, encoding="utf-8") as f:
             json.load(f)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        return [Problem("corrupt", part.damaged, f"{os.path.basename(full)} is not valid JSON (cut short or damaged: "
+        return [Problem(Code.CORRUPT, part.damaged, f"{os.path.basename(full)} is not valid JSON (cut short or damaged: "
                         f"{e}): {part.why}", full)]
     return []
 
@@ -173,7 +194,7 @@ def _tag_problems(part: Part, full: str) -> list[Problem]:
         tag = f.read().strip()
     if paths.folder_named(os.path.dirname(full), tag):
         return []
-    return [Problem("corrupt", part.damaged, f"{os.path.basename(full)} names {tag!r}, which is no folder beside it "
+    return [Problem(Code.CORRUPT, part.damaged, f"{os.path.basename(full)} names {tag!r}, which is no folder beside it "
                     f"(cut short or damaged?): {part.why}", full)]
 
 
@@ -185,7 +206,7 @@ def _read_problems(part: Part, full: str) -> list[Problem]:
     except CkptError as e:
         return [Problem(e.code, part.damaged, f"{e.reason}: {part.why}", e.path or full)]
     except OSError as e:
-        return [Problem("missing_file", part.damaged, f"{e.strerror}: {part.why}", e.filename or full)]
+        return [Problem(Code.MISSING_FILE, part.damaged, f"{e.strerror}: {part.why}", e.filename or full)]
     return [Problem(p.code, part.damaged if p.severity == ERROR else p.severity, p.message, p.path or full)
             for p in read.problems]
 
@@ -197,7 +218,7 @@ def _dcp_problems(part: Part, folder: str, ckpt: Checkpoint) -> list[Problem]:
 
     meta = os.path.join(folder, dcp.METADATA)
     if not os.path.isfile(meta):
-        return [Problem("missing_file", part.damaged, f"{os.path.basename(folder)}/ has no {dcp.METADATA}: DCP "
+        return [Problem(Code.MISSING_FILE, part.damaged, f"{os.path.basename(folder)}/ has no {dcp.METADATA}: DCP "
                         f"writes it last, so this save never finished ({part.why})", meta)]
     if meta in ckpt.files:
         return []  # read with the checkpoint: its problems are already in
@@ -215,18 +236,18 @@ def _folder_problems(part: Part, folder: str, ckpt: Checkpoint, config_name: str
     problems = []
     config = os.path.join(folder, config_name)
     if not os.path.isfile(config):
-        problems.append(Problem("missing_file", part.damaged, f"{name} has no {config_name}, which from_pretrained "
+        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name} has no {config_name}, which from_pretrained "
                                 f"builds the model from: {part.why}", config))
     elif os.path.getsize(config) == 0:
-        problems.append(Problem("missing_file", part.damaged, f"{name}{config_name} is empty: {part.why}", config))
+        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name}{config_name} is empty: {part.why}", config))
     else:
         problems.extend(_json_problems(part, config))
     weights = next((os.path.join(folder, w) for w in weight_names if os.path.isfile(os.path.join(folder, w))), None)
     if weights is None:
-        problems.append(Problem("missing_file", part.damaged, f"{name} has no weights ({', '.join(weight_names[:2])}, "
+        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name} has no weights ({', '.join(weight_names[:2])}, "
                                 f"...), which from_pretrained loads: {part.why}", folder))
     elif os.path.getsize(weights) == 0:
-        problems.append(Problem("missing_file", part.damaged, f"{name}{os.path.basename(weights)} is empty: "
+        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name}{os.path.basename(weights)} is empty: "
                                 f"{part.why}", weights))
     elif weights not in ckpt.files:
         problems.extend(_read_problems(part, weights))
@@ -237,7 +258,7 @@ def _lower(ckpt: Checkpoint, full: str, why: str):
     """Damage the resume does not mind (the trainer catches it, or never opens the file): what the readers found in
     `full` is a warning, saying why."""
     for p in ckpt.problems:  # a pickle that runs code is a payload whether or not the resume opens it
-        if p.severity == ERROR and p.code not in ("unsafe_pickle", "unsafe_path") and p.path and \
+        if p.severity == ERROR and p.code not in (Code.UNSAFE_PICKLE, Code.UNSAFE_PATH) and p.path and \
                 (p.path == full or p.path.startswith(full + os.sep)):
             p.severity = WARNING
             p.message += f" ({why})"
@@ -255,12 +276,13 @@ def absence(contract: Contract, ckpt: Checkpoint, sibling: str | None) -> list[P
         present = part.matches(listing, ckpt.path)
         others = part.matches(theirs, sibling) if sibling else []
         if not present:
-            severity = ERROR if part.absent == RUN and others else None if part.absent == RUN else part.absent
+            severity = ERROR if part.absent is RUN and others else None if part.absent in (RUN, None) else \
+                Severity(part.absent)
             if severity and not part.core and part not in contract.model:  # damage, reported as such
                 run = f" (the run's {os.path.basename(sibling)} has {others[0].rstrip('/')})" if others else ""
                 found.append(Problem(part.code, severity, f"no {part.what}{run}: {part.why}", ckpt.path))
             continue
-        severity = part.absent if part.absent in (ERROR, WARNING) else ERROR
+        severity = Severity(part.absent) if part.absent in (Absent.ERROR, Absent.WARNING) else ERROR
         if part.series:
             numbers = {part.number(e) for e in present}
             top = max(numbers)

@@ -7,10 +7,10 @@ global step, the way torchtitan's TrainState saves it (train.py `TrainState.stat
 from __future__ import annotations
 
 from ckpttool.formats.torchfile import EPOCH_KEYS
-from ckpttool.model import EPOCH, GLOBAL_STEP
+from ckpttool.model import EPOCH, GLOBAL_STEP, Record
 from ckpttool.trainers.base import Profile
 
-COUNTER_MEANINGS = ((rf"^DCP state '(?:.*\.)?(?:{'|'.join(EPOCH_KEYS)})'$", EPOCH), (r"^DCP state '", GLOBAL_STEP))
+COUNTER_MEANINGS = ((Record.DCP_STATE, rf"(?:.*\.)?(?:{'|'.join(EPOCH_KEYS)})", EPOCH), (Record.DCP_STATE, ".*", GLOBAL_STEP))
 
 
 class DcpState(Profile):

@@ -15,20 +15,20 @@ import re
 
 from ckpttool.formats import deepspeed as ds_format
 from ckpttool.formats.torchfile import EPOCH_KEYS
-from ckpttool.model import EPOCH, GLOBAL_STEP, SCHEDULER_STEPS, SKIPPED_UPDATES
+from ckpttool.model import EPOCH, GLOBAL_STEP, SCHEDULER_STEPS, SKIPPED_UPDATES, Record
 from ckpttool.trainers.base import Profile
 
 
 # The engine's counters (formats/deepspeed.py names them), also where a trainer wraps the engine (transformers).
-ENGINE_COUNTERS = ((r"^model states global_steps$", GLOBAL_STEP), (r"^model states skipped_steps$", SKIPPED_UPDATES),
-                   (r"^lr_scheduler (?:last_batch_iteration|last_epoch)", SCHEDULER_STEPS))
+ENGINE_COUNTERS = ((Record.ENGINE, "global_steps", GLOBAL_STEP), (Record.ENGINE, "skipped_steps", SKIPPED_UPDATES),
+                   (Record.SCHEDULER, r"lr_scheduler\.(?:last_batch_iteration|last_epoch)", SCHEDULER_STEPS))
 
 
 class DeepSpeed(Profile):
     name = "deepspeed"
     source = "deepspeed runtime/engine.py (save_checkpoint, load_checkpoint, _take_model_step), zero_to_fp32.py"
     name_pattern = re.compile(r"global_step(\d+)")
-    counter_meanings = ENGINE_COUNTERS + ((rf"^client_state '(?:{'|'.join(EPOCH_KEYS)})'$", EPOCH),)
+    counter_meanings = ENGINE_COUNTERS + ((Record.CLIENT_STATE, "|".join(EPOCH_KEYS), EPOCH),)
     saves_rng = False
     needs_scheduler = False  # lr_scheduler None: the run had none, nothing is lost
     scheduler_rule = "after each applied optimizer step"

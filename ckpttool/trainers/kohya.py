@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import EPOCH, GLOBAL_STEP, StepSource
+from ckpttool.model import EPOCH, GLOBAL_STEP, Record, StepSource
 from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
 from ckpttool.trainers.contract import JSON, Part
 
@@ -45,9 +45,9 @@ class Kohya(Accelerate):
     def name_counters(self, path):
         name = os.path.basename(os.path.normpath(path))
         if m := STEP_STATE.fullmatch(name):
-            return [StepSource("directory name", int(m.group(1)), GLOBAL_STEP)]
+            return [StepSource("directory name", int(m.group(1)), GLOBAL_STEP, record=Record.NAME)]
         if m := EPOCH_STATE.fullmatch(name):
-            return [StepSource("directory name", int(m.group(1)), EPOCH)]
+            return [StepSource("directory name", int(m.group(1)), EPOCH, record=Record.NAME)]
         return []
 
     def run_saves(self, path):

@@ -21,7 +21,7 @@ import os
 import re
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
-from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem, StepSource
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
 from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
 from ckpttool.trainers.contract import PRESENT, Contract, Part
 
@@ -46,8 +46,8 @@ class Lightning(Profile):
     source = "lightning 2.6 trainer/connectors/checkpoint_connector.py dump_checkpoint, callbacks/model_checkpoint.py"
     key_roles = {"callbacks": "callbacks", "MixedPrecision": "scaler", "hyper_parameters": "config",
                  "datamodule_hyper_parameters": "config"}
-    counter_meanings = ((r"^training dict 'global_step'$", GLOBAL_STEP), (r"^training dict 'epoch'$", EPOCH),
-                        (r"^loops ", GLOBAL_STEP))
+    counter_meanings = ((Record.TRAINING_DICT, "global_step", GLOBAL_STEP), (Record.TRAINING_DICT, "epoch", EPOCH),
+                        (Record.LOOPS, ".*", GLOBAL_STEP))
     name_pattern = STEP_IN_NAME
     saves_rng = False
     scheduler_rule = "per step or per epoch, as configured (the interval is not saved)"
@@ -66,7 +66,8 @@ class Lightning(Profile):
         completed = _dig(ckpt.metadata.get("loops"), "fit_loop", LOOP_OPTIMIZER_PROGRESS, "optimizer", "step", "total",
                          "completed")
         if type(completed) is int:
-            ckpt.steps.append(StepSource("loops optimizer.step.total.completed", completed))
+            ckpt.steps.append(StepSource("loops optimizer.step.total.completed", completed, record=Record.LOOPS,
+                                         key=f"fit_loop.{LOOP_OPTIMIZER_PROGRESS}.optimizer.step.total.completed"))
         super().interpret(ckpt)
 
     def run_saves(self, path):
@@ -87,10 +88,10 @@ class Lightning(Profile):
             return [weights_only_problem(ckpt)] if "state_dict" in keys else super().resume_problems(ckpt)
         problems = self.loader_problems(ckpt) + moment_problems(ckpt)
         if not [c for c in ckpt.components if c.role == "optimizer"]:
-            problems.append(Problem("missing_optimizer", ERROR, "no optimizer_states: a resume would restart the "
+            problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, "no optimizer_states: a resume would restart the "
                                     "optimizer", ckpt.path))
         if "lr_schedulers" not in keys:  # an empty list means no scheduler was configured
-            problems.append(Problem("missing_scheduler", ERROR, "no lr_schedulers key: a resume would restart "
+            problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, "no lr_schedulers key: a resume would restart "
                                     "the LR schedule", ckpt.path))
         return problems
 

@@ -10,7 +10,7 @@ import os
 from collections import Counter
 
 from ckpttool.formats import pretrained
-from ckpttool.model import WARNING, Problem
+from ckpttool.model import WARNING, Code, Problem
 from ckpttool.trainers.base import Profile
 
 
@@ -55,7 +55,7 @@ def _config_problems(ckpt) -> list[Problem]:
         held = floats.most_common(1)[0][0] if floats else None
         if held and held != declared.removeprefix("torch."):
             folder = ckpt.path if name == "model" else os.path.join(ckpt.path, name)
-            problems.append(Problem("dtype_mismatch", WARNING, f"{name}: config.json says torch_dtype {declared}, "
+            problems.append(Problem(Code.DTYPE_MISMATCH, WARNING, f"{name}: config.json says torch_dtype {declared}, "
                                     f"the weights are {held}: from_pretrained casts them to {declared} by default",
                                     os.path.join(folder, "config.json"), component=name))
     return problems

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import EPOCH, GLOBAL_STEP
+from ckpttool.model import EPOCH, GLOBAL_STEP, Code
 from ckpttool.trainers.accelerate import MANIFEST, MODELS, OPTIMIZERS, SCHEDULERS, Accelerate, has_accelerate_files
 from ckpttool.trainers.base import json_keys
 from ckpttool.trainers.contract import ENGINE, JSON, RUN, Contract, Part
@@ -22,7 +22,7 @@ KEYS = {"global_step", "epoch", "determinism"}
 # or without scaler.pt in an fp16 run): every file is loaded with load_file / torch.load, so a damaged one raises.
 LOAD = "trainer/train.py gate_and_load, trainer/checkpoint.py load"
 RNG = Part("RNG state (random_states_N.pkl, one per process)", (r"random_states_(\d+)\.pkl",), series=True,
-           per_rank=True, template="random_states_{n}.pkl", code="missing_rng",
+           per_rank=True, template="random_states_{n}.pkl", code=Code.MISSING_RNG,
            why="gate_and_load refuses to resume without this rank's file (the resume is bit-exact or refused)")
 SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
               why="gate_and_load refuses an fp16 resume without it: the loss scale would restart")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Problem
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem
 from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
 from ckpttool.trainers.base import json_keys, numbered_dirs
 from ckpttool.trainers.contract import JSON, Part
@@ -90,7 +90,7 @@ class SimpleTuner(Accelerate):
             why = "the run's other checkpoints carry a .guard, which SimpleTuner writes last, and this one has none"
         else:
             return []  # versions up to 3.1.6 write no guard
-        return [Problem("missing_file", ERROR, f"{why}: SimpleTuner never finished this save",
+        return [Problem(Code.MISSING_FILE, ERROR, f"{why}: SimpleTuner never finished this save",
                         os.path.join(ckpt.path, GUARD))]
 
     def own_latest(self, run_dir):

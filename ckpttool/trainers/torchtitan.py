@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import ERROR, Problem
+from ckpttool.model import ERROR, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs
 from ckpttool.trainers.dcp_state import COUNTER_MEANINGS
 
@@ -37,7 +37,7 @@ class Torchtitan(Profile):
         parts = {t.name.split(".")[0] for c in ckpt.components for t in c.tensors} | \
                 {c.name for c in ckpt.components} | {o.split(".")[0] for o in ckpt.metadata.get("objects", [])}
         problems = []
-        for part, code in (("optimizer", "missing_optimizer"), ("lr_scheduler", "missing_scheduler")):
+        for part, code in (("optimizer", Code.MISSING_OPTIMIZER), ("lr_scheduler", Code.MISSING_SCHEDULER)):
             if part not in parts:
                 problems.append(Problem(code, ERROR, f"the DCP state dict has no {part!r} entry", ckpt.path))
         return problems

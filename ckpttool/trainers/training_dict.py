@@ -7,7 +7,7 @@ STEP_KEYS), `epoch` as the epoch. Such trainers resume from the file or config t
 from __future__ import annotations
 
 from ckpttool.formats.torchfile import EPOCH_KEYS
-from ckpttool.model import EPOCH, GLOBAL_STEP
+from ckpttool.model import EPOCH, GLOBAL_STEP, Record
 from ckpttool.trainers.base import Profile
 
 
@@ -15,8 +15,8 @@ class TrainingDict(Profile):
     name = "training_dict"
     layout = "training dict .pt (custom trainer)"
     source = "no library: the convention of custom trainers (Z-Image style train.py: global_step, epoch keys)"
-    counter_meanings = ((rf"^training dict '(?:{'|'.join(EPOCH_KEYS)})'$", EPOCH), (r"^training dict '", GLOBAL_STEP))
+    counter_meanings = ((Record.TRAINING_DICT, "|".join(EPOCH_KEYS), EPOCH), (Record.TRAINING_DICT, ".*", GLOBAL_STEP))
 
     def claims(self, ckpt):
-        return ckpt.format == "torch" and (any(s.source.startswith("training dict") for s in ckpt.steps) or
+        return ckpt.format == "torch" and (any(s.record is Record.TRAINING_DICT for s in ckpt.steps) or
                                            any(c.role in ("optimizer", "scheduler") for c in ckpt.components))

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import GLOBAL_STEP, WARNING
+from ckpttool.model import GLOBAL_STEP, Code
 from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS
 from ckpttool.trainers.accelerate import (FSDP_FILES, FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, TORCH_LOAD,
                                           is_fsdp)
 from ckpttool.trainers.base import Profile, role
-from ckpttool.trainers.contract import ADAPTER, ADAPTER_CONTENT, ENGINE, JSON, RUN, TAG, Contract, Part, entries
+from ckpttool.trainers.contract import (ADAPTER, ADAPTER_CONTENT, ENGINE, JSON, RUN, TAG, Absent, Contract, Part,
+                                       entries)
 from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
 from ckpttool.trainers.diffusers import highest_checkpoint
 
@@ -66,26 +67,26 @@ ADAPTER_DIRS = Part("PEFT adapters saved in subfolders", (r"[^/]+/",), absent=RU
                     content=ADAPTER_CONTENT, why="_load_from_checkpoint calls load_adapter on each subfolder")
 CONFIG = Part("model config (config.json)", (r"config\.json",), kind=JSON, absent=None,
               why="_load_from_checkpoint parses it with PreTrainedConfig.from_json_file when it is there")
-OPTIMIZER = Part("optimizer state (optimizer.pt)", (r"optimizer\.pt",), code="missing_optimizer",
+OPTIMIZER = Part("optimizer state (optimizer.pt)", (r"optimizer\.pt",), code=Code.MISSING_OPTIMIZER,
                  why="_load_optimizer_and_scheduler loads the optimizer and scheduler only when both files are there: "
                  "without it both silently restart (Adam moments and the step count from zero)")
-SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt",), code="missing_scheduler",
+SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt",), code=Code.MISSING_SCHEDULER,
                  why="_load_optimizer_and_scheduler loads the optimizer and scheduler only when both files are there: "
                  "without it both silently restart (warmup and the schedule from step 0)")
 DEEPSPEED_SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt",), absent=RUN,
-                           code="missing_scheduler", why="under DeepSpeed _load_optimizer_and_scheduler loads it "
+                           code=Code.MISSING_SCHEDULER, why="under DeepSpeed _load_optimizer_and_scheduler loads it "
                            "unless DeepSpeed's config names the scheduler (then the engine's save holds it)")
 SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
               why="_load_scaler loads it when it is there; an fp16 run without it restarts its loss scale")
 RNG = Part("RNG state (rng_state.pth, or rng_state_N.pth per process)", (r"rng_state\.pth", r"rng_state_(\d+)\.pth"),
-           absent=WARNING, code="missing_rng", series=True, several=True, per_rank=True, template="rng_state_{n}.pth",
+           absent=Absent.WARNING, code=Code.MISSING_RNG, series=True, several=True, per_rank=True, template="rng_state_{n}.pth",
            why="_load_rng_state skips a missing one with an info message (not bit-exact), but torch.load raises on a "
            "damaged one")
 LATEST = Part("DeepSpeed's `latest` (the tag to load)", (r"latest",), kind=TAG,
               why="deepspeed_load_checkpoint calls engine.load_checkpoint(tag=None), which reads the tag from it; "
               "without it the load returns None and the Trainer raises 'failed to resume from checkpoint'")
 ENGINE_SAVE = Part("DeepSpeed engine save (global_stepN/: model, optimizer and scheduler states)",
-                   (r"global_step(\d+)/",), folders=ENGINE, stepped=True, code="missing_optimizer",
+                   (r"global_step(\d+)/",), folders=ENGINE, stepped=True, code=Code.MISSING_OPTIMIZER,
                    why="deepspeed_load_checkpoint raises 'Can't find a valid checkpoint' without a global_step* dir")
 NOT_READ = (
     (r"training_args\.bin", "TrainingArguments come from the caller; the pickle is never loaded on resume"),
