@@ -43,17 +43,18 @@ def _open(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
     profile = trainers.for_path(path)
-    if profile is not None and profile.file_roles and os.path.isdir(path):
+    files = profile.state_dir_files() if profile is not None else None
+    if files is not None and os.path.isdir(path):
         from ckpttool.formats import statedir
 
-        ckpt = statedir.read(path, profile)
+        ckpt = statedir.read(path, files)
     else:
         reader = next((r for r in readers_for(path) if r.detect(path)), None)
         ckpt = reader.read(path) if reader else None
     if ckpt is not None:
         from ckpttool.formats import quanto
 
-        trainers.interpret(ckpt, profile)
+        ckpt.profile = trainers.interpret(ckpt, profile)
         quanto.annotate(ckpt)
         if os.path.isdir(path):
             _look_at_the_rest(ckpt)

@@ -308,10 +308,10 @@ def diff(a, b, model_spec, component, no_normalize, values, atol, rtol, by_modul
         charts.check(plot_path)
     report = run_diff(a, b, model_spec=model_spec, component=component, normalize=not no_normalize, values=values,
                       atol=atol, rtol=rtol, module_depth=module_depth if by_module or plot_path else None)
-    if plot_path and report["values"] is not None:
+    if plot_path and report.values is not None:
         plot(report, plot_path)
     _show(report, as_json, "diff_report")
-    sys.exit(0 if report["same"] else 1)
+    sys.exit(0 if report.same else 1)
 
 
 class OrderedOpsCommand(click.Command):

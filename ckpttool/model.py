@@ -351,6 +351,7 @@ class Checkpoint:
     quantization: dict | None = None
     pickle_globals: list = field(default_factory=list)  # every global any pickle in it names
     trainer: str | None = None  # the trainer profile that recognised it (ckpttool/trainers/), None when unknown
+    profile: object = field(default=None, repr=False, compare=False)  # that profile itself (never shown)
 
     def component(self, role_or_name: str) -> Component | None:
         for c in self.components:

@@ -36,7 +36,7 @@ def _reference(a, b):
 
 
 def _rows(result):
-    return {d["key"]: d for d in result["values"]["close"] + result["values"]["different"]}
+    return {d["key"]: d for d in result.values["close"] + result.values["different"]}
 
 
 @pytest.fixture(params=["safetensors", "pt"])
@@ -68,7 +68,7 @@ def test_statistics_equal_float64_reference(write, dtype, monkeypatch):
         assert got["max_abs"] == pytest.approx(want["max_abs"], rel=1e-6), name
         assert got["rel_l2"] == pytest.approx(want["rel_l2"], rel=1e-6), name
         assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-7), name
-    assert result["values"]["equal"] + len(rows) == len(tensors)
+    assert result.values["equal"] + len(rows) == len(tensors)
 
 
 def test_identical_and_signed_zero_are_equal_nan_is_different(write):
@@ -77,7 +77,7 @@ def test_identical_and_signed_zero_are_equal_nan_is_different(write):
     nan[1234] = float("nan")
     a = write("a", {"same": base, "zero": torch.zeros(5), "nan": base.clone(), "nan_both": nan})
     b = write("b", {"same": base.clone(), "zero": -neg_zero, "nan": nan, "nan_both": nan.clone()})
-    values = diff(a, b, values=True)["values"]
+    values = diff(a, b, values=True).values
     assert [d["key"] for d in values["different"]] == ["nan"]
     assert math.isnan(values["different"][0]["max_abs"])
     # identical bytes count as equal even where they hold NaN; torch.equal would not say so, the hash never did
@@ -91,7 +91,7 @@ def test_tolerance_splits_close_from_different(write, atol, rtol):
     tensors = {f"t{i}": base + scale * torch.randn(4000, generator=gen) for i, scale in enumerate([1e-5, 1e-3, 0.1])}
     a = write("a", {k: base.clone() for k in tensors})
     b = write("b", tensors)
-    values = diff(a, b, values=True, atol=atol, rtol=rtol)["values"]
+    values = diff(a, b, values=True, atol=atol, rtol=rtol).values
     close = {d["key"] for d in values["close"]}
     want = {k for k, t in tensors.items() if bool(((base - t).abs() <= atol + rtol * t.abs()).all())}
     assert close == want

@@ -40,8 +40,8 @@ def test_diff_plot_png_names_every_module(tmp_path, changed):
     out = tmp_path / "change.png"
     result = CliRunner().invoke(main, ["diff", "--values", "--plot", str(out), a, b])
     assert result.exit_code == 1 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    modules = diff(a, b, values=True, module_depth=2)["values"]["modules"]
-    assert diff(a, b, values=True)["values"]["modules"] is None  # only asked for: it measures equal tensors too
+    modules = diff(a, b, values=True, module_depth=2).values["modules"]
+    assert diff(a, b, values=True).values["modules"] is None  # only asked for: it measures equal tensors too
     text = CliRunner().invoke(main, ["diff", "--values", "--by-module", a, b]).stdout
     assert "Change per module" in text and "linear_2" in text
     assert [m["module"] for m in modules] == ["embed", "linear_1", "linear_2", "head"]  # model order

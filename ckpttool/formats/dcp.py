@@ -102,7 +102,9 @@ def _ints(value) -> tuple | None:
     return None
 
 
-def read(path: str, name="model", role="model") -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    role = role or "model"
+    name = name or role
     meta_path = os.path.join(path, METADATA)
     if not os.path.isfile(meta_path):
         ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=sorted(

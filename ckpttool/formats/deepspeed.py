@@ -70,7 +70,8 @@ def detect(path: str) -> bool:
                                                      for e in os.listdir(os.path.join(path, n))) for n in names)
 
 
-def read(path: str) -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    """A whole checkpoint, which names its own parts (`role` and `name` are not used)."""
     folder = tag_dir(path)
     if folder is None:
         return _no_tag(path)

@@ -36,7 +36,8 @@ def members(folder: str) -> dict[int, dict[str, str]]:
     return found
 
 
-def read(path: str) -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    """A whole checkpoint, which names its own parts (`role` and `name` are not used)."""
     from ckpttool.formats import read_file
 
     folder = os.path.dirname(os.path.abspath(path))

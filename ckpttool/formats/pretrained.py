@@ -46,7 +46,8 @@ def detect(path: str) -> bool:
                                     os.path.isfile(os.path.join(path, MODULES)) or is_model_folder(path))
 
 
-def read(path: str) -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    """A whole checkpoint, which names its own parts (`role` and `name` are not used)."""
     if os.path.isfile(os.path.join(path, PIPELINE_INDEX)):
         ckpt = Checkpoint(path, "pipeline", "diffusers pipeline folder")
         _read_pipeline(ckpt)

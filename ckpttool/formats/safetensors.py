@@ -99,10 +99,11 @@ def _check_offsets(tensors, start, size, path):
         raise CkptError(Code.CORRUPT, f"{buffer_size - expected_begin} bytes follow the last tensor", path)
 
 
-def read(path: str) -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
     tensors, metadata, _ = read_header(path)
     ckpt = Checkpoint(path, "safetensors", "safetensors file", files=[path], metadata=dict(metadata))
-    ckpt.components.append(Component("model", "model", files=[path], tensors=tensors, metadata=dict(metadata)))
+    ckpt.components.append(Component(name or role or "model", role or "model", files=[path], tensors=tensors,
+                                     metadata=dict(metadata)))
     return ckpt
 
 

@@ -45,7 +45,9 @@ def read_index(index: str) -> tuple[dict, dict]:
     return weight_map, metadata
 
 
-def read(path: str, name="model", role="model") -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    role = role or "model"
+    name = name or role
     from ckpttool.formats import read_file
 
     index = find_index(path)

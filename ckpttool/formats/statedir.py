@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
@@ -19,6 +20,35 @@ SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
                      "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
                      "model.safetensors.index.json")
 ORDER = ["model", "ema", "optimizer", "scheduler", "scaler", "rng", "sampler", "dataloader", "custom"]
+
+
+@dataclass(frozen=True)
+class FileRole:
+    """Files (or dirs) named like `pattern` hold the `role` part. In the component `name`, `{_n}` becomes `_N` for
+    the pattern's number N (nothing for 0 or none, as Accelerate names model, model_1, ...) and `{n}` the number."""
+
+    pattern: re.Pattern
+    role: str
+    name: str
+    folder: bool = False  # a DCP directory (Accelerate's FSDP sharded state), not a file
+
+    def component_name(self, match: re.Match) -> str:
+        index = match.group(1) if match.groups() else None
+        return self.name.replace("{_n}", "" if index in (None, "0") else f"_{index}").replace("{n}", index or "0")
+
+
+def role(pattern: str, part: str, name: str, folder=False) -> FileRole:
+    return FileRole(re.compile(pattern + "$"), part, name, folder)
+
+
+@dataclass(frozen=True)
+class StateDirFiles:
+    """What this reader reads in a state dir: which files hold which part, and which JSON files hold counters (a
+    trainer profile says it: `Profile.state_dir_files`)."""
+
+    roles: tuple[FileRole, ...]
+    counters: dict = field(default_factory=dict)  # JSON file name pattern -> {key: the counter's meaning}
+    layout: str | None = None  # the layout's name, shown; None: "state dir"
 
 
 def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
@@ -44,11 +74,11 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
                                              file=entry))
 
 
-def read(path: str, profile) -> Checkpoint:
+def read(path: str, files: StateDirFiles) -> Checkpoint:
     from ckpttool.formats import dcp, deepspeed, read_file, sharded
 
-    ckpt = Checkpoint(path, "accelerate", profile.layout or "state dir")
-    _json_counters(path, ckpt, profile.state_files)
+    ckpt = Checkpoint(path, "accelerate", files.layout or "state dir")
+    _json_counters(path, ckpt, files.counters)
 
     def add(part: Checkpoint, files):
         ckpt.absorb_problems(part)
@@ -63,7 +93,7 @@ def read(path: str, profile) -> Checkpoint:
             continue  # never opened: ckpttool.checkpoint reports it (unsafe_path)
         try:
             is_dir = os.path.isdir(full)
-            file_role = next(((r, m) for r in profile.file_roles if r.folder == is_dir
+            file_role = next(((r, m) for r in files.roles if r.folder == is_dir
                               and (m := r.pattern.match(entry))), None)
             if file_role and not is_dir:
                 r, m = file_role

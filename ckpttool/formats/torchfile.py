@@ -731,9 +731,11 @@ def read_scalar(info: TensorInfo):
     return struct.unpack(fmt, data)[0] if len(data) == size else None
 
 
-def read(path: str, role_hint=None, name_hint=None) -> Checkpoint:
+def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    """`role`: what the file is as part of a larger checkpoint (None: what its contents say); `name`: its component's
+    name there."""
     raw = read_raw(path)
-    components, steps, metadata = analyse(raw, path, role_hint, name_hint)
+    components, steps, metadata = analyse(raw, path, role, name)
     ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
                       files=[path])
     note_pickle(ckpt, raw, path)

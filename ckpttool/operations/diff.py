@@ -3,16 +3,55 @@ checkpoint and a model, seeing through wrapper prefixes and quantized layouts.""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import os
 import sys
+from dataclasses import dataclass, field, replace
 
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import UsageError
 from ckpttool.keys import KeyReport, align, compare
-from ckpttool.model import ERROR, Code, Component, Problem, TensorInfo
+from ckpttool.model import ERROR, Code, Component, Problem, Severity, TensorInfo
+
+
+@dataclass
+class DiffReport:
+    """What `diff` found between A and B: the key, shape and dtype differences (and with --values, content); for two
+    pipelines, every component's own report in `components`, every difference named after its component."""
+
+    a: str
+    b: str
+    component: str | None
+    normalization: list = field(default_factory=list)  # the key rules applied to make the sides meet
+    only_a: list = field(default_factory=list)
+    only_b: list = field(default_factory=list)
+    shape_mismatches: list = field(default_factory=list)
+    dtype_mismatches: list = field(default_factory=list)
+    quantized_keys: list = field(default_factory=list)
+    compared: int = 0
+    values: dict | None = None
+    problems: list = field(default_factory=list)  # Problem
+    fix: str | None = None
+    components: list | None = None  # DiffReport of each component two pipelines share
+    only_a_components: list = field(default_factory=list)
+    only_b_components: list = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        out = {"same": self.same, "a": self.a, "b": self.b, "component": self.component}
+        if self.components is not None:
+            out.update(components=[c.to_json() for c in self.components],
+                       different_components=[c.component for c in self.components if not c.same],
+                       only_a_components=self.only_a_components, only_b_components=self.only_b_components)
+        out.update(normalization=self.normalization, only_a=self.only_a, only_b=self.only_b,
+                   shape_mismatches=self.shape_mismatches, dtype_mismatches=self.dtype_mismatches,
+                   quantized_keys=self.quantized_keys, compared=self.compared, values=self.values,
+                   problems=[p.to_json() for p in self.problems], fix=self.fix)
+        return out
 
 
 def select_component(ckpt, wanted: str, path: str) -> Component:
@@ -61,8 +100,8 @@ def fix_command(a_path: str, b_desc: str, b_is_model: bool) -> str:
            f"{target}"
 
 
-def problems_of(report: KeyReport, a: str = "A", b: str = "B", dtype_severity: str = ERROR,
-                strict: bool = False) -> list[dict]:
+def problems_of(report: KeyReport, a: str = "A", b: str = "B", *, dtype_severity: Severity = ERROR,
+                strict: bool = False) -> list[Problem]:
     """Contract problems for what a key comparison found; `a`/`b` name the sides in the messages. `strict`: B is a
     live model, whose load_state_dict sees raw keys, so a prefix the comparison saw through is still a failure."""
     problems = []
@@ -134,16 +173,16 @@ def module_changes(keys: list[str], sums: list, depth: int) -> list[dict]:
     return rows
 
 
-def plot(report: dict, path: str):
+def plot(report: DiffReport, path: str):
     """diff --plot: the per-module relative change as a PNG, or an HTML page with its tables."""
     from ckpttool import charts
 
-    modules = report["values"]["modules"]
-    title = f"relative change per module: {os.path.basename(report['a'])} against {os.path.basename(report['b'])}"
+    modules = report.values["modules"]
+    title = f"relative change per module: {os.path.basename(report.a)} against {os.path.basename(report.b)}"
     fig, _ = charts.module_change_chart(modules, title)
     rows = [[m["module"], m["tensors"], m["changed"], _short(m["rel_change"])] for m in modules]
     tensors = [[d["key"], _short(d["max_abs"]), _short(d["rel_l2"]), f"{d['cosine']:.6f}"]
-               for d in report["values"]["different"] + report["values"]["close"]]
+               for d in report.values["different"] + report.values["close"]]
     charts.write(path, fig, title, [
         "<h2>Modules</h2>" + charts.table(["module", "tensors", "changed", "relative change"], rows),
         "<h2>Changed tensors</h2>" + charts.table(["tensor", "max abs diff", "relative L2", "cosine"], tensors)])
@@ -155,7 +194,7 @@ def _short(value) -> str:
 
 def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = None, component: str | None = None,
          normalize: bool = True, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
-         module_depth: int | None = None) -> dict:
+         module_depth: int | None = None) -> DiffReport:
     """A against B (or --model). `component`: which part to compare (the model by default); two diffusers pipelines
     without one are compared component by component."""
     a_ckpt = open_checkpoint(a_path)
@@ -173,7 +212,7 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
 
 
 def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, against_model, *, normalize, values, atol, rtol,
-                  module_depth) -> dict:
+                  module_depth) -> DiffReport:
     report = compare(a_tensors, b_tensors, normalize)
     problems = problems_of(report, strict=against_model)
     key_problems = bool(problems)
@@ -184,16 +223,12 @@ def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, against_model
         if value_report["different"]:
             problems.append(Problem(Code.VALUE_MISMATCH, ERROR,
                                     f"{len(value_report['different'])} tensors differ in content"))
-    return {
-        "same": not problems, "a": a_path, "b": b_desc, "component": component, "normalization": report.rules,
-        "only_a": report.only_a, "only_b": report.only_b, "shape_mismatches": report.shape_mismatches,
-        "dtype_mismatches": report.dtype_mismatches, "quantized_keys": report.quantized,
-        "compared": len(report.common), "values": value_report, "problems": problems,
-        "fix": fix_command(a_path, b_desc, against_model) if key_problems else None,
-    }
+    return DiffReport(a_path, b_desc, component, report.rules, report.only_a, report.only_b, report.shape_mismatches,
+                      report.dtype_mismatches, report.quantized, len(report.common), value_report, problems,
+                      fix_command(a_path, b_desc, against_model) if key_problems else None)
 
 
-def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> dict:
+def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> DiffReport:
     """Two pipelines, component by component (each refused alone when broken): the top-level lists hold every
     difference with its component's name in front ("unet/conv_in.weight"), `components` each one's own report."""
     from ckpttool.operations.output import refuse_broken
@@ -209,25 +244,22 @@ def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> dict:
     problems = [Problem(Code.KEY_MISMATCH, ERROR, f"component {name} is only in {side}")
                 for side, names in (("A", set(a_parts) - set(b_parts)), ("B", set(b_parts) - set(a_parts)))
                 for name in sorted(names)]
-    problems += [dataclasses.replace(p, component=r["component"]) for r in reports for p in r["problems"]]
+    problems += [replace(p, component=r.component) for r in reports for p in r.problems]
 
     def joined(key):
-        return [f"{r['component']}/{k}" if isinstance(k, str) else dict(k, key=f"{r['component']}/{k['key']}")
-                for r in reports for k in r[key]]
+        return [f"{r.component}/{k}" if isinstance(k, str) else dict(k, key=f"{r.component}/{k['key']}")
+                for r in reports for k in getattr(r, key)]
 
     values = None
     if options["values"]:
-        values = {"equal": sum(r["values"]["equal"] for r in reports)}
+        values = {"equal": sum(r.values["equal"] for r in reports)}
         for key in ("different", "close", "modules"):
-            values[key] = [dict(d, **{"key" if key != "modules" else "module": f"{r['component']}/"
+            values[key] = [dict(d, **{"key" if key != "modules" else "module": f"{r.component}/"
                                       f"{d['key' if key != 'modules' else 'module']}"})
-                           for r in reports for d in (r["values"].get(key) or [])]
-        if all(r["values"]["modules"] is None for r in reports):
+                           for r in reports for d in (r.values.get(key) or [])]
+        if all(r.values["modules"] is None for r in reports):
             values["modules"] = None
-    return {"same": not problems, "a": a_path, "b": b_path, "component": None, "components": reports,
-            "different_components": [r["component"] for r in reports if not r["same"]],
-            "only_a_components": sorted(set(a_parts) - set(b_parts)),
-            "only_b_components": sorted(set(b_parts) - set(a_parts)), "normalization": [],
-            "only_a": joined("only_a"), "only_b": joined("only_b"), "shape_mismatches": joined("shape_mismatches"),
-            "dtype_mismatches": joined("dtype_mismatches"), "quantized_keys": [],
-            "compared": sum(r["compared"] for r in reports), "values": values, "problems": problems, "fix": None}
+    return DiffReport(a_path, b_path, None, [], joined("only_a"), joined("only_b"), joined("shape_mismatches"),
+                      joined("dtype_mismatches"), [], sum(r.compared for r in reports), values, problems,
+                      components=reports, only_a_components=sorted(set(a_parts) - set(b_parts)),
+                      only_b_components=sorted(set(b_parts) - set(a_parts)))

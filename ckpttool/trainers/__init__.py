@@ -47,7 +47,7 @@ def for_path(path: str) -> Profile | None:
 def is_state_dir(path: str) -> bool:
     """Whether `path` is a dir of checkpoint files that a trainer profile names the roles of."""
     profile = for_path(path) if os.path.isdir(path) else None
-    return bool(profile and profile.file_roles)
+    return bool(profile and profile.state_dir_files())
 
 
 def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
@@ -59,18 +59,18 @@ def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
 
 
 def profile_of(ckpt: Checkpoint) -> Profile:
-    """The profile that interpreted `ckpt`."""
-    return profile_named(ckpt.trainer, ckpt.layout)
+    """The profile that interpreted `ckpt` (it rides on the checkpoint)."""
+    return ckpt.profile or GENERIC
 
 
 def profile_named(trainer: str | None, layout: str | None = None) -> Profile:
-    """The profile of a `trainer` name (as reports carry it), told apart by `layout` where one trainer has several
-    (Accelerate's plain and automatically named dirs); GENERIC for None or an unknown name."""
+    """The profile of a `trainer` name where only a report is at hand (a verify report recalled from the cache carries
+    the name, not the object), told apart by `layout` where one trainer has several (Accelerate's plain and
+    automatically named dirs); GENERIC for None or an unknown name."""
     if trainer is None:
         return GENERIC
-    module = {"ckpttool": "reference"}.get(trainer, trainer)  # each trainer's profiles live in its own module
     every = PATH_PROFILES + tuple(n for names in CONTENT_PROFILES.values() for n in names)
-    named = [p for p in path_profiles(tuple(n for n in every if n.startswith(f"{module}."))) if p.name == trainer]
+    named = [p for p in path_profiles(every) if p.name == trainer]
     return next((p for p in named if p.layout == layout), named[0] if named else GENERIC)
 
 

@@ -17,8 +17,9 @@ import re
 from dataclasses import replace
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, NUMPY_RNG_GLOBALS, TORCH_WEIGHTS_ONLY
+from ckpttool.formats.statedir import role
 from ckpttool.model import MICRO_STEPS, SAVES, WARNING, Code, Record
-from ckpttool.trainers.base import Profile, role
+from ckpttool.trainers.base import Profile
 from ckpttool.trainers.contract import RUN, Absent, Contract, Part, entries
 
 # FSDP (accelerate.utils save_fsdp_model / save_fsdp_optimizer): full `optimizer.bin`, sharded DCP dirs

@@ -12,34 +12,15 @@ import functools
 import json
 import os
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ckpttool.formats.statedir import FileRole, StateDirFiles
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
 
 if TYPE_CHECKING:
     from ckpttool.trainers.contract import Contract
 
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
-
-
-@dataclass(frozen=True)
-class FileRole:
-    """Files (or dirs) named like `pattern` hold the `role` part. In the component `name`, `{_n}` becomes `_N` for
-    the pattern's number N (nothing for 0 or none, as Accelerate names model, model_1, ...) and `{n}` the number."""
-
-    pattern: re.Pattern
-    role: str
-    name: str
-    folder: bool = False  # a DCP directory (Accelerate's FSDP sharded state), not a file
-
-    def component_name(self, match: re.Match) -> str:
-        index = match.group(1) if match.groups() else None
-        return self.name.replace("{_n}", "" if index in (None, "0") else f"_{index}").replace("{n}", index or "0")
-
-
-def role(pattern: str, part: str, name: str, folder=False) -> FileRole:
-    return FileRole(re.compile(pattern + "$"), part, name, folder)
 
 
 def json_keys(folder: str, name: str) -> set | None:
@@ -131,6 +112,10 @@ class Profile:
     weights_only_loads: tuple[tuple[str, frozenset, bool], ...] = ()
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
     total_limit_rule: str | None = None  # how its total limit deletes, in words
+
+    def state_dir_files(self) -> StateDirFiles | None:
+        """What the state-dir reader reads in this trainer's checkpoint dirs; None when they are no state dirs."""
+        return StateDirFiles(self.file_roles, self.state_files, self.layout) if self.file_roles else None
 
     def claims_path(self, path: str) -> bool:
         """Recognise the trainer's output from names and files alone (no pickle read)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from ckpttool.trainers.base import Profile, role, weights_only_problem
+from ckpttool.formats.statedir import role
+from ckpttool.trainers.base import Profile, weights_only_problem
 from ckpttool.trainers.contract import JSON, Contract, Part
 
 # PeftModel.from_pretrained / load_adapter (peft 0.21 peft_model.py, config.py PeftConfigMixin.from_pretrained,

@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import re
 
-from ckpttool.model import GLOBAL_STEP, Code
 from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS
+from ckpttool.formats.statedir import role
+from ckpttool.model import GLOBAL_STEP, Code
 from ckpttool.trainers.accelerate import (FSDP_FILES, FSDP_MODELS, FSDP_OPTIMIZERS, FSDP_PARTS, MANIFEST, TORCH_LOAD,
                                           is_fsdp)
-from ckpttool.trainers.base import Profile, role
+from ckpttool.trainers.base import Profile
 from ckpttool.trainers.contract import (ADAPTER, ADAPTER_CONTENT, ENGINE, JSON, RUN, TAG, Absent, Contract, Part,
                                        entries)
 from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
