@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ckpttool.dtypes import BITS as DTYPE_BITS
+
 
 class Severity(StrEnum):
     ERROR = "error"  # the checkpoint must not be used as it is: exit 1, the gate refuses
@@ -63,16 +65,6 @@ class Status(StrEnum):
     WARN = "warn"
     NOTE = "note"  # nothing checked, but something to know (no manifest to check against)
     SKIP = "skip"  # nothing to check
-
-# Bits per element of every dtype we can meet, keyed by the canonical torch-style name.
-DTYPE_BITS = {
-    "bool": 8, "uint8": 8, "int8": 8, "int16": 16, "uint16": 16, "int32": 32, "uint32": 32, "int64": 64,
-    "uint64": 64, "float16": 16, "bfloat16": 16, "float32": 32, "float64": 64, "complex32": 32, "complex64": 64,
-    "complex128": 128, "float8_e4m3fn": 8, "float8_e5m2": 8, "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8,
-    "float8_e8m0fnu": 8, "float4_e2m1fn_x2": 8, "float6_e2m3": 6, "float6_e3m2": 6, "float4_e2m1": 4,
-    "qint8": 8, "quint8": 8, "qint32": 32, "quint4x2": 8,
-}
-
 
 def dtype_bytes(dtype: str, shape) -> int:
     return (math.prod(shape) * DTYPE_BITS.get(dtype, 8) + 7) // 8

@@ -14,17 +14,11 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ckpttool.dtypes import STORAGE_CLASSES
 from ckpttool.errors import CkptError
 from ckpttool.model import DTYPE_BITS, Code
 
-# torch storage class name -> dtype
-STORAGE_DTYPES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "UntypedStorage": "uint8",
-}
+STORAGE_DTYPES = STORAGE_CLASSES  # torch storage class name -> dtype
 TORCH_DTYPES = {
     "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
     "int16", "short", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "complex32", "complex64", "complex128",

@@ -22,23 +22,16 @@ import os
 import re
 
 from ckpttool.errors import CkptError
+from ckpttool.formats.pretrained_files import CONFIG, WEIGHTS_IN_WORDS, weights_file
 from ckpttool.model import ERROR, Checkpoint, Code
 
-WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin",
-           "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
-           "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PIPELINE_INDEX = "model_index.json"
 MODULES = "modules.json"
 CACHE_SNAPSHOT = re.compile(r".*/(?:models|datasets|spaces)--([^/]+)--([^/]+)/snapshots/([0-9a-f]{6,64})(?:/.*)?")
 
 
-def weights_file(folder: str) -> str | None:
-    """The weights a folder's from_pretrained loads: a shard index before a single file, safetensors before .bin."""
-    return next((os.path.join(folder, w) for w in WEIGHTS if os.path.isfile(os.path.join(folder, w))), None)
-
-
 def is_model_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and weights_file(path) is not None
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG)) and weights_file(path) is not None
 
 
 def detect(path: str) -> bool:
@@ -92,7 +85,7 @@ def _read_folder(ckpt: Checkpoint, folder: str, name: str):
     """One save_pretrained folder: its config into metadata["configs"][name], its weights as component `name`."""
     from ckpttool.formats import read_file, sharded
 
-    config = _json(ckpt, os.path.join(folder, "config.json"))
+    config = _json(ckpt, os.path.join(folder, CONFIG))
     if config is not None:
         ckpt.metadata.setdefault("configs", {})[name] = {
             k: config[k] for k in ("_class_name", "architectures", "model_type", "torch_dtype", "dtype",
@@ -100,8 +93,8 @@ def _read_folder(ckpt: Checkpoint, folder: str, name: str):
             if k in config}
     weights = weights_file(folder)
     if weights is None:
-        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{name}: no weights ({', '.join(WEIGHTS[2:4])}, "
-                         f"{WEIGHTS[6]} or a shard index): from_pretrained cannot load it", folder, component=name)
+        ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{name}: no weights ({WEIGHTS_IN_WORDS}): "
+                         "from_pretrained cannot load it", folder, component=name)
         return
     try:
         part = sharded.read(weights, name=name) if weights.endswith(".index.json") else read_file(weights, name=name)

@@ -8,19 +8,14 @@ import re
 import struct
 
 from ckpttool import paths
+from ckpttool.dtypes import SAFETENSORS_CODES
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Checkpoint, Code, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
 SUFFIXES = (".safetensors",)
 MAX_HEADER = 100_000_000  # the reference reader's cap
 
-DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64",
-    "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F4": "float4_e2m1", "F6_E2M3": "float6_e2m3", "F6_E3M2": "float6_e3m2",
-}
+DTYPES = SAFETENSORS_CODES  # code -> dtype name
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 

@@ -16,9 +16,6 @@ from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import ERROR, Checkpoint, Code, Record, StepSource
 
-SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
-                     "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
-                     "model.safetensors.index.json")
 ORDER = ["model", "ema", "optimizer", "scheduler", "scaler", "rng", "sampler", "dataloader", "custom"]
 
 
@@ -76,6 +73,7 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
 
 def read(path: str, files: StateDirFiles) -> Checkpoint:
     from ckpttool.formats import dcp, deepspeed, read_file, sharded
+    from ckpttool.formats.pretrained_files import weights_file
 
     ckpt = Checkpoint(path, "accelerate", files.layout or "state dir")
     _json_counters(path, ckpt, files.counters)
@@ -115,11 +113,10 @@ def read(path: str, files: StateDirFiles) -> Checkpoint:
                         comp.name, comp.role = "deepspeed_fp32_master", "extra"
                 add(part, part.files)
             elif is_dir:
-                weights = next((w for w in SUBFOLDER_WEIGHTS if os.path.isfile(os.path.join(full, w))), None)
-                if weights:  # a save_pretrained subfolder (unet/, unet_ema/, text_encoder/ ...)
+                sub = weights_file(full)
+                if sub:  # a save_pretrained subfolder (unet/, unet_ema/, text_encoder/ ...), read as from_pretrained
                     part_role, name = ("ema" if "ema" in entry else "model"), entry
-                    sub = os.path.join(full, weights)
-                    part = (sharded.read(sub, name=entry, role=part_role) if weights.endswith(".index.json")
+                    part = (sharded.read(sub, name=entry, role=part_role) if sub.endswith(".index.json")
                             else read_file(sub, role=part_role, name=entry))
                     add(part, part.files)
         except CkptError as e:

@@ -13,14 +13,13 @@ import math
 
 from ckpttool import steps
 from ckpttool.checkpoint import open_checkpoint
+from ckpttool.dtypes import AVERAGED
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.keys import align, compare
 from ckpttool.model import Code
 from ckpttool.operations import output
 from ckpttool.operations.diff import problems_of, select_component
 
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                "float8_e5m2fnuz"}
 
 
 def ema_weights(count: int, decay: float) -> list[float]:
@@ -91,13 +90,13 @@ def average(sources: list[str], dst: str, *, weights: list[float] | None = None,
         rules += [r for r in report.rules if r not in rules]
     matched[newest] = {t.name: t for t in reference.tensors}
     total = sum(ordered_weights)
-    taken = [t.name for t in reference.tensors if t.dtype not in FLOAT_DTYPES]
+    taken = [t.name for t in reference.tensors if t.dtype not in AVERAGED]
 
     def produce():
         from ckpttool.tensors import load_tensor, torch_dtype
 
         for t in reference.tensors:
-            if t.dtype not in FLOAT_DTYPES:
+            if t.dtype not in AVERAGED:
                 yield t.name, load_tensor(t)
                 continue
             acc = None

@@ -14,6 +14,7 @@ import re
 
 from ckpttool import atomic, hashing, steps
 from ckpttool.checkpoint import open_checkpoint
+from ckpttool.dtypes import CAST_BY_CONVERT
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats.torchfile import rebuild
 from ckpttool.model import Checkpoint, Code, Component, TensorInfo, dtype_bytes
@@ -21,7 +22,6 @@ from ckpttool.operations import output
 from ckpttool.operations.diff import select_component
 
 TARGETS = ("safetensors", "sharded", "torch", "accelerate", "dcp")
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 CAST = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
         "float32": "float32"}
 WEIGHT_ROLES = ("model", "ema")
@@ -66,7 +66,7 @@ class Part:
 
 
 def _cast(info: TensorInfo, dtype: str | None, part: Part) -> str:
-    return dtype if dtype and part.weights and info.dtype in FLOAT_DTYPES else info.dtype
+    return dtype if dtype and part.weights and info.dtype in CAST_BY_CONVERT else info.dtype
 
 
 class CastPlan(str):

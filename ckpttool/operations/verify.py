@@ -9,12 +9,11 @@ import re
 from ckpttool import checksums, hashing, steps, trainers
 from ckpttool.checkpoint import guess_format, open_checkpoint
 from ckpttool.checksums import crc_problems
+from ckpttool.dtypes import SCANNED_FOR_NONFINITE
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import ERROR, WARNING, Checkpoint, CheckResult, Code, Problem, Status, VerifyReport, errors
 
 PASS, FAIL, WARN, NOTE, SKIP = Status.PASS, Status.FAIL, Status.WARN, Status.NOTE, Status.SKIP
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                "float8_e5m2fnuz", "complex64", "complex128"}
 
 
 class Verification:
@@ -279,7 +278,7 @@ def check_finite(v: Verification, ckpt: Checkpoint):
         return out
 
     floats = [(f"{comp.name}/{t.name}", t) for comp in ckpt.components for t in comp.tensors
-              if t.dtype in FLOAT_DTYPES and t.readable]
+              if t.dtype in SCANNED_FOR_NONFINITE and t.readable]
     tensors = [t for _, t in floats]
     results = (distributed.run_shared(tensors, [t.nbytes for t in tensors], finite) if distributed.active()
                else finite(tensors))

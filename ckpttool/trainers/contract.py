@@ -29,6 +29,7 @@ from enum import StrEnum
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
+from ckpttool.formats import pretrained_files
 from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Problem, Severity
 
 
@@ -64,13 +65,8 @@ class FolderCheck(StrEnum):
 WEIGHTS, JSON, PRESENT, TAG = FileCheck.WEIGHTS, FileCheck.JSON, FileCheck.PRESENT, FileCheck.TAG
 DCP, PRETRAINED, ADAPTER, ENGINE = FolderCheck.DCP, FolderCheck.PRETRAINED, FolderCheck.ADAPTER, FolderCheck.ENGINE
 
-PRETRAINED_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
-                      "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
-                      "diffusion_pytorch_model.bin.index.json", "model.safetensors.index.json",
-                      "pytorch_model.bin.index.json")
-PRETRAINED_CONTENT = ("config.json",) + PRETRAINED_WEIGHTS
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-ADAPTER_CONTENT = ("adapter_config.json",) + ADAPTER_WEIGHTS
+PRETRAINED_CONTENT = (pretrained_files.CONFIG,) + pretrained_files.WEIGHTS
+ADAPTER_CONTENT = (pretrained_files.ADAPTER_CONFIG,) + pretrained_files.ADAPTER_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -164,9 +160,12 @@ def _entry_problems(part: Part, full: str, is_folder: bool, ckpt: Checkpoint) ->
     if paths.unsafe(full, ckpt.path):
         return []  # never opened; ckpttool.checkpoint reports it (unsafe_path)
     if is_folder:
+        names = pretrained_files
         return (_dcp_problems(part, full, ckpt) if part.folders == DCP else
-                _folder_problems(part, full, ckpt, "config.json", PRETRAINED_WEIGHTS) if part.folders == PRETRAINED
-                else _folder_problems(part, full, ckpt, "adapter_config.json", ADAPTER_WEIGHTS)
+                _folder_problems(part, full, ckpt, names.CONFIG, names.WEIGHTS, names.WEIGHTS_IN_WORDS)
+                if part.folders == PRETRAINED else
+                _folder_problems(part, full, ckpt, names.ADAPTER_CONFIG, names.ADAPTER_WEIGHTS,
+                                 " or ".join(names.ADAPTER_WEIGHTS))
                 if part.folders == ADAPTER else [])
     if os.path.getsize(full) == 0:
         return [Problem(Code.MISSING_FILE, part.damaged, f"{os.path.basename(full)} is empty: {part.why}", full)]
@@ -229,7 +228,8 @@ def _dcp_problems(part: Part, folder: str, ckpt: Checkpoint) -> list[Problem]:
     return list(read.problems)
 
 
-def _folder_problems(part: Part, folder: str, ckpt: Checkpoint, config_name: str, weight_names) -> list[Problem]:
+def _folder_problems(part: Part, folder: str, ckpt: Checkpoint, config_name: str, weight_names,
+                     weights_in_words: str) -> list[Problem]:
     """A save_pretrained folder, as `from_pretrained` (or PEFT's load_adapter) reads it: its config, then the
     weights (every shard an index names)."""
     name = os.path.basename(folder) + "/"
@@ -242,10 +242,10 @@ def _folder_problems(part: Part, folder: str, ckpt: Checkpoint, config_name: str
         problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name}{config_name} is empty: {part.why}", config))
     else:
         problems.extend(_json_problems(part, config))
-    weights = next((os.path.join(folder, w) for w in weight_names if os.path.isfile(os.path.join(folder, w))), None)
+    weights = pretrained_files.weights_file(folder, weight_names)
     if weights is None:
-        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name} has no weights ({', '.join(weight_names[:2])}, "
-                                f"...), which from_pretrained loads: {part.why}", folder))
+        problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name} has no weights ({weights_in_words}), which "
+                                f"from_pretrained loads: {part.why}", folder))
     elif os.path.getsize(weights) == 0:
         problems.append(Problem(Code.MISSING_FILE, part.damaged, f"{name}{os.path.basename(weights)} is empty: "
                                 f"{part.why}", weights))

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 
+from ckpttool.formats import pretrained_files
 from ckpttool.trainers.accelerate import LOAD, MODELS, Accelerate, has_accelerate_files, state_contract
 from ckpttool.trainers.base import numbered_dirs
 from ckpttool.trainers.contract import PRETRAINED, PRETRAINED_CONTENT, RUN, Part
 
 CHECKPOINT_N = re.compile(r"checkpoint-(\d+)")
-SUBFOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                     "diffusion_pytorch_model.safetensors.index.json")
 
 
 # The scripts' load_model_hook pops the prepared models and loads them itself: from the save_pretrained folders
@@ -40,7 +39,7 @@ HOOKED_MODELS = Part(MODELS.what, MODELS.names, absent=RUN, series=True, templat
 def has_pretrained_subfolder(path: str) -> bool:
     try:
         return any(os.path.isfile(os.path.join(path, entry, w)) for entry in os.listdir(path)
-                   for w in SUBFOLDER_WEIGHTS)
+                   for w in pretrained_files.DIFFUSERS_WEIGHTS)
     except OSError:
         return False
 

@@ -10,7 +10,7 @@ import os
 
 from ckpttool.formats.statedir import role
 from ckpttool.trainers.base import Profile, weights_only_problem
-from ckpttool.trainers.contract import JSON, Contract, Part
+from ckpttool.trainers.contract import ADAPTER_CONTENT, JSON, Contract, Part
 
 # PeftModel.from_pretrained / load_adapter (peft 0.21 peft_model.py, config.py PeftConfigMixin.from_pretrained,
 # utils/save_and_load.py load_peft_weights): the config first, then the weights.
@@ -28,8 +28,7 @@ class Peft(Profile):
 
     def claims_path(self, path):
         """Either of its two files (the other one lost is damage this profile then names)."""
-        return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (
-            "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"))
+        return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ADAPTER_CONTENT)
 
     def resume_contract(self, ckpt):
         return Contract("peft 0.21 PeftModel.from_pretrained, load_adapter", (WEIGHTS, CONFIG), model=(WEIGHTS,),

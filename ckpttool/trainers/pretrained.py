@@ -10,6 +10,7 @@ import os
 from collections import Counter
 
 from ckpttool.formats import pretrained
+from ckpttool.formats.pretrained_files import CONFIG
 from ckpttool.model import WARNING, Code, Problem
 from ckpttool.trainers.base import Profile
 
@@ -57,5 +58,5 @@ def _config_problems(ckpt) -> list[Problem]:
             folder = ckpt.path if name == "model" else os.path.join(ckpt.path, name)
             problems.append(Problem(Code.DTYPE_MISMATCH, WARNING, f"{name}: config.json says torch_dtype {declared}, "
                                     f"the weights are {held}: from_pretrained casts them to {declared} by default",
-                                    os.path.join(folder, "config.json"), component=name))
+                                    os.path.join(folder, CONFIG), component=name))
     return problems

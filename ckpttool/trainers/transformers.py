@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 
+from ckpttool.formats import pretrained_files
 from ckpttool.formats.pickles import NUMPY_RNG_GLOBALS
 from ckpttool.formats.statedir import role
 from ckpttool.model import GLOBAL_STEP, Code
@@ -47,7 +48,6 @@ FILES = (
 OWN_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_0.pth",
              "training_args.bin")
 TRAINER_STATE = "trainer_state.json"
-WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.safetensors")
 
 # What Trainer.train(resume_from_checkpoint=...) reads (transformers 5.24 trainer.py): train() loads
 # trainer_state.json (TrainerState.load_from_json), _load_from_checkpoint the weights (or load_fsdp_model under FSDP;
@@ -150,9 +150,10 @@ class Transformers(Profile):
             return False
         if any(os.path.exists(os.path.join(path, f)) for f in OWN_FILES):
             return True
-        return self.name_number(path) is not None and os.path.isfile(os.path.join(path, "config.json")) and any(
-            os.path.isfile(os.path.join(path, w)) for w in WEIGHTS) and not os.path.exists(
-            os.path.join(path, "random_states_0.pkl"))
+        weights = pretrained_files.TRANSFORMERS_WEIGHTS + pretrained_files.ADAPTER_WEIGHTS
+        return self.name_number(path) is not None and os.path.isfile(os.path.join(path, pretrained_files.CONFIG)) and \
+            pretrained_files.weights_file(path, weights) is not None and \
+            not os.path.exists(os.path.join(path, "random_states_0.pkl"))
 
     def own_latest(self, run_dir):
         return highest_checkpoint(run_dir, self.name_pattern)

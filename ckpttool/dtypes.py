@@ -1,0 +1,58 @@
+"""Every dtype ckpttool meets, one row each: bits per element, safetensors code, the typed storage class torch.save
+names for it, and what kind of number it holds. Readers, writers and operations take their dtype facts from here.
+Names are torch's canonical ones (`float32`, not `float`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DType:
+    bits: int  # per element (a packed dtype: per stored unit)
+    kind: str  # float | complex | int | bool | quantized | scale (exponent only: MX block scales) | packed
+    safetensors: str | None = None  # its code in a safetensors header
+    storage: str | None = None  # torch's typed storage class (torch.<storage>), where it has one
+
+
+DTYPES = {
+    "bool": DType(8, "bool", "BOOL", "BoolStorage"),
+    "uint8": DType(8, "int", "U8", "ByteStorage"),
+    "int8": DType(8, "int", "I8", "CharStorage"),
+    "int16": DType(16, "int", "I16", "ShortStorage"),
+    "uint16": DType(16, "int", "U16"),
+    "int32": DType(32, "int", "I32", "IntStorage"),
+    "uint32": DType(32, "int", "U32"),
+    "int64": DType(64, "int", "I64", "LongStorage"),
+    "uint64": DType(64, "int", "U64"),
+    "float16": DType(16, "float", "F16", "HalfStorage"),
+    "bfloat16": DType(16, "float", "BF16", "BFloat16Storage"),
+    "float32": DType(32, "float", "F32", "FloatStorage"),
+    "float64": DType(64, "float", "F64", "DoubleStorage"),
+    "complex32": DType(32, "complex"),
+    "complex64": DType(64, "complex", "C64", "ComplexFloatStorage"),
+    "complex128": DType(128, "complex", None, "ComplexDoubleStorage"),
+    "float8_e4m3fn": DType(8, "float", "F8_E4M3"),
+    "float8_e5m2": DType(8, "float", "F8_E5M2"),
+    "float8_e4m3fnuz": DType(8, "float", "F8_E4M3FNUZ"),
+    "float8_e5m2fnuz": DType(8, "float", "F8_E5M2FNUZ"),
+    "float8_e8m0fnu": DType(8, "scale", "F8_E8M0"),
+    "float4_e2m1fn_x2": DType(8, "packed"),  # two 4-bit floats in each byte
+    "float6_e2m3": DType(6, "float", "F6_E2M3"),
+    "float6_e3m2": DType(6, "float", "F6_E3M2"),
+    "float4_e2m1": DType(4, "float", "F4"),
+    "qint8": DType(8, "quantized", None, "QInt8Storage"),
+    "quint8": DType(8, "quantized", None, "QUInt8Storage"),
+    "qint32": DType(32, "quantized", None, "QInt32Storage"),
+    "quint4x2": DType(8, "quantized", None, "QUInt4x2Storage"),
+}
+
+BITS = {name: d.bits for name, d in DTYPES.items()}
+SAFETENSORS_CODES = {d.safetensors: name for name, d in DTYPES.items() if d.safetensors}  # code -> name
+STORAGE_CLASSES = {d.storage: name for name, d in DTYPES.items() if d.storage} | {"UntypedStorage": "uint8"}
+
+# Which dtypes each operation treats as real-valued floats, by what it can do with them:
+SCANNED_FOR_NONFINITE = frozenset(  # verify --finite (torch has no isfinite for complex32)
+    n for n, d in DTYPES.items() if d.kind in ("float", "complex") and d.bits >= 8 and n != "complex32")
+AVERAGED = frozenset(n for n, d in DTYPES.items() if d.kind == "float" and d.bits >= 8)  # average: others are taken
+CAST_BY_CONVERT = frozenset(n for n, d in DTYPES.items() if d.kind == "float" and d.bits >= 16)  # convert --dtype
