@@ -19,7 +19,7 @@ from common import run_measured, write_safetensors
 
 MAKE_PT = """
 import sys, torch
-from ckpttool.formats.torchfile import Writer
+from ckpttool.formats.torchwriter import Writer
 path, total, n = sys.argv[1], int(float(sys.argv[2]) * (1 << 30)), 32
 per = total // n // 4
 writer = Writer(path, [(f"layer.{i}.weight", "float32", (per,)) for i in range(n)],

@@ -165,9 +165,9 @@ def _crc_problems(members: list[tuple[str, zipfile.ZipInfo, int, str]]) -> list[
 def zip_crc_problems(path: str) -> list[Problem]:
     """Every stored member of a torch zip against its CRC-32."""
     try:
-        from ckpttool.formats import torchfile
+        from ckpttool.formats import torchzip
 
-        members = torchfile.stored_members(path)
+        members = torchzip.stored_members(path)
     except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
         return []  # the reader has already reported why this file cannot be read
     return _crc_problems([(path, info, offset, f"zip member {info.filename}") for info, offset in members])
@@ -188,9 +188,9 @@ def dcp_item_crc_problems(ckpt: Checkpoint) -> list[Problem]:
                 what = f"tensor {name}" + (f" (chunk at {offsets})" if offsets else "") + \
                     f" in {os.path.basename(loc.file)}"
                 try:
-                    from ckpttool.formats import torchfile
+                    from ckpttool.formats import torchzip
 
-                    found = torchfile.stored_members(loc.file, (loc.offset, loc.length))
+                    found = torchzip.stored_members(loc.file, (loc.offset, loc.length))
                 except (zipfile.BadZipFile, OSError, CkptError, ValueError, NotImplementedError):
                     unreadable.append(Problem(Code.CORRUPT, ERROR, f"{what}: its torch.save blob at byte {loc.offset} "
                                               "cannot be read (damaged bytes)", loc.file))

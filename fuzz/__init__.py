@@ -173,7 +173,7 @@ def deflated_member(seed: bytes, rng: random.Random) -> bytes:
     members = zip_members(seed)
     pkl = next(name for name in members if name.endswith("data.pkl"))
     if rng.random() < 0.5:
-        size = rng.choice((1 << 20, 24 << 20))  # under and over the 16 MiB floor of torchfile.inflate_limit
+        size = rng.choice((1 << 20, 24 << 20))  # under and over the 16 MiB floor of torchzip.inflate_limit
         members[pkl] = (b"\x80\x03B" + struct.pack("<I", size) + bytes(size) + b".") if rng.random() < 0.5 \
             else members[pkl] + bytes(size)
     return torch_zip(members, deflated=(pkl,))

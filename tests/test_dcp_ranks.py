@@ -118,7 +118,7 @@ def test_a_cut_short_rank_file_names_the_chunks_it_lost(dtensor_dir, tmp_path):
 def _chunk_data(ckpt_dir, fqn="layer.weight"):
     """(file, where the chunk's tensor bytes start) of the chunk of `fqn` held by rank 1's file."""
     from ckpttool.checkpoint import open_checkpoint
-    from ckpttool.formats.torchfile import stored_members
+    from ckpttool.formats.torchzip import stored_members
 
     ckpt = open_checkpoint(str(ckpt_dir))
     tensor = next(t for t in ckpt.model.tensors if t.name == fqn)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ckpttool import atomic
 from ckpttool.errors import CkptError
-from ckpttool.formats import torchfile
+from ckpttool.formats import torchfile, torchwriter, torchzip
 from ckpttool.formats.pickles import unpickle
 from ckpttool.operations import convert
 from tests.helpers import cli, copy
@@ -197,7 +197,7 @@ def test_archive_writer_output_loads_in_torch_every_way(tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(10), "c": torch.randn(5).to(torch.bfloat16),
                "empty": torch.zeros(0), "scalar": torch.tensor(3.5), "flags": torch.tensor([True, False])}
     specs = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
-    writer = torchfile.Writer(str(tmp_path / "w.pt"), specs)
+    writer = torchwriter.Writer(str(tmp_path / "w.pt"), specs)
     for k, v in tensors.items():
         writer.write(k, v)
     writer.close()
@@ -208,13 +208,13 @@ def test_archive_writer_output_loads_in_torch_every_way(tmp_path):
         assert zf.testzip() is None
         with open(tmp_path / "w.pt", "rb") as raw:
             for info in zf.infolist():
-                assert torchfile.zip_data_offset(raw, info, "w.pt") % 64 == 0  # torch's alignment
+                assert torchzip.zip_data_offset(raw, info, "w.pt") % 64 == 0  # torch's alignment
 
 
 def test_archive_writer_zip64_directory_past_65535_members(tmp_path):
     count = 66_000
     specs = [(f"t{i}", "float32", (1,)) for i in range(count)]
-    writer = torchfile.Writer(str(tmp_path / "many.pt"), specs)
+    writer = torchwriter.Writer(str(tmp_path / "many.pt"), specs)
     for i in range(count):
         writer.write(f"t{i}", torch.tensor([float(i)]))
     writer.close()
@@ -436,7 +436,7 @@ def test_archive_writer_zip64_member_past_4_gib(tmp_path):
     from ckpttool.formats.ziparchive import ZIP64_LIMIT
 
     size = ZIP64_LIMIT + 4097
-    writer = torchfile.Writer(str(tmp_path / "big.pt"), [("big", "uint8", (size,)), ("after", "float32", (2,))])
+    writer = torchwriter.Writer(str(tmp_path / "big.pt"), [("big", "uint8", (size,)), ("after", "float32", (2,))])
     chunk = memoryview(bytes(range(256)) * (1 << 16))
     writer._zip.write_stream("data/0", size, (chunk[:min(len(chunk), size - o)] for o in range(0, size, len(chunk))))
     writer._next = 1

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from ckpttool.cli import main
 from ckpttool.formats.pickles import TensorRef
-from ckpttool.formats.torchfile import flatten, read_raw
+from ckpttool.formats.torchfile import read_raw
+from ckpttool.formats.torchtree import flatten
 from tests.helpers import cli
 
 

@@ -49,7 +49,7 @@ def _split_by_role(component: Component, object_names=()) -> list[Component]:
     """A DCP state dict is usually {"model": ..., "optimizer": ..., "lr_scheduler": ...}: when its top-level names
     include a known part (model, optimizer, ...), each top-level name becomes its own component. A known part saved
     as non-tensor items only (an LR scheduler's state) is a component without tensors."""
-    from ckpttool.formats.torchfile import role_of_key
+    from ckpttool.formats.torchtree import role_of_key
 
     groups: dict[str, list[TensorInfo]] = {}
     for t in component.tensors:
@@ -230,7 +230,8 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
 def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
     """A non-tensor item's value as shown in metadata: ints, strings, short bytes, nested dicts (a train state's
     step, a dataloader's state), with torch.save'd BytesIO buffers opened in turn."""
-    from ckpttool.formats.torchfile import plain, read_raw
+    from ckpttool.formats.torchfile import read_raw
+    from ckpttool.formats.torchtree import plain
 
     length = item.get("length") if item else None
     if type(length) is int and length > OBJECT_LIMIT:
@@ -251,7 +252,7 @@ def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
 def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
     """Counters of a DCP state dict: `step`/`epoch` items (ints, or one-element tensors such as torchtitan's
     train_state.step), optimizer `step`s and a scheduler's `last_epoch`. What `step` means, the trainer profile says."""
-    from ckpttool.formats.torchfile import EPOCH_KEYS, STEP_KEYS
+    from ckpttool.formats.torchtree import EPOCH_KEYS, STEP_KEYS
 
     found, updates = [], []
     for fqn, value in objects.items():
@@ -280,7 +281,8 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
 
 def _scalar(info: TensorInfo):
     """A one-element tensor item's value, read from its torch.save blob without torch; None if unreadable."""
-    from ckpttool.formats.torchfile import read_scalar, saved_tensor
+    from ckpttool.formats.torchfile import saved_tensor
+    from ckpttool.formats.torchtree import read_scalar
 
     try:
         value = read_scalar(saved_tensor(info.name, info.location, info.shape))

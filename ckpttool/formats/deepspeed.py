@@ -27,7 +27,7 @@ import re
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.formats import torchfile
+from ckpttool.formats import torchfile, torchtree
 from ckpttool.formats.pickles import SAFE_GLOBALS, Opaque, TensorRef
 from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, Checkpoint, Chunk, Code, Component, Location, Record, StepSource,
                             TensorInfo)
@@ -104,7 +104,7 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
               if isinstance(o, dict) and isinstance(o.get("optimizer_state_dict"), dict)}
     stage = _stage(next(iter(optims.values()), None))
     ckpt.layout = f"DeepSpeed ZeRO-{stage}" if stage else "DeepSpeed engine checkpoint (no ZeRO)"
-    ckpt.metadata.update({k: torchfile.plain(states.get(k)) for k in ("ds_version", "dp_world_size", "mp_world_size")
+    ckpt.metadata.update({k: torchtree.plain(states.get(k)) for k in ("ds_version", "dp_world_size", "mp_world_size")
                           if k in states})
     world = _world(optims, states)
     if stage:  # what a resume must match: ZeRO loads each rank's partition by rank
@@ -209,7 +209,7 @@ def _world(optims: dict, states: dict) -> int:
 
 def _location(raws: dict, path: str, ref: TensorRef, start: int, count: int) -> Location:
     """`count` elements of a flat saved tensor from element `start`, as a byte range of its file."""
-    info = torchfile.tensor_info("", ref, raws[path], path)
+    info = torchtree.tensor_info("", ref, raws[path], path)
     itemsize = max(1, info.nbytes // max(1, info.numel))
     loc = info.location
     return Location(path, loc.offset + (loc.storage_offset + start) * itemsize, count * itemsize, device=loc.device)
@@ -229,7 +229,7 @@ def _model(ckpt, raws, states, model_files, optims, optim_files, stage, world, c
     tensors = component.tensors
     for name in states.get("buffer_names") or []:
         if isinstance(module.get(name), TensorRef):
-            tensors.append(torchfile.tensor_info(name, module[name], raws[path0], path0))
+            tensors.append(torchtree.tensor_info(name, module[name], raws[path0], path0))
     shapes = [g for g in states.get("param_shapes") or [] if isinstance(g, dict)]
     frozen = states.get("frozen_param_shapes") if isinstance(states.get("frozen_param_shapes"), dict) else {}
     for name, shape in frozen.items():
@@ -238,7 +238,7 @@ def _model(ckpt, raws, states, model_files, optims, optim_files, stage, world, c
         for group in shapes:
             for name in group:
                 if isinstance(module.get(name), TensorRef):
-                    tensors.append(torchfile.tensor_info(name, module[name], raws[path0], path0))
+                    tensors.append(torchtree.tensor_info(name, module[name], raws[path0], path0))
     elif stage == 3:
         tensors.extend(_zero3(raws, shapes, optims, optim_files, world, complete))
     else:
@@ -264,7 +264,7 @@ def _frozen(raws, name, shape, model_files, stage, world, complete) -> TensorInf
             pieces.append((path, ref))
     dtype = pieces[0][1].dtype if pieces else "float32"
     if stage != 3 and pieces:
-        return torchfile.tensor_info(name, pieces[0][1], raws[pieces[0][0]], pieces[0][0])
+        return torchtree.tensor_info(name, pieces[0][1], raws[pieces[0][0]], pieces[0][0])
     numel, chunks, done = math.prod(shape), [], 0
     for path, ref in pieces if complete and len(pieces) == world else ():
         count = min(math.prod(ref.shape), numel - done)
@@ -353,7 +353,7 @@ def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Comp
         if type(states.get(key)) is int:
             ckpt.steps.append(StepSource(f"model states {key}", states[key], record=Record.ENGINE, key=key,
                                          file=os.path.basename(path0)))
-    for key in torchfile.STEP_KEYS + torchfile.EPOCH_KEYS:  # client_state the user saved alongside
+    for key in torchtree.STEP_KEYS + torchtree.EPOCH_KEYS:  # client_state the user saved alongside
         if type(states.get(key)) is int:
             ckpt.steps.append(StepSource(f"client_state '{key}'", states[key], record=Record.CLIENT_STATE, key=key,
                                          file=os.path.basename(path0)))
@@ -363,14 +363,14 @@ def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Comp
         comp = Component("optimizer", "optimizer", files=[optim_files[r] for r in sorted(optim_files)])
         for rank, value in sorted(optims.items()):
             prefix = f"rank{rank}." if len(optims) > 1 else ""
-            comp.tensors.extend(torchfile.tensor_info(prefix + n, leaf, raws[optim_files[rank]], optim_files[rank])
-                                for n, leaf in torchfile.flatten(value) if isinstance(leaf, TensorRef))
+            comp.tensors.extend(torchtree.tensor_info(prefix + n, leaf, raws[optim_files[rank]], optim_files[rank])
+                                for n, leaf in torchtree.flatten(value) if isinstance(leaf, TensorRef))
         parts.append(comp)
         first = min(optims)
         # the torch optimizer's own state dict: ZeRO-1/2 base_optimizer_state, ZeRO-3 optimizer_state_dict
         inner = next((optims[first][k] for k in ("base_optimizer_state", "optimizer_state_dict")
                       if isinstance(optims[first].get(k), dict)), optims[first])
-        step = torchfile.optimizer_step(inner, raws[optim_files[first]], optim_files[first])
+        step = torchtree.optimizer_step(inner, raws[optim_files[first]], optim_files[first])
         if step is not None:
             ckpt.steps.append(StepSource("optimizer state step", step, OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
                                          key="step", file=os.path.basename(optim_files[first])))

@@ -588,3 +588,26 @@ def _failure(e: Exception, what: str) -> CkptError:
     if isinstance(e, MemoryError):
         return CkptError(Code.CORRUPT, f"{what} asks for more memory than it could hold")
     return CkptError(Code.CORRUPT, f"{what} cannot be parsed ({type(e).__name__}: {str(e)[:120]})")
+
+
+@dataclass
+class RawPickle:
+    """A torch file's top-level object, with storage keys resolved to byte ranges in the file."""
+
+    obj: object
+    layout: str
+    storages: dict = field(default_factory=dict)  # key -> (StorageRef, data offset)
+    globals_seen: list = field(default_factory=list)
+    unsafe_globals: list = field(default_factory=list)
+
+
+def union(lists) -> list:
+    """The names of several pickles' globals, each once, in the order first seen."""
+    return list(dict.fromkeys(name for names in lists for name in names))
+
+
+def unpickle_at(f, allowed, path, what):
+    try:
+        return unpickle(f, allowed, what=what)
+    except CkptError as e:
+        raise CkptError(e.code, e.reason, path) from None

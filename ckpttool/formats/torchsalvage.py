@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from ckpttool import hashing
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import TensorRef, unpickle
-from ckpttool.formats.torchfile import (LEGACY_MAGIC, ZIP_ERRORS, ZIP_MAGIC, RawPickle, flatten, tensor_info,
-                                        zip_data_offset)
+from ckpttool.formats import ZIP_MAGIC
+from ckpttool.formats.pickles import RawPickle, TensorRef, unpickle
+from ckpttool.formats.torchlegacy import LEGACY_MAGIC
+from ckpttool.formats.torchtree import flatten, tensor_info
+from ckpttool.formats.torchzip import ZIP_ERRORS, zip_data_offset
 from ckpttool.model import Code, Salvaged
 
 DESCRIPTOR = b"PK\x07\x08"

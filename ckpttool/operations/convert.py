@@ -16,7 +16,7 @@ from ckpttool import atomic, hashing, steps
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.dtypes import CAST_BY_CONVERT
 from ckpttool.errors import CkptError, UsageError
-from ckpttool.formats.torchfile import rebuild
+from ckpttool.formats.torchtree import rebuild
 from ckpttool.model import Checkpoint, Code, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output
 from ckpttool.operations.diff import select_component

@@ -71,7 +71,7 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
     """Write (name, tensor) pairs, in `specs` order. `staged`: to a temporary sibling renamed into place (a caller
     that stages a whole folder itself passes False). A failed write removes what it wrote and raises OutputError."""
     from ckpttool import hashing
-    from ckpttool.formats import safetensors, torchfile
+    from ckpttool.formats import safetensors, torchwriter
 
     tmp = atomic.make_staging_file(dst) if staged else dst
     writer = None
@@ -79,7 +79,7 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
     with atomic.guard(dst, sum(sizes.values())), hashing.progress(sum(sizes.values()), "writing") as advance:
         try:
             writer = (safetensors.Writer(tmp, specs, metadata) if fmt == "safetensors"
-                      else torchfile.Writer(tmp, specs, wrap))
+                      else torchwriter.Writer(tmp, specs, wrap))
             for name, tensor in tensors:
                 if isinstance(tensor, RawBytes):
                     writer.write_raw(name, tensor.file, tensor.offset, tensor.length)

@@ -377,7 +377,7 @@ def _model_weights(p: Plan):
     file of their own (a training dict's other parts would not survive a remap)."""
     if os.path.abspath(p.src) in p.salvaged:
         from ckpttool.formats.pickles import TensorRef
-        from ckpttool.formats.torchfile import flatten
+        from ckpttool.formats.torchtree import flatten
 
         found = p.salvaged[os.path.abspath(p.src)]
         plain = found.format == "safetensors" or all(isinstance(leaf, TensorRef) for _, leaf in flatten(found.tree))

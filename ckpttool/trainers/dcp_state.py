@@ -1,12 +1,12 @@
 """A state dict saved with torch.distributed.checkpoint by a custom FSDP2/DTensor training loop:
 `dcp.save({"model": ..., "optimizer": ..., "step": N, ...})`. As with a torch.save training dict, the key names are a
-convention: a `step` (or `global_step`, `iteration`, ... : torchfile's STEP_KEYS) item at any depth is read as the
+convention: a `step` (or `global_step`, `iteration`, ... : torchtree's STEP_KEYS) item at any depth is read as the
 global step, the way torchtitan's TrainState saves it (train.py `TrainState.state_dict`), `epoch` as the epoch.
 """
 
 from __future__ import annotations
 
-from ckpttool.formats.torchfile import EPOCH_KEYS
+from ckpttool.formats.torchtree import EPOCH_KEYS
 from ckpttool.model import EPOCH, GLOBAL_STEP, Record
 from ckpttool.trainers.base import Profile
 

@@ -14,7 +14,7 @@ import os
 import re
 
 from ckpttool.formats import deepspeed as ds_format
-from ckpttool.formats.torchfile import EPOCH_KEYS
+from ckpttool.formats.torchtree import EPOCH_KEYS
 from ckpttool.model import EPOCH, GLOBAL_STEP, SCHEDULER_STEPS, SKIPPED_UPDATES, Record
 from ckpttool.trainers.base import Profile
 

@@ -1,12 +1,12 @@
 """A training dict saved with torch.save by a custom trainer (Z-Image style and countless others):
 {"model": ..., "optimizer": ..., "lr_scheduler": ..., "global_step": N, "epoch": E, ...}. The key names are a
-convention, not a format: `global_step`, `step`, `iteration`, ... are read as the global step (see torchfile's
+convention, not a format: `global_step`, `step`, `iteration`, ... are read as the global step (see torchtree's
 STEP_KEYS), `epoch` as the epoch. Such trainers resume from the file or config they are given: no "latest".
 """
 
 from __future__ import annotations
 
-from ckpttool.formats.torchfile import EPOCH_KEYS
+from ckpttool.formats.torchtree import EPOCH_KEYS
 from ckpttool.model import EPOCH, GLOBAL_STEP, Record
 from ckpttool.trainers.base import Profile
 
