@@ -56,7 +56,7 @@ def target_kind(dst: str, to: str | None, shard_size) -> str:
                      f"{'|'.join(TARGETS)}")
 
 
-class Part:
+class OutputPart:
     """One output file: its tensors (name -> source TensorInfo) and, for torch targets, the object to rebuild."""
 
     def __init__(self, component: Component, weights: bool):
@@ -65,7 +65,7 @@ class Part:
         self.sources = {t.name: t for t in component.tensors}
 
 
-def _cast(info: TensorInfo, dtype: str | None, part: Part) -> str:
+def _cast(info: TensorInfo, dtype: str | None, part: OutputPart) -> str:
     return dtype if dtype and part.weights and info.dtype in CAST_BY_CONVERT else info.dtype
 
 
@@ -122,7 +122,7 @@ def _identity(info: TensorInfo):
     return loc.file, info.storage_key, loc.storage_offset, info.shape, loc.stride, info.dtype, info.conj, info.neg
 
 
-def write_safetensors(path: str, part: Part, dtype, metadata, progress):
+def write_safetensors(path: str, part: OutputPart, dtype, metadata, progress):
     load = _loader(dtype)
     specs = [(name, _cast(info, dtype, part), info.shape) for name, info in part.sources.items()]
 
@@ -137,7 +137,7 @@ def write_safetensors(path: str, part: Part, dtype, metadata, progress):
 
 
 def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = None, flat: bool = False):
-    """A torch.save zip. `parts`: top-level key -> Part (or one Part under key None for a plain state dict)."""
+    """A torch.save zip. `parts`: top-level key -> OutputPart (or one under key None for a plain state dict)."""
     load = _loader(dtype)
     specs, plan, canonical = [], [], {}
     for key, part in parts.items():
@@ -178,7 +178,7 @@ def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = No
     output.write_tensors(path, "torch", specs, tensors(), wrap=wrap, staged=False)
 
 
-def write_sharded(folder: str, part: Part, dtype, metadata, shard_size: int, progress):
+def write_sharded(folder: str, part: OutputPart, dtype, metadata, shard_size: int, progress):
     shards, current, size = [], [], 0
     for name, info in part.sources.items():
         nbytes = dtype_bytes(_cast(info, dtype, part), info.shape)
@@ -191,7 +191,7 @@ def write_sharded(folder: str, part: Part, dtype, metadata, shard_size: int, pro
     weight_map, total, seen = {}, 0, set()
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        sub = Part(Component(part.component.name, part.component.role,
+        sub = OutputPart(Component(part.component.name, part.component.role,
                              tensors=[part.sources[n] for n in names]), part.weights)
         write_safetensors(os.path.join(folder, fname), sub, dtype, metadata, progress)
         for name in names:
@@ -209,15 +209,15 @@ def _indexed(stem: str, index: int) -> str:
     return stem if index == 0 else f"{stem}_{index}"
 
 
-def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tuple[str, Part]]:
+def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tuple[str, OutputPart]]:
     """Accelerate's save_state file names, so `Accelerator.load_state` finds every part. Returns (name the reader
-    will give it, Part) for each part written."""
+    will give it, OutputPart) for each part written."""
     counts: dict[str, int] = {}
     written = []
     for comp in ckpt.components:
         i = counts.get(comp.role, 0)
         counts[comp.role] = i + 1
-        part = Part(comp, comp.role in WEIGHT_ROLES)
+        part = OutputPart(comp, comp.role in WEIGHT_ROLES)
         if comp.role == "model":
             name = _indexed("model", i)
             write_safetensors(os.path.join(folder, f"{name}.safetensors"), part, dtype, {"format": "pt"}, progress)
@@ -254,7 +254,7 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
     load = _loader(dtype)
     state = {}
     for comp in components:
-        part = Part(comp, comp.role in WEIGHT_ROLES)
+        part = OutputPart(comp, comp.role in WEIGHT_ROLES)
         tensors = {}
         for name, info in part.sources.items():
             tensors[name] = load(info, _cast(info, dtype, part))
@@ -276,7 +276,7 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
             raise atomic.failed_write(folder) from None
 
 
-def verify_output(src_parts: list[tuple[str, Part]], out: Checkpoint, dtype) -> int:
+def verify_output(src_parts: list[tuple[str, OutputPart]], out: Checkpoint, dtype) -> int:
     """Re-read the output and compare every tensor bit for bit with its (cast) source. Tensors whose bytes lie
     contiguous in both files are compared by xxh3-128 hashes on all cores (no torch); the rest are loaded in pairs.
     Returns the number of tensors compared."""
@@ -363,22 +363,22 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
             if kind == "components":
                 os.makedirs(out_path)
                 for comp in whole:
-                    write_safetensors(os.path.join(out_path, f"{comp.name}.safetensors"), Part(comp, True), cast,
+                    write_safetensors(os.path.join(out_path, f"{comp.name}.safetensors"), OutputPart(comp, True), cast,
                                       dict(metadata, component=comp.name), progress)
             elif kind == "safetensors":
-                parts = [("model", Part(chosen, chosen.role in WEIGHT_ROLES))]
+                parts = [("model", OutputPart(chosen, chosen.role in WEIGHT_ROLES))]
                 write_safetensors(out_path, parts[0][1], cast, metadata, progress)
             elif kind == "sharded":
                 os.makedirs(out_path)
-                parts = [("model", Part(chosen, chosen.role in WEIGHT_ROLES))]
+                parts = [("model", OutputPart(chosen, chosen.role in WEIGHT_ROLES))]
                 write_sharded(out_path, parts[0][1], cast, metadata, shard_bytes or (5 << 30), progress)
             elif kind == "torch":
                 if chosen is not None or len(whole) == 1:
                     comp = whole[0]
-                    parts = [("model", Part(comp, comp.role in WEIGHT_ROLES))]
+                    parts = [("model", OutputPart(comp, comp.role in WEIGHT_ROLES))]
                     write_torch(out_path, {None: parts[0][1]}, cast, progress)
                 else:
-                    parts = [(c.name, Part(c, c.role in WEIGHT_ROLES)) for c in whole]
+                    parts = [(c.name, OutputPart(c, c.role in WEIGHT_ROLES)) for c in whole]
                     extra = {k: v for k, v in ckpt.metadata.items() if isinstance(v, (int, float, str, bool))
                              and k not in ("guard",)}
                     if step is not None:
@@ -390,9 +390,9 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
                                                               ckpt.steps), cast, progress)
             else:
                 write_dcp(out_path, ckpt, whole, cast, progress)
-                parts = [(c.name, Part(c, c.role in WEIGHT_ROLES)) for c in whole]
+                parts = [(c.name, OutputPart(c, c.role in WEIGHT_ROLES)) for c in whole]
         if kind == "components":
-            compared = sum(verify_output([("model", Part(comp, True))], open_checkpoint(
+            compared = sum(verify_output([("model", OutputPart(comp, True))], open_checkpoint(
                 os.path.join(out_path, f"{comp.name}.safetensors")), cast) for comp in whole) if verify else 0
         else:
             compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0

@@ -72,7 +72,7 @@ def _torch_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Plan:
+class KeyPlan:
     def __init__(self, tensors):
         self.entries: dict[str, Planned] = {t.name: Planned(t.name, t.dtype, t.shape, source=t) for t in tensors}
         self.jobs: dict[str, ModuleJob] = {}
@@ -165,7 +165,7 @@ def load_qmap(path: str) -> dict:
     return qmap
 
 
-def align_like(plan: Plan, ref_tensors: list[TensorInfo], ref_qmap_path: str | None):
+def align_like(plan: KeyPlan, ref_tensors: list[TensorInfo], ref_qmap_path: str | None):
     """Rename and (de)quantize so the plan's keys are exactly the reference's; fail on what cannot be aligned."""
     ours = plan.infos()
     alignment = align([t.name for t in ours], [t.name for t in ref_tensors])
@@ -201,7 +201,7 @@ def align_like(plan: Plan, ref_tensors: list[TensorInfo], ref_qmap_path: str | N
                         ". Add --drop/--rename for those keys, or compare with `ckpttool diff`")
 
 
-def produce(plan: Plan):
+def produce(plan: KeyPlan):
     """Yield (name, tensor) in plan order; a module's (de)quantized outputs are computed once."""
     from ckpttool.quantization import dequantize_module, quantize_module
     from ckpttool.tensors import load_tensor, torch_dtype
@@ -262,7 +262,7 @@ def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: st
     fmt = output.target_format(dst, to)
     output.check_destination(src, dst, force)
     comp = select_component(open_checkpoint(src), component, src)
-    plan = Plan(comp.tensors)
+    plan = KeyPlan(comp.tensors)
     for func, (kind, value) in zip(parse_ops(ops), ops):
         plan.rename_all(func, f"--{kind.replace('_', '-')} {value}")
     if dequantize:
