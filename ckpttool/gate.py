@@ -332,7 +332,7 @@ def _world_size_problems(ckpt, live: int) -> list[Problem]:
     return problems
 
 
-def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, *, require_manifest=False,
                  world_size=None):
     """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError, and nothing
     else: a checkpoint too malformed even to be read is refused, never an exception of the reader's escaping into
@@ -341,7 +341,8 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
     default torch.distributed's, else WORLD_SIZE, else 1)."""
     path = os.fspath(path)
     try:
-        return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size)
+        return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest=require_manifest,
+                             world_size=world_size)
     except UsageError as e:
         raise ResumeGateError(path, [Problem(Code.MISSING_FILE, ERROR, str(e))]) from None
     except CkptError as e:
@@ -352,7 +353,7 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
             from None
 
 
-def _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest, world_size):
+def _check_resume(path, model, optimizer, scheduler, expected_step, *, require_manifest, world_size):
     before = Snapshot.of(path)
     report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
                                      require_manifest=require_manifest)
@@ -391,15 +392,15 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, require_mani
     return passed
 
 
-def latest_valid(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+def latest_valid(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, *, require_manifest=False,
                  world_size=None, model_for=None) -> str | None:
     """The path of `latest_passing`'s report (see there), or None."""
-    report = latest_passing(run_dir, model, optimizer, scheduler, expected_step, require_manifest, world_size,
-                            model_for)
+    report = latest_passing(run_dir, model, optimizer, scheduler, expected_step, require_manifest=require_manifest,
+                            world_size=world_size, model_for=model_for)
     return report.path if report is not None else None
 
 
-def latest_passing(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, require_manifest=False,
+def latest_passing(run_dir, model=None, optimizer=None, scheduler=None, expected_step=None, *, require_manifest=False,
                    world_size=None, model_for=None) -> GateReport | None:
     """The gate's report on the newest checkpoint under `run_dir` that passes it (its snapshot for
     `confirm_unchanged` after the load), for any trainer ckpttool recognises (ordered by the

@@ -59,7 +59,7 @@ def target_kind(dst: str, to: str | None, shard_size) -> str:
 class OutputPart:
     """One output file: its tensors (name -> source TensorInfo) and, for torch targets, the object to rebuild."""
 
-    def __init__(self, component: Component, weights: bool):
+    def __init__(self, component: Component, *, weights: bool):
         self.component = component
         self.weights = weights  # cast with --dtype; may go to safetensors
         self.sources = {t.name: t for t in component.tensors}
@@ -192,7 +192,7 @@ def write_sharded(folder: str, part: OutputPart, dtype, metadata, shard_size: in
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         sub = OutputPart(Component(part.component.name, part.component.role,
-                             tensors=[part.sources[n] for n in names]), part.weights)
+                                   tensors=[part.sources[n] for n in names]), weights=part.weights)
         write_safetensors(os.path.join(folder, fname), sub, dtype, metadata, progress)
         for name in names:
             weight_map[name] = fname
@@ -217,7 +217,7 @@ def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tup
     for comp in ckpt.components:
         i = counts.get(comp.role, 0)
         counts[comp.role] = i + 1
-        part = OutputPart(comp, comp.role in WEIGHT_ROLES)
+        part = OutputPart(comp, weights=comp.role in WEIGHT_ROLES)
         if comp.role == "model":
             name = _indexed("model", i)
             write_safetensors(os.path.join(folder, f"{name}.safetensors"), part, dtype, {"format": "pt"}, progress)
@@ -254,7 +254,7 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
     load = _loader(dtype)
     state = {}
     for comp in components:
-        part = OutputPart(comp, comp.role in WEIGHT_ROLES)
+        part = OutputPart(comp, weights=comp.role in WEIGHT_ROLES)
         tensors = {}
         for name, info in part.sources.items():
             tensors[name] = load(info, _cast(info, dtype, part))
@@ -363,22 +363,23 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
             if kind == "components":
                 os.makedirs(out_path)
                 for comp in whole:
-                    write_safetensors(os.path.join(out_path, f"{comp.name}.safetensors"), OutputPart(comp, True), cast,
+                    write_safetensors(os.path.join(out_path, f"{comp.name}.safetensors"),
+                                      OutputPart(comp, weights=True), cast,
                                       dict(metadata, component=comp.name), progress)
             elif kind == "safetensors":
-                parts = [("model", OutputPart(chosen, chosen.role in WEIGHT_ROLES))]
+                parts = [("model", OutputPart(chosen, weights=chosen.role in WEIGHT_ROLES))]
                 write_safetensors(out_path, parts[0][1], cast, metadata, progress)
             elif kind == "sharded":
                 os.makedirs(out_path)
-                parts = [("model", OutputPart(chosen, chosen.role in WEIGHT_ROLES))]
+                parts = [("model", OutputPart(chosen, weights=chosen.role in WEIGHT_ROLES))]
                 write_sharded(out_path, parts[0][1], cast, metadata, shard_bytes or (5 << 30), progress)
             elif kind == "torch":
                 if chosen is not None or len(whole) == 1:
                     comp = whole[0]
-                    parts = [("model", OutputPart(comp, comp.role in WEIGHT_ROLES))]
+                    parts = [("model", OutputPart(comp, weights=comp.role in WEIGHT_ROLES))]
                     write_torch(out_path, {None: parts[0][1]}, cast, progress)
                 else:
-                    parts = [(c.name, OutputPart(c, c.role in WEIGHT_ROLES)) for c in whole]
+                    parts = [(c.name, OutputPart(c, weights=c.role in WEIGHT_ROLES)) for c in whole]
                     extra = {k: v for k, v in ckpt.metadata.items() if isinstance(v, (int, float, str, bool))
                              and k not in ("guard",)}
                     if step is not None:
@@ -390,9 +391,9 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
                                                               ckpt.steps), cast, progress)
             else:
                 write_dcp(out_path, ckpt, whole, cast, progress)
-                parts = [(c.name, OutputPart(c, c.role in WEIGHT_ROLES)) for c in whole]
+                parts = [(c.name, OutputPart(c, weights=c.role in WEIGHT_ROLES)) for c in whole]
         if kind == "components":
-            compared = sum(verify_output([("model", OutputPart(comp, True))], open_checkpoint(
+            compared = sum(verify_output([("model", OutputPart(comp, weights=True))], open_checkpoint(
                 os.path.join(out_path, f"{comp.name}.safetensors")), cast) for comp in whole) if verify else 0
         else:
             compared = verify_output(parts, open_checkpoint(out_path), cast) if verify else 0

@@ -208,10 +208,11 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         b_tensors, b_desc = model_tensors(load_model(model_spec)), model_spec
     else:
         b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
-    return _diff_tensors(a_path, a_comp.tensors, b_tensors, b_desc, component, bool(model_spec), **options)
+    return _diff_tensors(a_path, a_comp.tensors, b_tensors, b_desc, component, against_model=bool(model_spec),
+                         **options)
 
 
-def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, against_model, *, normalize, values, atol, rtol,
+def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, *, against_model, normalize, values, atol, rtol,
                   module_depth) -> DiffReport:
     report = compare(a_tensors, b_tensors, normalize)
     problems = problems_of(report, strict=against_model)
@@ -239,8 +240,8 @@ def _diff_components(a_ckpt, b_ckpt, a_path, b_path, **options) -> DiffReport:
     for name in sorted(set(a_parts) & set(b_parts)):
         refuse_broken(a_ckpt, a_parts[name])
         refuse_broken(b_ckpt, b_parts[name])
-        reports.append(_diff_tensors(a_path, a_parts[name].tensors, b_parts[name].tensors, b_path, name, False,
-                                     **options))
+        reports.append(_diff_tensors(a_path, a_parts[name].tensors, b_parts[name].tensors, b_path, name,
+                                     against_model=False, **options))
     problems = [Problem(Code.KEY_MISMATCH, ERROR, f"component {name} is only in {side}")
                 for side, names in (("A", set(a_parts) - set(b_parts)), ("B", set(b_parts) - set(a_parts)))
                 for name in sorted(names)]

@@ -147,8 +147,8 @@ def _write_salvaged(found: Salvaged, path: str):
 
     lost = {name for name, _ in found.lost}
     tree = None if found.unsafe_globals else _without(found.tree, lost | found.dropped)  # None: a flat state dict
-    write_torch(path, {None: OutputPart(Component("model", "model", [found.path], list(found.kept), tree=tree), False)},
-                None, lambda _n: None)
+    whole = Component("model", "model", [found.path], list(found.kept), tree=tree)
+    write_torch(path, {None: OutputPart(whole, weights=False)}, None, lambda _n: None)
 
 
 def _without(obj, lost: set, prefix="", memo=None):

@@ -287,7 +287,8 @@ def _plan_indexes(p: RepairPlan):
             old = None
         if gone:
             if old is None:
-                p.fixes.append(Fix(Code.MISSING_FILE, index_path, Action.NONE, f"shards {gone} of {count} are gone and so is "
+                p.fixes.append(Fix(Code.MISSING_FILE, index_path, Action.NONE,
+                                   f"shards {gone} of {count} are gone and so is "
                                    "the index: an index without their tensors would load an incomplete model; no "
                                    "repair possible"))
             continue
@@ -303,7 +304,8 @@ def _plan_indexes(p: RepairPlan):
         why = ("is lost" if not os.path.isfile(index_path) else "cannot be read" if old is None else
                "disagrees with the shards' headers")
         p.generated[index] = (json.dumps(doc, indent=2) + "\n").encode()
-        p.add(Fix(Code.MISSING_FILE if not os.path.isfile(index_path) else Code.CORRUPT, index_path, Action.REBUILD_INDEX,
+        code = Code.MISSING_FILE if not os.path.isfile(index_path) else Code.CORRUPT
+        p.add(Fix(code, index_path, Action.REBUILD_INDEX,
                   f"the index {why}: rebuilt from the headers of {count} shards ({len(doc['weight_map'])} tensors)"),
               *(os.path.join(p.src, shard) for shard in shards.values()))
 
@@ -350,12 +352,14 @@ def _plan_run(p: RepairPlan):
                          "checkpoint file, a state dir, a shard folder or a run's output folder")
     for candidate, code, why in broken:
         if len(broken) == found:
-            p.fixes.append(Fix(code, candidate.path, Action.NONE, f"{why}: no checkpoint of the run verifies, so leaving "
+            p.fixes.append(Fix(code, candidate.path, Action.NONE,
+                               f"{why}: no checkpoint of the run verifies, so leaving "
                                "them out saves nothing; repair one on its own: "
                                f"`ckpttool repair {candidate.path} OUT`"))
             continue
         p.left_out.update(os.path.abspath(f) for f in candidate.files or [candidate.path])
-        p.fixes.append(Fix(code, candidate.path, Action.LEAVE_OUT, f"{why}: left out of DST so a resume from the latest "
+        p.fixes.append(Fix(code, candidate.path, Action.LEAVE_OUT,
+                           f"{why}: left out of DST so a resume from the latest "
                            f"checkpoint does not pick it (to save what is in it: `ckpttool repair {candidate.path} "
                            "OUT`)"))
 
@@ -370,7 +374,8 @@ def _plan_like(p: RepairPlan, like: str):
     ref = select_component(open_checkpoint(like), "model", like).tensors
     weights, tensors = _model_weights(p)
     if weights is None:
-        p.fixes.append(Fix(Code.KEY_MISMATCH, p.src, Action.NONE, "--like: the model weights are not a file of their own "
+        p.fixes.append(Fix(Code.KEY_MISMATCH, p.src, Action.NONE,
+                           "--like: the model weights are not a file of their own "
                            "here (a training dict's other parts would not survive a remap): `ckpttool remap SRC "
                            "OUT --like REF --component model` writes the weights alone"))
         return
@@ -380,7 +385,8 @@ def _plan_like(p: RepairPlan, like: str):
     try:
         remap.align_like(keys, ref, quanto.find_qmap(like))
     except (CkptError, UsageError) as e:
-        p.fixes.append(Fix(Code.KEY_MISMATCH, weights, Action.NONE, f"its keys differ from {like}'s and cannot be aligned: "
+        p.fixes.append(Fix(Code.KEY_MISMATCH, weights, Action.NONE,
+                           f"its keys differ from {like}'s and cannot be aligned: "
                            f"{e.args[0] if isinstance(e, UsageError) else e.reason}"))
         return
     code = Code.QUANTIZED_KEYS if keys.quantized or keys.dequantized else Code.KEY_MISMATCH
