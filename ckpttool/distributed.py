@@ -143,16 +143,16 @@ def run_shared(items: list, sizes: list[int], run):
     except CkptError as e:  # a damaged tensor: the same one-line report on every process
         outcome = ("checkpoint", (e.code, e.reason, e.path))
     except OSError as e:
-        outcome = ("error", e)
+        outcome = ("raised", e)
     except Exception as e:  # noqa: BLE001 - carried to every process, then raised there
-        outcome = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
+        outcome = ("raised", RuntimeError(f"{type(e).__name__}: {e}"))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, outcome, group=_work_group)
     merged = {}
     for status, value in gathered:
         if status == "checkpoint":
             raise CkptError(*value)
-        if status == "error":
+        if status == "raised":
             raise value
         merged.update(value)
     return [merged[i] for i in range(len(items))]

@@ -79,3 +79,67 @@ def test_formats_never_ask_trainers():
         if module.startswith("ckpttool.formats"):
             assert not {t for t in imports(path, known) if t.startswith(("ckpttool.trainers", "ckpttool.operations",
                                                                          "ckpttool.checkpoint"))}, module
+
+
+def _string_literals(path: str):
+    """(line, value) of every string constant in `path` that is a value: not a docstring, a dict key or a subscript
+    (a JSON field such as a report's "quantized_keys" is a name, not a problem code)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            names.update(id(k) for k in node.keys if k is not None)
+        elif isinstance(node, ast.Subscript):
+            names.add(id(node.slice))
+        elif isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body and \
+                isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+            names.add(id(node.body[0].value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in names:
+            yield node.lineno, node.value
+
+
+def test_no_severity_or_problem_code_literal_outside_the_data_model():
+    """Severities and codes are the Enums of ckpttool/model.py: a literal "error" or "missing_file" elsewhere is meaning
+    carried in a string, which a typo turns into another meaning silently."""
+    from ckpttool.model import Code, Severity
+
+    vocabulary = {c.value for c in Code} | {s.value for s in Severity}
+    found = [f"{module}:{line}: {value!r}" for module, path in modules().items() if module != "ckpttool.model"
+             for line, value in _string_literals(path) if value in vocabulary]
+    assert found == []
+
+
+def test_every_reader_satisfies_the_protocol():
+    """Each reader in READERS has detect(path) and read(path, *, role=None, name=None), and declares what it reads."""
+    import importlib
+    import inspect
+
+    from ckpttool.formats import READERS
+
+    assert len({r.module for r in READERS}) == len(READERS)
+    for entry in READERS:
+        module = importlib.import_module(f"ckpttool.formats.{entry.module}")
+        assert entry.folders or entry.files, entry
+        assert list(inspect.signature(module.detect).parameters) == ["path"], entry
+        params = inspect.signature(module.read).parameters
+        assert list(params) == ["path", "role", "name"], entry
+        assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY and params[p].default is None
+                   for p in ("role", "name")), entry
+
+
+def test_no_profile_reads_a_display_label():
+    """A profile gives a counter its meaning from where it was read (StepSource.record and .key), never from the label
+    shown to users (StepSource.source): in ckpttool/trainers/ only a profile's own `source` (its citation) is read."""
+    from ckpttool import trainers
+    from ckpttool.model import Record
+
+    for module, path in modules().items():
+        if module.startswith("ckpttool.trainers"):
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, ast.Attribute) and node.attr == "source":
+                    assert isinstance(node.value, ast.Name) and node.value.id == "self", f"{module}:{node.lineno}"
+    every = trainers.PATH_PROFILES + tuple(n for names in trainers.CONTENT_PROFILES.values() for n in names)
+    for profile in trainers.path_profiles(every):
+        for record, pattern, meaning in profile.counter_meanings:
+            assert isinstance(record, Record) and isinstance(pattern, str) and meaning, profile

@@ -131,7 +131,11 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
                                 "checkpoint dir (DCP writes its data files beside .metadata); it was not read",
                                 meta_path)
             paths.inside(path, relative, "data file", meta_path)  # nor through a link out of the dir
-            storage[fields.get("fqn")].append({**where, "chunk_offsets": fields.get("offset")})
+            fqn = fields.get("fqn")
+            if not isinstance(fqn, str):
+                raise CkptError(Code.CORRUPT, f".metadata names a storage item by a {type(fqn).__name__}, not a "
+                                "name; it cannot be read", meta_path)
+            storage[fqn].append({**where, "chunk_offsets": fields.get("offset")})
 
     ckpt = Checkpoint(path, "dcp", "torch.distributed.checkpoint", files=[meta_path])
     component = Component(name, role, files=[meta_path])

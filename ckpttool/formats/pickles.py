@@ -578,10 +578,14 @@ def _aliased(name: str) -> str:
     return f"{MODULE_ALIASES.get(module, module)}.{attr}"
 
 
+# How pickle (and zlib, under a deflated member) word running out of bytes.
+TRUNCATION_WORDS = ("was truncated", "truncated stream", "ran out of input")
+
+
 def _failure(e: Exception, what: str) -> CkptError:
     if isinstance(e, CkptError):
         return e
-    if isinstance(e, EOFError) or "truncated" in str(e) or "ran out of input" in str(e).lower():
+    if isinstance(e, EOFError) or any(words in str(e).lower() for words in TRUNCATION_WORDS):
         return CkptError(Code.TRUNCATED, f"{what} ends before its STOP opcode")
     if isinstance(e, RecursionError):
         return CkptError(Code.CORRUPT, f"{what} nests too deeply to read")
