@@ -56,6 +56,31 @@ def test_diffusers_unet_subfolder_and_lora(corpus):
     assert lora.component("lora").files[0].endswith("pytorch_lora_weights.safetensors")
 
 
+def test_a_state_dirs_sharded_bin_subfolder_is_read_as_from_pretrained_reads_it(corpus, tmp_path):
+    """A unet/ saved as .bin shards with pytorch_model.bin.index.json-style index is a component, like a single file."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ckpt_dir = tmp_path / "checkpoint-3"
+    shutil.copytree(corpus["diffusers"], ckpt_dir)
+    unet = ckpt_dir / "unet"
+    tensors = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"diffusion_pytorch_model-00001-of-00002.bin": names[:half],
+              "diffusion_pytorch_model-00002-of-00002.bin": names[half:]}
+    for shard, keys in shards.items():
+        torch.save({k: tensors[k] for k in keys}, unet / shard)
+    (unet / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    ckpt = open_checkpoint(str(ckpt_dir))
+    assert ckpt.component("unet").role == "model" and len(ckpt.component("unet").tensors) == len(names)
+    assert not [p for p in ckpt.problems if p.severity == "error"]
+
+
 def test_truncated_member_is_reported_not_raised(corpus):
     ckpt = open_checkpoint(corpus["diffusers_truncated_newest"])
     assert [(p.code, os.path.basename(p.path)) for p in ckpt.problems] == [("truncated", "optimizer.bin")]
