@@ -1,11 +1,16 @@
 """Start-up: each command on tiny files of every layout, against `python -c pass`, in alternating pairs.
 
 A script or a CI loop calls ckpttool once per checkpoint, so on small files the interpreter start and the imports are
-the whole cost. Each command runs once to warm the bytecode cache (PYTHONDONTWRITEBYTECODE is dropped for the runs,
-as it is unset on a user's machine), then `--repeat` times, each run right after a `python -c pass` (so a noisy
-neighbour hits both alike); the table gives the medians and their ratio.
+the whole cost. ckpttool is measured as a user has it: a regular (not editable) install, built from this tree into a
+temporary folder by pip, run as its `ckpttool` console script from a folder outside the tree. Each command runs once
+to warm the bytecode cache (PYTHONDONTWRITEBYTECODE is dropped for the runs, as it is unset on a user's machine), then
+`--repeat` times, each run right after a `python -c pass` (so a noisy neighbour hits both alike); the table gives the
+medians and their ratio. Asked (issue 31): --help within 2.5x, inspect of a tiny .pt within 4x, verify within 4.5x.
 
-    python benchmarks/bench_startup.py [--repeat 10]
+    python benchmarks/bench_startup.py [--repeat 10] [--against GIT_REF]
+
+`--against` installs that commit of the tree too and times it in the same alternation (python, this tree, the other),
+so a change's start-up cost is read side by side in one run.
 """
 
 from __future__ import annotations
@@ -46,35 +51,62 @@ def tiny_files(folder: str) -> dict[str, str]:
     return made
 
 
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
+def installed(folder: str, ref: str | None = None) -> tuple[str, dict]:
+    """(the console script, the environment to run it in) of a regular install into `folder` of this tree, or of the
+    commit `ref` of it."""
+    source = ROOT
+    if ref is not None:
+        source = os.path.join(folder, "source")
+        os.makedirs(source)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", ref], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", source], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", os.path.join(folder, "site"), source], check=True, capture_output=True)
+    folder = os.path.join(folder, "site")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                   env=dict(env, CKPTTOOL_CACHE_DIR=""))
+    return os.path.join(folder, "bin", "ckpttool"), dict(env, CKPTTOOL_CACHE_DIR="", PYTHONPATH=folder)
+
+
+def timed(cmd: list[str], env: dict, cwd: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
     return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--against", metavar="GIT_REF", help="also time this commit's install, side by side")
     args = parser.parse_args()
     py = sys.executable
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as install, \
+            tempfile.TemporaryDirectory() as other:
         files = tiny_files(folder)
+        script, env = installed(install)
+        against = installed(other, args.against) if args.against else None
         commands = [("--help", ["--help"])]
         commands += [(f"inspect {kind}", ["inspect", path]) for kind, path in files.items()]
         commands += [(f"verify {kind}", ["verify", path]) for kind, path in files.items()]
         commands += [("inspect, 5 files in one call", ["inspect", *files.values()])]
-        print(f"medians of {args.repeat} runs, each right after a `python -c pass`")
-        print(f"{'command':34} {'ckpttool':>9} {'python':>8} {'ratio':>6}")
+        print(f"a regular install ({script}); medians of {args.repeat} runs, each right after a `python -c pass`")
+        header = f"{'command':34} {'ckpttool':>9} {'python':>8} {'ratio':>6}"
+        print(header + (f" {args.against:>12} {'ratio':>6}" if against else ""))
         for label, argv in commands:
-            ours, base = [], []
-            timed([py, "-m", "ckpttool", *argv])  # writes the bytecode cache
+            ours, base, theirs = [], [], []
+            timed([script, *argv], env, folder)  # writes the bytecode cache
+            if against:
+                timed([against[0], *argv], against[1], folder)
             for _ in range(args.repeat):
-                base.append(timed([py, "-c", "pass"]))
-                ours.append(timed([py, "-m", "ckpttool", *argv]))
+                base.append(timed([py, "-c", "pass"], env, folder))
+                ours.append(timed([script, *argv], env, folder))
+                if against:
+                    theirs.append(timed([against[0], *argv], against[1], folder))
             o, b = statistics.median(ours), statistics.median(base)
-            print(f"{label:34} {o:8.3f}s {b:7.3f}s {o / b:5.2f}x")
+            line = f"{label:34} {o:8.3f}s {b:7.3f}s {o / b:5.2f}x"
+            if against:
+                t = statistics.median(theirs)
+                line += f" {t:11.3f}s {t / b:5.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ Names are torch's canonical ones (`float32`, not `float`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
 class DType:
-    bits: int  # per element (a packed dtype: per stored unit)
-    kind: str  # float | complex | int | bool | quantized | scale (exponent only: MX block scales) | packed
-    safetensors: str | None = None  # its code in a safetensors header
-    storage: str | None = None  # torch's typed storage class (torch.<storage>), where it has one
+    """A plain class, not a dataclass: it is made on every start-up, and a dataclass costs a millisecond to make."""
+
+    __slots__ = ("bits", "kind", "safetensors", "storage")
+
+    def __init__(self, bits: int, kind: str, safetensors: str | None = None, storage: str | None = None):
+        self.bits = bits  # per element (a packed dtype: per stored unit)
+        self.kind = kind  # float | complex | int | bool | quantized | scale (exponent only: MX block scales) | packed
+        self.safetensors = safetensors  # its code in a safetensors header
+        self.storage = storage  # torch's typed storage class (torch.<storage>), where it has one
 
 
 DTYPES = {

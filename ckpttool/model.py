@@ -10,6 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from ckpttool.dtypes import BITS as DTYPE_BITS
 
@@ -112,8 +113,7 @@ def errors(problems) -> list[Problem]:
     return [p for p in problems if p.severity is ERROR]
 
 
-@dataclass
-class CheckResult:
+class CheckResult(NamedTuple):
     """One row of verify's table: a check, how it came out, and why."""
 
     check: str
@@ -124,7 +124,7 @@ class CheckResult:
         return {"check": self.check, "status": self.status.value, "detail": self.detail}
 
 
-@dataclass
+@dataclass(eq=False)  # compared by to_json
 class VerifyReport:
     """What `verify` found: every check with its result, and the problems behind them."""
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint
@@ -29,8 +28,7 @@ class Reader(Protocol):
         `name`: what it is as a part of a larger checkpoint (a reader of whole checkpoints ignores them)."""
 
 
-@dataclass(frozen=True)
-class ReaderEntry:
+class ReaderEntry(NamedTuple):
     """A reader module and what it reads, declared here so that choosing readers for a path imports none of them."""
 
     module: str  # ckpttool.formats.<module>

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
@@ -38,13 +39,12 @@ def role(pattern: str, part: str, name: str, folder=False) -> FileRole:
     return FileRole(re.compile(pattern + "$"), part, name, folder)
 
 
-@dataclass(frozen=True)
-class StateDirFiles:
+class StateDirFiles(NamedTuple):
     """What this reader reads in a state dir: which files hold which part, and which JSON files hold counters (a
     trainer profile says it: `Profile.state_dir_files`)."""
 
-    roles: tuple[FileRole, ...]
-    counters: dict = field(default_factory=dict)  # JSON file name pattern -> {key: the counter's meaning}
+    roles: tuple  # FileRole
+    counters: dict  # JSON file name pattern -> {key: the counter's meaning}
     layout: str | None = None  # the layout's name, shown; None: "state dir"
 
 
