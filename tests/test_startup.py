@@ -47,9 +47,11 @@ def imported(tmp_path, *args) -> set[str]:
      + READERS),
     (["inspect", "--json", "tiny.safetensors"], ["torch", "numpy", "tabulate"] + READERS),
     (["inspect", "tiny.pt"], ["torch", "numpy", "ckpttool.formats.deepspeed", "ckpttool.formats.dcp",
-                              "ckpttool.formats.pretrained", "ckpttool.trainers.deepspeed"]),
+                              "ckpttool.formats.pretrained", "ckpttool.trainers.deepspeed", "ckpttool.trainers.contract",
+                              "ckpttool.formats.statedir"]),
     (["verify", "tiny.safetensors"], ["torch", "numpy", "ckpttool.trainers.deepspeed"] + READERS),
-    (["verify", "tiny.pt"], ["torch", "numpy", "ckpttool.formats.deepspeed", "ckpttool.formats.dcp"]),
+    (["verify", "tiny.pt"], ["torch", "numpy", "ckpttool.formats.deepspeed", "ckpttool.formats.dcp",
+                             "ckpttool.trainers.contract"]),
 ])
 def test_a_command_imports_only_what_it_needs(tiny, tmp_path, args, absent):
     modules = imported(tmp_path, *[tiny / a if a.startswith("tiny") else a for a in args])

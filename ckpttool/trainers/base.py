@@ -14,10 +14,10 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from ckpttool.formats.statedir import FileRole, StateDirFiles
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
 
 if TYPE_CHECKING:
+    from ckpttool.formats.statedir import FileRole, StateDirFiles
     from ckpttool.trainers.contract import Contract
 
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
@@ -115,7 +115,11 @@ class Profile:
 
     def state_dir_files(self) -> StateDirFiles | None:
         """What the state-dir reader reads in this trainer's checkpoint dirs; None when they are no state dirs."""
-        return StateDirFiles(self.file_roles, self.state_files, self.layout) if self.file_roles else None
+        if not self.file_roles:
+            return None
+        from ckpttool.formats.statedir import StateDirFiles
+
+        return StateDirFiles(self.file_roles, self.state_files, self.layout)
 
     def claims_path(self, path: str) -> bool:
         """Recognise the trainer's output from names and files alone (no pickle read)."""

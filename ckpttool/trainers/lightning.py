@@ -17,27 +17,19 @@ sharded checkpoint to it (`_is_sharded_checkpoint`) and it raises.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
 from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
-from ckpttool.trainers.contract import PRESENT, Contract, Part
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
 LAST = re.compile(r"last(?:-v?\d+)?\.ckpt")
 LOOP_OPTIMIZER_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"  # under loops["fit_loop"]
 META = "meta.pt"
 SHARDED_LOAD = "lightning 2.6 pytorch/strategies/fsdp.py FSDPStrategy.load_checkpoint, _is_sharded_checkpoint"
-META_PART = Part("meta.pt (epoch, global_step, loops, LR schedulers, callbacks)", (r"meta\.pt",), core=True,
-                 why="without it the directory is no sharded checkpoint to Lightning (_is_sharded_checkpoint), which "
-                 "raises ValueError; load_checkpoint loads it with torch.load, which raises on a damaged one")
-DCP_METADATA = Part("the DCP metadata (.metadata, written last)", (r"\.metadata",), kind=PRESENT,
-                    why="_distributed_checkpoint_load reads the model and optimizer shards through it")
-SHARDS = Part("the model and optimizer shards (__R_N.distcp, one per rank)", (r"__(\d+)_\d+\.distcp",), kind=PRESENT,
-              series=True, per_rank=True, template="__{n}_0.distcp",
-              why="every rank's shard is read back by dcp.load, which raises for a missing one")
 
 
 class Lightning(Profile):
@@ -135,7 +127,24 @@ class LightningSharded(Lightning):
         super().interpret(ckpt)
 
     def resume_contract(self, ckpt):
-        return Contract(SHARDED_LOAD, (META_PART, DCP_METADATA, SHARDS))
+        return sharded_contract()
+
+
+@functools.cache
+def sharded_contract():
+    """What a sharded (FSDP) checkpoint dir's load reads; built on first use, as a .ckpt file (the common case) never
+    needs it and the contract module costs start-up."""
+    from ckpttool.trainers.contract import PRESENT, Contract, Part
+
+    meta = Part("meta.pt (epoch, global_step, loops, LR schedulers, callbacks)", (r"meta\.pt",), core=True,
+                why="without it the directory is no sharded checkpoint to Lightning (_is_sharded_checkpoint), which "
+                "raises ValueError; load_checkpoint loads it with torch.load, which raises on a damaged one")
+    dcp_metadata = Part("the DCP metadata (.metadata, written last)", (r"\.metadata",), kind=PRESENT,
+                        why="_distributed_checkpoint_load reads the model and optimizer shards through it")
+    shards = Part("the model and optimizer shards (__R_N.distcp, one per rank)", (r"__(\d+)_\d+\.distcp",),
+                  kind=PRESENT, series=True, per_rank=True, template="__{n}_0.distcp",
+                  why="every rank's shard is read back by dcp.load, which raises for a missing one")
+    return Contract(SHARDED_LOAD, (meta, dcp_metadata, shards))
 
 
 def _dig(obj, *keys):
