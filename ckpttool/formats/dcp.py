@@ -224,7 +224,8 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
         ckpt.add_problem(e.code, ERROR, f"item {fqn!r} at byte {offset}: {e.reason}", full)
         return None
     if raw.unsafe_globals:
-        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
+        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
+                         f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
                          "allow-list: dcp.load unpickles it with weights_only=False and would run that code; it was "
                          "not executed", full)
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)

@@ -45,7 +45,8 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     family = members(folder).get(step, {})
     kinds_anywhere = {kind for group in members(folder).values() for kind in group}
     # what the name's step means, trainers/consistency_models says
-    ckpt = Checkpoint(path, "family", "consistency_models file family", steps=[StepSource("file name", step, record=Record.NAME)])
+    ckpt = Checkpoint(path, "family", "consistency_models file family",
+                      steps=[StepSource("file name", step, record=Record.NAME)])
     for kind in sorted(family, key=lambda k: (k != "model", k)):
         member = family[kind]
         role = "ema" if kind.startswith("ema_") else ROLES.get(kind, "extra")

@@ -116,7 +116,8 @@ def salvage(path: str) -> Salvaged:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CkptError(Code.TRUNCATED, f"file is {size} bytes, shorter than the 8-byte header length: no tensor can "
+            raise CkptError(Code.TRUNCATED,
+                            f"file is {size} bytes, shorter than the 8-byte header length: no tensor can "
                             "be located", path)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:

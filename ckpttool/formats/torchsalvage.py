@@ -228,7 +228,8 @@ def _salvage_legacy(path: str, size: int) -> Salvaged:
         try:
             magic, _ = unpickle(f, what="first pickle")
             if magic != LEGACY_MAGIC:
-                raise CkptError(Code.CORRUPT, "neither a torch zip nor a legacy torch.save file (its first pickle is not "
+                raise CkptError(Code.CORRUPT,
+                                "neither a torch zip nor a legacy torch.save file (its first pickle is not "
                                 "torch's magic number)")
             for what in ("protocol record", "sys_info record"):
                 unpickle(f, what=what)

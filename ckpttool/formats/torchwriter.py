@@ -52,7 +52,8 @@ def _storage_class(dtype_name) -> GlobalRef:
 class Writer:
     """Streams a torch.save-compatible zip: the pickle (built from the specs) first, then one storage per tensor,
     through `ArchiveWriter` (64-byte aligned, CRC-32 per record). Loads with weights_only=True and mmap=True. Torch is
-    imported only to write tensors given in memory (`write`); copying bytes from another file (`write_raw`) needs none."""
+    imported only to write tensors given in memory (`write`); copying bytes from another file (`write_raw`) needs
+    none."""
 
     def __init__(self, path: str, specs: list[tuple[str, str, tuple]], wrap=None):
         """`wrap(state_dict) -> object` builds the pickled top level (a training dict, say); default: the state dict."""

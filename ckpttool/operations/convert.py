@@ -89,7 +89,8 @@ class CastPlan(str):
         if not (overflowed or underflowed):
             return
         if not self.allow:
-            raise CkptError(Code.LOSSY_CAST, f"--dtype {self}: tensor {info.name} holds {overflowed} finite values beyond "
+            raise CkptError(Code.LOSSY_CAST,
+                            f"--dtype {self}: tensor {info.name} holds {overflowed} finite values beyond "
                             f"{self}'s range (they would become inf) and {underflowed} nonzero values below its "
                             "smallest (they would become 0); nothing written. Pass --allow-lossy-cast to write them "
                             "anyway, or keep the dtype", info.location.file if info.location else None)

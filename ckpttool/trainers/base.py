@@ -65,7 +65,8 @@ def moment_problems(ckpt: Checkpoint) -> list[Problem]:
         for (prefix, index), moments in sorted(shapes.items(), key=lambda item: (item[0][0] or "", item[0][1])):
             if len(set(moments.values())) > 1:
                 seen = ", ".join(f"{k} {list(v)}" for k, v in sorted(moments.items()))
-                problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR, f"the optimizer state of parameter {index} holds "
+                problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR,
+                                        f"the optimizer state of parameter {index} holds "
                                         f"moments of different shapes ({seen}): they were swapped or mixed between "
                                         "parameters, and the first step after the resume fails", comp.files[0]
                                         if comp.files else ckpt.path, key=f"{prefix + '.' if prefix else ''}state."
@@ -241,7 +242,8 @@ class Profile:
             problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, "no LR scheduler state: a resume would restart "
                                     "warmup and the schedule from step 0", ckpt.path))
         if self.saves_rng and "rng" not in roles:
-            problems.append(Problem(Code.MISSING_RNG, WARNING, "no RNG state: a resume works but data order and dropout "
+            problems.append(Problem(Code.MISSING_RNG, WARNING,
+                                    "no RNG state: a resume works but data order and dropout "
                                     "differ from an uninterrupted run (not bit-exact)", ckpt.path))
         return problems
 

@@ -183,7 +183,8 @@ def _json_problems(part: Part, full: str) -> list[Problem]:
         with open(full, encoding="utf-8") as f:
             json.load(f)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        return [Problem(Code.CORRUPT, part.damaged, f"{os.path.basename(full)} is not valid JSON (cut short or damaged: "
+        return [Problem(Code.CORRUPT, part.damaged,
+                        f"{os.path.basename(full)} is not valid JSON (cut short or damaged: "
                         f"{e}): {part.why}", full)]
     return []
 

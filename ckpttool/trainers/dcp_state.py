@@ -10,7 +10,8 @@ from ckpttool.formats.torchtree import EPOCH_KEYS
 from ckpttool.model import EPOCH, GLOBAL_STEP, Record
 from ckpttool.trainers.base import Profile
 
-COUNTER_MEANINGS = ((Record.DCP_STATE, rf"(?:.*\.)?(?:{'|'.join(EPOCH_KEYS)})", EPOCH), (Record.DCP_STATE, ".*", GLOBAL_STEP))
+COUNTER_MEANINGS = ((Record.DCP_STATE, rf"(?:.*\.)?(?:{'|'.join(EPOCH_KEYS)})", EPOCH),
+                    (Record.DCP_STATE, ".*", GLOBAL_STEP))
 
 
 class DcpState(Profile):

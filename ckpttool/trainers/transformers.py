@@ -80,7 +80,8 @@ DEEPSPEED_SCHEDULER = Part("LR scheduler state (scheduler.pt)", (r"scheduler\.pt
 SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
               why="_load_scaler loads it when it is there; an fp16 run without it restarts its loss scale")
 RNG = Part("RNG state (rng_state.pth, or rng_state_N.pth per process)", (r"rng_state\.pth", r"rng_state_(\d+)\.pth"),
-           absent=Absent.WARNING, code=Code.MISSING_RNG, series=True, several=True, per_rank=True, template="rng_state_{n}.pth",
+           absent=Absent.WARNING, code=Code.MISSING_RNG, series=True, several=True, per_rank=True,
+           template="rng_state_{n}.pth",
            why="_load_rng_state skips a missing one with an info message (not bit-exact), but torch.load raises on a "
            "damaged one")
 LATEST = Part("DeepSpeed's `latest` (the tag to load)", (r"latest",), kind=TAG,
