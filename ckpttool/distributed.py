@@ -10,9 +10,9 @@ writes; the others stay silent. Outside torchrun none of this runs and torch.dis
 
 from __future__ import annotations
 
-from ckpttool.model import Code
-
 import os
+
+from ckpttool.model import Code
 
 DISTRIBUTED_COMMANDS = ("verify", "manifest")
 

@@ -1,10 +1,17 @@
 """The toolkit's own error types: every failure a user can cause ends in one of these, never a traceback."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckpttool.model import Code
+
 
 class CkptError(Exception):
-    """A checkpoint cannot be read. `code` is a contract problem code (`corrupt`, `truncated`, ...)."""
+    """A checkpoint cannot be read. `code` is a contract problem code (Code.CORRUPT, Code.TRUNCATED, ...)."""
 
-    def __init__(self, code: str, message: str, path=None):
+    def __init__(self, code: Code, message: str, path=None):
         super().__init__(message)
         self.code = code
         self.path = str(path) if path is not None else None

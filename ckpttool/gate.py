@@ -172,7 +172,7 @@ def _part(ckpt, role: str, index: int):
     return next((c for c in ckpt.components if c.name == f"{role}_{index}"), None)
 
 
-def _missing_part(role: str, index: int, count: int) -> dict:
+def _missing_part(role: str, index: int, count: int) -> Problem:
     return Problem(Code.MISSING_FILE, ERROR,
                    f"the run prepared {count} {role}s, but the checkpoint holds no {role}_{index}: load_state "
                    "would load the others into place and then fail on it")

@@ -136,6 +136,8 @@ class VerifyReport:
     checks: list = field(default_factory=list)  # CheckResult
     problems: list = field(default_factory=list)  # Problem
     recalled: bool = False  # remembered from an earlier verify of the same bytes (operations/verify_cache.py)
+    profile: object = field(default=None, repr=False)  # the trainer profile that read it (never shown; None when
+    # recalled: the cache keeps JSON, and `trainer` names the profile)
 
     @property
     def ok(self) -> bool:

@@ -7,10 +7,10 @@ A `quantization_map` JSON beside the checkpoint (`quanto_qmap.json` by conventio
 
 from __future__ import annotations
 
-from ckpttool.model import WARNING, Code
-
 import json
 import os
+
+from ckpttool.model import WARNING, Code
 
 QMAP_NAMES = ("quanto_qmap.json", "quantization_map.json")
 EXTRA_KEYS = (".input_scale", ".output_scale")

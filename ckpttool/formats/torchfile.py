@@ -128,7 +128,7 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     """`role`: what the file is as part of a larger checkpoint (None: what its contents say); `name`: its component's
     name there."""
     raw = read_raw(path)
-    components, steps, metadata = analyse(raw, path, role, name)
+    components, steps, metadata = analyse(raw, path, role=role, name=name)
     ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
                       files=[path])
     note_pickle(ckpt, raw, path)

@@ -174,15 +174,16 @@ def role_of_key(key: str) -> str | None:
     return NUMBERED_ROLES[m.group(1)] if m else None
 
 
-def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: str | None = None):
-    """Components and step sources of one torch file's object."""
+def analyse(raw: RawPickle, path: str, *, role: str | None = None, name: str | None = None):
+    """Components and step sources of one torch file's object; `role` and `name`: what the file is as a part of a
+    larger checkpoint (None: what its contents say)."""
     obj = raw.obj
     components, steps, metadata = [], [], {}
 
-    def component(name, role, value):
+    def component(comp_name, comp_role, value):
         leaves = list(flatten(value))
         tensors = [tensor_info(n, leaf, raw, path) for n, leaf in leaves if isinstance(leaf, TensorRef)]
-        comp = Component(name, role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen,
+        comp = Component(comp_name, comp_role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen,
                          uncarried=[(n, leaf.layout) for n, leaf in leaves if isinstance(leaf, LayoutTensor)])
         components.append(comp)
         steps.extend(_component_steps(comp, value, raw, path))
@@ -190,16 +191,16 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
 
     own_role = _role_of_dict(obj)
     training_keys = [k for k in obj if isinstance(k, str) and role_of_key(k)] if isinstance(obj, dict) else []
-    if own_role or role_hint in ("optimizer", "scheduler", "rng", "scaler", "sampler", "dataloader", "custom"):
-        component(name_hint or own_role or role_hint, own_role or role_hint, obj)
+    if own_role or role in ("optimizer", "scheduler", "rng", "scaler", "sampler", "dataloader", "custom"):
+        component(name or own_role or role, own_role or role, obj)
     elif training_keys and any(_has_tensors(obj[k]) or _role_of_dict(obj[k]) for k in training_keys):
         metadata["top_level_keys"] = [str(k) for k in obj]
         for key, value in obj.items():
             named_role = role_of_key(key) if isinstance(key, str) else None
-            role = named_role or _role_of_dict(value)
-            if role and (_has_tensors(value) or _role_of_dict(value) or role in ("rng", "custom")):
-                taken = key if NUMBERED_PARTS.match(key) or not named_role else role
-                component(taken if taken not in [c.name for c in components] else key, role, value)
+            found = named_role or _role_of_dict(value)
+            if found and (_has_tensors(value) or _role_of_dict(value) or found in ("rng", "custom")):
+                taken = key if NUMBERED_PARTS.match(key) or not named_role else found
+                component(taken if taken not in [c.name for c in components] else key, found, value)
             elif _has_tensors(value):
                 component(str(key), "extra", value)
             else:
@@ -210,8 +211,7 @@ def analyse(raw: RawPickle, path: str, role_hint: str | None = None, name_hint: 
                 steps.append(StepSource(f"training dict '{key}'", int(value), record=Record.TRAINING_DICT, key=key,
                                         file=os.path.basename(path)))  # the trainer profile names it
     else:
-        role = role_hint or "model"
-        component(name_hint or role, role, obj)
+        component(name or role or "model", role or "model", obj)
     return components, steps, metadata
 
 

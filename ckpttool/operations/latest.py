@@ -42,11 +42,11 @@ def judged(path: str, for_resume: bool) -> VerifyReport:
 def latest(root: str, for_resume=False) -> dict:
     """The newest checkpoint that verifies, what was skipped and why, and what the trainer's own "resume from
     latest" would have picked (with why ckpttool differs, when it does)."""
-    skipped, result, layout = [], None, None
+    skipped, result, run_by = [], None, None  # run_by: the report whose trainer wrote the run
     for candidate, report in verdicts(root, for_resume, stop_after_valid=1):
         if report is not None and report.ok:
             result = {"path": candidate.path, "step": report.step, "trainer": report.trainer}
-            layout = report.layout
+            run_by = report
             break
         if report is None:
             skipped.append({"path": candidate.path, "codes": [Code.MISSING_FILE.value], "reason": candidate.skip})
@@ -54,12 +54,19 @@ def latest(root: str, for_resume=False) -> dict:
             found = errors(report.problems)
             skipped.append({"path": candidate.path, "codes": sorted({p.code.value for p in found}),
                             "reason": found[0].message, "trainer": report.trainer})
-            layout = layout or report.layout
-    result = result or {"path": None, "step": None,
-                        "trainer": next((s["trainer"] for s in skipped if s.get("trainer")), None)}
+            run_by = run_by if run_by is not None and run_by.trainer else report
+    result = result or {"path": None, "step": None, "trainer": run_by.trainer if run_by else None}
     result["skipped"] = skipped
-    result.update(trainer_pick(root, result, skipped, trainers.profile_named(result["trainer"], layout)))
+    result.update(trainer_pick(root, result, skipped, _profile(run_by)))
     return result
+
+
+def _profile(report: VerifyReport | None):
+    """The profile that read the run's checkpoint: the report carries it, or (recalled from the verify cache, which
+    keeps JSON) names it."""
+    if report is None:
+        return trainers.GENERIC
+    return report.profile or trainers.profile_named(report.trainer, report.layout)
 
 
 def trainer_pick(root: str, result: dict, skipped: list, profile) -> dict:

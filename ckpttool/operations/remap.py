@@ -289,4 +289,5 @@ def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: st
         stem = os.path.splitext(os.path.basename(dst))[0]
         output.write_json_beside(dst, f"{stem}_quanto_qmap.json", qmap)
     return {"src": src, "dst": dst, "format": fmt, "tensors": len(specs),
-            "bytes": sum(dtype_bytes(d, s) for _, d, s in specs), "changes": plan.changes}
+            "bytes": sum(dtype_bytes(d, s) for _, d, s in specs), "changes": plan.changes,
+            "dequantized": plan.dequantized, "quantized": plan.quantized}

@@ -17,7 +17,7 @@ from ckpttool.operations.repair_plan import RepairPlan, Scope, plan, verdict
 
 def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False, force: bool = False,
            link: bool = False) -> dict:
-    """RepairPlan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
+    """Plan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
     from ckpttool.operations.output import check_destination
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
@@ -120,7 +120,7 @@ def _remap_in_place(target: str, like: str):
     result = remap.remap(target, aligned, like=like, force=True,
                          to="safetensors" if target.endswith(".safetensors") else "torch")
     os.replace(aligned, target)
-    if any("dequantized" in change for change in result["changes"]):
+    if result["dequantized"]:
         for name in quanto.QMAP_NAMES:
             beside = os.path.join(os.path.dirname(target), name)
             if os.path.isfile(beside):

@@ -35,7 +35,7 @@ NO_REPAIR = {
     Code.UNSAFE_PICKLE: "ckpttool never runs pickled code; `ckpttool convert SRC out.safetensors` keeps the tensors "
                      "without it, if you trust the weights",
     Code.NONFINITE: "NaN/Inf values came from training, not from damage to the file",
-    "quantized_keys": "`ckpttool remap SRC DST --dequantize` writes the plain keys a plain model loads",
+    Code.QUANTIZED_KEYS: "`ckpttool remap SRC DST --dequantize` writes the plain keys a plain model loads",
     Code.WORLD_SIZE_MISMATCH: "resume with the world size it was saved with",
     Code.NO_MANIFEST: "`ckpttool manifest` writes one for a checkpoint that verifies",
 }
@@ -174,7 +174,7 @@ def _plan_problems(p: RepairPlan, report: VerifyReport):
                                f"{NO_REPAIR.get(code, 'ckpttool has no repair for this')}"))
 
 
-def _plan_salvage(p: RepairPlan, code: str, path: str, manifest: dict):
+def _plan_salvage(p: RepairPlan, code: Code, path: str, manifest: dict):
     from ckpttool.formats import safetensors, torchsalvage
 
     try:

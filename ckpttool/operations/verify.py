@@ -365,7 +365,9 @@ def _checks(v: Verification, ckpt: Checkpoint, sums: Verification, *, crcs_cover
         check_resume(v, ckpt)
     if finite:
         check_finite(v, ckpt)
-    return _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer)
+    report = _report(v, ckpt.format, steps.global_step(ckpt), ckpt.layout, ckpt.trainer)
+    report.profile = ckpt.profile
+    return report
 
 
 def _report(v: Verification, fmt, step, layout=None, trainer=None) -> VerifyReport:
