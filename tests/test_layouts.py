@@ -81,6 +81,39 @@ def test_a_state_dirs_sharded_bin_subfolder_is_read_as_from_pretrained_reads_it(
     assert not [p for p in ckpt.problems if p.severity == "error"]
 
 
+@pytest.mark.parametrize("case", ["cut_safetensors_beside_bin_shards", "stale_index_beside_single_file",
+                                  "junk_bin_index_beside_safetensors"])
+def test_a_subfolder_is_judged_by_the_file_from_pretrained_loads(corpus, tmp_path, case):
+    """Of several weights files in a save_pretrained subfolder, the one from_pretrained loads decides (transformers:
+    model.safetensors before its index, .bin after; diffusers: its safetensors index, then safetensors, then .bin):
+    a cut safetensors file is damage whatever .bin shards lie beside it; a stale index or a junk .bin index beside the
+    file that is loaded is no alarm."""
+    import json
+    import shutil
+
+    ckpt_dir = tmp_path / "checkpoint-3"
+    shutil.copytree(corpus["diffusers"], ckpt_dir)
+    unet = ckpt_dir / "unet"
+    single = unet / "diffusion_pytorch_model.safetensors"
+    if case == "cut_safetensors_beside_bin_shards":
+        torch.save(load_file(single), unet / "diffusion_pytorch_model-00001-of-00001.bin")
+        (unet / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps(
+            {"weight_map": {k: "diffusion_pytorch_model-00001-of-00001.bin" for k in load_file(single)}}))
+        with open(single, "r+b") as f:
+            f.truncate(single.stat().st_size // 2)
+    elif case == "stale_index_beside_single_file":  # transformers names: save_pretrained leaves an old index behind
+        encoder = ckpt_dir / "text_encoder"
+        encoder.mkdir()
+        shutil.copy(single, encoder / "model.safetensors")
+        shutil.copy(unet / "config.json", encoder / "config.json")
+        (encoder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    else:
+        (unet / "diffusion_pytorch_model.bin.index.json").write_text("{not json")
+    errors = {p.code for p in open_checkpoint(str(ckpt_dir)).problems if p.severity == "error"}
+    assert errors == ({"truncated"} if case == "cut_safetensors_beside_bin_shards" else set())
+
+
 def test_truncated_member_is_reported_not_raised(corpus):
     ckpt = open_checkpoint(corpus["diffusers_truncated_newest"])
     assert [(p.code, os.path.basename(p.path)) for p in ckpt.problems] == [("truncated", "optimizer.bin")]

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import os
 
-# Weights in from_pretrained's order: a shard index before a single file, safetensors first.
+# Weights in from_pretrained's own order, the first one there being what it loads: transformers (modeling_utils.py
+# _get_resolved_checkpoint_files) takes safetensors, then its index, then .bin, then its index; diffusers
+# (ModelMixin.from_pretrained, _fetch_index_file) takes the safetensors index, then safetensors, then .bin (a .bin
+# index only with use_safetensors=False: last here). The two families' names never meet in one folder.
 CONFIG = "config.json"
-TRANSFORMERS_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
-                        "pytorch_model.bin")
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
-                     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-WEIGHTS = TRANSFORMERS_WEIGHTS + DIFFUSERS_WEIGHTS
-WEIGHTS_IN_WORDS = f"{WEIGHTS[2]}, {WEIGHTS[3]}, {WEIGHTS[6]}, {WEIGHTS[7]} or a shard index"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+WEIGHTS = DIFFUSERS_WEIGHTS + TRANSFORMERS_WEIGHTS
+WEIGHTS_IN_WORDS = "model.safetensors, pytorch_model.bin, diffusion_pytorch_model.safetensors or .bin, or a shard index"
 # PEFT's PeftModel.save_pretrained (peft utils/constants.py SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, CONFIG_NAME)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def weights_file(folder: str, names=WEIGHTS) -> str | None:
-    """The weights a folder's from_pretrained loads: the first of `names` there (WEIGHTS: a shard index before a
-    single file, safetensors before .bin)."""
+    """The weights a folder's from_pretrained loads: the first of `names` there (WEIGHTS: in from_pretrained's
+    order)."""
     return next((os.path.join(folder, w) for w in names if os.path.isfile(os.path.join(folder, w))), None)
