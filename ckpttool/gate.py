@@ -26,15 +26,15 @@ log = logging.getLogger("ckpttool.gate")
 
 
 class ResumeGateError(Exception):
-    """The checkpoint must not be resumed from. `.problems`: the Problems that refuse it (each also read by key, as
-    {"code", "severity", "message", "fix"})."""
+    """The checkpoint must not be resumed from. `.problems`: [{"code", "severity", "message", "fix", ...}, ...], the
+    problems that refuse it as the contract gives them (plain dicts: a trainer may log or json.dumps them)."""
 
-    def __init__(self, path: str, problems: list[Problem]):
+    def __init__(self, path: str, problems: list):
         self.path = path
-        self.problems = problems
+        self.problems = as_dicts(problems)
         lines = [f"refusing to resume from {path}:"]
-        for p in problems:
-            lines.append(f"  [{p.code}] {p.message}" + (f"\n      fix: {p.fix}" if p.fix else ""))
+        for p in self.problems:
+            lines.append(f"  [{p['code']}] {p['message']}" + (f"\n      fix: {p['fix']}" if p.get("fix") else ""))
         super().__init__("\n".join(lines))
 
 
@@ -90,16 +90,25 @@ def confirm_unchanged(report: "GateReport"):
                                                     fix="stop what writes into the checkpoint, then resume again")])
 
 
+def as_dicts(problems: list) -> list[dict]:
+    """The gate's problems as the contract gives them to trainers: plain dicts (Problems turned into them here, at the
+    API's edge; dicts a caller built are taken as they are)."""
+    return [p.to_json() if isinstance(p, Problem) else dict(p) for p in problems]
+
+
 @dataclass
 class GateReport:
     path: str
     step: int | None
-    problems: list = field(default_factory=list)  # warnings only when it passed
+    problems: list = field(default_factory=list)  # warnings only when it passed: dicts, as ResumeGateError's
     snapshot: Snapshot | None = None  # the checkpoint's files as the gate found them before reading them
+
+    def __post_init__(self):
+        self.problems = as_dicts(self.problems)
 
     @property
     def ok(self) -> bool:
-        return not errors(self.problems)
+        return not any(p["severity"] == ERROR for p in self.problems)
 
 
 def _fix(problem: Problem, path: str, model_file: str | None) -> str | None:
@@ -195,8 +204,9 @@ def _model_problems(ckpt, model, comp=None) -> tuple[list[Problem], str | None]:
                                 f"{', '.join(sorted(tied)[:5])} not in the checkpoint, but tied in the model to "
                                 f"{', '.join(sorted(set(tied.values()))[:5])}, which it holds: load with "
                                 "strict=False (as transformers does) or re-tie after loading"))
-    if report.rules:  # the first problem is then the prefix one: say which remap option fixes it
-        problems[0].remap = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
+    if report.rules:  # keys match only after a prefix rule: say which remap option fixes the load
+        prefix_problem = next(p for p in problems if p.code is Code.KEY_MISMATCH)
+        prefix_problem.remap = _prefix_remap([t.name for t in comp.tensors], [t.name for t in live])
     return problems, model_file
 
 
@@ -422,8 +432,8 @@ def latest_passing(run_dir, model=None, optimizer=None, scheduler=None, expected
                                   optimizer=optimizer, scheduler=scheduler, expected_step=expected_step,
                                   require_manifest=require_manifest, world_size=world_size)
         except ResumeGateError as e:
-            log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p.code for p in e.problems})),
-                        e.problems[0].message)
+            log.warning("skipping %s: %s: %s", candidate.path, ", ".join(sorted({p["code"] for p in e.problems})),
+                        e.problems[0]["message"])
             continue
         log.info("resuming from %s", candidate.path)
         return report

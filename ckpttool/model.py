@@ -99,14 +99,6 @@ class Problem:
             out["fix"] = self.fix
         return out
 
-    # The gate's problems were documented as dicts ({"code", "severity", "message", "fix"}): reading them by key
-    # keeps working.
-    def __getitem__(self, name: str):
-        return self.to_json()[name]
-
-    def get(self, name: str, default=None):
-        return self.to_json().get(name, default)
-
 
 
 def errors(problems) -> list[Problem]:

@@ -179,3 +179,21 @@ def test_the_remap_hint_tries_every_key(tmp_path):
         check_resume(tmp_path / "model.safetensors", model=model)
     fixes = [p.get("fix") or "" for p in e.value.problems]
     assert any("--strip-prefix module." in fix for fix in fixes), e.value
+
+
+def test_the_gates_problems_are_the_contracts_plain_dicts(corpus, tmp_path):
+    """A trainer logs, json.dumps, copies and compares the gate's problems as the documented dicts; and may raise or
+    build the gate's objects with dicts of its own."""
+    import json
+
+    from ckpttool.gate import GateReport
+
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus["diffusers_truncated_newest"])
+    problems = err.value.problems
+    assert json.loads(json.dumps(problems)) == problems
+    assert all(isinstance(p, dict) and "fix" in p and dict(p) == p for p in problems)
+    assert {type(p["code"]) for p in problems} == {str} and problems[0]["severity"] == "error"
+    mine = {"code": "step_mismatch", "severity": "error", "message": "my own check", "fix": "fix it"}
+    assert "[step_mismatch] my own check" in str(ResumeGateError("x", [mine]))
+    assert not GateReport("x", 3, [mine]).ok and GateReport("x", 3, []).ok

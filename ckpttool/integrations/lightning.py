@@ -35,8 +35,8 @@ def gate(path, model=None, fallback=False, expected_step=None, world_size=None) 
         if not fallback:
             raise
         run_dir = os.path.dirname(os.path.abspath(path))
-        log.warning("skipping %s: %s: %s", path, ", ".join(sorted({p.code for p in refused.problems})),
-                    refused.problems[0].message)
+        log.warning("skipping %s: %s: %s", path, ", ".join(sorted({p["code"] for p in refused.problems})),
+                    refused.problems[0]["message"])
         found = latest_passing(run_dir, model=model, expected_step=expected_step, world_size=world_size)
         if found is None:
             raise
