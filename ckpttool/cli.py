@@ -430,7 +430,7 @@ def repair(src, dst, like, dry_run, link, force, as_json):
 
     result = run_repair(src, dst, like=like, dry_run=dry_run, force=force, link=link)
     _show(result, as_json, "repair_report")
-    if not result["healthy"] and not result["saves_something"]:
+    if not result.healthy and not result.saves_something:
         sys.exit(1)
 
 

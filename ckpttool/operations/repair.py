@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from ckpttool import atomic, hashing, paths
 from ckpttool.checksums import MANIFEST_NAME
@@ -15,39 +16,80 @@ from ckpttool.model import Component, Salvaged
 from ckpttool.operations.repair_plan import RepairPlan, Scope, plan, verdict
 
 
+@dataclass(eq=False)
+class Written:
+    """What DST is once written: verify's verdict on it (of a training state, for resume too), or for a run what
+    `latest` picks in it."""
+
+    ok: bool
+    problems: list = field(default_factory=list)  # Problem
+    latest: str | None = None  # a run's: the checkpoint `latest` picks in DST
+    run: bool = False
+
+    def to_json(self) -> dict:
+        out = {"ok": self.ok}
+        if self.run:
+            out["latest"] = self.latest
+        out["problems"] = [p.to_json() for p in self.problems]
+        return out
+
+
+@dataclass(eq=False)
+class RepairReport:
+    """What `repair` did: the plan's fixes, whether DST was written, and what DST is then."""
+
+    src: str
+    dst: str
+    dry_run: bool
+    fixes: list  # Fix
+    saves_something: bool  # a fix that saves anything (RepairPlan.saves_something)
+    written: bool = False
+    not_copied: list | None = None  # {"path", "why"}: links out of SRC and special files, once written
+    after: Written | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.fixes
+
+    def to_json(self) -> dict:
+        out = {"src": self.src, "dst": self.dst, "healthy": self.healthy, "dry_run": self.dry_run,
+               "written": self.written, "saves_something": self.saves_something,
+               "fixes": [f.to_json() for f in self.fixes], "kept": sum(f.kept for f in self.fixes),
+               "lost": sum(len(f.lost) for f in self.fixes)}
+        if self.written:
+            out.update(not_copied=self.not_copied, after=self.after.to_json())
+        return out
+
+
 def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False, force: bool = False,
-           link: bool = False) -> dict:
+           link: bool = False) -> RepairReport:
     """Plan, and unless `dry_run` or nothing can be saved, write DST; the report says what was kept and lost."""
     from ckpttool.operations.output import check_destination
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
         check_destination(src, dst, force)
     p = plan(src, like)
-    result = {"src": src, "dst": dst, "healthy": not p.fixes, "dry_run": dry_run, "written": False,
-              "saves_something": p.saves_something, "fixes": list(p.fixes),
-              "kept": sum(f.kept for f in p.fixes), "lost": sum(len(f.lost) for f in p.fixes)}
+    report = RepairReport(src, dst, dry_run, list(p.fixes), p.saves_something)
     if not p.fixes or dry_run or not p.saves_something:
-        return result
+        return report
     total = _size(p)
     with atomic.guard(dst, total), hashing.progress(total, "writing") as advance:
-        _write(p, dst, link, advance)
-    result["written"] = True
-    result["not_copied"] = p.not_copied
-    result["after"] = _after(p, dst)
-    return result
+        _write(p, dst, link=link, advance=advance)
+    report.written, report.not_copied, report.after = True, p.not_copied, _after(p, dst)
+    return report
 
 
-def _after(p: RepairPlan, dst: str) -> dict:
+def _after(p: RepairPlan, dst: str) -> Written:
     """What verify says of DST (of a training state, for resume too; of a run, what `latest` picks in it)."""
     if p.kind is Scope.RUN:
         from ckpttool.operations.latest import latest
 
-        picked = latest(dst)
-        return {"ok": picked["path"] is not None, "latest": picked["path"], "problems": []}
+        picked = latest(dst)["path"]
+        return Written(picked is not None, latest=picked, run=True)
     from ckpttool.operations.verify import verify
 
     report = verdict(dst)[0] if p.kind is Scope.CHECKPOINT else verify(dst, recall=False)
-    return {"ok": report.ok, "problems": report.problems}
+    return Written(report.ok, report.problems)
 
 
 def _size(p: RepairPlan) -> int:
@@ -58,12 +100,12 @@ def _size(p: RepairPlan) -> int:
     return total
 
 
-def _write(p: RepairPlan, dst: str, link: bool, advance):
+def _write(p: RepairPlan, dst: str, *, link: bool, advance):
     staging = atomic.make_staging_dir(dst)
     try:
         out = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
         if os.path.isdir(p.src):
-            _write_dir(p, out, link, advance)
+            _write_dir(p, out, link=link, advance=advance)
         elif os.path.abspath(p.src) in p.salvaged:
             _write_salvaged(p.salvaged[os.path.abspath(p.src)], out)
         else:
@@ -76,7 +118,7 @@ def _write(p: RepairPlan, dst: str, link: bool, advance):
         atomic.discard(staging)
 
 
-def _write_dir(p: RepairPlan, out: str, link: bool, advance):
+def _write_dir(p: RepairPlan, out: str, *, link: bool, advance):
     src = os.path.abspath(p.src)
     for folder, dirs, files in os.walk(src):
         rel = os.path.relpath(folder, src)
