@@ -8,13 +8,15 @@ from __future__ import annotations
 class DType:
     """A plain class, not a dataclass: it is made on every start-up, and a dataclass costs a millisecond to make."""
 
-    __slots__ = ("bits", "kind", "safetensors", "storage")
+    __slots__ = ("bits", "kind", "safetensors", "storage", "torch")
 
-    def __init__(self, bits: int, kind: str, safetensors: str | None = None, storage: str | None = None):
+    def __init__(self, bits: int, kind: str, safetensors: str | None = None, storage: str | None = None,
+                 torch: bool = True):
         self.bits = bits  # per element (a packed dtype: per stored unit)
         self.kind = kind  # float | complex | int | bool | quantized | scale (exponent only: MX block scales) | packed
         self.safetensors = safetensors  # its code in a safetensors header
         self.storage = storage  # torch's typed storage class (torch.<storage>), where it has one
+        self.torch = torch  # torch has it (torch.<name>); safetensors' 6- and 4-bit floats it has not
 
 
 DTYPES = {
@@ -40,18 +42,25 @@ DTYPES = {
     "float8_e5m2fnuz": DType(8, "float", "F8_E5M2FNUZ"),
     "float8_e8m0fnu": DType(8, "scale", "F8_E8M0"),
     "float4_e2m1fn_x2": DType(8, "packed"),  # two 4-bit floats in each byte
-    "float6_e2m3": DType(6, "float", "F6_E2M3"),
-    "float6_e3m2": DType(6, "float", "F6_E3M2"),
-    "float4_e2m1": DType(4, "float", "F4"),
+    "float6_e2m3": DType(6, "float", "F6_E2M3", torch=False),
+    "float6_e3m2": DType(6, "float", "F6_E3M2", torch=False),
+    "float4_e2m1": DType(4, "float", "F4", torch=False),
     "qint8": DType(8, "quantized", None, "QInt8Storage"),
     "quint8": DType(8, "quantized", None, "QUInt8Storage"),
     "qint32": DType(32, "quantized", None, "QInt32Storage"),
     "quint4x2": DType(8, "quantized", None, "QUInt4x2Storage"),
 }
 
+# The older names torch gives some dtypes (torch.float is torch.float32)
+ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+           "short": "int16"}
+
 BITS = {name: d.bits for name, d in DTYPES.items()}
 SAFETENSORS_CODES = {d.safetensors: name for name, d in DTYPES.items() if d.safetensors}  # code -> name
+SAFETENSORS_CODE_OF = {name: code for code, name in SAFETENSORS_CODES.items()}  # name -> code
 STORAGE_CLASSES = {d.storage: name for name, d in DTYPES.items() if d.storage} | {"UntypedStorage": "uint8"}
+# The torch.<name> dtype objects a pickle may name as plain data (a quantized dtype comes with its storage class)
+TORCH_NAMES = {n for n, d in DTYPES.items() if d.torch and d.kind != "quantized"} | set(ALIASES)
 
 # Which dtypes each operation treats as real-valued floats, by what it can do with them:
 SCANNED_FOR_NONFINITE = frozenset(  # verify --finite (torch has no isfinite for complex32)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
-from ckpttool.dtypes import BITS as DTYPE_BITS
+from ckpttool.dtypes import BITS
 
 
 class Severity(StrEnum):
@@ -67,8 +67,9 @@ class Status(StrEnum):
     NOTE = "note"  # nothing checked, but something to know (no manifest to check against)
     SKIP = "skip"  # nothing to check
 
+
 def dtype_bytes(dtype: str, shape) -> int:
-    return (math.prod(shape) * DTYPE_BITS.get(dtype, 8) + 7) // 8
+    return (math.prod(shape) * BITS.get(dtype, 8) + 7) // 8
 
 
 @dataclass
@@ -98,7 +99,6 @@ class Problem:
         if self.fix:
             out["fix"] = self.fix
         return out
-
 
 
 def errors(problems) -> list[Problem]:

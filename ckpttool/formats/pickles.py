@@ -14,18 +14,10 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ckpttool.dtypes import STORAGE_CLASSES
+from ckpttool.dtypes import ALIASES, BITS, STORAGE_CLASSES, TORCH_NAMES
 from ckpttool.errors import CkptError
-from ckpttool.model import DTYPE_BITS, Code
+from ckpttool.model import Code
 
-STORAGE_DTYPES = STORAGE_CLASSES  # torch storage class name -> dtype
-TORCH_DTYPES = {
-    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
-    "int16", "short", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "complex32", "complex64", "complex128",
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
-}
-DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
-                 "short": "int16"}
 
 # What torch.load(weights_only=True) accepts, plus the numpy pieces Accelerate allow-lists for RNG state.
 SAFE_GLOBALS = {
@@ -44,14 +36,14 @@ SAFE_GLOBALS = {
     "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_wrapper_subclass",
     "torch._utils._rebuild_device_tensor_from_numpy", "torch._utils._rebuild_device_tensor_from_cpu_tensor",
     "torch._dynamo.decorators._DimRange",  # a jagged nested tensor's ragged dimension, pickled with it
-} | {f"torch.{name}" for name in STORAGE_DTYPES} | {f"torch.{name}" for name in TORCH_DTYPES}
+} | {f"torch.{name}" for name in STORAGE_CLASSES} | {f"torch.{name}" for name in TORCH_NAMES}
 
 # torch.load(weights_only=True)'s own list, by the names its unpickler matches (torch 2.13 _weights_only_unpickler.py
 # _get_allowed_globals, plus what `import torch` registers: nested tensors, the device-mesh layouts): the numpy
 # pieces, frozenset, slice and codecs.encode of SAFE_GLOBALS are not on it, so a file naming them loads only where the
 # trainer's loader allow-lists them too.
 _TYPED = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
-_CANONICAL_DTYPES = sorted(set(TORCH_DTYPES) - set(DTYPE_ALIASES)) + [
+_CANONICAL_DTYPES = sorted(TORCH_NAMES - set(ALIASES)) + [
     "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8", "bits2x4", "bits4x2", "bits8",
     "bits16"] + [f"int{n}" for n in range(1, 8)] + [f"uint{n}" for n in range(1, 8)]
 TORCH_WEIGHTS_ONLY = {
@@ -67,7 +59,7 @@ TORCH_WEIGHTS_ONLY = {
     "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
     "torch.nested._internal.nested_tensor.NestedTensor", "torch.nested._internal.nested_tensor._rebuild_njt",
     "torch.distributed._mesh_layout._FlatLayout", "torch.distributed._mesh_layout._MeshLayout",
-} | {f"torch.{name}" for name in STORAGE_DTYPES if name != "UntypedStorage"} \
+} | {f"torch.{name}" for name in STORAGE_CLASSES if name != "UntypedStorage"} \
   | {f"torch.cuda.{name}Storage" for name in _TYPED + ("ComplexDouble", "ComplexFloat")} \
   | {f"torch.{prefix}{name}Tensor" for prefix in ("", "cuda.") for name in _TYPED} \
   | {f"torch.{prefix}{name}Tensor" for prefix in ("sparse.", "cuda.sparse.") for name in _TYPED if name != "Bool"} \
@@ -161,7 +153,7 @@ class StorageRef:
     itemsize: int = field(init=False)  # computed once: a 100,000-tensor file asks for it 200,000 times
 
     def __post_init__(self):
-        self.itemsize = 1 if self.untyped else max(1, DTYPE_BITS.get(self.dtype, 8) // 8)
+        self.itemsize = 1 if self.untyped else max(1, BITS.get(self.dtype, 8) // 8)
 
     @property
     def nbytes(self) -> int:
@@ -432,12 +424,12 @@ class SafeUnpickler(pickle._Unpickler):
             self.globals_seen.append(full)
         if full in IMITATIONS:
             return IMITATIONS[full]
-        if module == "torch" and name in STORAGE_DTYPES:
-            return StorageType(STORAGE_DTYPES[name])
+        if module == "torch" and name in STORAGE_CLASSES:
+            return StorageType(STORAGE_CLASSES[name])
         if full == "torch.storage.UntypedStorage":
             return StorageType("uint8", untyped=True)
-        if module == "torch" and name in TORCH_DTYPES:
-            return DtypeRef(DTYPE_ALIASES.get(name, name))
+        if module == "torch" and name in TORCH_NAMES:
+            return DtypeRef(ALIASES.get(name, name))
         if full not in self._opaque_classes:
             self._opaque_classes[full] = type(name, (Opaque,), {"global_name": full})
         return self._opaque_classes[full]

@@ -8,15 +8,13 @@ import re
 import struct
 
 from ckpttool import paths
-from ckpttool.dtypes import SAFETENSORS_CODES
+from ckpttool.dtypes import SAFETENSORS_CODE_OF, SAFETENSORS_CODES
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Checkpoint, Code, Component, Location, Salvaged, TensorInfo, dtype_bytes
 
 SUFFIXES = (".safetensors",)
 MAX_HEADER = 100_000_000  # the reference reader's cap
 
-DTYPES = SAFETENSORS_CODES  # code -> dtype name
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 def detect(path: str) -> bool:
@@ -57,7 +55,7 @@ def read_header(path: str) -> tuple[list[TensorInfo], dict, int]:
 def _tensor_entry(name, entry, path, start) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CkptError(Code.CORRUPT, f"header entry {name!r} is not an object", path)
-    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    dtype = SAFETENSORS_CODES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise CkptError(Code.CORRUPT, f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}", path)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -187,7 +185,7 @@ class Writer:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         for name, dtype, shape in specs:
-            code = DTYPE_CODES.get(dtype)
+            code = SAFETENSORS_CODE_OF.get(dtype)
             if code is None:
                 raise UsageError(f"tensor {name}: dtype {dtype} has no safetensors equivalent; write a .pt instead "
                                  "(or leave it out with --component)")

@@ -9,7 +9,8 @@ from collections import OrderedDict
 
 import xxhash
 
-from ckpttool.formats.pickles import STORAGE_DTYPES, DtypeRef, GlobalRef, RepicklingPickler
+from ckpttool.dtypes import STORAGE_CLASSES
+from ckpttool.formats.pickles import DtypeRef, GlobalRef, RepicklingPickler
 from ckpttool.model import contiguous_strides, dtype_bytes
 
 
@@ -43,7 +44,7 @@ UNTYPED_STORAGE = "torch.storage.UntypedStorage"  # the class's own module, as t
 
 def _storage_class(dtype_name) -> GlobalRef:
     """The storage class torch.save names for a dtype: a typed one where the dtype has it, else UntypedStorage."""
-    for cls_name, name in STORAGE_DTYPES.items():
+    for cls_name, name in STORAGE_CLASSES.items():
         if name == dtype_name and cls_name != "UntypedStorage":
             return GlobalRef(f"torch.{cls_name}")
     return GlobalRef(UNTYPED_STORAGE)

@@ -21,7 +21,6 @@ from ckpttool.operations import output
 from ckpttool.operations.diff import problems_of, select_component
 
 
-
 def ema_weights(count: int, decay: float) -> list[float]:
     """The weight of each of `count` checkpoints, oldest first, in ema = decay * ema + (1 - decay) * next started
     from the oldest: decay^(n-1) for the oldest, (1 - decay) * decay^(n-1-k) for the k-th after it (they sum to 1)."""
