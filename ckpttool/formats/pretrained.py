@@ -22,7 +22,7 @@ import os
 import re
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pretrained_files import CONFIG, WEIGHTS_IN_WORDS, weights_file
+from ckpttool.formats.pretrained_files import CONFIG, SAFETENSORS_FILE, WEIGHTS_IN_WORDS, weights_file
 from ckpttool.model import ERROR, Checkpoint, Code
 
 PIPELINE_INDEX = "model_index.json"
@@ -155,8 +155,8 @@ def _read_modules(ckpt: Checkpoint):
                              folder, component=str(name))
         elif is_model_folder(folder):
             _read_folder(ckpt, folder, "model" if not rel else str(name))
-        elif os.path.isfile(os.path.join(folder, "model.safetensors")):  # a Dense or other plain torch module
-            part = read_file(os.path.join(folder, "model.safetensors"), name=str(name))
+        elif os.path.isfile(os.path.join(folder, SAFETENSORS_FILE)):  # a Dense or other plain torch module
+            part = read_file(os.path.join(folder, SAFETENSORS_FILE), name=str(name))
             ckpt.absorb_problems(part)
             ckpt.files.extend(part.files)
             ckpt.components.extend(part.components)

@@ -9,6 +9,7 @@ utils/constants.py (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, their index names), 
 from __future__ import annotations
 
 import os
+import re
 
 # Weights in from_pretrained's own order, the first one there being what it loads: transformers (modeling_utils.py
 # _get_resolved_checkpoint_files) takes safetensors, then its index, then .bin, then its index; diffusers
@@ -17,8 +18,8 @@ import os
 CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
                      "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                        "pytorch_model.bin.index.json")
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TRANSFORMERS_WEIGHTS = (SAFETENSORS_FILE, SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
 WEIGHTS = DIFFUSERS_WEIGHTS + TRANSFORMERS_WEIGHTS
 WEIGHTS_IN_WORDS = "model.safetensors, pytorch_model.bin, diffusion_pytorch_model.safetensors or .bin, or a shard index"
 # PEFT's PeftModel.save_pretrained (peft utils/constants.py SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, CONFIG_NAME)
@@ -30,3 +31,8 @@ def weights_file(folder: str, names=WEIGHTS) -> str | None:
     """The weights a folder's from_pretrained loads: the first of `names` there (WEIGHTS: in from_pretrained's
     order)."""
     return next((os.path.join(folder, w) for w in names if os.path.isfile(os.path.join(folder, w))), None)
+
+
+def pattern(names) -> str:
+    """A regular expression matching exactly these file names (for a profile's file roles and contract parts)."""
+    return "|".join(re.escape(name) for name in names)

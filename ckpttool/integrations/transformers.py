@@ -38,7 +38,9 @@ def _is_peft(model) -> bool:
 
 
 def _holds_adapter(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    from ckpttool.formats.pretrained_files import ADAPTER_WEIGHTS, weights_file
+
+    return weights_file(path, ADAPTER_WEIGHTS) is not None
 
 
 def _gate_model(trainer, path: str):

@@ -16,6 +16,7 @@ from ckpttool import atomic, hashing, steps
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.dtypes import CAST_BY_CONVERT
 from ckpttool.errors import CkptError, UsageError
+from ckpttool.formats.pretrained_files import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from ckpttool.formats.torchtree import rebuild
 from ckpttool.model import Checkpoint, Code, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output
@@ -202,7 +203,7 @@ def write_sharded(folder: str, part: OutputPart, dtype, metadata, shard_size: in
                 seen.add(ident)
                 total += dtype_bytes(_cast(part.sources[name], dtype, part), part.sources[name].shape)
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1)
 
 
@@ -225,7 +226,7 @@ def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tup
         elif comp.role == "ema":  # a diffusers-style `<name>_ema/` subfolder (Accelerate has no EMA file)
             name = comp.name if "ema" in comp.name else _indexed("ema", i)
             os.makedirs(os.path.join(folder, name))
-            write_safetensors(os.path.join(folder, name, "model.safetensors"), part, dtype, {"format": "pt"},
+            write_safetensors(os.path.join(folder, name, SAFETENSORS_FILE), part, dtype, {"format": "pt"},
                               progress)
         elif comp.role in ACCELERATE_FILES:
             stem, ext = ACCELERATE_FILES[comp.role]

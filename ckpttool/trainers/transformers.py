@@ -33,10 +33,8 @@ from ckpttool.trainers.deepspeed import ENGINE_COUNTERS
 from ckpttool.trainers.diffusers import highest_checkpoint
 
 FILES = (
-    role(r"model\.safetensors", "model", "model"),
-    role(r"pytorch_model\.bin", "model", "model"),
-    role(r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json", "model", "model"),
-    role(r"adapter_model\.(?:safetensors|bin)", "model", "adapter"),
+    role(pretrained_files.pattern(pretrained_files.TRANSFORMERS_WEIGHTS), "model", "model"),
+    role(pretrained_files.pattern(pretrained_files.ADAPTER_WEIGHTS), "model", "adapter"),
     role(r"optimizer\.pt", "optimizer", "optimizer"),
     role(r"scheduler\.pt", "scheduler", "scheduler"),
     role(r"scaler\.pt", "scaler", "scaler"),
@@ -60,9 +58,10 @@ TRAINER_STATE_PART = Part("trainer_state.json (the global step, written last)", 
                           "state, so without it the save never finished; train() loads it with "
                           "TrainerState.load_from_json and raises")
 MODEL_FILES = Part("model weights (model.safetensors, pytorch_model.bin or a sharded index)",
-                   (r"model\.safetensors", r"pytorch_model\.bin", r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json"),
+                   (pretrained_files.pattern(pretrained_files.TRANSFORMERS_WEIGHTS),),
                    absent=None, why="_load_from_checkpoint loads them with load_state_dict")
-ADAPTER_FILES = Part("PEFT adapter weights (adapter_model.safetensors)", (r"adapter_model\.(?:safetensors|bin)",),
+ADAPTER_FILES = Part("PEFT adapter weights (adapter_model.safetensors)",
+                     (pretrained_files.pattern(pretrained_files.ADAPTER_WEIGHTS),),
                      absent=None, why="_load_from_checkpoint calls model.load_adapter on the checkpoint dir")
 ADAPTER_DIRS = Part("PEFT adapters saved in subfolders", (r"[^/]+/",), absent=RUN, folders=ADAPTER,
                     content=ADAPTER_CONTENT, why="_load_from_checkpoint calls load_adapter on each subfolder")
