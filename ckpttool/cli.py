@@ -273,7 +273,7 @@ def prune(directory, keep, keep_every, dry_run, as_json):
     """Delete old checkpoints beyond the newest N valid ones; never the newest valid one, never a non-checkpoint."""
     from ckpttool.operations.prune import prune as run_prune
 
-    result = run_prune(directory, keep, keep_every, dry_run)
+    result = run_prune(directory, keep, keep_every, dry_run=dry_run)
     _show(result, as_json, "prune_report")
 
 

@@ -53,7 +53,7 @@ class Alignment:
     rules: list = field(default_factory=list)
 
 
-def align(keys_a, keys_b, normalize: bool = True, labels=("A", "B")) -> Alignment:
+def align(keys_a, keys_b, *, normalize: bool = True, labels=("A", "B")) -> Alignment:
     a = {k: k for k in keys_a}
     b = {k: k for k in keys_b}
     result = Alignment(a, b)
@@ -66,7 +66,8 @@ def align(keys_a, keys_b, normalize: bool = True, labels=("A", "B")) -> Alignmen
             removed = sorted({seg for k in mapping for seg in ("module", "_orig_mod")
                               if seg in k.split(".") and stripped[k] != k})
             mapping.update(stripped)
-            result.rules.append(f"stripped {' and '.join(repr(s + '.') for s in removed)} from {changed} keys of {side}")
+            prefixes = " and ".join(repr(s + ".") for s in removed)
+            result.rules.append(f"stripped {prefixes} from {changed} keys of {side}")
     best = _overlap(a, b)
     for side, mapping, other in ((labels[0], a, b), (labels[1], b, a)):
         head = _common_head(mapping.values())
@@ -100,8 +101,8 @@ def renamed(tensors, mapping) -> list[TensorInfo]:
     return [t if mapping[t.name] == t.name else dataclasses.replace(t, name=mapping[t.name]) for t in tensors]
 
 
-def compare(tensors_a, tensors_b, normalize: bool = True, labels=("A", "B")) -> KeyReport:
-    alignment = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize, labels)
+def compare(tensors_a, tensors_b, *, normalize: bool = True, labels=("A", "B")) -> KeyReport:
+    alignment = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize=normalize, labels=labels)
     a = {t.name: t for t in renamed(tensors_a, alignment.a)}
     b = {t.name: t for t in renamed(tensors_b, alignment.b)}
     report = KeyReport(rules=alignment.rules)

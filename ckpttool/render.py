@@ -38,7 +38,8 @@ def inspect_report(r: dict) -> str:
                ("trainer", r.get("trainer") or "-"),
                ("step", "-" if r["step"] is None else r["step"]), ("epoch", "-" if r["epoch"] is None else r["epoch"]),
                ("model tensors", r["tensors"]), ("parameters", f"{r['parameters']:,}"),
-               ("model bytes", human_bytes(r["bytes"])), ("files", f"{len(r['files'])} ({human_bytes(r['file_bytes'])})")]
+               ("model bytes", human_bytes(r["bytes"])),
+               ("files", f"{len(r['files'])} ({human_bytes(r['file_bytes'])})")]
     devices = r["metadata"].get("saved_on_devices")
     if devices:
         summary.append(("saved on", ", ".join(devices)))
@@ -278,8 +279,8 @@ def repair_report(r: dict) -> str:
         elif not after["ok"]:
             verdict = f"it still has problems ({_codes(after['problems'])}: `ckpttool verify {r['dst']}` says which)"
         elif r["lost"]:
-            verdict = "it verifies as files; what was lost is not in it (a strict load or a resume that needs it fails " \
-                "there, loudly)"
+            verdict = "it verifies as files; what was lost is not in it (a strict load or a resume that needs it " \
+                "fails there, loudly)"
         else:
             verdict = "it verifies"
         salvaged = [f for f in r["fixes"] if f["action"] == "salvage"]

@@ -69,7 +69,8 @@ TORCH_WEIGHTS_ONLY = {
 DTENSOR_GLOBALS = {
     f"torch.distributed.{name}" for name in (
         "device_mesh.DeviceMesh", "tensor.DTensor", "tensor._dtensor_spec.DTensorSpec",
-        "tensor._dtensor_spec.TensorMeta", "tensor._dtensor_spec.ShardOrderEntry", "tensor.placement_types.Partial", "tensor.placement_types.Replicate",
+        "tensor._dtensor_spec.TensorMeta", "tensor._dtensor_spec.ShardOrderEntry", "tensor.placement_types.Partial",
+        "tensor.placement_types.Replicate",
         "tensor.placement_types.Shard", "tensor.placement_types._StridedShard")}
 # What Accelerate's `load` (accelerate 1.15 utils/other.py TORCH_SAFE_GLOBALS) and transformers' RNG load
 # (trainer_pt_utils.py safe_globals) add for numpy RNG state; a numpy scalar (`numpy.float64(0.1)`) is not among them.
@@ -81,11 +82,13 @@ NUMPY_RNG_GLOBALS = {
 # Extra globals a torch.distributed.checkpoint `.metadata` file legitimately names.
 DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
-    "torch.distributed.checkpoint.metadata.BytesStorageMetadata", "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "torch.distributed.checkpoint.metadata.TensorProperties",
     "torch.distributed.checkpoint.metadata.ChunkStorageMetadata", "torch.distributed.checkpoint.metadata.MetadataIndex",
     "torch.distributed.checkpoint.metadata.StorageMeta", "torch.distributed.checkpoint.filesystem._StorageInfo",
     "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", "torch.serialization._get_layout",
-    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "torch.distributed.checkpoint._extension.StreamTransformExtension",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path",
+    "torch.distributed.checkpoint._extension.StreamTransformExtension",
 }
 
 # Globals that run code, reach the system or load more code when a pickle calls them: torch.load(weights_only=False),

@@ -14,7 +14,8 @@ from ckpttool.model import WARNING, Code
 
 QMAP_NAMES = ("quanto_qmap.json", "quantization_map.json")
 EXTRA_KEYS = (".input_scale", ".output_scale")
-FLOAT8_QTYPES = {"float8_e4m3fn": "qfloat8_e4m3fn", "float8_e5m2": "qfloat8_e5m2", "float8_e4m3fnuz": "qfloat8_e4m3fnuz"}
+FLOAT8_QTYPES = {"float8_e4m3fn": "qfloat8_e4m3fn", "float8_e5m2": "qfloat8_e5m2",
+                 "float8_e4m3fnuz": "qfloat8_e4m3fnuz"}
 
 
 def quantized_modules(tensors) -> dict[str, dict]:

@@ -183,7 +183,8 @@ def analyse(raw: RawPickle, path: str, *, role: str | None = None, name: str | N
     def component(comp_name, comp_role, value):
         leaves = list(flatten(value))
         tensors = [tensor_info(n, leaf, raw, path) for n, leaf in leaves if isinstance(leaf, TensorRef)]
-        comp = Component(comp_name, comp_role, files=[path], tensors=tensors, tree=value, pickle_globals=raw.globals_seen,
+        comp = Component(comp_name, comp_role, files=[path], tensors=tensors, tree=value,
+                         pickle_globals=raw.globals_seen,
                          uncarried=[(n, leaf.layout) for n, leaf in leaves if isinstance(leaf, LayoutTensor)])
         components.append(comp)
         steps.extend(_component_steps(comp, value, raw, path))

@@ -115,7 +115,7 @@ def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, requir
     scratch as train() does."""
     if resume_from_checkpoint in (None, False):
         return trainer.train(resume_from_checkpoint=None, **train_kwargs)
-    passed = gated(trainer, resume_from_checkpoint, expected_step, require_manifest)
+    passed = gated(trainer, resume_from_checkpoint, expected_step=expected_step, require_manifest=require_manifest)
     confirming = _confirming(passed)
     trainer.add_callback(confirming)
     try:

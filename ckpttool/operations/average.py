@@ -60,7 +60,7 @@ def average(sources: list[str], dst: str, *, weights: list[float] | None = None,
         raise UsageError("average needs at least two checkpoints and an output path")
     fmt = output.target_format(dst, to)
     for src in sources:
-        output.check_destination(src, dst, force)
+        output.check_destination(src, dst, force=force)
     ckpts = [open_checkpoint(src) for src in sources]
     comps = [select_component(ckpt, component, src) for ckpt, src in zip(ckpts, sources)]
     for ckpt, comp, src in zip(ckpts, comps, sources):
@@ -77,13 +77,13 @@ def average(sources: list[str], dst: str, *, weights: list[float] | None = None,
     for i, comp in enumerate(comps):
         if i == newest:
             continue
-        report = compare(comp.tensors, reference.tensors, normalize)
+        report = compare(comp.tensors, reference.tensors, normalize=normalize)
         problems = [p for p in problems_of(report, sources[i], sources[newest]) if p.code != Code.DTYPE_MISMATCH]
         if problems:
             raise CkptError(problems[0].code, f"{sources[i]} and {sources[newest]} are not checkpoints of one "
                             f"model: {'; '.join(p.message for p in problems[:3])}. `ckpttool diff {sources[i]} "
                             f"{sources[newest]}` shows every difference; nothing written")
-        alignment = align([t.name for t in reference.tensors], [t.name for t in comp.tensors], normalize)
+        alignment = align([t.name for t in reference.tensors], [t.name for t in comp.tensors], normalize=normalize)
         by_aligned = {alignment.b[t.name]: t for t in comp.tensors}
         matched[i] = {t.name: by_aligned[alignment.a[t.name]] for t in reference.tensors}
         rules += [r for r in report.rules if r not in rules]

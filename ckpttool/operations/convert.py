@@ -326,7 +326,7 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
         raise UsageError("--allow-lossy-cast only applies to a --dtype cast; give --dtype, or leave it out")
     cast = CastPlan(CAST[dtype], allow_lossy_cast) if dtype else None
     shard_bytes = parse_size(shard_size) if shard_size else None
-    output.check_destination(src, dst, force)
+    output.check_destination(src, dst, force=force)
     ckpt = open_checkpoint(src)
     per_component = ckpt.format == "pipeline" and not component and not to and not os.path.splitext(dst)[1]
     kind = "components" if per_component else target_kind(dst, to, shard_bytes)

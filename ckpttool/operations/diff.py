@@ -130,7 +130,7 @@ def problems_of(report: KeyReport, a: str = "A", b: str = "B", *, dtype_severity
 def in_model_order(report: KeyReport, tensors_a, tensors_b, normalize: bool = True) -> list:
     """The common (key, a, b) entries in A's own key order (compare sorts them): modules then come in model order,
     as far as the file keeps it (a .pt keeps the state dict's order; safetensors sorts its keys)."""
-    aligned = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize).a
+    aligned = align([t.name for t in tensors_a], [t.name for t in tensors_b], normalize=normalize).a
     rank = {key: i for i, key in enumerate(aligned.values())}
     return sorted(report.common, key=lambda entry: rank.get(entry[0], len(rank)))
 
@@ -214,7 +214,7 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
 
 def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, *, against_model, normalize, values, atol, rtol,
                   module_depth) -> DiffReport:
-    report = compare(a_tensors, b_tensors, normalize)
+    report = compare(a_tensors, b_tensors, normalize=normalize)
     problems = problems_of(report, strict=against_model)
     key_problems = bool(problems)
     value_report = None

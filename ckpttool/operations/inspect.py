@@ -17,7 +17,7 @@ def model_components(ckpt: Checkpoint):
     return [c for c in ckpt.components if c.role == "model"]
 
 
-def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, list_tensors: bool = False) -> dict:
+def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, *, list_tensors: bool = False) -> dict:
     models = model_components(ckpt)
     model_tensors = [t for c in models for t in c.tensors]
     dtypes = Counter(t.dtype for t in model_tensors)
@@ -61,7 +61,7 @@ def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = Fa
     except CkptError as e:
         ckpt = Checkpoint(path, guess_format(path), "unreadable")
         ckpt.problems.append(Problem(e.code, ERROR, e.reason, e.path or path))
-    report = summarize(ckpt, tensor_filter, list_tensors)
+    report = summarize(ckpt, tensor_filter, list_tensors=list_tensors)
     if stats:
         report["stats"] = tensor_stats(ckpt, tensor_filter)
     if modules:

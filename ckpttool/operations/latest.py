@@ -11,7 +11,7 @@ from ckpttool.model import ERROR, Code, Problem, VerifyReport, errors
 from ckpttool.operations.verify import verify
 
 
-def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
+def verdicts(root: str, *, for_resume=False, stop_after_valid: int | None = None):
     """Yield (candidate, verify report or None when skipped unread), newest first."""
     if not os.path.isdir(root):
         raise UsageError(f"{root}: not a directory; give the run's output dir")
@@ -20,14 +20,14 @@ def verdicts(root: str, for_resume=False, stop_after_valid: int | None = None):
         if candidate.skip:
             yield candidate, None
             continue
-        report = judged(candidate.path, for_resume)
+        report = judged(candidate.path, for_resume=for_resume)
         yield candidate, report
         valid += report.ok
         if stop_after_valid is not None and valid >= stop_after_valid:
             return
 
 
-def judged(path: str, for_resume: bool) -> VerifyReport:
+def judged(path: str, *, for_resume: bool) -> VerifyReport:
     """verify's report on one candidate; a candidate so malformed that reading it fails unexpectedly is reported
     `corrupt` and skipped, never allowed to stop the scan of the rest of the run."""
     try:
@@ -43,7 +43,7 @@ def latest(root: str, for_resume=False) -> dict:
     """The newest checkpoint that verifies, what was skipped and why, and what the trainer's own "resume from
     latest" would have picked (with why ckpttool differs, when it does)."""
     skipped, result, run_by = [], None, None  # run_by: the report whose trainer wrote the run
-    for candidate, report in verdicts(root, for_resume, stop_after_valid=1):
+    for candidate, report in verdicts(root, for_resume=for_resume, stop_after_valid=1):
         if report is not None and report.ok:
             result = {"path": candidate.path, "step": report.step, "trainer": report.trainer}
             run_by = report

@@ -25,7 +25,7 @@ def target_format(dst: str, to: str | None) -> str:
     return fmt
 
 
-def check_destination(src: str, dst: str, force: bool):
+def check_destination(src: str, dst: str, *, force: bool):
     """DST may not be SRC, lie inside it, hold it, or reach it through a link (real paths compared): `--force`
     replaces DST whole, and an input is never modified."""
     from ckpttool import paths

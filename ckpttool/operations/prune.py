@@ -40,7 +40,7 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
     return {"keep": keep_rows, "delete": delete_rows, "stale_staging": atomic.stale_staging(root)}
 
 
-def prune(root: str, keep: int, keep_every: int | None = None, dry_run: bool = False) -> dict:
+def prune(root: str, keep: int, keep_every: int | None = None, *, dry_run: bool = False) -> dict:
     result = plan(root, keep, keep_every)
     result["dry_run"] = dry_run
     if not dry_run:

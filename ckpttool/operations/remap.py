@@ -178,7 +178,8 @@ def align_like(plan: KeyPlan, ref_tensors: list[TensorInfo], ref_qmap_path: str 
     to_dequantize = {m: i for m, i in our_q.items() if m not in ref_q and f"{m}.weight" in aligned_ref}
     shapes = {m: aligned_ref[f"{m}.weight"].shape for m in to_dequantize}
     plan.dequantize(to_dequantize, shapes)
-    to_quantize = {m: {"weights": i["weights"]} for m, i in ref_q.items() if m not in our_q and f"{m}.weight" in plan.entries}
+    to_quantize = {m: {"weights": i["weights"]} for m, i in ref_q.items()
+                   if m not in our_q and f"{m}.weight" in plan.entries}
     if ref_qmap_path and to_quantize:
         exact = load_qmap(ref_qmap_path)
         to_quantize = {m: exact.get(m, spec) for m, spec in to_quantize.items()}
@@ -231,7 +232,7 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
     from ckpttool.checksums import MANIFEST_NAME
     from ckpttool.operations import manifest
 
-    output.check_destination(src, dst, force)
+    output.check_destination(src, dst, force=force)
     ckpt = open_checkpoint(src)
     comp = select_component(ckpt, options.get("component", "model"), src)
     weights = next((f for f in comp.files if f.endswith(".safetensors")), None)
@@ -260,7 +261,7 @@ def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: st
         return remap_state_dir(src, dst, force, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
                                quantize_map=quantize_map, component=component)
     fmt = output.target_format(dst, to)
-    output.check_destination(src, dst, force)
+    output.check_destination(src, dst, force=force)
     comp = select_component(open_checkpoint(src), component, src)
     plan = KeyPlan(comp.tensors)
     for func, (kind, value) in zip(parse_ops(ops), ops):

@@ -67,7 +67,7 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     from ckpttool.operations.output import check_destination
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
-        check_destination(src, dst, force)
+        check_destination(src, dst, force=force)
     p = plan(src, like)
     report = RepairReport(src, dst, dry_run, list(p.fixes), p.saves_something)
     if not p.fixes or dry_run or not p.saves_something:

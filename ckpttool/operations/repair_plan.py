@@ -192,8 +192,8 @@ def _plan_salvage(p: RepairPlan, code: Code, path: str, manifest: dict):
     vouch = ("each checked by its CRC-32" if found.checked else "no checksum in the file") + \
         (f", {checked} matched to the manifest" if checked else "")
     p.add(Fix(code, path, Action.SALVAGE, f"{len(found.kept)} of {len(found.kept) + len(found.lost)} tensors whole "
-              f"({vouch}); {found.how}", len(found.kept), [{"name": name, "why": why} for name, why in found.lost],
-              found.saves_anything))
+              f"({vouch}); {found.how}", kept=len(found.kept),
+              lost=[{"name": name, "why": why} for name, why in found.lost], saves=found.saves_anything))
 
 
 def _manifest_digests(src: str) -> dict:

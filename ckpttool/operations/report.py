@@ -21,7 +21,7 @@ def report(run_dir: str, for_resume: bool = False, module_depth: int = 2) -> dic
     from ckpttool.operations.latest import verdicts
 
     checkpoints, picked = [], None
-    for candidate, verdict in verdicts(run_dir, for_resume):
+    for candidate, verdict in verdicts(run_dir, for_resume=for_resume):
         entry = {"path": candidate.path, "name": os.path.relpath(candidate.path, run_dir),
                  "size": _size(candidate.path)}
         if verdict is None:

@@ -57,7 +57,7 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
 
 # --- checksums ---
 
-def check_manifest(v: Verification, ckpt: Checkpoint, require: bool) -> bool:
+def check_manifest(v: Verification, ckpt: Checkpoint, *, require: bool) -> bool:
     """The checksums check; True when every file matched a manifest that was written after a CRC check."""
     target = checksums.manifest_path(ckpt)
     if not os.path.exists(target):
@@ -344,10 +344,10 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         # Unreadable: say why, and let a manifest still tell which bytes changed.
         v.problem(e.code, ERROR, e.reason, e.path or path)
         v.check("integrity", FAIL, f"{e.code}: {e.reason}")
-        check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require_manifest)
+        check_manifest(v, Checkpoint(path, guess_format(path), "unreadable", files=[path]), require=require_manifest)
         return _report(v, guess_format(path), None), None, v
     sums = Verification(path)  # first: bytes that match a CRC-checked manifest need no CRC pass of their own
-    covered = check_manifest(sums, ckpt, require_manifest)
+    covered = check_manifest(sums, ckpt, require=require_manifest)
     report = _checks(v, ckpt, sums, crcs_covered=covered, expect_step=expect_step, config=config,
                      for_resume=for_resume, finite=finite)
     return report, ckpt, v

@@ -26,7 +26,8 @@ RNG = Part("RNG state (random_states_N.pkl, one per process)", (r"random_states_
            why="gate_and_load refuses to resume without this rank's file (the resume is bit-exact or refused)")
 SCALER = Part("GradScaler state (scaler.pt)", (r"scaler\.pt",), absent=RUN,
               why="gate_and_load refuses an fp16 resume without it: the loss scale would restart")
-EMA = Part("EMA weights (ema/model.safetensors)", (r"ema/",), absent=RUN, folders=ENGINE, content=("model.safetensors",),
+EMA = Part("EMA weights (ema/model.safetensors)", (r"ema/",), absent=RUN, folders=ENGINE,
+           content=("model.safetensors",),
            why="load restores the EMA weights when they are there; without them the EMA restarts from the weights")
 STATE = Part("the step and epoch (training_state.json)", (r"training_state\.json",), kind=JSON,
              why="load reads global_step from it and raises without it")

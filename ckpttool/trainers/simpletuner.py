@@ -85,7 +85,8 @@ class SimpleTuner(Accelerate):
         if os.path.exists(os.path.join(ckpt.path, GUARD)):
             why = ".guard does not say 'complete'"
         elif os.path.isfile(os.path.join(ckpt.path, CHECKPOINT_MANIFEST)):
-            why = f"{CHECKPOINT_MANIFEST} is there but .guard, which this SimpleTuner version writes right after it, is not"
+            why = (f"{CHECKPOINT_MANIFEST} is there but .guard, which this SimpleTuner version writes right after it, "
+                   "is not")
         elif any(guarded(p) for p in self.run_saves(ckpt.path).values()):
             why = "the run's other checkpoints carry a .guard, which SimpleTuner writes last, and this one has none"
         else:
