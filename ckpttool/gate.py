@@ -37,6 +37,9 @@ class ResumeGateError(Exception):
             lines.append(f"  [{p['code']}] {p['message']}" + (f"\n      fix: {p['fix']}" if p.get("fix") else ""))
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # pickled whole (a process pool, a launcher carrying it to another rank)
+        return type(self), (self.path, self.problems)
+
 
 SNAPSHOT_LIMIT = 100_000  # files whose identity a snapshot records (a checkpoint of more is rare; the rest unchecked)
 
@@ -357,7 +360,8 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
         raise ResumeGateError(path, [Problem(Code.MISSING_FILE, ERROR, str(e))]) from None
     except CkptError as e:
         raise ResumeGateError(path, [Problem(e.code, ERROR, str(e))]) from None
-    except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+    except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            OSError) as e:
         raise ResumeGateError(path, [Problem(Code.CORRUPT, ERROR, f"{path} cannot be read "
                                       f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint")]) \
             from None

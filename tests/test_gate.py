@@ -197,3 +197,37 @@ def test_the_gates_problems_are_the_contracts_plain_dicts(corpus, tmp_path):
     mine = {"code": "step_mismatch", "severity": "error", "message": "my own check", "fix": "fix it"}
     assert "[step_mismatch] my own check" in str(ResumeGateError("x", [mine]))
     assert not GateReport("x", 3, [mine]).ok and GateReport("x", 3, []).ok
+
+
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), 2.5])
+def test_an_optimizer_step_that_is_no_count_is_not_read_as_one(tmp_path, step):
+    """An optimizer state whose `step` is NaN, inf or not whole counts nothing: inspect and verify report the file
+    (no internal error), and the gate answers with ResumeGateError or a report, never an escaping exception."""
+    from ckpttool.operations.inspect import inspect
+    from ckpttool.operations.verify import verify
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    for per_param in state["state"].values():
+        per_param["step"] = step
+    path = str(tmp_path / "train.pt")
+    torch.save({"model": model.state_dict(), "optimizer": state, "global_step": 1}, path)
+    assert inspect(path)["step"] == 1
+    assert verify(path, recall=False).step == 1
+    try:
+        check_resume(path, model=model, optimizer=opt)
+    except ResumeGateError:
+        pass
+
+
+def test_a_refusal_survives_pickling(corpus):
+    """A launcher or a process pool carries the refusal to another process whole."""
+    import pickle
+
+    with pytest.raises(ResumeGateError) as err:
+        check_resume(corpus["diffusers_truncated_newest"])
+    again = pickle.loads(pickle.dumps(err.value))
+    assert again.path == err.value.path and again.problems == err.value.problems and str(again) == str(err.value)

@@ -292,7 +292,7 @@ def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
         step = per_param.get("step") if isinstance(per_param, dict) else None
         if isinstance(step, TensorRef):
             step = read_scalar(tensor_info("step", step, raw, path))
-        if isinstance(step, (int, float)) and not isinstance(step, bool):
+        if type(step) is int or (type(step) is float and step.is_integer()):  # NaN, inf or 2.5 count nothing
             steps.append(int(step))
     return max(steps) if steps else None
 

@@ -34,7 +34,8 @@ def judged(path: str, *, for_resume: bool) -> VerifyReport:
         return verify(path, for_resume=for_resume)
     except (UsageError, CkptError) as e:
         reason = e.reason if isinstance(e, CkptError) else str(e)
-    except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+    except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            OSError) as e:
         reason = f"it cannot be read ({type(e).__name__})"
     return VerifyReport(path, None, None, problems=[Problem(Code.CORRUPT, ERROR, reason, path)])
 
