@@ -5,18 +5,20 @@ the whole cost. ckpttool is measured as a user has it: a regular (not editable) 
 temporary folder by pip, run as its `ckpttool` console script from a folder outside the tree. Each command runs once
 to warm the bytecode cache (PYTHONDONTWRITEBYTECODE is dropped for the runs, as it is unset on a user's machine), then
 `--repeat` times, each run right after a `python -c pass` (so a noisy neighbour hits both alike); the table gives the
-medians and their ratio. Asked (issue 31): --help within 2.5x, inspect of a tiny .pt within 4x, verify within 4.5x.
+medians and the ratio of CPU times (user + system: a neighbour's load stretches wall time, hardly CPU time). Asked
+(issue 31): --help within 2.5x, inspect of a tiny .pt within 4x, verify within 4.5x.
 
     python benchmarks/bench_startup.py [--repeat 10] [--against GIT_REF]
 
-`--against` installs that commit of the tree too and times it in the same alternation (python, this tree, the other),
-so a change's start-up cost is read side by side in one run.
+`--against` installs that commit of the tree too and times it in the same alternation (python, then this tree and the
+other, in turns first), so a change's start-up cost is read side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,10 +69,15 @@ def installed(folder: str, ref: str | None = None) -> tuple[str, dict]:
     return os.path.join(folder, "bin", "ckpttool"), dict(env, CKPTTOOL_CACHE_DIR="", PYTHONPATH=folder)
 
 
-def timed(cmd: list[str], env: dict, cwd: str) -> float:
+def timed(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process: user + system). The CPU time is what a busy neighbour disturbs
+    least: it is not stretched by waiting for a core."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main():
@@ -88,24 +95,28 @@ def main():
         commands += [(f"inspect {kind}", ["inspect", path]) for kind, path in files.items()]
         commands += [(f"verify {kind}", ["verify", path]) for kind, path in files.items()]
         commands += [("inspect, 5 files in one call", ["inspect", *files.values()])]
-        print(f"a regular install ({script}); medians of {args.repeat} runs, each right after a `python -c pass`")
-        header = f"{'command':34} {'ckpttool':>9} {'python':>8} {'ratio':>6}"
-        print(header + (f" {args.against:>12} {'ratio':>6}" if against else ""))
+        print(f"a regular install ({script}); medians of {args.repeat} runs, each right after a `python -c pass`;")
+        print("wall seconds, and the ratio of CPU time (user + system) to python's")
+        header = f"{'command':34} {'ckpttool':>9} {'python':>8} {'cpu ratio':>9}"
+        print(header + (f" {args.against:>12} {'cpu ratio':>9}" if against else ""))
         for label, argv in commands:
             ours, base, theirs = [], [], []
             timed([script, *argv], env, folder)  # writes the bytecode cache
             if against:
                 timed([against[0], *argv], against[1], folder)
-            for _ in range(args.repeat):
+            for i in range(args.repeat):
                 base.append(timed([py, "-c", "pass"], env, folder))
-                ours.append(timed([script, *argv], env, folder))
-                if against:
-                    theirs.append(timed([against[0], *argv], against[1], folder))
-            o, b = statistics.median(ours), statistics.median(base)
-            line = f"{label:34} {o:8.3f}s {b:7.3f}s {o / b:5.2f}x"
+                runs = [(ours, [script, *argv], env)] + ([(theirs, [against[0], *argv], against[1])] if against else [])
+                for times, cmd, cmd_env in runs if i % 2 else runs[::-1]:  # alternate which goes first
+                    times.append(timed(cmd, cmd_env, folder))
+            def medians(times):
+                return statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
+
+            (o, o_cpu), (b, b_cpu) = medians(ours), medians(base)
+            line = f"{label:34} {o:8.3f}s {b:7.3f}s {o_cpu / b_cpu:8.2f}x"
             if against:
-                t = statistics.median(theirs)
-                line += f" {t:11.3f}s {t / b:5.2f}x"
+                t, t_cpu = medians(theirs)
+                line += f" {t:11.3f}s {t_cpu / b_cpu:8.2f}x"
             print(line)
 
 
