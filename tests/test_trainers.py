@@ -348,3 +348,19 @@ def test_torchtitan_train_state_is_read_as_torchtitan_saves_it(runs):
     objects = report["metadata"]["objects"]
     assert objects["train_state.log_steps"] == [1, 2, 3, 4] and objects["train_state.global_avg_losses"] == [0.5] * 4
     assert report["problems"] == []
+
+
+def test_file_roles_built_from_names_match_those_names_only():
+    """A role is matched from the start of an entry and anchored at its end: every name of a pattern() must be
+    anchored, or `pytorch_model.bin.bak` or `adapter_model.safetensors.part` would be read as weights."""
+    from ckpttool.formats.statedir import StateDirFiles
+    from ckpttool.trainers import path_profiles
+
+    names = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+             "adapter_model.safetensors", "adapter_model.bin"}
+    strays = {f"{n}{tail}" for n in names for tail in (".bak", ".part", "~")}
+    for profile in path_profiles(("transformers.Transformers", "peft.Peft")):
+        files = profile.state_dir_files()
+        assert isinstance(files, StateDirFiles)
+        matched = {entry for entry in names | strays for r in files.roles if r.pattern.match(entry)}
+        assert matched and not matched & strays, (profile.name, matched & strays)

@@ -34,5 +34,6 @@ def weights_file(folder: str, names=WEIGHTS) -> str | None:
 
 
 def pattern(names) -> str:
-    """A regular expression matching exactly these file names (for a profile's file roles and contract parts)."""
-    return "|".join(re.escape(name) for name in names)
+    """A regular expression matching exactly these file names (for a profile's file roles and contract parts): one
+    group, so an anchor after it binds every name, and not a capturing one, so a role's numbering is untouched."""
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
