@@ -364,3 +364,30 @@ def test_file_roles_built_from_names_match_those_names_only():
         assert isinstance(files, StateDirFiles)
         matched = {entry for entry in names | strays for r in files.roles if r.pattern.match(entry)}
         assert matched and not matched & strays, (profile.name, matched & strays)
+
+
+def test_a_checkpoint_that_lost_its_trainers_marker_is_judged_as_its_run(corpus, tmp_path):
+    """A SimpleTuner checkpoint whose training_state.json (the file that marks it SimpleTuner's) is lost looks like
+    a plain Accelerate save by its own files; the run's other checkpoint says SimpleTuner wrote it, so the loss is
+    the damage it is (SimpleTuner restarts its step and epoch counts) and `latest` passes over it."""
+    import shutil
+
+    from ckpttool.checkpoint import open_checkpoint
+    from ckpttool.operations.latest import latest
+    from ckpttool.operations.verify import verify
+
+    run = tmp_path / "run"
+    shutil.copytree(os.path.dirname(corpus["simpletuner"]), run)
+    shutil.rmtree(run / "checkpoint-6-tmp")
+    lost = run / "checkpoint-5"
+    shutil.copytree(run / "checkpoint-3", lost)
+    for marker in ("training_state.json", ".guard"):
+        (lost / marker).unlink()
+    ckpt = open_checkpoint(str(lost))
+    assert ckpt.trainer == "simpletuner"
+    report = verify(str(lost), for_resume=True, recall=False)
+    assert not report.ok and "training_state.json" in " ".join(p.message for p in report.problems if p.code == "missing_file")
+    assert os.path.basename(latest(str(run), for_resume=True)["path"]) == "checkpoint-3"
+    alone = tmp_path / "alone" / "checkpoint-5"  # no run around it to say otherwise: an Accelerate save, as before
+    shutil.copytree(lost, alone)
+    assert open_checkpoint(str(alone)).trainer != "simpletuner"

@@ -39,9 +39,33 @@ def path_profiles(names=PATH_PROFILES) -> list[Profile]:
 
 
 def for_path(path: str) -> Profile | None:
-    """The trainer whose output `path` is, judged by names and files alone; None when no profile claims it."""
+    """The trainer whose output `path` is, judged by names and files alone; None when no profile claims it. A dir
+    claimed only by files any trainer on the same library writes (Accelerate's) is its run's trainer when the run's
+    other checkpoints say which: a SimpleTuner checkpoint that lost training_state.json, the file that marks it, is
+    still SimpleTuner's, and that loss is damage, not an Accelerate checkpoint."""
     names = PATH_PROFILES if os.path.isdir(path) else FILE_PROFILES
-    return next((p for p in path_profiles(names) if p.claims_path(path)), None)
+    own = next((p for p in path_profiles(names) if p.claims_path(path)), None)
+    if own is not None and own.claims_by_shared_files:
+        return run_profile(path, own) or own
+    return own
+
+
+SIBLINGS_ASKED = 4  # the run's checkpoints nearest by number that are asked which trainer wrote them
+
+
+def run_profile(path: str, own: Profile) -> Profile | None:
+    """The more specific trainer (one built on `own`'s library) that the run's other checkpoints nearest to `path` are
+    claimed by, where they agree and its naming is `path`'s too; None where none says so."""
+    folder = os.path.dirname(os.path.abspath(os.path.normpath(path)))
+    number = own.name_number(path)
+    if number is None or own.name_pattern is None:
+        return None
+    nearest = sorted(numbered_dirs(folder, own.name_pattern).items(), key=lambda item: abs(item[0] - number))
+    siblings = [sibling for n, sibling in nearest if n != number][:SIBLINGS_ASKED]
+    claimed = {next((p for p in path_profiles() if p.claims_path(sibling)), None) for sibling in siblings}
+    specific = {p for p in claimed if p is not None and not p.claims_by_shared_files and p.built_on == own.built_on
+                and p.name_number(path) is not None}
+    return specific.pop() if len(specific) == 1 else None
 
 
 def is_state_dir(path: str) -> bool:

@@ -135,6 +135,9 @@ class Accelerate(Profile):
     counter_meanings = ((Record.RNG, r"random_states_\d+\.step", MICRO_STEPS),)
     scheduler_rule = "AcceleratedScheduler: skipped with the optimizer on fp16 overflow, else once per process"
 
+    built_on = "accelerate"  # SimpleTuner, kohya, diffusers' scripts and the reference trainer too
+    claims_by_shared_files = True
+
     def claims_path(self, path):
         return has_accelerate_files(path)
 

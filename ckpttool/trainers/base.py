@@ -111,6 +111,10 @@ class Profile:
     # stops the resume): a file naming anything else fails there, whatever ckpttool itself can read. Empty where the
     # loader is unknown or unpickles freely (DeepSpeed's engine, Lightning's torch.load of a trusted .ckpt).
     weights_only_loads: tuple[tuple[str, frozenset, bool], ...] = ()
+    built_on: str | None = None  # the library whose save this trainer's checkpoints are (Accelerate's save_state)
+    # Claims a dir by the files every trainer built on that library writes: the run's other checkpoints may say which
+    # trainer it really is, when the file that marks that trainer is the one lost
+    claims_by_shared_files = False
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
     total_limit_rule: str | None = None  # how its total limit deletes, in words
 

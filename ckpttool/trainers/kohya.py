@@ -31,6 +31,7 @@ class Kohya(Accelerate):
     state_files = {"train_state.json": {"current_step": GLOBAL_STEP, "current_epoch": EPOCH}}
     latest_rule = "none: --resume loads the -state dir it is given"
     total_limit_rule = "--save_last_n_epochs_state / --save_last_n_steps_state delete older -state dirs"
+    claims_by_shared_files = False  # its own marker files claim it
 
     def resume_contract(self, ckpt):
         return state_contract(ckpt.path, f"kohya-ss/sd-scripts train_network.py load_model_hook; {LOAD}",

@@ -41,6 +41,7 @@ class Reference(Accelerate):
     name_pattern = re.compile(r"checkpoint-(\d+)(?:\.tmp)?")
     latest_rule = "--resume-from-checkpoint latest: ckpttool latest --for-resume (verified)"
     total_limit_rule = "--checkpoints-total-limit: ckpttool prune, never the newest valid checkpoint"
+    claims_by_shared_files = False  # its own marker files claim it
 
     def resume_contract(self, ckpt):
         return Contract(LOAD, (MODELS, OPTIMIZERS, SCHEDULERS, SCALER, EMA, RNG, STATE), model=(MODELS,),

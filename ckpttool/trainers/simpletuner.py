@@ -58,6 +58,7 @@ class SimpleTuner(Accelerate):
     latest_rule = ("get_latest_checkpoint: the highest N among checkpoint* dirs not ending in tmp (newer versions: "
                    "only dirs with a .guard)")
     total_limit_rule = "checkpoints_total_limit: -tmp dirs are removed, then the oldest checkpoint-N"
+    claims_by_shared_files = False  # its own marker files claim it
 
     def claims_path(self, path):
         if not os.path.isdir(path):
