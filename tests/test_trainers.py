@@ -386,7 +386,8 @@ def test_a_checkpoint_that_lost_its_trainers_marker_is_judged_as_its_run(corpus,
     ckpt = open_checkpoint(str(lost))
     assert ckpt.trainer == "simpletuner"
     report = verify(str(lost), for_resume=True, recall=False)
-    assert not report.ok and "training_state.json" in " ".join(p.message for p in report.problems if p.code == "missing_file")
+    missing = " ".join(p.message for p in report.problems if p.code == "missing_file")
+    assert not report.ok and "training_state.json" in missing
     assert os.path.basename(latest(str(run), for_resume=True)["path"]) == "checkpoint-3"
     alone = tmp_path / "alone" / "checkpoint-5"  # no run around it to say otherwise: an Accelerate save, as before
     shutil.copytree(lost, alone)
