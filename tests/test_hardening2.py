@@ -259,3 +259,28 @@ def test_a_prune_stopped_half_way_leaves_each_checkpoint_whole_or_gone(tmp_path,
     assert all(cli("verify", run / name)[0].exit_code == 0 for name in left)  # whole, not half deleted
     _, latest = cli("latest", "--json", run)
     assert os.path.basename(latest["path"]) == "checkpoint-3" and latest["skipped"] == []
+
+
+@pytest.mark.parametrize("marker", ["training_state.json", ".guard"])
+@pytest.mark.parametrize("where", ["checkpoint", "sibling"])
+def test_a_fifo_named_like_a_trainers_marker_is_never_opened(tmp_path, marker, where):
+    """Recognising a trainer reads small marker files (SimpleTuner's training_state.json and .guard), in the checkpoint
+    and in the run's other checkpoints: a FIFO under that name would block the open for ever. It is never opened;
+    in the checkpoint it is unsafe_path, in a sibling it says nothing."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    for step in (3, 5):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        torch.save({}, str(folder / "optimizer.bin"))
+    os.mkfifo(run / ("checkpoint-5" if where == "checkpoint" else "checkpoint-3") / marker)
+    done = subprocess.run([sys.executable, "-m", "ckpttool", "verify", "--json", str(run / "checkpoint-5")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, CKPTTOOL_CACHE_DIR=""))
+    codes = {p["code"] for p in __import__("json").loads(done.stdout)["problems"]}
+    assert done.returncode == (1 if where == "checkpoint" else 0)
+    # a .guard, even one never opened, names SimpleTuner, whose training_state.json is then missing
+    expected = {"unsafe_path"} | ({"missing_file"} if marker == ".guard" else set()) if where == "checkpoint" else set()
+    assert codes == expected

@@ -14,6 +14,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+from ckpttool import paths
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
 
 if TYPE_CHECKING:
@@ -23,12 +24,25 @@ if TYPE_CHECKING:
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
 
 
+def marker_text(folder: str, name: str) -> str | None:
+    """The text of `folder/name`, a file a profile recognises its trainer by; None when it is missing or unreadable,
+    and never opened when it is a FIFO, device or socket (opening could block for ever) or a link out of `folder`."""
+    full = os.path.join(folder, name)
+    if paths.unsafe(full, folder):
+        return None
+    try:
+        with open(full, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def json_keys(folder: str, name: str) -> set | None:
     """The top-level keys of `folder/name` when it is a JSON object; None when it is missing or not one."""
+    text = marker_text(folder, name)
     try:
-        with open(os.path.join(folder, name), encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError, RecursionError):
+        doc = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
         return None
     return set(doc) if isinstance(doc, dict) else None
 

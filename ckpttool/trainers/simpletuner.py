@@ -18,7 +18,7 @@ import re
 
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem
 from ckpttool.trainers.accelerate import LOAD, Accelerate, state_contract
-from ckpttool.trainers.base import json_keys, numbered_dirs
+from ckpttool.trainers.base import json_keys, marker_text, numbered_dirs
 from ckpttool.trainers.contract import JSON, Part
 from ckpttool.trainers.diffusers import FOLDERS, HOOKED_MODELS, LORA
 
@@ -41,11 +41,7 @@ RANK_STATES = Part("other ranks' training state (training_state-rankN.json)", (r
 
 
 def guarded(path: str) -> bool:
-    try:
-        with open(os.path.join(path, GUARD), encoding="utf-8", errors="replace") as f:
-            return f.read().strip() == "complete"
-    except OSError:
-        return False
+    return (marker_text(path, GUARD) or "").strip() == "complete"
 
 
 class SimpleTuner(Accelerate):
