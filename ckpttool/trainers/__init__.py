@@ -43,11 +43,16 @@ def for_path(path: str) -> Profile | None:
     claimed only by files any trainer on the same library writes (Accelerate's) is its run's trainer when the run's
     other checkpoints say which: a SimpleTuner checkpoint that lost training_state.json, the file that marks it, is
     still SimpleTuner's, and that loss is damage, not an Accelerate checkpoint."""
-    names = PATH_PROFILES if os.path.isdir(path) else FILE_PROFILES
-    own = next((p for p in path_profiles(names) if p.claims_path(path)), None)
+    own = _claimant(path)
     if own is not None and own.claims_by_shared_files:
         return run_profile(path, own) or own
     return own
+
+
+def _claimant(path: str) -> Profile | None:
+    """The first profile whose names and files claim `path` by themselves."""
+    names = PATH_PROFILES if os.path.isdir(path) else FILE_PROFILES
+    return next((p for p in path_profiles(names) if p.claims_path(path)), None)
 
 
 SIBLINGS_ASKED = 4  # the run's checkpoints nearest by number that are asked which trainer wrote them
@@ -62,7 +67,7 @@ def run_profile(path: str, own: Profile) -> Profile | None:
         return None
     nearest = sorted(numbered_dirs(folder, own.name_pattern).items(), key=lambda item: abs(item[0] - number))
     siblings = [sibling for n, sibling in nearest if n != number][:SIBLINGS_ASKED]
-    claimed = {next((p for p in path_profiles() if p.claims_path(sibling)), None) for sibling in siblings}
+    claimed = {_claimant(sibling) for sibling in siblings}
     specific = {p for p in claimed if p is not None and not p.claims_by_shared_files and p.built_on == own.built_on
                 and p.name_number(path) is not None}
     return specific.pop() if len(specific) == 1 else None
