@@ -284,3 +284,30 @@ def test_a_fifo_named_like_a_trainers_marker_is_never_opened(tmp_path, marker, w
     # a .guard, even one never opened, names SimpleTuner, whose training_state.json is then missing
     expected = {"unsafe_path"} | ({"missing_file"} if marker == ".guard" else set()) if where == "checkpoint" else set()
     assert codes == expected
+
+
+@pytest.mark.parametrize("layout", ["deepspeed_latest", "shard_index"])
+def test_a_fifo_where_a_reader_expects_a_small_file_is_refused_not_opened(tmp_path, layout):
+    """DeepSpeed's `latest` and a shard index are read to find the rest: as a FIFO they would block the open for
+    ever; each is named (unsafe_path, corrupt) and verify exits 1."""
+    import json
+    import subprocess
+    import sys
+
+    if layout == "deepspeed_latest":
+        target = tmp_path / "ds"
+        (target / "global_step3").mkdir(parents=True)
+        torch.save({"module": {"w": torch.zeros(2)}, "global_steps": 3},
+                   str(target / "global_step3" / "mp_rank_00_model_states.pt"))
+        os.mkfifo(target / "latest")
+        expected = {"unsafe_path", "missing_file"}
+    else:
+        target = tmp_path / "shards"
+        target.mkdir()
+        save_file({"w": torch.zeros(2)}, str(target / "model-00001-of-00001.safetensors"))
+        os.mkfifo(target / "model.safetensors.index.json")
+        expected = {"corrupt"}
+    done = subprocess.run([sys.executable, "-m", "ckpttool", "verify", "--json", str(target)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, CKPTTOOL_CACHE_DIR=""))
+    assert done.returncode == 1
+    assert {p["code"] for p in json.loads(done.stdout)["problems"]} == expected

@@ -50,6 +50,8 @@ def tag_dir(path: str) -> str | None:
         return None
     if any(MODEL_STATES.fullmatch(e) for e in os.listdir(path)):
         return path
+    if paths.special(os.path.join(path, LATEST)):
+        return None  # a FIFO (or device) would block the read: never opened; the checkpoint walk reports it
     try:
         with open(os.path.join(path, LATEST), encoding="utf-8") as f:
             tag = f.read(256).strip()

@@ -33,6 +33,7 @@ def detect(path: str) -> bool:
 
 def read_index(index: str) -> tuple[dict, dict]:
     """(weight_map, metadata) of an index file, validated."""
+    paths.regular(index)
     try:
         with open(index, encoding="utf-8") as f:
             doc = json.load(f)
