@@ -280,6 +280,8 @@ class StepSource:
     record: Record = field(kw_only=True)  # where it was read
     key: str = field(default="", kw_only=True)  # its key path in that record ("global_step", "lr_scheduler.last_epoch")
     file: str | None = field(default=None, kw_only=True)  # the file it was read from, relative to the checkpoint
+    # where several files each carry it (one per rank): (file, value) of each, which must agree; `value` is the largest
+    per_file: tuple[tuple[str, int], ...] = field(default=(), kw_only=True)
 
     @property
     def kind(self) -> str:

@@ -15,7 +15,10 @@ alone:
   skip count explains is an error: the part comes from another save;
 - a scheduler steps after real updates or after every step (times the processes, for Accelerate): it lies between
   the optimizer's updates and the global step; Lightning's may step per epoch instead;
-- save counters and accumulation counters are shown, never compared.
+- one counter carried by several files of one save (an optimizer's `step` in every DCP rank file or ZeRO partition,
+  Accelerate's `step` in every process's RNG file) has one value: files that differ come from two saves (a rank that
+  failed to write, a partial copy), and the error names each value and the files that carry it;
+- save counters and accumulation counters are otherwise shown, never compared.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ MEANINGS = {
     SCHEDULER_STEPS: "LR scheduler steps",
     SAVES: "number of saves (not a step)",
     EPOCH: "epoch",
-    MICRO_STEPS: "gradient-accumulation micro-steps (never compared)",
+    MICRO_STEPS: "gradient-accumulation micro-steps (compared only between the processes of one save)",
     SKIPPED_UPDATES: "fp16-skipped updates, as the trainer counted them",
 }
 DEFAULT_INIT_SCALE = 65536.0  # torch.amp.GradScaler, Accelerate GradScalerKwargs and Lightning all default to 2**16
@@ -190,15 +193,47 @@ class Judge:
                       f"{rule}); fine for a plateau or per-epoch scheduler, otherwise it comes from another save")
 
 
+    def mixed(self, what: str, values: dict[str, int]) -> bool:
+        """Whether the files carrying one counter of one save (`values`: file -> value) disagree; an error if so."""
+        if len(set(values.values())) < 2:
+            return False
+        by_value: dict[int, list[str]] = {}
+        for file, value in sorted(values.items()):
+            by_value.setdefault(value, []).append(file)
+        shown = " but ".join(f"{value} in {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}"
+                          for value, files in sorted(by_value.items()))
+        self.error(f"the checkpoint mixes saves: {what} is {shown}; every file of one save carries the same value, so "
+                   "the others were left by another save (a rank that failed to write, an interrupted copy or "
+                   "restore); resume from a checkpoint saved whole")
+        return True
+
+
+def per_rank_values(ckpt: Checkpoint, profile) -> dict[str, dict[str, int]]:
+    """Counters each process writes into its own file with one value for all (the profile's `per_rank_counters`):
+    what they are -> file -> value, where more than one file carries them."""
+    import re
+
+    found: dict[str, dict[str, int]] = {}
+    for pattern, what in profile.per_rank_counters:
+        for s in ckpt.steps:
+            if s.file and re.fullmatch(pattern, s.key):
+                found.setdefault(what, {})[s.file] = s.value
+    return {what: values for what, values in found.items() if len(values) > 1}
+
+
 def judge(ckpt: Checkpoint, profile, run_saves: dict[int, str] | None = None) -> tuple[list[Problem], list[str]]:
     """Problems (`step_mismatch`) and explanations for the counters of `ckpt` as its trainer `profile` reads them."""
     j = Judge(ckpt, profile, run_saves or {})
     j.agree(GLOBAL_STEP, "global-step")
     j.agree(EPOCH, "epoch")
+    for what, values in per_rank_values(ckpt, profile).items():
+        j.mixed(what, values)
     if j.step is not None:
         updates = of(ckpt, OPTIMIZER_UPDATES)
-        if j.has_global:
-            for source in updates:
+        for source in updates:
+            if j.mixed(f"the {source.source}", dict(source.per_file)):
+                continue  # one save's files disagree: that is the finding, not a lag behind the global step
+            if j.has_global:
                 j.optimizer(source)
         for source in of(ckpt, SCHEDULER_STEPS):
             j.scheduler(source, [u.value for u in updates])

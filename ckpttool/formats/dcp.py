@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, unpickle
+from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, unpickle
 from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Code, Component, Location,
                             Record, StepSource, TensorInfo)
 
@@ -25,7 +25,7 @@ METADATA = ".metadata"
 OBJECT_GLOBALS = SAFE_GLOBALS | {"_io.BytesIO"}
 OBJECT_LIMIT = 1 << 20  # bytes of one non-tensor item read to show it; larger ones are only sized
 OBJECTS_READ = 2000  # non-tensor items read per checkpoint; the rest are listed unread
-COUNTER_TENSORS = 64  # `step` tensors of an optimizer state read (they are equal: one per parameter)
+SCALAR_ITEM_LIMIT = 1 << 16  # bytes of a one-element tensor item's torch.save blob; a larger one is no counter
 OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)(?:_\d+)?\.state\..+\.step")  # Lightning: optimizer_0, ...
 SCHEDULER_STEP = re.compile(r"(?:lr_scheduler|scheduler)(?:\.\d+)?\.last_epoch")
 
@@ -271,16 +271,60 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
         if t.numel != 1 or t.location is None or t.name.rsplit(".", 1)[-1] not in STEP_KEYS + EPOCH_KEYS:
             continue
         if OPTIMIZER_STEP.fullmatch(t.name):
-            if len(updates) < COUNTER_TENSORS:
-                updates.append(_scalar(t))
+            updates.append(t)
         else:
             value = _scalar(t)
             if value is not None:
                 found.append(StepSource(f"DCP state '{t.name}'", value, record=Record.DCP_STATE, key=t.name))
-    updates = [int(u) for u in updates if u is not None]
     if updates:
-        found.append(StepSource("optimizer state step", max(updates), OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
-                                key="step"))
+        found.extend(_optimizer_updates(updates, path))
+    return found
+
+
+def _optimizer_updates(steps: list[TensorInfo], path: str) -> list[StepSource]:
+    """The optimizer's updates: every per-parameter `step` item is read (DCP writes each replicated item once, from
+    whichever rank its planner picks, so each rank's data file holds some of them); each file's largest is its
+    value, and files that disagree come from different saves (steps.Judge says so)."""
+    per_file: dict[str, int] = {}
+    by_file: dict[str, list[TensorInfo]] = defaultdict(list)
+    for t in steps:
+        by_file[t.location.file].append(t)
+    for file, items in sorted(by_file.items()):
+        values = [int(v) for v in _scalars(file, items) if v is not None]
+        if values:
+            per_file[os.path.relpath(file, os.path.dirname(path))] = max(values)
+    if not per_file:
+        return []
+    return [StepSource("optimizer state step", max(per_file.values()), OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
+                       key=f"{os.path.basename(path)}.step",
+                       per_file=tuple(sorted(per_file.items())) if len(per_file) > 1 else ())]
+
+
+def _scalars(file: str, items: list[TensorInfo]) -> list:
+    """The one-element tensor items of one data file, each read from its torch.save blob in memory (the file opened
+    once, in offset order); None for one that is unreadable or not a whole number."""
+    from ckpttool.formats.torchfile import read_raw
+    from ckpttool.formats.torchtree import scalar_in
+
+    found = []
+    try:
+        paths.regular(file)
+        with open(file, "rb") as f:
+            for t in sorted(items, key=lambda t: t.location.offset):
+                if t.location.length > SCALAR_ITEM_LIMIT:
+                    continue
+                f.seek(t.location.offset)
+                blob = f.read(t.location.length)
+                try:
+                    raw = read_raw(file, data=blob)
+                except CkptError:
+                    continue  # verify reads the item and names its damage
+                value = scalar_in(raw, blob) if isinstance(raw.obj, TensorRef) and math.prod(raw.obj.shape) == 1 \
+                    else None
+                found.append(value if isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                             else None)
+    except (CkptError, OSError):
+        pass  # read() names a missing or cut-short data file
     return found
 
 

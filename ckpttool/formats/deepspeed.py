@@ -368,14 +368,19 @@ def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Comp
             comp.tensors.extend(torchtree.tensor_info(prefix + n, leaf, raws[optim_files[rank]], optim_files[rank])
                                 for n, leaf in torchtree.flatten(value) if isinstance(leaf, TensorRef))
         parts.append(comp)
-        first = min(optims)
-        # the torch optimizer's own state dict: ZeRO-1/2 base_optimizer_state, ZeRO-3 optimizer_state_dict
-        inner = next((optims[first][k] for k in ("base_optimizer_state", "optimizer_state_dict")
-                      if isinstance(optims[first].get(k), dict)), optims[first])
-        step = torchtree.optimizer_step(inner, raws[optim_files[first]], optim_files[first])
-        if step is not None:
-            ckpt.steps.append(StepSource("optimizer state step", step, OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
-                                         key="step", file=os.path.basename(optim_files[first])))
+        per_file = {}
+        for rank in sorted(optims):  # every rank's partition steps together: one that differs is from another save
+            # the torch optimizer's own state dict: ZeRO-1/2 base_optimizer_state, ZeRO-3 optimizer_state_dict
+            inner = next((optims[rank][k] for k in ("base_optimizer_state", "optimizer_state_dict")
+                          if isinstance(optims[rank].get(k), dict)), optims[rank])
+            step = torchtree.optimizer_step(inner, raws[optim_files[rank]], optim_files[rank])
+            if step is not None:
+                per_file[os.path.basename(optim_files[rank])] = step
+        if per_file:
+            first = next(iter(per_file))
+            ckpt.steps.append(StepSource("optimizer state step", max(per_file.values()), OPTIMIZER_UPDATES,
+                                         record=Record.OPTIMIZER, key="step", file=first,
+                                         per_file=tuple(per_file.items()) if len(per_file) > 1 else ()))
     scheduler = states.get("lr_scheduler")
     if isinstance(scheduler, dict):
         parts.append(Component("lr_scheduler", "scheduler", files=[path0], tree=scheduler))

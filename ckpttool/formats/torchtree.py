@@ -300,6 +300,19 @@ def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
 SCALAR_FORMATS = {"float32": "<f", "float64": "<d", "int64": "<q", "int32": "<i", "float16": "<e"}
 
 
+def scalar_in(raw: RawPickle, data: bytes):
+    """The value of the one-element tensor a torch.save blob held in memory (`data`, read as `raw`) pickled."""
+    ref = raw.obj
+    fmt = SCALAR_FORMATS.get(ref.dtype)
+    entry = raw.storages.get(ref.storage.key)
+    if fmt is None or entry is None:
+        return None
+    size = struct.calcsize(fmt)
+    start = entry[1] + ref.storage_offset * size
+    chunk = data[start:start + size] if start >= 0 else b""
+    return struct.unpack(fmt, chunk)[0] if len(chunk) == size else None
+
+
 def read_scalar(info: TensorInfo):
     """Value of a one-element tensor read straight from its bytes (a few bytes, no torch import)."""
     fmt = SCALAR_FORMATS.get(info.dtype)

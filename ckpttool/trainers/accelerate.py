@@ -133,6 +133,9 @@ class Accelerate(Profile):
     file_roles = FILES
     weights_only_loads = WEIGHTS_ONLY_LOADS
     counter_meanings = ((Record.RNG, r"random_states_\d+\.step", MICRO_STEPS),)
+    # every process runs the same loop, so Accelerator.step (+1 per accumulate(), 0 again at the end of each pass over
+    # the dataloader: accelerator.py _do_sync) is the same in every random_states_{process}.pkl of one save
+    per_rank_counters = ((r"random_states_\d+\.step", "Accelerator.step (in each process's random_states_N.pkl)"),)
     scheduler_rule = "AcceleratedScheduler: skipped with the optimizer on fp16 overflow, else once per process"
 
     built_on = "accelerate"  # SimpleTuner, kohya, diffusers' scripts and the reference trainer too

@@ -15,6 +15,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ckpttool import paths
+from ckpttool.trainers import implications
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class Profile:
     # stops the resume): a file naming anything else fails there, whatever ckpttool itself can read. Empty where the
     # loader is unknown or unpickles freely (DeepSpeed's engine, Lightning's torch.load of a trusted .ckpt).
     weights_only_loads: tuple[tuple[str, frozenset, bool], ...] = ()
+    # (key regex, what it is) of counters every process writes into its own file with one value for all
+    per_rank_counters: tuple[tuple[str, str], ...] = ()
     built_on: str | None = None  # the library whose save this trainer's checkpoints are (Accelerate's save_state)
     # Claims a dir by the files every trainer built on that library writes: the run's other checkpoints may say which
     # trainer it really is, when the file that marks that trainer is the one lost
@@ -252,13 +255,16 @@ class Profile:
 
             step = next((s.value for s in self.name_counters(ckpt.path)), None)
             sibling = contract.nearest_sibling(ckpt.path, self.run_saves(ckpt.path), step)
-            return problems + contract.absence(terms, ckpt, sibling)
+            lost = contract.absence(terms, ckpt, sibling)
+            return problems + lost + contract.implied(terms, ckpt, lost)
         if "optimizer" not in roles:
             problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, "no optimizer state: a resume would restart Adam "
                                     "moments and the step count from zero", ckpt.path))
         if self.needs_scheduler and "scheduler" not in roles:
             problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, "no LR scheduler state: a resume would restart "
                                     "warmup and the schedule from step 0", ckpt.path))
+        problems += implications.scheduler_problems(ckpt, always_saved=False,
+                                                    lost_reported=self.needs_scheduler and "scheduler" not in roles)
         if self.saves_rng and "rng" not in roles:
             problems.append(Problem(Code.MISSING_RNG, WARNING,
                                     "no RNG state: a resume works but data order and dropout "

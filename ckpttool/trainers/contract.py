@@ -306,6 +306,26 @@ def absence(contract: Contract, ckpt: Checkpoint, sibling: str | None) -> list[P
     return found
 
 
+def implied(contract: Contract, ckpt: Checkpoint, lost: list[Problem]) -> list[Problem]:
+    """What the present files imply is missing (ckpttool.trainers.implications), beyond what `absence` found
+    (`lost`): a scheduler its optimizer had (an error where the contract says the trainer always saves it), an
+    optimizer its scheduler steps, the model a numbered optimizer trains."""
+    from ckpttool.trainers import implications
+
+    listing = entries(ckpt.path)
+    scheduler = next((p for p in contract.parts if p.code == Code.MISSING_SCHEDULER), None)
+    found = implications.scheduler_problems(
+        ckpt, always_saved=scheduler is not None and scheduler.absent == Absent.ERROR,
+        lost_reported=any(p.code == Code.MISSING_SCHEDULER for p in lost))
+    optimizers = next((p for p in contract.parts if p.code == Code.MISSING_OPTIMIZER and p.series), None)
+    models = [part.number(e) for part in contract.model if part.series for e in part.matches(listing, ckpt.path)]
+    if optimizers and models:
+        numbers = {c.name: optimizers.number(os.path.basename(c.files[0])) for c in ckpt.components
+                   if c.role == "optimizer" and c.files}
+        found += implications.model_problems(ckpt, numbers, 1 + max(models))
+    return found
+
+
 def world_size(ckpt: Checkpoint) -> int:
     """How many processes saved the checkpoint, as far as its files show: DCP names each rank's data file
     `__{rank}_{n}.distcp` (filesystem.py _generate_uuid / FileSystemWriter); 1 where nothing says more."""

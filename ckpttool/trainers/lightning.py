@@ -23,6 +23,7 @@ import re
 
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
+from ckpttool.trainers import implications
 from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
@@ -85,7 +86,9 @@ class Lightning(Profile):
         if "lr_schedulers" not in keys:  # an empty list means no scheduler was configured
             problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, "no lr_schedulers key: a resume would restart "
                                     "the LR schedule", ckpt.path))
-        return problems
+        # Lightning saves the schedulers configure_optimizers returned; one built beside them is not saved
+        return problems + implications.scheduler_problems(ckpt, always_saved=False,
+                                                          lost_reported="lr_schedulers" not in keys)
 
 
 class LightningSharded(Lightning):
