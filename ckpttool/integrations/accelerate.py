@@ -4,7 +4,10 @@ scheduler is compared with the part it loads from (model_1, optimizer_1, ...). W
 `load_state()` takes the newest `checkpoint_N` that passes, loaded by name (Accelerate's own takes the entry of
 checkpoints/ with the highest first number in its name, unverified: accelerate 1.16 accelerator.py load_state), each
 newer one skipped logged by "ckpttool.gate"; `fallback=False` gates the one Accelerate picks instead, and refuses when
-that is not the run's newest `checkpoint_N` (a stray `checkpoint_10_old` sorts after `checkpoint_2`)."""
+that is not the run's newest `checkpoint_N` (a stray `checkpoint_10_old` sorts after `checkpoint_2`).
+
+`install_sealing(accelerator)` seals every dir `save_state` writes (automatic naming included) with ckpttool's
+manifest (ckpttool.integrations.sealing)."""
 
 from __future__ import annotations
 
@@ -92,4 +95,26 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
         return loaded
 
     accelerator.load_state = gated_load_state
+    return accelerator
+
+
+def install_sealing(accelerator):
+    """Seal each dir right after `accelerator.save_state` wrote it; returns the accelerator. save_state runs on every
+    process, each writing its own RNG file (and scaler, dataloader state) with no barrier before it returns
+    (accelerate 1.16 accelerator.py save_state, checkpointing.py save_accelerator_state); it returns the dir, and
+    automatic naming deletes the oldest before it writes. The process that saves (the main one, or each node's
+    first with save_on_each_node) writes the manifest between two barriers."""
+    from ckpttool.integrations.sealing import seal_after_save
+
+    original = accelerator.save_state
+
+    @functools.wraps(original)
+    def sealed_save_state(*args, **kwargs):
+        location = original(*args, **kwargs)
+        on_each_node = accelerator.project_configuration.save_on_each_node
+        seal_after_save(os.fspath(location), writes=accelerator.is_local_main_process if on_each_node else
+                        accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+        return location
+
+    accelerator.save_state = sealed_save_state
     return accelerator

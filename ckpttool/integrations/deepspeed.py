@@ -5,10 +5,14 @@ load_checkpoint); here it is the newest tag under `load_dir` that passes the gat
 "ckpttool.gate". The live module is compared with the consolidated fp32 weights (full shapes under ZeRO-3, whose
 parameters the engine holds partitioned), and the data-parallel world size with the one the tag was saved with: ZeRO
 loads each rank's partition by rank, so another size is refused with the universal-checkpoint command.
+
+`install_sealing(engine)` seals every tag dir `engine.save_checkpoint` writes with ckpttool's manifest
+(ckpttool.integrations.sealing).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing
@@ -58,3 +62,26 @@ def gated_load_checkpoint(engine, load_dir, tag=None, expected_step=None, **load
     loaded = engine.load_checkpoint(load_dir, tag=os.path.basename(os.path.normpath(passed.path)), **load_kwargs)
     confirm_unchanged(passed)
     return loaded
+
+
+def install_sealing(engine):
+    """Seal each tag dir right after `engine.save_checkpoint` wrote it; returns the engine. save_checkpoint runs on
+    every rank, each writing its own ZeRO partition, and ends with a barrier (deepspeed 0.19 runtime/engine.py
+    save_checkpoint, after `latest`); its tag defaults to `global_step{engine.global_steps}`. Global rank 0 writes
+    the manifest into `save_dir/tag`, between two barriers. A checkpoint engine that commits in the background (the
+    decoupled one, which writes `latest` later) is still writing then: seal such saves with `ckpttool manifest`
+    once they are committed."""
+    from ckpttool.integrations.sealing import seal_after_save, torch_barrier
+
+    original = engine.save_checkpoint
+
+    @functools.wraps(original)
+    def sealed_save_checkpoint(save_dir, tag=None, *args, **kwargs):
+        tag = f"global_step{engine.global_steps}" if tag is None else tag
+        result = original(save_dir, tag, *args, **kwargs)
+        seal_after_save(os.path.join(os.fspath(save_dir), str(tag)), writes=engine.global_rank == 0,
+                        barrier=torch_barrier)
+        return result
+
+    engine.save_checkpoint = sealed_save_checkpoint
+    return engine

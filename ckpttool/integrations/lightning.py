@@ -10,6 +10,9 @@ Sharded strategies (FSDPStrategy(state_dict_type="sharded"), ModelParallelStrate
 directories without a CheckpointIO; `install_resume_gate(trainer)` gates the strategy's own `load_checkpoint`
 instead, for every strategy, with the trainer's LightningModule compared (lightning 2.6
 trainer/connectors/checkpoint_connector.py resume_start calls `trainer.strategy.load_checkpoint(path)`).
+
+`install_sealing(trainer)` seals every checkpoint the trainer saves (ModelCheckpoint's, last.ckpt, a manual
+`trainer.save_checkpoint`, sharded dirs included) with ckpttool's manifest (ckpttool.integrations.sealing).
 """
 
 from __future__ import annotations
@@ -78,4 +81,33 @@ def install_resume_gate(trainer, fallback: bool = False, expected_step=None):
         return loaded
 
     strategy.load_checkpoint = gated_load_checkpoint
+    return trainer
+
+
+def install_sealing(trainer):
+    """Seal each checkpoint right after `trainer.save_checkpoint` wrote it, and drop a file's manifest when Lightning
+    deletes the file; returns the trainer. Lightning has no callback hook after a save (Callback.on_save_checkpoint
+    runs before the write), so `Trainer.save_checkpoint` is wrapped: it runs on every rank and ends with
+    `strategy.barrier` once every rank's part is written (lightning 2.6 trainer/trainer.py save_checkpoint), and
+    ModelCheckpoint removes older checkpoints only after it returns (callbacks/model_checkpoint.py), through
+    `strategy.remove_checkpoint` on global zero."""
+    from ckpttool.integrations.sealing import forget, seal_after_save
+
+    save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
+
+    @functools.wraps(save)
+    def sealed_save_checkpoint(filepath, *args, **kwargs):
+        result = save(filepath, *args, **kwargs)
+        seal_after_save(os.fspath(filepath), writes=trainer.is_global_zero,
+                        barrier=lambda: trainer.strategy.barrier("ckpttool.seal"))
+        return result
+
+    @functools.wraps(remove)
+    def remove_checkpoint(filepath):
+        remove(filepath)
+        if trainer.is_global_zero:
+            forget(os.fspath(filepath))
+
+    trainer.save_checkpoint = sealed_save_checkpoint
+    trainer.strategy.remove_checkpoint = remove_checkpoint
     return trainer

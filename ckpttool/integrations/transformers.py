@@ -10,11 +10,17 @@ no step trained. Checkpoints of DDP, FSDP (sharded and full) and DeepSpeed runs 
 under FSDP and DeepSpeed, where the Trainer creates the optimizer inside the wrapped model, only the model is compared
 beforehand. Before the first step trains (everything then loaded) the checkpoint's files are confirmed unchanged
 since the gate passed them: a file a save or sync job replaced in between raises `ResumeGateError`.
+
+`ManifestCallback()` (`Trainer(callbacks=[ManifestCallback()])`) seals every checkpoint the Trainer saves with
+ckpttool's manifest (ckpttool.integrations.sealing), so a stale or rotted file is caught later.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+
+from transformers import TrainerCallback
 
 from ckpttool.gate import GateReport, ResumeGateError, check_resume, confirm_unchanged, latest_passing, live_world_size
 from ckpttool.model import ERROR, Code, Problem
@@ -90,8 +96,6 @@ def gated(trainer, resume_from_checkpoint=True, expected_step=None, require_mani
 def _confirming(passed: GateReport):
     """A TrainerCallback that confirms, before the first step trains (the model, optimizer, scheduler and RNG state
     then loaded), that the checkpoint's files did not change since the gate passed them."""
-    from transformers import TrainerCallback
-
     class ConfirmLoaded(TrainerCallback):
         def __init__(self):
             self.done = False
@@ -122,3 +126,30 @@ def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, requir
         return trainer.train(resume_from_checkpoint=passed.path, **train_kwargs)
     finally:
         trainer.remove_callback(confirming)
+
+
+def saved_checkpoint(args, state) -> str | None:
+    """The folder Trainer._save_checkpoint just wrote: `checkpoint-{global_step}` under output_dir, or under the run's
+    folder inside it during a hyperparameter search (trainer.py _get_output_dir), the newest of those."""
+    name = f"checkpoint-{state.global_step}"
+    direct = os.path.join(args.output_dir, name)
+    if os.path.isdir(direct):
+        return direct
+    nested = [p for p in glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)) if os.path.isdir(p)]
+    return max(nested, key=os.path.getmtime) if nested else None
+
+
+class ManifestCallback(TrainerCallback):
+    """Seals each checkpoint with ckpttool's manifest. `on_save` runs on every rank straight after the Trainer's
+    writes (transformers 5.25 trainer.py _maybe_log_save_evaluate: _save_checkpoint, then on_save; older
+    checkpoints already rotated out), with no barrier after each rank's own files (rng_state_N.pth): so a barrier
+    first, then the process that saves (args.should_save: rank 0, or each node's first with save_on_each_node)
+    writes the manifest, then a barrier again."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from ckpttool.integrations.sealing import log, seal_after_save, torch_barrier
+
+        path = saved_checkpoint(args, state)
+        if path is None and args.should_save:
+            log.error("not sealing: no checkpoint-%s under %s", state.global_step, args.output_dir)
+        seal_after_save(path, writes=args.should_save and path is not None, barrier=torch_barrier)  # every rank

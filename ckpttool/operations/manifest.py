@@ -67,10 +67,12 @@ def _created() -> str:
     return when.isoformat(timespec="seconds")
 
 
-def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
+def write(path: str, force: bool = False, staged_dir: bool = False, writer: bool | None = None) -> dict:
     """Write the manifest for `path`; an existing one is replaced only with `force`. `staged_dir`: `path` is a folder
     still being staged by its writer (a trainer's `checkpoint-N.tmp`), so the manifest is written straight into it
-    under its own name: the folder's rename publishes it, and no temporary name of its own ever appears."""
+    under its own name: the folder's rename publishes it, and no temporary name of its own ever appears. `writer`:
+    whether this process writes it (None: rank 0 of a torchrun launch, or the only process; a trainer's hook that
+    picked the one process to seal its save passes True)."""
     from ckpttool.formats.pretrained import hf_cache
     from ckpttool.operations import verify_cache
 
@@ -88,7 +90,7 @@ def write(path: str, force: bool = False, staged_dir: bool = False) -> dict:
     text = json.dumps(doc, indent=1) + "\n"
     result = {"manifest": target, "files": len(doc["files"]), "tensors": len(doc["tensors"]),
               "bytes": sum(f["size"] for f in doc["files"].values()), "step": doc["step"]}
-    if not distributed.is_leader():  # under torchrun every rank hashed its share; rank 0 writes
+    if not (distributed.is_leader() if writer is None else writer):  # under torchrun every rank hashed its share
         return result
     if staged_dir:
         data = text.encode("utf-8")
