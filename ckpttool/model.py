@@ -250,6 +250,7 @@ SAVES = "saves"  # checkpoints saved so far (Accelerate's automatic checkpoint_N
 EPOCH = "epoch"
 MICRO_STEPS = "micro_steps"  # gradient-accumulation micro-batches (Accelerate's RNG-file `step`)
 SKIPPED_UPDATES = "skipped_updates"  # updates the trainer itself counted as fp16-skipped (DeepSpeed skipped_steps)
+EMA_UPDATES = "ema_updates"  # steps an EMA of the weights took (diffusers EMAModel.optimization_step)
 
 
 class Record(StrEnum):

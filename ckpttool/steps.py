@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 
-from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES, SCHEDULER_STEPS,
-                            SKIPPED_UPDATES, WARNING, Checkpoint, Code, Problem)
+from ckpttool.model import (EMA_UPDATES, EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES,
+                            SCHEDULER_STEPS, SKIPPED_UPDATES, WARNING, Checkpoint, Code, Problem)
 
 MEANINGS = {
     GLOBAL_STEP: "global step: training steps taken, fp16-skipped updates included",
@@ -36,6 +36,7 @@ MEANINGS = {
     EPOCH: "epoch",
     MICRO_STEPS: "gradient-accumulation micro-steps (compared only between the processes of one save)",
     SKIPPED_UPDATES: "fp16-skipped updates, as the trainer counted them",
+    EMA_UPDATES: "EMA updates (diffusers EMAModel.optimization_step: one per training step)",
 }
 DEFAULT_INIT_SCALE = 65536.0  # torch.amp.GradScaler, Accelerate GradScalerKwargs and Lightning all default to 2**16
 BASE_SKIPS = 16  # halvings from 65536 down to a scale of 1: more early skips than that means a broken run
@@ -95,6 +96,7 @@ class Judge:
         self.step = global_step(ckpt)
         self.has_global = bool(of(ckpt, GLOBAL_STEP))
         self.earlier = sorted(s for s in run_saves if self.step is not None and s < self.step)
+        self.run_saves = run_saves
         self.problems: list[Problem] = []
         self.notes: list[str] = []
 
@@ -166,11 +168,47 @@ class Judge:
         return PLAUSIBLE, (f"consistent with fp16 loss-scale skips only if init_scale was not the default "
                            f"{DEFAULT_INIT_SCALE:g} (the scale {scaler['scale']:g} shows {halvings} net back-offs)")
 
+    def run_multiple(self, multiples: set[int]) -> set[int]:
+        """Of the scheduler steps one training step may make (`multiples`: Accelerate's 1 with split_batches, else
+        one per process; not saved anywhere), the one this run makes, read from its nearest other save where the
+        ratio there is exact; all of `multiples` where nothing tells."""
+        if len(multiples) < 2 or not self.earlier:
+            return multiples
+        from ckpttool.checkpoint import open_checkpoint
+        from ckpttool.errors import CkptError
+
+        try:
+            other = open_checkpoint(self.run_saves[self.earlier[-1]])
+        except (CkptError, OSError):
+            return multiples
+        step, counted = global_step(other), of(other, SCHEDULER_STEPS)
+        if not step or len(counted) != 1 or counted[0].value % step or counted[0].value // step not in multiples:
+            return multiples
+        self.notes.append(f"the run steps its scheduler {counted[0].value // step}x per step (its save at step "
+                          f"{step}: {counted[0].source}={counted[0].value})")
+        return {counted[0].value // step}
+
+    def ema(self, source):
+        """An EMA steps once per training step (diffusers' scripts: `ema_unet.step` on every sync step, its
+        optimization_step saved in unet_ema/config.json and restored on resume): equal to the global step."""
+        value, step = source.value, self.step
+        if value > step:
+            self.error(f"{source.source} is {value}, ahead of the global step {step}: the EMA weights come from a "
+                       "later save")
+        elif value < step:
+            earlier = [s for s in self.earlier if value <= s]
+            if earlier:
+                self.error(f"{source.source} is {value}, behind the global step {step} and no further than the run's "
+                           f"earlier save at step {earlier[-1]}: the EMA weights come from an earlier save")
+            else:
+                self.warn(f"{source.source} is {value}, behind the global step {step}: the EMA was started late, or "
+                          "its weights come from another save")
+
     def scheduler(self, source, updates):
         value, step = source.value, self.step
         low = min(updates) if updates else step
         high = step if self.has_global else (max(updates) + skip_allowance(max(updates)) if updates else step)
-        multiples = self.profile.scheduler_multiples(self.ckpt)
+        multiples = self.run_multiple(self.profile.scheduler_multiples(self.ckpt))
         if any(k * low <= value <= k * high for k in multiples):
             return
         epochs = of(self.ckpt, EPOCH)
@@ -228,13 +266,14 @@ def judge(ckpt: Checkpoint, profile, run_saves: dict[int, str] | None = None) ->
     j.agree(EPOCH, "epoch")
     for what, values in per_rank_values(ckpt, profile).items():
         j.mixed(what, values)
+    mixed = {id(s) for s in ckpt.steps if s.per_file and j.mixed(f"the {s.source}", dict(s.per_file))}
     if j.step is not None:
         updates = of(ckpt, OPTIMIZER_UPDATES)
         for source in updates:
-            if j.mixed(f"the {source.source}", dict(source.per_file)):
-                continue  # one save's files disagree: that is the finding, not a lag behind the global step
-            if j.has_global:
+            if j.has_global and id(source) not in mixed:  # files that disagree are the finding, not a lag
                 j.optimizer(source)
+        for source in of(ckpt, EMA_UPDATES):
+            j.ema(source)
         for source in of(ckpt, SCHEDULER_STEPS):
             j.scheduler(source, [u.value for u in updates])
     return j.problems, j.notes

@@ -8,6 +8,11 @@ the outcome must be the one the trainer's resume contract (ckpttool/trainers/con
   - `latest --for-resume` never picks a copy whose damage is an error, and `repair` never calls it healthy.
 Layouts without a profile contract (a single .pt or .ckpt file, a DCP dir, a DeepSpeed save) are read whole by their
 format reader: any damage there is an error, except in the files the DeepSpeed engine never reads.
+
+Then every file of the newest checkpoint is replaced by the same file of the run's previous checkpoint (`stale`: a
+rank that failed to write, an interrupted copy, a backup restored over it): a file carrying a counter whose value
+differs between the two saves must give an error, and so must every file of a sealed checkpoint (one with a
+ckpttool manifest); the others can be told stale only by checksums, and are listed (`only_checksums`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from dataclasses import dataclass
 
 os.environ.setdefault("CKPTTOOL_CACHE_DIR", "")  # every verify is a full one
 
-from ckpttool.model import ERROR, WARNING, Code, Problem, VerifyReport, errors  # noqa: E402
+from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, SKIPPED_UPDATES,  # noqa: E402
+                            WARNING, Code, Problem, VerifyReport, errors)
 
 MODES = ("delete", "cut", "empty")
+STALE = "stale"  # the file replaced by the run's previous checkpoint's copy
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 NOT_READ_ANYWHERE = (("zero_to_fp32.py", "DeepSpeed's consolidation script, copied in for users"),)
 
@@ -37,15 +44,17 @@ class Target:
     name: str
     run: str
     checkpoint: str  # relative to run
+    stale_only: bool = False  # a sealed run: only its files swapped for the previous save's (each must be an error)
 
 
 @dataclass
 class Case:
     target: Target
     file: str  # relative to the checkpoint ("" when the checkpoint is the file)
-    mode: str
+    mode: str  # one of MODES, or STALE
     expected: str | None  # ERROR, WARNING, or None (nothing new)
     why: str
+    source: str | None = None  # STALE: the previous checkpoint's copy of the file
     outcome: str | None = None  # the worst new severity verify reported
     failure: str | None = None  # why the case failed, or None
 
@@ -54,7 +63,8 @@ class Case:
         return f"{self.target.name}: {self.mode} {self.file or os.path.basename(self.target.checkpoint)}"
 
 
-def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, reference: str | None = None) -> list[Target]:
+def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, reference: str | None = None,
+            sealed: dict[str, str] | None = None) -> list[Target]:
     """The newest checkpoint of every real-library run the tests build (`runs`: fixtures.real_runs.build_runs), of
     every real-run sample in tests/data, of the state dirs of the fixture corpus that Accelerate's save_state wrote
     with the kohya, SimpleTuner and diffusers hooks (`corpus`: fixtures.generate.build), and of a reference-trainer
@@ -89,6 +99,10 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
         found.append(Target(f"corpus_{key}", os.path.dirname(path), os.path.basename(path)))
     if reference:
         found.append(Target("reference_trainer", reference, _newest(reference, lambda e: e.startswith("checkpoint"))))
+    for name, run in sorted((sealed or {}).items()):  # a single-file save swapped whole is told by its name already
+        if name != "lightning":
+            found.append(Target(f"sealed_{name}", run, _newest(run, lambda e: e.startswith("checkpoint")), True))
+    found.append(Target("sealed_deepspeed_zero2", os.path.join(data, "deepspeed"), "sealed_zero2", True))
     return found
 
 
@@ -168,8 +182,10 @@ def _understood(healthy: str):
     return ckpt, profile, profile.resume_contract(ckpt) if os.path.isdir(healthy) else None
 
 
-def damage(path: str, mode: str):
-    if mode == "delete":
+def damage(path: str, mode: str, source: str | None = None):
+    if mode == STALE:
+        shutil.copyfile(source, path)
+    elif mode == "delete":
         os.remove(path)
     else:
         with open(path, "r+b") as f:
@@ -201,7 +217,7 @@ def run_case(case: Case, work: str, before: set) -> Case:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(target.run, copy, symlinks=True)
     checkpoint = os.path.join(copy, target.checkpoint)
-    damage(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode)
+    damage(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode, case.source)
     try:
         report = verify(checkpoint, for_resume=True, recall=False)
         inspect(checkpoint)
@@ -228,7 +244,7 @@ def run_case(case: Case, work: str, before: set) -> Case:
         case.failure = f"expected an error ({case.why}), got {case.outcome or 'nothing new'}"
     elif case.expected == WARNING and case.outcome != WARNING:
         case.failure = f"expected a warning ({case.why}), got {case.outcome or 'nothing new'}"
-    elif case.expected is None and case.outcome == ERROR:
+    elif case.expected is None and case.outcome == ERROR and case.mode != STALE:  # a stale file is damage anyway
         case.failure = f"expected nothing new ({case.why}), got an error: {new}"
     elif case.outcome == ERROR and picked and os.path.abspath(picked) == os.path.abspath(checkpoint):
         case.failure = "latest --for-resume picked it"
@@ -260,6 +276,104 @@ def cases(target: Target, modes=MODES) -> list[Case]:
     return found
 
 
+def previous(target: Target) -> tuple[str, str] | None:
+    """(the newest checkpoint, the one saved before it) as folders whose files correspond by name: two checkpoints
+    of the run, or two tags of a DeepSpeed save dir (the one `latest` names, and the one before); None where the run
+    kept only one."""
+    import re
+
+    from ckpttool.formats import deepspeed
+
+    healthy = os.path.join(target.run, target.checkpoint)
+    if os.path.isdir(healthy) and os.path.isfile(os.path.join(healthy, deepspeed.LATEST)):
+        run, newest = healthy, os.path.basename(deepspeed.tag_dir(healthy) or "")
+    else:
+        run, newest = target.run, target.checkpoint
+    prefix = re.sub(r"\d+.*", "", newest)
+    number = _numbers(newest)
+    older = [e for e in os.listdir(run) if e != newest and e.startswith(prefix) and re.sub(r"\d+.*", "", e) == prefix
+             and _numbers(e) < number and (os.path.isdir(os.path.join(run, e)) == os.path.isdir(healthy))]
+    if not older:
+        return None
+    return os.path.join(run, newest), os.path.join(run, max(older, key=_numbers))
+
+
+def _numbers(name: str) -> list[int]:
+    import re
+
+    return [int(n) for n in re.findall(r"\d+", name)]
+
+
+def _counters(ckpt) -> dict[tuple[str, str], int]:
+    """(file, counter) -> value of every counter the checkpoint states with the file it was read from, whose meaning
+    lets it tell another save: steps, updates, scheduler steps, epochs; a counter of accumulation micro-steps (which
+    restarts at each epoch's end) only where every process's file of one save carries it (ckpttool.steps)."""
+    from ckpttool.steps import per_rank_values
+
+    found = {}
+    for s in ckpt.steps:
+        if s.meaning in (GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, SKIPPED_UPDATES, EPOCH):
+            for file, value in s.per_file or ((s.file, s.value),):
+                if file:
+                    found[(file, s.source)] = value
+    for what, values in (per_rank_values(ckpt, ckpt.profile) if ckpt.profile else {}).items():
+        found.update({(file, what): value for file, value in values.items()})
+    return found
+
+
+def _carried(counters: dict, rel: str) -> dict:
+    return {k: v for k, v in counters.items() if not rel or rel == k[0] or rel.endswith(os.sep + k[0]) or
+            k[0].endswith(os.sep + rel)}
+
+
+def stale_cases(target: Target) -> list[Case]:
+    """Every file of the newest checkpoint that the previous one also has (and not byte for byte the same), to be
+    replaced by that copy; expected an error where it carries a counter whose value differs, or the checkpoint is
+    sealed, else nothing (only checksums can tell: `only_checksums`)."""
+    import filecmp
+
+    from ckpttool.checkpoint import open_checkpoint
+    from ckpttool.checksums import MANIFEST_NAME
+
+    pair = previous(target)
+    if pair is None:
+        return []
+    newest, older = pair
+    healthy = os.path.join(target.run, target.checkpoint)
+    inside = os.path.relpath(newest, healthy) if newest != healthy else ""
+    ours, theirs = _counters(open_checkpoint(newest)), _counters(open_checkpoint(older))
+    sealed = os.path.isfile(os.path.join(newest, MANIFEST_NAME)) or os.path.isfile(newest + ".ckpttool-manifest.json")
+    found = []
+    for rel in files_of(newest):
+        source = os.path.join(older, rel) if rel else older
+        if not os.path.isfile(source) or filecmp.cmp(source, os.path.join(newest, rel) if rel else newest,
+                                                     shallow=False):
+            continue
+        mine, before = _carried(ours, rel), _carried(theirs, rel)
+        moved = sorted(f"{label} {before[k]} -> {mine[k]}" for k in mine if k in before and before[k] != mine[k]
+                       for label in [k[1]])
+        if moved:
+            expected, why = ERROR, "carries counters that differ: " + ", ".join(moved)
+        elif sealed:
+            expected, why = ERROR, "the checkpoint is sealed: its manifest tells any file from another save"
+        else:
+            expected, why = None, ONLY_CHECKSUMS
+        found.append(Case(target, os.path.join(inside, rel) if inside else rel, STALE, expected, why, source))
+    return found
+
+
+ONLY_CHECKSUMS = "no counter in it differs: only checksums tell it"
+
+
+def only_checksums(done: list[Case]) -> dict[str, list[str]]:
+    """target -> the files whose stale copy went unreported, as only a manifest could tell them."""
+    found: dict[str, list[str]] = {}
+    for c in done:
+        if c.mode == STALE and c.why == ONLY_CHECKSUMS and c.outcome is None:
+            found.setdefault(c.target.name, []).append(c.file or os.path.basename(c.target.checkpoint))
+    return found
+
+
 def healthy_case(target: Target) -> Case:
     """The untouched checkpoint: it must verify for resume with no error (no false alarm); weights only (a PEFT
     adapter) it must verify clean, and a resume from it is refused as weights_only, with nothing else."""
@@ -287,7 +401,7 @@ def sweep(selected: list[Target], modes=MODES, progress=None) -> tuple[list[Case
             if progress:
                 progress(done[-1])
             before = baseline(target, work)
-            for case in cases(target, modes):
+            for case in cases(target, () if target.stale_only else modes) + stale_cases(target):
                 done.append(run_case(case, work, before))
                 if progress:
                     progress(done[-1])
@@ -295,13 +409,18 @@ def sweep(selected: list[Target], modes=MODES, progress=None) -> tuple[list[Case
 
 
 def tally(done: list[Case], selected: list[Target]) -> dict:
-    damaged = [c for c in done if c.mode != "none"]
+    stale = [c for c in done if c.mode == STALE]
+    damaged = [c for c in done if c.mode not in ("none", STALE)]
     count = collections.Counter(c.outcome or ("not read" if c.why.startswith("not read") else "clean")
                                 for c in damaged if not c.failure)
     return {"healthy checkpoints": len(selected),
             "healthy with warnings (or weights only)": sum(1 for c in done if c.mode == "none" and c.outcome),
             "damaged copies": len(damaged), "errors": count[ERROR], "warnings": count[WARNING],
             "not read": count["not read"], "clean (read only when present)": count["clean"],
+            "stale copies": len(stale), "stale reported": sum(1 for c in stale if c.outcome),
+            "stale with a differing counter": sum(1 for c in stale if c.why.startswith("carries")),
+            "stale in sealed checkpoints": sum(1 for c in stale if c.why.startswith("the checkpoint is sealed")),
+            "stale told only by checksums": sum(1 for c in stale if c.why == ONLY_CHECKSUMS and not c.outcome),
             "failed": sum(1 for c in done if c.failure)}
 
 
@@ -312,16 +431,19 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", default=[], help="sweep only targets whose name contains this")
     args = parser.parse_args(argv)
     from fixtures.generate import build
-    from fixtures.real_runs import build_runs
+    from fixtures.real_runs import build_runs, build_sealed_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.work or tmp
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(os.path.join(root, "reference"), ignore_errors=True)
         every = targets(build_runs(os.path.join(root, "runs")), build(os.path.join(root, "corpus")),
-                        reference_run(os.path.join(root, "reference")))
+                        reference_run(os.path.join(root, "reference")), build_sealed_runs(os.path.join(root, "sealed")))
         selected = [t for t in every if not args.only or any(o in t.name for o in args.only)]
         done, counts = sweep(selected, progress=lambda c: c.failure and print(f"FAIL {c.label}: {c.failure}"))
     for key, value in counts.items():
         print(f"{key:32} {value}")
+    print("\nstale files no counter tells (only a manifest catches them):")
+    for name, files in sorted(only_checksums(done).items()):
+        print(f"  {name}: {', '.join(files)}")
     return 1 if counts["failed"] else 0

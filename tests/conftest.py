@@ -44,6 +44,15 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sealed_runs(tmp_path_factory):
+    """Runs sealed as they saved by ckpttool's hooks (transformers single process and DDP, Lightning, Accelerate);
+    {name: run dir}."""
+    from fixtures.real_runs import build_sealed_runs
+
+    return build_sealed_runs(str(tmp_path_factory.mktemp("sealed")))
+
+
+@pytest.fixture(scope="session")
 def model_folders(tmp_path_factory):
     """Folders written by the real save_pretrained of transformers, diffusers (a pipeline) and PEFT, and a Hugging
     Face cache snapshot of one (fixtures/model_folders.py); {name: path}."""

@@ -13,20 +13,13 @@ from click.testing import CliRunner
 from ckpttool.checksums import MANIFEST_NAME, MANIFEST_SUFFIX
 from ckpttool.cli import main
 from ckpttool.operations.verify import verify
-from fixtures import real_runs
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-@pytest.fixture(scope="session")
-def sealed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sealed")
-    return {
-        "transformers": real_runs.transformers_run(str(root / "transformers"), max_steps=4, seal=True),
-        "transformers_ddp": real_runs.transformers_ddp_run(str(root / "transformers_ddp"), seal=True),
-        "lightning": real_runs.lightning_run(str(root / "lightning"), max_steps=6, save_top_k=1, seal=True),
-        "accelerate": real_runs.accelerate_run(str(root / "accelerate"), total_limit=2, seal=True),
-    }
+@pytest.fixture
+def sealed(sealed_runs):
+    return sealed_runs
 
 
 def _codes(path, **options):

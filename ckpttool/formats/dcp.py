@@ -275,7 +275,8 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
         else:
             value = _scalar(t)
             if value is not None:
-                found.append(StepSource(f"DCP state '{t.name}'", value, record=Record.DCP_STATE, key=t.name))
+                found.append(StepSource(f"DCP state '{t.name}'", value, record=Record.DCP_STATE, key=t.name,
+                                        file=os.path.relpath(t.location.file, os.path.dirname(path))))
     if updates:
         found.extend(_optimizer_updates(updates, path))
     return found

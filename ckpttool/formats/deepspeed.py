@@ -125,7 +125,7 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     ckpt.files.extend([model_files[r] for r in sorted(model_files)] + [optim_files[r] for r in sorted(optim_files)])
     complete = not any(p.code in (Code.MISSING_FILE, Code.TRUNCATED, Code.CORRUPT) for p in ckpt.problems)
     ckpt.components.append(_model(ckpt, raws, states, model_files, optims, optim_files, stage, world, complete))
-    ckpt.components.extend(_training_state(ckpt, raws, states, optims, optim_files, model_files[0]))
+    ckpt.components.extend(_training_state(ckpt, raws, states, optims, optim_files, model_files))
     return ckpt
 
 
@@ -348,13 +348,18 @@ def _zero3(raws, shapes, optims, optim_files, world, complete) -> list[TensorInf
     return tensors
 
 
-def _training_state(ckpt, raws, states, optims, optim_files, path0) -> list[Component]:
-    """The optimizer state (every rank's file), the LR scheduler and the engine's counters."""
+def _training_state(ckpt, raws, states, optims, optim_files, model_files) -> list[Component]:
+    """The optimizer state (every rank's file), the LR scheduler and the engine's counters (in every rank's model
+    states file, where ZeRO-3 writes one per rank: they must agree)."""
     parts = []
+    path0 = model_files[0]
     for key in ("global_steps", "skipped_steps", "global_samples"):
         if type(states.get(key)) is int:
+            per_file = {os.path.basename(f): raws[f].obj[key] for _, f in sorted(model_files.items())
+                        if f in raws and isinstance(raws[f].obj, dict) and type(raws[f].obj.get(key)) is int}
             ckpt.steps.append(StepSource(f"model states {key}", states[key], record=Record.ENGINE, key=key,
-                                         file=os.path.basename(path0)))
+                                         file=os.path.basename(path0),
+                                         per_file=tuple(per_file.items()) if len(per_file) > 1 else ()))
     for key in torchtree.STEP_KEYS + torchtree.EPOCH_KEYS:  # client_state the user saved alongside
         if type(states.get(key)) is int:
             ckpt.steps.append(StepSource(f"client_state '{key}'", states[key], record=Record.CLIENT_STATE, key=key,

@@ -49,7 +49,12 @@ class StateDirFiles(NamedTuple):
 
 
 def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
-    for entry in sorted(os.listdir(path)):
+    """Counters of the JSON files `state_files` names: a pattern matches an entry of the dir, or of the one folder
+    its part before "/" names (diffusers' `unet_ema/config.json`)."""
+    folders = {p.split("/")[0] for p in state_files if "/" in p}
+    nested = [f"{d}/{e}" for d in sorted(folders) if paths.folder_named(path, d) for e in sorted(os.listdir(
+        os.path.join(path, d)))]
+    for entry in sorted(os.listdir(path)) + nested:
         fields = next((f for pattern, f in state_files.items() if re.fullmatch(pattern, entry)), None)
         full = os.path.join(path, entry)
         if fields is None or not os.path.isfile(full) or paths.leaves(full, path):

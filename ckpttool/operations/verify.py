@@ -164,7 +164,7 @@ def check_steps(v: Verification, ckpt: Checkpoint, expect_step=None, config=None
                       f"{abs(value - have)} {kind}s of the schedule")
     found = v.problems[before:]
     compared = [s for s in ckpt.steps if s.meaning in (steps.GLOBAL_STEP, steps.OPTIMIZER_UPDATES,
-                                                       steps.SCHEDULER_STEPS, steps.EPOCH)]
+                                                       steps.SCHEDULER_STEPS, steps.EPOCH, steps.EMA_UPDATES)]
     sources = ", ".join(f"{s.source}={s.value}" for s in compared) or "none"
     detail = "; ".join([p.message for p in found] + notes) or f"consistent ({sources})"
     v.check("step consistency", FAIL if errors(found) else WARN if found else

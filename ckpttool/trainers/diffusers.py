@@ -14,6 +14,7 @@ import os
 import re
 
 from ckpttool.formats import pretrained_files
+from ckpttool.model import EMA_UPDATES
 from ckpttool.trainers.accelerate import LOAD, MODELS, Accelerate, has_accelerate_files, state_contract
 from ckpttool.trainers.base import numbered_dirs
 from ckpttool.trainers.contract import PRETRAINED, PRETRAINED_CONTENT, RUN, Part
@@ -54,6 +55,10 @@ class Diffusers(Accelerate):
     layout = "diffusers checkpoint-N"
     source = "diffusers examples/*/train_*.py: save_state, --resume_from_checkpoint latest, checkpoints_total_limit"
     name_pattern = CHECKPOINT_N
+    # train_text_to_image.py --use_ema: `ema_unet.step` on every sync step, and EMAModel.save_pretrained writes its
+    # optimization_step into unet_ema/config.json (diffusers training_utils.py EMAModel.save_pretrained), which the
+    # load hook restores (EMAModel.from_pretrained): it is the global step
+    state_files = {r"unet_ema/config\.json": {"optimization_step": EMA_UPDATES}}
     latest_rule = "--resume_from_checkpoint latest: the highest N among dirs named checkpoint*, not verified"
     total_limit_rule = "checkpoints_total_limit: before each save the oldest checkpoint-N dirs are removed"
 
