@@ -281,8 +281,11 @@ class StepSource:
     record: Record = field(kw_only=True)  # where it was read
     key: str = field(default="", kw_only=True)  # its key path in that record ("global_step", "lr_scheduler.last_epoch")
     file: str | None = field(default=None, kw_only=True)  # the file it was read from, relative to the checkpoint
-    # where several files each carry it (one per rank): (file, value) of each, which must agree; `value` is the largest
+    # where several files each carry it (one per rank): (file, value) of each; `value` is the largest
     per_file: tuple[tuple[str, int], ...] = field(default=(), kw_only=True)
+    # whether every file of one save holds the same value (ZeRO partitions, each process's RNG file), or a file's may
+    # lag in a healthy save (the largest of the per-parameter optimizer steps a DCP data file holds)
+    per_file_exact: bool = field(default=True, kw_only=True)
 
     @property
     def kind(self) -> str:

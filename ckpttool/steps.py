@@ -42,6 +42,7 @@ DEFAULT_INIT_SCALE = 65536.0  # torch.amp.GradScaler, Accelerate GradScalerKwarg
 BASE_SKIPS = 16  # halvings from 65536 down to a scale of 1: more early skips than that means a broken run
 GROWTH_INTERVAL = 2000  # GradScaler default: one growth (and so at most one more skip) per 2000 clean updates
 EXPLAINED, PLAUSIBLE = "explained", "plausible"
+MAX_PER_STEP = 64  # scheduler steps per training step a run may make (processes, micro-batches)
 
 
 def skip_allowance(global_step: int) -> int:
@@ -97,6 +98,7 @@ class Judge:
         self.has_global = bool(of(ckpt, GLOBAL_STEP))
         self.earlier = sorted(s for s in run_saves if self.step is not None and s < self.step)
         self.run_saves = run_saves
+        self._earlier, self._earlier_read = None, False
         self.problems: list[Problem] = []
         self.notes: list[str] = []
 
@@ -168,25 +170,24 @@ class Judge:
         return PLAUSIBLE, (f"consistent with fp16 loss-scale skips only if init_scale was not the default "
                            f"{DEFAULT_INIT_SCALE:g} (the scale {scaler['scale']:g} shows {halvings} net back-offs)")
 
-    def run_multiple(self, multiples: set[int]) -> set[int]:
-        """Of the scheduler steps one training step may make (`multiples`: Accelerate's 1 with split_batches, else
-        one per process; not saved anywhere), the one this run makes, read from its nearest other save where the
-        ratio there is exact; all of `multiples` where nothing tells."""
-        if len(multiples) < 2 or not self.earlier:
-            return multiples
-        from ckpttool.checkpoint import open_checkpoint
-        from ckpttool.errors import CkptError
-
-        try:
-            other = open_checkpoint(self.run_saves[self.earlier[-1]])
-        except (CkptError, OSError):
+    def run_multiple(self, multiples: set[int], value: int, low: int, high: int) -> set[int]:
+        """Of the scheduler steps one training step may make (`multiples`: Accelerate's 1 with split_batches, else one
+        per process, the processes counted by their RNG files; not saved anywhere), the one this run makes, read from
+        its nearest earlier save where the ratio there is exact. A trainer that steps its scheduler once per process
+        may save from the main process only (the diffusers scripts), so one RNG file shows no process count: there
+        the earlier save's ratio stands (up to MAX_PER_STEP). All of `multiples` where nothing tells."""
+        fits = any(k * low <= value <= k * high for k in multiples)
+        other = self.earlier_checkpoint() if len(multiples) > 1 or not fits else None
+        if other is None:
             return multiples
         step, counted = global_step(other), of(other, SCHEDULER_STEPS)
-        if not step or len(counted) != 1 or counted[0].value % step or counted[0].value // step not in multiples:
+        ratio = counted[0].value // step if step and len(counted) == 1 and not counted[0].value % step else None
+        if ratio is None or not (ratio in multiples or self.profile.scheduler_steps_per_process and
+                                 1 < ratio <= MAX_PER_STEP):
             return multiples
-        self.notes.append(f"the run steps its scheduler {counted[0].value // step}x per step (its save at step "
-                          f"{step}: {counted[0].source}={counted[0].value})")
-        return {counted[0].value // step}
+        self.notes.append(f"the run steps its scheduler {ratio}x per step (its save at step {step}: "
+                          f"{counted[0].source}={counted[0].value})")
+        return {ratio}
 
     def ema(self, source):
         """An EMA steps once per training step (diffusers' scripts: `ema_unet.step` on every sync step, its
@@ -208,7 +209,7 @@ class Judge:
         value, step = source.value, self.step
         low = min(updates) if updates else step
         high = step if self.has_global else (max(updates) + skip_allowance(max(updates)) if updates else step)
-        multiples = self.run_multiple(self.profile.scheduler_multiples(self.ckpt))
+        multiples = self.run_multiple(self.profile.scheduler_multiples(self.ckpt), value, low, high)
         if any(k * low <= value <= k * high for k in multiples):
             return
         epochs = of(self.ckpt, EPOCH)
@@ -217,7 +218,7 @@ class Judge:
         rule = self.profile.scheduler_rule
         if value > max(multiples) * high:
             ratio = value // high if high else 0
-            if high and value % high == 0 and 2 <= ratio <= 64:
+            if high and value % high == 0 and 2 <= ratio <= MAX_PER_STEP:
                 self.warn(f"{source.source} is {value}, {ratio}x the global step {high}: the scheduler steps once per "
                           "process or micro-batch; check that the resume steps it the same way")
             else:
@@ -231,19 +232,57 @@ class Judge:
                       f"{rule}); fine for a plateau or per-epoch scheduler, otherwise it comes from another save")
 
 
-    def mixed(self, what: str, values: dict[str, int]) -> bool:
-        """Whether the files carrying one counter of one save (`values`: file -> value) disagree; an error if so."""
+    def mixed(self, what: str, values: dict[str, int], exact: bool = True, key: str | None = None) -> bool:
+        """Whether the files carrying one counter of one save (`values`: file -> value) disagree. Where every file
+        holds the same value (`exact`) that is an error; where a file's may lag in a healthy save (DCP's per-parameter
+        optimizer steps), only a lagging file that holds what it held in the run's earlier save (`key`: the same
+        counter there) while the others moved on is; otherwise a warning."""
         if len(set(values.values())) < 2:
             return False
         by_value: dict[int, list[str]] = {}
         for file, value in sorted(values.items()):
             by_value.setdefault(value, []).append(file)
         shown = " but ".join(f"{value} in {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}"
-                          for value, files in sorted(by_value.items()))
-        self.error(f"the checkpoint mixes saves: {what} is {shown}; every file of one save carries the same value, so "
-                   "the others were left by another save (a rank that failed to write, an interrupted copy or "
-                   "restore); resume from a checkpoint saved whole")
+                             for value, files in sorted(by_value.items()))
+        left = "; a file was left by another save (a rank that failed to write, an interrupted copy or restore): " \
+               "resume from a checkpoint saved whole"
+        if exact:
+            self.error(f"the checkpoint mixes saves: {what} is {shown}, and every file of one save carries the same "
+                       f"value{left}")
+            return True
+        before, earlier = self.earlier_values(key)
+        top = max(values.values())
+        stale = sorted(f for f, v in values.items() if v < top and before.get(f) == v)
+        if stale:
+            self.error(f"the checkpoint mixes saves: {what} is {shown}, and {', '.join(stale[:4])} still holds what it "
+                       f"held in the run's save at step {earlier} while the other files moved on{left}")
+        else:
+            self.warn(f"{what} is {shown}: the files come from different saves, or the lower ones hold only parameters "
+                      "that some steps left without a gradient (a frozen or unused part); seal each save "
+                      "(ckpttool.integrations) to tell")
         return True
+
+    def earlier_values(self, key: str | None) -> tuple[dict[str, int], int | None]:
+        """(file -> value of the counter `key` in the run's nearest earlier save, that save's step)."""
+        other = self.earlier_checkpoint()
+        if other is None or key is None:
+            return {}, None
+        source = next((s for s in other.steps if s.key == key and s.per_file), None)
+        return (dict(source.per_file) if source else {}), self.earlier[-1]
+
+    def earlier_checkpoint(self):
+        """The run's nearest earlier save, read once (None where there is none or it cannot be read)."""
+        if not self._earlier_read:
+            self._earlier_read = True
+            if self.earlier:
+                from ckpttool.checkpoint import open_checkpoint
+                from ckpttool.errors import CkptError
+
+                try:
+                    self._earlier = open_checkpoint(self.run_saves[self.earlier[-1]])
+                except (CkptError, OSError):
+                    pass
+        return self._earlier
 
 
 def per_rank_values(ckpt: Checkpoint, profile) -> dict[str, dict[str, int]]:
@@ -266,7 +305,8 @@ def judge(ckpt: Checkpoint, profile, run_saves: dict[int, str] | None = None) ->
     j.agree(EPOCH, "epoch")
     for what, values in per_rank_values(ckpt, profile).items():
         j.mixed(what, values)
-    mixed = {id(s) for s in ckpt.steps if s.per_file and j.mixed(f"the {s.source}", dict(s.per_file))}
+    mixed = {id(s) for s in ckpt.steps
+             if s.per_file and j.mixed(f"the {s.source}", dict(s.per_file), s.per_file_exact, s.key)}
     if j.step is not None:
         updates = of(ckpt, OPTIMIZER_UPDATES)
         for source in updates:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 os.environ.setdefault("CKPTTOOL_CACHE_DIR", "")  # every verify is a full one
 
-from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, SKIPPED_UPDATES,  # noqa: E402
-                            WARNING, Code, Problem, VerifyReport, errors)
+from ckpttool.model import (  # noqa: E402
+    EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, SKIPPED_UPDATES, WARNING, Code, Problem,
+    VerifyReport, errors)
 
 MODES = ("delete", "cut", "empty")
 STALE = "stale"  # the file replaced by the run's previous checkpoint's copy

@@ -132,3 +132,75 @@ def test_every_rank_file_read_in_healthy_saves(run, files):
     sources = [s for s in open_checkpoint(path).steps if s.meaning == OPTIMIZER_UPDATES]
     assert len(sources) == 1 and len(sources[0].per_file) == files
     assert all(v == sources[0].value for _, v in sources[0].per_file)
+
+
+def test_schedulers_that_name_no_base_lrs_and_groups_added_later(tmp_path):
+    """No false alarm where a scheduler's state keeps its rates elsewhere (SequentialLR's `_schedulers`), names none
+    (ReduceLROnPlateau), or steps fewer groups than the optimizer came to have (Lightning's BackboneFinetuning adds a
+    group after the scheduler was built)."""
+    def lightning_file(case, optimizer, schedulers):
+        (tmp_path / case).mkdir()
+        path = str(tmp_path / case / "epoch=0-step=1.ckpt")
+        torch.save({"epoch": 0, "global_step": 1, "pytorch-lightning_version": "2.6.6", "state_dict": {},
+                    "optimizer_states": [optimizer.state_dict()], "lr_schedulers": schedulers}, path)
+        return path
+
+    def stepped(params):
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return optimizer
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = stepped([a])
+    warm = torch.optim.lr_scheduler.LinearLR(opt, 0.5, total_iters=2)
+    seq = torch.optim.lr_scheduler.SequentialLR(opt, [warm, torch.optim.lr_scheduler.ConstantLR(opt)], [2])
+    opt.step()
+    seq.step()
+    assert _problems(lightning_file("sequential", opt, [seq.state_dict()])) == []
+
+    opt = stepped([a])
+    plain = torch.optim.lr_scheduler.StepLR(opt, 1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    opt.step()
+    assert _problems(lightning_file("plateau", opt, [plain.state_dict(), plateau.state_dict()])) == []
+
+    opt = stepped([a])
+    later = torch.optim.lr_scheduler.StepLR(opt, 1)
+    opt.add_param_group({"params": [b], "lr": 1e-4})
+    b.grad = torch.ones_like(b)
+    opt.step()
+    later.step()
+    assert _problems(lightning_file("group_added", opt, [later.state_dict()])) == []
+
+
+def test_hostile_rates_and_counters_are_no_crash(runs, tmp_path):
+    """Rates that are lists holding themselves, and a counter of 5000 digits, read as nothing to compare."""
+    lone = _lone(runs["accelerate"], "checkpoint-4", tmp_path)
+    for name, key in (("optimizer.bin", "param_groups"), ("scheduler.bin", "base_lrs")):
+        state = torch.load(os.path.join(lone, name), weights_only=True)
+        looped = []
+        looped.append(looped)
+        if key == "param_groups":
+            state[key][0]["initial_lr"] = looped
+        else:
+            state[key] = looped
+        torch.save(state, os.path.join(lone, name))
+    rng = os.path.join(lone, "random_states_0.pkl")
+    state = torch.load(rng, weights_only=False)  # the suite's own fixture
+    state["step"] = 10 ** 5000
+    torch.save(state, rng)
+    assert all(code != "internal_error" for _, code, _ in _problems(lone))
+
+
+def test_dcp_files_that_lag_without_an_earlier_save_to_blame_are_a_warning(tmp_path):
+    """A rank file whose parameters some steps left without a gradient (a frozen part, then fine-tuned) lags the
+    others in a healthy save: a warning, unless it holds what it held in the run's earlier save (the stale case
+    above)."""
+    run = shutil.copytree(os.path.join(DATA, "fsdp", "transformers_fsdp2_sharded"), tmp_path / "run")
+    stale = "optimizer_0/__0_0.distcp"
+    shutil.copy(run / "checkpoint-2" / stale, run / "checkpoint-4" / stale)
+    shutil.rmtree(run / "checkpoint-2")
+    found = _problems(str(run / "checkpoint-4"))
+    assert [(s, c) for s, c, _ in found] == [("warning", "step_mismatch")]
+    assert "some steps left without a gradient" in found[0][2]

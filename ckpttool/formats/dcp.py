@@ -103,6 +103,8 @@ def _ints(value) -> tuple | None:
 
 
 def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
+    """A DCP dir: a checkpoint of its own, or (`name` given) one part of a state dir's checkpoint."""
+    within = f"{os.path.basename(os.path.normpath(path))}/" if name else ""  # a part's files, named from its dir
     role = role or "model"
     name = name or role
     meta_path = os.path.join(path, METADATA)
@@ -182,7 +184,7 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     ckpt.components.extend(_split_by_role(component, objects))
     if objects:
         ckpt.metadata["objects"] = objects
-    ckpt.steps.extend(_counters(objects, component.tensors, path))
+    ckpt.steps.extend(_counters(objects, component.tensors, within))
     if unpickler.unsafe_globals:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
                          "outside the allow-list; it was not executed", meta_path)
@@ -254,9 +256,10 @@ def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
     return plain(value)
 
 
-def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
+def _counters(objects: dict, tensors: list, within: str) -> list[StepSource]:
     """Counters of a DCP state dict: `step`/`epoch` items (ints, or one-element tensors such as torchtitan's
-    train_state.step), optimizer `step`s and a scheduler's `last_epoch`. What `step` means, the trainer profile says."""
+    train_state.step), optimizer `step`s and a scheduler's `last_epoch`. What `step` means, the trainer profile says.
+    `within`: the DCP dir's own name and "/" where it is a part of a state dir, naming each data file from there."""
     from ckpttool.formats.torchtree import EPOCH_KEYS, STEP_KEYS
 
     found, updates = [], []
@@ -276,16 +279,17 @@ def _counters(objects: dict, tensors: list, path: str) -> list[StepSource]:
             value = _scalar(t)
             if value is not None:
                 found.append(StepSource(f"DCP state '{t.name}'", value, record=Record.DCP_STATE, key=t.name,
-                                        file=os.path.relpath(t.location.file, os.path.dirname(path))))
+                                        file=within + os.path.basename(t.location.file)))
     if updates:
-        found.extend(_optimizer_updates(updates, path))
+        found.extend(_optimizer_updates(updates, within))
     return found
 
 
-def _optimizer_updates(steps: list[TensorInfo], path: str) -> list[StepSource]:
+def _optimizer_updates(steps: list[TensorInfo], within: str) -> list[StepSource]:
     """The optimizer's updates: every per-parameter `step` item is read (DCP writes each replicated item once, from
     whichever rank its planner picks, so each rank's data file holds some of them); each file's largest is its
-    value, and files that disagree come from different saves (steps.Judge says so)."""
+    value. Files may differ in a healthy save (torch steps a parameter only when it has a gradient, and a file may
+    hold only parameters some steps left out), so steps.Judge weighs a difference against the run's earlier save."""
     per_file: dict[str, int] = {}
     by_file: dict[str, list[TensorInfo]] = defaultdict(list)
     for t in steps:
@@ -293,12 +297,12 @@ def _optimizer_updates(steps: list[TensorInfo], path: str) -> list[StepSource]:
     for file, items in sorted(by_file.items()):
         values = [int(v) for v in _scalars(file, items) if v is not None]
         if values:
-            per_file[os.path.relpath(file, os.path.dirname(path))] = max(values)
+            per_file[within + os.path.basename(file)] = max(values)
     if not per_file:
         return []
     return [StepSource("optimizer state step", max(per_file.values()), OPTIMIZER_UPDATES, record=Record.OPTIMIZER,
-                       key=f"{os.path.basename(path)}.step",
-                       per_file=tuple(sorted(per_file.items())) if len(per_file) > 1 else ())]
+                       key=f"{within.rstrip('/')}.step" if within else "step",
+                       per_file=tuple(sorted(per_file.items())) if len(per_file) > 1 else (), per_file_exact=False)]
 
 
 def _scalars(file: str, items: list[TensorInfo]) -> list:

@@ -149,7 +149,7 @@ def _own_role(obj) -> str | None:
     keys = set(map(str, obj))
     if {"state", "param_groups"} <= keys:
         return "optimizer"
-    if "last_epoch" in keys and ({"base_lrs", "_step_count"} & keys):
+    if "last_epoch" in keys and ({"base_lrs", "_step_count", "_last_lr"} & keys):  # _last_lr: ReduceLROnPlateau
         return "scheduler"
     if {"random_state", "torch_manual_seed"} & keys:
         return "rng"

@@ -99,22 +99,67 @@ def install_resume_gate(accelerator, expected_step=None, require_manifest=False,
 
 
 def install_sealing(accelerator):
-    """Seal each dir right after `accelerator.save_state` wrote it; returns the accelerator. save_state runs on every
-    process, each writing its own RNG file (and scaler, dataloader state) with no barrier before it returns
-    (accelerate 1.16 accelerator.py save_state, checkpointing.py save_accelerator_state); it returns the dir, and
-    automatic naming deletes the oldest before it writes. The process that saves (the main one, or each node's
-    first with save_on_each_node) writes the manifest between two barriers."""
-    from ckpttool.integrations.sealing import seal_after_save
+    """Seal each dir `accelerator.save_state` writes; returns the accelerator. save_state returns the dir, each process
+    writing its own RNG file (and scaler, dataloader state) with no barrier before it returns (accelerate 1.16
+    accelerator.py save_state, checkpointing.py save_accelerator_state); automatic naming deletes the oldest first.
 
-    original = accelerator.save_state
+    Under FSDP, DeepSpeed and Megatron-LM save_state is collective (every process calls it), so the process that
+    saves (the main one, or each node's first with save_on_each_node) seals between two barriers. Under plain DDP a
+    loop may call it on the main process only (the diffusers scripts: `if accelerator.is_main_process:`), where a
+    barrier would wait for ever, so the save is sealed once every process is known to be past it: at the next
+    `wait_for_everyone`, else just before the next save_state (the processes have trained together since) or at
+    `end_training`. Saving into a dir again drops its old manifest first, which would describe the old bytes. One
+    process alone seals at once."""
+    from accelerate.utils import DistributedType
 
-    @functools.wraps(original)
-    def sealed_save_state(*args, **kwargs):
-        location = original(*args, **kwargs)
+    from ckpttool.checksums import MANIFEST_NAME
+    from ckpttool.integrations.sealing import seal, seal_after_save
+
+    collective = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                  DistributedType.MEGATRON_LM)
+    save, wait, end = accelerator.save_state, accelerator.wait_for_everyone, accelerator.end_training
+    pending: list[str] = []
+
+    def writes() -> bool:
         on_each_node = accelerator.project_configuration.save_on_each_node
-        seal_after_save(os.fspath(location), writes=accelerator.is_local_main_process if on_each_node else
-                        accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+        return accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
+
+    def flush():
+        while pending:
+            path = pending.pop(0)
+            if os.path.isdir(path):  # a total limit may have deleted it since
+                seal(path)
+
+    @functools.wraps(save)
+    def sealed_save_state(output_dir=None, *args, **kwargs):
+        if writes():
+            flush()
+            stale = os.path.join(os.fspath(output_dir), MANIFEST_NAME) if output_dir is not None else None
+            if stale and os.path.isfile(stale) and not (collective or accelerator.num_processes == 1):
+                os.remove(stale)  # ours, of the save this one replaces: sealed again once this one is complete
+        location = os.fspath(save(output_dir, *args, **kwargs))
+        if collective:
+            seal_after_save(location, writes=writes(), barrier=wait)
+        elif accelerator.num_processes == 1:
+            seal(location)
+        elif writes():
+            pending.append(location)
         return location
 
+    @functools.wraps(wait)
+    def wait_then_seal(*args, **kwargs):
+        result = wait(*args, **kwargs)
+        if writes():
+            flush()  # every process is past its last save
+        return result
+
+    @functools.wraps(end)
+    def seal_then_end(*args, **kwargs):
+        if writes():
+            flush()
+        return end(*args, **kwargs)
+
     accelerator.save_state = sealed_save_state
+    accelerator.wait_for_everyone = wait_then_seal
+    accelerator.end_training = seal_then_end
     return accelerator

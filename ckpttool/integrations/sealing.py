@@ -13,7 +13,7 @@ import logging
 import os
 
 from ckpttool.checksums import MANIFEST_SUFFIX
-from ckpttool.errors import CkptError, UsageError
+from ckpttool.errors import CkptError
 
 log = logging.getLogger("ckpttool.seal")
 
@@ -25,12 +25,19 @@ def seal(path: str) -> dict | None:
     from ckpttool.operations.manifest import write
 
     try:
-        return write(os.fspath(path), force=True, writer=True)
+        return write(local(path), force=True, writer=True)
     except CkptError as e:
         log.error("not sealing %s: %s (%s)", path, e.reason, e.code)
-    except (UsageError, OSError) as e:
-        log.error("not sealing %s: %s", path, e)
+    except Exception as e:  # noqa: BLE001 - whatever a checkpoint holds, sealing it never ends the training
+        log.error("not sealing %s: %s: %s", path, type(e).__name__, e)
     return None
+
+
+def local(path) -> str:
+    """A local path for `path`, which may be a `file://` URL (Lightning and fsspec take them); other URLs are no
+    local path, and sealing them fails with the reason logged."""
+    path = os.fspath(path)
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def seal_after_save(path: str, *, writes: bool, barrier) -> dict | None:
@@ -46,8 +53,9 @@ def seal_after_save(path: str, *, writes: bool, barrier) -> dict | None:
 def forget(path: str):
     """A single-file checkpoint the trainer deleted (its total limit) takes its manifest with it; a directory's
     manifest went with the directory."""
-    beside = os.fspath(path) + MANIFEST_SUFFIX
-    if os.path.isfile(beside) and not os.path.exists(os.fspath(path)):
+    path = local(path)
+    beside = path + MANIFEST_SUFFIX
+    if os.path.isfile(beside) and not os.path.lexists(path):
         os.remove(beside)
 
 

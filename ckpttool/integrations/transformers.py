@@ -129,14 +129,15 @@ def gated_train(trainer, resume_from_checkpoint=True, expected_step=None, requir
 
 
 def saved_checkpoint(args, state) -> str | None:
-    """The folder Trainer._save_checkpoint just wrote: `checkpoint-{global_step}` under output_dir, or under the run's
-    folder inside it during a hyperparameter search (trainer.py _get_output_dir), the newest of those."""
+    """The folder Trainer._save_checkpoint just wrote: `checkpoint-{global_step}` under output_dir, or under the
+    trial's folder inside it during a hyperparameter search (trainer.py _get_output_dir), where only one trial has
+    one (trials run side by side in one output_dir may both: then which is this one's cannot be told)."""
     name = f"checkpoint-{state.global_step}"
     direct = os.path.join(args.output_dir, name)
     if os.path.isdir(direct):
         return direct
     nested = [p for p in glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)) if os.path.isdir(p)]
-    return max(nested, key=os.path.getmtime) if nested else None
+    return nested[0] if len(nested) == 1 else None
 
 
 class ManifestCallback(TrainerCallback):
@@ -151,5 +152,5 @@ class ManifestCallback(TrainerCallback):
 
         path = saved_checkpoint(args, state)
         if path is None and args.should_save:
-            log.error("not sealing: no checkpoint-%s under %s", state.global_step, args.output_dir)
+            log.error("not sealing: no single checkpoint-%s under %s", state.global_step, args.output_dir)
         seal_after_save(path, writes=args.should_save and path is not None, barrier=torch_barrier)  # every rank

@@ -137,6 +137,7 @@ class Accelerate(Profile):
     # the dataloader: accelerator.py _do_sync) is the same in every random_states_{process}.pkl of one save
     per_rank_counters = ((r"random_states_\d+\.step", "Accelerator.step (in each process's random_states_N.pkl)"),)
     scheduler_rule = "AcceleratedScheduler: skipped with the optimizer on fp16 overflow, else once per process"
+    scheduler_steps_per_process = True
 
     built_on = "accelerate"  # SimpleTuner, kohya, diffusers' scripts and the reference trainer too
     claims_by_shared_files = True

@@ -103,6 +103,9 @@ def _other_numpy_core() -> str | None:
     return "numpy.core" if major >= 2 else "numpy._core"
 
 
+COUNTER_LIMIT = 1 << 63  # torch's int64 and JSON writers' counters stay below; a larger number counts nothing
+
+
 class Profile:
     """The generic profile: what holds for a checkpoint whose trainer is not known."""
 
@@ -126,6 +129,7 @@ class Profile:
     # stops the resume): a file naming anything else fails there, whatever ckpttool itself can read. Empty where the
     # loader is unknown or unpickles freely (DeepSpeed's engine, Lightning's torch.load of a trusted .ckpt).
     weights_only_loads: tuple[tuple[str, frozenset, bool], ...] = ()
+    scheduler_steps_per_process = False  # its scheduler may step once per process (scheduler_multiples)
     # (key regex, what it is) of counters every process writes into its own file with one value for all
     per_rank_counters: tuple[tuple[str, str], ...] = ()
     built_on: str | None = None  # the library whose save this trainer's checkpoints are (Accelerate's save_state)
@@ -176,6 +180,8 @@ class Profile:
             if comp.name in self.key_roles:
                 comp.role = self.key_roles[comp.name]
         ckpt.steps[:0] = self.name_counters(ckpt.path)
+        ckpt.steps[:] = [s for s in ckpt.steps if all(-COUNTER_LIMIT < v < COUNTER_LIMIT for v in
+                                                      [s.value] + [v for _, v in s.per_file])]
         for s in ckpt.steps:
             if s.meaning is None:
                 s.meaning = next((meaning for record, pattern, meaning in self.counter_meanings

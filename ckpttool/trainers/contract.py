@@ -316,7 +316,7 @@ def implied(contract: Contract, ckpt: Checkpoint, lost: list[Problem]) -> list[P
     scheduler = next((p for p in contract.parts if p.code == Code.MISSING_SCHEDULER), None)
     found = implications.scheduler_problems(
         ckpt, always_saved=scheduler is not None and scheduler.absent == Absent.ERROR,
-        lost_reported=any(p.code == Code.MISSING_SCHEDULER for p in lost))
+        lost_reported=any(p.code == Code.MISSING_SCHEDULER for p in lost), series=True)
     optimizers = next((p for p in contract.parts if p.code == Code.MISSING_OPTIMIZER and p.series), None)
     models = [part.number(e) for part in contract.model if part.series for e in part.matches(listing, ckpt.path)]
     if optimizers and models:

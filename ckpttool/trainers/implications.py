@@ -21,6 +21,7 @@ from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Component, Problem
 
 MOMENT = re.compile(r"(?:.*\.)?state\.\d+\.(?:exp_avg|momentum_buffer)")
 LR_SOURCE = "torch/optim/lr_scheduler.py LRScheduler.__init__ sets each param group's initial_lr"
+MAX_GROUPS = 1 << 16  # param groups of one optimizer; a longer list is no optimizer's
 
 
 def _states(ckpt: Checkpoint, role: str) -> list[tuple[Component, dict]]:
@@ -38,53 +39,82 @@ def _groups(state: dict) -> list | None:
     return groups if isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups) else None
 
 
-def initial_lrs(state: dict) -> list | None:
-    """The `initial_lr` of each param group, where every group has one (a scheduler was built on it); else None."""
+def _rates(value) -> tuple | None:
+    """A list of learning rates as a tuple of numbers; None for anything else (a hostile file's list may hold
+    itself, strings or nested lists: never compared as such)."""
+    if not isinstance(value, list) or not value or len(value) > MAX_GROUPS:
+        return None
+    if not all(type(v) in (int, float) for v in value):
+        return None
+    return tuple(value)
+
+
+def initial_lrs(state: dict) -> tuple | None:
+    """The `initial_lr` of each param group, where every group has one (a scheduler was built on it); else None
+    (none, or a group added after the scheduler was built: Lightning's BackboneFinetuning)."""
     groups = _groups(state)
     if groups is None or not all("initial_lr" in g for g in groups):
         return None
-    return [g["initial_lr"] for g in groups]
+    return _rates([g["initial_lr"] for g in groups])
 
 
-def base_lrs(state: dict) -> list | None:
-    lrs = state.get("base_lrs")
-    return lrs if isinstance(lrs, list) and lrs else None
+def base_lrs(state: dict) -> tuple | None:
+    """The rates of the optimizer groups a scheduler steps: its `base_lrs`, or the first of the schedulers a
+    SequentialLR or ChainedScheduler holds (`_schedulers`); None where its state names none (ReduceLROnPlateau, timm's
+    schedulers with `base_values`): such a scheduler may step any optimizer."""
+    if "base_lrs" in state:
+        return _rates(state["base_lrs"])
+    inner = state.get("_schedulers")
+    for sub in inner[:MAX_GROUPS] if isinstance(inner, list) else ():
+        if isinstance(sub, dict) and "base_lrs" in sub:
+            return _rates(sub["base_lrs"])
+    return None
 
 
 def _where(comp: Component) -> str:
     return os.path.basename(comp.files[0]) if comp.files else comp.name
 
 
-def _pairs(optimizers: list[tuple[Component, dict]], schedulers: list[tuple[Component, dict]]) -> tuple[list, list]:
-    """Each scheduler matched to the optimizer it steps: its base_lrs equal to the optimizer's initial_lrs, else as
-    many groups; (optimizers with initial_lr left without one, schedulers whose groups no optimizer here has, other
-    schedulers left over)."""
+def _steps(scheduler: dict, optimizer: dict, exact: bool) -> bool:
+    """Whether `scheduler` may step `optimizer`: its base_lrs are the optimizer's initial_lrs (`exact`), or it steps no
+    more groups than the optimizer has (groups added after it was built have no initial_lr), or it names none."""
+    lrs = base_lrs(scheduler)
+    if lrs is None:
+        return not exact
+    return lrs == initial_lrs(optimizer) if exact else len(lrs) <= len(_groups(optimizer))
+
+
+def _pairs(optimizers: list[tuple[Component, dict]], schedulers: list[tuple[Component, dict]]) -> tuple[list, ...]:
+    """Each scheduler matched to the optimizer it steps (by its rates first, then by its group count); (optimizers
+    with initial_lr left without one, schedulers that step more groups than any optimizer here has, other schedulers
+    left over where there are more schedulers than optimizers)."""
     waiting = [o for o in optimizers if initial_lrs(o[1]) is not None]
     total = len(schedulers)
     for exact in (True, False):
         left = []
         for s in schedulers:
-            lrs = base_lrs(s[1])
-            match = next((o for o in waiting if (initial_lrs(o[1]) == lrs if exact else
-                                                 len(initial_lrs(o[1])) == len(lrs))), None)
+            match = next((o for o in waiting if _steps(s[1], o[1], exact)), None)
             if match is None:
                 left.append(s)
             else:
                 waiting.remove(match)
         schedulers = left
-    # two schedulers may step one optimizer: only one whose group count no optimizer has is surely an orphan
-    orphans = [s for s in schedulers if not any(len(_groups(o[1])) == len(base_lrs(s[1])) for o in optimizers)]
+    orphans = [s for s in schedulers if base_lrs(s[1]) is not None and
+               not any(len(base_lrs(s[1])) <= len(_groups(o[1])) for o in optimizers)]
+    # two schedulers may step one optimizer: only more schedulers than optimizers makes one of them suspect
     spare = [s for s in schedulers if s not in orphans] if total > len(optimizers) else []
     return waiting, orphans, spare
 
 
-def scheduler_problems(ckpt: Checkpoint, *, always_saved: bool, lost_reported: bool) -> list[Problem]:
+def scheduler_problems(ckpt: Checkpoint, *, always_saved: bool, lost_reported: bool, series: bool = False
+                       ) -> list[Problem]:
     """An optimizer that had a scheduler whose state is not here (`always_saved`: the trainer saves every scheduler it
     was given, so this is an error; else a warning: the run may never have handed it over); a scheduler whose
     optimizer is not here, though others are. `lost_reported`: a missing scheduler is already reported (the resume
-    contract's part)."""
+    contract's part). `series`: optimizers and schedulers are saved as numbered series, one per prepared object
+    (Accelerate), so more schedulers than optimizers is worth a warning; a list of them (Lightning) pairs freely."""
     optimizers = [(c, t) for c, t in _states(ckpt, "optimizer") if _groups(t) is not None]
-    schedulers = [(c, t) for c, t in _states(ckpt, "scheduler") if base_lrs(t) is not None]
+    schedulers = _states(ckpt, "scheduler")
     if not optimizers:
         return []  # none read here (DCP, DeepSpeed), or none saved: the contract says so
     no_scheduler, orphans, spare = _pairs(optimizers, schedulers)
@@ -107,7 +137,7 @@ def scheduler_problems(ckpt: Checkpoint, *, always_saved: bool, lost_reported: b
                              "optimizer state here has as many: that optimizer's state was not saved or was lost, "
                              "and its moments and step restart from zero",
                              comp.files[0] if comp.files else ckpt.path, component=comp.name))
-    for comp, state in spare:
+    for comp, state in spare if series else ():
         found.append(Problem(Code.MISSING_OPTIMIZER, WARNING,
                              f"{_where(comp)} has no optimizer of its own: there are more schedulers than optimizers "
                              "here, so either two schedulers step one optimizer, or an optimizer's state (the next in "
