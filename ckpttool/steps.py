@@ -24,6 +24,7 @@ alone:
 from __future__ import annotations
 
 import math
+import os
 
 from ckpttool.model import (EMA_UPDATES, EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES,
                             SCHEDULER_STEPS, SKIPPED_UPDATES, WARNING, Checkpoint, Code, Problem)
@@ -217,10 +218,15 @@ class Judge:
             return  # an interval="epoch" scheduler
         rule = self.profile.scheduler_rule
         if value > max(multiples) * high:
-            ratio = value // high if high else 0
-            if high and value % high == 0 and 2 <= ratio <= MAX_PER_STEP:
-                self.warn(f"{source.source} is {value}, {ratio}x the global step {high}: the scheduler steps once per "
-                          "process or micro-batch; check that the resume steps it the same way")
+            # an exact multiple of the global step, or of the updates where no global step is saved (high is then
+            # the updates plus the skips they may lag by)
+            exact = [(value // base, base) for base in (high, low) if base and not value % base and
+                     2 <= value // base <= MAX_PER_STEP]
+            if exact:
+                ratio, base = exact[0]
+                self.warn(f"{source.source} is {value}, {ratio}x the {'global step' if base == step else 'updates'} "
+                          f"{base}: the scheduler steps once per process or micro-batch; check that the resume steps "
+                          "it the same way")
             else:
                 self.error(f"{source.source} is {value}, ahead of the global step {high} (this trainer steps it "
                            f"{rule}): the scheduler state comes from a later save")
@@ -232,11 +238,11 @@ class Judge:
                       f"{rule}); fine for a plateau or per-epoch scheduler, otherwise it comes from another save")
 
 
-    def mixed(self, what: str, values: dict[str, int], exact: bool = True, key: str | None = None) -> bool:
+    def mixed(self, what: str, values: dict[str, int], exact: bool = True) -> bool:
         """Whether the files carrying one counter of one save (`values`: file -> value) disagree. Where every file
         holds the same value (`exact`) that is an error; where a file's may lag in a healthy save (DCP's per-parameter
-        optimizer steps), only a lagging file that holds what it held in the run's earlier save (`key`: the same
-        counter there) while the others moved on is; otherwise a warning."""
+        optimizer steps), only a lagging file identical to the same file of one of the run's earlier saves is;
+        otherwise a warning."""
         if len(set(values.values())) < 2:
             return False
         by_value: dict[int, list[str]] = {}
@@ -250,25 +256,38 @@ class Judge:
             self.error(f"the checkpoint mixes saves: {what} is {shown}, and every file of one save carries the same "
                        f"value{left}")
             return True
-        before, earlier = self.earlier_values(key)
         top = max(values.values())
-        stale = sorted(f for f, v in values.items() if v < top and before.get(f) == v)
+        stale = self.left_by_earlier_saves([f for f, v in values.items() if v < top])
         if stale:
-            self.error(f"the checkpoint mixes saves: {what} is {shown}, and {', '.join(stale[:4])} still holds what it "
-                       f"held in the run's save at step {earlier} while the other files moved on{left}")
+            self.error(f"the checkpoint mixes saves: {what} is {shown}, and "
+                       + ", ".join(f"{f} is byte for byte the one in the run's save at step {step}"
+                                   for f, step in sorted(stale.items())[:4]) + left)
         else:
             self.warn(f"{what} is {shown}: the files come from different saves, or the lower ones hold only parameters "
                       "that some steps left without a gradient (a frozen or unused part); seal each save "
                       "(ckpttool.integrations) to tell")
         return True
 
-    def earlier_values(self, key: str | None) -> tuple[dict[str, int], int | None]:
-        """(file -> value of the counter `key` in the run's nearest earlier save, that save's step)."""
-        other = self.earlier_checkpoint()
-        if other is None or key is None:
-            return {}, None
-        source = next((s for s in other.steps if s.key == key and s.per_file), None)
-        return (dict(source.per_file) if source else {}), self.earlier[-1]
+    def left_by_earlier_saves(self, files: list[str]) -> dict[str, int]:
+        """Which of `files` (relative to the checkpoint) are byte for byte the same file of one of the run's earlier
+        saves (newest first), with that save's step: a file a healthy save wrote holds at least its own shards of
+        what changed since, so only a file left from an earlier save is identical to it."""
+        import filecmp
+
+        found = {}
+        for rel in files:
+            mine = os.path.join(self.ckpt.path, rel)
+            for step in reversed(self.earlier):
+                theirs = os.path.join(self.run_saves[step], rel)
+                try:
+                    same = os.path.getsize(theirs) == os.path.getsize(mine) and filecmp.cmp(theirs, mine,
+                                                                                            shallow=False)
+                except OSError:
+                    same = False
+                if same:
+                    found[rel] = step
+                    break
+        return found
 
     def earlier_checkpoint(self):
         """The run's nearest earlier save, read once (None where there is none or it cannot be read)."""
@@ -306,7 +325,7 @@ def judge(ckpt: Checkpoint, profile, run_saves: dict[int, str] | None = None) ->
     for what, values in per_rank_values(ckpt, profile).items():
         j.mixed(what, values)
     mixed = {id(s) for s in ckpt.steps
-             if s.per_file and j.mixed(f"the {s.source}", dict(s.per_file), s.per_file_exact, s.key)}
+             if s.per_file and j.mixed(f"the {s.source}", dict(s.per_file), s.per_file_exact)}
     if j.step is not None:
         updates = of(ckpt, OPTIMIZER_UPDATES)
         for source in updates:

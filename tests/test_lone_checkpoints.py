@@ -204,3 +204,34 @@ def test_dcp_files_that_lag_without_an_earlier_save_to_blame_are_a_warning(tmp_p
     found = _problems(str(run / "checkpoint-4"))
     assert [(s, c) for s, c, _ in found] == [("warning", "step_mismatch")]
     assert "some steps left without a gradient" in found[0][2]
+
+
+def test_a_lagging_dcp_file_is_an_error_only_when_an_earlier_save_holds_it_byte_for_byte(tmp_path):
+    """A healthy file lags where its parameters had no gradient for some steps, but it still holds its shards of
+    what changed; only a file left by an earlier save is byte for byte that save's (any earlier one, not only the
+    nearest)."""
+    from ckpttool.model import Checkpoint
+    from ckpttool.steps import Judge
+    from ckpttool.trainers.base import Profile
+
+    saves = {}
+    for step in (2, 4, 6):
+        folder = tmp_path / f"step-{step}"
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_bytes(b"rank 0 at %d" % step)
+        (folder / "__1_0.distcp").write_bytes(b"rank 1 at %d" % step)
+        saves[step] = str(folder)
+
+    def verdict(values):
+        ckpt = Checkpoint(saves[6], "dcp", "torch.distributed.checkpoint")
+        judge = Judge(ckpt, Profile(), saves)
+        judge.step = 6
+        judge.earlier = [2, 4]
+        assert judge.mixed("the optimizer state step", values, exact=False)
+        return [(p.severity.value, p.message) for p in judge.problems]
+
+    found = verdict({"__0_0.distcp": 3, "__1_0.distcp": 6})
+    assert [s for s, _ in found] == ["warning"]
+    (tmp_path / "step-6" / "__0_0.distcp").write_bytes(b"rank 0 at 2")  # left by the save at step 2
+    found = verdict({"__0_0.distcp": 2, "__1_0.distcp": 6})
+    assert [s for s, _ in found] == ["error"] and "byte for byte the one in the run's save at step 2" in found[0][1]

@@ -106,60 +106,109 @@ def install_sealing(accelerator):
     Under FSDP, DeepSpeed and Megatron-LM save_state is collective (every process calls it), so the process that
     saves (the main one, or each node's first with save_on_each_node) seals between two barriers. Under plain DDP a
     loop may call it on the main process only (the diffusers scripts: `if accelerator.is_main_process:`), where a
-    barrier would wait for ever, so the save is sealed once every process is known to be past it: at the next
-    `wait_for_everyone`, else just before the next save_state (the processes have trained together since) or at
-    `end_training`. Saving into a dir again drops its old manifest first, which would describe the old bytes. One
-    process alone seals at once."""
+    barrier would wait for ever. There every process that enters save_state says so, and says when its part is
+    written, through torch.distributed's key-value store (no collective): the main process seals a save once every
+    other process has written its part. Where no other process has entered save_state by the next
+    `wait_for_everyone` (after which every process is past the save), or by a later `save_state`, `end_training` or
+    exit at least ALONE_AFTER_S after it (processes that save together enter it together), the saves are this
+    process's alone and are sealed then. Saving into a named dir again drops its old manifest first, which would
+    describe the old bytes. One process alone seals at once."""
+    import atexit
+    import time
+
     from accelerate.utils import DistributedType
 
     from ckpttool.checksums import MANIFEST_NAME
-    from ckpttool.integrations.sealing import seal, seal_after_save
+    from ckpttool.integrations.sealing import log, seal, seal_after_save
 
     collective = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
                                                   DistributedType.MEGATRON_LM)
     save, wait, end = accelerator.save_state, accelerator.wait_for_everyone, accelerator.end_training
-    pending: list[str] = []
+    deferred = not collective and accelerator.num_processes > 1
+    store = _store() if deferred else None
+    others = [r for r in range(accelerator.num_processes) if r != accelerator.process_index]
+    pending: list[tuple[int, str, float]] = []  # (this process's save count, dir, when written) not yet sealed
+    saves = [0]
 
     def writes() -> bool:
         on_each_node = accelerator.project_configuration.save_on_each_node
         return accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
 
-    def flush():
-        while pending:
-            path = pending.pop(0)
-            if os.path.isdir(path):  # a total limit may have deleted it since
-                seal(path)
+    def flush(later: bool, barrier: bool = False):
+        """Seal each pending save every other process has written its part of; `later` (a later call, or exit) and
+        long enough after it, or just after a `barrier`: also those no other process entered (this one's alone)."""
+        for item in list(pending):
+            number, path, written = item
+            done = store is not None and store.check([f"{SEAL_KEY}/{number}/{r}" for r in others])
+            alone = (barrier or later and time.monotonic() - written >= ALONE_AFTER_S) and \
+                (store is None or not store.check([ENTERED_KEY]))
+            if done or alone:
+                pending.remove(item)
+                if os.path.isdir(path):  # a total limit may have deleted it since
+                    seal(path)
 
     @functools.wraps(save)
     def sealed_save_state(output_dir=None, *args, **kwargs):
-        if writes():
-            flush()
-            stale = os.path.join(os.fspath(output_dir), MANIFEST_NAME) if output_dir is not None else None
-            if stale and os.path.isfile(stale) and not (collective or accelerator.num_processes == 1):
+        number = saves[0]
+        saves[0] += 1
+        if deferred and store is not None and not writes():
+            store.set(ENTERED_KEY, "1")
+        if deferred and writes():
+            flush(later=True)
+            automatic = accelerator.project_configuration.automatic_checkpoint_naming
+            stale = None if output_dir is None or automatic else os.path.join(os.fspath(output_dir), MANIFEST_NAME)
+            if stale and os.path.isfile(stale):
                 os.remove(stale)  # ours, of the save this one replaces: sealed again once this one is complete
         location = os.fspath(save(output_dir, *args, **kwargs))
         if collective:
             seal_after_save(location, writes=writes(), barrier=wait)
-        elif accelerator.num_processes == 1:
+        elif not deferred:
             seal(location)
         elif writes():
-            pending.append(location)
+            pending.append((number, location, time.monotonic()))
+            flush(later=False)
+        elif store is not None:
+            store.set(f"{SEAL_KEY}/{number}/{accelerator.process_index}", "1")
         return location
 
     @functools.wraps(wait)
     def wait_then_seal(*args, **kwargs):
         result = wait(*args, **kwargs)
         if writes():
-            flush()  # every process is past its last save
+            flush(later=True, barrier=True)
         return result
 
     @functools.wraps(end)
     def seal_then_end(*args, **kwargs):
         if writes():
-            flush()
+            flush(later=True)
         return end(*args, **kwargs)
+
+    def at_exit():
+        if pending and writes():
+            flush(later=True)
+            for _, path, _ in pending:
+                log.warning("not sealing %s: another process's part of it was not known to be written", path)
 
     accelerator.save_state = sealed_save_state
     accelerator.wait_for_everyone = wait_then_seal
     accelerator.end_training = seal_then_end
+    if deferred:
+        atexit.register(at_exit)
     return accelerator
+
+
+SEAL_KEY = "ckpttool/sealing/written"  # + /{save number}/{process}: that process's part of that save is on disk
+ENTERED_KEY = "ckpttool/sealing/entered"  # a process other than the one that seals entered save_state
+ALONE_AFTER_S = 30.0  # seconds after a save by which processes that save together have all entered save_state
+
+
+def _store():
+    """torch.distributed's key-value store of the default group (every launch has one), or None where there is
+    none; then a save is sealed at the next save_state, wait_for_everyone or end_training."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no process group, or a launcher without a store: seal later instead
+        return None

@@ -5,7 +5,8 @@ so that a lone checkpoint (no sibling to compare with) still shows a lost part.
   optimizer (torch/optim/lr_scheduler.py LRScheduler.__init__: `group.setdefault("initial_lr", group["lr"])`; the
   transformers and diffusers schedulers are LambdaLRs built that way, and OneCycleLR sets it too; ReduceLROnPlateau
   does not). Each scheduler is built on one optimizer and its `base_lrs` are those `initial_lr`s, so every optimizer
-  that carries them had a scheduler of as many groups, and a saved scheduler's `base_lrs` name the optimizer it steps.
+  that carries them had a scheduler of as many groups (fewer, where groups were added after it was built), and a
+  saved scheduler's `base_lrs` name the optimizer it steps.
 - A torch optimizer keeps each parameter's moments (Adam's exp_avg, SGD's momentum_buffer) in that parameter's shape:
   a numbered optimizer with no numbered model of its own whose moments fit no model here belongs to a model that was
   not saved, or was lost.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 
 from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Component, Problem
 
@@ -148,7 +148,7 @@ def scheduler_problems(ckpt: Checkpoint, *, always_saved: bool, lost_reported: b
 def model_problems(ckpt: Checkpoint, optimizer_numbers: dict[str, int], model_count: int) -> list[Problem]:
     """A numbered optimizer (`optimizer_numbers`: component name -> its place in the series) beyond the models saved
     (`model_count`) whose moments fit no model tensor here: the model it trains is missing."""
-    shapes = Counter(tuple(t.shape) for c in ckpt.components if c.role in ("model", "lora") for t in c.tensors)
+    shapes = {tuple(t.shape) for c in ckpt.components if c.role in ("model", "lora") for t in c.tensors}
     if not shapes:
         return []
     found = []
