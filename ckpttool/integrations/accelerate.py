@@ -130,9 +130,8 @@ def install_sealing(accelerator):
     pending: list[tuple[int, str, float]] = []  # (this process's save count, dir, when written) not yet sealed
     saves = [0]
 
-    def writes() -> bool:
-        on_each_node = accelerator.project_configuration.save_on_each_node
-        return accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
+    on_each_node = accelerator.project_configuration.save_on_each_node
+    writer = accelerator.is_local_main_process if on_each_node else accelerator.is_main_process
 
     def flush(later: bool, barrier: bool = False):
         """Seal each pending save every other process has written its part of; `later` (a later call, or exit) and
@@ -151,9 +150,9 @@ def install_sealing(accelerator):
     def sealed_save_state(output_dir=None, *args, **kwargs):
         number = saves[0]
         saves[0] += 1
-        if deferred and store is not None and not writes():
+        if deferred and store is not None and not writer:
             store.set(ENTERED_KEY, "1")
-        if deferred and writes():
+        if deferred and writer:
             flush(later=True)
             automatic = accelerator.project_configuration.automatic_checkpoint_naming
             stale = None if output_dir is None or automatic else os.path.join(os.fspath(output_dir), MANIFEST_NAME)
@@ -161,10 +160,10 @@ def install_sealing(accelerator):
                 os.remove(stale)  # ours, of the save this one replaces: sealed again once this one is complete
         location = os.fspath(save(output_dir, *args, **kwargs))
         if collective:
-            seal_after_save(location, writes=writes(), barrier=wait)
+            seal_after_save(location, writes=writer, barrier=wait)
         elif not deferred:
             seal(location)
-        elif writes():
+        elif writer:
             pending.append((number, location, time.monotonic()))
             flush(later=False)
         elif store is not None:
@@ -174,18 +173,18 @@ def install_sealing(accelerator):
     @functools.wraps(wait)
     def wait_then_seal(*args, **kwargs):
         result = wait(*args, **kwargs)
-        if writes():
+        if writer:
             flush(later=True, barrier=True)
         return result
 
     @functools.wraps(end)
     def seal_then_end(*args, **kwargs):
-        if writes():
+        if writer:
             flush(later=True)
         return end(*args, **kwargs)
 
     def at_exit():
-        if pending and writes():
+        if pending and writer:
             flush(later=True)
             for _, path, _ in pending:
                 log.warning("not sealing %s: another process's part of it was not known to be written", path)
