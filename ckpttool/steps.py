@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from ckpttool.model import (EMA_UPDATES, EPOCH, ERROR, GLOBAL_STEP, MICRO_STEPS, OPTIMIZER_UPDATES, SAVES,
                             SCHEDULER_STEPS, SKIPPED_UPDATES, WARNING, Checkpoint, Code, Problem)
@@ -237,7 +238,6 @@ class Judge:
             self.warn(f"{source.source} is {value}, behind the optimizer's {low} updates (this trainer steps it "
                       f"{rule}); fine for a plateau or per-epoch scheduler, otherwise it comes from another save")
 
-
     def mixed(self, what: str, values: dict[str, int], exact: bool = True) -> bool:
         """Whether the files carrying one counter of one save (`values`: file -> value) disagree. Where every file
         holds the same value (`exact`) that is an error; where a file's may lag in a healthy save (DCP's per-parameter
@@ -307,8 +307,6 @@ class Judge:
 def per_rank_values(ckpt: Checkpoint, profile) -> dict[str, dict[str, int]]:
     """Counters each process writes into its own file with one value for all (the profile's `per_rank_counters`):
     what they are -> file -> value, where more than one file carries them."""
-    import re
-
     found: dict[str, dict[str, int]] = {}
     for pattern, what in profile.per_rank_counters:
         for s in ckpt.steps:

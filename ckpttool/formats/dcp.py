@@ -306,28 +306,30 @@ def _optimizer_updates(steps: list[TensorInfo], within: str) -> list[StepSource]
 
 
 def _scalars(file: str, items: list[TensorInfo]) -> list:
-    """The one-element tensor items of one data file, each read from its torch.save blob in memory (the file opened
-    once, in offset order); None for one that is unreadable or not a whole number."""
+    """The values of one data file's one-element tensor items, in `items`' order, each read from its torch.save blob
+    in memory (the file opened once, read in offset order); None for one that is unreadable, larger than a scalar's
+    blob, or not a whole number."""
     from ckpttool.formats.torchfile import read_raw
     from ckpttool.formats.torchtree import scalar_in
 
-    found = []
+    found: list = [None] * len(items)
     try:
         paths.regular(file)
         with open(file, "rb") as f:
-            for t in sorted(items, key=lambda t: t.location.offset):
-                if t.location.length > SCALAR_ITEM_LIMIT:
+            for i in sorted(range(len(items)), key=lambda i: items[i].location.offset):
+                location = items[i].location
+                if location.length > SCALAR_ITEM_LIMIT:
                     continue
-                f.seek(t.location.offset)
-                blob = f.read(t.location.length)
+                f.seek(location.offset)
+                blob = f.read(location.length)
                 try:
                     raw = read_raw(file, data=blob)
                 except CkptError:
                     continue  # verify reads the item and names its damage
                 value = scalar_in(raw, blob) if isinstance(raw.obj, TensorRef) and math.prod(raw.obj.shape) == 1 \
                     else None
-                found.append(value if isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-                             else None)
+                if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                    found[i] = value
     except (CkptError, OSError):
         pass  # read() names a missing or cut-short data file
     return found
@@ -335,11 +337,4 @@ def _scalars(file: str, items: list[TensorInfo]) -> list:
 
 def _scalar(info: TensorInfo):
     """A one-element tensor item's value, read from its torch.save blob without torch; None if unreadable."""
-    from ckpttool.formats.torchfile import saved_tensor
-    from ckpttool.formats.torchtree import read_scalar
-
-    try:
-        value = read_scalar(saved_tensor(info.name, info.location, info.shape))
-    except (CkptError, OSError):
-        return None  # read() names a missing or cut-short data file; verify reads the item and names its damage
-    return value if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None
+    return _scalars(info.location.file, [info])[0]

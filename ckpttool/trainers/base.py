@@ -15,8 +15,8 @@ import re
 from typing import TYPE_CHECKING
 
 from ckpttool import paths
-from ckpttool.trainers import implications
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Checkpoint, Code, Problem, Record, StepSource
+from ckpttool.trainers import implications
 
 if TYPE_CHECKING:
     from ckpttool.formats.statedir import FileRole, StateDirFiles

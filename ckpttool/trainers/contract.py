@@ -31,6 +31,7 @@ from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.formats import pretrained_files
 from ckpttool.model import ERROR, WARNING, Checkpoint, Code, Problem, Severity
+from ckpttool.trainers import implications
 
 
 class Absent(StrEnum):
@@ -310,8 +311,6 @@ def implied(contract: Contract, ckpt: Checkpoint, lost: list[Problem]) -> list[P
     """What the present files imply is missing (ckpttool.trainers.implications), beyond what `absence` found
     (`lost`): a scheduler its optimizer had (an error where the contract says the trainer always saves it), an
     optimizer its scheduler steps, the model a numbered optimizer trains."""
-    from ckpttool.trainers import implications
-
     listing = entries(ckpt.path)
     scheduler = next((p for p in contract.parts if p.code == Code.MISSING_SCHEDULER), None)
     found = implications.scheduler_problems(
