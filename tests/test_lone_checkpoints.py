@@ -235,3 +235,37 @@ def test_a_lagging_dcp_file_is_an_error_only_when_an_earlier_save_holds_it_byte_
     (tmp_path / "step-6" / "__0_0.distcp").write_bytes(b"rank 0 at 2")  # left by the save at step 2
     found = verdict({"__0_0.distcp": 2, "__1_0.distcp": 6})
     assert [s for s, _ in found] == ["error"] and "byte for byte the one in the run's save at step 2" in found[0][1]
+
+
+def test_a_real_lightning_run_whose_scheduler_was_built_beside_configure_optimizers(tmp_path):
+    """lightning.Trainer saving a module that builds a LambdaLR on its optimizer but returns only the optimizer:
+    the .ckpt's lr_schedulers is empty though the optimizer carries initial_lr, and a resume restarts the schedule
+    (a warning); the same run returning the scheduler verifies clean."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fixtures.generate import TinyNet
+
+    class Module(L.LightningModule):
+        def __init__(self, returned):
+            super().__init__()
+            self.net, self.returned = TinyNet(), returned
+
+        def training_step(self, batch, _index):
+            return self.net(batch).float().pow(2).mean()
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler} if self.returned else optimizer
+
+    data = torch.utils.data.DataLoader([torch.randint(0, 10, (8,)) for _ in range(8)], batch_size=4)
+    found = {}
+    for returned in (True, False):
+        out = tmp_path / str(returned)
+        trainer = L.Trainer(default_root_dir=out, max_steps=2, accelerator="cpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1)])
+        trainer.fit(Module(returned), data)
+        found[returned] = [(s, c) for s, c, _ in _problems(str(out / "epoch=0-step=2.ckpt"))]
+    assert found == {True: [], False: [("warning", "missing_scheduler")]}
