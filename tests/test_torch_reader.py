@@ -1,3 +1,4 @@
+import argparse
 import os
 import pickle
 import zipfile
@@ -10,6 +11,7 @@ from ckpttool.errors import CkptError
 from ckpttool.formats import torchfile
 from ckpttool.formats.pickles import unpickle
 from ckpttool.tensors import load_tensor
+from tests.helpers import cli
 
 
 def assert_tensors_match(component, expected: dict):
@@ -109,9 +111,19 @@ def test_unsafe_globals_named_and_never_run(corpus, no_payload):
     assert [p.code for p in plain.problems] == ["unsafe_pickle"]
 
 
-def test_argparse_namespace_is_outside_allow_list(corpus):
+def test_argparse_namespace_is_a_warning_with_the_line_that_loads_it(corpus):
+    """An inert data class is refused by torch.load(weights_only=True) but runs nothing: a warning naming the exact
+    add_safe_globals line, never unsafe_pickle; and that line does let torch load the file."""
     ckpt = open_checkpoint(corpus["torch_argparse"])
-    assert any(p.code == "unsafe_pickle" and "argparse.Namespace" in p.message for p in ckpt.problems)
+    assert [(p.code, p.severity) for p in ckpt.problems] == [("needs_safe_globals", "warning")]
+    line = ckpt.problems[0].message.split("`")[1]
+    assert line == "import argparse; torch.serialization.add_safe_globals([argparse.Namespace])"
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(corpus["torch_argparse"], weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        assert torch.load(corpus["torch_argparse"], weights_only=True)["args"].lr == 0.1
+    result, _ = cli("verify", corpus["torch_argparse"])
+    assert result.exit_code == 0 and "add_safe_globals([argparse.Namespace])" in result.output
 
 
 def test_numpy_rng_state_is_allowed(corpus):

@@ -14,7 +14,8 @@ from collections import defaultdict
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, unpickle
+from ckpttool.formats.pickles import (DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, split_unsafe,
+                                      unpickle)
 from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Code, Component, Location,
                             Record, StepSource, TensorInfo)
 
@@ -225,9 +226,10 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     except CkptError as e:
         ckpt.add_problem(e.code, ERROR, f"item {fqn!r} at byte {offset}: {e.reason}", full)
         return None
-    if raw.unsafe_globals:
+    unsafe = split_unsafe(raw.unsafe_globals)[0]  # dcp.load takes an inert data class (weights_only=False)
+    if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
-                         f"item {fqn!r} imports {', '.join(raw.unsafe_globals)}, outside the "
+                         f"item {fqn!r} imports {', '.join(unsafe)}, outside the "
                          "allow-list: dcp.load unpickles it with weights_only=False and would run that code; it was "
                          "not executed", full)
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ckpttool.dtypes import ALIASES, BITS, STORAGE_CLASSES, TORCH_NAMES
 from ckpttool.errors import CkptError
-from ckpttool.model import Code
+from ckpttool.model import WARNING, Code, Problem
 
 
 # What torch.load(weights_only=True) accepts, plus the numpy pieces Accelerate allow-lists for RNG state.
@@ -129,6 +129,30 @@ def runs_code(name: str) -> bool:
     parts = module.split(".")
     return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or attr.startswith("__") or
             any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
+
+
+# Plain data classes training scripts pickle beside their tensors (Megatron's and kohya's `args`): unpickling one builds
+# an attribute bag and calls nothing, but torch.load(weights_only=True), torch's default since 2.6, refuses it unless
+# allow-listed. A pickle naming one is a warning with the line that lets it load (`inert_problem`), never
+# `unsafe_pickle`.
+INERT_CLASSES = {"argparse.Namespace"}
+
+
+def inert_problem(names: list[str], where: str, path: str, component: str | None = None):
+    """The warning for a pickle naming the inert data classes `names`: what refuses it and the exact line that lets
+    torch.load(weights_only=True) take it."""
+    modules = ", ".join(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    line = f"import {modules}; torch.serialization.add_safe_globals([{', '.join(names)}])"
+    return Problem(Code.NEEDS_SAFE_GLOBALS, WARNING,
+                   f"{where} names {', '.join(names)}, a plain data class that loading builds without calling any "
+                   "code, but torch.load(weights_only=True), the default since torch 2.6, refuses it "
+                   f"(UnpicklingError); if you trust the file, run `{line}` before loading it", path,
+                   component=component)
+
+
+def split_unsafe(names: list[str]) -> tuple[list[str], list[str]]:
+    """(the globals outside the allow-list that are not inert data classes, those that are)."""
+    return [n for n in names if n not in INERT_CLASSES], [n for n in names if n in INERT_CLASSES]
 
 
 # Protocol-2 pickles name Python 2 modules; map them as the standard unpickler would.
@@ -473,8 +497,8 @@ def unpickle(source, allowed=SAFE_GLOBALS, what="pickle"):
                                 "deep, and walking it would exhaust the stack")
         else:
             return obj, unpickler
-    if unpickler.unsafe_globals:
-        raise CkptError(Code.UNSAFE_PICKLE, f"{what} imports {', '.join(unpickler.unsafe_globals)}, outside the "
+    if unsafe := split_unsafe(unpickler.unsafe_globals)[0]:
+        raise CkptError(Code.UNSAFE_PICKLE, f"{what} imports {', '.join(unsafe)}, outside the "
                         f"allow-list (torch.load would run it), and then cannot be read: {failure.reason}")
     raise failure
 

@@ -140,12 +140,17 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
 
 def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
+    from ckpttool.formats.pickles import inert_problem, split_unsafe
+
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
-    if raw.unsafe_globals:
+    unsafe, inert = split_unsafe(raw.unsafe_globals)
+    if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
-                         f"pickle imports {', '.join(raw.unsafe_globals)}, outside the allow-list: torch.load "
+                         f"pickle imports {', '.join(unsafe)}, outside the allow-list: torch.load "
                          "would run that code (or refuse with weights_only); it was not executed. Load it only if "
                          "you trust its source, or re-save the tensors with `ckpttool convert`", path)
+    if inert:
+        ckpt.problems.append(inert_problem(inert, "the pickle", path))
     devices = sorted({ref.location for ref, _ in raw.storages.values()})
     if devices:
         known = set(ckpt.metadata.get("saved_on_devices", []))

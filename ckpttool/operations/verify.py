@@ -40,9 +40,11 @@ class Verification:
 
 # --- integrity ---
 
+PICKLE_CODES = (Code.UNSAFE_PICKLE, Code.NEEDS_SAFE_GLOBALS)  # shown under "pickle safety", not "integrity"
+
 def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
     """`crcs_covered`: every byte matched a manifest written after the same CRCs were checked, so they still hold."""
-    reader = [p for p in ckpt.problems if p.code != Code.UNSAFE_PICKLE]
+    reader = [p for p in ckpt.problems if p.code not in PICKLE_CODES]
     if crcs_covered:
         detail = f"{len(ckpt.files)} files readable, zip CRCs checked when the manifest was written"
     else:
@@ -50,7 +52,7 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
         reader.extend(problems)
         detail = f"{len(ckpt.files)} files readable" + (f", {checked} good" if checked else "")
     v.from_problems("integrity", reader, detail)
-    unsafe = [p for p in ckpt.problems if p.code == Code.UNSAFE_PICKLE]
+    unsafe = [p for p in ckpt.problems if p.code in PICKLE_CODES]
     v.from_problems("pickle safety", unsafe, "what the resume unpickles names only allow-listed globals, and no "
                     "pickle in the checkpoint names one that runs code")
 
