@@ -78,3 +78,89 @@ def test_torchtune_recipe_state_inside_the_folder_is_read(tmp_path):
     assert result.exit_code == 0 and report["problems"] == [] and report["trainer"] == "torchtune"
     result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "epoch_1"))
     assert codes(report, "error") == ["missing_file"]
+
+
+# --- Megatron torch_dist (megatron-core 0.16.1 on 2 ranks, tensor-parallel 2: fixtures/megatron_sample.py) ---
+
+MEGATRON = os.path.join(DATA, "megatron", "torch_dist_tp2")
+
+
+def _megatron_copy(tmp_path) -> str:
+    return shutil.copytree(MEGATRON, tmp_path / "run")
+
+
+def test_megatron_torch_dist_verifies_clean_and_latest_follows_the_tracker():
+    path = os.path.join(MEGATRON, "iter_0000010")
+    result, report = cli("inspect", "--json", path)
+    assert result.exit_code == 0 and report["trainer"] == "megatron" and report["step"] == 10
+    assert {c["name"]: c["role"] for c in report["components"]} == {"model": "model", "optimizer": "optimizer"}
+    result, report = cli("verify", "--json", "--for-resume", path)
+    assert result.exit_code == 0 and codes(report, "error") == [], report["problems"]
+    assert codes(report) == ["needs_safe_globals"]  # common.pt's args Namespace: the add_safe_globals line
+    assert check_resume(path).ok
+    result, out = cli("latest", "--json", "--for-resume", MEGATRON)
+    assert os.path.basename(out["path"]) == "iter_0000010" and os.path.basename(out["trainer_pick"]) == "iter_0000010"
+
+
+def test_megatron_convert_assembles_the_tensor_parallel_shards(tmp_path):
+    """Each TP rank saved its slice as a chunk of one global tensor: convert writes the whole tensors, the values
+    torch.distributed.checkpoint.load gives."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = os.path.join(MEGATRON, "iter_0000010")
+    out = tmp_path / "model.safetensors"
+    assert cli("convert", "--component", "model", path, out)[0].exit_code == 0
+    written = load_file(out)
+    meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    assert set(written) == {k for k in meta if k.startswith(("embedding.", "decoder.", "output_layer."))
+                            and "_extra_state/" not in k}  # the TE extra states are bytes items
+    expected = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in written}
+    dcp.load(expected, checkpoint_id=path, no_dist=True)
+    assert all(torch.equal(expected[k], written[k]) for k in written)
+    assert len(meta["embedding.word_embeddings.weight"].chunks) == 2  # it was split
+
+
+def test_megatron_tracker_behind_bad_or_files_lost(tmp_path):
+    run = _megatron_copy(tmp_path)
+    tracker = os.path.join(run, "latest_checkpointed_iteration.txt")
+    with open(tracker, "w") as f:
+        f.write("5")  # the job died after iter 10's files, before rank 0 wrote the tracker
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+    assert result.exit_code == 0 and "step_mismatch" in codes(report, "warning")
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert os.path.basename(out["trainer_pick"]) == "iter_0000005" and "iter_0000005" in out["differs"]
+    with open(tracker, "w") as f:
+        f.write("iter 10\n")  # read_metadata: "Invalid metadata file" and sys.exit() with status 0
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+    assert result.exit_code == 1 and codes(report, "error") == ["corrupt"]
+    with open(tracker, "w") as f:
+        f.write("10")
+    for lost, code in (("metadata.json", "missing_file"), ("common.pt", "missing_file"),
+                       ("__1_0.distcp", "missing_file")):
+        os.remove(os.path.join(run, "iter_0000010", lost))
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+        assert result.exit_code == 1 and code in codes(report, "error"), (lost, report["problems"])
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert os.path.basename(out["path"]) == "iter_0000005" and "fails verification" in out["differs"]
+
+
+def test_megatron_integrity_manifest_catches_a_stale_rank_file(tmp_path):
+    """--verify-integrity (core 0.18+) writes integrity.json, sha256 of every top-level file: a rank's data file
+    from the previous save, which no counter shows, is checksum_mismatch, as verify_integrity_manifest raises."""
+    import hashlib
+    import json
+
+    run = _megatron_copy(tmp_path)
+    folder = os.path.join(run, "iter_0000010")
+    files = {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in os.listdir(folder)}
+    with open(os.path.join(folder, "integrity.json"), "w") as f:
+        json.dump({"algorithm": "sha256", "files": files}, f)
+    result, report = cli("verify", "--json", "--for-resume", folder)
+    assert result.exit_code == 0 and codes(report, "error") == []
+    shutil.copyfile(os.path.join(run, "iter_0000005", "__1_1.distcp"), os.path.join(folder, "__1_1.distcp"))
+    result, report = cli("verify", "--json", "--for-resume", folder)
+    assert result.exit_code == 1 and codes(report, "error") == ["checksum_mismatch"]
+    assert "__1_1.distcp" in report["problems"][-1]["message"] or any(
+        "__1_1.distcp" in p["message"] for p in report["problems"])

@@ -89,6 +89,9 @@ DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", "torch.serialization._get_layout",
     "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path",
     "torch.distributed.checkpoint._extension.StreamTransformExtension",
+    # the save plans a planner may keep in Metadata.planner_data (megatron-core's torch_dist caches them there)
+    "torch.distributed.checkpoint.planner.SavePlan", "torch.distributed.checkpoint.planner.WriteItem",
+    "torch.distributed.checkpoint.planner.WriteItemType", "torch.distributed.checkpoint.planner.TensorWriteData",
 }
 
 # Globals that run code, reach the system or load more code when a pickle calls them: torch.load(weights_only=False),

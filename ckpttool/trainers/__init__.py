@@ -20,9 +20,10 @@ from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "kohya.Kohya",
-                 "torchtune.Torchtune", "peft.Peft", "torchtitan.Torchtitan", "deepspeed.DeepSpeed",
-                 "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",
-                 "accelerate.AccelerateAutomatic", "diffusers.Diffusers", "accelerate.Accelerate")
+                 "torchtune.Torchtune", "peft.Peft", "torchtitan.Torchtitan", "megatron.Megatron",
+                 "deepspeed.DeepSpeed", "consistency_models.ConsistencyModels", "lightning.LightningSharded",
+                 "pretrained.ModelFolder", "accelerate.AccelerateAutomatic", "diffusers.Diffusers",
+                 "accelerate.Accelerate")
 FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file
 CONTENT_PROFILES = {"torch": ("lightning.Lightning", "training_dict.TrainingDict"), "dcp": ("dcp_state.DcpState",)}
 GENERIC = Profile()

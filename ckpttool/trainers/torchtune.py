@@ -1,7 +1,7 @@
-"""torchtune 0.6.1 (torchtune/training/checkpointing/_checkpointer.py, _utils.py; recipes/full_finetune_single_device.py,
-lora_finetune_single_device.py, full_finetune_distributed.py): the FullModel HF, Meta and TorchTune checkpointers
-write `{output_dir}/epoch_{N}/` (N: the 0-based epoch just finished) with the weights (`model-0000X-of-0000Y.safetensors`
-and its index, or one `model-00001-of-00001.bin`), `adapter_model.pt` (+ PEFT `adapter_model.safetensors`,
+"""torchtune 0.6.1 (torchtune/training/checkpointing/_checkpointer.py, _utils.py;
+recipes/full_finetune_single_device.py, lora_finetune_single_device.py, full_finetune_distributed.py): the FullModel
+HF, Meta and TorchTune checkpointers write `{output_dir}/epoch_{N}/` (N: the 0-based epoch just finished) with the
+weights (`model-0000X-of-0000Y.safetensors` and its index, or one `model-00001-of-00001.bin`), `adapter_model.pt` (+ PEFT `adapter_model.safetensors`,
 `adapter_config.json`) for LoRA. The recipe state (seed, epochs_run, total_epochs, max_steps_per_epoch, optimizer,
 dataloader) goes to ONE file, `{output_dir}/recipe_state/recipe_state.pt`, overwritten at every intermediate save and
 not written by the final one (`save_checkpoint(intermediate_checkpoint=False)`); older layouts keep a
@@ -43,8 +43,8 @@ NOT_READ = tuple((p, "copied or exported for other tools; torchtune's resume doe
 # _update_recipe_state reads these four and raises KeyError("Checkpoint does not contain the required keys ...")
 # without any; setup() then indexes ckpt_dict["optimizer"] and ["dataloader"] directly.
 REQUIRED_KEYS = ("seed", "epochs_run", "total_epochs", "max_steps_per_epoch")
-SOURCE = ("torchtune 0.6.1 training/checkpointing/_checkpointer.py (FullModelHFCheckpointer, FullModelMetaCheckpointer, "
-          "FullModelTorchTuneCheckpointer save_checkpoint/load_checkpoint), _utils.py (get_recipe_checkpoint_path, "
+SOURCE = ("torchtune 0.6.1 training/checkpointing/_checkpointer.py (FullModelHFCheckpointer, "
+          "FullModelMetaCheckpointer, FullModelTorchTuneCheckpointer save_checkpoint/load_checkpoint), _utils.py (get_recipe_checkpoint_path, "
           "get_adapter_checkpoint_path, get_largest_iter_folder), recipes/full_finetune_single_device.py and "
           "lora_finetune_single_device.py (save_checkpoint, _update_recipe_state, setup)")
 
@@ -148,7 +148,7 @@ class Torchtune(Profile):
 
 
 def _not_its_state(folder: str, number: int, epochs_run: int) -> str:
-    """Why the recipe state does not belong to `folder`: every intermediate save overwrites it, the final writes none."""
+    """Why the recipe state is not `folder`'s: every intermediate save overwrites it, the final writes none."""
     owner = f"epoch_{epochs_run - 1}" if epochs_run > 0 else "no epoch"
     if epochs_run == number:
         return (f"{folder} is the final save: torchtune writes no recipe state at the end of training, and the recipe "
