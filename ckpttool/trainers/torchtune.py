@@ -1,14 +1,15 @@
 """torchtune 0.6.1 (torchtune/training/checkpointing/_checkpointer.py, _utils.py;
 recipes/full_finetune_single_device.py, lora_finetune_single_device.py, full_finetune_distributed.py): the FullModel
 HF, Meta and TorchTune checkpointers write `{output_dir}/epoch_{N}/` (N: the 0-based epoch just finished) with the
-weights (`model-0000X-of-0000Y.safetensors` and its index, or one `model-00001-of-00001.bin`), `adapter_model.pt` (+ PEFT `adapter_model.safetensors`,
-`adapter_config.json`) for LoRA. The recipe state (seed, epochs_run, total_epochs, max_steps_per_epoch, optimizer,
-dataloader) goes to ONE file, `{output_dir}/recipe_state/recipe_state.pt`, overwritten at every intermediate save and
-not written by the final one (`save_checkpoint(intermediate_checkpoint=False)`); older layouts keep a
-`recipe_state.pt` inside the epoch folder. The recipes add 1 to `epochs_run` before saving, so the state of
-`epoch_N` says `epochs_run = N + 1`: that folder is the one resume point, and every other folder's weights would be
-resumed with another epoch's optimizer and counters. No LR scheduler or RNG state is saved (the recipes rebuild the
-schedule from epochs_run); no folder is ever deleted. The async distributed path writes DCP `dist_epoch_{N}/`.
+weights (`model-0000X-of-0000Y.safetensors` and its index, or one `model-00001-of-00001.bin`), `adapter_model.pt`
+(+ PEFT `adapter_model.safetensors`, `adapter_config.json`) for LoRA. The recipe state (seed, epochs_run,
+total_epochs, max_steps_per_epoch, optimizer, dataloader) goes to ONE file, `{output_dir}/recipe_state/recipe_state.pt`,
+overwritten at every intermediate save and not written by the final one (`save_checkpoint(intermediate_checkpoint=
+False)`); older layouts keep a `recipe_state.pt` inside the epoch folder. The recipes add 1 to `epochs_run` before
+saving, so the state of `epoch_N` says `epochs_run = N + 1`: that folder is the one resume point, and every other
+folder's weights would be resumed with another epoch's optimizer and counters. No LR scheduler or RNG state is saved
+(the recipes rebuild the schedule from epochs_run); no folder is ever deleted. (The async distributed path's DCP
+`dist_epoch_{N}/` folders are not modelled yet.)
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ NOT_READ = tuple((p, "copied or exported for other tools; torchtune's resume doe
 # without any; setup() then indexes ckpt_dict["optimizer"] and ["dataloader"] directly.
 REQUIRED_KEYS = ("seed", "epochs_run", "total_epochs", "max_steps_per_epoch")
 SOURCE = ("torchtune 0.6.1 training/checkpointing/_checkpointer.py (FullModelHFCheckpointer, "
-          "FullModelMetaCheckpointer, FullModelTorchTuneCheckpointer save_checkpoint/load_checkpoint), _utils.py (get_recipe_checkpoint_path, "
+          "FullModelMetaCheckpointer, FullModelTorchTuneCheckpointer save_checkpoint/load_checkpoint), _utils.py "
+          "(get_recipe_checkpoint_path, "
           "get_adapter_checkpoint_path, get_largest_iter_folder), recipes/full_finetune_single_device.py and "
           "lora_finetune_single_device.py (save_checkpoint, _update_recipe_state, setup)")
 
