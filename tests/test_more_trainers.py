@@ -164,3 +164,26 @@ def test_megatron_integrity_manifest_catches_a_stale_rank_file(tmp_path):
     assert result.exit_code == 1 and codes(report, "error") == ["checksum_mismatch"]
     assert "__1_1.distcp" in report["problems"][-1]["message"] or any(
         "__1_1.distcp" in p["message"] for p in report["problems"])
+
+
+# --- musubi-tuner: kohya's state dirs, without train_state.json (replica from the corpus's Accelerate save_state) ---
+
+def test_musubi_state_dirs_warn_that_the_resume_restarts_the_step(corpus, tmp_path):
+    """musubi-tuner's save hook writes no train_state.json and its loop starts at step 0 after --resume: a run
+    whose state dirs all lack it is musubi's, whose resume works but restarts the count (a warning, not damage);
+    a kohya state dir that lost the file its siblings have stays an error."""
+    run = shutil.copytree(os.path.dirname(corpus["kohya_step_state"]), tmp_path / "run")
+    state = os.path.join(run, os.path.basename(corpus["kohya_step_state"]))
+    os.remove(os.path.join(state, "train_state.json"))
+    result, report = cli("verify", "--json", "--for-resume", state)
+    assert result.exit_code == 1 and report["trainer"] == "kohya" and "missing_file" in codes(report, "error")
+    for entry in os.listdir(run):
+        if os.path.isfile(os.path.join(run, entry, "train_state.json")):
+            os.remove(os.path.join(run, entry, "train_state.json"))
+    result, report = cli("verify", "--json", "--for-resume", state)
+    assert result.exit_code == 0 and report["trainer"] == "musubi-tuner" and report["step"] == 3
+    assert codes(report, "error") == [] and "step_mismatch" in codes(report, "warning")
+    assert "starts global_step" in next(p["message"] for p in report["problems"] if p["code"] == "step_mismatch")
+    os.remove(os.path.join(state, "optimizer.bin"))
+    result, report = cli("verify", "--json", "--for-resume", state)
+    assert result.exit_code == 1 and "missing_optimizer" in codes(report, "error")

@@ -19,8 +19,8 @@ import re
 from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
-PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "kohya.Kohya",
-                 "torchtune.Torchtune", "peft.Peft", "torchtitan.Torchtitan", "megatron.Megatron",
+PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
+                 "kohya.Kohya", "torchtune.Torchtune", "peft.Peft", "torchtitan.Torchtitan", "megatron.Megatron",
                  "deepspeed.DeepSpeed", "consistency_models.ConsistencyModels", "lightning.LightningSharded",
                  "pretrained.ModelFolder", "accelerate.AccelerateAutomatic", "diffusers.Diffusers",
                  "accelerate.Accelerate")
