@@ -34,7 +34,7 @@ def test_good_fixtures_inspect_clean(runner, corpus, fixture):
     ("safetensors_absurd_header", "corrupt"), ("torch_truncated", "truncated"), ("torch_bad_pickle", "corrupt"),
     ("sharded_missing", "missing_file"), ("family_missing_member", "missing_file"),
     ("dcp_missing_data", "missing_file"), ("diffusers_truncated_newest", "truncated"),
-    ("torch_malicious", "unsafe_pickle"), ("torch_argparse", "unsafe_pickle"),
+    ("torch_malicious", "unsafe_pickle"),
 ])
 def test_broken_fixtures_exit_1_with_code(runner, corpus, fixture, code, no_payload):
     result, report = run_json(runner, ["inspect", "--json", corpus[fixture]])

@@ -187,3 +187,42 @@ def test_musubi_state_dirs_warn_that_the_resume_restarts_the_step(corpus, tmp_pa
     os.remove(os.path.join(state, "optimizer.bin"))
     result, report = cli("verify", "--json", "--for-resume", state)
     assert result.exit_code == 1 and "missing_optimizer" in codes(report, "error")
+
+
+def test_attack_pass_tracker_counters_and_dot_paths(tmp_path, monkeypatch):
+    """First attack pass on issue 33: a tracker naming a save that is gone, or none at all; counters that are no
+    counts; a checkpoint given as `.`."""
+    run = _megatron_copy(tmp_path)
+    tracker = os.path.join(run, "latest_checkpointed_iteration.txt")
+    with open(tracker, "w") as f:
+        f.write("20")
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and os.path.basename(out["path"]) == "iter_0000010" and "does not exist" in \
+        out["differs"]
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+    assert result.exit_code == 0 and "missing_file" in codes(report, "warning")
+    os.remove(tracker)
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+    assert "starts from random" in next(p["message"] for p in report["problems"] if p["code"] == "missing_file")
+    common = os.path.join(run, "iter_0000010", "common.pt")
+    for value, code in (("10", "corrupt"), (10 ** 30, "corrupt"), (True, "step_mismatch")):
+        state = torch.load(os.path.join(MEGATRON, "iter_0000010", "common.pt"), weights_only=False)
+        state["iteration"] = value
+        torch.save(state, common)
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000010"))
+        assert result.exit_code == 1 and code in codes(report, "error"), (value, report["problems"])
+    tune = _copy_run("full", tmp_path)
+    recipe = os.path.join(tune, "recipe_state", "recipe_state.pt")
+    for value, good in (("2", None), (2.0, None), (True, "epoch_0")):
+        state = torch.load(os.path.join(TORCHTUNE, "full", "recipe_state", "recipe_state.pt"), weights_only=True)
+        state["epochs_run"] = value
+        torch.save(state, recipe)
+        for folder in ("epoch_0", "epoch_1", "epoch_2"):
+            result, _ = cli("verify", "--json", "--for-resume", os.path.join(tune, folder))
+            assert result.exit_code == (0 if folder == good else 1), (value, folder)
+    monkeypatch.chdir(os.path.join(MEGATRON, "iter_0000010"))
+    result, report = cli("verify", "--json", "--for-resume", ".")
+    assert result.exit_code == 0 and report["trainer"] == "megatron"
+    monkeypatch.chdir(os.path.join(TORCHTUNE, "full", "epoch_1"))
+    result, report = cli("verify", "--json", "--for-resume", ".")
+    assert result.exit_code == 0 and report["trainer"] == "torchtune"

@@ -77,6 +77,10 @@ def trainer_pick(root: str, result: dict, skipped: list, profile) -> dict:
     chosen = result["path"] or (skipped[0]["path"] if skipped else root)
     own = profile.own_latest(os.path.dirname(os.path.abspath(chosen)))
     out = {"trainer_rule": profile.latest_rule, "trainer_pick": own}
+    if own is not None and not os.path.exists(own):  # a tracker naming a save that is gone
+        out["differs"] = f"{profile.name} would resume from {own} ({profile.latest_rule}), which does not exist: " \
+                         "its resume fails"
+        return out
     if own is None or (result["path"] and os.path.samefile(own, result["path"])):
         return out
     bad = next((s for s in skipped if os.path.exists(s["path"]) and os.path.samefile(s["path"], own)), None)

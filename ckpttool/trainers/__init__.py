@@ -118,7 +118,7 @@ def state_dir_hint(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(os.path.normpath(path)))
     if is_state_dir(folder):  # the weights file inside a state dir: resume from the dir itself
         return folder
-    stem = os.path.basename(os.path.normpath(path))
+    stem = os.path.basename(os.path.abspath(path))
     for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         stem = stem.removesuffix(suffix)
     kohya = os.path.join(folder, f"{stem}-state")

@@ -160,7 +160,7 @@ class Profile:
     def name_number(self, path: str) -> int | None:
         if self.name_pattern is None:
             return None
-        m = self.name_pattern.fullmatch(os.path.basename(os.path.normpath(path)))
+        m = self.name_pattern.fullmatch(os.path.basename(os.path.abspath(path)))
         return int(m.group(1)) if m else None
 
     def name_counters(self, path: str) -> list[StepSource]:
@@ -249,7 +249,7 @@ class Profile:
         """What a resume from this checkpoint would fail on or silently lose."""
         roles = {c.role for c in ckpt.components}
         problems = []
-        name = os.path.basename(os.path.normpath(ckpt.path))
+        name = os.path.basename(os.path.abspath(ckpt.path))
         if TEMPORARY_NAME.fullmatch(name):  # SimpleTuner's checkpoint-N-tmp, the reference trainer's .tmp
             problems.append(Problem(Code.MISSING_FILE, ERROR, f"{name} is a temporary dir: its save never completed "
                                     "(trainers rename it into place when done)", ckpt.path))
@@ -283,5 +283,5 @@ def weights_only_problem(ckpt: Checkpoint, hint: str | None = None) -> Problem:
     (`ckpttool.trainers.resume_problems` finds it)."""
     advice = (f"resume from the state dir beside it: {hint}" if hint else
               "resume from the training state (optimizer, scheduler, RNG) saved with it, not from exported weights")
-    return Problem(Code.WEIGHTS_ONLY, ERROR, f"{os.path.basename(os.path.normpath(ckpt.path))} holds weights only; "
+    return Problem(Code.WEIGHTS_ONLY, ERROR, f"{os.path.basename(os.path.abspath(ckpt.path))} holds weights only; "
                    f"{advice}", ckpt.path)

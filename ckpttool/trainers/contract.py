@@ -336,7 +336,7 @@ def nearest_sibling(path: str, saves: dict[int, str], step: int | None) -> str |
     """The run's checkpoint nearest to `path`, an older one first (the same program wrote it just before); never a
     temporary dir, whose save did not finish."""
     others = {n: p for n, p in saves.items() if os.path.abspath(p) != os.path.abspath(path) and os.path.isdir(p)
-              and not re.fullmatch(r".*(?:-tmp|\.tmp)", os.path.basename(os.path.normpath(p)))}
+              and not re.fullmatch(r".*(?:-tmp|\.tmp)", os.path.basename(os.path.abspath(p)))}
     if not others or step is None:
         return None
     older = [n for n in others if n < step]

@@ -39,12 +39,12 @@ class Kohya(Accelerate):
                               extra=(TRAIN_STATE,))
 
     def claims_path(self, path):
-        name = os.path.basename(os.path.normpath(path))
+        name = os.path.basename(os.path.abspath(path))
         return os.path.isdir(path) and (name.endswith("-state") or
                                         os.path.isfile(os.path.join(path, "train_state.json")))
 
     def name_counters(self, path):
-        name = os.path.basename(os.path.normpath(path))
+        name = os.path.basename(os.path.abspath(path))
         if m := STEP_STATE.fullmatch(name):
             return [StepSource("directory name", int(m.group(1)), GLOBAL_STEP, record=Record.NAME)]
         if m := EPOCH_STATE.fullmatch(name):

@@ -97,7 +97,7 @@ class Megatron(Profile):
     total_limit_rule = "--save-retain-interval N: each save deletes the previous iteration unless N divides it"
 
     def claims_path(self, path):
-        name = os.path.basename(os.path.normpath(path))
+        name = os.path.basename(os.path.abspath(path))
         if not os.path.isdir(path) or not (NAME.fullmatch(name) or name == "release"):
             return False
         run_dir = os.path.dirname(os.path.abspath(os.path.normpath(path)))
@@ -114,10 +114,15 @@ class Megatron(Profile):
                                                                  for c in heads for t in c.tensors])
             ckpt.components[:] = [model] + [c for c in ckpt.components if c not in heads]
         common = self._common(ckpt)
-        if common is not None:
-            if type(iteration := common.get("iteration")) is int:
-                ckpt.steps.append(StepSource("common.pt iteration", iteration, GLOBAL_STEP, record=Record.STATE_FILE,
-                                             key="iteration", file=COMMON))
+        if common is not None and "iteration" in common:
+            iteration = common["iteration"]
+            if type(iteration) is bool or (type(iteration) is int and 0 <= iteration < 1 << 63):
+                ckpt.steps.append(StepSource("common.pt iteration", int(iteration), GLOBAL_STEP,
+                                             record=Record.STATE_FILE, key="iteration", file=COMMON))
+            else:
+                ckpt.add_problem(Code.CORRUPT, ERROR, f"{COMMON} iteration is {str(iteration)[:40]!r}, not an "
+                                 "iteration count: load_checkpoint cannot resume from it", os.path.join(ckpt.path,
+                                                                                                       COMMON))
         super().interpret(ckpt)
 
     def _common(self, ckpt) -> dict | None:
@@ -154,7 +159,7 @@ class Megatron(Profile):
         """metadata.json is written last (serialization.py save): without it dist_checkpointing.load raises "is not
         a distributed checkpoint"; up to core 0.18 common.pt holds the iteration and load_common raises without it."""
         problems = []
-        folder = os.path.basename(os.path.normpath(ckpt.path))
+        folder = os.path.basename(os.path.abspath(ckpt.path))
         config = os.path.join(ckpt.path, CONFIG)
         if not os.path.isfile(config):
             problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder} has no {CONFIG}, which Megatron writes last, "
@@ -191,7 +196,7 @@ class Megatron(Profile):
         problems = self.loader_problems(ckpt)
         meta = ckpt.metadata.get("megatron") or {}
         parts = set(meta.get("parts", ()))
-        folder = os.path.basename(os.path.normpath(ckpt.path))
+        folder = os.path.basename(os.path.abspath(ckpt.path))
         roles = {c.role for c in ckpt.components}
         objects = [str(o) for o in ckpt.metadata.get("objects", [])]
         if meta and "iteration" not in parts and folder != "release":
@@ -220,11 +225,21 @@ class Megatron(Profile):
         run_dir = os.path.dirname(os.path.abspath(os.path.normpath(ckpt.path)))
         tracker = os.path.join(run_dir, TRACKER)
         named = tracker_iteration(run_dir)
+        fix = f"write {iteration} into it to resume from this save" if type(iteration) is int else "fix it"
+        if named is None:
+            what = "cannot be read as a file of the run (a link out of it, a directory or a FIFO)" if \
+                os.path.lexists(tracker) else "is missing"
+            return [Problem(Code.MISSING_FILE, WARNING, f"{TRACKER} {what}: Megatron's load_checkpoint finds no "
+                            "checkpoint and starts from random ('will not load any checkpoints'); " + fix, tracker)]
+        own = self.own_latest(run_dir)
+        if own is not None and not os.path.isdir(own):
+            return [Problem(Code.MISSING_FILE, WARNING, f"{TRACKER} names {named}, which is not in the run: "
+                            "Megatron's resume fails to load it; " + fix, tracker)]
         if named == "":
             return [Problem(Code.CORRUPT, ERROR, f"{TRACKER} names no iteration: Megatron's read_metadata prints "
                             "'ERROR: Invalid metadata file' and exits with status 0, so the job ends as if it "
                             f"finished; write the iteration to resume from ({iteration}) into it", tracker)]
-        if type(named) is int and type(iteration) is int and iteration > named:
+        if type(named) is int and type(iteration) is int and named < iteration < 1 << 63:
             return [Problem(Code.STEP_MISMATCH, WARNING, f"iteration {iteration} is newer than the {named} that "
                             f"{TRACKER} names: the job stopped before rank 0 wrote the tracker (written last), so "
                             f"Megatron resumes from iteration {named}; this save's files are all there (its "

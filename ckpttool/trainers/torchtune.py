@@ -108,8 +108,8 @@ class Torchtune(Profile):
                 ckpt.files.append(recipe)
                 ckpt.metadata["recipe"] = {k: part.metadata.get(k) for k in REQUIRED_KEYS}
         epochs_run = (ckpt.metadata.get("recipe") or {}).get("epochs_run")
-        if type(epochs_run) is int:
-            ckpt.steps.append(StepSource("recipe_state.pt epochs_run", epochs_run, EPOCH, record=Record.STATE_FILE,
+        if type(epochs_run) in (int, bool):  # a bool counts as torch's range() counts it
+            ckpt.steps.append(StepSource("recipe_state.pt epochs_run", int(epochs_run), EPOCH, record=Record.STATE_FILE,
                                          key="epochs_run", file=RECIPE_FILE))
         super().interpret(ckpt)
 
@@ -127,7 +127,7 @@ class Torchtune(Profile):
 
         problems = self.loader_problems(ckpt) + moment_problems(ckpt)
         problems += contract.absence(self.resume_contract(ckpt), ckpt, None)
-        folder = os.path.basename(os.path.normpath(ckpt.path))
+        folder = os.path.basename(os.path.abspath(ckpt.path))
         recipe = ckpt.metadata.get("recipe_state")
         if recipe is None:
             return problems + [Problem(Code.MISSING_FILE, ERROR, f"no recipe state for {folder} (neither "
@@ -144,8 +144,13 @@ class Torchtune(Profile):
             problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, "the recipe state holds no optimizer state: the "
                                     "recipe's setup indexes ckpt_dict['optimizer'] and raises KeyError", recipe))
         number, epochs_run = self.name_number(ckpt.path), state.get("epochs_run")
-        if type(epochs_run) is int and number is not None and epochs_run != number + 1:
-            problems.append(Problem(Code.STEP_MISMATCH, ERROR, _not_its_state(folder, number, epochs_run), recipe))
+        if epochs_run is not None and type(epochs_run) not in (int, bool):
+            problems.append(Problem(Code.CORRUPT, ERROR, f"the recipe state's epochs_run is {str(epochs_run)[:40]!r}, "
+                                    "not an epoch count: the recipe's range(epochs_run, total_epochs) raises "
+                                    "TypeError", recipe))
+        elif epochs_run is not None and number is not None and int(epochs_run) != number + 1:
+            problems.append(Problem(Code.STEP_MISMATCH, ERROR, _not_its_state(folder, number, int(epochs_run)),
+                                    recipe))
         return problems
 
 
