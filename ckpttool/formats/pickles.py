@@ -141,7 +141,7 @@ def runs_code(name: str) -> bool:
 INERT_CLASSES = {"argparse.Namespace"}
 
 
-def inert_problem(names: list[str], where: str, path: str, component: str | None = None):
+def inert_problem(names: list[str], where: str, path: str) -> Problem:
     """The warning for a pickle naming the inert data classes `names`: what refuses it and the exact line that lets
     torch.load(weights_only=True) take it."""
     modules = ", ".join(dict.fromkeys(n.rpartition(".")[0] for n in names))
@@ -149,8 +149,7 @@ def inert_problem(names: list[str], where: str, path: str, component: str | None
     return Problem(Code.NEEDS_SAFE_GLOBALS, WARNING,
                    f"{where} names {', '.join(names)}, a plain data class that loading builds without calling any "
                    "code, but torch.load(weights_only=True), the default since torch 2.6, refuses it "
-                   f"(UnpicklingError); if you trust the file, run `{line}` before loading it", path,
-                   component=component)
+                   f"(UnpicklingError); if you trust the file, run `{line}` before loading it", path)
 
 
 def split_unsafe(names: list[str]) -> tuple[list[str], list[str]]:

@@ -42,7 +42,7 @@ def tracker_iteration(run_dir: str) -> int | str | None:
     text = text.strip()
     if text == "release":
         return text
-    return int(text) if text.isdigit() else ""
+    return int(text) if text.isascii() and text.isdigit() else ""
 
 
 def _backend(path: str) -> bool:
