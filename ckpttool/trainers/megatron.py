@@ -45,6 +45,13 @@ def tracker_iteration(run_dir: str) -> int | str | None:
     return int(text) if text.isascii() and text.isdigit() else ""
 
 
+def _named_save(run_dir: str, named: int | str | None) -> str | None:
+    """The save dir a tracker value names (get_checkpoint_name); None for no tracker or an unreadable one."""
+    if named is None or named == "":
+        return None
+    return os.path.join(run_dir, "release" if named == "release" else f"iter_{named:07d}")
+
+
 def _backend(path: str) -> bool:
     """Whether metadata.json is the CheckpointingConfig dist_checkpointing writes (check_is_distributed_checkpoint)."""
     try:
@@ -184,10 +191,7 @@ class Megatron(Profile):
         return any(str(o).startswith("common_state/") for o in ckpt.metadata.get("objects", []))
 
     def own_latest(self, run_dir):
-        named = tracker_iteration(run_dir)
-        if named is None or named == "":
-            return None
-        return os.path.join(run_dir, "release" if named == "release" else f"iter_{named:07d}")
+        return _named_save(run_dir, tracker_iteration(run_dir))
 
     def resume_problems(self, ckpt):
         """load_checkpoint (not --finetune): the iteration, the model, the optimizer and opt_param_scheduler
@@ -231,7 +235,7 @@ class Megatron(Profile):
                 os.path.lexists(tracker) else "is missing"
             return [Problem(Code.MISSING_FILE, WARNING, f"{TRACKER} {what}: Megatron's load_checkpoint finds no "
                             "checkpoint and starts from random ('will not load any checkpoints'); " + fix, tracker)]
-        own = self.own_latest(run_dir)
+        own = _named_save(run_dir, named)
         if own is not None and not os.path.isdir(own):
             return [Problem(Code.MISSING_FILE, WARNING, f"{TRACKER} names {named}, which is not in the run: "
                             "Megatron's resume fails to load it; " + fix, tracker)]

@@ -64,7 +64,6 @@ class Torchtune(Profile):
     layout = "torchtune epoch_N"
     source = SOURCE
     name_pattern = NAME
-    name_meaning = None  # the 0-based epoch index; epochs_run (N + 1) is the epoch count, compared below
     saves_rng = False
     needs_scheduler = False  # the recipes rebuild the schedule from epochs_run (last_epoch=global_step - 1)
     # safe_torch_load: torch.load(weights_only=True) with torch's own allow-list (torchtune adds none)
@@ -89,7 +88,7 @@ class Torchtune(Profile):
                 or os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), RECIPE_DIR)))
 
     def name_counters(self, path):
-        return []  # epoch_N's N is an index, not a count: see resume_problems
+        return []  # epoch_N's N is the 0-based epoch index, not a count: epochs_run (N + 1) is, see resume_problems
 
     def interpret(self, ckpt):
         from ckpttool.formats import torchfile
