@@ -18,6 +18,7 @@ NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 # that merely has digits in its name (`train_data_7.bin`, `unet_fp16.safetensors`, `notes_v2.pt`).
 STEP_IN_FILE_NAME = re.compile(r"(?:.*[-_.])?(?:global_step|step|iter|checkpoint|ckpt|epoch)[-_=]?(\d+)(?:-v\d+)?"
                                r"\.(?:pt|pth|bin|ckpt|safetensors)")
+COMPOSER_SAVE = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")  # Composer's default save_filename: its batch counter
 KOHYA_WEIGHTS = re.compile(r".+-(\d{6})\.(?:safetensors|ckpt|pt)")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
 # ModelCheckpoint's filename template with auto_insert_metric_name (the default): `epoch=0-val_loss=0.89.ckpt`; a
@@ -57,7 +58,8 @@ def discover(root: str) -> list[Candidate]:
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
             elif LIGHTNING_TEMPLATE.fullmatch(entry):  # Lightning's names hold metrics too: the step it records
                 found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
-            elif m := STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry):
+            elif m := (STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry) or
+                       COMPOSER_SAVE.fullmatch(entry)):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])

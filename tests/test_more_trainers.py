@@ -226,3 +226,67 @@ def test_attack_pass_tracker_counters_and_dot_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.join(TORCHTUNE, "full", "epoch_1"))
     result, report = cli("verify", "--json", "--for-resume", ".")
     assert result.exit_code == 0 and report["trainer"] == "torchtune"
+
+
+# --- Composer (mosaicml 0.32.1, fixtures/composer_samples.py): DecoupledAdamW + warmup, saves at batches 4 and 6 ---
+
+COMPOSER = os.path.join(DATA, "composer")
+
+
+def _composer_copy(tmp_path) -> str:
+    return shutil.copytree(os.path.join(COMPOSER, "run"), tmp_path / "run", symlinks=True)
+
+
+def test_composer_save_verifies_clean_and_latest_follows_the_link(tmp_path):
+    path = os.path.join(COMPOSER, "run", "ep0-ba6-rank0.pt")
+    result, report = cli("inspect", "--json", path)
+    assert result.exit_code == 0 and report["trainer"] == "composer" and report["step"] == 6
+    assert {(c["name"], c["role"]) for c in report["components"]} >= {
+        ("model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"), ("rng", "rng")}
+    result, report = cli("verify", "--json", "--for-resume", path)
+    assert result.exit_code == 0 and report["problems"] == [], report["problems"]  # timedelta: Composer allows it
+    assert check_resume(path).ok
+    result, out = cli("latest", "--json", "--for-resume", os.path.join(COMPOSER, "run"))
+    assert result.exit_code == 0 and out["trainer"] == "composer" and out["path"].endswith("ep0-ba6-rank0.pt")
+    assert out["trainer_pick"].endswith("ep0-ba6-rank0.pt") and "differs" not in out
+    out_file = tmp_path / "model.safetensors"
+    assert cli("convert", path, str(out_file))[0].exit_code == 0
+    from safetensors.torch import load_file
+
+    saved = torch.load(path, weights_only=False)["state"]["model"]
+    converted = load_file(out_file)
+    assert converted.keys() == saved.keys() and all(torch.equal(converted[k], saved[k]) for k in saved)
+
+
+def test_composer_weights_only_counters_rng_and_link(tmp_path):
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(COMPOSER, "weights_only",
+                                                                             "ep0-ba2-rank0.pt"))
+    assert result.exit_code == 1 and codes(report, "error") == ["weights_only"]
+    run = _composer_copy(tmp_path)
+    path = os.path.join(run, "ep0-ba6-rank0.pt")
+    saved = torch.load(path, weights_only=False)
+    saved["state"]["timestamp"]["Timestamp"]["batch"] = 9
+    del saved["rng"]
+    torch.save(saved, path)
+    result, report = cli("verify", "--json", "--for-resume", path)
+    assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
+    assert codes(report, "warning") == ["missing_rng"]
+    os.remove(path)  # latest-rank0.pt now names nothing: autoresume starts over without a word
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["path"].endswith("ep0-ba4-rank0.pt")
+    assert "starts from batch 0" in out["differs"]
+    os.remove(os.path.join(run, "latest-rank0.pt"))
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["trainer_pick"].endswith("latest-rank0.pt") and "starts from batch 0" in out["differs"]
+
+
+def test_prune_never_deletes_what_the_trainer_resumes_from_on_its_own(tmp_path):
+    run = _composer_copy(tmp_path)
+    link = os.path.join(run, "latest-rank0.pt")
+    os.remove(link)
+    os.symlink("ep0-ba4-rank0.pt", link)  # pointed back by hand
+    result, out = cli("prune", "--json", "--keep", "1", run)
+    assert result.exit_code == 0 and out["delete"] == []
+    assert any(row["path"].endswith("ep0-ba4-rank0.pt") and "composer resumes from it" in row["reason"]
+               for row in out["keep"])
+    assert os.path.isfile(os.path.join(run, "ep0-ba4-rank0.pt"))

@@ -134,11 +134,11 @@ def runs_code(name: str) -> bool:
             any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
 
 
-# Plain data classes training scripts pickle beside their tensors (Megatron's and kohya's `args`): unpickling one builds
-# an attribute bag and calls nothing, but torch.load(weights_only=True), torch's default since 2.6, refuses it unless
-# allow-listed. A pickle naming one is a warning with the line that lets it load (`inert_problem`), never
-# `unsafe_pickle`.
-INERT_CLASSES = {"argparse.Namespace"}
+# Plain data classes training scripts pickle beside their tensors (Megatron's and kohya's `args`, Composer's timestamps
+# and torch version): unpickling one builds an attribute bag, a duration or a string and calls nothing else, but
+# torch.load(weights_only=True), torch's default since 2.6, refuses it unless allow-listed. A pickle naming one is a
+# warning with the line that lets it load (`inert_problem`), never `unsafe_pickle`.
+INERT_CLASSES = {"argparse.Namespace", "datetime.timedelta", "torch.torch_version.TorchVersion"}
 
 
 def inert_problem(names: list[str], where: str, path: str) -> Problem:

@@ -79,7 +79,7 @@ def trainer_pick(root: str, result: dict, skipped: list, profile) -> dict:
     out = {"trainer_rule": profile.latest_rule, "trainer_pick": own}
     if own is not None and not os.path.exists(own):  # a tracker naming a save that is gone
         out["differs"] = f"{profile.name} would resume from {own} ({profile.latest_rule}), which does not exist: " \
-                         "its resume fails"
+                         f"{profile.lost_pick_outcome}"
         return out
     if own is None or (result["path"] and os.path.samefile(own, result["path"])):
         return out

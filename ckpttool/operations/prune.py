@@ -1,7 +1,9 @@
 """`ckpttool prune`: delete old checkpoints beyond the newest N resumable ones, never the one `latest --for-resume`
 picks. Valid means resumable by the trainer's own contract (verify --for-resume), not merely readable files: a run
 whose newest save lacks its optimizer must keep the older ones it can still resume from. A checkpoint newer than the
-newest resumable one is neither kept as valid nor deleted: it may still be being written."""
+newest resumable one is neither kept as valid nor deleted: it may still be being written. Nor is the one the
+trainer's own "resume from latest" points to (Megatron's tracker, Composer's latest-rank0.pt, DeepSpeed's `latest`):
+deleting it would leave that pointer naming nothing, and the trainer's next resume would fail or start over."""
 
 from __future__ import annotations
 
@@ -20,17 +22,23 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
     if keep_every is not None and keep_every < 1:
         raise UsageError("--keep-every must be a positive step interval")
     keep_rows, delete_rows = [], []
-    valid = 0
+    valid, pointed = 0, {}
     for candidate, report in verdicts(root, for_resume=True):
         ok = report is not None and report.ok
         step = report.step if report else None
         row = {"path": candidate.path, "step": step, "files": candidate.files}
+        folder = os.path.dirname(os.path.abspath(candidate.path))
+        if report is not None and report.trainer and folder not in pointed:
+            pointed[folder] = _trainer_pick(report, folder)
         if ok and valid < keep:
             valid += 1
             keep_rows.append({**row, "reason": "newest valid (latest --for-resume picks it)" if valid == 1
                               else f"valid, within the newest {keep}"})
         elif valid == 0:
             keep_rows.append({**row, "reason": "newer than every resumable checkpoint (may still be being written)"})
+        elif pointed.get(folder) and _same(pointed[folder][0], candidate.path):
+            keep_rows.append({**row, "reason": f"{pointed[folder][1]} resumes from it on its own "
+                              f"({pointed[folder][2]}): deleting it would leave that pointing at nothing"})
         elif keep_every and ok and step is not None and step % keep_every == 0:
             keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
         elif valid < keep:
@@ -38,6 +46,22 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
         else:
             delete_rows.append({**row, "reason": "valid, older than the kept ones" if ok else "invalid and old"})
     return {"keep": keep_rows, "delete": delete_rows, "stale_staging": atomic.stale_staging(root)}
+
+
+def _trainer_pick(report, folder: str) -> tuple[str, str, str] | None:
+    """(what the run's trainer would resume from on its own, its name, its rule), or None where it has no rule."""
+    from ckpttool.operations.latest import _profile
+
+    profile = _profile(report)
+    own = profile.own_latest(folder) if profile.latest_rule else None
+    return (own, profile.name, profile.latest_rule) if own else None
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def prune(root: str, keep: int, keep_every: int | None = None, *, dry_run: bool = False) -> dict:

@@ -25,7 +25,7 @@ PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers
                  "pretrained.ModelFolder", "accelerate.AccelerateAutomatic", "diffusers.Diffusers",
                  "accelerate.Accelerate")
 FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file
-CONTENT_PROFILES = {"torch": ("lightning.Lightning", "training_dict.TrainingDict"), "dcp": ("dcp_state.DcpState",)}
+CONTENT_PROFILES = {"torch": ("composer.Composer", "lightning.Lightning", "training_dict.TrainingDict"), "dcp": ("dcp_state.DcpState",)}
 GENERIC = Profile()
 
 

@@ -137,6 +137,7 @@ class Profile:
     # trainer it really is, when the file that marks that trainer is the one lost
     claims_by_shared_files = False
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
+    lost_pick_outcome = "its resume fails"  # what the trainer does when what its rule picks is gone
     total_limit_rule: str | None = None  # how its total limit deletes, in words
 
     def state_dir_files(self) -> StateDirFiles | None:

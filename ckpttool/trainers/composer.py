@@ -1,0 +1,173 @@
+"""MosaicML Composer (composer/utils/checkpoint.py save_checkpoint, _save_checkpoint, load_checkpoint;
+callbacks/checkpoint_saver.py; core/state.py State.state_dict; core/time.py Timestamp; trainer/trainer.py
+_get_autoresume_checkpoint; read at 6405188, files written by mosaicml 0.32.1 on CPU).
+
+A save is one `torch.save`d dict `{"state": State.state_dict(), "rng": [one RNG dict per rank]}`, written by rank 0
+only, to `ep{epoch}-ba{batch}-rank{rank}.pt` (the timestamp when it was saved; written in place, no temp file), and
+`latest-rank0.pt`, a relative symlink to it, is replaced after the file is complete. `state` holds `model`,
+`optimizers` and `schedulers` (each `{class name: state_dict}`), `scaler`, `callbacks`, `timestamp`
+(`{"Timestamp": {"batch": optimizer steps, "epoch", "sample", ...}}`), `rank_zero_seed`, `run_name`, `metadata`.
+`save_weights_only` keeps only `model`, `integrations` and `metadata`, and no `rng`. Autoresume loads what
+`latest-rank0.pt` points to and nothing else: no symlink, or one left dangling, and it starts from batch 0 without a
+word (then `save_overwrite=False` stops the run on the files already there). `save_num_checkpoints_to_keep` deletes
+only the saves of the running process, oldest first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY
+from ckpttool.model import (EPOCH, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component, Problem,
+                            Record, StepSource)
+from ckpttool.trainers import implications
+from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
+
+NAME = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")
+LATEST = "latest-rank0.pt"
+# checkpoint.py _COMPOSER_CHECKPOINT_SAFE_GLOBALS: load_checkpoint's torch.load(weights_only=True) runs under
+# safe_globals of these (datetime.timedelta, numpy arrays and dtypes, TorchVersion), and refuses anything else with an
+# Exception that says to set load_ignore_keys
+SAFE = frozenset(TORCH_WEIGHTS_ONLY | {
+    "datetime.timedelta", "torch.torch_version.TorchVersion", "numpy.ndarray", "numpy.dtype",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar"} | {f"numpy.dtypes.{t}DType" for t in (
+        "Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float16", "Float32",
+        "Float64", "LongDouble", "Complex64", "Complex128", "Bytes", "Str", "Void", "Object", "Long", "ULong",
+        "LongLong", "ULongLong", "Short", "UShort", "Byte", "UByte", "Int", "UInt", "Half", "Double")})
+# State.state_dict keys by role; `timestamp`, `rank_zero_seed`, `run_name`, `metadata` are read as counters or shown
+STATE_ROLES = {"model": "model", "optimizers": "optimizer", "schedulers": "scheduler", "scaler": "scaler",
+               "callbacks": "callbacks", "algorithms": "extra", "dataset_state": "dataloader"}
+# composer/optim/decoupled_weight_decay.py sets initial_lr in every param group itself: no scheduler is implied
+DECOUPLED = re.compile(r"Decoupled\w*")
+
+
+def composer_state(ckpt) -> tuple[Component, dict, str] | None:
+    """(the component holding Composer's `state` dict, that dict, the prefix its tensors' names carry), or None when
+    the file is no Composer save: `state` with the model and Composer's `metadata` (composer_env_info)."""
+    for comp in ckpt.components:
+        tree = comp.tree if isinstance(comp.tree, dict) else {}
+        state, prefix = (tree, "") if comp.name == "state" else (tree.get("state"), "state.")
+        metadata = state.get("metadata") if isinstance(state, dict) else None
+        if isinstance(metadata, dict) and "composer_env_info" in metadata and "model" in state:
+            return comp, state, prefix
+    return None
+
+
+def _split(comp: Component, key: str, prefix: str, name: str, role: str, value) -> Component:
+    """The part `key` of Composer's state as a component of its own, its tensors named as in `value`."""
+    head = f"{prefix}{key}."
+    tensors = [dataclasses.replace(t, name=t.name[len(head):]) for t in comp.tensors if t.name.startswith(head)]
+    uncarried = [(n[len(head):], layout) for n, layout in comp.uncarried if n.startswith(head)]
+    return Component(name, role, files=list(comp.files), tensors=tensors, tree=value,
+                     pickle_globals=comp.pickle_globals, uncarried=uncarried)
+
+
+def _optimizer_step(comp: Component) -> int | None:
+    """The largest per-parameter `step` of an optimizer component (Adam's; SGD keeps none)."""
+    from ckpttool.formats.pickles import TensorRef
+    from ckpttool.formats.torchtree import read_scalar
+
+    state = comp.tree.get("state") if isinstance(comp.tree, dict) else None
+    by_name = {t.name: t for t in comp.tensors}
+    steps = []
+    for index, per_param in (state.items() if isinstance(state, dict) else ()):
+        step = per_param.get("step") if isinstance(per_param, dict) else None
+        if isinstance(step, TensorRef) and f"state.{index}.step" in by_name:
+            step = read_scalar(by_name[f"state.{index}.step"])
+        if type(step) is int or (type(step) is float and step.is_integer()):
+            steps.append(int(step))
+    return max(steps) if steps else None
+
+
+class Composer(Profile):
+    name = "composer"
+    layout = "Composer ep{E}-ba{B}-rank0.pt"
+    source = ("composer utils/checkpoint.py (_save_checkpoint, load_checkpoint, _COMPOSER_CHECKPOINT_SAFE_GLOBALS), "
+              "callbacks/checkpoint_saver.py, core/state.py State.state_dict, trainer/trainer.py "
+              "_get_autoresume_checkpoint")
+    name_pattern = NAME
+    needs_scheduler = False  # `schedulers` is {} when the run has none; every scheduler Composer steps is saved
+    scheduler_rule = "after each batch (step_schedulers_every_batch, the default), or after each epoch"
+    scheduler_may_step_per_epoch = True
+    weights_only_loads = ((r".*\.pt", SAFE, True),)
+    latest_rule = f"autoresume: the file {LATEST} links to, and nothing else (no link: it starts from batch 0)"
+    total_limit_rule = ("save_num_checkpoints_to_keep=k deletes this process's saves beyond the newest k (the saves "
+                        "of an earlier process stay)")
+    lost_pick_outcome = ("autoresume finds no checkpoint and starts from batch 0, then save_overwrite=False stops the "
+                         "run with FileExistsError on the saves already there")
+
+    def claims(self, ckpt):
+        return ckpt.format == "torch" and composer_state(ckpt) is not None
+
+    def interpret(self, ckpt):
+        comp, state, prefix = composer_state(ckpt)
+        parts = []
+        for key, role in STATE_ROLES.items():
+            value = state.get(key)
+            if role in ("optimizer", "scheduler") and isinstance(value, dict):  # {class name: state_dict}
+                for cls, v in value.items():
+                    if isinstance(v, dict):
+                        parts.append(_split(comp, f"{key}.{cls}", prefix, role if len(value) == 1 else
+                                            f"{role}.{cls}", role, v))
+                        parts[-1].metadata["class"] = str(cls)
+            elif value is not None and (role == "model" or value):
+                parts.append(_split(comp, key, prefix, key, role, value))
+        ckpt.components[ckpt.components.index(comp):ckpt.components.index(comp) + 1] = parts
+        ckpt.metadata["top_level_keys"] = sorted(set(ckpt.metadata.get("top_level_keys", [])) | {"state"})
+        ckpt.metadata["composer_state_keys"] = sorted(map(str, state))
+        base = os.path.basename(ckpt.path)
+        timestamp = state.get("timestamp")
+        timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
+        for key, meaning in (("batch", GLOBAL_STEP), ("epoch", EPOCH)):
+            value = timestamp.get(key) if isinstance(timestamp, dict) else None
+            if type(value) is int:
+                ckpt.steps.append(StepSource(f"state.timestamp {key}", value, meaning, record=Record.TRAINING_DICT,
+                                             key=f"state.timestamp.Timestamp.{key}", file=base))
+        for part in parts:
+            if part.role == "optimizer" and (step := _optimizer_step(part)) is not None:
+                ckpt.steps.append(StepSource(f"{part.name} state step", step, OPTIMIZER_UPDATES,
+                                             record=Record.OPTIMIZER, key=f"{part.name}.step", file=base))
+            elif part.role == "scheduler" and type(part.tree.get("last_epoch")) is int:
+                ckpt.steps.append(StepSource(f"{part.name} last_epoch", part.tree["last_epoch"], SCHEDULER_STEPS,
+                                             record=Record.SCHEDULER, key=f"{part.name}.last_epoch", file=base))
+        if isinstance(state.get("metadata"), dict) and type(state["metadata"].get("world_size")) is int:
+            ckpt.metadata["world_size"] = state["metadata"]["world_size"]
+        # the inert classes Composer's own loader allow-lists are no warning here: its resume loads them
+        allowed = all(g in SAFE for g in ckpt.pickle_globals if g in INERT_CLASSES)
+        ckpt.problems[:] = [p for p in ckpt.problems if not (allowed and p.code == Code.NEEDS_SAFE_GLOBALS)]
+        super().interpret(ckpt)
+
+    def run_saves(self, path):
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            return {}
+        return {int(m.group(1)): os.path.join(folder, e) for e in entries if (m := NAME.fullmatch(e))}
+
+    def own_latest(self, run_dir):
+        """The save latest-rank0.pt links to; the link itself where there is none to follow (autoresume then finds
+        nothing: `lost_pick_outcome`)."""
+        link = os.path.join(run_dir, LATEST)
+        if not os.path.islink(link):
+            return link
+        return os.path.normpath(os.path.join(run_dir, os.readlink(link)))
+
+    def resume_problems(self, ckpt):
+        """Composer's resume of a full save: model, optimizers, schedulers, timestamp and RNG, loaded as its
+        weights_only load allows; a weights-only save (`save_weights_only`) is no resume point."""
+        roles = {c.role for c in ckpt.components}
+        if "optimizer" not in roles:
+            return [weights_only_problem(ckpt)]
+        coupled = dataclasses.replace(ckpt, components=[c for c in ckpt.components if not (
+            c.role == "optimizer" and DECOUPLED.fullmatch(c.metadata.get("class", "")))])
+        problems = self.loader_problems(ckpt) + moment_problems(ckpt)
+        problems += implications.scheduler_problems(coupled, always_saved=False, lost_reported=False)
+        if "rng" not in roles:
+            problems.append(Problem(Code.MISSING_RNG, WARNING, "no rng: Composer's resume keeps the fresh RNG state "
+                                    "(data order and dropout differ from an uninterrupted run)", ckpt.path))
+        return problems
+
