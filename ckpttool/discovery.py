@@ -19,6 +19,7 @@ NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 STEP_IN_FILE_NAME = re.compile(r"(?:.*[-_.])?(?:global_step|step|iter|checkpoint|ckpt|epoch)[-_=]?(\d+)(?:-v\d+)?"
                                r"\.(?:pt|pth|bin|ckpt|safetensors)")
 COMPOSER_SAVE = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")  # Composer's default save_filename: its batch counter
+AITK_SAVE = re.compile(r"(.+)_(\d{9})\.safetensors")  # ai-toolkit's {name}_{step:09d}; its final save is {name}
 KOHYA_WEIGHTS = re.compile(r".+-(\d{6})\.(?:safetensors|ckpt|pt)")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
 # ModelCheckpoint's filename template with auto_insert_metric_name (the default): `epoch=0-val_loss=0.89.ckpt`; a
@@ -44,6 +45,7 @@ def discover(root: str) -> list[Candidate]:
     folders = [root] + [nested] * (os.path.isdir(nested) and not os.path.islink(nested))
     for folder in folders:
         families: dict[int, list[str]] = {}
+        jobs: set[str] = set()  # ai-toolkit jobs with numbered saves here
         for entry in sorted(os.listdir(folder)):
             full = os.path.join(folder, entry)
             if os.path.islink(full) or paths.special(full) or STAGING.match(entry):  # never a link, a FIFO (it
@@ -58,9 +60,16 @@ def discover(root: str) -> list[Candidate]:
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
             elif LIGHTNING_TEMPLATE.fullmatch(entry):  # Lightning's names hold metrics too: the step it records
                 found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
+            elif m := AITK_SAVE.fullmatch(entry):
+                jobs.add(m.group(1))
+                found.append(Candidate(full, int(m.group(2)), [full] + _existing(full + MANIFEST_SUFFIX)))
             elif m := (STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry) or
                        COMPOSER_SAVE.fullmatch(entry)):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
+        for job in sorted(jobs):  # the final save has no number: the step its header records
+            final = os.path.join(folder, f"{job}.safetensors")
+            if os.path.isfile(final) and not os.path.islink(final):
+                found.append(Candidate(final, aitk_step(final), [final] + _existing(final + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
@@ -79,6 +88,19 @@ def recorded_step(path: str) -> int | None:
     except (CkptError, OSError):
         return None
     step = obj.get("global_step") if isinstance(obj, dict) else None
+    return step if type(step) is int and step >= 0 else None
+
+
+def aitk_step(path: str) -> int | None:
+    """The step an ai-toolkit save's header records (training_info); None when it records none or cannot be read."""
+    from ckpttool.errors import CkptError
+    from ckpttool.formats.safetensors import read_header
+    from ckpttool.trainers.aitoolkit import training_info
+
+    try:
+        step = (training_info(read_header(path)[1]) or {}).get("step")
+    except (CkptError, OSError):
+        return None
     return step if type(step) is int and step >= 0 else None
 
 

@@ -96,6 +96,12 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
         found.append(Target(f"torchtune_{name}", os.path.join(data, "torchtune", name), newest))
     found.append(Target("megatron_torch_dist", os.path.join(data, "megatron", "torch_dist_tp2"), "iter_0000010"))
     found.append(Target("composer", os.path.join(data, "composer", "run"), "ep0-ba6-rank0.pt"))
+    for name, save in (("run", "mylora.safetensors"), ("midrun", "mylora_000000004.safetensors"),
+                       ("diffusers_save", "mylora_000000004")):
+        found.append(Target(f"aitoolkit_{name}", os.path.join(data, "aitoolkit", name, "mylora"), save))
+    for name in ("workspace", "workspace_ema"):
+        found.append(Target(f"onetrainer_{name}", os.path.join(data, "onetrainer", name, "backup"),
+                            _newest(os.path.join(data, "onetrainer", name, "backup"), lambda e: "-backup-" in e)))
     for name in sorted(os.listdir(os.path.join(data, "fsdp"))):
         run = os.path.join(data, "fsdp", name)
         found.append(Target(name, run, _newest(run, lambda e: e.startswith("checkpoint") or e.endswith(".ckpt"))))

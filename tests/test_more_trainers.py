@@ -290,3 +290,93 @@ def test_prune_never_deletes_what_the_trainer_resumes_from_on_its_own(tmp_path):
     assert any(row["path"].endswith("ep0-ba4-rank0.pt") and "composer resumes from it" in row["reason"]
                for row in out["keep"])
     assert os.path.isfile(os.path.join(run, "ep0-ba4-rank0.pt"))
+
+
+# --- ai-toolkit (fixtures/aitoolkit_samples.py, mirroring BaseSDTrainProcess.save at 27a03a9): LoRA "mylora" saved
+# at steps 2 and 4 and at the end (6), one optimizer.pt overwritten at each; a run stopped after step 4; a diffusers
+# save ---
+
+AITK = os.path.join(DATA, "aitoolkit")
+
+
+def test_aitoolkit_only_the_newest_save_has_its_own_optimizer():
+    run = os.path.join(AITK, "run", "mylora")
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "mylora.safetensors"))
+    assert result.exit_code == 0 and report["trainer"] == "ai-toolkit" and report["step"] == 6
+    assert report["problems"] == []
+    for name in ("mylora_000000002.safetensors", "mylora_000000004.safetensors"):
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, name))
+        assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
+        assert "mylora.safetensors's (step 6)" in report["problems"][0]["message"]
+        assert cli("verify", "--json", os.path.join(run, name))[0].exit_code == 0  # the weights are whole
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["path"].endswith("mylora.safetensors") and out["trainer"] == "ai-toolkit"
+    result, out = cli("latest", "--json", "--for-resume", os.path.join(AITK, "midrun", "mylora"))
+    assert result.exit_code == 0 and out["path"].endswith("mylora_000000004.safetensors") and out["step"] == 4
+    folder = os.path.join(AITK, "diffusers_save", "mylora", "mylora_000000004")
+    result, report = cli("verify", "--json", "--for-resume", folder)
+    assert result.exit_code == 0 and report["trainer"] == "ai-toolkit" and report["step"] == 4, report["problems"]
+    assert check_resume(folder).ok
+
+
+def test_aitoolkit_lost_step_lost_or_stale_optimizer(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = shutil.copytree(os.path.join(AITK, "midrun", "mylora"), tmp_path / "mylora")
+    newest = os.path.join(run, "mylora_000000004.safetensors")
+    optimizer = os.path.join(run, "optimizer.pt")
+    state = torch.load(optimizer, weights_only=True)
+    for per_param in state["state"].values():
+        per_param["step"] = torch.tensor(3.0)  # step 2's optimizer: its own save at step 4 failed
+    torch.save(state, optimizer)
+    result, report = cli("verify", "--json", "--for-resume", newest)
+    assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
+    assert "fewer than the 5" in report["problems"][0]["message"]
+    os.remove(optimizer)
+    result, report = cli("verify", "--json", "--for-resume", newest)
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_optimizer"]
+    with safe_open(newest, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del metadata["training_info"]
+    save_file(tensors, newest, metadata)
+    result, report = cli("verify", "--json", "--for-resume", newest)
+    assert "step_mismatch" in codes(report, "error") and "starts at step 0" in " ".join(
+        p["message"] for p in report["problems"])
+
+
+# --- OneTrainer (fixtures/onetrainer_samples.py, mirroring GenericTrainer.__backup at 23df383): LoRA backups at
+# global steps 4, 8 and 10 (gradient accumulation 2), without and with EMA ---
+
+ONETRAINER = os.path.join(DATA, "onetrainer")
+
+
+def test_onetrainer_backups_verify_clean_and_latest_is_the_newest():
+    for workspace in ("workspace", "workspace_ema"):
+        backup = os.path.join(ONETRAINER, workspace, "backup")
+        for entry in sorted(os.listdir(backup)):
+            result, report = cli("verify", "--json", "--for-resume", os.path.join(backup, entry))
+            assert result.exit_code == 0 and report["trainer"] == "onetrainer", report["problems"]
+            assert report["problems"] == [], (entry, report["problems"])
+        result, out = cli("latest", "--json", "--for-resume", backup)
+        assert result.exit_code == 0 and out["path"].endswith("-backup-10-2-0") and "differs" not in out
+    result, report = cli("inspect", "--json", os.path.join(ONETRAINER, "workspace_ema", "backup",
+                                                           "2026-01-03_03-05-25-backup-8-1-3"))
+    assert {c["role"] for c in report["components"]} == {"model", "optimizer", "ema"} and report["step"] == 4
+
+
+def test_onetrainer_lost_parts_and_a_backup_named_for_another_step(tmp_path):
+    backup = shutil.copytree(os.path.join(ONETRAINER, "workspace_ema", "backup"), tmp_path / "backup")
+    newest = os.path.join(backup, "2026-01-03_03-05-45-backup-10-2-0")
+    for part, code in (("ema/ema.pt", "missing_file"), ("optimizer/optimizer.pt", "missing_optimizer"),
+                       ("lora/lora.safetensors", "missing_file"), ("meta.json", "missing_file")):
+        os.remove(os.path.join(newest, part))
+        result, report = cli("verify", "--json", "--for-resume", newest)
+        assert result.exit_code == 1 and code in codes(report, "error"), (part, report["problems"])
+    result, out = cli("latest", "--json", "--for-resume", backup)
+    assert out["path"].endswith("-backup-8-1-3") and out["trainer_pick"].endswith("-backup-10-2-0")
+    assert "fails verification" in out["differs"]
+    moved = os.path.join(backup, "2026-01-03_03-06-00-backup-12-2-0")
+    os.rename(os.path.join(backup, "2026-01-03_03-05-25-backup-8-1-3"), moved)
+    result, report = cli("verify", "--json", "--for-resume", moved)
+    assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]

@@ -76,6 +76,17 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
                                              file=entry))
 
 
+def _nested(path: str, roles) -> list[str]:
+    """`folder/file` entries for the roles that name a file inside a folder (OneTrainer's `optimizer/optimizer.pt`):
+    only the folders such a role's part before "/" names, one level down, never through a link."""
+    heads = {r.pattern.pattern.split("/")[0] for r in roles if "/" in r.pattern.pattern}
+    found = []
+    for folder in sorted(os.listdir(path)) if heads else ():
+        if any(re.fullmatch(head, folder) for head in heads) and paths.folder_named(path, folder):
+            found += [f"{folder}/{e}" for e in sorted(os.listdir(os.path.join(path, folder)))]
+    return found
+
+
 def read(path: str, files: StateDirFiles) -> Checkpoint:
     from ckpttool.formats import dcp, deepspeed, read_file, sharded
     from ckpttool.formats.pretrained_files import weights_file
@@ -89,7 +100,7 @@ def read(path: str, files: StateDirFiles) -> Checkpoint:
         ckpt.components.extend(part.components)
         ckpt.files.extend(files)
 
-    for entry in sorted(os.listdir(path)):
+    for entry in sorted(os.listdir(path)) + _nested(path, files.roles):
         full = os.path.join(path, entry)
         name = None
         if paths.unsafe(full, path):

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ckpttool import hashing
+from ckpttool import hashing, trainers
 from ckpttool.checksums import MANIFEST_NAME, MANIFEST_SUFFIX
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import ERROR, Code, Salvaged, VerifyReport, errors
@@ -150,7 +150,8 @@ def verdict(path: str) -> tuple[VerifyReport, object]:
     from ckpttool.operations.verify import Verification, check_resume, verify_checkpoint
 
     report, ckpt = verify_checkpoint(path)
-    if ckpt is not None and any(c.role in ("optimizer", "scheduler", "rng") for c in ckpt.components):
+    if ckpt is not None and (any(c.role in ("optimizer", "scheduler", "rng") for c in ckpt.components) or
+                             trainers.profile_of(ckpt).training_state_only):
         v = Verification(path)
         check_resume(v, ckpt)
         report.problems += v.problems

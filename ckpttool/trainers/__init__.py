@@ -5,8 +5,8 @@ wrote a checkpoint and what its files, keys and counters mean (see `base.Profile
 file roles); `interpret(ckpt, profile)` applies a profile after reading, falling back to the profiles that recognise a
 file by its content (Lightning, training dicts). Adding a trainer means adding one entry to `PATH_PROFILES` or
 `CONTENT_PROFILES`, most specific first. Profile modules are imported only when a path could be theirs (a file is
-claimed only by a consistency_models family; a safetensors file by no content profile): start-up is most of the
-cost of a command on a small file.
+claimed only by a consistency_models family; a safetensors file only by ai-toolkit's header): start-up is most of
+the cost of a command on a small file.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
-                 "kohya.Kohya", "torchtune.Torchtune", "peft.Peft", "torchtitan.Torchtitan", "megatron.Megatron",
-                 "deepspeed.DeepSpeed", "consistency_models.ConsistencyModels", "lightning.LightningSharded",
-                 "pretrained.ModelFolder", "accelerate.AccelerateAutomatic", "diffusers.Diffusers",
+                 "kohya.Kohya", "torchtune.Torchtune", "aitoolkit.AiToolkit", "onetrainer.OneTrainer", "peft.Peft",
+                 "torchtitan.Torchtitan", "megatron.Megatron", "deepspeed.DeepSpeed",
+                 "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder", "accelerate.AccelerateAutomatic", "diffusers.Diffusers",
                  "accelerate.Accelerate")
 FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file
-CONTENT_PROFILES = {"torch": ("composer.Composer", "lightning.Lightning", "training_dict.TrainingDict"), "dcp": ("dcp_state.DcpState",)}
+CONTENT_PROFILES = {"torch": ("composer.Composer", "lightning.Lightning", "training_dict.TrainingDict"),
+                    "dcp": ("dcp_state.DcpState",), "safetensors": ("aitoolkit.AiToolkit",)}
 GENERIC = Profile()
 
 

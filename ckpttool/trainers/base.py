@@ -138,6 +138,7 @@ class Profile:
     claims_by_shared_files = False
     latest_rule: str | None = None  # how the trainer's own "resume from latest" picks, in words
     lost_pick_outcome = "its resume fails"  # what the trainer does when what its rule picks is gone
+    training_state_only = False  # its saves are training states, never weights alone (one without them is damaged)
     total_limit_rule: str | None = None  # how its total limit deletes, in words
 
     def state_dir_files(self) -> StateDirFiles | None:
