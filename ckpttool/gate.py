@@ -345,17 +345,62 @@ def _world_size_problems(ckpt, live: int) -> list[Problem]:
     return problems
 
 
+def live_parallel_layout() -> dict:
+    """The live Megatron run's model-parallel sizes, by the names its args use, where megatron.core's parallel_state
+    is imported and initialised (nothing is imported for it); else {}."""
+    import sys
+
+    mpu = sys.modules.get("megatron.core.parallel_state")
+    try:
+        if mpu is None or not mpu.model_parallel_is_initialized():
+            return {}
+        return {"tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+                "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+                "data_parallel_size": mpu.get_data_parallel_world_size()}
+    except (AttributeError, RuntimeError, AssertionError):
+        return {}
+
+
+def _parallel_problems(ckpt, live: dict) -> list[Problem]:
+    """The model-parallel layout a Megatron checkpoint was saved with against the live one: the legacy per-rank files
+    are not resharded (check_checkpoint_args asserts equal tensor and pipeline sizes); a torch_dist save is, except
+    the distributed optimizer's dp_reshardable state across a data-parallel change (load_checkpoint raises)."""
+    saved = ckpt.metadata.get("megatron") or {}
+    names = {"tensor_model_parallel_size": "tensor", "pipeline_model_parallel_size": "pipeline"}
+    if ckpt.metadata.get("megatron_legacy"):
+        differ = [f"{names[k]}-parallel {saved[k]} saved, {live[k]} live" for k in names
+                  if type(saved.get(k)) is int and type(live.get(k)) is int and saved[k] != live[k]]
+        if differ:
+            return [Problem(Code.WORLD_SIZE_MISMATCH, ERROR, f"{'; '.join(differ)}: the legacy format (--ckpt-format "
+                            "torch) keeps one file per model-parallel rank and is not resharded on load; Megatron's "
+                            "check_checkpoint_args raises AssertionError", ckpt.path,
+                            fix="resume with the sizes it was saved with, or convert it with Megatron's "
+                            "tools/checkpoint/convert.py to the live sizes")]
+        return []
+    dp_saved, dp_live = saved.get("data_parallel_size"), live.get("data_parallel_size")
+    if saved.get("distrib_optim_sharding_type") == "dp_reshardable" and type(dp_saved) is int and \
+            type(dp_live) is int and dp_saved != dp_live:
+        return [Problem(Code.WORLD_SIZE_MISMATCH, ERROR, f"data-parallel {saved['data_parallel_size']} saved, "
+                        f"{live['data_parallel_size']} live, with the distributed optimizer's dp_reshardable state: "
+                        "Megatron's load_checkpoint raises RuntimeError", ckpt.path,
+                        fix="resume with the data-parallel size it was saved with, or save with "
+                        "--dist-ckpt-optim-fully-reshardable")]
+    return []
+
+
 def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step=None, *, require_manifest=False,
-                 world_size=None):
+                 world_size=None, parallel=None):
     """Gate a resume from `path`. Returns a GateReport (with any warnings) or raises ResumeGateError, and nothing
     else: a checkpoint too malformed even to be read is refused, never an exception of the reader's escaping into
     the trainer. `model`, `optimizer` and `scheduler` may each be a list (every one an Accelerator prepared: the
     i-th is compared with model_i, optimizer_i, scheduler_i). `world_size`: the live run's number of processes (by
-    default torch.distributed's, else WORLD_SIZE, else 1)."""
+    default torch.distributed's, else WORLD_SIZE, else 1). `parallel`: a Megatron run's live sizes by its args' names
+    (tensor_model_parallel_size, pipeline_model_parallel_size, data_parallel_size; by default megatron.core's
+    parallel_state where it is initialised)."""
     path = os.fspath(path)
     try:
         return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest=require_manifest,
-                             world_size=world_size)
+                             world_size=world_size, parallel=parallel)
     except UsageError as e:
         raise ResumeGateError(path, [Problem(Code.MISSING_FILE, ERROR, str(e))]) from None
     except CkptError as e:
@@ -367,7 +412,7 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
             from None
 
 
-def _check_resume(path, model, optimizer, scheduler, expected_step, *, require_manifest, world_size):
+def _check_resume(path, model, optimizer, scheduler, expected_step, *, require_manifest, world_size, parallel=None):
     before = Snapshot.of(path)
     report, ckpt = verify_checkpoint(path, for_resume=True, expect_step=expected_step,
                                      require_manifest=require_manifest)
@@ -391,6 +436,7 @@ def _check_resume(path, model, optimizer, scheduler, expected_step, *, require_m
             if models and not optimizers:
                 problems += _trainable_count_problems(ckpt, models[0])
             problems += _world_size_problems(ckpt, world_size or live_world_size())
+            problems += _parallel_problems(ckpt, parallel if parallel is not None else live_parallel_layout())
             for i, live in enumerate(schedulers):
                 comp = _part(ckpt, "scheduler", i)
                 if i and comp is None:

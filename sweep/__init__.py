@@ -95,6 +95,7 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
     for name, newest in (("full", "epoch_1"), ("lora", "epoch_0"), ("meta", "epoch_0")):  # the run's resume point
         found.append(Target(f"torchtune_{name}", os.path.join(data, "torchtune", name), newest))
     found.append(Target("megatron_torch_dist", os.path.join(data, "megatron", "torch_dist_tp2"), "iter_0000010"))
+    found.append(Target("megatron_legacy", os.path.join(data, "megatron", "legacy_tp2"), "iter_0000010"))
     found.append(Target("composer", os.path.join(data, "composer", "run"), "ep0-ba6-rank0.pt"))
     for name, save in (("run", "mylora.safetensors"), ("midrun", "mylora_000000004.safetensors"),
                        ("diffusers_save", "mylora_000000004")):

@@ -380,3 +380,47 @@ def test_onetrainer_lost_parts_and_a_backup_named_for_another_step(tmp_path):
     os.rename(os.path.join(backup, "2026-01-03_03-05-25-backup-8-1-3"), moved)
     result, report = cli("verify", "--json", "--for-resume", moved)
     assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
+
+
+# --- Megatron legacy (--ckpt-format torch, fixtures/megatron_sample.py with CKPT_FORMAT=torch): 2 ranks, TP=2 ---
+
+LEGACY = os.path.join(DATA, "megatron", "legacy_tp2")
+
+
+def test_megatron_legacy_rank_files_verify_and_the_gate_holds_the_parallel_layout(tmp_path):
+    from ckpttool.gate import ResumeGateError
+
+    path = os.path.join(LEGACY, "iter_0000010")
+    result, report = cli("verify", "--json", "--for-resume", path)
+    assert result.exit_code == 0 and report["trainer"] == "megatron" and report["step"] == 10
+    assert codes(report, "error") == [] and set(codes(report, "warning")) == {"needs_safe_globals"}
+    result, out = cli("latest", "--json", "--for-resume", LEGACY)
+    assert result.exit_code == 0 and out["path"].endswith("iter_0000010") and "differs" not in out
+    assert check_resume(path, parallel={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1}).ok
+    try:
+        check_resume(path, parallel={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1})
+        raise AssertionError("a legacy save resumed with another tensor-parallel size passed the gate")
+    except ResumeGateError as e:
+        assert [p["code"] for p in e.problems] == ["world_size_mismatch"]
+    # a torch_dist save is resharded on load: another tensor-parallel size is no problem
+    assert check_resume(os.path.join(DATA, "megatron", "torch_dist_tp2", "iter_0000010"),
+                        parallel={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}).ok
+
+
+def test_megatron_legacy_lost_or_stale_rank_file(tmp_path):
+    run = shutil.copytree(LEGACY, tmp_path / "run")
+    newest = os.path.join(run, "iter_0000010")
+    shutil.copy(os.path.join(run, "iter_0000005", "mp_rank_01", "model_optim_rng.pt"),
+                os.path.join(newest, "mp_rank_01", "model_optim_rng.pt"))  # another iteration's file
+    result, report = cli("verify", "--json", "--for-resume", newest)
+    assert result.exit_code == 1 and "step_mismatch" in codes(report, "error")
+    os.remove(os.path.join(newest, "mp_rank_01", "model_optim_rng.pt"))
+    result, report = cli("verify", "--json", "--for-resume", newest)
+    assert result.exit_code == 1 and "missing_file" in codes(report, "error")
+    assert any("mp_rank_01/model_optim_rng.pt is missing" in p["message"] for p in report["problems"])
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["path"].endswith("iter_0000005") and "fails verification" in out["differs"]
+    with open(os.path.join(run, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("5" * (2 << 20))  # no tracker is that long: read as unreadable, never whole
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000005"))
+    assert result.exit_code == 0 and "missing_file" in codes(report, "warning")

@@ -17,6 +17,7 @@ from ckpttool import paths
 from ckpttool.errors import CkptError
 from ckpttool.model import ERROR, Checkpoint, Code, Record, StepSource
 
+JSON_LIMIT = 256 << 20  # a counters file longer than this is read by no trainer here (trainer_state.json logs grow)
 ORDER = ["model", "ema", "optimizer", "scheduler", "scaler", "rng", "sampler", "dataloader", "custom"]
 
 
@@ -60,6 +61,10 @@ def _json_counters(path: str, ckpt: Checkpoint, state_files: dict):
         if fields is None or not os.path.isfile(full) or paths.leaves(full, path):
             continue
         ckpt.files.append(full)
+        if os.path.getsize(full) > JSON_LIMIT:
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"{entry} is {os.path.getsize(full)} bytes, more than any trainer's "
+                             f"counters file ({JSON_LIMIT >> 20} MiB): not read", full)
+            continue
         try:
             with open(full, encoding="utf-8") as f:
                 doc = json.load(f)

@@ -21,7 +21,7 @@ from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
                  "kohya.Kohya", "torchtune.Torchtune", "aitoolkit.AiToolkit", "onetrainer.OneTrainer", "peft.Peft",
-                 "torchtitan.Torchtitan", "megatron.Megatron", "deepspeed.DeepSpeed",
+                 "torchtitan.Torchtitan", "megatron.Megatron", "megatron.MegatronLegacy", "deepspeed.DeepSpeed",
                  "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",
                  "accelerate.AccelerateAutomatic", "diffusers.Diffusers", "accelerate.Accelerate")
 FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file

@@ -25,17 +25,22 @@ if TYPE_CHECKING:
 TEMPORARY_NAME = re.compile(r".*(?:-tmp|\.tmp)")
 
 
-def marker_text(folder: str, name: str) -> str | None:
-    """The text of `folder/name`, a file a profile recognises its trainer by; None when it is missing or unreadable,
-    and never opened when it is a FIFO, device or socket (opening could block for ever) or a link out of `folder`."""
+MARKER_LIMIT = 64 << 20  # bytes of a marker or counters file read at most: a larger one is no trainer's
+
+
+def marker_text(folder: str, name: str, limit: int = MARKER_LIMIT) -> str | None:
+    """The text of `folder/name`, a file a profile recognises its trainer by; None when it is missing, unreadable or
+    longer than `limit` bytes (a hostile file is never read whole into memory), and never opened when it is a FIFO,
+    device or socket (opening could block for ever) or a link out of `folder`."""
     full = os.path.join(folder, name)
     if paths.unsafe(full, folder):
         return None
     try:
-        with open(full, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        with open(full, "rb") as f:
+            data = f.read(limit + 1)
     except OSError:
         return None
+    return None if len(data) > limit else data.decode("utf-8", errors="replace")
 
 
 def json_keys(folder: str, name: str) -> set | None:

@@ -18,11 +18,13 @@ import os
 import re
 
 from ckpttool.model import ERROR, GLOBAL_STEP, WARNING, Code, Component, Problem, Record, StepSource
+from ckpttool.formats.statedir import role
 from ckpttool.trainers.base import Profile, marker_text
 
 NAME = re.compile(r"iter_(\d{7,})")
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG, COMMON, INTEGRITY = "metadata.json", "common.pt", "integrity.json"
+SMALL = 1 << 20  # the tracker holds a number, metadata.json a few backend names: a longer one is damage
 SOURCE = ("Megatron-LM megatron/training/checkpointing.py (save_checkpoint, load_checkpoint, read_metadata, "
           "get_checkpoint_name, generate_state_dict), megatron-core 0.16.1 dist_checkpointing (serialization.py save/"
           "load, strategies/common.py save_common, strategies/torch.py, mapping.py ShardedObject.unique_key)")
@@ -33,10 +35,24 @@ LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "ex
                "context_parallel_size", "world_size", "data_parallel_size", "use_distributed_optimizer")
 
 
+def run_state(state: dict) -> dict:
+    """What a saved state dict (common.pt, a legacy rank file) says of the run: its iteration, checkpoint version,
+    parts, and the args that say how it was split and what it chose not to save (args is an argparse.Namespace,
+    unpickled as a stand-in whose fields are read; a dict in other versions)."""
+    from ckpttool.formats.pickles import Opaque
+    from ckpttool.formats.torchtree import plain
+
+    args = state.get("args")
+    args = args.fields() if isinstance(args, Opaque) else args if isinstance(args, dict) else {}
+    return {"iteration": plain(state.get("iteration")), "checkpoint_version": plain(state.get("checkpoint_version")),
+            "parts": sorted(k for k in state if isinstance(k, str)),
+            **{k: plain(args[k]) for k in LAYOUT_ARGS + ("no_save_optim", "no_save_rng") if k in args}}
+
+
 def tracker_iteration(run_dir: str) -> int | str | None:
     """What the run's tracker names: an iteration, "release", "" when it holds anything else (read_metadata then
     prints "ERROR: Invalid metadata file" and exits), or None when there is no tracker."""
-    text = marker_text(run_dir, TRACKER)
+    text = marker_text(run_dir, TRACKER, SMALL)
     if text is None:
         return None
     text = text.strip()
@@ -55,7 +71,7 @@ def _named_save(run_dir: str, named: int | str | None) -> str | None:
 def _backend(path: str) -> bool:
     """Whether metadata.json is the CheckpointingConfig dist_checkpointing writes (check_is_distributed_checkpoint)."""
     try:
-        config = json.loads(marker_text(path, CONFIG) or "null")
+        config = json.loads(marker_text(path, CONFIG, SMALL) or "null")
     except (ValueError, RecursionError):
         return False
     return isinstance(config, dict) and "sharded_backend" in config
@@ -149,17 +165,14 @@ class Megatron(Profile):
             ckpt.add_problem(e.code, ERROR, f"{COMMON}: {e.reason}", full)
             return None
         note_pickle(ckpt, raw, full)
-        common = plain(raw.obj)
-        if not isinstance(common, dict):
+        if not isinstance(raw.obj, dict):
             ckpt.add_problem(Code.CORRUPT, ERROR, f"{COMMON} holds no dict of the common state", full)
             return None
-        args = common.get("args")
-        args = args if isinstance(args, dict) else {}
-        ckpt.metadata["megatron"] = {"iteration": common.get("iteration"),
-                                     "checkpoint_version": common.get("checkpoint_version"),
-                                     "parts": sorted(k for k in common if isinstance(k, str)),
-                                     **{k: args.get(k) for k in LAYOUT_ARGS + ("no_save_optim", "no_save_rng")
-                                        if k in args}}
+        common = {k: plain(v) for k, v in raw.obj.items() if k != "args"}
+        ckpt.metadata["megatron"] = run_state(raw.obj)
+        content = common.get("content_metadata")
+        if isinstance(content, dict) and "distrib_optim_sharding_type" in content:
+            ckpt.metadata["megatron"]["distrib_optim_sharding_type"] = content["distrib_optim_sharding_type"]
         return common
 
     def completion_problems(self, ckpt):
@@ -250,3 +263,114 @@ class Megatron(Profile):
                             f"{CONFIG} is written once it is complete): write {iteration} into {TRACKER} to resume "
                             "from it", tracker)]
         return []
+
+
+RANK_DIR = re.compile(r"mp_rank_(\d\d)(?:_(\d{3}))?(?:_(\d{3}))?")
+RANK_FILE, DISTRIB_OPTIM = "model_optim_rng.pt", "distrib_optim.pt"
+LEGACY_SOURCE = ("Megatron-LM megatron/training/checkpointing.py (get_checkpoint_name, save_checkpoint, "
+                 "generate_state_dict, _load_base_checkpoint, check_checkpoint_args, "
+                 "get_distributed_optimizer_checkpoint_name; --ckpt-format torch)")
+
+
+def rank_dirs(path: str) -> list[str]:
+    """The `mp_rank_XX[_YYY][_ZZZ]` folders of a legacy save (tensor, pipeline and expert rank)."""
+    try:
+        return sorted(e for e in os.listdir(path) if RANK_DIR.fullmatch(e) and os.path.isdir(os.path.join(path, e)))
+    except OSError:
+        return []
+
+
+class MegatronLegacy(Megatron):
+    """`--ckpt-format torch`: `iter_N/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt`, one torch.save of
+    the whole state dict (args, iteration, model, optimizer, opt_param_scheduler, rng_state) per model-parallel rank
+    of data-parallel rank 0, and `distrib_optim.pt` beside it with --use-distributed-optimizer. load_checkpoint opens
+    the file of its own ranks and asserts (check_checkpoint_args) that the tensor and pipeline sizes it was saved with
+    are the live ones; the shards are not resharded, and their split axis is not saved, so convert takes one rank."""
+
+    layout = "Megatron legacy iter_N/mp_rank_XX"
+    source = LEGACY_SOURCE
+    counter_meanings = ((Record.TRAINING_DICT, "iteration", GLOBAL_STEP),)
+    file_roles = (role(r"mp_rank_(\d\d(?:_\d{3}){0,2})/model_optim_rng\.pt", "model", "mp_rank_{n}"),
+                  role(r"mp_rank_(\d\d(?:_\d{3}){0,2})/distrib_optim\.pt", "optimizer", "distrib_optim_{n}"))
+
+    def claims_path(self, path):
+        name = os.path.basename(os.path.abspath(path))
+        return os.path.isdir(path) and bool(NAME.fullmatch(name) or name == "release") and bool(rank_dirs(path))
+
+    def interpret(self, ckpt):
+        """Each rank's parts named after its folder where there are several (they are shards of one model, not one
+        model), and the run's args and counters from the first rank's file."""
+        ranks = rank_dirs(ckpt.path)
+        if len(ranks) > 1:
+            for comp in ckpt.components:
+                folder = os.path.basename(os.path.dirname(comp.files[0])) if comp.files else ""
+                if RANK_DIR.fullmatch(folder) and not comp.name.endswith(folder):
+                    comp.name = f"{comp.name}.{folder}"
+        first = os.path.join(ckpt.path, ranks[0], RANK_FILE) if ranks else None
+        if first and os.path.isfile(first):
+            self._rank_state(ckpt, first)
+        Profile.interpret(self, ckpt)
+
+    def _rank_state(self, ckpt, path: str):
+        """args (the Namespace's fields), the iteration and which parts the first rank's file holds."""
+        from ckpttool.errors import CkptError
+        from ckpttool.formats.torchfile import read_raw
+
+        try:
+            obj = read_raw(path).obj
+        except CkptError:
+            return  # the reader reported it
+        if not isinstance(obj, dict):
+            return
+        ckpt.metadata["megatron_legacy"] = True
+        ckpt.metadata["megatron"] = run_state(obj)
+
+    def completion_problems(self, ckpt):
+        """No marker: each rank's file is written whole by torch.save; the tracker (written last) says the rest."""
+        return []
+
+    def resume_problems(self, ckpt):
+        """Every model-parallel rank's file (tensor x pipeline x expert sizes the args say), and in it the iteration,
+        model, optimizer and opt_param_scheduler (unless --no-save-optim), rng_state (unless --no-save-rng), and
+        distrib_optim.pt with the distributed optimizer."""
+        problems = self.loader_problems(ckpt)
+        meta = ckpt.metadata.get("megatron") or {}
+        parts = set(meta.get("parts", ()))
+        ranks = rank_dirs(ckpt.path)
+        sizes = [meta.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                       "expert_model_parallel_size")]
+        tp, pp, ep = (s if type(s) is int and 0 < s < 1 << 16 else 1 for s in sizes)
+        expected = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+                    for t in range(tp) for p in range(pp) for e in range(ep)]
+        for folder in expected if meta else ranks:
+            if not os.path.isfile(os.path.join(ckpt.path, folder, RANK_FILE)):
+                problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder}/{RANK_FILE} is missing (saved with "
+                                        f"tensor-parallel {tp}, pipeline-parallel {pp}): that rank's load_checkpoint "
+                                        "finds no checkpoint", os.path.join(ckpt.path, folder, RANK_FILE)))
+            elif meta.get("use_distributed_optimizer") and not meta.get("no_save_optim") and not os.path.isfile(
+                    os.path.join(ckpt.path, folder, DISTRIB_OPTIM)):
+                problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{folder}/{DISTRIB_OPTIM} is missing: the "
+                                        "distributed optimizer's load_parameter_state cannot restore its state",
+                                        os.path.join(ckpt.path, folder, DISTRIB_OPTIM)))
+        first = os.path.join(ckpt.path, ranks[0], RANK_FILE) if ranks else ckpt.path
+        if meta and "iteration" not in parts and os.path.basename(os.path.abspath(ckpt.path)) != "release":
+            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{RANK_FILE} has no iteration: load_checkpoint prints "
+                                    "'unable to load iteration' and exits", first))
+        roles = {c.role for c in ckpt.components}
+        if meta and "model" not in roles:
+            problems.append(Problem(Code.MISSING_FILE, ERROR, "no model state: load_state_dict(strict=True) fails",
+                                    first))
+        if meta and not meta.get("no_save_optim"):
+            if "optimizer" not in parts:
+                problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{RANK_FILE} has no optimizer: "
+                                        "load_checkpoint raises KeyError ('Specify --no-load-optim or --finetune')",
+                                        first))
+            if "opt_param_scheduler" not in parts and "lr_scheduler" not in parts:
+                problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, f"{RANK_FILE} has no opt_param_scheduler: "
+                                        "load_checkpoint raises KeyError ('Specify --no-load-optim or --finetune')",
+                                        first))
+        if meta and not meta.get("no_save_rng") and "rng_state" not in parts:
+            problems.append(Problem(Code.MISSING_RNG, ERROR, f"{RANK_FILE} has no rng_state: load_checkpoint prints "
+                                    "'Unable to load rng state ... Specify --no-load-rng or --finetune' and exits",
+                                    first))
+        return problems + self._tracker_problems(ckpt, meta.get("iteration"))
