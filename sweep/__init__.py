@@ -92,7 +92,7 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
     for name in ("zero2", "zero3", "zero2_bf16", "fp16_zero2"):
         found.append(Target(f"deepspeed_{name}", os.path.join(data, "deepspeed"), name))
     found.append(Target("cuda_accelerate_fp16", os.path.join(data, "cuda"), "accelerate_fp16"))
-    for name, newest in (("full", "epoch_1"), ("lora", "epoch_0"), ("meta", "epoch_0")):  # the run's resume point
+    for name, newest in (("full", "epoch_1"), ("lora", "epoch_0"), ("meta", "epoch_0"), ("dcp", "dist_epoch_1")):
         found.append(Target(f"torchtune_{name}", os.path.join(data, "torchtune", name), newest))
     found.append(Target("megatron_torch_dist", os.path.join(data, "megatron", "torch_dist_tp2"), "iter_0000010"))
     found.append(Target("megatron_legacy", os.path.join(data, "megatron", "legacy_tp2"), "iter_0000010"))

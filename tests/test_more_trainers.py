@@ -424,3 +424,19 @@ def test_megatron_legacy_lost_or_stale_rank_file(tmp_path):
         f.write("5" * (2 << 20))  # no tracker is that long: read as unreadable, never whole
     result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "iter_0000005"))
     assert result.exit_code == 0 and "missing_file" in codes(report, "warning")
+
+
+def test_torchtune_async_dcp_epochs_each_hold_their_own_state(tmp_path):
+    """enable_async_checkpointing: dist_epoch_N DCP dirs with the counters as items (each its own resume point); the
+    final epoch_2 of the HF checkpointer holds no recipe state."""
+    run = os.path.join(TORCHTUNE, "dcp")
+    for folder, epochs_run in (("dist_epoch_0", 1), ("dist_epoch_1", 2)):
+        assert cli("inspect", "--json", os.path.join(run, folder))[1]["epoch"] == epochs_run
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, folder))
+        assert result.exit_code == 0 and report["trainer"] == "torchtune" and report["problems"] == []
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["path"].endswith("dist_epoch_1") and out["trainer_pick"].endswith(
+        "dist_epoch_1")
+    moved = shutil.copytree(os.path.join(run, "dist_epoch_1"), tmp_path / "dist_epoch_3")
+    result, report = cli("verify", "--json", "--for-resume", str(moved))
+    assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]

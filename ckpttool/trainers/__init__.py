@@ -20,7 +20,8 @@ from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
-                 "kohya.Kohya", "torchtune.Torchtune", "aitoolkit.AiToolkit", "onetrainer.OneTrainer", "peft.Peft",
+                 "kohya.Kohya", "torchtune.Torchtune", "torchtune.TorchtuneDist", "aitoolkit.AiToolkit",
+                 "onetrainer.OneTrainer", "peft.Peft",
                  "torchtitan.Torchtitan", "megatron.Megatron", "megatron.MegatronLegacy", "deepspeed.DeepSpeed",
                  "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",
                  "accelerate.AccelerateAutomatic", "diffusers.Diffusers", "accelerate.Accelerate")

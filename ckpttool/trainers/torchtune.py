@@ -8,8 +8,8 @@ overwritten at every intermediate save and not written by the final one (`save_c
 False)`); older layouts keep a `recipe_state.pt` inside the epoch folder. The recipes add 1 to `epochs_run` before
 saving, so the state of `epoch_N` says `epochs_run = N + 1`: that folder is the one resume point, and every other
 folder's weights would be resumed with another epoch's optimizer and counters. No LR scheduler or RNG state is saved
-(the recipes rebuild the schedule from epochs_run); no folder is ever deleted. (The async distributed path's DCP
-`dist_epoch_{N}/` folders are not modelled yet.)
+(the recipes rebuild the schedule from epochs_run); no folder is ever deleted. The async distributed path saves each
+intermediate epoch as a DCP dir `dist_epoch_{N}/` instead (TorchtuneDist).
 """
 
 from __future__ import annotations
@@ -113,7 +113,11 @@ class Torchtune(Profile):
         super().interpret(ckpt)
 
     def own_latest(self, run_dir):
-        found = numbered_dirs(run_dir, NAME)
+        """With async checkpointing the recipe resumes from the highest dist_epoch_N with a .metadata
+        (_get_latest_intermediate_checkpoint); otherwise from the highest epoch_N."""
+        dist = {n: p for n, p in numbered_dirs(run_dir, DIST_NAME).items()
+                if os.path.isfile(os.path.join(p, ".metadata"))}
+        found = dist or numbered_dirs(run_dir, NAME)
         return found[max(found)] if found else None
 
     def run_saves(self, path):
@@ -171,3 +175,80 @@ def _listing(path: str) -> list[str]:
         return sorted(os.listdir(path))
     except OSError:
         return []
+
+
+DIST_KEYS = ("model", "optimizer") + REQUIRED_KEYS  # CheckpointClient.load_distributed_checkpoint's template
+DIST_SOURCE = ("torchtune 0.6.1 training/checkpointing/_checkpointer.py (DistributedCheckpointer save_checkpoint, "
+               "_get_latest_intermediate_checkpoint), _checkpoint_client.py (CheckpointClient save_checkpoint, "
+               "load_distributed_checkpoint), recipes/full_finetune_distributed.py setup")
+
+
+class TorchtuneDist(Torchtune):
+    """`enable_async_checkpointing`: every intermediate epoch is one DCP dir `dist_epoch_{N}/` holding the model,
+    the optimizer and the recipe's counters (seed, epochs_run, total_epochs, max_steps_per_epoch, dataloader) as
+    items; the final epoch is still an `epoch_{N}` folder of the HF (or other) checkpointer, with no recipe state.
+    The resume loads the highest dist_epoch_N that has a `.metadata`; if any item of its template is missing the load
+    fails, the recipe warns and "Training will start from the base checkpoint"."""
+
+    layout = "torchtune dist_epoch_N (DCP)"
+    source = DIST_SOURCE
+    name_pattern = DIST_NAME
+    file_roles = ()
+    weights_only_loads = ()  # dcp.load, not torch.load
+    latest_rule = "_get_latest_intermediate_checkpoint: the highest dist_epoch_N with a .metadata"
+
+    def claims_path(self, path):
+        return os.path.isdir(path) and self.name_number(path) is not None
+
+    def resume_contract(self, ckpt):
+        return None  # one DCP dir: the reader checks its data files against .metadata
+
+    def run_saves(self, path):
+        """The run's earlier dist_epoch_N dirs by the step each holds (their number counts epochs), so a data file
+        left by one of them is told by its bytes; each is read (its DCP metadata and small items) to learn it."""
+        from ckpttool import steps
+        from ckpttool.checkpoint import open_checkpoint
+        from ckpttool.errors import CkptError, UsageError
+
+        number = self.name_number(path)
+        saves = {}
+        for n, sibling in numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), DIST_NAME).items():
+            if number is None or n >= number:
+                continue
+            try:
+                step = steps.global_step(open_checkpoint(sibling))
+            except (CkptError, UsageError, OSError):
+                continue
+            if step is not None:
+                saves[step] = sibling
+        return saves
+
+    def interpret(self, ckpt):
+        objects = ckpt.metadata.get("objects") or {}
+        ckpt.metadata["recipe"] = {k: objects.get(k) for k in REQUIRED_KEYS}
+        epochs_run = objects.get("epochs_run")
+        if type(epochs_run) in (int, bool):
+            ckpt.steps.append(StepSource("epochs_run item", int(epochs_run), EPOCH, record=Record.DCP_STATE,
+                                         key="epochs_run"))
+        Profile.interpret(self, ckpt)
+
+    def resume_problems(self, ckpt):
+        folder = os.path.basename(os.path.abspath(ckpt.path))
+        objects = ckpt.metadata.get("objects") or {}
+        roles = {c.role for c in ckpt.components}
+        lost = [k for k in DIST_KEYS if (k in ("model", "optimizer") and k not in roles) or
+                (k not in ("model", "optimizer") and k not in objects)]
+        problems = []
+        if lost:
+            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder} has no {', '.join(lost)}: "
+                                    "load_distributed_checkpoint fails, and the recipe warns and starts from the base "
+                                    "checkpoint (epoch 0, a fresh optimizer)", ckpt.path))
+        number, epochs_run = self.name_number(ckpt.path), objects.get("epochs_run")
+        if epochs_run is not None and type(epochs_run) not in (int, bool):
+            problems.append(Problem(Code.CORRUPT, ERROR, f"epochs_run is {str(epochs_run)[:40]!r}, not an epoch "
+                                    "count: the recipe's range(epochs_run, total_epochs) raises TypeError", ckpt.path))
+        elif epochs_run is not None and number is not None and int(epochs_run) != number + 1:
+            problems.append(Problem(Code.STEP_MISMATCH, ERROR, f"epochs_run is {int(epochs_run)}, but {folder} is "
+                                    f"saved after epoch {number} (epochs_run {number + 1}): its items are from "
+                                    "another save", ckpt.path))
+        return problems + moment_problems(ckpt)
