@@ -278,6 +278,10 @@ def test_composer_weights_only_counters_rng_and_link(tmp_path):
     os.remove(os.path.join(run, "latest-rank0.pt"))
     result, out = cli("latest", "--json", "--for-resume", run)
     assert out["trainer_pick"].endswith("latest-rank0.pt") and "starts from batch 0" in out["differs"]
+    with open(os.path.join(run, "latest-rank0.pt.symlink"), "w") as f:
+        f.write("tiny/checkpoints/ep0-ba4-rank0.pt")  # an object store's pointer (file_helpers.create_symlink_file)
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["trainer_pick"].endswith("ep0-ba4-rank0.pt") and "differs" not in out
 
 
 def test_prune_never_deletes_what_the_trainer_resumes_from_on_its_own(tmp_path):

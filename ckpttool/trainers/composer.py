@@ -23,7 +23,7 @@ from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY
 from ckpttool.model import (EPOCH, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component, Problem,
                             Record, StepSource)
 from ckpttool.trainers import implications
-from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
+from ckpttool.trainers.base import Profile, marker_text, moment_problems, weights_only_problem
 
 NAME = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")
 LATEST = "latest-rank0.pt"
@@ -149,12 +149,16 @@ class Composer(Profile):
         return {int(m.group(1)): os.path.join(folder, e) for e in entries if (m := NAME.fullmatch(e))}
 
     def own_latest(self, run_dir):
-        """The save latest-rank0.pt links to; the link itself where there is none to follow (autoresume then finds
-        nothing: `lost_pick_outcome`)."""
+        """The save latest-rank0.pt links to (or, downloaded from an object store, the save its
+        `latest-rank0.pt.symlink` pointer names); the link itself where there is none to follow (autoresume then
+        finds nothing: `lost_pick_outcome`)."""
         link = os.path.join(run_dir, LATEST)
-        if not os.path.islink(link):
-            return link
-        return os.path.normpath(os.path.join(run_dir, os.readlink(link)))
+        if os.path.islink(link):
+            return os.path.normpath(os.path.join(run_dir, os.readlink(link)))
+        pointer = marker_text(run_dir, LATEST + ".symlink", 4096)  # an object store's pointer, downloaded beside
+        if pointer is not None and pointer.strip():  # file_helpers.create_symlink_file: the remote object's name
+            return os.path.join(run_dir, os.path.basename(pointer.strip().rstrip("/")))
+        return link
 
     def resume_problems(self, ckpt):
         """Composer's resume of a full save: model, optimizers, schedulers, timestamp and RNG, loaded as its
