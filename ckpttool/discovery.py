@@ -10,6 +10,7 @@ from ckpttool import paths, trainers
 from ckpttool.atomic import STAGING
 from ckpttool.checksums import MANIFEST_SUFFIX
 from ckpttool.formats import family
+from ckpttool.trainers.aitoolkit import saved_step
 from ckpttool.trainers.base import TEMPORARY_NAME
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
@@ -69,7 +70,7 @@ def discover(root: str) -> list[Candidate]:
         for job in sorted(jobs):  # the final save has no number: the step its header records
             final = os.path.join(folder, f"{job}.safetensors")
             if os.path.isfile(final) and not os.path.islink(final):
-                found.append(Candidate(final, aitk_step(final), [final] + _existing(final + MANIFEST_SUFFIX)))
+                found.append(Candidate(final, saved_step(final), [final] + _existing(final + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
@@ -88,19 +89,6 @@ def recorded_step(path: str) -> int | None:
     except (CkptError, OSError):
         return None
     step = obj.get("global_step") if isinstance(obj, dict) else None
-    return step if type(step) is int and step >= 0 else None
-
-
-def aitk_step(path: str) -> int | None:
-    """The step an ai-toolkit save's header records (training_info); None when it records none or cannot be read."""
-    from ckpttool.errors import CkptError
-    from ckpttool.formats.safetensors import read_header
-    from ckpttool.trainers.aitoolkit import training_info
-
-    try:
-        step = (training_info(read_header(path)[1]) or {}).get("step")
-    except (CkptError, OSError):
-        return None
     return step if type(step) is int and step >= 0 else None
 
 

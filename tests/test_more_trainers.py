@@ -444,3 +444,43 @@ def test_torchtune_async_dcp_epochs_each_hold_their_own_state(tmp_path):
     moved = shutil.copytree(os.path.join(run, "dist_epoch_1"), tmp_path / "dist_epoch_3")
     result, report = cli("verify", "--json", "--for-resume", str(moved))
     assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
+
+
+# --- NeMo 2 (fixtures/nemo_sample.py: NeMo 8cfedd7's own Trainer, MegatronStrategy, ModelCheckpoint on CPU, TP=2):
+# top-k saves at steps 2 and 4 and the -last of step 4; a second run killed inside its step-4 save ---
+
+NEMO = os.path.join(DATA, "nemo")
+NEMO_LAST = "default--val_loss=2.1200-epoch=0-consumed_samples=32.0-last"
+
+
+def test_nemo_saves_verify_and_latest_is_autoresumes_pick():
+    run = os.path.join(NEMO, "checkpoints")
+    for entry in sorted(os.listdir(run)):
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, entry))
+        assert result.exit_code == 0 and report["trainer"] == "nemo", (entry, report["problems"])
+        assert codes(report, "error") == []  # context/<uuid> is cloudpickled: a warning, never loaded by the resume
+    result, report = cli("inspect", "--json", os.path.join(run, NEMO_LAST))
+    assert report["step"] == 4 and {c["role"] for c in report["components"]} >= {"model", "optimizer", "scheduler"}
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["path"].endswith(NEMO_LAST) and out["trainer_pick"].endswith(NEMO_LAST)
+    assert check_resume(os.path.join(run, NEMO_LAST)).ok
+
+
+def test_nemo_unfinished_save_and_a_last_dir_without_weights(tmp_path):
+    run = os.path.join(NEMO, "unfinished", "checkpoints")
+    partial = os.path.join(run, "default--val_loss=2.1200-epoch=0-consumed_samples=32.0")
+    result, report = cli("verify", "--json", "--for-resume", partial)
+    assert result.exit_code == 1 and "missing_file" in codes(report, "error")
+    assert any("-unfinished is beside it" in p["message"] for p in report["problems"])
+    assert any("metadata.json" in p["message"] for p in report["problems"])
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["path"].endswith("consumed_samples=16.0-last") or out["path"].endswith("consumed_samples=16.0")
+    assert out["trainer_pick"].endswith("consumed_samples=16.0-last")
+    # NVIDIA-NeMo #14837: a -last dir of context/ only (its weights went to a .ckpt file) is what AutoResume takes
+    copy = shutil.copytree(os.path.join(NEMO, "checkpoints"), tmp_path / "checkpoints")
+    newer = os.path.join(copy, "default--val_loss=2.0000-epoch=0-consumed_samples=48.0-last")
+    shutil.copytree(os.path.join(copy, NEMO_LAST, "context"), os.path.join(newer, "context"))
+    result, report = cli("verify", "--json", "--for-resume", newer)
+    assert result.exit_code == 1 and "no weights/" in report["problems"][0]["message"]
+    result, out = cli("latest", "--json", "--for-resume", str(copy))
+    assert out["path"].endswith(NEMO_LAST) and out["trainer_pick"] == newer and "fails verification" in out["differs"]

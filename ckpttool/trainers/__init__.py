@@ -21,7 +21,7 @@ from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
                  "kohya.Kohya", "torchtune.Torchtune", "torchtune.TorchtuneDist", "aitoolkit.AiToolkit",
-                 "onetrainer.OneTrainer", "peft.Peft",
+                 "onetrainer.OneTrainer", "nemo.NeMo", "peft.Peft",
                  "torchtitan.Torchtitan", "megatron.Megatron", "megatron.MegatronLegacy", "deepspeed.DeepSpeed",
                  "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",
                  "accelerate.AccelerateAutomatic", "diffusers.Diffusers", "accelerate.Accelerate")

@@ -59,11 +59,21 @@ def _job(path: str) -> str:
     return m.group(1) if m else base.removesuffix(".safetensors")
 
 
+def saved_step(path: str) -> int | None:
+    """The step an ai-toolkit save's header records (training_info); None when it records none or cannot be read."""
+    from ckpttool.errors import CkptError
+    from ckpttool.formats.safetensors import read_header
+
+    try:
+        step = (training_info(read_header(path)[1]) or {}).get("step")
+    except (CkptError, OSError):
+        return None
+    return step if type(step) is int and step >= 0 else None
+
+
 def job_saves(folder: str, job: str) -> dict[int, str]:
     """step -> path of the job's saves in `folder`: the numbered ones (files and diffusers folders) by their name, the
     final `{job}.safetensors` by the step its header records."""
-    from ckpttool.discovery import aitk_step
-
     try:
         entries = os.listdir(folder)
     except OSError:
@@ -71,7 +81,7 @@ def job_saves(folder: str, job: str) -> dict[int, str]:
     saves = {int(m.group(2)): os.path.join(folder, e) for e in entries
              if (m := NAME.fullmatch(e)) and m.group(1) == job}
     final = os.path.join(folder, f"{job}.safetensors")
-    if saves and os.path.isfile(final) and (step := aitk_step(final)) is not None:
+    if saves and os.path.isfile(final) and (step := saved_step(final)) is not None:
         saves.setdefault(step, final)
     return saves
 

@@ -68,7 +68,7 @@ def _named_save(run_dir: str, named: int | str | None) -> str | None:
     return os.path.join(run_dir, "release" if named == "release" else f"iter_{named:07d}")
 
 
-def _backend(path: str) -> bool:
+def has_dist_config(path: str) -> bool:
     """Whether metadata.json is the CheckpointingConfig dist_checkpointing writes (check_is_distributed_checkpoint)."""
     try:
         config = json.loads(marker_text(path, CONFIG, SMALL) or "null")
@@ -124,7 +124,7 @@ class Megatron(Profile):
         if not os.path.isdir(path) or not (NAME.fullmatch(name) or name == "release"):
             return False
         run_dir = os.path.dirname(os.path.abspath(os.path.normpath(path)))
-        return _backend(path) or (  # or a save whose metadata.json was lost or damaged
+        return has_dist_config(path) or (  # or a save whose metadata.json was lost or damaged
             os.path.isfile(os.path.join(path, ".metadata")) and (os.path.isfile(os.path.join(path, COMMON)) or
                                                                  os.path.isfile(os.path.join(run_dir, TRACKER))))
 
@@ -185,7 +185,7 @@ class Megatron(Profile):
             problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder} has no {CONFIG}, which Megatron writes last, "
                                     "once the save is complete: dist_checkpointing.load raises 'not a distributed "
                                     "checkpoint'", config))
-        elif not _backend(ckpt.path):
+        elif not has_dist_config(ckpt.path):
             ckpt.files.append(config)
             problems.append(Problem(Code.CORRUPT, ERROR, f"{CONFIG} names no sharded_backend: it was cut or "
                                     "overwritten, and dist_checkpointing.load raises 'not a distributed checkpoint'",
