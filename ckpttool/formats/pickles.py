@@ -139,8 +139,8 @@ def runs_code(name: str) -> bool:
 # allow-lists the same): unpickling one builds an attribute bag, a duration, a string or a path and calls nothing, but
 # torch.load(weights_only=True), torch's default since 2.6, refuses it unless allow-listed. A pickle naming one is a
 # warning with the line that lets it load (`inert_problem`), never `unsafe_pickle`.
-INERT_CLASSES = {"argparse.Namespace", "types.SimpleNamespace", "datetime.timedelta", "torch.torch_version.TorchVersion",
-                 "pathlib.PosixPath", "pathlib.PurePosixPath"}
+INERT_CLASSES = {"argparse.Namespace", "types.SimpleNamespace", "datetime.timedelta",
+                 "torch.torch_version.TorchVersion", "pathlib.PosixPath", "pathlib.PurePosixPath"}
 
 
 def inert_problem(names: list[str], where: str, path: str) -> Problem:
