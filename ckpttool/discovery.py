@@ -42,8 +42,9 @@ class Candidate:
 
 def discover(root: str) -> list[Candidate]:
     found: list[Candidate] = []
-    nested = os.path.join(root, "checkpoints")  # Accelerate's automatic naming; never followed through a link
-    folders = [root] + [nested] * (os.path.isdir(nested) and not os.path.islink(nested))
+    # Accelerate's automatic naming, Megatron's non-persistent saves; never followed through a link
+    nested = [os.path.join(root, name) for name in ("checkpoints", "non_persistent")]
+    folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)]
     for folder in folders:
         families: dict[int, list[str]] = {}
         jobs: set[str] = set()  # ai-toolkit jobs with numbered saves here

@@ -484,3 +484,18 @@ def test_nemo_unfinished_save_and_a_last_dir_without_weights(tmp_path):
     assert result.exit_code == 1 and "no weights/" in report["problems"][0]["message"]
     result, out = cli("latest", "--json", "--for-resume", str(copy))
     assert out["path"].endswith(NEMO_LAST) and out["trainer_pick"] == newer and "fails verification" in out["differs"]
+
+
+def test_megatron_non_persistent_save_is_its_own_pick_when_newer(tmp_path):
+    """--non-persistent-ckpt-type global: <save>/non_persistent/ has its own tracker, and _load_base_checkpoint
+    resumes from it when its iteration is at least the persistent tracker's."""
+    run = shutil.copytree(os.path.join(DATA, "megatron", "torch_dist_tp2"), tmp_path / "run")
+    os.makedirs(os.path.join(run, "non_persistent"))
+    shutil.copytree(os.path.join(run, "iter_0000010"), os.path.join(run, "non_persistent", "iter_0000010"))
+    with open(os.path.join(run, "non_persistent", "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("10")
+    with open(os.path.join(run, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("5")
+    shutil.rmtree(os.path.join(run, "iter_0000010"))
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["path"] == out["trainer_pick"] and out["path"].endswith(os.path.join("non_persistent", "iter_0000010"))

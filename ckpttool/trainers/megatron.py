@@ -24,6 +24,7 @@ from ckpttool.trainers.base import Profile, marker_text
 NAME = re.compile(r"iter_(\d{7,})")
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG, COMMON, INTEGRITY = "metadata.json", "common.pt", "integrity.json"
+NON_PERSISTENT = "non_persistent"  # _NON_PERSISTENT_CKPT_SUBDIR
 SMALL = 1 << 20  # the tracker holds a number, metadata.json a few backend names: a longer one is damage
 SOURCE = ("Megatron-LM megatron/training/checkpointing.py (save_checkpoint, load_checkpoint, read_metadata, "
           "get_checkpoint_name, generate_state_dict), megatron-core 0.16.1 dist_checkpointing (serialization.py save/"
@@ -204,7 +205,14 @@ class Megatron(Profile):
         return any(str(o).startswith("common_state/") for o in ckpt.metadata.get("objects", []))
 
     def own_latest(self, run_dir):
-        return _named_save(run_dir, tracker_iteration(run_dir))
+        """The iteration the tracker names; a newer or equal one in `non_persistent/` (--non-persistent-ckpt-type
+        global, its own tracker) wins (_load_base_checkpoint reads it first)."""
+        named = tracker_iteration(run_dir)
+        transient = os.path.join(run_dir, NON_PERSISTENT)
+        other = tracker_iteration(transient) if os.path.isdir(transient) and not os.path.islink(transient) else None
+        if type(other) is int and (named is None or (type(named) is int and other >= named)):
+            return _named_save(transient, other)
+        return _named_save(run_dir, named)
 
     def resume_problems(self, ckpt):
         """load_checkpoint (not --finetune): the iteration, the model, the optimizer and opt_param_scheduler
