@@ -19,8 +19,6 @@ import json
 import os
 import re
 
-from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
-from ckpttool.formats.statedir import role
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
 from ckpttool.trainers.base import Profile, marker_text
 
@@ -93,14 +91,27 @@ class AiToolkit(Profile):
     name_pattern = re.compile(r".+_(\d{9})(?:\.safetensors)?")
     saves_rng = False
     needs_scheduler = False  # rebuilt and stepped to the resumed step (lr_scheduler.step(step_num))
-    # run(): optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True)) inside a try/except that prints
-    weights_only_loads = ((re.escape(OPTIMIZER), TORCH_WEIGHTS_ONLY, False),)
     latest_rule = ("get_latest_save_path: the {name}* save with the newest ctime (a copy or touch changes it), with "
                    "whatever optimizer.pt holds now")
     total_limit_rule = "max_step_saves_to_keep: the oldest {name}_* saves by ctime; never optimizer.pt or the final"
 
-    # a diffusers-format save is read as a state dir (its transformer/ as the model); optimizer.pt is never inside it
-    file_roles = (role(re.escape(OPTIMIZER), "optimizer", "optimizer"),)
+    # (built when asked: a safetensors file is offered to this profile by its header, and inspecting one must not
+    # import the pickle and state-dir readers)
+    @property
+    def weights_only_loads(self):
+        """run(): optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True)) in a try/except that
+        prints."""
+        from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
+
+        return ((re.escape(OPTIMIZER), TORCH_WEIGHTS_ONLY, False),)
+
+    @property
+    def file_roles(self):
+        """A diffusers-format save is read as a state dir (its transformer/ as the model); optimizer.pt is never
+        inside it."""
+        from ckpttool.formats.statedir import role
+
+        return (role(re.escape(OPTIMIZER), "optimizer", "optimizer"),)
 
     def resume_contract(self, ckpt):
         """A diffusers-format save's model folder, as the fine-tune's from_pretrained reads it (the resume sets
