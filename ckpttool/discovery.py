@@ -10,7 +10,7 @@ from ckpttool import paths, trainers
 from ckpttool.atomic import STAGING
 from ckpttool.checksums import MANIFEST_SUFFIX
 from ckpttool.formats import family
-from ckpttool.trainers.aitoolkit import saved_step
+from ckpttool.trainers.aitoolkit import aitoolkit_header, saved_step
 from ckpttool.trainers.base import TEMPORARY_NAME
 
 NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
@@ -20,6 +20,7 @@ NUMBERED_DIR = re.compile(r".*?(\d+)(?:-tmp|\.tmp)?$")
 STEP_IN_FILE_NAME = re.compile(r"(?:.*[-_.])?(?:global_step|step|iter|checkpoint|ckpt|epoch)[-_=]?(\d+)(?:-v\d+)?"
                                r"\.(?:pt|pth|bin|ckpt|safetensors)")
 COMPOSER_SAVE = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")  # Composer's default save_filename: its batch counter
+AITK_CONFIG = "config.yaml"  # ai-toolkit rewrites the job's config into its save folder at every start
 AITK_SAVE = re.compile(r"(.+)_(\d{9})\.safetensors")  # ai-toolkit's {name}_{step:09d}; its final save is {name}
 KOHYA_WEIGHTS = re.compile(r".+-(\d{6})\.(?:safetensors|ckpt|pt)")
 LIGHTNING_LAST = re.compile(r"last(?:-v?\d+)?\.ckpt$")  # no number: ordered by modification time, newest first
@@ -42,8 +43,9 @@ class Candidate:
 
 def discover(root: str) -> list[Candidate]:
     found: list[Candidate] = []
-    # Accelerate's automatic naming, Megatron's non-persistent saves; never followed through a link
-    nested = [os.path.join(root, name) for name in ("checkpoints", "non_persistent")]
+    # Accelerate's automatic naming, Megatron's non-persistent saves, a OneTrainer workspace's backups; never
+    # followed through a link
+    nested = [os.path.join(root, name) for name in ("checkpoints", "non_persistent", "backup")]
     folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)]
     for folder in folders:
         families: dict[int, list[str]] = {}
@@ -62,15 +64,20 @@ def discover(root: str) -> list[Candidate]:
                 found.append(Candidate(full, None, [full] + _existing(full + MANIFEST_SUFFIX)))
             elif LIGHTNING_TEMPLATE.fullmatch(entry):  # Lightning's names hold metrics too: the step it records
                 found.append(Candidate(full, recorded_step(full), [full] + _existing(full + MANIFEST_SUFFIX)))
-            elif m := AITK_SAVE.fullmatch(entry):
+            elif (m := AITK_SAVE.fullmatch(entry)) and aitoolkit_header(full) is not None:  # never by name alone
                 jobs.add(m.group(1))
                 found.append(Candidate(full, int(m.group(2)), [full] + _existing(full + MANIFEST_SUFFIX)))
             elif m := (STEP_IN_FILE_NAME.fullmatch(entry) or KOHYA_WEIGHTS.fullmatch(entry) or
                        COMPOSER_SAVE.fullmatch(entry)):
                 found.append(Candidate(full, int(m.group(1)), [full] + _existing(full + MANIFEST_SUFFIX)))
-        for job in sorted(jobs):  # the final save has no number: the step its header records
-            final = os.path.join(folder, f"{job}.safetensors")
-            if os.path.isfile(final) and not os.path.islink(final):
+        # ai-toolkit's final save has no number: the step its header records; it is found beside the job's numbered
+        # saves, or beside the config.yaml every job writes into its folder (the numbered ones may be pruned)
+        finals = {f"{job}.safetensors" for job in jobs}
+        if os.path.isfile(os.path.join(folder, AITK_CONFIG)):
+            finals |= {e for e in os.listdir(folder) if e.endswith(".safetensors") and not AITK_SAVE.fullmatch(e)}
+        for entry in sorted(finals):
+            final = os.path.join(folder, entry)
+            if aitoolkit_header(final) is not None and not any(c.path == final for c in found):
                 found.append(Candidate(final, saved_step(final), [final] + _existing(final + MANIFEST_SUFFIX)))
         for step, members in families.items():
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])

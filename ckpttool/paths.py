@@ -64,8 +64,8 @@ def unsafe(path: str, root: str) -> str | None:
 
 def plain_name(name: str) -> bool:
     """A bare entry name, as DCP's data files, DeepSpeed's tags and shards beside their index are named: no folder
-    part, not `.` or `..`."""
-    return bool(name) and os.path.basename(name) == name and name not in (".", "..")
+    part, not `.` or `..`, no NUL (no path can hold one)."""
+    return bool(name) and os.path.basename(name) == name and name not in (".", "..") and "\0" not in name
 
 
 def folder_named(parent: str, name: str) -> str | None:

@@ -499,3 +499,65 @@ def test_megatron_non_persistent_save_is_its_own_pick_when_newer(tmp_path):
     shutil.rmtree(os.path.join(run, "iter_0000010"))
     result, out = cli("latest", "--json", "--for-resume", run)
     assert out["path"] == out["trainer_pick"] and out["path"].endswith(os.path.join("non_persistent", "iter_0000010"))
+
+
+def test_attack_pass_on_the_new_trainers(tmp_path):
+    """The second attack pass of issue 33, one case per finding that was a crash, a hang or a false pass."""
+    from safetensors.torch import save_file
+
+    def verdict(path):
+        result, report = cli("verify", "--json", "--for-resume", str(path))
+        assert result.exit_code in (0, 1) and report is not None, result.output
+        return report
+
+    # Megatron legacy: args sizes drive no unbounded loop; another rank's file missing a part; a long tracker
+    run = shutil.copytree(LEGACY, tmp_path / "legacy")
+    rank1 = os.path.join(run, "iter_0000010", "mp_rank_01", "model_optim_rng.pt")
+    state = torch.load(rank1, weights_only=False)
+    del state["optimizer"]
+    torch.save(state, rank1)
+    assert "missing_optimizer" in codes(verdict(os.path.join(run, "iter_0000010")), "error")
+    state["args"].tensor_model_parallel_size = state["args"].pipeline_model_parallel_size = 65535
+    torch.save(state, os.path.join(run, "iter_0000005", "mp_rank_00", "model_optim_rng.pt"))
+    assert "missing_file" in codes(verdict(os.path.join(run, "iter_0000005")), "error")
+    with open(os.path.join(run, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("9" * 5000)
+    assert "corrupt" in codes(verdict(os.path.join(run, "iter_0000010")), "error")
+    # Composer: a model that holds no weights, a timestamp that is no count
+    composer = _composer_copy(tmp_path)
+    path = os.path.join(composer, "ep0-ba6-rank0.pt")
+    saved = torch.load(path, weights_only=False)
+    saved["state"]["model"], saved["state"]["timestamp"] = {}, "garbage"
+    torch.save(saved, path)
+    assert {"missing_file", "corrupt"} <= set(codes(verdict(path), "error"))
+    # ai-toolkit: a plain file named like a save is never a candidate (prune never deletes it); the final save alone
+    # is found; a newer save cut short does not take the optimizer; an optimizer.pt link is never followed
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({"w": torch.zeros(4)}, str(plain / "model_000000001.safetensors"))
+    assert cli("prune", "--json", "--keep", "1", str(plain))[0].exit_code in (0, 1)
+    assert (plain / "model_000000001.safetensors").exists()
+    final = shutil.copytree(os.path.join(AITK, "run", "mylora"), tmp_path / "final")
+    for name in ("mylora_000000002.safetensors", "mylora_000000004.safetensors"):
+        os.remove(os.path.join(final, name))
+    assert cli("latest", "--json", "--for-resume", str(final))[1]["path"].endswith("mylora.safetensors")
+    midrun = shutil.copytree(os.path.join(AITK, "midrun", "mylora"), tmp_path / "midrun")
+    with open(os.path.join(midrun, "mylora_000000004.safetensors"), "rb") as f:
+        head = f.read(500)
+    with open(os.path.join(midrun, "mylora_000000006.safetensors"), "wb") as f:
+        f.write(head)
+    assert cli("latest", "--json", "--for-resume", str(midrun))[1]["path"].endswith("mylora_000000004.safetensors")
+    os.remove(os.path.join(midrun, "optimizer.pt"))
+    os.symlink("/etc/passwd", os.path.join(midrun, "optimizer.pt"))
+    assert "unsafe_path" in codes(verdict(os.path.join(midrun, "mylora_000000004.safetensors")), "error")
+    # OneTrainer: a counter that is no count; a link to nothing inside a backup; a dir only named like a backup
+    backup = shutil.copytree(os.path.join(ONETRAINER, "workspace", "backup"), tmp_path / "backup")
+    newest = os.path.join(backup, "2026-01-02_03-05-45-backup-10-2-0")
+    with open(os.path.join(newest, "meta.json"), "w") as f:
+        f.write('{"train_progress": {"epoch": 2, "epoch_step": 0, "epoch_sample": 0, "global_step": true}}')
+    assert "corrupt" in codes(verdict(newest), "error")
+    os.remove(os.path.join(newest, "optimizer", "optimizer.pt"))
+    os.symlink("nowhere.pt", os.path.join(newest, "optimizer", "optimizer.pt"))
+    assert codes(verdict(newest), "error")
+    other = shutil.copytree(os.path.join(DATA, "cuda", "accelerate_fp16"), tmp_path / "2024-01-01_00-00-00-backup-1-0-1")
+    assert verdict(other)["trainer"] != "onetrainer"

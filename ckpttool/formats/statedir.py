@@ -143,5 +143,8 @@ def read(path: str, files: StateDirFiles) -> Checkpoint:
         except CkptError as e:
             ckpt.add_problem(e.code, ERROR, e.reason, e.path or full, component=name)
             ckpt.files.append(full)
+        except OSError as e:  # a link to nothing, a file gone while it was read
+            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{entry} cannot be read ({e.strerror or e})", full,
+                             component=name)
     ckpt.components.sort(key=lambda c: (ORDER.index(c.role) if c.role in ORDER else len(ORDER), c.name))
     return ckpt

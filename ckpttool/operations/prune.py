@@ -22,23 +22,25 @@ def plan(root: str, keep: int, keep_every: int | None = None) -> dict:
     if keep_every is not None and keep_every < 1:
         raise UsageError("--keep-every must be a positive step interval")
     keep_rows, delete_rows = [], []
-    valid, pointed = 0, {}
+    valid, pointed, asked = 0, {}, set()  # pointed: folder -> each trainer's own pick there
     for candidate, report in verdicts(root, for_resume=True):
         ok = report is not None and report.ok
         step = report.step if report else None
         row = {"path": candidate.path, "step": step, "files": candidate.files}
         folder = os.path.dirname(os.path.abspath(candidate.path))
-        if report is not None and report.trainer and folder not in pointed:
-            pointed[folder] = _trainer_pick(report, folder)
+        if report is not None and report.trainer and (folder, report.trainer) not in asked:
+            asked.add((folder, report.trainer))
+            if pick := _trainer_pick(report, folder):
+                pointed.setdefault(folder, []).append(pick)
         if ok and valid < keep:
             valid += 1
             keep_rows.append({**row, "reason": "newest valid (latest --for-resume picks it)" if valid == 1
                               else f"valid, within the newest {keep}"})
         elif valid == 0:
             keep_rows.append({**row, "reason": "newer than every resumable checkpoint (may still be being written)"})
-        elif pointed.get(folder) and _same(pointed[folder][0], candidate.path):
-            keep_rows.append({**row, "reason": f"{pointed[folder][1]} resumes from it on its own "
-                              f"({pointed[folder][2]}): deleting it would leave that pointing at nothing"})
+        elif pick := next((p for p in pointed.get(folder, []) if _same(p[0], candidate.path)), None):
+            keep_rows.append({**row, "reason": f"{pick[1]} resumes from it on its own ({pick[2]}): deleting it "
+                              "would leave that pointing at nothing"})
         elif keep_every and ok and step is not None and step % keep_every == 0:
             keep_rows.append({**row, "reason": f"milestone (step multiple of {keep_every})"})
         elif valid < keep:
@@ -60,7 +62,7 @@ def _trainer_pick(report, folder: str) -> tuple[str, str, str] | None:
 def _same(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, ValueError):  # gone, or a name no path can be (a NUL a pointer file held)
         return False
 
 

@@ -19,7 +19,8 @@ import json
 import os
 import re
 
-from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
+from ckpttool import paths
+from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, WARNING, Code, Problem, Record, StepSource
 from ckpttool.trainers.base import Profile, marker_text
 
 NAME = re.compile(r"(.+)_(\d{9})(?:\.safetensors)?")
@@ -57,15 +58,24 @@ def _job(path: str) -> str:
     return m.group(1) if m else base.removesuffix(".safetensors")
 
 
-def saved_step(path: str) -> int | None:
-    """The step an ai-toolkit save's header records (training_info); None when it records none or cannot be read."""
+def aitoolkit_header(path: str) -> dict | None:
+    """The header metadata of a safetensors file ai-toolkit wrote (its `software` says so); None for any other
+    file, or one that cannot be read (a link, a FIFO, a cut header)."""
     from ckpttool.errors import CkptError
     from ckpttool.formats.safetensors import read_header
 
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
     try:
-        step = (training_info(read_header(path)[1]) or {}).get("step")
+        metadata = read_header(path)[1]
     except (CkptError, OSError):
         return None
+    return metadata if is_aitoolkit(metadata) else None
+
+
+def saved_step(path: str) -> int | None:
+    """The step an ai-toolkit save's header records (training_info); None when it records none or is no such save."""
+    step = (training_info(aitoolkit_header(path) or {}) or {}).get("step")
     return step if type(step) is int and step >= 0 else None
 
 
@@ -150,14 +160,20 @@ class AiToolkit(Profile):
                 ckpt.add_problem(Code.CORRUPT, ERROR, f"{META_YAML} lacks the software entry ai-toolkit writes after "
                                  "training_info: it was cut short, or is not ai-toolkit's",
                                  os.path.join(ckpt.path, META_YAML))
-        info = training_info(metadata) or {}
+        info = {k: v for k, v in (training_info(metadata) or {}).items() if k in ("step", "epoch") and
+                 type(v) in (int, float, str, bool)}  # the two counters, never a nested or aliased structure
         ckpt.metadata["training_info"] = info or None
         for key, meaning in (("step", GLOBAL_STEP), ("epoch", EPOCH)):
             if type(info.get(key)) is int:
                 ckpt.steps.append(StepSource(f"training_info {key}", info[key], meaning, record=Record.STATE_FILE,
                                              key=f"training_info.{key}", file=os.path.basename(ckpt.path)))
-        optimizer = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), OPTIMIZER)
-        ckpt.metadata["optimizer_file"] = optimizer if os.path.isfile(optimizer) else None
+        folder = os.path.dirname(os.path.abspath(ckpt.path))
+        optimizer = os.path.join(folder, OPTIMIZER)
+        if os.path.lexists(optimizer) and paths.unsafe(optimizer, folder) or os.path.islink(optimizer):
+            ckpt.add_problem(Code.UNSAFE_PATH, ERROR, f"{OPTIMIZER} is a link or no regular file: never followed or "
+                             "opened; ai-toolkit's resume would load whatever it points to", optimizer)
+            optimizer = None
+        ckpt.metadata["optimizer_file"] = optimizer if optimizer and os.path.isfile(optimizer) else None
         if ckpt.metadata["optimizer_file"]:
             try:
                 part = torchfile.read(optimizer, role="optimizer", name="optimizer")
@@ -183,9 +199,9 @@ class AiToolkit(Profile):
         except OSError:
             return None
         jobs = {m.group(1) for e in entries if (m := NAME.fullmatch(os.path.basename(e)))}
-        saves = [e for e in entries if any(os.path.basename(e).startswith(j) for j in jobs)
-                 and (e.endswith(".safetensors") or os.path.isdir(e))]
-        return max(saves, key=lambda e: os.stat(e).st_ctime) if saves else None
+        saves = [e for e in entries if any(os.path.basename(e).startswith(j) for j in jobs) and not os.path.islink(e)
+                 and (e.endswith(".safetensors") and os.path.isfile(e) or os.path.isdir(e))]
+        return max(saves, key=_ctime) if saves else None
 
     def resume_problems(self, ckpt):
         problems = self.loader_problems(ckpt)
@@ -196,11 +212,15 @@ class AiToolkit(Profile):
                                     "resume (load_training_state_from_metadata) then starts at step 0 without a "
                                     "word, with the trained weights and a schedule from the start", ckpt.path))
         optimizer = ckpt.metadata.get("optimizer_file")
-        newer = {n: p for n, p in self.run_saves(ckpt.path).items() if step is not None and n > step and
-                 os.path.abspath(p) != os.path.abspath(ckpt.path)}
         if optimizer is None:
             return problems + [Problem(Code.MISSING_OPTIMIZER, ERROR, f"no {OPTIMIZER} beside this save: ai-toolkit "
                                        "resumes with a fresh optimizer without a word", ckpt.path)]
+        optimizer_step = max((s.value for s in ckpt.steps if s.record is Record.OPTIMIZER), default=None)
+        # saves written after this one, whole enough to be read (a save a crash cut short never wrote its optimizer),
+        # that the optimizer's step count does not rule out (a save at s follows at least s + 1 steps)
+        newer = {n: p for n, p in self.run_saves(ckpt.path).items() if step is not None and n > step and
+                 os.path.abspath(p) != os.path.abspath(ckpt.path) and _intact(p) and
+                 (optimizer_step is None or optimizer_step >= _follows(n, p))}
         if newer:
             owner = os.path.basename(newer[max(newer)])
             problems.append(Problem(Code.STEP_MISMATCH, ERROR, f"{OPTIMIZER} is overwritten at every save, so it is "
@@ -208,18 +228,52 @@ class AiToolkit(Profile):
                                     f"would take another step's optimizer without a word; resume from {owner}",
                                     optimizer))
             return problems
-        optimizer_step = max((s.value for s in ckpt.steps if s.record is Record.OPTIMIZER), default=None)
         # a numbered save at loop index s follows s + 1 steps; the final one records the step count itself
-        taken = None if step is None else step + 1 if self.name_number(ckpt.path) is not None else step
+        taken = None if step is None else _follows(step, ckpt.path)
         if taken is not None and optimizer_step is not None and optimizer_step < taken:
             problems.append(Problem(Code.STEP_MISMATCH, ERROR, f"{OPTIMIZER} has taken {optimizer_step} steps, fewer "
                                     f"than the {taken} this save follows: it is an earlier save's (its own was "
                                     "never written: ai-toolkit only prints 'Could not save optimizer'), and a resume "
                                     "would take it without a word", optimizer))
+        elif taken is not None and optimizer_step is not None and \
+                optimizer_step - taken >= (interval := _save_interval(self.run_saves(ckpt.path))):
+            problems.append(Problem(Code.STEP_MISMATCH, WARNING, f"{OPTIMIZER} has taken {optimizer_step} steps, "
+                                    f"{optimizer_step - taken} more than this save follows: each resume trains one "
+                                    f"step again, but {optimizer_step - taken} is at least a save interval "
+                                    f"({interval}), so it may be a later save's whose weights were deleted; resume "
+                                    "from this save only if that save never existed", optimizer))
         if not any(c.role == "optimizer" for c in ckpt.components) and not problems:
             problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{OPTIMIZER} holds no optimizer state: ai-toolkit "
                                     "resumes with a fresh optimizer", optimizer))
         return problems
+
+
+def _follows(step: int, path: str) -> int:
+    """The optimizer steps a save at `step` follows: a numbered save is written after its loop index's step; the
+    final save records the step count itself."""
+    return step + 1 if NAME.fullmatch(os.path.basename(os.path.abspath(path))) else step
+
+
+def _intact(path: str) -> bool:
+    """Whether a save is whole enough to be a save: a regular file whose header reads, or a folder with its yaml."""
+    if os.path.islink(path):
+        return False
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, META_YAML))
+    return os.path.isfile(path) and saved_step(path) is not None
+
+
+def _save_interval(saves: dict[int, str]) -> float:
+    """The smallest distance between the run's saves (save_every); infinite with fewer than two."""
+    steps = sorted(saves)
+    return min((b - a for a, b in zip(steps, steps[1:])), default=float("inf"))
+
+
+def _ctime(path: str) -> float:
+    try:
+        return os.lstat(path).st_ctime
+    except OSError:
+        return 0.0
 
 
 def _yaml_meta(folder: str) -> dict | None:

@@ -19,8 +19,10 @@ import dataclasses
 import os
 import re
 
+from ckpttool import paths
 from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY
-from ckpttool.model import (EPOCH, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component, Problem,
+from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component,
+                            Problem,
                             Record, StepSource)
 from ckpttool.trainers import implications
 from ckpttool.trainers.base import Profile, marker_text, moment_problems, weights_only_problem
@@ -138,7 +140,43 @@ class Composer(Profile):
         # the inert classes Composer's own loader allow-lists are no warning here: its resume loads them
         allowed = all(g in SAFE for g in ckpt.pickle_globals if g in INERT_CLASSES)
         ckpt.problems[:] = [p for p in ckpt.problems if not (allowed and p.code == Code.NEEDS_SAFE_GLOBALS)]
+        ckpt.problems.extend(self._state_problems(ckpt, state))
         super().interpret(ckpt)
+
+    @staticmethod
+    def _state_problems(ckpt, state: dict) -> list[Problem]:
+        """What Composer's load_checkpoint would fail on or silently drop: a model that is no state dict of tensors
+        (it loads non-strictly: an empty one resumes with fresh weights), a timestamp that is no
+        {"Timestamp": {counters}}, optimizers that are no {class: state_dict}."""
+        problems = []
+        model = next((c for c in ckpt.components if c.role == "model"), None)
+        if not isinstance(state.get("model"), dict) or model is None or not model.tensors:
+            problems.append(Problem(Code.MISSING_FILE, ERROR, "state.model holds no model weights: Composer's load "
+                                    "(load_strict_model_weights=False by default) fails or resumes with fresh "
+                                    "weights", ckpt.path, component="model"))
+        if "optimizers" not in state:
+            return problems  # save_weights_only: resume_problems says it
+        timestamp = state.get("timestamp")
+        inner = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
+        batch = inner.get("batch") if isinstance(inner, dict) else None
+        if not (type(batch) is int and 0 <= batch < 1 << 63):
+            problems.append(Problem(Code.CORRUPT, ERROR, f"state.timestamp holds no batch count "
+                                    f"({str(batch if inner is not None else timestamp)[:40]!r}): Timestamp."
+                                    "load_state_dict fails or resumes at another batch", ckpt.path))
+        optimizers = state.get("optimizers")
+        if not isinstance(optimizers, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
+                and v["param_groups"] for v in optimizers.values()):
+            problems.append(Problem(Code.CORRUPT, ERROR, "state.optimizers is no {class name: optimizer state_dict} "
+                                    "with param groups: the optimizer's load_state_dict fails", ckpt.path,
+                                    component="optimizer"))
+        elif type(batch) is int and batch > 0:
+            empty = [str(k) for k, v in optimizers.items() if "Adam" in str(k) and not v["state"]]
+            if empty:
+                problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{', '.join(empty)} holds no per-parameter "
+                                        f"state at batch {batch}: the resume restarts its moments and step from "
+                                        "zero", ckpt.path, component="optimizer"))
+        return problems
 
     def run_saves(self, path):
         folder = os.path.dirname(os.path.abspath(path))
@@ -156,9 +194,8 @@ class Composer(Profile):
         if os.path.islink(link):
             return os.path.normpath(os.path.join(run_dir, os.readlink(link)))
         pointer = marker_text(run_dir, LATEST + ".symlink", 4096)  # an object store's pointer, downloaded beside
-        if pointer is not None and pointer.strip():  # file_helpers.create_symlink_file: the remote object's name
-            return os.path.join(run_dir, os.path.basename(pointer.strip().rstrip("/")))
-        return link
+        name = os.path.basename(pointer.strip().rstrip("/")) if pointer else ""  # create_symlink_file: its name
+        return os.path.join(run_dir, name) if paths.plain_name(name) else link
 
     def resume_problems(self, ckpt):
         """Composer's resume of a full save: model, optimizers, schedulers, timestamp and RNG, loaded as its

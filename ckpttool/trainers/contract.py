@@ -168,6 +168,9 @@ def _entry_problems(part: Part, full: str, is_folder: bool, ckpt: Checkpoint) ->
                 _folder_problems(part, full, ckpt, names.ADAPTER_CONFIG, names.ADAPTER_WEIGHTS,
                                  " or ".join(names.ADAPTER_WEIGHTS))
                 if part.folders == ADAPTER else [])
+    if not os.path.exists(full):  # a link to nothing
+        return [Problem(Code.MISSING_FILE, part.damaged, f"{os.path.basename(full)} is a link to nothing: {part.why}",
+                        full)]
     if os.path.getsize(full) == 0:
         return [Problem(Code.MISSING_FILE, part.damaged, f"{os.path.basename(full)} is empty: {part.why}", full)]
     if part.kind == JSON:

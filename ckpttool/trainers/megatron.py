@@ -59,7 +59,7 @@ def tracker_iteration(run_dir: str) -> int | str | None:
     text = text.strip()
     if text == "release":
         return text
-    return int(text) if text.isascii() and text.isdigit() else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else ""  # an int64, as Megatron's
 
 
 def _named_save(run_dir: str, named: int | str | None) -> str | None:
@@ -275,6 +275,7 @@ class Megatron(Profile):
 
 RANK_DIR = re.compile(r"mp_rank_(\d\d)(?:_(\d{3}))?(?:_(\d{3}))?")
 RANK_FILE, DISTRIB_OPTIM = "model_optim_rng.pt", "distrib_optim.pt"
+MAX_MISSING_RANKS = 64  # rank files the args may imply beyond those present before the gap is named, not listed
 LEGACY_SOURCE = ("Megatron-LM megatron/training/checkpointing.py (get_checkpoint_name, save_checkpoint, "
                  "generate_state_dict, _load_base_checkpoint, check_checkpoint_args, "
                  "get_distributed_optimizer_checkpoint_name; --ckpt-format torch)")
@@ -338,47 +339,64 @@ class MegatronLegacy(Megatron):
         return []
 
     def resume_problems(self, ckpt):
-        """Every model-parallel rank's file (tensor x pipeline x expert sizes the args say), and in it the iteration,
-        model, optimizer and opt_param_scheduler (unless --no-save-optim), rng_state (unless --no-save-rng), and
-        distrib_optim.pt with the distributed optimizer."""
+        """Every model-parallel rank's file (tensor x pipeline x expert sizes the args say), and in each the
+        iteration, model, optimizer and opt_param_scheduler (unless --no-save-optim), rng_state (unless
+        --no-save-rng), and distrib_optim.pt with the distributed optimizer: each rank loads its own file."""
         problems = self.loader_problems(ckpt)
         meta = ckpt.metadata.get("megatron") or {}
-        parts = set(meta.get("parts", ()))
         ranks = rank_dirs(ckpt.path)
         sizes = [meta.get(k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                        "expert_model_parallel_size")]
-        tp, pp, ep = (s if type(s) is int and 0 < s < 1 << 16 else 1 for s in sizes)
+        tp, pp, ep = (s if type(s) is int and s > 0 else 1 for s in sizes)
+        if tp * pp * ep > len(ranks) + MAX_MISSING_RANKS:  # never enumerated: a hostile args could say 2^32 ranks
+            return problems + [Problem(Code.MISSING_FILE, ERROR, f"the args say tensor-parallel {tp}, pipeline-"
+                                       f"parallel {pp}, expert-parallel {ep}: {tp * pp * ep} rank files, and "
+                                       f"{len(ranks)} are here", ckpt.path)]
         expected = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
                     for t in range(tp) for p in range(pp) for e in range(ep)]
-        for folder in expected if meta else ranks:
-            if not os.path.isfile(os.path.join(ckpt.path, folder, RANK_FILE)):
-                problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder}/{RANK_FILE} is missing (saved with "
-                                        f"tensor-parallel {tp}, pipeline-parallel {pp}): that rank's load_checkpoint "
-                                        "finds no checkpoint", os.path.join(ckpt.path, folder, RANK_FILE)))
-            elif meta.get("use_distributed_optimizer") and not meta.get("no_save_optim") and not os.path.isfile(
-                    os.path.join(ckpt.path, folder, DISTRIB_OPTIM)):
-                problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{folder}/{DISTRIB_OPTIM} is missing: the "
-                                        "distributed optimizer's load_parameter_state cannot restore its state",
-                                        os.path.join(ckpt.path, folder, DISTRIB_OPTIM)))
-        first = os.path.join(ckpt.path, ranks[0], RANK_FILE) if ranks else ckpt.path
-        if meta and "iteration" not in parts and os.path.basename(os.path.abspath(ckpt.path)) != "release":
-            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{RANK_FILE} has no iteration: load_checkpoint prints "
-                                    "'unable to load iteration' and exits", first))
-        roles = {c.role for c in ckpt.components}
-        if meta and "model" not in roles:
-            problems.append(Problem(Code.MISSING_FILE, ERROR, "no model state: load_state_dict(strict=True) fails",
-                                    first))
-        if meta and not meta.get("no_save_optim"):
-            if "optimizer" not in parts:
-                problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{RANK_FILE} has no optimizer: "
-                                        "load_checkpoint raises KeyError ('Specify --no-load-optim or --finetune')",
-                                        first))
-            if "opt_param_scheduler" not in parts and "lr_scheduler" not in parts:
-                problems.append(Problem(Code.MISSING_SCHEDULER, ERROR, f"{RANK_FILE} has no opt_param_scheduler: "
-                                        "load_checkpoint raises KeyError ('Specify --no-load-optim or --finetune')",
-                                        first))
-        if meta and not meta.get("no_save_rng") and "rng_state" not in parts:
-            problems.append(Problem(Code.MISSING_RNG, ERROR, f"{RANK_FILE} has no rng_state: load_checkpoint prints "
-                                    "'Unable to load rng state ... Specify --no-load-rng or --finetune' and exits",
-                                    first))
+        for folder in sorted(set(expected if meta else []) | set(ranks)):
+            problems += self._rank_problems(ckpt, folder, meta, tp, pp)
         return problems + self._tracker_problems(ckpt, meta.get("iteration"))
+
+    def _rank_problems(self, ckpt, folder: str, meta: dict, tp: int, pp: int) -> list[Problem]:
+        """One rank's file: there, a dict, and holding what that rank's load_checkpoint reads."""
+        from ckpttool.errors import CkptError
+        from ckpttool.formats.torchfile import read_raw
+
+        path = os.path.join(ckpt.path, folder, RANK_FILE)
+        if not os.path.isfile(path) or os.path.islink(path):
+            return [Problem(Code.MISSING_FILE, ERROR, f"{folder}/{RANK_FILE} is missing (saved with tensor-parallel "
+                            f"{tp}, pipeline-parallel {pp}): that rank's load_checkpoint finds no checkpoint", path)]
+        try:
+            obj = read_raw(path).obj
+        except CkptError:
+            return []  # the reader reported it
+        if not isinstance(obj, dict):
+            return [Problem(Code.CORRUPT, ERROR, f"{folder}/{RANK_FILE} holds no state dict", path)]
+        state = run_state(obj)
+        parts, problems = set(state["parts"]), []
+        iteration = obj.get("iteration")
+        if "iteration" not in parts and os.path.basename(os.path.abspath(ckpt.path)) != "release":
+            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder}/{RANK_FILE} has no iteration: "
+                                    "load_checkpoint prints 'unable to load iteration' and exits", path))
+        elif "iteration" in parts and not (type(iteration) is int and 0 <= iteration < 1 << 63):
+            problems.append(Problem(Code.CORRUPT, ERROR, f"{folder}/{RANK_FILE} iteration is "
+                                    f"{str(iteration)[:40]!r}, not an iteration count", path))
+        lost = [k for k in ("model",) if k not in parts and not any(p.startswith("model") for p in parts)]
+        if not meta.get("no_save_optim"):
+            lost += [k for k in ("optimizer", "opt_param_scheduler") if k not in parts]
+        if not meta.get("no_save_rng"):
+            lost += [k for k in ("rng_state",) if k not in parts]
+        codes = {"optimizer": Code.MISSING_OPTIMIZER, "opt_param_scheduler": Code.MISSING_SCHEDULER,
+                 "rng_state": Code.MISSING_RNG}
+        for key in lost:
+            problems.append(Problem(codes.get(key, Code.MISSING_FILE), ERROR, f"{folder}/{RANK_FILE} has no {key}: "
+                                    "that rank's load_checkpoint fails (KeyError, or 'Specify --no-load-optim / "
+                                    "--no-load-rng or --finetune')", path))
+        if meta.get("use_distributed_optimizer") and not meta.get("no_save_optim") and not os.path.isfile(
+                os.path.join(ckpt.path, folder, DISTRIB_OPTIM)):
+            problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{folder}/{DISTRIB_OPTIM} is missing: the "
+                                    "distributed optimizer's load_parameter_state cannot restore its state",
+                                    os.path.join(ckpt.path, folder, DISTRIB_OPTIM)))
+        return problems
+

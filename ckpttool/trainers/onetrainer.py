@@ -25,7 +25,7 @@ import re
 from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
 from ckpttool.formats.statedir import role
 from ckpttool.model import EPOCH, ERROR, MICRO_STEPS, Code, Problem, Record, StepSource
-from ckpttool.trainers.base import Profile, marker_text, moment_problems, numbered_dirs
+from ckpttool.trainers.base import MARKER_LIMIT, Profile, marker_text, moment_problems, numbered_dirs
 from ckpttool.trainers.contract import ENGINE, JSON, RUN, Contract, Part
 
 NAME = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-backup-(\d+)-(\d+)-(\d+)")
@@ -76,15 +76,29 @@ class OneTrainer(Profile):
     total_limit_rule = "rolling_backup_count: every dir in backup/ past the newest N by name"
 
     def claims_path(self, path):
-        return os.path.isdir(path) and bool(NAME.fullmatch(os.path.basename(os.path.abspath(path))))
+        """A dir named as a backup, inside `backup/` or holding OneTrainer's own files (meta.json, its folders)."""
+        full = os.path.abspath(path)
+        if not os.path.isdir(path) or not NAME.fullmatch(os.path.basename(full)):
+            return False
+        return os.path.basename(os.path.dirname(full)) == "backup" or any(
+            os.path.exists(os.path.join(path, e)) for e in (META, "lora", "optimizer", "ema", "onetrainer_config"))
 
     def interpret(self, ckpt):
+        meta = os.path.join(ckpt.path, META)
         text = marker_text(ckpt.path, META)
+        if text is None and os.path.isfile(meta) and not os.path.islink(meta):
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"{META} is larger than any train progress ({MARKER_LIMIT >> 20} "
+                             "MiB): not read", meta)
         try:
             doc = json.loads(text) if text is not None else None
         except (ValueError, RecursionError):
             doc = None
         progress = doc.get("train_progress") if isinstance(doc, dict) else None
+        bad = [k for k in PROGRESS if not (type((progress or {}).get(k)) is int and 0 <= progress[k] < 1 << 63)]
+        if isinstance(progress, dict) and bad:
+            ckpt.add_problem(Code.CORRUPT, ERROR, f"{META} train_progress has no count for {', '.join(bad)}: "
+                             "_load_internal_data builds TrainProgress from all four (KeyError, or a run that "
+                             "counts from a wrong step)", meta)
         if isinstance(progress, dict):
             ckpt.files.append(os.path.join(ckpt.path, META))
             ckpt.metadata["train_progress"] = {k: progress.get(k) for k in PROGRESS}
@@ -134,17 +148,29 @@ class OneTrainer(Profile):
         return problems + _update_problems(ckpt, progress.get("global_step"))
 
 
+SIBLINGS = 4  # the run's other backups asked for the run's settings when this one lacks them
+
+
+def _accumulation(backup: str) -> int | None:
+    """gradient_accumulation_steps in a backup's copy of the run's settings (onetrainer_config/args.json)."""
+    text = marker_text(os.path.join(backup, "onetrainer_config"), "args.json")
+    try:
+        value = json.loads(text).get("gradient_accumulation_steps") if text is not None else None
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return value if type(value) is int and value >= 1 else None
+
+
 def _update_problems(ckpt, global_step) -> list[Problem]:
     """Backups are written only at accumulation boundaries, so the optimizer has made exactly global_step //
     gradient_accumulation_steps updates (the run's settings are copied into onetrainer_config/args.json); another
     count means the optimizer file is another backup's."""
-    text = marker_text(os.path.join(ckpt.path, "onetrainer_config"), "args.json")
-    try:
-        accumulation = json.loads(text).get("gradient_accumulation_steps") if text is not None else None
-    except (ValueError, RecursionError, AttributeError):
-        accumulation = None
+    backups = os.path.dirname(os.path.abspath(ckpt.path))
+    siblings = sorted(numbered_dirs(backups, NAME).items(), key=lambda item: -item[0])
+    accumulation = next((a for a in (_accumulation(p) for p in [ckpt.path] + [p for _, p in siblings[:SIBLINGS]])
+                         if a is not None), None)  # onetrainer_config/ is written last: a cut backup lacks it
     updates = max((s.value for s in ckpt.steps if s.record is Record.OPTIMIZER), default=None)
-    if type(global_step) is not int or type(accumulation) is not int or accumulation < 1 or updates is None or \
+    if type(global_step) is not int or accumulation is None or updates is None or \
             updates == global_step // accumulation:
         return []
     return [Problem(Code.STEP_MISMATCH, ERROR, f"optimizer/optimizer.pt has made {updates} updates, but a backup at "

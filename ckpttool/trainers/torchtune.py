@@ -177,6 +177,7 @@ def _listing(path: str) -> list[str]:
         return []
 
 
+EARLIER_READ = 2  # earlier dist_epoch dirs read to compare data files with (each costs a DCP metadata read)
 DIST_KEYS = ("model", "optimizer") + REQUIRED_KEYS  # CheckpointClient.load_distributed_checkpoint's template
 DIST_SOURCE = ("torchtune 0.6.1 training/checkpointing/_checkpointer.py (DistributedCheckpointer save_checkpoint, "
                "_get_latest_intermediate_checkpoint), _checkpoint_client.py (CheckpointClient save_checkpoint, "
@@ -212,9 +213,9 @@ class TorchtuneDist(Torchtune):
 
         number = self.name_number(path)
         saves = {}
-        for n, sibling in numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))), DIST_NAME).items():
-            if number is None or n >= number:
-                continue
+        earlier = {n: p for n, p in numbered_dirs(os.path.dirname(os.path.abspath(os.path.normpath(path))),
+                                                  DIST_NAME).items() if number is not None and n < number}
+        for n, sibling in sorted(earlier.items())[-EARLIER_READ:]:  # the nearest: a stale file is a recent save's
             try:
                 step = steps.global_step(open_checkpoint(sibling))
             except (CkptError, UsageError, OSError):
@@ -251,4 +252,10 @@ class TorchtuneDist(Torchtune):
             problems.append(Problem(Code.STEP_MISMATCH, ERROR, f"epochs_run is {int(epochs_run)}, but {folder} is "
                                     f"saved after epoch {number} (epochs_run {number + 1}): its items are from "
                                     "another save", ckpt.path))
+        optimizer = next((c for c in ckpt.components if c.role == "optimizer"), None)
+        if optimizer is not None and not optimizer.tensors and "optimizer" not in lost:
+            problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{folder}'s optimizer holds no per-parameter "
+                                    "state: load_distributed_checkpoint's template (after _init_optim_state) asks for "
+                                    "every moment, the load fails and the recipe starts from the base checkpoint",
+                                    ckpt.path))
         return problems + moment_problems(ckpt)
