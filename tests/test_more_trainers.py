@@ -559,5 +559,6 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     os.remove(os.path.join(newest, "optimizer", "optimizer.pt"))
     os.symlink("nowhere.pt", os.path.join(newest, "optimizer", "optimizer.pt"))
     assert codes(verdict(newest), "error")
-    other = shutil.copytree(os.path.join(DATA, "cuda", "accelerate_fp16"), tmp_path / "2024-01-01_00-00-00-backup-1-0-1")
+    other = shutil.copytree(os.path.join(DATA, "cuda", "accelerate_fp16"),
+                            tmp_path / "2024-01-01_00-00-00-backup-1-0-1")
     assert verdict(other)["trainer"] != "onetrainer"
