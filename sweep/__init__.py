@@ -137,10 +137,26 @@ def _newest(run: str, wanted) -> str:
     return max(names, key=lambda e: [int(n) for n in re.findall(r"\d+", e)] or [0])
 
 
+PER_KIND = 6  # files of one kind (names alike but for their numbers) damaged per checkpoint
+
+
 def files_of(path: str) -> list[str]:
+    """The files of a checkpoint to damage in turn; of many files alike but for their numbers (a DCP dir written one
+    file per item, as torchtune's is: 110 `__0_N.distcp`), an evenly spread PER_KIND, the first and last among them:
+    each is read by the same rule, and damaging every one would cost the sweep minutes and show nothing more."""
+    import re
+
     if os.path.isfile(path):
         return [""]
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
+    every = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
+    kinds: dict[str, list[str]] = {}
+    for rel in every:
+        kinds.setdefault(re.sub(r"\d+", "#", rel), []).append(rel)
+    kept = set()
+    for members in kinds.values():
+        step = max(1, (len(members) - 1) / (PER_KIND - 1)) if len(members) > PER_KIND else 1
+        kept |= {members[round(i * step)] for i in range(min(len(members), PER_KIND))} | {members[-1]}
+    return [rel for rel in every if rel in kept]
 
 
 def expectation(healthy: str, rel: str, mode: str) -> tuple[str | None, str]:
