@@ -562,3 +562,12 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     other = shutil.copytree(os.path.join(DATA, "cuda", "accelerate_fp16"),
                             tmp_path / "2024-01-01_00-00-00-backup-1-0-1")
     assert verdict(other)["trainer"] != "onetrainer"
+
+
+def test_convert_to_dcp_of_objects_kept_as_records_is_a_clear_refusal(tmp_path):
+    """A Megatron legacy rank file's numpy RNG state is kept as a record of how it was built: DCP pickles items
+    afresh and cannot write it, so the conversion is refused (exit 2) and nothing is written; a .pt takes it."""
+    rank = os.path.join(LEGACY, "iter_0000010", "mp_rank_00", "model_optim_rng.pt")
+    result, _ = cli("convert", rank, str(tmp_path / "out_dcp"), "--to", "dcp")
+    assert result.exit_code == 2 and "convert to a .pt" in result.output and not (tmp_path / "out_dcp").exists()
+    assert cli("convert", rank, str(tmp_path / "out.pt"))[0].exit_code == 0

@@ -249,6 +249,7 @@ def write_accelerate(folder: str, ckpt: Checkpoint, dtype, progress) -> list[tup
 
 def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
     """torch.distributed.checkpoint without a process group (DCP needs the whole state dict at once)."""
+    import pickle
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -269,9 +270,16 @@ def write_dcp(folder: str, ckpt: Checkpoint, components, dtype, progress):
         warnings.simplefilter("ignore")
         try:
             try:
-                dcp.save(state, checkpoint_id=folder, no_dist=True)
-            except dcp.api.CheckpointException as e:  # DCP wraps each rank's error as (exception, stack)
-                raise next(failure[0] for failure in e.failures.values()) from None
+                try:
+                    dcp.save(state, checkpoint_id=folder, no_dist=True)
+                except dcp.api.CheckpointException as e:  # DCP wraps each rank's error as (exception, stack)
+                    raise next(failure[0] for failure in e.failures.values()) from None
+            except pickle.PicklingError:  # DCP torch.saves non-tensor items with the plain pickler
+                names = ", ".join(c.name for c in components)
+                raise UsageError(f"{ckpt.path}: the parts {names} hold objects ckpttool keeps as records of how they "
+                                 "were built (numpy arrays of an RNG state, a Namespace): DCP "
+                                 "pickles each item afresh and cannot write them; convert to a .pt, which writes them "
+                                 "back as they were, or take the weights with --component model") from None
         except RuntimeError as e:  # torch's C++ archive writer reports a failed write as an "enforce fail"
             if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
                 raise
