@@ -22,8 +22,7 @@ import re
 from ckpttool import paths
 from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY
 from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component,
-                            Problem,
-                            Record, StepSource)
+                            Problem, Record, StepSource)
 from ckpttool.trainers import implications
 from ckpttool.trainers.base import Profile, marker_text, moment_problems, weights_only_problem
 
