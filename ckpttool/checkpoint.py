@@ -43,6 +43,8 @@ def _open(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
     profile = trainers.for_path(path)
+    if profile is not None and (why := profile.run_folder(path)):
+        raise UsageError(why)
     files = profile.state_dir_files() if profile is not None else None
     if files is not None and os.path.isdir(path):
         from ckpttool.formats import statedir

@@ -19,8 +19,8 @@ import re
 from ckpttool.model import Checkpoint, Code, Problem
 from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
-PATH_PROFILES = ("reference.Reference", "simpletuner.SimpleTuner", "transformers.Transformers", "musubi.Musubi",
-                 "kohya.Kohya", "torchtune.Torchtune", "torchtune.TorchtuneDist", "aitoolkit.AiToolkit",
+PATH_PROFILES = ("reference.Reference", "aitoolkit.AiToolkit", "simpletuner.SimpleTuner", "transformers.Transformers",
+                 "musubi.Musubi", "kohya.Kohya", "torchtune.Torchtune", "torchtune.TorchtuneDist",
                  "onetrainer.OneTrainer", "nemo.NeMo", "peft.Peft",
                  "torchtitan.Torchtitan", "megatron.Megatron", "megatron.MegatronLegacy", "deepspeed.DeepSpeed",
                  "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",

@@ -139,9 +139,24 @@ class AiToolkit(Profile):
 
     def claims_path(self, path):
         """A diffusers-format save: `{name}_{step:09d}/` with aitk_meta.yaml or the model folder it writes beside it
-        (a file save is claimed by its header)."""
+        (a file save is claimed by its header); or a job's save folder (`run_folder` says so)."""
+        if self.run_folder(path):
+            return True
         return (os.path.isdir(path) and bool(NAME.fullmatch(os.path.basename(os.path.abspath(path)))) and
                 any(os.path.exists(os.path.join(path, e)) for e in (META_YAML, "transformer", "unet")))
+
+    def run_folder(self, path):
+        """A job's save folder (config.yaml, optimizer.pt and the saves) is no checkpoint: say what to run instead."""
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.yaml")):
+            return None
+        try:
+            entries = os.listdir(path)
+        except OSError:
+            return None
+        if not any(NAME.fullmatch(e) and aitoolkit_header(os.path.join(path, e)) is not None for e in entries):
+            return None
+        return (f"{path}: an ai-toolkit job folder (its saves and the one optimizer.pt they share), no checkpoint; "
+                f"verify one save in it, or run `ckpttool latest --for-resume {path}`")
 
     def claims(self, ckpt):
         return ckpt.format == "safetensors" and is_aitoolkit(ckpt.metadata)

@@ -162,6 +162,11 @@ class Profile:
         """Recognise the trainer's output from what a reader found (a torch file's top-level keys)."""
         return False
 
+    def run_folder(self, path: str) -> str | None:
+        """Why `path`, which this profile claims, is a folder of the run's saves rather than one checkpoint, and
+        what to run instead; None when it is a checkpoint."""
+        return None
+
     # --- counters ---
 
     def name_number(self, path: str) -> int | None:
