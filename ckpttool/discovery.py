@@ -46,7 +46,7 @@ def discover(root: str) -> list[Candidate]:
     # Accelerate's automatic naming, Megatron's non-persistent saves, a OneTrainer workspace's backups; never
     # followed through a link
     nested = [os.path.join(root, name) for name in ("checkpoints", "non_persistent", "backup")]
-    folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)]
+    folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)] + _job_folders(root)
     for folder in folders:
         families: dict[int, list[str]] = {}
         jobs: set[str] = set()  # ai-toolkit jobs with numbered saves here
@@ -84,6 +84,15 @@ def discover(root: str) -> list[Candidate]:
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
             found.append(Candidate(main, step, sorted(members) + _existing(manifest)))
     return sorted(found, key=lambda c: c.order, reverse=True)
+
+
+def _job_folders(root: str) -> list[str]:
+    """ai-toolkit's job folders under its training folder (`{training_folder}/{name}/`), never through a link."""
+    from ckpttool.trainers import path_profiles
+
+    aitoolkit = path_profiles(("aitoolkit.AiToolkit",))[0]
+    subs = [os.path.join(root, e) for e in sorted(os.listdir(root))]
+    return [s for s in subs if not os.path.islink(s) and os.path.isdir(s) and aitoolkit.run_folder(s)]
 
 
 def recorded_step(path: str) -> int | None:

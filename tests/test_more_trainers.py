@@ -317,6 +317,8 @@ def test_aitoolkit_only_the_newest_save_has_its_own_optimizer():
     assert result.exit_code == 0 and out["path"].endswith("mylora.safetensors") and out["trainer"] == "ai-toolkit"
     result, _ = cli("verify", "--for-resume", run)  # the job folder is no checkpoint: say what to run instead
     assert result.exit_code == 2 and "ckpttool latest --for-resume" in result.output
+    result, out = cli("latest", "--json", "--for-resume", os.path.join(AITK, "run"))  # the training folder above it
+    assert result.exit_code == 0 and out["path"].endswith(os.path.join("mylora", "mylora.safetensors"))
     result, out = cli("latest", "--json", "--for-resume", os.path.join(AITK, "midrun", "mylora"))
     assert result.exit_code == 0 and out["path"].endswith("mylora_000000004.safetensors") and out["step"] == 4
     folder = os.path.join(AITK, "diffusers_save", "mylora", "mylora_000000004")
