@@ -38,7 +38,10 @@ class Candidate:
 
     @property
     def order(self):
-        return (self.number if self.number is not None else float("inf"), os.path.getmtime(self.path))
+        """By number; of two with one number, the `-last` one (NeMo's and Lightning's save_last copy of the newest
+        save, which their resume takes), then the newer."""
+        return (self.number if self.number is not None else float("inf"), self.path.endswith("-last"),
+                os.path.getmtime(self.path))
 
 
 def discover(root: str) -> list[Candidate]:
