@@ -46,11 +46,14 @@ class Candidate:
 
 def discover(root: str) -> list[Candidate]:
     found: list[Candidate] = []
-    # Accelerate's automatic naming, Megatron's non-persistent saves, a OneTrainer workspace's backups; never
-    # followed through a link
-    nested = [os.path.join(root, name) for name in ("checkpoints", "non_persistent", "backup")]
-    folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)] + _job_folders(root)
+    # Accelerate's automatic naming; Megatron's non-persistent saves, a OneTrainer workspace's backups and ai-toolkit's
+    # job folders, where only that trainer's saves count (a user's own `backup/` of copies is never a candidate, so
+    # prune never deletes in it); never followed through a link
+    nested = {os.path.join(root, name): only for name, only in NESTED.items()}
+    nested.update({job: "ai-toolkit" for job in _job_folders(root)})
+    folders = [root] + [n for n in nested if os.path.isdir(n) and not os.path.islink(n)]
     for folder in folders:
+        start = len(found)
         families: dict[int, list[str]] = {}
         jobs: set[str] = set()  # ai-toolkit jobs with numbered saves here
         for entry in sorted(os.listdir(folder)):
@@ -86,7 +89,20 @@ def discover(root: str) -> list[Candidate]:
             main = next((m for m in members if os.path.basename(m).startswith("model")), members[0])
             manifest = os.path.join(folder, f"family{step:06d}{MANIFEST_SUFFIX}")
             found.append(Candidate(main, step, sorted(members) + _existing(manifest)))
+        if nested.get(folder):
+            found[start:] = [c for c in found[start:] if _written_by(c.path, nested[folder])]
     return sorted(found, key=lambda c: c.order, reverse=True)
+
+
+NESTED = {"checkpoints": None, "non_persistent": "megatron", "backup": "onetrainer"}  # folder -> the only trainer
+
+
+def _written_by(path: str, trainer: str) -> bool:
+    """Whether `path` is a save of `trainer` by its own names and files (an ai-toolkit file by its header)."""
+    if os.path.isfile(path):
+        return trainer == "ai-toolkit" and aitoolkit_header(path) is not None
+    profile = trainers.for_path(path)
+    return profile is not None and profile.name == trainer
 
 
 def _job_folders(root: str) -> list[str]:
