@@ -577,3 +577,27 @@ def test_convert_to_dcp_of_objects_kept_as_records_is_a_clear_refusal(tmp_path):
     result, _ = cli("convert", rank, str(tmp_path / "out_dcp"), "--to", "dcp")
     assert result.exit_code == 2 and "convert to a .pt" in result.output and not (tmp_path / "out_dcp").exists()
     assert cli("convert", rank, str(tmp_path / "out.pt"))[0].exit_code == 0
+
+
+def test_megatron_common_state_item_stands_for_common_pt(tmp_path):
+    """megatron-core 0.18+ (serialization.py save, load_common_state_dict at d98e8a6) writes no common.pt: the common
+    state is one ShardedObject, "common_state/shard_0_1", a torch.save'd [state] in the DCP data. Its iteration is
+    read from there, and its absence of common.pt is no damage. (No wheel past 0.16.1 installs here: the item is
+    written as that code writes it.)"""
+    import io
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    source = os.path.join(DATA, "megatron", "torch_dist_tp2", "iter_0000010")
+    save = tmp_path / "run" / "iter_0000010"
+    buffer = io.BytesIO()
+    torch.save([torch.load(os.path.join(source, "common.pt"), weights_only=False)], buffer)
+    buffer.seek(0)
+    dcp.save({"common_state/shard_0_1": buffer, "embedding.word_embeddings.weight": torch.zeros(4, 2)},
+             checkpoint_id=str(save), no_dist=True)
+    (save / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    result, report = cli("inspect", "--json", str(save))
+    assert result.exit_code == 0 and report["trainer"] == "megatron" and report["step"] == 10
+    assert any(s["source"] == "the common_state item iteration" for s in report["step_sources"])
+    assert "missing_file" not in codes(report, "error")

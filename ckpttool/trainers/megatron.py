@@ -138,13 +138,14 @@ class Megatron(Profile):
                                                                  for c in heads for t in c.tensors])
             ckpt.components[:] = [model] + [c for c in ckpt.components if c not in heads]
         common = self._common(ckpt)
+        where = COMMON if os.path.isfile(os.path.join(ckpt.path, COMMON)) else "the common_state item"
         if common is not None and "iteration" in common:
             iteration = common["iteration"]
             if type(iteration) is bool or (type(iteration) is int and 0 <= iteration < 1 << 63):
-                ckpt.steps.append(StepSource("common.pt iteration", int(iteration), GLOBAL_STEP,
-                                             record=Record.STATE_FILE, key="iteration", file=COMMON))
+                ckpt.steps.append(StepSource(f"{where} iteration", int(iteration), GLOBAL_STEP,
+                                             record=Record.STATE_FILE, key="iteration", file=where))
             else:
-                ckpt.add_problem(Code.CORRUPT, ERROR, f"{COMMON} iteration is {str(iteration)[:40]!r}, not an "
+                ckpt.add_problem(Code.CORRUPT, ERROR, f"{where} iteration is {str(iteration)[:40]!r}, not an "
                                  "iteration count: load_checkpoint cannot resume from it", os.path.join(ckpt.path,
                                                                                                        COMMON))
         super().interpret(ckpt)
@@ -158,7 +159,7 @@ class Megatron(Profile):
 
         full = os.path.join(ckpt.path, COMMON)
         if not os.path.isfile(full) or os.path.islink(full):
-            return None
+            return self._common_state_item(ckpt)
         ckpt.files.append(full)
         try:
             raw = read_raw(full)
@@ -175,6 +176,18 @@ class Megatron(Profile):
         if isinstance(content, dict) and "distrib_optim_sharding_type" in content:
             ckpt.metadata["megatron"]["distrib_optim_sharding_type"] = content["distrib_optim_sharding_type"]
         return common
+
+    @staticmethod
+    def _common_state_item(ckpt) -> dict | None:
+        """Core 0.18+ (serialization.py save: ShardedObject("common_state"), load_common_state_dict) keeps the common
+        state as one DCP item instead of common.pt; the DCP reader shows it (its args by class name only)."""
+        item = next((v for k, v in (ckpt.metadata.get("objects") or {}).items()
+                     if str(k).startswith("common_state/")), None)
+        item = item[0] if isinstance(item, list) and item else item  # load_common_state_dict returns loaded[0]
+        if not isinstance(item, dict):
+            return None
+        ckpt.metadata["megatron"] = run_state(item)
+        return item
 
     def completion_problems(self, ckpt):
         """metadata.json is written last (serialization.py save): without it dist_checkpointing.load raises "is not
