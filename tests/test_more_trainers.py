@@ -565,6 +565,15 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     os.remove(os.path.join(newest, "optimizer", "optimizer.pt"))
     os.symlink("nowhere.pt", os.path.join(newest, "optimizer", "optimizer.pt"))
     assert codes(verdict(newest), "error")
+    # another backup's optimizer in a backup cut before its onetrainer_config/: the workspace's config says the
+    # accumulation it is held to
+    workspace = shutil.copytree(os.path.join(ONETRAINER, "workspace"), tmp_path / "workspace")
+    cut = os.path.join(workspace, "backup", "2026-01-02_03-05-45-backup-10-2-0")
+    shutil.copy(os.path.join(workspace, "backup", "2026-01-02_03-04-45-backup-4-0-4", "optimizer", "optimizer.pt"),
+                os.path.join(cut, "optimizer", "optimizer.pt"))
+    for backup in os.listdir(os.path.join(workspace, "backup")):
+        shutil.rmtree(os.path.join(workspace, "backup", backup, "onetrainer_config"))
+    assert "step_mismatch" in codes(verdict(cut), "error")
     other = shutil.copytree(os.path.join(DATA, "cuda", "accelerate_fp16"),
                             tmp_path / "2024-01-01_00-00-00-backup-1-0-1")
     assert verdict(other)["trainer"] != "onetrainer"

@@ -148,12 +148,13 @@ class OneTrainer(Profile):
         return problems + _update_problems(ckpt, progress.get("global_step"))
 
 
-SIBLINGS = 4  # the run's other backups asked for the run's settings when this one lacks them
+SIBLINGS = 4  # the run's other backups (and workspace configs) asked for the run's settings when this one lacks them
 
 
-def _accumulation(backup: str) -> int | None:
-    """gradient_accumulation_steps in a backup's copy of the run's settings (onetrainer_config/args.json)."""
-    text = marker_text(os.path.join(backup, "onetrainer_config"), "args.json")
+def _accumulation(settings: str) -> int | None:
+    """gradient_accumulation_steps in a copy of the run's settings (a backup's onetrainer_config/args.json, the
+    workspace's config/<date>.json)."""
+    text = marker_text(os.path.dirname(settings), os.path.basename(settings))
     try:
         value = json.loads(text).get("gradient_accumulation_steps") if text is not None else None
     except (ValueError, RecursionError, AttributeError):
@@ -167,8 +168,16 @@ def _update_problems(ckpt, global_step) -> list[Problem]:
     count means the optimizer file is another backup's."""
     backups = os.path.dirname(os.path.abspath(ckpt.path))
     siblings = sorted(numbered_dirs(backups, NAME).items(), key=lambda item: -item[0])
-    accumulation = next((a for a in (_accumulation(p) for p in [ckpt.path] + [p for _, p in siblings[:SIBLINGS]])
-                         if a is not None), None)  # onetrainer_config/ is written last: a cut backup lacks it
+    sources = [os.path.join(p, "onetrainer_config", "args.json") for p in [ckpt.path] + [p for _, p in
+                                                                                        siblings[:SIBLINGS]]]
+    config = os.path.join(os.path.dirname(backups), "config")  # the workspace's snapshot of each start's settings
+    try:
+        sources += [os.path.join(config, e) for e in sorted(os.listdir(config), reverse=True)[:SIBLINGS]
+                    if e.endswith(".json")]
+    except OSError:
+        pass
+    # onetrainer_config/ is written last: a cut backup lacks it
+    accumulation = next((a for a in map(_accumulation, sources) if a is not None), None)
     updates = max((s.value for s in ckpt.steps if s.record is Record.OPTIMIZER), default=None)
     if type(global_step) is not int or accumulation is None or updates is None or \
             updates == global_step // accumulation:
