@@ -398,6 +398,10 @@ def check_resume(path, model=None, optimizer=None, scheduler=None, expected_step
     (tensor_model_parallel_size, pipeline_model_parallel_size, data_parallel_size; by default megatron.core's
     parallel_state where it is initialised)."""
     path = os.fspath(path)
+    if parallel is not None and not (isinstance(parallel, dict) and all(
+            type(v) is int and v > 0 for v in parallel.values())):  # the caller's mistake, never the checkpoint's
+        raise TypeError(f"check_resume(parallel=...) takes a dict of positive ints by Megatron's args names "
+                        f"(tensor_model_parallel_size, ...), not {parallel!r:.80}")
     try:
         return _check_resume(path, model, optimizer, scheduler, expected_step, require_manifest=require_manifest,
                              world_size=world_size, parallel=parallel)

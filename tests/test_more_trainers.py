@@ -410,6 +410,12 @@ def test_megatron_legacy_rank_files_verify_and_the_gate_holds_the_parallel_layou
         raise AssertionError("a legacy save resumed with another tensor-parallel size passed the gate")
     except ResumeGateError as e:
         assert [p["code"] for p in e.problems] == ["world_size_mismatch"]
+    for wrong in ([("tensor_model_parallel_size", 1)], {"tensor_model_parallel_size": "1"}):
+        try:  # a caller's mistake is a TypeError, never blamed on the checkpoint
+            check_resume(path, parallel=wrong)
+            raise AssertionError(f"parallel={wrong!r} was taken")
+        except TypeError as e:
+            assert "parallel=" in str(e)
     # a torch_dist save is resharded on load: another tensor-parallel size is no problem
     assert check_resume(os.path.join(DATA, "megatron", "torch_dist_tp2", "iter_0000010"),
                         parallel={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}).ok
