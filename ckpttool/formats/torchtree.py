@@ -286,12 +286,18 @@ def _optimizer_dicts(value, seen=None):
 
 def optimizer_step(state_dict, raw: RawPickle, path: str) -> int | None:
     """The largest per-parameter `step` (equal for every parameter updated each step)."""
+    return largest_step(state_dict, lambda _index, ref: read_scalar(tensor_info("step", ref, raw, path)))
+
+
+def largest_step(state_dict, scalar) -> int | None:
+    """The largest per-parameter `step` of an optimizer state dict; `scalar(index, ref)` reads a step saved as a
+    tensor (by its storage, or by the name a component gave it)."""
     steps = []
-    state = state_dict.get("state")
-    for per_param in (state.values() if isinstance(state, dict) else []):
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    for index, per_param in (state.items() if isinstance(state, dict) else []):
         step = per_param.get("step") if isinstance(per_param, dict) else None
         if isinstance(step, TensorRef):
-            step = read_scalar(tensor_info("step", step, raw, path))
+            step = scalar(index, step)
         if type(step) is int or (type(step) is float and step.is_integer()):  # NaN, inf or 2.5 count nothing
             steps.append(int(step))
     return max(steps) if steps else None

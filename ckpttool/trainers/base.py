@@ -53,6 +53,15 @@ def json_keys(folder: str, name: str) -> set | None:
     return set(doc) if isinstance(doc, dict) else None
 
 
+def dig(obj, *keys):
+    """obj[k1][k2]... of plain dicts, or None where a level is missing or not a dict (the file is untrusted)."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
 def numbered_dirs(folder: str, pattern: re.Pattern) -> dict[int, str]:
     """number -> path of the subdirs of `folder` whose name matches `pattern` (group 1 is the number)."""
     found = {}

@@ -67,20 +67,13 @@ def _split(comp: Component, key: str, prefix: str, name: str, role: str, value) 
 
 
 def _optimizer_step(comp: Component) -> int | None:
-    """The largest per-parameter `step` of an optimizer component (Adam's; SGD keeps none)."""
-    from ckpttool.formats.pickles import TensorRef
-    from ckpttool.formats.torchtree import read_scalar
+    """The largest per-parameter `step` of an optimizer component (Adam's; SGD keeps none), its tensor steps read
+    by the names the component gave them."""
+    from ckpttool.formats.torchtree import largest_step, read_scalar
 
-    state = comp.tree.get("state") if isinstance(comp.tree, dict) else None
     by_name = {t.name: t for t in comp.tensors}
-    steps = []
-    for index, per_param in (state.items() if isinstance(state, dict) else ()):
-        step = per_param.get("step") if isinstance(per_param, dict) else None
-        if isinstance(step, TensorRef) and f"state.{index}.step" in by_name:
-            step = read_scalar(by_name[f"state.{index}.step"])
-        if type(step) is int or (type(step) is float and step.is_integer()):
-            steps.append(int(step))
-    return max(steps) if steps else None
+    return largest_step(comp.tree, lambda index, _ref: read_scalar(by_name[f"state.{index}.step"])
+                        if f"state.{index}.step" in by_name else None)
 
 
 class Composer(Profile):

@@ -24,7 +24,7 @@ import re
 from ckpttool.formats.pickles import DTENSOR_GLOBALS, TORCH_WEIGHTS_ONLY
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, Code, Problem, Record, StepSource
 from ckpttool.trainers import implications
-from ckpttool.trainers.base import Profile, moment_problems, weights_only_problem
+from ckpttool.trainers.base import Profile, dig, moment_problems, weights_only_problem
 
 STEP_IN_NAME = re.compile(r".*step=(\d+)(?:-v\d+)?\.ckpt")
 LAST = re.compile(r"last(?:-v?\d+)?\.ckpt")
@@ -56,7 +56,7 @@ class Lightning(Profile):
         return ckpt.format == "torch" and "pytorch-lightning_version" in ckpt.metadata
 
     def interpret(self, ckpt):
-        completed = _dig(ckpt.metadata.get("loops"), "fit_loop", LOOP_OPTIMIZER_PROGRESS, "optimizer", "step", "total",
+        completed = dig(ckpt.metadata.get("loops"), "fit_loop", LOOP_OPTIMIZER_PROGRESS, "optimizer", "step", "total",
                          "completed")
         if type(completed) is int:
             ckpt.steps.append(StepSource("loops optimizer.step.total.completed", completed, record=Record.LOOPS,
@@ -148,12 +148,3 @@ def sharded_contract():
                   kind=PRESENT, series=True, per_rank=True, template="__{n}_0.distcp",
                   why="every rank's shard is read back by dcp.load, which raises for a missing one")
     return Contract(SHARDED_LOAD, (meta, dcp_metadata, shards))
-
-
-def _dig(obj, *keys):
-    """obj[k1][k2]... of plain dicts, or None where a level is missing or not a dict (the file is untrusted)."""
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj

@@ -23,7 +23,7 @@ import re
 
 from ckpttool.formats.statedir import role
 from ckpttool.model import EPOCH, ERROR, GLOBAL_STEP, SCHEDULER_STEPS, Code, Component, Problem, Record, StepSource
-from ckpttool.trainers.base import Profile, weights_only_problem
+from ckpttool.trainers.base import Profile, dig, weights_only_problem
 from ckpttool.trainers.megatron import has_dist_config
 
 WEIGHTS, CONTEXT, COMMON, CONFIG = "weights", "context", "common.pt", "metadata.json"
@@ -103,7 +103,7 @@ class NeMo(Profile):
             if type(obj.get(key)) is int:
                 ckpt.steps.append(StepSource(f"common.pt {key}", obj[key], meaning, record=Record.TRAINING_DICT,
                                              key=key, file=COMMON))
-        completed = _dig(obj.get("loops"), *LOOP_STEP)
+        completed = dig(obj.get("loops"), *LOOP_STEP)
         if type(completed) is int:
             ckpt.steps.append(StepSource("common.pt loops optimizer steps", completed, GLOBAL_STEP,
                                          record=Record.LOOPS, key=".".join(LOOP_STEP), file=COMMON))
@@ -198,11 +198,3 @@ class NeMo(Profile):
                                     "progress and the run starts again at step 0 with trained weights",
                                     os.path.join(ckpt.path, WEIGHTS, COMMON)))
         return problems
-
-
-def _dig(obj, *keys):
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
