@@ -233,7 +233,8 @@ class AiToolkit(Profile):
         optimizer_step = max((s.value for s in ckpt.steps if s.record is Record.OPTIMIZER), default=None)
         # saves written after this one, whole enough to be read (a save a crash cut short never wrote its optimizer),
         # that the optimizer's step count does not rule out (a save at s follows at least s + 1 steps)
-        newer = {n: p for n, p in self.run_saves(ckpt.path).items() if step is not None and n > step and
+        saves = self.run_saves(ckpt.path)  # each final save's header read once
+        newer = {n: p for n, p in saves.items() if step is not None and n > step and
                  os.path.abspath(p) != os.path.abspath(ckpt.path) and _intact(p) and
                  (optimizer_step is None or optimizer_step >= _follows(n, p))}
         if newer:
@@ -251,7 +252,7 @@ class AiToolkit(Profile):
                                     "never written: ai-toolkit only prints 'Could not save optimizer'), and a resume "
                                     "would take it without a word", optimizer))
         elif taken is not None and optimizer_step is not None and \
-                optimizer_step - taken >= (interval := _save_interval(self.run_saves(ckpt.path))):
+                optimizer_step - taken >= (interval := _save_interval(saves)):
             problems.append(Problem(Code.STEP_MISMATCH, WARNING, f"{OPTIMIZER} has taken {optimizer_step} steps, "
                                     f"{optimizer_step - taken} more than this save follows: each resume trains one "
                                     f"step again, but {optimizer_step - taken} is at least a save interval "
