@@ -296,6 +296,76 @@ def test_prune_never_deletes_what_the_trainer_resumes_from_on_its_own(tmp_path):
     assert os.path.isfile(os.path.join(run, "ep0-ba4-rank0.pt"))
 
 
+# Composer sharded (the same script, two ranks on gloo, FSDP2 with state_dict_type="sharded"): ep0-ba2/ and ep0-ba4/
+# DCP dirs, latest-rank0.pt linking the newest
+
+def test_composer_sharded_saves_verify_clean_and_latest_follows_the_link(tmp_path):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run = os.path.join(COMPOSER, "sharded")
+    path = os.path.join(run, "ep0-ba4")
+    result, report = cli("inspect", "--json", path)
+    assert result.exit_code == 0 and report["trainer"] == "composer" and report["step"] == 4
+    assert {(c["name"], c["role"]) for c in report["components"]} >= {
+        ("model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"), ("rng", "rng")}
+    meanings = {s["source"]: s["meaning"] for s in report["step_sources"]}
+    assert meanings["state.timestamp batch"] == "global_step" and meanings["optimizer state step"] == \
+        "optimizer_updates" and "state.timestamp.Timestamp.iteration" not in str(meanings)  # iteration: no step
+    for save in ("ep0-ba2", "ep0-ba4"):
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, save))
+        assert result.exit_code == 0 and report["problems"] == [], (save, report["problems"])
+    assert check_resume(path).ok
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["path"].endswith("ep0-ba4") and out["trainer_pick"].endswith("ep0-ba4")
+    assert "differs" not in out
+    assert cli("convert", path, str(tmp_path / "model.safetensors"))[0].exit_code == 0
+    dcp_to_torch_save(path, tmp_path / "full.pt")  # torch's own reading of the shards
+    saved = torch.load(tmp_path / "full.pt", weights_only=False)["state"]["model"]
+    converted = load_file(tmp_path / "model.safetensors")
+    assert converted.keys() == saved.keys() and all(torch.equal(converted[k], saved[k]) for k in saved)
+
+
+def _resaved_sharded(tmp_path, edit) -> str:
+    """ep0-ba4 loaded whole, edited, and saved again as one DCP dir under its own name (beside a copy of ep0-ba2)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    run = shutil.copytree(os.path.join(COMPOSER, "sharded"), tmp_path / "run", symlinks=True)
+    path = os.path.join(run, "ep0-ba4")
+    dcp_to_torch_save(path, tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    edit(full)
+    torch.save(full, tmp_path / "full.pt")
+    shutil.rmtree(path)
+    torch_save_to_dcp(tmp_path / "full.pt", path)
+    return path
+
+
+def test_composer_sharded_lost_rank_file_unfinished_save_and_stale_counters(tmp_path):
+    run = shutil.copytree(os.path.join(COMPOSER, "sharded"), tmp_path / "lost", symlinks=True)
+    os.remove(os.path.join(run, "ep0-ba4", "__1_0.distcp"))  # every rank's file: rank 1's shards are gone
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "ep0-ba4"))
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
+    assert "__1_0.distcp" in report["problems"][0]["message"]
+    os.remove(os.path.join(run, "ep0-ba4", ".metadata"))  # the save was cut before rank 0 wrote its .metadata
+    result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "ep0-ba4"))
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_file"] and report["trainer"] == "composer"
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert out["path"].endswith("ep0-ba2") and out["skipped"][0]["path"].endswith("ep0-ba4")
+    assert out["trainer_pick"].endswith("ep0-ba4") and "fails verification" in out["differs"]
+
+    def behind(full):
+        full["state"]["timestamp"]["Timestamp"]["batch"] = 2  # a timestamp from the earlier save
+    result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "a", behind))
+    assert result.exit_code == 1 and "step_mismatch" in codes(report, "error")
+
+    def weights_only(full):  # save_weights_only=True: the model, integrations and metadata
+        full["state"] = {k: full["state"][k] for k in ("model", "metadata")}
+        del full["rng"]
+    result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "b", weights_only))
+    assert result.exit_code == 1 and codes(report, "error") == ["weights_only"] and report["trainer"] == "composer"
+
+
 # --- ai-toolkit (fixtures/aitoolkit_samples.py, mirroring BaseSDTrainProcess.save at 27a03a9): LoRA "mylora" saved
 # at steps 2 and 4 and at the end (6), one optimizer.pt overwritten at each; a run stopped after step 4; a diffusers
 # save ---

@@ -27,8 +27,9 @@ OBJECT_GLOBALS = SAFE_GLOBALS | {"_io.BytesIO"}
 OBJECT_LIMIT = 1 << 20  # bytes of one non-tensor item read to show it; larger ones are only sized
 OBJECTS_READ = 2000  # non-tensor items read per checkpoint; the rest are listed unread
 SCALAR_ITEM_LIMIT = 1 << 16  # bytes of a one-element tensor item's torch.save blob; a larger one is no counter
-OPTIMIZER_STEP = re.compile(r"(?:optimizer|optim)(?:_\d+)?\.state\..+\.step")  # Lightning: optimizer_0, ...
-SCHEDULER_STEP = re.compile(r"(?:lr_scheduler|scheduler)(?:\.\d+)?\.last_epoch")
+# Lightning: optimizer_0, ...; Composer's sharded State: state.optimizers.<class>, state.schedulers.<class>
+OPTIMIZER_STEP = re.compile(r"(?:(?:optimizer|optim)(?:_\d+)?|state\.optimizers\.[^.]+)\.state\..+\.step")
+SCHEDULER_STEP = re.compile(r"(?:(?:lr_scheduler|scheduler)(?:\.\d+)?|state\.schedulers\.[^.]+)\.last_epoch")
 
 
 DATA_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # filesystem.py: each rank's data files, `__{rank}_{n}.distcp`

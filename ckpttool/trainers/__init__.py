@@ -21,13 +21,13 @@ from ckpttool.trainers.base import Profile, numbered_dirs, weights_only_problem
 
 PATH_PROFILES = ("reference.Reference", "aitoolkit.AiToolkit", "simpletuner.SimpleTuner", "transformers.Transformers",
                  "musubi.Musubi", "kohya.Kohya", "torchtune.Torchtune", "torchtune.TorchtuneDist",
-                 "onetrainer.OneTrainer", "nemo.NeMo", "peft.Peft",
+                 "composer.ComposerSharded", "onetrainer.OneTrainer", "nemo.NeMo", "peft.Peft",
                  "torchtitan.Torchtitan", "megatron.Megatron", "megatron.MegatronLegacy", "deepspeed.DeepSpeed",
                  "consistency_models.ConsistencyModels", "lightning.LightningSharded", "pretrained.ModelFolder",
                  "accelerate.AccelerateAutomatic", "diffusers.Diffusers", "accelerate.Accelerate")
 FILE_PROFILES = ("consistency_models.ConsistencyModels",)  # the only path profile that claims a file
 CONTENT_PROFILES = {"torch": ("composer.Composer", "lightning.Lightning", "training_dict.TrainingDict"),
-                    "dcp": ("dcp_state.DcpState",), "safetensors": ("aitoolkit.AiToolkit",)}
+                    "dcp": ("composer.ComposerSharded", "dcp_state.DcpState"), "safetensors": ("aitoolkit.AiToolkit",)}
 GENERIC = Profile()
 
 
@@ -84,6 +84,8 @@ def is_state_dir(path: str) -> bool:
 
 def interpret(ckpt: Checkpoint, profile: Profile | None) -> Profile:
     """Apply the trainer profile to what a reader found; returns the profile used (GENERIC when none claims it)."""
+    if profile is not None and not profile.confirms(ckpt):
+        profile = None
     profile = profile or next((p for p in path_profiles(CONTENT_PROFILES.get(ckpt.format, ())) if p.claims(ckpt)),
                               GENERIC)
     profile.interpret(ckpt)

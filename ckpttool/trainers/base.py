@@ -171,6 +171,11 @@ class Profile:
         """Recognise the trainer's output from what a reader found (a torch file's top-level keys)."""
         return False
 
+    def confirms(self, ckpt: Checkpoint) -> bool:
+        """Whether what the reader found is this trainer's, where names and files claimed it (a name another tool may
+        also write); when not, the profiles that recognise content decide."""
+        return True
+
     def run_folder(self, path: str) -> str | None:
         """Why `path`, which this profile claims, is a folder of the run's saves rather than one checkpoint, and
         what to run instead; None when it is a checkpoint."""

@@ -112,6 +112,18 @@ class Composer(Profile):
         ckpt.components[ckpt.components.index(comp):ckpt.components.index(comp) + 1] = parts
         ckpt.metadata["top_level_keys"] = sorted(set(ckpt.metadata.get("top_level_keys", [])) | {"state"})
         ckpt.metadata["composer_state_keys"] = sorted(map(str, state))
+        self._counters(ckpt, state, parts)
+        if isinstance(state.get("metadata"), dict) and type(state["metadata"].get("world_size")) is int:
+            ckpt.metadata["world_size"] = state["metadata"]["world_size"]
+        # the inert classes Composer's own loader allow-lists are no warning here: its resume loads them
+        allowed = all(g in SAFE for g in ckpt.pickle_globals if g in INERT_CLASSES)
+        ckpt.problems[:] = [p for p in ckpt.problems if not (allowed and p.code == Code.NEEDS_SAFE_GLOBALS)]
+        ckpt.problems.extend(self._state_problems(ckpt, state))
+        super().interpret(ckpt)
+
+    def _counters(self, ckpt, state: dict, parts: list[Component]):
+        """The timestamp's batch (optimizer steps: Composer steps once per batch) and epoch; each optimizer's step
+        and each scheduler's last_epoch."""
         base = os.path.basename(ckpt.path)
         timestamp = state.get("timestamp")
         timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
@@ -127,13 +139,6 @@ class Composer(Profile):
             elif part.role == "scheduler" and type(part.tree.get("last_epoch")) is int:
                 ckpt.steps.append(StepSource(f"{part.name} last_epoch", part.tree["last_epoch"], SCHEDULER_STEPS,
                                              record=Record.SCHEDULER, key=f"{part.name}.last_epoch", file=base))
-        if isinstance(state.get("metadata"), dict) and type(state["metadata"].get("world_size")) is int:
-            ckpt.metadata["world_size"] = state["metadata"]["world_size"]
-        # the inert classes Composer's own loader allow-lists are no warning here: its resume loads them
-        allowed = all(g in SAFE for g in ckpt.pickle_globals if g in INERT_CLASSES)
-        ckpt.problems[:] = [p for p in ckpt.problems if not (allowed and p.code == Code.NEEDS_SAFE_GLOBALS)]
-        ckpt.problems.extend(self._state_problems(ckpt, state))
-        super().interpret(ckpt)
 
     @staticmethod
     def _state_problems(ckpt, state: dict) -> list[Problem]:
@@ -204,3 +209,118 @@ class Composer(Profile):
                                     "(data order and dropout differ from an uninterrupted run)", ckpt.path))
         return problems
 
+
+
+SHARDED_NAME = re.compile(r"ep\d+-ba(\d+)")  # FSDPConfig.sharded_ckpt_prefix_dir's default, 'ep{epoch}-ba{batch}'
+ENV_INFO = "state.metadata.composer_env_info."
+MAX_DEPTH = 32  # levels of one flattened name that are rebuilt; a deeper one is no key of Composer's
+
+
+def _unflatten(flat: dict):
+    """DCP's flattened names (`a.b.0.c`: one segment per dict key, and per index of a list of containers) as nested
+    dicts and lists again. A key that holds dots (a parameter's name) comes back as several levels: only the levels
+    of Composer's own keys are read from the result."""
+    tree: dict = {}
+    for name, value in flat.items():
+        *heads, last = name.split(".")
+        if len(heads) > MAX_DEPTH:
+            continue
+        node = tree
+        for head in heads:
+            node = node.setdefault(head, {})
+            if not isinstance(node, dict):  # a leaf and a branch under one name (a hostile file): the leaf stays
+                break
+        else:
+            node.setdefault(last, value)
+    return _as_lists(tree)
+
+
+def _as_lists(node):
+    if not isinstance(node, dict):
+        return node
+    node = {k: _as_lists(v) for k, v in node.items()}
+    if node and node.keys() == {str(i) for i in range(len(node))}:
+        return [node[str(i)] for i in range(len(node))]
+    return node
+
+
+def sharded_state(ckpt) -> Component | None:
+    """A sharded save's `state` as one component, the shape composer_state reads a monolithic save in: its tensors
+    named below `state.` (the DCP reader split them by their top-level name, or left them whole) and its tree rebuilt
+    from the DCP items, with each optimizer's per-parameter state named from its tensors. None when it is no
+    Composer save (no `state.metadata.composer_env_info` item)."""
+    objects = ckpt.metadata.get("objects") or {}
+    if not any(k.startswith(ENV_INFO) for k in objects):
+        return None
+    tensors = []
+    for comp in ckpt.components:
+        for t in comp.tensors:
+            name = f"{comp.name}.{t.name}" if comp.name in ("state", "rng") else t.name
+            if name.startswith("state."):
+                tensors.append(dataclasses.replace(t, name=name[len("state."):]))
+    tree = _unflatten({k[len("state."):]: v for k, v in objects.items() if k.startswith("state.")})
+    tree.setdefault("model", {})
+    optimizers = tree.get("optimizers")
+    for t in tensors:
+        cls, _, rest = t.name.removeprefix("optimizers.").partition(".state.")
+        if t.name.startswith("optimizers.") and rest and isinstance(optimizers, dict) and \
+                isinstance(optimizers.get(cls), dict):
+            per_param = optimizers[cls].setdefault("state", {})
+            if isinstance(per_param, dict):
+                per_param.setdefault(rest.rpartition(".")[0], {})
+    for v in optimizers.values() if isinstance(optimizers, dict) else ():
+        if isinstance(v, dict):
+            v.setdefault("state", {})
+    files = next((c.files for c in ckpt.components if c.files), [])
+    return Component("state", "extra", files=list(files), tensors=tensors, tree=tree)
+
+
+class ComposerSharded(Composer):
+    """FSDP with `state_dict_type='sharded'`: every rank writes its shards of `{"state": State.state_dict(), "rng":
+    [...]}` with torch.distributed.checkpoint into `ep{epoch}-ba{batch}/` (`__{rank}_0.distcp` each, `.metadata` last,
+    by rank 0), and rank 0 points `latest-rank0.pt` at the dir once all are written (checkpoint.py
+    get_save_filename, _save_checkpoint; checkpoint_saver.py). load_sharded_checkpoint reads it with dist_cp.load
+    (its items unpickled by torch.load(weights_only=False), under any world size: DCP reshards)."""
+
+    layout = "Composer sharded ep{E}-ba{B}/ (DCP)"
+    source = Composer.source + ", load_sharded_checkpoint"
+    name_pattern = SHARDED_NAME
+    weights_only_loads = ()
+    run_saves = Profile.run_saves  # the run's other ep{E}-ba{B} dirs
+
+    def claims_path(self, path):
+        """An `ep{E}-ba{B}` dir of DCP files; its items confirm it is Composer's."""
+        from ckpttool.formats import dcp
+
+        return bool(SHARDED_NAME.fullmatch(os.path.basename(os.path.abspath(path)))) and dcp.detect(path)
+
+    def claims(self, ckpt):
+        return ckpt.format == "dcp" and sharded_state(ckpt) is not None
+
+    def confirms(self, ckpt):
+        """Its Composer items; or nothing read at all (a save cut before its `.metadata`: the reader says so)."""
+        return self.claims(ckpt) or not ckpt.components
+
+    def interpret(self, ckpt):
+        state = sharded_state(ckpt)
+        if state is None:  # unfinished: its name is all there is
+            Profile.interpret(self, ckpt)
+            return
+        ckpt.components[:] = [state] + [c for c in ckpt.components if c.name == "rng"]
+        # the reader read every `step`/`epoch` item as a counter: the timestamp's are read by meaning below
+        ckpt.steps[:] = [s for s in ckpt.steps if not s.key.startswith("state.timestamp.")]
+        super().interpret(ckpt)
+
+    def resume_problems(self, ckpt):
+        return super().resume_problems(ckpt) if ckpt.components else []  # unfinished: the reader's error says it
+
+    def _counters(self, ckpt, state, parts):
+        """The timestamp's batch and epoch; the reader read the optimizers' steps (from every rank's data file) and
+        the schedulers' last_epoch."""
+        timestamp = state.get("timestamp")
+        timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
+        for key, meaning in (("batch", GLOBAL_STEP), ("epoch", EPOCH)):
+            value = timestamp.get(key) if isinstance(timestamp, dict) else None
+            if type(value) is int:
+                ckpt.steps.append(StepSource(f"state.timestamp {key}", value, meaning, record=Record.DCP_STATE,
+                                             key=f"state.timestamp.Timestamp.{key}"))
