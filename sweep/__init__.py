@@ -96,6 +96,7 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
         found.append(Target(f"torchtune_{name}", os.path.join(data, "torchtune", name), newest))
     found.append(Target("megatron_torch_dist", os.path.join(data, "megatron", "torch_dist_tp2"), "iter_0000010"))
     found.append(Target("megatron_legacy", os.path.join(data, "megatron", "legacy_tp2"), "iter_0000010"))
+    found.append(Target("megatron_core019", os.path.join(data, "megatron", "torch_dist_core019"), "iter_0000010"))
     found.append(Target("composer", os.path.join(data, "composer", "run"), "ep0-ba6-rank0.pt"))
     found.append(Target("composer_sharded", os.path.join(data, "composer", "sharded"), "ep0-ba4"))
     found.append(Target("nemo", os.path.join(data, "nemo", "checkpoints"),

@@ -146,24 +146,31 @@ def test_megatron_tracker_behind_bad_or_files_lost(tmp_path):
     assert os.path.basename(out["path"]) == "iter_0000005" and "fails verification" in out["differs"]
 
 
-def test_megatron_integrity_manifest_catches_a_stale_rank_file(tmp_path):
-    """--verify-integrity (core 0.18+) writes integrity.json, sha256 of every top-level file: a rank's data file
-    from the previous save, which no counter shows, is checksum_mismatch, as verify_integrity_manifest raises."""
-    import hashlib
-    import json
-
-    run = _megatron_copy(tmp_path)
-    folder = os.path.join(run, "iter_0000010")
-    files = {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in os.listdir(folder)}
-    with open(os.path.join(folder, "integrity.json"), "w") as f:
-        json.dump({"algorithm": "sha256", "files": files}, f)
-    result, report = cli("verify", "--json", "--for-resume", folder)
-    assert result.exit_code == 0 and codes(report, "error") == []
-    shutil.copyfile(os.path.join(run, "iter_0000005", "__1_1.distcp"), os.path.join(folder, "__1_1.distcp"))
-    result, report = cli("verify", "--json", "--for-resume", folder)
-    assert result.exit_code == 1 and codes(report, "error") == ["checksum_mismatch"]
-    assert "__1_1.distcp" in report["problems"][-1]["message"] or any(
-        "__1_1.distcp" in p["message"] for p in report["problems"])
+def test_megatron_core019_common_state_and_integrity_manifest(tmp_path):
+    """megatron-core 0.19.0 (fixtures/megatron_sample.py, VERIFY_INTEGRITY=1) writes no common.pt: the common state
+    is the `common_state` DCP item, read for its iteration; --verify-integrity writes integrity.json, sha256 of every
+    top-level file, which verify checks as verify_integrity_manifest does: a rank's data file from the previous save,
+    which no counter shows, is checksum_mismatch."""
+    run = os.path.join(DATA, "megatron", "torch_dist_core019")
+    for save in ("iter_0000005", "iter_0000010"):
+        result, report = cli("verify", "--json", "--for-resume", os.path.join(run, save))
+        assert result.exit_code == 0 and report["problems"] == [], (save, report["problems"])
+        assert report["step"] == int(save[5:]) and report["trainer"] == "megatron"
+        checks = {c["check"]: c for c in report["checks"]}
+        assert checks["checksums"]["status"] == "pass" and "integrity.json" in checks["checksums"]["detail"]
+    result, report = cli("inspect", "--json", os.path.join(run, "iter_0000010"))
+    assert any(s["source"] == "the common_state item iteration" for s in report["step_sources"])
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert os.path.basename(out["path"]) == "iter_0000010" and "differs" not in out
+    copy = shutil.copytree(run, tmp_path / "run")
+    shutil.copyfile(os.path.join(copy, "iter_0000005", "__1_0.distcp"), os.path.join(copy, "iter_0000010",
+                                                                                      "__1_0.distcp"))
+    for flags in ((), ("--for-resume",)):
+        result, report = cli("verify", "--json", *flags, os.path.join(copy, "iter_0000010"))
+        assert result.exit_code == 1 and codes(report, "error") == ["checksum_mismatch"]
+        assert "__1_0.distcp" in report["problems"][0]["message"]
+    result, out = cli("latest", "--json", "--for-resume", copy)
+    assert os.path.basename(out["path"]) == "iter_0000005" and "fails verification" in out["differs"]
 
 
 # --- musubi-tuner: kohya's state dirs, without train_state.json (replica from the corpus's Accelerate save_state) ---
@@ -663,26 +670,3 @@ def test_convert_to_dcp_of_objects_kept_as_records_is_a_clear_refusal(tmp_path):
     assert result.exit_code == 2 and "convert to a .pt" in result.output and not (tmp_path / "out_dcp").exists()
     assert cli("convert", rank, str(tmp_path / "out.pt"))[0].exit_code == 0
 
-
-def test_megatron_common_state_item_stands_for_common_pt(tmp_path):
-    """megatron-core 0.18+ (serialization.py save, load_common_state_dict at d98e8a6) writes no common.pt: the common
-    state is one ShardedObject, "common_state/shard_0_1", a torch.save'd [state] in the DCP data. Its iteration is
-    read from there, and its absence of common.pt is no damage. (No wheel past 0.16.1 installs here: the item is
-    written as that code writes it.)"""
-    import io
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    source = os.path.join(DATA, "megatron", "torch_dist_tp2", "iter_0000010")
-    save = tmp_path / "run" / "iter_0000010"
-    buffer = io.BytesIO()
-    torch.save([torch.load(os.path.join(source, "common.pt"), weights_only=False)], buffer)
-    buffer.seek(0)
-    dcp.save({"common_state/shard_0_1": buffer, "embedding.word_embeddings.weight": torch.zeros(4, 2)},
-             checkpoint_id=str(save), no_dist=True)
-    (save / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
-    result, report = cli("inspect", "--json", str(save))
-    assert result.exit_code == 0 and report["trainer"] == "megatron" and report["step"] == 10
-    assert any(s["source"] == "the common_state item iteration" for s in report["step_sources"])
-    assert "missing_file" not in codes(report, "error")

@@ -225,6 +225,11 @@ class Profile:
         """How many scheduler steps one training step may make (Accelerate: one per process)."""
         return {1}
 
+    def own_manifest(self, ckpt: Checkpoint) -> tuple[str, list[Problem]] | None:
+        """The checksum manifest the trainer itself wrote into this checkpoint, checked as its loader checks it: (its
+        name, what differs); None where it wrote none. verify reads it where ckpttool wrote no manifest of its own."""
+        return None
+
     # --- the run a checkpoint belongs to ---
 
     def run_saves(self, path: str) -> dict[int, str]:

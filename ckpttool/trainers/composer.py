@@ -38,6 +38,8 @@ SAFE = frozenset(TORCH_WEIGHTS_ONLY | {
         "Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float16", "Float32",
         "Float64", "LongDouble", "Complex64", "Complex128", "Bytes", "Str", "Void", "Object", "Long", "ULong",
         "LongLong", "ULongLong", "Short", "UShort", "Byte", "UByte", "Int", "UInt", "Half", "Double")})
+SOURCE = ("composer utils/checkpoint.py (_save_checkpoint, load_checkpoint, _COMPOSER_CHECKPOINT_SAFE_GLOBALS), "
+          "callbacks/checkpoint_saver.py, core/state.py State.state_dict, trainer/trainer.py _get_autoresume_checkpoint")
 # State.state_dict keys by role; `timestamp`, `rank_zero_seed`, `run_name`, `metadata` are read as counters or shown
 STATE_ROLES = {"model": "model", "optimizers": "optimizer", "schedulers": "scheduler", "scaler": "scaler",
                "callbacks": "callbacks", "algorithms": "extra", "dataset_state": "dataloader"}
@@ -79,9 +81,7 @@ def _optimizer_step(comp: Component) -> int | None:
 class Composer(Profile):
     name = "composer"
     layout = "Composer ep{E}-ba{B}-rank0.pt"
-    source = ("composer utils/checkpoint.py (_save_checkpoint, load_checkpoint, _COMPOSER_CHECKPOINT_SAFE_GLOBALS), "
-              "callbacks/checkpoint_saver.py, core/state.py State.state_dict, trainer/trainer.py "
-              "_get_autoresume_checkpoint")
+    source = SOURCE
     name_pattern = NAME
     needs_scheduler = False  # `schedulers` is {} when the run has none; every scheduler Composer steps is saved
     scheduler_rule = "after each batch (step_schedulers_every_batch, the default), or after each epoch"
@@ -283,7 +283,7 @@ class ComposerSharded(Composer):
     (its items unpickled by torch.load(weights_only=False), under any world size: DCP reshards)."""
 
     layout = "Composer sharded ep{E}-ba{B}/ (DCP)"
-    source = Composer.source + ", load_sharded_checkpoint"
+    source = SOURCE.replace("load_checkpoint,", "load_checkpoint, load_sharded_checkpoint,")
     name_pattern = SHARDED_NAME
     weights_only_loads = ()
     run_saves = Profile.run_saves  # the run's other ep{E}-ba{B} dirs

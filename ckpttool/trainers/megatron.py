@@ -179,7 +179,7 @@ class Megatron(Profile):
 
     @staticmethod
     def _common_state_item(ckpt) -> dict | None:
-        """Core 0.18+ (serialization.py save: ShardedObject("common_state"), load_common_state_dict) keeps the common
+        """Core 0.19+ (serialization.py save: ShardedObject("common_state"), load_common_state_dict) keeps the common
         state as one DCP item instead of common.pt; the DCP reader shows it (its args by class name only)."""
         item = next((v for k, v in (ckpt.metadata.get("objects") or {}).items()
                      if str(k).startswith("common_state/")), None)
@@ -254,9 +254,12 @@ class Megatron(Profile):
         if not meta.get("no_save_rng") and not any(o.startswith("rng_state/") for o in objects):
             problems.append(Problem(Code.MISSING_RNG, ERROR, "no rng_state items: load_checkpoint prints 'Unable to "
                                     "load rng state ... Specify --no-load-rng or --finetune' and exits", ckpt.path))
-        if os.path.isfile(os.path.join(ckpt.path, INTEGRITY)):
-            problems += integrity_problems(ckpt.path)
         return problems + self._tracker_problems(ckpt, meta.get("iteration"))
+
+    def own_manifest(self, ckpt):
+        """integrity.json (`--verify-integrity`)."""
+        return (INTEGRITY, integrity_problems(ckpt.path)) if os.path.isfile(os.path.join(ckpt.path, INTEGRITY)) \
+            else None
 
     def _tracker_problems(self, ckpt, iteration) -> list[Problem]:
         """What the run's tracker makes of this checkpoint: Megatron resumes only from the iteration it names."""
