@@ -140,6 +140,15 @@ class Group(click.Group):
                 sys.modules["ckpttool.distributed"].stop()
 
 
+class CheckpointPath(click.Path):
+    """An existing path, or a link to nothing: inspect and verify say why (a download cut short, a lost target)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and os.path.islink(value) and not os.path.exists(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpttool")
 def main():
@@ -147,7 +156,7 @@ def main():
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, required=True, type=CheckpointPath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (a list of them for several "
               "paths).")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor (name, shape, dtype, bytes).")
@@ -203,7 +212,7 @@ def manifest(path, force, as_json):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, type=CheckpointPath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (a list of them for several "
               "paths).")
 @click.option("--require-manifest", is_flag=True, help="Fail when there is no manifest to check against.")

@@ -52,6 +52,9 @@ class Code(StrEnum):
     CUSTOM_CHECKPOINT_MISMATCH = "custom_checkpoint_mismatch"
     UNSUPPORTED_LAYOUT = "unsupported_layout"
     LOSSY_CAST = "lossy_cast"
+    LFS_POINTER = "lfs_pointer"
+    NOT_A_CHECKPOINT = "not_a_checkpoint"
+    INCOMPLETE_DOWNLOAD = "incomplete_download"
 
 
 # What makes a checkpoint's bytes unusable (as against a resume that would lose state, or a mismatch with a model).

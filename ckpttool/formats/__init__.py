@@ -37,7 +37,8 @@ class ReaderEntry(NamedTuple):
 
 
 READERS = (ReaderEntry("dcp", folders=True), ReaderEntry("deepspeed", folders=True),
-           ReaderEntry("pretrained", folders=True), ReaderEntry("sharded", folders=True, files=True),
+           ReaderEntry("pretrained", folders=True), ReaderEntry("misnamed", files=True),
+           ReaderEntry("sharded", folders=True, files=True),
            ReaderEntry("family", files=True), ReaderEntry("safetensors", files=True),
            ReaderEntry("torchfile", files=True))
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # what torch.save files are named (torchfile)
@@ -53,9 +54,9 @@ def readers_for(path: str) -> list[Reader]:
     elif path.endswith(".index.json"):
         names = ["sharded"]
     elif path.endswith(".safetensors"):
-        names = ["safetensors"]
+        names = ["misnamed", "safetensors"]
     elif path.endswith(TORCH_SUFFIXES):
-        names = ["family", "safetensors", "torchfile"]
+        names = ["misnamed", "family", "safetensors", "torchfile"]
     else:
         names = [r.module for r in READERS if r.files]
     return [importlib.import_module(f"ckpttool.formats.{name}") for name in names]
@@ -65,7 +66,9 @@ def read_file(path: str, *, role: str = "model", name: str | None = None) -> Che
     """Read one weights/state file as a component of a larger checkpoint."""
     from ckpttool.formats import safetensors, torchfile
 
-    reader = safetensors if safetensors.detect(path) else torchfile
+    from ckpttool.formats import misnamed
+
+    reader = misnamed if misnamed.detect(path) else safetensors if safetensors.detect(path) else torchfile
     return reader.read(path, role=role, name=name)
 
 

@@ -22,16 +22,18 @@ import os
 import re
 
 from ckpttool.errors import CkptError
-from ckpttool.formats.pretrained_files import CONFIG, SAFETENSORS_FILE, WEIGHTS_IN_WORDS, weights_file
+from ckpttool.formats import hub_cache
+from ckpttool.formats.pretrained_files import CONFIG, SAFETENSORS_FILE, WEIGHTS, WEIGHTS_IN_WORDS, weights_file
 from ckpttool.model import ERROR, Checkpoint, Code
 
 PIPELINE_INDEX = "model_index.json"
 MODULES = "modules.json"
-CACHE_SNAPSHOT = re.compile(r".*/(?:models|datasets|spaces)--([^/]+)--([^/]+)/snapshots/([0-9a-f]{6,64})(?:/.*)?")
 
 
 def is_model_folder(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG)) and weights_file(path) is not None
+    """A config and weights; in a Hugging Face cache snapshot, a config alone (its weights may not have arrived)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG)) and (
+        weights_file(path) is not None or hub_cache.snapshot_of(path) is not None)
 
 
 def detect(path: str) -> bool:
@@ -57,8 +59,8 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
 
 def hf_cache(path: str) -> dict | None:
     """The repo id and revision of a Hugging Face cache snapshot that `path` is (or lies in), else None."""
-    m = CACHE_SNAPSHOT.fullmatch(os.path.abspath(path))
-    return {"repo_id": f"{m.group(1)}/{m.group(2)}", "revision": m.group(3)} if m else None
+    snap = hub_cache.snapshot_of(path)
+    return {"repo_id": snap["repo_id"], "revision": snap["revision"]} if snap else None
 
 
 def _json(ckpt: Checkpoint, path: str) -> dict | None:
@@ -93,8 +95,15 @@ def _read_folder(ckpt: Checkpoint, folder: str, name: str):
             if k in config}
     weights = weights_file(folder)
     if weights is None:
+        link = next((p for p in (os.path.join(folder, w) for w in WEIGHTS) if os.path.islink(p)), None)
+        if link is not None:  # a link to nothing: a cache download cut short, or a blob lost
+            lost = hub_cache.dangling(link)
+            ckpt.add_problem(lost.code, ERROR, f"{name}: {lost.reason}", link, component=name)
+            return
         ckpt.add_problem(Code.MISSING_FILE, ERROR, f"{name}: no weights ({WEIGHTS_IN_WORDS}): "
                          "from_pretrained cannot load it", folder, component=name)
+        for partial in hub_cache.unfinished(folder):
+            ckpt.add_problem(partial.code, ERROR, partial.reason, partial.path, component=name)
         return
     try:
         part = sharded.read(weights, name=name) if weights.endswith(".index.json") else read_file(weights, name=name)

@@ -49,7 +49,7 @@ def read_index(index: str) -> tuple[dict, dict]:
 def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
     role = role or "model"
     name = name or role
-    from ckpttool.formats import read_file
+    from ckpttool.formats import hub_cache, read_file
 
     index = find_index(path)
     weight_map, metadata = read_index(index)
@@ -65,7 +65,9 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
             continue
         if not os.path.isfile(shard_path):
             wanted = sum(1 for v in weight_map.values() if v == shard)
-            ckpt.add_problem(Code.MISSING_FILE, ERROR, f"shard {shard} ({wanted} tensors) is missing", shard_path,
+            lost = hub_cache.dangling(shard_path) if os.path.islink(shard_path) else None  # a download cut short
+            ckpt.add_problem(lost.code if lost else Code.MISSING_FILE, ERROR, f"shard {shard} ({wanted} tensors) "
+                             f"{'is missing' if lost is None else 'is not there: ' + lost.reason}", shard_path,
                              component=name)
             continue
         component.files.append(shard_path)

@@ -340,7 +340,7 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         if not config or "resume_from_checkpoint" not in config:
             raise UsageError("give a checkpoint PATH, or a --config whose resume_from_checkpoint names one")
         path = config["resume_from_checkpoint"]
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.islink(path):  # a link to nothing: open_checkpoint says why
         raise UsageError(f"{path}: no such file or directory")
     v = Verification(path)
     if config and "resume_from_checkpoint" in config and \

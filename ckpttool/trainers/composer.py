@@ -39,7 +39,8 @@ SAFE = frozenset(TORCH_WEIGHTS_ONLY | {
         "Float64", "LongDouble", "Complex64", "Complex128", "Bytes", "Str", "Void", "Object", "Long", "ULong",
         "LongLong", "ULongLong", "Short", "UShort", "Byte", "UByte", "Int", "UInt", "Half", "Double")})
 SOURCE = ("composer utils/checkpoint.py (_save_checkpoint, load_checkpoint, _COMPOSER_CHECKPOINT_SAFE_GLOBALS), "
-          "callbacks/checkpoint_saver.py, core/state.py State.state_dict, trainer/trainer.py _get_autoresume_checkpoint")
+          "callbacks/checkpoint_saver.py, core/state.py State.state_dict, trainer/trainer.py "
+          "_get_autoresume_checkpoint")
 # State.state_dict keys by role; `timestamp`, `rank_zero_seed`, `run_name`, `metadata` are read as counters or shown
 STATE_ROLES = {"model": "model", "optimizers": "optimizer", "schedulers": "scheduler", "scaler": "scaler",
                "callbacks": "callbacks", "algorithms": "extra", "dataset_state": "dataloader"}

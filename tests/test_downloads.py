@@ -1,0 +1,142 @@
+"""What people download and load: the wrong thing under a checkpoint's name (a Git LFS pointer, a saved web page, a
+JSON error body, text), a Hugging Face cache download that stopped, and a run folder where one checkpoint is expected.
+Each is named for what it is, with the next step, never "corrupt" with a number."""
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from ckpttool.formats import misnamed
+from tests.helpers import cli, codes
+
+LFS = ("version https://git-lfs.github.com/spec/v1\n"
+       "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4939353552\n")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "model.pt"])
+def test_lfs_pointer_names_its_oid_size_and_the_fetch(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(LFS)
+    result, report = cli("verify", "--json", str(path))
+    assert result.exit_code == 1 and codes(report, "error") == ["lfs_pointer"]
+    message = report["problems"][0]["message"]
+    assert "4d7a214614ab" in message and "4,939,353,552 bytes" in message and "git lfs pull" in message
+
+
+def test_lfs_pointer_inside_a_state_dir_is_named_there(tmp_path):
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    (folder / "optimizer.bin").write_text(LFS)
+    torch.save({"step": 10}, folder / "scheduler.bin")
+    result, report = cli("verify", "--json", str(folder))
+    assert result.exit_code == 1 and "lfs_pointer" in codes(report, "error")
+
+
+@pytest.mark.parametrize("body, said", [
+    ("<!DOCTYPE html>\n<html><head><title>Repository Not Found</title></head><body>404</body></html>",
+     "a web page titled 'Repository Not Found'"),
+    ("<html>\n<body>Access denied</body></html>", "a web page (HTML)"),
+    ('{"error": "Repository Not Found for url: https://huggingface.co/x/y/resolve/main/model.pt"}',
+     "a JSON body (error: 'Repository Not Found for url"),
+    ('{"detail": {"message": "Invalid credentials"}}', "a JSON body (detail: 'Invalid credentials')"),
+    ("[1, 2, 3]", "a JSON document"),
+    ("model weights are at https://example.com/ckpt.pt\n", "a text file"),
+])
+def test_a_page_a_json_body_or_text_says_what_it_is(tmp_path, body, said):
+    for name in ("model.safetensors", "model.pt"):
+        path = tmp_path / name
+        path.write_text(body)
+        result, report = cli("verify", "--json", str(path))
+        assert result.exit_code == 1 and codes(report, "error") == ["not_a_checkpoint"], report["problems"]
+        assert said in report["problems"][0]["message"]
+
+
+def test_real_checkpoints_are_never_taken_for_text(tmp_path):
+    """Every format's first bytes are no text: a safetensors file whose header length begins with `{` (0x7b) and a
+    protocol-0 pickle are still read by their readers."""
+    import pickle
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    assert not misnamed.detect(str(path))
+    with open(tmp_path / "text.pkl", "wb") as f:
+        pickle.dump({"step": 3}, f, protocol=0)
+    assert not misnamed.detect(str(tmp_path / "text.pkl"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.pt")
+    assert not misnamed.detect(str(tmp_path / "zip.pt"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert not misnamed.detect(str(tmp_path / "legacy.pt"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_any_bytes_are_described_or_left_to_the_readers(data):
+    """Untrusted bytes: detect never raises, and what it claims is described with one of the two codes."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+        f.write(data)
+        f.flush()
+        if misnamed.detect(f.name):
+            assert misnamed.describe(f.name).code in ("lfs_pointer", "not_a_checkpoint")
+
+
+def _cache_repo(tmp_path, partial: bytes | None, link: bool):
+    """A Hugging Face cache repo `org/tiny` at revision abc123def with a config, and the weights' download stopped
+    after `partial` bytes (None: no partial blob); `link`: the snapshot links the weights anyway (a cache copied without
+    its blob)."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123def"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "cfg0001").write_text(json.dumps({"model_type": "gpt2"}))
+    os.symlink("../../blobs/cfg0001", snapshot / "config.json")
+    save_file({"w": torch.ones(1000)}, tmp_path / "whole.safetensors")
+    if partial is not None:
+        data = (tmp_path / "whole.safetensors").read_bytes()
+        (repo / "blobs" / "aaaa1111.1a2b3c4d.incomplete").write_bytes(data[:partial])
+    if link:
+        os.symlink("../../blobs/aaaa1111", snapshot / "model.safetensors")
+    return snapshot
+
+
+def test_a_cache_download_that_stopped_says_how_much_arrived_and_how_to_finish(tmp_path):
+    snapshot = _cache_repo(tmp_path, 2000, link=False)  # huggingface_hub links a file once it is whole
+    result, report = cli("verify", "--json", str(snapshot))
+    assert result.exit_code == 1 and "incomplete_download" in codes(report, "error")
+    message = next(p["message"] for p in report["problems"] if p["code"] == "incomplete_download")
+    assert "2,000 of 4,072 bytes" in message and "hf download org/tiny --revision abc123def" in message
+    os.symlink("../../blobs/aaaa1111", snapshot / "model.safetensors")  # a link to the blob still being written
+    for path in (snapshot, snapshot / "model.safetensors"):
+        result, report = cli("verify", "--json", str(path))
+        assert result.exit_code == 1 and codes(report, "error") == ["incomplete_download"], report["problems"]
+        assert "hf download org/tiny model.safetensors --revision abc123def" in report["problems"][0]["message"]
+
+
+def test_a_link_to_nothing_without_a_partial_blob_is_missing_file(tmp_path):
+    snapshot = _cache_repo(tmp_path, None, link=True)
+    result, report = cli("verify", "--json", str(snapshot / "model.safetensors"))
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
+    assert "hf download org/tiny model.safetensors" in report["problems"][0]["message"]
+    os.symlink(tmp_path / "gone.pt", tmp_path / "link.pt")
+    result, report = cli("inspect", "--json", str(tmp_path / "link.pt"))
+    assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
+
+
+def test_a_run_folder_is_answered_with_its_checkpoints_and_the_commands_for_a_run(tmp_path):
+    for step in (20, 40, 60):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for command in ("inspect", "verify"):
+        result, _ = cli(command, str(tmp_path))
+        assert result.exit_code == 2
+        assert "checkpoint-60, checkpoint-40, checkpoint-20" in result.output and "ckpttool latest" in result.output
+        assert "no checkpoint layout recognised" not in result.output
