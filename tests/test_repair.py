@@ -541,3 +541,26 @@ def test_usage_errors_are_one_line_with_the_next_step(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and expected in result.output, result.output
         assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_dst_suffix_decides_the_repaired_files_format_or_nothing_is_written(tmp_path):
+    """A cut torch file repaired into `fixed.safetensors` is safetensors (the values torch.load gives of the whole
+    file), a cut safetensors file into `.pt` a torch file; a DST whose suffix names no format is refused, exit 2,
+    before anything is written."""
+    whole = {"a": torch.arange(1000.0), "b": torch.ones(7, 3)}
+    torch.save(whole, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) - 600])  # the zip directory lost, every storage whole
+    result, _ = cli("repair", tmp_path / "cut.pt", tmp_path / "fixed.safetensors")
+    assert result.exit_code == 0, result.output
+    fixed = load_file(tmp_path / "fixed.safetensors")
+    assert fixed.keys() == whole.keys() and all(torch.equal(fixed[k], whole[k]) for k in whole)
+    save_file(whole, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) - 10])  # the last tensor cut
+    result, _ = cli("repair", tmp_path / "cut.safetensors", tmp_path / "fixed.pt")
+    assert result.exit_code == 0, result.output
+    loaded = torch.load(tmp_path / "fixed.pt", weights_only=True)
+    assert list(loaded) == ["a"] and torch.equal(loaded["a"], whole["a"])
+    result, _ = cli("repair", tmp_path / "cut.pt", tmp_path / "fixed")
+    assert result.exit_code == 2 and "suffix" in result.output and not os.path.lexists(tmp_path / "fixed")

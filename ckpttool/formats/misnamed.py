@@ -74,8 +74,8 @@ def describe(path: str) -> CkptError:
         oid, size = fields.get("oid", "?"), fields.get("size", "")
         size_words = f" of {int(size):,} bytes" if size.isdigit() else ""
         return CkptError(Code.LFS_POINTER, f"a Git LFS pointer (oid {oid[:80]}{size_words}), not the file itself: the "
-                         "repository was cloned without git-lfs. Run `git lfs install && git lfs pull` in the clone, or "
-                         "download the file (`hf download REPO " + base + "` for a Hugging Face repo)", path)
+                         "repository was cloned without git-lfs. Run `git lfs install && git lfs pull` in the clone, "
+                         f"or download the file (`hf download REPO {base}` for a Hugging Face repo)", path)
     text = _text(head) or ""
     stripped = text.lstrip("\ufeff \t\r\n")
     size = os.path.getsize(path)

@@ -47,7 +47,8 @@ def read_raw(path: str, allowed=SAFE_GLOBALS, span: tuple[int, int] | None = Non
     with opener() as f:
         head = f.read(4)
     if not head:
-        raise CkptError(Code.TRUNCATED, "file is empty (0 bytes): the save or download that made it wrote nothing", path)
+        raise CkptError(Code.TRUNCATED, "file is empty (0 bytes): the save or download that made it wrote nothing",
+                        path)
     try:
         if head == ZIP_MAGIC:
             return read_zip(path, size, allowed, opener, base=span[0] if span else 0)

@@ -68,6 +68,8 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
         check_destination(src, dst, force=force)
+    if os.path.isfile(src):
+        _file_format(dst)  # a file's DST is written in the format its suffix names, as convert's: unnamed, refused
     p = plan(src, like)
     report = RepairReport(src, dst, dry_run, list(p.fixes), p.saves_something)
     if not p.fixes or dry_run or not p.saves_something:
@@ -77,6 +79,18 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
         _write(p, dst, link=link, advance=advance)
     report.written, report.not_copied, report.after = True, p.not_copied, _after(p, dst)
     return report
+
+
+def _file_format(dst: str) -> str:
+    """The format a repaired file is written in: the one DST's suffix names, as for convert."""
+    from ckpttool.errors import UsageError
+    from ckpttool.operations.output import FILE_FORMATS
+
+    fmt = FILE_FORMATS.get(os.path.splitext(dst)[1].lower())
+    if fmt is None:
+        raise UsageError(f"{dst}: cannot tell the repaired file's format from its suffix; name it .safetensors or "
+                         ".pt (repair writes the format the suffix names)")
+    return fmt
 
 
 def _after(p: RepairPlan, dst: str) -> Written:
@@ -107,7 +121,7 @@ def _write(p: RepairPlan, dst: str, *, link: bool, advance):
         if os.path.isdir(p.src):
             _write_dir(p, out, link=link, advance=advance)
         elif os.path.abspath(p.src) in p.salvaged:
-            _write_salvaged(p.salvaged[os.path.abspath(p.src)], out)
+            _write_salvaged(p.salvaged[os.path.abspath(p.src)], out, _file_format(dst))
         else:
             shutil.copyfile(p.src, out)
         for weights, like in p.remaps.items():
@@ -169,12 +183,20 @@ def _remap_in_place(target: str, like: str):
                 os.unlink(beside)
 
 
-def _write_salvaged(found: Salvaged, path: str):
-    """The kept tensors, bytes copied file to file: a safetensors file in their order on disk, a torch file with the
-    object they were in (lost tensors dropped from their dict, None in their list), or a flat state dict when that
-    object names globals outside the allow-list."""
+def _write_salvaged(found: Salvaged, path: str, fmt: str):
+    """The kept tensors in `fmt`, bytes copied file to file where the format stays: a safetensors file in their order
+    on disk, a torch file with the object they were in (lost tensors dropped from their dict, None in their list), or
+    a flat state dict when that object names globals outside the allow-list or the damaged file was safetensors."""
     from ckpttool.formats import safetensors
+    from ckpttool.operations.convert import OutputPart, write_safetensors, write_torch
 
+    if fmt != found.format:  # another format than the damaged file's: the kept tensors as a flat state dict
+        part = OutputPart(Component("model", "model", [found.path], list(found.kept)), weights=False)
+        if fmt == "safetensors":
+            write_safetensors(path, part, None, found.metadata or None, lambda _n: None)
+        else:
+            write_torch(path, {None: part}, None, lambda _n: None)
+        return
     if found.format == "safetensors":
         writer = safetensors.Writer(path, [(t.name, t.dtype, t.shape) for t in found.kept], found.metadata)
         try:
@@ -185,8 +207,6 @@ def _write_salvaged(found: Salvaged, path: str):
             writer.abort()
             raise
         return
-    from ckpttool.operations.convert import OutputPart, write_torch
-
     lost = {name for name, _ in found.lost}
     tree = None if found.unsafe_globals else _without(found.tree, lost | found.dropped)  # None: a flat state dict
     whole = Component("model", "model", [found.path], list(found.kept), tree=tree)
