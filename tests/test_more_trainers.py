@@ -171,6 +171,15 @@ def test_megatron_core019_common_state_and_integrity_manifest(tmp_path):
         assert "__1_0.distcp" in report["problems"][0]["message"]
     result, out = cli("latest", "--json", "--for-resume", copy)
     assert os.path.basename(out["path"]) == "iter_0000005" and "fails verification" in out["differs"]
+    result, _ = cli("manifest", os.path.join(copy, "iter_0000010"))  # a manifest would bless the stale file
+    assert result.exit_code == 1 and "integrity.json" in result.output
+    sealed = os.path.join(copy, "iter_0000005")
+    assert cli("manifest", sealed)[0].exit_code == 0
+    with open(os.path.join(sealed, "metadata.json"), "a") as f:
+        f.write(" ")  # after ckpttool's manifest too: integrity.json is still checked, and --require-manifest
+    for flags in ((), ("--require-manifest",)):
+        result, report = cli("verify", "--json", *flags, sealed)
+        assert result.exit_code == 1 and "checksum_mismatch" in codes(report, "error")
 
 
 # --- musubi-tuner: kohya's state dirs, without train_state.json (replica from the corpus's Accelerate save_state) ---
@@ -328,9 +337,16 @@ def test_composer_sharded_saves_verify_clean_and_latest_follows_the_link(tmp_pat
     assert "differs" not in out
     assert cli("convert", path, str(tmp_path / "model.safetensors"))[0].exit_code == 0
     dcp_to_torch_save(path, tmp_path / "full.pt")  # torch's own reading of the shards
-    saved = torch.load(tmp_path / "full.pt", weights_only=False)["state"]["model"]
+    full = torch.load(tmp_path / "full.pt", weights_only=False)["state"]
     converted = load_file(tmp_path / "model.safetensors")
-    assert converted.keys() == saved.keys() and all(torch.equal(converted[k], saved[k]) for k in saved)
+    assert converted.keys() == full["model"].keys() and all(torch.equal(converted[k], full["model"][k])
+                                                           for k in full["model"])
+    assert cli("convert", path, str(tmp_path / "whole.pt"))[0].exit_code == 0  # every part, in Composer's shape
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    saved, written = full["optimizers"]["DecoupledAdamW"], whole["optimizer"]
+    assert written["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+    assert all(torch.equal(written["state"][p][k], saved["state"][p][k]) for p in saved["state"]
+               for k in saved["state"][p])
 
 
 def _resaved_sharded(tmp_path, edit) -> str:
@@ -365,6 +381,26 @@ def test_composer_sharded_lost_rank_file_unfinished_save_and_stale_counters(tmp_
         full["state"]["timestamp"]["Timestamp"]["batch"] = 2  # a timestamp from the earlier save
     result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "a", behind))
     assert result.exit_code == 1 and "step_mismatch" in codes(report, "error")
+
+    def swapped(full):  # two parameters' moments exchanged
+        state = full["state"]["optimizers"]["DecoupledAdamW"]["state"]
+        state["l1.bias"]["exp_avg"], state["l2.bias"]["exp_avg"] = state["l2.bias"]["exp_avg"], \
+            state["l1.bias"]["exp_avg"]
+    result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "c", swapped))
+    assert result.exit_code == 1 and codes(report, "error") == ["optimizer_mismatch"]
+    assert "exp_avg of l1.bias is [2], the parameter [16]" in report["problems"][0]["message"]
+
+    def lost_parameter(full):
+        del full["state"]["model"]["l2.bias"]
+    result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "d", lost_parameter))
+    assert result.exit_code == 1 and codes(report, "error") == ["optimizer_mismatch"]
+
+    def many_items(full):  # an optimizer with thousands of non-tensor per-parameter items, listed before the timestamp
+        state = full["state"]["optimizers"]["DecoupledAdamW"]["state"]
+        for name in list(state):
+            state[name].update({f"note{i}": i for i in range(600)})
+    result, report = cli("verify", "--json", "--for-resume", _resaved_sharded(tmp_path / "e", many_items))
+    assert result.exit_code == 0 and report["problems"] == [] and report["step"] == 4
 
     def weights_only(full):  # save_weights_only=True: the model, integrations and metadata
         full["state"] = {k: full["state"][k] for k in ("model", "metadata")}

@@ -145,14 +145,14 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     component = Component(name, role, files=[meta_path])
     data_files = set()
     objects = {}
+    read = _objects_read(entries)
     for fqn, entry in entries.items():
         fields = _fields(entry, f"entry {fqn!r}", meta_path)
         items = storage.get(fqn, [])
         for item in items:
             data_files.add(str(item.get("relative_path")))
         if "properties" not in fields:  # BytesStorageMetadata: a pickled Python object
-            objects[fqn] = (_object(ckpt, fqn, items[0] if items else None, path) if len(objects) < OBJECTS_READ
-                            else "<not read>")
+            objects[fqn] = _object(ckpt, fqn, items[0] if items else None, path) if fqn in read else "<not read>"
             continue
         props = fields["properties"]
         # TensorProperties pickles its state as a (dtype, layout, requires_grad, memory_format, pin_memory) tuple.
@@ -191,6 +191,14 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f".metadata imports {', '.join(unpickler.unsafe_globals)}, "
                          "outside the allow-list; it was not executed", meta_path)
     return ckpt
+
+
+def _objects_read(entries: dict) -> set:
+    """The non-tensor items read: the OBJECTS_READ shallowest (a step, a scheduler's last_epoch, a timestamp lie near
+    the top; an optimizer's per-parameter items deep), so that thousands of those never crowd the counters out."""
+    objects = [fqn for fqn, entry in entries.items() if isinstance(entry, Opaque) and
+               "properties" not in entry.fields()]
+    return set(sorted(objects, key=lambda fqn: str(fqn).count("."))[:OBJECTS_READ])
 
 
 def _end(item: dict) -> int:

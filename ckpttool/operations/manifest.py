@@ -9,7 +9,7 @@ import os
 
 import xxhash
 
-from ckpttool import __version__, atomic, distributed, hashing, steps
+from ckpttool import __version__, atomic, distributed, hashing, steps, trainers
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.checksums import (
     VERSION,
@@ -34,6 +34,10 @@ def build(ckpt: Checkpoint) -> dict:
         first = broken[0]
         raise CkptError(first.code, f"not writing a manifest for a broken checkpoint: {first.message} "
                         f"({first.path}); run `ckpttool verify` for the full list", ckpt.path)
+    own = trainers.profile_of(ckpt).own_manifest(ckpt)  # the trainer's own manifest (Megatron's integrity.json)
+    if own is not None and (differ := [p for p in own[1] if p.severity == ERROR]):
+        raise CkptError(differ[0].code, f"not writing a manifest for a checkpoint that differs from {own[0]}, the "
+                        f"trainer's own: {differ[0].message} ({differ[0].path})", ckpt.path)
     damaged, _ = crc_problems(ckpt)
     if damaged:
         raise CkptError(Code.CORRUPT, f"not writing a manifest for a damaged checkpoint: {damaged[0].message} "

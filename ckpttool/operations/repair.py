@@ -68,8 +68,6 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
         check_destination(src, dst, force=force)
-    if os.path.isfile(src):
-        _file_format(dst)  # a file's DST is written in the format its suffix names, as convert's: unnamed, refused
     p = plan(src, like)
     report = RepairReport(src, dst, dry_run, list(p.fixes), p.saves_something)
     if not p.fixes or dry_run or not p.saves_something:
@@ -81,16 +79,14 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     return report
 
 
-def _file_format(dst: str) -> str:
-    """The format a repaired file is written in: the one DST's suffix names, as for convert."""
-    from ckpttool.errors import UsageError
+def _file_format(dst: str, source: str) -> str:
+    """The format a repaired file is written in: the one DST's suffix names, as for convert; the damaged file's own
+    where the suffix names none."""
+    from ckpttool.formats import TORCH_SUFFIXES
     from ckpttool.operations.output import FILE_FORMATS
 
-    fmt = FILE_FORMATS.get(os.path.splitext(dst)[1].lower())
-    if fmt is None:
-        raise UsageError(f"{dst}: cannot tell the repaired file's format from its suffix; name it .safetensors or "
-                         ".pt (repair writes the format the suffix names)")
-    return fmt
+    suffix = os.path.splitext(dst)[1].lower()
+    return FILE_FORMATS.get(suffix) or ("torch" if suffix in TORCH_SUFFIXES else source)
 
 
 def _after(p: RepairPlan, dst: str) -> Written:
@@ -121,7 +117,8 @@ def _write(p: RepairPlan, dst: str, *, link: bool, advance):
         if os.path.isdir(p.src):
             _write_dir(p, out, link=link, advance=advance)
         elif os.path.abspath(p.src) in p.salvaged:
-            _write_salvaged(p.salvaged[os.path.abspath(p.src)], out, _file_format(dst))
+            found = p.salvaged[os.path.abspath(p.src)]
+            _write_salvaged(found, out, _file_format(dst, found.format))
         else:
             shutil.copyfile(p.src, out)
         for weights, like in p.remaps.items():
@@ -151,7 +148,7 @@ def _write_dir(p: RepairPlan, out: str, *, link: bool, advance):
                 continue
             if full in p.salvaged:
                 if p.salvaged[full].saves_anything:
-                    _write_salvaged(p.salvaged[full], target)
+                    _write_salvaged(p.salvaged[full], target, p.salvaged[full].format)
             elif link and os.path.islink(full):  # a link inside SRC: its target's bytes, copied
                 shutil.copyfile(os.path.realpath(full), target)
             elif link:

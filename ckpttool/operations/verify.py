@@ -62,13 +62,17 @@ def check_integrity(v: Verification, ckpt: Checkpoint, crcs_covered=False):
 def check_manifest(v: Verification, ckpt: Checkpoint, *, require: bool) -> bool:
     """The checksums check; True when every file matched a manifest that was written after a CRC check."""
     target = checksums.manifest_path(ckpt)
-    own = trainers.profile_of(ckpt).own_manifest(ckpt) if not os.path.exists(target) and not require else None
-    if own is not None:  # no manifest of ckpttool's: the one the trainer wrote, as its loader checks it
+    own = trainers.profile_of(ckpt).own_manifest(ckpt)  # the trainer's own (Megatron's integrity.json), as its
+    if own is not None:  # loader checks it: checked whether or not ckpttool wrote one too
         name, found = own
         v.problems.extend(found)
-        v.check("checksums", FAIL if errors(found) else PASS, "; ".join(f"{p.code}: {p.message}" for p in found)
-                or f"every file matches {name}, the trainer's own manifest")
-        return False
+        if found or (not os.path.exists(target) and not require):
+            v.check("checksums", FAIL if errors(found) else PASS, "; ".join(f"{p.code}: {p.message}" for p in found)
+                    or f"the files {name}, the trainer's own manifest, lists match it")
+            if require and not os.path.exists(target):
+                v.problem(Code.NO_MANIFEST, ERROR, f"no manifest at {target}; create one with `ckpttool manifest "
+                          f"{ckpt.path}` right after saving", target)
+            return False
     if not os.path.exists(target):
         if require:
             v.problem(Code.NO_MANIFEST, ERROR, f"no manifest at {target}; create one with `ckpttool manifest "

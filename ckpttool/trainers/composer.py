@@ -20,7 +20,7 @@ import os
 import re
 
 from ckpttool import paths
-from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY
+from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY, TensorRef
 from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component,
                             Problem, Record, StepSource)
 from ckpttool.trainers import implications
@@ -77,6 +77,52 @@ def _optimizer_step(comp: Component) -> int | None:
     by_name = {t.name: t for t in comp.tensors}
     return largest_step(comp.tree, lambda index, _ref: read_scalar(by_name[f"state.{index}.step"])
                         if f"state.{index}.step" in by_name else None)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # each in its parameter's shape
+NAMED = 5  # parameters named in one problem
+
+
+def _parameter_problems(ckpt) -> list[Problem]:
+    """Composer keys each optimizer's state and param groups by parameter name (State.state_dict's
+    get_optimizer_state_dict): state for a parameter the model does not hold, a moment in another shape than its
+    parameter, or a parameter missing a moment every other one has fails the optimizer's load (load_state_dict,
+    dcp.load into the live shapes) or its first step. Optimizers keyed by index (older saves) are left to the
+    generic moment check."""
+    model = next((c for c in ckpt.components if c.role == "model"), None)
+    shapes = {t.name: tuple(t.shape) for t in model.tensors} if model else {}
+    problems = []
+    for part in ckpt.components:
+        if part.role != "optimizer" or not shapes:
+            continue
+        stats: dict[str, dict[str, tuple]] = {}
+        for t in part.tensors:
+            param, _, stat = t.name.removeprefix("state.").rpartition(".")
+            if t.name.startswith("state.") and stat in MOMENTS:
+                stats.setdefault(param, {})[stat] = tuple(t.shape)
+        groups = part.tree.get("param_groups") if isinstance(part.tree, dict) else None
+        named = [p for g in groups if isinstance(g, dict) and isinstance(g.get("params"), list)
+                 for p in g["params"] if isinstance(p, str)] if isinstance(groups, list) else []
+        if not any(p in shapes for p in list(stats) + named):
+            continue  # keyed by index
+        where = part.files[0] if part.files else ckpt.path
+        if lost := sorted({p for p in list(stats) + named if p not in shapes}):
+            problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR, f"{part.name} names {', '.join(lost[:NAMED])}"
+                                    f"{' and more' if len(lost) > NAMED else ''}, which the model does not hold: "
+                                    "the optimizer's load fails", where, component=part.name))
+        wrong = [f"{stat} of {p} is {list(shape)}, the parameter {list(shapes[p])}" for p, moments in stats.items()
+                 if p in shapes for stat, shape in moments.items() if shape != shapes[p]]
+        if wrong:
+            problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR, f"{part.name}: {'; '.join(wrong[:NAMED])}: "
+                                    "moments swapped or from another model, the load or the first step fails",
+                                    where, component=part.name))
+        every = set().union(*stats.values()) if stats else set()
+        cut = [f"{p} lacks {', '.join(sorted(every - set(m)))}" for p, m in stats.items() if set(m) != every]
+        if cut:
+            problems.append(Problem(Code.OPTIMIZER_MISMATCH, ERROR, f"{part.name}: {'; '.join(cut[:NAMED])}, which "
+                                    "the other parameters' state holds: its state was cut, the load fails", where,
+                                    component=part.name))
+    return problems
 
 
 class Composer(Profile):
@@ -174,7 +220,7 @@ class Composer(Profile):
                 problems.append(Problem(Code.MISSING_OPTIMIZER, ERROR, f"{', '.join(empty)} holds no per-parameter "
                                         f"state at batch {batch}: the resume restarts its moments and step from "
                                         "zero", ckpt.path, component="optimizer"))
-        return problems
+        return problems + _parameter_problems(ckpt)
 
     def run_saves(self, path):
         folder = os.path.dirname(os.path.abspath(path))
@@ -215,6 +261,7 @@ class Composer(Profile):
 SHARDED_NAME = re.compile(r"ep\d+-ba(\d+)")  # FSDPConfig.sharded_ckpt_prefix_dir's default, 'ep{epoch}-ba{batch}'
 ENV_INFO = "state.metadata.composer_env_info."
 MAX_DEPTH = 32  # levels of one flattened name that are rebuilt; a deeper one is no key of Composer's
+NAMED_BY_PARAMETER = ("model", "state")
 
 
 def _unflatten(flat: dict):
@@ -236,13 +283,20 @@ def _unflatten(flat: dict):
     return _as_lists(tree)
 
 
-def _as_lists(node):
+def _as_lists(node, key=None):
+    """Dicts keyed 0..n-1 as the lists DCP flattened, but for those keyed by parameter names (`model`, an
+    optimizer's `state`: an nn.Sequential's parameters are named 0.weight, 1.weight, ...)."""
     if not isinstance(node, dict):
         return node
-    node = {k: _as_lists(v) for k, v in node.items()}
-    if node and node.keys() == {str(i) for i in range(len(node))}:
+    node = {k: _as_lists(v, k) for k, v in node.items()}
+    if key not in NAMED_BY_PARAMETER and node and node.keys() == {str(i) for i in range(len(node))}:
         return [node[str(i)] for i in range(len(node))]
     return node
+
+
+def _slot(t) -> TensorRef:
+    """A tensor's place in a rebuilt tree (what `convert` fills with its data, by the tree's dotted names)."""
+    return TensorRef(None, 0, tuple(t.shape), (), t.dtype)
 
 
 def sharded_state(ckpt) -> Component | None:
@@ -260,18 +314,21 @@ def sharded_state(ckpt) -> Component | None:
             if name.startswith("state."):
                 tensors.append(dataclasses.replace(t, name=name[len("state."):]))
     tree = _unflatten({k[len("state."):]: v for k, v in objects.items() if k.startswith("state.")})
-    tree.setdefault("model", {})
+    model = tree.setdefault("model", {})
     optimizers = tree.get("optimizers")
-    for t in tensors:
-        cls, _, rest = t.name.removeprefix("optimizers.").partition(".state.")
-        if t.name.startswith("optimizers.") and rest and isinstance(optimizers, dict) and \
-                isinstance(optimizers.get(cls), dict):
-            per_param = optimizers[cls].setdefault("state", {})
-            if isinstance(per_param, dict):
-                per_param.setdefault(rest.rpartition(".")[0], {})
     for v in optimizers.values() if isinstance(optimizers, dict) else ():
         if isinstance(v, dict):
             v.setdefault("state", {})
+    for t in tensors:  # each tensor in its place: the tree is Composer's State.state_dict again
+        cls, _, rest = t.name.removeprefix("optimizers.").partition(".state.")
+        if t.name.startswith("model.") and isinstance(model, dict):
+            model[t.name[len("model."):]] = _slot(t)
+        elif t.name.startswith("optimizers.") and rest and isinstance(optimizers, dict) and \
+                isinstance(optimizers.get(cls), dict) and isinstance(optimizers[cls]["state"], dict):
+            param, _, stat = rest.rpartition(".")
+            entry = optimizers[cls]["state"].setdefault(param, {})
+            if isinstance(entry, dict):
+                entry[stat] = _slot(t)
     files = next((c.files for c in ckpt.components if c.files), [])
     return Component("state", "extra", files=list(files), tensors=tensors, tree=tree)
 

@@ -78,6 +78,9 @@ def has_dist_config(path: str) -> bool:
     return isinstance(config, dict) and "sharded_backend" in config
 
 
+MAX_UNLISTED = 10_000  # entries of a save looked at for files its integrity.json does not list
+
+
 def integrity_problems(path: str) -> list[Problem]:
     """Megatron's own manifest (`--verify-integrity`, core 0.18+, validation.py save_integrity_manifest):
     integrity.json {"algorithm": "sha256", "files": {name: hex}} over the dir's top-level files, checked as
@@ -108,6 +111,13 @@ def integrity_problems(path: str) -> list[Problem]:
         if digest.hexdigest() != expected:
             problems.append(Problem(Code.CHECKSUM_MISMATCH, ERROR, f"{name} does not match its sha256 in {INTEGRITY}: "
                                     "changed since Megatron saved it", full))
+    # save_integrity_manifest lists every top-level file: one it does not list came after it (or the list was cut)
+    for entry in sorted(os.listdir(path))[:MAX_UNLISTED]:
+        full = os.path.join(path, entry)
+        if entry not in files and entry != INTEGRITY and not entry.startswith("ckpttool") and \
+                os.path.isfile(full) and not os.path.islink(full):
+            problems.append(Problem(Code.CHECKSUM_MISMATCH, WARNING, f"{entry} is not listed in {INTEGRITY}, which "
+                                    "Megatron writes over every file of the save: it was added after", full))
     return problems
 
 
