@@ -413,6 +413,11 @@ def convert(src, dst, to, component, dtype, allow_lossy_cast, shard_size, no_ver
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
         click.echo(f"wrote {_safe(dst)} ({result['target']}: {', '.join(result['components'])}; "
                    f"{result['tensors']} tensors, {human_bytes(result['bytes'])}{check})")
+        if result["weights_only_loadable"]:
+            click.echo("written as plain data, so that torch.load(weights_only=True) loads it: " +
+                       "; ".join(result["weights_only_loadable"][:10]) +
+                       (f" and {len(result['weights_only_loadable']) - 10} more" if
+                        len(result["weights_only_loadable"]) > 10 else ""))
         if result["lossy_cast"]:
             lossy = result["lossy_cast"]
             click.echo(f"lossy cast to {result['dtype']} (--allow-lossy-cast): {lossy['overflowed']} values became "

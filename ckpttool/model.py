@@ -347,6 +347,9 @@ class Checkpoint:
     pickle_globals: list = field(default_factory=list)  # every global any pickle in it names
     trainer: str | None = None  # the trainer profile that recognised it (ckpttool/trainers/), None when unknown
     profile: object = field(default=None, repr=False, compare=False)  # that profile itself (never shown)
+    # a torch training dict's top-level values that are no part (epoch, args, a best metric), as unpickled: what
+    # convert carries into a .pt (metadata holds their picture, for showing)
+    extras: dict = field(default_factory=dict, repr=False, compare=False)
 
     def component(self, role_or_name: str) -> Component | None:
         for c in self.components:

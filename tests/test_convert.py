@@ -150,15 +150,47 @@ def test_failures_leave_no_output(corpus, tmp_path):
     assert cli("convert", "--force", corpus["safetensors"], out)[0].exit_code == 0
     assert cli("convert", corpus["safetensors"], tmp_path / "noext")[0].exit_code == 2
     assert cli("convert", corpus["safetensors"], tmp_path / "x.safetensors", "--shard-size", "lots")[0].exit_code == 2
-    import argparse
     model, opt, _ = _trained(1)
     state = opt.state_dict()
-    state["param_groups"][0]["args"] = argparse.Namespace(lr=1)
-    torch.save({"model": model.state_dict(), "optimizer": state}, tmp_path / "ns.pt")
-    result, _ = cli("convert", tmp_path / "ns.pt", tmp_path / "ns_out.pt")
-    assert result.exit_code == 1 and "unsafe_pickle" in result.stderr and "argparse.Namespace" in result.stderr
-    assert not (tmp_path / "ns_out.pt").exists()
-    assert cli("convert", "--component", "model", tmp_path / "ns.pt", tmp_path / "w.pt")[0].exit_code == 0
+    state["param_groups"][0]["config"] = OwnConfig()  # a class of the user's own: never rebuilt
+    torch.save({"model": model.state_dict(), "optimizer": state}, tmp_path / "own.pt")
+    result, _ = cli("convert", tmp_path / "own.pt", tmp_path / "own_out.pt")
+    assert result.exit_code == 1 and "unsafe_pickle" in result.stderr and "OwnConfig" in result.stderr
+    assert not (tmp_path / "own_out.pt").exists()
+    assert cli("convert", "--component", "model", tmp_path / "own.pt", tmp_path / "w.pt")[0].exit_code == 0
+
+
+class OwnConfig:
+    """A training script's own class, pickled with its instances."""
+
+
+def test_convert_to_pt_writes_inert_objects_as_data_weights_only_loads(tmp_path):
+    """A Namespace, paths, numpy scalars and dtypes, datetimes and durations, at the top level or inside a part,
+    become the plain data torch.load(weights_only=True) takes, and the output says so."""
+    import argparse
+    import datetime
+    import pathlib
+
+    import numpy as np
+
+    model, opt, _ = _trained(1)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = np.float64(0.001)
+    torch.save({"model": model.state_dict(), "optimizer": state, "epoch": 2, "global_step": 7,
+                "args": argparse.Namespace(lr=0.1, out=pathlib.PurePosixPath("/runs/a"), seed=np.int64(3),
+                                           dtype=np.dtype("float32")),
+                "best": np.float32(0.5), "elapsed": datetime.timedelta(minutes=2),
+                "started": datetime.datetime(2026, 1, 2, 3, 4, 5)}, tmp_path / "train.pt")
+    result, _ = cli("convert", tmp_path / "train.pt", tmp_path / "out.pt")
+    assert result.exit_code == 0, result.output
+    assert "weights_only=True" in result.output and "args: argparse.Namespace as a dict" in result.output
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["args"] == {"lr": 0.1, "out": "/runs/a", "seed": 3, "dtype": "f4"}
+    assert out["best"] == 0.5 and out["elapsed"] == 120.0 and out["started"] == "2026-01-02T03:04:05"
+    assert out["epoch"] == 2 and out["global_step"] == 7
+    assert out["optimizer"]["param_groups"][0]["lr"] == 0.001 and type(out["optimizer"]["param_groups"][0]["lr"]) \
+        is float
+    assert all(torch.equal(out["model"][k], v) for k, v in model.state_dict().items())
 
 
 def test_input_never_modified(corpus, tmp_path):

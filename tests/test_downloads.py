@@ -1,6 +1,7 @@
 """What people download and load: the wrong thing under a checkpoint's name (a Git LFS pointer, a saved web page, a
-JSON error body, text), a Hugging Face cache download that stopped, and a run folder where one checkpoint is expected.
-Each is named for what it is, with the next step, never "corrupt" with a number."""
+JSON error body, text), a Hugging Face cache download that stopped, a run folder where one checkpoint is expected, and
+pickles torch 2.6+ refuses by default. Each is named for what it is, with the next step, never "corrupt" with a
+number."""
 
 import json
 import os
@@ -140,3 +141,77 @@ def test_a_run_folder_is_answered_with_its_checkpoints_and_the_commands_for_a_ru
         assert result.exit_code == 2
         assert "checkpoint-60, checkpoint-40, checkpoint-20" in result.output and "ckpttool latest" in result.output
         assert "no checkpoint layout recognised" not in result.output
+
+
+# --- weights_only, understood: every global outside torch's allow-list is inert data (a warning with the lines that
+# let torch load it), a class of the training code only built (a warning: its code must be importable), or code
+# (unsafe_pickle, an error) ---
+
+def _pickled_with(tmp_path, name: str, value):
+    path = tmp_path / f"{name}.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "value": value, "global_step": 1}, path)
+    return path
+
+
+def _own_module():
+    """A module of "the training code": importable while saving, not where ckpttool reads."""
+    import sys
+    import types
+
+    module = types.ModuleType("my_training_code")
+    sys.modules["my_training_code"] = module
+
+    class Config:
+        pass
+
+    class Runner:
+        def __reduce__(self):
+            return (Config, ())  # REDUCE: the pickle calls what it names
+
+    Config.__module__ = module.__name__
+    Config.__qualname__ = "Config"
+    module.Config = Config
+    return module, Config, Runner
+
+
+def test_inert_data_is_a_warning_with_both_lines_naming_every_class(tmp_path):
+    import argparse
+    import datetime
+    import pathlib
+
+    path = _pickled_with(tmp_path, "inert", [argparse.Namespace(lr=0.1), datetime.datetime(2026, 1, 2),
+                                             pathlib.PureWindowsPath("C:/runs")])
+    result, report = cli("verify", "--json", str(path))
+    assert result.exit_code == 0 and codes(report) == ["needs_safe_globals"]
+    message = report["problems"][0]["message"]
+    names = "argparse.Namespace, datetime.datetime, pathlib.PureWindowsPath"
+    assert f"torch.serialization.add_safe_globals([{names}])" in message
+    assert f"with torch.serialization.safe_globals([{names}]):" in message
+
+
+def test_classes_of_the_training_code_are_a_warning_and_calls_an_error(tmp_path):
+    import sys
+
+    module, config, runner = _own_module()
+    try:
+        built = _pickled_with(tmp_path, "built", config())
+        called = _pickled_with(tmp_path, "called", runner())
+    finally:
+        del sys.modules["my_training_code"]
+    result, report = cli("verify", "--json", str(built))
+    assert result.exit_code == 0 and [(p["code"], p["severity"]) for p in report["problems"]] == [
+        ("unsafe_pickle", "warning")]
+    assert "my_training_code.Config" in report["problems"][0]["message"] and "importable" in \
+        report["problems"][0]["message"]
+    result, report = cli("verify", "--json", str(called))  # REDUCE calls it: code, whatever its module
+    assert result.exit_code == 1 and codes(report, "error") == ["unsafe_pickle"]
+
+
+def test_an_installed_class_outside_the_lists_stays_an_error(tmp_path):
+    """Only a module that is not importable here counts as the training code's own: a class of an installed package
+    that no list knows to be inert stays unsafe_pickle."""
+    import string
+
+    path = _pickled_with(tmp_path, "template", string.Template("$step"))
+    result, report = cli("verify", "--json", str(path))
+    assert result.exit_code == 1 and codes(report, "error") == ["unsafe_pickle"]

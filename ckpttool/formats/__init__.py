@@ -37,8 +37,7 @@ class ReaderEntry(NamedTuple):
 
 
 READERS = (ReaderEntry("dcp", folders=True), ReaderEntry("deepspeed", folders=True),
-           ReaderEntry("pretrained", folders=True), ReaderEntry("misnamed", files=True),
-           ReaderEntry("sharded", folders=True, files=True),
+           ReaderEntry("pretrained", folders=True), ReaderEntry("sharded", folders=True, files=True),
            ReaderEntry("family", files=True), ReaderEntry("safetensors", files=True),
            ReaderEntry("torchfile", files=True))
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # what torch.save files are named (torchfile)
@@ -53,7 +52,7 @@ def readers_for(path: str) -> list[Reader]:
         names = [r.module for r in READERS if r.folders]
     elif path.endswith(".index.json"):
         names = ["sharded"]
-    elif path.endswith(".safetensors"):
+    elif path.endswith(".safetensors"):  # a checkpoint's name: first, whether it is text instead (misnamed)
         names = ["misnamed", "safetensors"]
     elif path.endswith(TORCH_SUFFIXES):
         names = ["misnamed", "family", "safetensors", "torchfile"]

@@ -14,10 +14,10 @@ from collections import defaultdict
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import (DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, split_unsafe,
-                                      unpickle)
-from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, Checkpoint, Chunk, Code, Component, Location,
-                            Record, StepSource, TensorInfo)
+from ckpttool.formats.pickles import (DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, classify,
+                                      own_classes_problem, unpickle)
+from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Checkpoint, Chunk, Code, Component,
+                            Location, Record, StepSource, TensorInfo)
 
 METADATA = ".metadata"
 # A non-tensor item is a torch.save blob of the value (default_planner.DefaultSavePlanner.transform_object), and DCP
@@ -235,12 +235,15 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     except CkptError as e:
         ckpt.add_problem(e.code, ERROR, f"item {fqn!r} at byte {offset}: {e.reason}", full)
         return None
-    unsafe = split_unsafe(raw.unsafe_globals)[0]  # dcp.load takes an inert data class (weights_only=False)
+    unsafe, _, own = classify(raw.unsafe_globals, raw.called)  # dcp.load takes inert data (weights_only=False)
     if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"item {fqn!r} imports {', '.join(unsafe)}, outside the "
                          "allow-list: dcp.load unpickles it with weights_only=False and would run that code; it was "
                          "not executed", full)
+    if own and not any(p.code == Code.UNSAFE_PICKLE and p.severity == WARNING and p.path == full
+                       for p in ckpt.problems):
+        ckpt.problems.append(own_classes_problem(own, f"item {fqn!r}", full))
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
     return raw
 

@@ -139,24 +139,64 @@ def runs_code(name: str) -> bool:
 # allow-lists the same): unpickling one builds an attribute bag, a duration, a string or a path and calls nothing, but
 # torch.load(weights_only=True), torch's default since 2.6, refuses it unless allow-listed. A pickle naming one is a
 # warning with the line that lets it load (`inert_problem`), never `unsafe_pickle`.
-INERT_CLASSES = {"argparse.Namespace", "types.SimpleNamespace", "datetime.timedelta",
-                 "torch.torch_version.TorchVersion", "pathlib.PosixPath", "pathlib.PurePosixPath"}
+INERT_CLASSES = {"argparse.Namespace", "types.SimpleNamespace", "datetime.timedelta", "datetime.datetime",
+                 "datetime.date", "datetime.time", "datetime.timezone", "torch.torch_version.TorchVersion",
+                 "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
+                 "pathlib.Path"}
 
 
 def inert_problem(names: list[str], where: str, path: str) -> Problem:
-    """The warning for a pickle naming the inert data classes `names`: what refuses it and the exact line that lets
-    torch.load(weights_only=True) take it."""
+    """The warning for a pickle naming the inert data classes `names`: what refuses it and the exact lines (either
+    form) that let torch.load(weights_only=True) take it."""
     modules = ", ".join(dict.fromkeys(n.rpartition(".")[0] for n in names))
-    line = f"import {modules}; torch.serialization.add_safe_globals([{', '.join(names)}])"
+    listed = ", ".join(names)
     return Problem(Code.NEEDS_SAFE_GLOBALS, WARNING,
-                   f"{where} names {', '.join(names)}, a plain data class that loading builds without calling any "
-                   "code, but torch.load(weights_only=True), the default since torch 2.6, refuses it "
-                   f"(UnpicklingError); if you trust the file, run `{line}` before loading it", path)
+                   f"{where} names {listed}, plain data that loading builds without calling any code, but "
+                   "torch.load(weights_only=True), the default since torch 2.6, refuses it (UnpicklingError); if you "
+                   f"trust the file, run `import {modules}; torch.serialization.add_safe_globals([{listed}])` before "
+                   f"loading it, or load it inside `with torch.serialization.safe_globals([{listed}]):`", path)
 
 
-def split_unsafe(names: list[str]) -> tuple[list[str], list[str]]:
+def own_classes_problem(names: list[str], where: str, path: str) -> Problem:
+    """The warning for a pickle naming classes of the training code itself (`names`, from modules not importable
+    here), which it only builds (never calls): loading needs that code."""
+    modules = ", ".join(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    return Problem(Code.UNSAFE_PICKLE, WARNING,
+                   f"{where} names {', '.join(names)}, classes of the training code ({modules}, not importable here) "
+                   "that it builds without calling them: loading the file needs their code importable, and with "
+                   f"weights_only=True (torch's default since 2.6) `torch.serialization.add_safe_globals([...])` of "
+                   "them once imported; ckpttool did not import or run them", path)
+
+
+def classify(names: list[str], called=()) -> tuple[list[str], list[str], list[str]]:
+    """The globals outside the allow-list in three kinds: (those that run code: known to, or called by the pickle
+    (REDUCE) and not inert data; inert data classes; classes of the training code itself, only built, from a module
+    not importable here)."""
+    inert = [n for n in names if n in INERT_CLASSES]
+    own = [n for n in names if n not in INERT_CLASSES and n not in called and not runs_code(n) and _own_module(n)]
+    return [n for n in names if n not in inert and n not in own], inert, own
+
+
+def split_unsafe(names: list[str], called=()) -> tuple[list[str], list[str]]:
     """(the globals outside the allow-list that are not inert data classes, those that are)."""
-    return [n for n in names if n not in INERT_CLASSES], [n for n in names if n in INERT_CLASSES]
+    unsafe, inert, own = classify(names, called)
+    return unsafe + own, inert
+
+
+def _own_module(name: str) -> bool:
+    """Whether a global's module is the training code's own, not importable here: a script's `__main__`, or a
+    top-level package no finder knows (looked up by name, nothing imported)."""
+    import importlib.util
+
+    top = name.split(".")[0]
+    if top == "__main__":
+        return True
+    if not top.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(top) is None
+    except (ImportError, ValueError):
+        return False
 
 
 # Protocol-2 pickles name Python 2 modules; map them as the standard unpickler would.
@@ -420,6 +460,7 @@ class SafeUnpickler(pickle._Unpickler):
         self._stream = stream
         self.allowed = allowed
         self.globals_seen: list[str] = []
+        self.called: set[str] = set()  # globals the pickle calls (REDUCE), not only builds (NEWOBJ, BUILD)
         self.storages: dict[str, StorageRef] = {}
         self._opaque_classes: dict[str, type] = {}
 
@@ -447,6 +488,20 @@ class SafeUnpickler(pickle._Unpickler):
             raise EOFError
 
     dispatch[pickle.FRAME[0]] = load_frame
+
+    def load_reduce(self):
+        """REDUCE calls what lies under its arguments: a global used so is called, not only built."""
+        if len(self.stack) >= 2 and isinstance(getattr(self.stack[-2], "global_name", None), str):
+            self.called.add(self.stack[-2].global_name)
+        pickle._Unpickler.load_reduce(self)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def _instantiate(self, klass, args):
+        """INST and OBJ (protocols 0 and 1) call their class with its arguments."""
+        if isinstance(getattr(klass, "global_name", None), str):
+            self.called.add(klass.global_name)
+        pickle._Unpickler._instantiate(self, klass, args)
 
     def find_class(self, module, name):
         module = MODULE_ALIASES.get(module, module)
@@ -626,6 +681,7 @@ class RawPickle:
     storages: dict = field(default_factory=dict)  # key -> (StorageRef, data offset)
     globals_seen: list = field(default_factory=list)
     unsafe_globals: list = field(default_factory=list)
+    called: set = field(default_factory=set)  # globals the pickle calls (SafeUnpickler.called)
 
 
 def union(lists) -> list:

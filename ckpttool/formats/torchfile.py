@@ -129,9 +129,9 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     """`role`: what the file is as part of a larger checkpoint (None: what its contents say); `name`: its component's
     name there."""
     raw = read_raw(path)
-    components, steps, metadata = analyse(raw, path, role=role, name=name)
+    components, steps, metadata, extras = analyse(raw, path, role=role, name=name)
     ckpt = Checkpoint(path, "torch", raw.layout, components=components, steps=steps, metadata=metadata,
-                      files=[path])
+                      files=[path], extras=extras)
     note_pickle(ckpt, raw, path)
     if uncarried := uncarried_tensors(components):
         ckpt.add_problem(Code.UNSUPPORTED_LAYOUT, WARNING, f"{uncarried}; torch.load gives them, their values are not "
@@ -141,10 +141,10 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
 
 def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
-    from ckpttool.formats.pickles import inert_problem, split_unsafe
+    from ckpttool.formats.pickles import classify, inert_problem, own_classes_problem
 
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
-    unsafe, inert = split_unsafe(raw.unsafe_globals)
+    unsafe, inert, own = classify(raw.unsafe_globals, raw.called)
     if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"pickle imports {', '.join(unsafe)}, outside the allow-list: torch.load "
@@ -152,6 +152,8 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
                          "you trust its source, or re-save the tensors with `ckpttool convert`", path)
     if inert:
         ckpt.problems.append(inert_problem(inert, "the pickle", path))
+    if own:
+        ckpt.problems.append(own_classes_problem(own, "the pickle", path))
     devices = sorted({ref.location for ref, _ in raw.storages.values()})
     if devices:
         known = set(ckpt.metadata.get("saved_on_devices", []))

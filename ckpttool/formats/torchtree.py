@@ -64,11 +64,13 @@ def flatten(obj, prefix="", seen=None):
         yield from flatten(value, f"{prefix}.{key}" if prefix else str(key), seen)
 
 
-def rebuild(obj, replace, prefix="", memo=None):
+def rebuild(obj, replace, prefix="", memo=None, notes: list | None = None):
     """A copy of an unpickled object with each TensorRef replaced by `replace(dotted name)` (names as `flatten`
     gives them: a container reached twice is rebuilt once, at its first name, and shared as it was). Only plain data
     is carried: sets and allow-listed objects (numpy RNG state) are rebuilt from contents checked to be inert, so a
-    payload hidden inside them is never written back out; anything else is CkptError (unsafe_pickle)."""
+    payload hidden inside them is never written back out; anything else is CkptError (unsafe_pickle). With `notes`,
+    inert objects torch.load(weights_only=True) refuses become the plain data it takes (`loadable`), each change
+    noted there."""
     memo = {} if memo is None else memo
     if isinstance(obj, TensorRef):
         return replace(prefix)
@@ -77,22 +79,72 @@ def rebuild(obj, replace, prefix="", memo=None):
     if id(obj) in memo:
         return memo[id(obj)]
     join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
+    if notes is not None and isinstance(obj, Opaque) and (found := loadable(obj)) is not None:
+        value, what = found
+        notes.append(f"{prefix or 'the object'}: {obj.global_name} as {what}")
+        memo[id(obj)] = out = rebuild(value, replace, prefix, memo, notes)
+        return out
     if isinstance(obj, dict):
         for key in obj:
             _check_inert(key, f"{prefix or 'the object'} key")
         out = type(obj)() if isinstance(obj, OrderedDict) else {}
         memo[id(obj)] = out
-        out.update((k, rebuild(v, replace, join(k), memo)) for k, v in obj.items())
+        out.update((k, rebuild(v, replace, join(k), memo, notes)) for k, v in obj.items())
         return out
     if isinstance(obj, list):
         out = memo[id(obj)] = []
-        out.extend(rebuild(v, replace, join(i), memo) for i, v in enumerate(obj))
+        out.extend(rebuild(v, replace, join(i), memo, notes) for i, v in enumerate(obj))
         return out
     if isinstance(obj, tuple):
-        memo[id(obj)] = out = tuple(rebuild(v, replace, join(i), memo) for i, v in enumerate(obj))
+        memo[id(obj)] = out = tuple(rebuild(v, replace, join(i), memo, notes) for i, v in enumerate(obj))
         return out
     _check_inert(obj, prefix or "the object")  # sets, complex numbers, numpy RNG state: carried as they are
     return obj
+
+
+NAMESPACES = ("argparse.Namespace", "types.SimpleNamespace")
+PATHS = ("pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.Path", "pathlib.WindowsPath", "pathlib.PureWindowsPath")
+NUMPY_SCALARS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+NUMPY_CODE = re.compile(r"[<>|=]?(?:[biuf](?:1|2|4|8)|c(?:8|16)|\?)")
+DATETIMES = ("datetime.datetime", "datetime.date", "datetime.time")
+
+
+def loadable(obj: Opaque) -> tuple[object, str] | None:
+    """(the plain data torch.load(weights_only=True) takes for an inert object it refuses, what it became): an
+    argparse or types Namespace as the dict of its attributes, a path as its string, a numpy scalar as the Python
+    number and a numpy dtype as its name, a date or time as its ISO text, a timedelta as seconds. None for any other
+    object (and for one whose pickled arguments are not what the class pickles)."""
+    import datetime
+
+    name, args = obj.global_name, obj.args
+    if name in NAMESPACES:
+        return obj.fields(), "a dict"
+    if name in PATHS and args and all(isinstance(a, str) for a in args):  # PurePath.__reduce__: its parts
+        import ntpath
+        import posixpath
+
+        return (ntpath if "Windows" in name else posixpath).join(*args), "a string"
+    if name == "numpy.dtype" and args and isinstance(args[0], str) and NUMPY_CODE.fullmatch(args[0]):
+        return args[0], "its name"
+    if name in NUMPY_SCALARS and len(args) == 2 and isinstance(args[0], Opaque) and isinstance(args[1], bytes):
+        import numpy
+
+        code, state = args[0].args[0] if args[0].args else None, args[0].state
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=") else ""
+        if isinstance(code, str) and NUMPY_CODE.fullmatch(code):
+            dtype = numpy.dtype(order + code if code[0] not in "<>|=" else code)
+            if dtype.itemsize == len(args[1]):
+                return numpy.frombuffer(args[1], dtype=dtype)[0].item(), "a Python number"
+        return None
+    if name == "datetime.timedelta" and len(args) == 3 and all(type(a) is int for a in args):
+        return datetime.timedelta(*args).total_seconds(), "seconds"
+    if name in DATETIMES and args and isinstance(args[0], bytes):
+        try:
+            cls = getattr(datetime, name.rpartition(".")[2])
+            return cls(args[0]).isoformat(), "ISO text"  # the class's own pickled state: bytes, never code
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 PLAIN = (int, float, str, bool, bytes)
@@ -175,10 +227,11 @@ def role_of_key(key: str) -> str | None:
 
 
 def analyse(raw: RawPickle, path: str, *, role: str | None = None, name: str | None = None):
-    """Components and step sources of one torch file's object; `role` and `name`: what the file is as a part of a
-    larger checkpoint (None: what its contents say)."""
+    """Components, step sources, metadata and the training dict's other top-level values (as unpickled) of one torch
+    file's object; `role` and `name`: what the file is as a part of a larger checkpoint (None: what its contents
+    say)."""
     obj = raw.obj
-    components, steps, metadata = [], [], {}
+    components, steps, metadata, extras = [], [], {}, {}
 
     def component(comp_name, comp_role, value):
         leaves = list(flatten(value))
@@ -206,6 +259,7 @@ def analyse(raw: RawPickle, path: str, *, role: str | None = None, name: str | N
                 component(str(key), "extra", value)
             else:
                 _scalars_into(metadata, str(key), value)
+                extras[key] = value
         for key in STEP_KEYS + EPOCH_KEYS:
             value = obj.get(key)
             if type(value) is int or (isinstance(value, float) and value.is_integer()):
@@ -213,7 +267,7 @@ def analyse(raw: RawPickle, path: str, *, role: str | None = None, name: str | N
                                         file=os.path.basename(path)))  # the trainer profile names it
     else:
         component(name or role or "model", role or "model", obj)
-    return components, steps, metadata
+    return components, steps, metadata, extras
 
 
 def _scalars_into(metadata, key, value):

@@ -117,7 +117,9 @@ def read_zip(path, size, allowed, opener, base=0) -> RawPickle:
             if offset + info.file_size > size:
                 raise CkptError(Code.TRUNCATED, f"{info.filename} ends past the end of the file", path)
             storages[key] = (ref, base + offset)
-    return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed])
+    # a global another pickle of the archive names was only scanned, not unpickled: taken as called
+    called = unpickler.called | (set(globals_seen) - set(unpickler.globals_seen))
+    return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed], called)
 
 
 def stored_members(path: str, span: tuple[int, int] | None = None) -> list[tuple[zipfile.ZipInfo, int]]:

@@ -138,8 +138,10 @@ def write_safetensors(path: str, part: OutputPart, dtype, metadata, progress):
     output.write_tensors(path, "safetensors", specs, tensors(), metadata, staged=False)
 
 
-def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = None, flat: bool = False):
-    """A torch.save zip. `parts`: top-level key -> OutputPart (or one under key None for a plain state dict)."""
+def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = None, flat: bool = False,
+                notes: list | None = None):
+    """A torch.save zip. `parts`: top-level key -> OutputPart (or one under key None for a plain state dict).
+    `notes`: inert objects become the plain data torch.load(weights_only=True) takes, each change noted there."""
     load = _loader(dtype)
     specs, plan, canonical = [], [], {}
     for key, part in parts.items():
@@ -163,7 +165,10 @@ def write_torch(path: str, parts: dict, dtype, progress, extra: dict | None = No
             if tree is None:  # a flat tensor file (safetensors, DCP): rebuild as a state dict
                 value = {name: alias[name if key is None else f"{key}/{name}"] for name in part.sources}
             else:
-                value = rebuild(tree, lambda name, k=key: alias[name if k is None else f"{k}/{name}"])
+                found = None if notes is None else []
+                value = rebuild(tree, lambda name, k=key: alias[name if k is None else f"{k}/{name}"], notes=found)
+                if found:
+                    notes.extend(f"{key}.{n}" if key is not None else n for n in found)
             if key is None:
                 return value
             root[key] = value
@@ -354,18 +359,27 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
     if not any(c.tensors for c in whole):
         raise CkptError(Code.NO_TENSORS, f"holds no tensors ({', '.join(c.name for c in whole) or 'no components'}): "
                         "there is nothing to convert, and no output was written", src)
+    notes: list[str] = []
     with atomic.guard(dst, total):
-        compared = _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify)
+        compared = _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify,
+                                   notes)
     return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
+            "weights_only_loadable": list(dict.fromkeys(notes)),
             "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast and str(cast),
             "verified_tensors": compared if verify else None,
             "lossy_cast": {"overflowed": cast.overflowed, "underflowed": cast.underflowed, "tensors": cast.tensors}
             if cast is not None and cast.tensors else None}
 
 
-def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify) -> int:
+def _no_tensor(name: str):
+    raise CkptError(Code.CORRUPT, f"{name} holds a tensor outside the checkpoint's parts; it was not written")
+
+
+def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_bytes, total, verify,
+                    notes) -> int:
     """Write the output into a staging folder beside `dst`, compare it with the source (returns how many tensors
-    were compared), and rename it into place."""
+    were compared), and rename it into place. `notes`: what a .pt output holds as plain data instead of an object
+    torch.load(weights_only=True) refuses."""
     staging = atomic.make_staging_dir(dst)
     try:
         out_path = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
@@ -387,14 +401,13 @@ def _convert_staged(ckpt, dst, kind, whole, chosen, cast, metadata, step, shard_
                 if chosen is not None or len(whole) == 1:
                     comp = whole[0]
                     parts = [("model", OutputPart(comp, weights=comp.role in WEIGHT_ROLES))]
-                    write_torch(out_path, {None: parts[0][1]}, cast, progress)
+                    write_torch(out_path, {None: parts[0][1]}, cast, progress, notes=notes)
                 else:
                     parts = [(c.name, OutputPart(c, weights=c.role in WEIGHT_ROLES)) for c in whole]
-                    extra = {k: v for k, v in ckpt.metadata.items() if isinstance(v, (int, float, str, bool))
-                             and k not in ("guard",)}
+                    extra = rebuild(ckpt.extras, _no_tensor, notes=notes)  # the training dict's other values
                     if step is not None:
-                        extra["global_step"] = step
-                    write_torch(out_path, dict(parts), cast, progress, extra)
+                        extra.setdefault("global_step", step)
+                    write_torch(out_path, dict(parts), cast, progress, extra, notes=notes)
             elif kind == "accelerate":
                 os.makedirs(out_path)
                 parts = write_accelerate(out_path, Checkpoint(ckpt.path, ckpt.format, ckpt.layout, whole,

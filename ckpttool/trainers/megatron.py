@@ -221,7 +221,21 @@ class Megatron(Profile):
             problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder} has no {COMMON} (nor a common_state item): "
                                     "the iteration, args and scheduler state are lost, and load_common raises "
                                     "'Common file ... does not exist'", os.path.join(ckpt.path, COMMON)))
+        if not os.path.isfile(os.path.join(ckpt.path, INTEGRITY)) and (sibling := self._sealed_sibling(ckpt.path)):
+            problems.append(Problem(Code.MISSING_FILE, ERROR, f"{folder} has no {INTEGRITY}, which the run's save "
+                                    f"{os.path.basename(sibling)} has (--verify-integrity writes it after "
+                                    f"{CONFIG}): this save stopped before it or lost it, and a load with "
+                                    "--verify-integrity raises 'Integrity manifest not found'",
+                                    os.path.join(ckpt.path, INTEGRITY)))
         return problems
+
+    def _sealed_sibling(self, path: str) -> str | None:
+        """The run's save nearest `path` by iteration, where it holds an integrity.json (the run saves with
+        --verify-integrity)."""
+        saves = self.run_saves(path)
+        number = self.name_number(path)
+        nearest = sorted((n for n in saves if n != number), key=lambda n: abs(n - (number or 0)))[:1]
+        return next((saves[n] for n in nearest if os.path.isfile(os.path.join(saves[n], INTEGRITY))), None)
 
     @staticmethod
     def _common_item(ckpt) -> bool:
