@@ -66,30 +66,10 @@ def _open(path: str) -> Checkpoint:
             _look_at_the_rest(ckpt)
         return ckpt
     if os.path.isdir(path):
-        raise UsageError(_run_folder(path) or f"{path}: no checkpoint layout recognised in this directory (expected a "
-                         "trainer's state dir such as checkpoint-N, a DCP dir or a sharded index); point at a "
-                         "checkpoint file or state dir")
+        raise UsageError(f"{path}: no checkpoint layout recognised in this directory (expected a trainer's state dir "
+                         "such as checkpoint-N, a DCP dir or a sharded index); point at a checkpoint file or state dir")
     raise UsageError(f"{path}: not a checkpoint file ckpttool reads (.pt .pth .bin .ckpt .safetensors, an index "
                      "or a state dir)")
-
-
-RUN_NAMED = 5  # checkpoints of a run folder named in the answer to `inspect DIR`
-
-
-def _run_folder(path: str) -> str | None:
-    """What to say of a training run's output folder given where one checkpoint is expected: its checkpoints, newest
-    first, and the commands that take a run; None where it holds none."""
-    from ckpttool import discovery
-
-    found = discovery.discover(path)
-    if not found:
-        return None
-    names = [os.path.relpath(c.path, path) for c in found]
-    more = f" and {len(names) - RUN_NAMED} more" if len(names) > RUN_NAMED else ""
-    return (f"{path} is a training run's folder, not one checkpoint: it holds {len(names)} checkpoints "
-            f"({', '.join(names[:RUN_NAMED])}{more}). `ckpttool latest {path}` picks the newest that verifies "
-            f"(--for-resume: that a resume can use), `ckpttool report {path}` describes them all; to inspect one, "
-            f"name it: {os.path.join(path, names[0])}")
 
 
 WALK_LIMIT = 100_000  # entries of one checkpoint dir looked at; a dir of more is reported, not walked without end

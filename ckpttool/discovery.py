@@ -149,3 +149,26 @@ def _dir_candidate(full: str, entry: str) -> Candidate | None:
 
 def _existing(path: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
+
+
+RUN_NAMED = 5  # checkpoints of a run folder named in the answer to `inspect DIR`
+
+
+def open_checkpoint_or_run(path: str):
+    """open_checkpoint; where `path` is a training run's folder rather than one checkpoint, a UsageError that names
+    its checkpoints, newest first, and the commands that take a run."""
+    from ckpttool.checkpoint import open_checkpoint
+    from ckpttool.errors import UsageError
+
+    try:
+        return open_checkpoint(path)
+    except UsageError:
+        found = discover(path) if os.path.isdir(path) else []
+        if not found:
+            raise
+    names = [os.path.relpath(c.path, path) for c in found]
+    more = f" and {len(names) - RUN_NAMED} more" if len(names) > RUN_NAMED else ""
+    raise UsageError(f"{path} is a training run's folder, not one checkpoint: it holds {len(names)} checkpoints "
+                     f"({', '.join(names[:RUN_NAMED])}{more}). `ckpttool latest {path}` picks the newest that "
+                     f"verifies (--for-resume: that a resume can use), `ckpttool report {path}` describes them all; to "
+                     f"inspect one, name it: {os.path.join(path, names[0])}") from None

@@ -34,10 +34,12 @@ class ReaderEntry(NamedTuple):
     module: str  # ckpttool.formats.<module>
     folders: bool = False  # reads a folder
     files: bool = False  # reads a file
+    named: bool = False  # asked only of a file named as a checkpoint (.safetensors, a torch suffix)
 
 
 READERS = (ReaderEntry("dcp", folders=True), ReaderEntry("deepspeed", folders=True),
-           ReaderEntry("pretrained", folders=True), ReaderEntry("sharded", folders=True, files=True),
+           ReaderEntry("pretrained", folders=True), ReaderEntry("misnamed", files=True, named=True),
+           ReaderEntry("sharded", folders=True, files=True),
            ReaderEntry("family", files=True), ReaderEntry("safetensors", files=True),
            ReaderEntry("torchfile", files=True))
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # what torch.save files are named (torchfile)
@@ -57,7 +59,7 @@ def readers_for(path: str) -> list[Reader]:
     elif path.endswith(TORCH_SUFFIXES):
         names = ["misnamed", "family", "safetensors", "torchfile"]
     else:
-        names = [r.module for r in READERS if r.files]
+        names = [r.module for r in READERS if r.files and not r.named]
     return [importlib.import_module(f"ckpttool.formats.{name}") for name in names]
 
 

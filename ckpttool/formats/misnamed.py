@@ -21,7 +21,7 @@ HEAD = 1024  # bytes looked at: git-lfs's pointer files are under 1024 bytes (it
 JSON_LIMIT = 1 << 20  # a JSON body longer than this is named as JSON without being parsed
 LFS_VERSIONS = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
 TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
-MESSAGE_KEYS = ("error", "message", "detail", "msg", "errors")
+MESSAGE_KEYS = "error message detail msg errors".split()  # where a JSON error body says what went wrong
 
 
 def _head(path: str) -> bytes:

@@ -7,8 +7,8 @@ import os
 import re
 from collections import Counter
 
-from ckpttool import steps
-from ckpttool.checkpoint import guess_format, open_checkpoint
+from ckpttool import discovery, steps
+from ckpttool.checkpoint import guess_format
 from ckpttool.errors import CkptError
 from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo, errors
 
@@ -57,7 +57,7 @@ def inspect(path: str, tensor_filter: str | None = None, list_tensors: bool = Fa
     """Report on `path`. A file too broken to read still gives a report: its problem, no components. `stats` reads
     every tensor (of those `tensor_filter` matches) for tensor_stats; `modules` adds module_tree to `depth`."""
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = discovery.open_checkpoint_or_run(path)
     except CkptError as e:
         ckpt = Checkpoint(path, guess_format(path), "unreadable")
         ckpt.problems.append(Problem(e.code, ERROR, e.reason, e.path or path))

@@ -6,8 +6,8 @@ import json
 import os
 import re
 
-from ckpttool import checksums, hashing, steps, trainers
-from ckpttool.checkpoint import guess_format, open_checkpoint
+from ckpttool import checksums, discovery, hashing, steps, trainers
+from ckpttool.checkpoint import guess_format
 from ckpttool.checksums import crc_problems
 from ckpttool.dtypes import SCANNED_FOR_NONFINITE
 from ckpttool.errors import CkptError, UsageError
@@ -352,7 +352,7 @@ def _verify(path, *, require_manifest, config_file, expect_step, for_resume, fin
         v.problem(Code.STEP_MISMATCH, WARNING, f"config {config_file} resumes from {config['resume_from_checkpoint']}, "
                   f"not {path}")
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = discovery.open_checkpoint_or_run(path)
     except CkptError as e:
         # Unreadable: say why, and let a manifest still tell which bytes changed.
         v.problem(e.code, ERROR, e.reason, e.path or path)
