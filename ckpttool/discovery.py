@@ -162,8 +162,8 @@ def open_checkpoint_or_run(path: str):
 
     try:
         return open_checkpoint(path)
-    except UsageError:
-        found = discover(path) if os.path.isdir(path) else []
+    except UsageError:  # no layout: a run folder? (a trainer that claims the folder has said why already)
+        found = discover(path) if os.path.isdir(path) and trainers.for_path(path) is None else []
         if not found:
             raise
     names = [os.path.relpath(c.path, path) for c in found]

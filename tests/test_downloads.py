@@ -215,3 +215,31 @@ def test_an_installed_class_outside_the_lists_stays_an_error(tmp_path):
     path = _pickled_with(tmp_path, "template", string.Template("$step"))
     result, report = cli("verify", "--json", str(path))
     assert result.exit_code == 1 and codes(report, "error") == ["unsafe_pickle"]
+
+
+def test_the_line_needs_safe_globals_gives_makes_torch_load_the_file(tmp_path):
+    """The message's own line, run as it stands (in a fresh interpreter: add_safe_globals is process-wide), lets
+    torch.load(weights_only=True) load the file, which it refuses without it: a Namespace with paths and datetimes,
+    and numpy RNG state and scalars (whose dtype classes torch checks though no GLOBAL names them)."""
+    import argparse
+    import datetime
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    files = [_pickled_with(tmp_path, "args", argparse.Namespace(out=pathlib.PosixPath("/runs"),
+                                                                 started=datetime.datetime(2026, 1, 2))),
+             _pickled_with(tmp_path, "numpy", {"rng": np.random.RandomState(0).get_state(), "lr": np.float64(0.1)})]
+    for path in files:
+        result, report = cli("verify", "--json", str(path))
+        assert result.exit_code == 0 and codes(report) == ["needs_safe_globals"], report["problems"]
+        line = re.search(r"`(import [^`]*)`", report["problems"][0]["message"]).group(1)
+        load = f"import torch; torch.load({str(path)!r}, weights_only=True)"
+        refused = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+        assert refused.returncode != 0 and "weights_only" in refused.stderr.lower()
+        loaded = subprocess.run([sys.executable, "-c", f"import torch; {line}; {load}"], capture_output=True,
+                                text=True)
+        assert loaded.returncode == 0, loaded.stderr[-600:]

@@ -141,10 +141,14 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
 
 def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
-    from ckpttool.formats.pickles import classify, inert_problem, own_classes_problem
+    from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY, classify, inert_problem, own_classes_problem
 
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
     unsafe, inert, own = classify(raw.unsafe_globals, raw.called)
+    # numpy arrays, scalars and dtypes: read here as plain data, but off torch's own weights_only list
+    numpy = [g for g in raw.globals_seen if g not in raw.unsafe_globals and g not in TORCH_WEIGHTS_ONLY and
+             g.startswith("numpy.")]
+    inert += numpy + (numpy_dtype_classes(raw.obj) if "numpy.dtype" in numpy else [])
     if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"pickle imports {', '.join(unsafe)}, outside the allow-list: torch.load "
@@ -158,6 +162,37 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     if devices:
         known = set(ckpt.metadata.get("saved_on_devices", []))
         ckpt.metadata["saved_on_devices"] = sorted(known | set(devices))
+
+
+DTYPE_WALK = 1_000_000  # objects looked at for numpy dtypes
+
+
+def numpy_dtype_classes(obj) -> list[str]:
+    """The numpy.dtypes classes of the dtypes a pickle builds: torch's weights_only load checks each dtype's class
+    (`numpy.dtypes.UInt32DType` for an RNG state's key array), which no GLOBAL of the pickle names."""
+    import numpy
+
+    from ckpttool.formats.pickles import Opaque
+    from ckpttool.formats.torchtree import NUMPY_CODE
+
+    found, stack, seen = [], [obj], set()
+    while stack and len(seen) < DTYPE_WALK:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, Opaque):
+            code = node.args[0] if node.global_name == "numpy.dtype" and node.args else None
+            if isinstance(code, str) and NUMPY_CODE.fullmatch(code):
+                name = f"numpy.dtypes.{type(numpy.dtype(code)).__name__}"
+                if name not in found:
+                    found.append(name)
+            stack.extend([node.args, node.state, node.items, node.entries])
+    return found
 
 
 def saved_tensor(name: str, loc: Location, shape) -> TensorInfo:

@@ -198,6 +198,7 @@ class Profile:
         """Name the trainer, the roles of its parts and the meaning of each counter; add what an unfinished save
         looks like as problems."""
         ckpt.trainer = self.name
+        ckpt.problems[:] = [p for p in ckpt.problems if not self._loader_takes(ckpt, p)]
         if self.source:
             ckpt.metadata["trainer_source"] = self.source
         if self.layout:
@@ -217,6 +218,19 @@ class Profile:
             from ckpttool.trainers import contract
 
             ckpt.problems.extend(contract.damage(terms, ckpt))
+
+    def _loader_takes(self, ckpt: Checkpoint, problem: Problem) -> bool:
+        """Whether a `needs_safe_globals` warning is moot: the trainer's own weights_only load of that file
+        allow-lists every plain-data global it names (loader_problems judges the file against that list)."""
+        if problem.code != Code.NEEDS_SAFE_GLOBALS or problem.severity != WARNING or not problem.path:
+            return False
+        from ckpttool.formats.pickles import INERT_CLASSES
+
+        name = os.path.basename(problem.path)
+        allowed = next((a for pattern, a, _ in self.weights_only_loads if re.fullmatch(pattern, name)), None)
+        named = {g for c in ckpt.components if c.files and c.files[0] == problem.path for g in c.pickle_globals
+                 if g in INERT_CLASSES or g.startswith("numpy.")}
+        return allowed is not None and bool(named) and named <= allowed
 
     def completion_problems(self, ckpt: Checkpoint) -> list[Problem]:
         return []

@@ -20,7 +20,7 @@ import os
 import re
 
 from ckpttool import paths
-from ckpttool.formats.pickles import INERT_CLASSES, TORCH_WEIGHTS_ONLY, TensorRef
+from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY, TensorRef
 from ckpttool.model import (EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Code, Component,
                             Problem, Record, StepSource)
 from ckpttool.trainers import implications
@@ -162,9 +162,6 @@ class Composer(Profile):
         self._counters(ckpt, state, parts)
         if isinstance(state.get("metadata"), dict) and type(state["metadata"].get("world_size")) is int:
             ckpt.metadata["world_size"] = state["metadata"]["world_size"]
-        # the inert classes Composer's own loader allow-lists are no warning here: its resume loads them
-        allowed = all(g in SAFE for g in ckpt.pickle_globals if g in INERT_CLASSES)
-        ckpt.problems[:] = [p for p in ckpt.problems if not (allowed and p.code == Code.NEEDS_SAFE_GLOBALS)]
         ckpt.problems.extend(self._state_problems(ckpt, state))
         super().interpret(ckpt)
 
