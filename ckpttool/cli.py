@@ -414,10 +414,13 @@ def convert(src, dst, to, component, dtype, allow_lossy_cast, shard_size, no_ver
         click.echo(f"wrote {_safe(dst)} ({result['target']}: {', '.join(result['components'])}; "
                    f"{result['tensors']} tensors, {human_bytes(result['bytes'])}{check})")
         if result["weights_only_loadable"]:
-            click.echo("written as plain data, so that torch.load(weights_only=True) loads it: " +
+            click.echo("objects torch.load(weights_only=True) refuses, written as plain data: " +
                        "; ".join(result["weights_only_loadable"][:10]) +
                        (f" and {len(result['weights_only_loadable']) - 10} more" if
                         len(result["weights_only_loadable"]) > 10 else ""))
+        if result["weights_only_refuses"]:
+            click.echo("kept as they were, which torch.load(weights_only=True) refuses unless allow-listed "
+                       f"(torch.serialization.add_safe_globals): {', '.join(result['weights_only_refuses'])}")
         if result["lossy_cast"]:
             lossy = result["lossy_cast"]
             click.echo(f"lossy cast to {result['dtype']} (--allow-lossy-cast): {lossy['overflowed']} values became "

@@ -22,10 +22,12 @@ def runner():
                                      "kohya_state", "simpletuner", "dcp", "fsdp", "family", "quanto_qint4",
                                      "torch_numpy_rng"])
 def test_good_fixtures_inspect_clean(runner, corpus, fixture):
+    """No problem but, for a custom training dict holding numpy RNG state, the warning that torch's default
+    weights_only load refuses numpy (with the line that lets it)."""
     result, report = run_json(runner, ["inspect", "--json", corpus[fixture]])
     assert result.exit_code == 0, result.output
     assert CONTRACT_FIELDS <= set(report)
-    assert report["problems"] == []
+    assert [p["code"] for p in report["problems"]] == (["needs_safe_globals"] if fixture == "torch_numpy_rng" else [])
     assert report["tensors"] > 0 and report["parameters"] > 0 and report["bytes"] > 0
 
 

@@ -184,6 +184,7 @@ def test_convert_to_pt_writes_inert_objects_as_data_weights_only_loads(tmp_path)
     result, _ = cli("convert", tmp_path / "train.pt", tmp_path / "out.pt")
     assert result.exit_code == 0, result.output
     assert "weights_only=True" in result.output and "args: argparse.Namespace as a dict" in result.output
+    assert "kept as they were" not in result.output
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["args"] == {"lr": 0.1, "out": "/runs/a", "seed": 3, "dtype": "f4"}
     assert out["best"] == 0.5 and out["elapsed"] == 120.0 and out["started"] == "2026-01-02T03:04:05"

@@ -243,3 +243,75 @@ def test_the_line_needs_safe_globals_gives_makes_torch_load_the_file(tmp_path):
         loaded = subprocess.run([sys.executable, "-c", f"import torch; {line}; {load}"], capture_output=True,
                                 text=True)
         assert loaded.returncode == 0, loaded.stderr[-600:]
+
+
+def _sg(module: str, name: str) -> bytes:
+    """STACK_GLOBAL of module.name, its two strings pushed first (protocol 4)."""
+    return b"".join(b"\x8c" + bytes([len(s)]) + s.encode() for s in (module, name)) + b"\x93"
+
+
+def _runs(path, marker) -> bool:
+    """Whether pickle.load of the file (as torch.load(weights_only=False) does first) writes `marker`: the payload is
+    real, run in a fresh interpreter whose __main__ holds a class Cfg."""
+    import subprocess
+    import sys
+
+    code = (f"import pickle, os\nclass Cfg: pass\ntry:\n    pickle.load(open({str(path)!r}, 'rb'))\nexcept Exception:"
+            "\n    pass\n")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    return os.path.exists(marker)
+
+
+@pytest.mark.parametrize("kind", ["dotted_exec", "setstate_by_build", "package_attribute_path"])
+def test_a_class_only_built_cannot_smuggle_a_call(tmp_path, kind):
+    """Attack pass on the three kinds: a name reaching past its module (`__main__` then `__builtins__.exec`, a package
+    then `os.system`), or a BUILD that sets `__setstate__` so the next BUILD calls it, runs code with no REDUCE: it
+    stays unsafe_pickle, an error."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('x')"
+    call = b"\x8c" + bytes([len(code)]) + code.encode() + b"b"  # a second BUILD: its state goes to __setstate__
+    if kind == "dotted_exec":
+        body = _sg("__main__", "Cfg") + b")\x81N}\x8c\x0c__setstate__" + _sg("__main__", "__builtins__.exec") + \
+            b"s\x86b" + call
+    elif kind == "setstate_by_build":
+        body = _sg("__main__", "Cfg") + b")\x81N}\x8c\x0c__setstate__" + _sg("builtins", "exec") + b"s\x86b" + call
+    else:
+        body = _sg("mytrainer_not_installed", "os.system") + b"\x8c\x04true\x85R"
+    path = tmp_path / "payload.pt"
+    path.write_bytes(b"\x80\x04" + body + b".")
+    if kind != "package_attribute_path":
+        assert _runs(path, marker)
+    result, report = cli("verify", "--json", str(path))
+    assert result.exit_code == 1 and "unsafe_pickle" in codes(report, "error"), report["problems"]
+
+
+def test_pickles_the_resume_never_loads_are_scanned_in_every_protocol(tmp_path):
+    """An extra file in a state dir, as protocol 0 (no PROTO opcode to start it) or naming os through another module
+    (`pathlib` then `os.system`), is an unsafe_pickle error; so is a protocol-0 pickle named as a checkpoint (never
+    taken for text)."""
+    from tests.helpers import state_dir
+
+    run = tmp_path / "checkpoint-2"
+    state_dir(str(run), 2)
+    (run / "config.pkl").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+    result, report = cli("verify", "--json", "--for-resume", str(run))
+    assert result.exit_code == 1 and "unsafe_pickle" in codes(report, "error")
+    (run / "config.pkl").write_bytes(b"\x80\x04" + _sg("pathlib", "os.system") + b"\x8c\x04true\x85R.")
+    result, report = cli("verify", "--json", "--for-resume", str(run))
+    assert result.exit_code == 1 and "unsafe_pickle" in codes(report, "error")
+    (tmp_path / "p0.pt").write_bytes(b"cos\nsystem\n(S'true'\ntR." + b" " * 2000)
+    result, report = cli("verify", "--json", str(tmp_path / "p0.pt"))
+    assert result.exit_code == 1 and codes(report, "error") == ["unsafe_pickle"]
+
+
+def test_a_dcp_item_too_large_to_unpickle_is_still_scanned(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    dcp.save({"model": {"w": torch.ones(2)}, "extra": [Payload(), "A" * (2 << 20)]},
+             checkpoint_id=str(tmp_path / "big"), no_dist=True)
+    result, report = cli("verify", "--json", str(tmp_path / "big"))
+    assert result.exit_code == 1 and "unsafe_pickle" in codes(report, "error")

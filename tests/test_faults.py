@@ -418,10 +418,13 @@ def test_scanner_corpus_techniques_are_unsafe(tmp_path, name, content):
 
 
 def test_benign_training_pickles_raise_no_alarm(corpus, runs):
-    """Accelerate's RNG states (numpy state, allow-listed as Accelerate allow-lists it) are clean; a transformers
-    training_args.bin names its globals (it is a pickled TrainingArguments) but never fails verify of its dir."""
+    """Accelerate's RNG states (numpy state, allow-listed as Accelerate allow-lists it) are clean in their dir, and
+    alone only the warning that torch's default weights_only load refuses numpy; a transformers training_args.bin
+    names its globals (it is a pickled TrainingArguments) but never fails verify of its dir."""
     result, doc = cli("inspect", os.path.join(corpus["accelerate"], "random_states_0.pkl"), "--json")
-    assert doc["problems"] == [] and "numpy.ndarray" in doc["pickle_globals"]
+    assert [p["code"] for p in doc["problems"]] == ["needs_safe_globals"] and "numpy.ndarray" in doc["pickle_globals"]
+    result, doc = cli("verify", "--for-resume", corpus["accelerate"], "--json")
+    assert doc["ok"] and doc["problems"] == [], doc["problems"]
     checkpoint = os.path.join(runs["transformers"], sorted(os.listdir(runs["transformers"]))[-1])
     args_file = os.path.join(checkpoint, "training_args.bin")
     result, doc = cli("inspect", args_file, "--json")

@@ -14,8 +14,8 @@ from collections import defaultdict
 
 from ckpttool import paths
 from ckpttool.errors import CkptError
-from ckpttool.formats.pickles import (DCP_GLOBALS, SAFE_GLOBALS, DtypeRef, Opaque, TensorRef, classify,
-                                      own_classes_problem, unpickle)
+from ckpttool.formats.pickles import (DCP_GLOBALS, SAFE_GLOBALS, SCAN_OPCODES, DtypeRef, Opaque, TensorRef,
+                                      classify, own_classes_problem, unpickle)
 from ckpttool.model import (ERROR, OPTIMIZER_UPDATES, SCHEDULER_STEPS, WARNING, Checkpoint, Chunk, Code, Component,
                             Location, Record, StepSource, TensorInfo)
 
@@ -146,13 +146,18 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
     data_files = set()
     objects = {}
     read = _objects_read(entries)
+    budget = [SCAN_OPCODES]  # opcodes the scans of this checkpoint's unread items share
     for fqn, entry in entries.items():
         fields = _fields(entry, f"entry {fqn!r}", meta_path)
         items = storage.get(fqn, [])
         for item in items:
             data_files.add(str(item.get("relative_path")))
         if "properties" not in fields:  # BytesStorageMetadata: a pickled Python object
-            objects[fqn] = _object(ckpt, fqn, items[0] if items else None, path) if fqn in read else "<not read>"
+            if fqn in read:
+                objects[fqn] = _object(ckpt, fqn, items[0] if items else None, path, budget)
+            else:
+                objects[fqn] = "<not read>"
+                _scan_unread(ckpt, fqn, items[0] if items else None, path, budget)
             continue
         props = fields["properties"]
         # TensorProperties pickles its state as a (dtype, layout, requires_grad, memory_format, pin_memory) tuple.
@@ -235,7 +240,8 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     except CkptError as e:
         ckpt.add_problem(e.code, ERROR, f"item {fqn!r} at byte {offset}: {e.reason}", full)
         return None
-    unsafe, _, own = classify(raw.unsafe_globals, raw.called)  # dcp.load takes inert data (weights_only=False)
+    # dcp.load takes inert data (weights_only=False): no word of it
+    unsafe, _, own = classify(raw.unsafe_globals, raw.called, raw.runs_methods)
     if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"item {fqn!r} imports {', '.join(unsafe)}, outside the "
@@ -248,7 +254,34 @@ def _blob(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, allowed: set
     return raw
 
 
-def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
+def _scan_unread(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, budget: list):
+    """An item too large (or one too many) to unpickle still has its pickle's opcodes scanned for the globals dcp.load
+    would import (weights_only=False): any outside the allow-list is `unsafe_pickle`, as scanned names cannot be told
+    built from called. The scans of one checkpoint share one opcode budget."""
+    import zipfile
+
+    from ckpttool.formats.pickles import scan_records
+    from ckpttool.formats.torchzip import ZIP_ERRORS, Window, _salvage
+
+    if item is None or not isinstance(item.get("relative_path"), str):
+        return
+    full = os.path.join(path, item["relative_path"])
+    if not os.path.isfile(full) or not _end(item) or _end(item) > os.path.getsize(full) or budget[0] <= 0:
+        return
+    try:
+        with Window(full, item.get("offset", 0), item.get("length", 0)) as raw:
+            names = [g for info in zipfile.ZipFile(raw).infolist() for g in scan_records(_salvage(raw, info) or b"",
+                                                                                        budget)]
+    except ZIP_ERRORS:
+        return  # unreadable: dcp.load fails on it as well
+    unsafe = [g for g in dict.fromkeys(names) if g not in OBJECT_GLOBALS]
+    if unsafe:
+        ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR, f"item {fqn!r} (not unpickled here, its opcodes scanned) imports "
+                         f"{', '.join(unsafe[:8])}, outside the allow-list: dcp.load unpickles it with "
+                         "weights_only=False and would run that code; it was not executed", full)
+
+
+def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str, budget: list):
     """A non-tensor item's value as shown in metadata: ints, strings, short bytes, nested dicts (a train state's
     step, a dataloader's state), with torch.save'd BytesIO buffers opened in turn."""
     from ckpttool.formats.torchfile import read_raw
@@ -256,6 +289,7 @@ def _object(ckpt: Checkpoint, fqn: str, item: dict | None, path: str):
 
     length = item.get("length") if item else None
     if type(length) is int and length > OBJECT_LIMIT:
+        _scan_unread(ckpt, fqn, item, path, budget)
         return f"<{length} bytes, not read>"
     raw = _blob(ckpt, fqn, item, path, OBJECT_GLOBALS)
     if raw is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import struct
 
 from ckpttool.errors import CkptError
@@ -32,8 +33,10 @@ def snapshot_of(path: str) -> dict | None:
 
 
 def _command(snap: dict, file: str | None) -> str:
+    """The command that fetches `file` (all of the snapshot: None), every name quoted for a shell."""
     kind = "" if snap["type"] == "model" else f" --repo-type {snap['type']}"
-    return f"hf download {snap['repo_id']}{' ' + file if file else ''} --revision {snap['revision']}{kind}"
+    target = shlex.quote(snap["repo_id"]) + (" " + shlex.quote(file) if file else "")
+    return f"hf download {target} --revision {snap['revision']}{kind}"
 
 
 def partials(snap: dict) -> dict[str, str]:
@@ -66,9 +69,11 @@ def expected_size(partial: str) -> int | None:
             header = json.loads(f.read(length))
     except (OSError, ValueError, RecursionError, struct.error):
         return None
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+    if not isinstance(header, dict):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
             and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
-    return 8 + length + max(ends) if ends and all(type(e) is int for e in ends) else None
+    return 8 + length + max(ends) if ends and all(type(e) is int and e >= 0 for e in ends) else None
 
 
 def _arrived(partial: str) -> str:

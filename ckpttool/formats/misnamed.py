@@ -13,6 +13,7 @@ import html
 import json
 import os
 import re
+import shlex
 
 from ckpttool.errors import CkptError
 from ckpttool.model import Checkpoint, Code
@@ -25,7 +26,13 @@ MESSAGE_KEYS = "error message detail msg errors".split()  # where a JSON error b
 
 
 def _head(path: str) -> bytes:
+    """The first bytes of a regular file (a FIFO or device under a checkpoint's name is left to the readers'
+    refusal, never opened here)."""
+    import stat
+
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return b""
         with open(path, "rb") as f:
             return f.read(HEAD)
     except OSError:
@@ -43,12 +50,12 @@ def _text(head: bytes) -> str | None:
     return text
 
 
-# A protocol-0 pickle is text too: a MARK or GLOBAL first (`(dp0`, `ccollections\nOrderedDict\n`), STOP (`.`) last
-TEXT_PICKLE = re.compile(r"(?:\(|c[\w.]+\n[\w.]+\n)[^\n]*\n.*\.\s*$", re.DOTALL)
+PICKLE_WINDOW = 1 << 20  # bytes of a text file parsed as protocol-0 pickle opcodes
 
 
 def detect(path: str) -> bool:
-    """Whether the file at `path` is text (an LFS pointer among it) rather than any checkpoint format."""
+    """Whether the file at `path` is text (an LFS pointer among it) rather than any checkpoint format. A protocol-0
+    pickle is text too: it is left to the torch readers (which check what it would import)."""
     try:
         head = _head(path)
         text = _text(head)
@@ -56,7 +63,23 @@ def detect(path: str) -> bool:
         return False
     if head.startswith(LFS_VERSIONS):
         return True
-    return text is not None and not (len(head) < HEAD and TEXT_PICKLE.match(text))
+    return text is not None and not _is_pickle(path)
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether the file parses as pickle opcodes to its STOP, or to the end of the first PICKLE_WINDOW bytes."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        window = io.BytesIO(f.read(PICKLE_WINDOW))
+    try:
+        for op, _, _ in pickletools.genops(window):
+            if op.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 - text that is no pickle fails on its first bytes, in many ways
+        return window.tell() >= PICKLE_WINDOW
+    return True
 
 
 def read(path: str, *, role: str | None = None, name: str | None = None) -> Checkpoint:
@@ -72,10 +95,11 @@ def describe(path: str) -> CkptError:
     if head.startswith(LFS_VERSIONS):
         fields = dict(line.partition(" ")[::2] for line in head.decode("utf-8", "replace").splitlines() if " " in line)
         oid, size = fields.get("oid", "?"), fields.get("size", "")
-        size_words = f" of {int(size):,} bytes" if size.isdigit() else ""
+        size_words = f" of {int(size):,} bytes" if re.fullmatch(r"[0-9]{1,20}", size) else ""
         return CkptError(Code.LFS_POINTER, f"a Git LFS pointer (oid {oid[:80]}{size_words}), not the file itself: the "
                          "repository was cloned without git-lfs. Run `git lfs install && git lfs pull` in the clone, "
-                         f"or download the file (`hf download REPO {base}` for a Hugging Face repo)", path)
+                         f"or download the file (`hf download REPO {shlex.quote(base)}` for a Hugging Face repo)",
+                         path)
     text = _text(head) or ""
     stripped = text.lstrip("\ufeff \t\r\n")
     size = os.path.getsize(path)

@@ -21,7 +21,8 @@ from ckpttool.model import WARNING, Code, Problem
 
 # What torch.load(weights_only=True) accepts, plus the numpy pieces Accelerate allow-lists for RNG state.
 SAFE_GLOBALS = {
-    "collections.OrderedDict", "torch.Tensor", "torch.nn.parameter.Parameter", "torch._utils._rebuild_tensor",
+    "collections.OrderedDict", "collections.Counter", "torch.Tensor", "torch.nn.parameter.Parameter",
+    "torch._utils._rebuild_tensor",
     "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device", "torch.storage.UntypedStorage",
@@ -128,10 +129,11 @@ def runs_code(name: str) -> bool:
     on the lists above, or any dunder attribute (`__reduce__`, `__import__`, `__builtins__` lookups)."""
     if name in SAFE_GLOBALS:  # what torch.load(weights_only=True) takes, wherever its module lives
         return False
-    module, _, attr = name.rpartition(".")
-    parts = module.split(".")
-    return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or attr.startswith("__") or
-            any(".".join(parts[:i]) in CODE_RUNNING_MODULES for i in range(1, len(parts) + 1)))
+    parts = name.split(".")
+    within = parts[:-1]  # the module path and the attributes on the way (`pathlib.os.system` reaches os)
+    return (name in CODE_RUNNING_GLOBALS or name == COMPUTED_GLOBAL or any(p.startswith("__") for p in parts[1:]) or
+            any(".".join(within[i:j]) in CODE_RUNNING_MODULES for i in range(len(within))
+                for j in range(i + 1, len(within) + 1)))
 
 
 # Plain data classes training scripts pickle beside their tensors (Megatron's and kohya's `args`, Composer's timestamps
@@ -168,11 +170,11 @@ def own_classes_problem(names: list[str], where: str, path: str) -> Problem:
                    "them once imported; ckpttool did not import or run them", path)
 
 
-def classify(names: list[str], called=()) -> tuple[list[str], list[str], list[str]]:
-    """The globals outside the allow-list in three kinds: (those that run code: known to, or called by the pickle
-    (REDUCE) and not inert data; inert data classes; classes of the training code itself, only built, from a module
-    not importable here)."""
-    inert = [n for n in names if n in INERT_CLASSES]
+def classify(names: list[str], called=(), methods=()) -> tuple[list[str], list[str], list[str]]:
+    """The globals outside the allow-list in three kinds: (those that run code: known to, called by the pickle
+    (REDUCE) and not inert data, or with methods it calls (`methods`: SafeUnpickler.runs_methods); inert data
+    classes; classes of the training code itself, only built, from a module not importable here)."""
+    inert = [n for n in names if n in INERT_CLASSES and n not in methods]
     own = [n for n in names if n not in INERT_CLASSES and n not in called and not runs_code(n) and _own_module(n)]
     return [n for n in names if n not in inert and n not in own], inert, own
 
@@ -318,9 +320,13 @@ class RepicklingPickler(pickle._Pickler):
 
 
 class Opaque:
-    """Stand-in for an instance of a class we will not import: records how the pickle built it."""
+    """Stand-in for an instance of a class we will not import: records how the pickle built it. `runs_methods` (on
+    the class) records that loading would call a method of the real class beyond building it: a second BUILD, a
+    state that sets a dunder, `append` or `extend` attribute (which a later BUILD or APPEND calls), or items fed in
+    by APPEND(S) or SETITEM(S)."""
 
     global_name = "?"
+    runs_methods = False
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -331,15 +337,22 @@ class Opaque:
         pass
 
     def __setstate__(self, state):
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+        if self.state is not None or any(isinstance(p, dict) and any(
+                not isinstance(k, str) or k.startswith("__") or k in ("append", "extend") for k in p) for p in parts):
+            type(self).runs_methods = True
         self.state = state
 
     def append(self, item):
+        type(self).runs_methods = True
         self.items.append(item)
 
     def extend(self, items):
+        type(self).runs_methods = True
         self.items.extend(items)
 
     def __setitem__(self, key, value):
+        type(self).runs_methods = True
         self.entries.append((key, value))
 
     def __repr__(self):
@@ -460,7 +473,7 @@ class SafeUnpickler(pickle._Unpickler):
         self._stream = stream
         self.allowed = allowed
         self.globals_seen: list[str] = []
-        self.called: set[str] = set()  # globals the pickle calls (REDUCE), not only builds (NEWOBJ, BUILD)
+        self._called: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
         self._opaque_classes: dict[str, type] = {}
 
@@ -492,7 +505,7 @@ class SafeUnpickler(pickle._Unpickler):
     def load_reduce(self):
         """REDUCE calls what lies under its arguments: a global used so is called, not only built."""
         if len(self.stack) >= 2 and isinstance(getattr(self.stack[-2], "global_name", None), str):
-            self.called.add(self.stack[-2].global_name)
+            self._called.add(self.stack[-2].global_name)
         pickle._Unpickler.load_reduce(self)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -500,14 +513,28 @@ class SafeUnpickler(pickle._Unpickler):
     def _instantiate(self, klass, args):
         """INST and OBJ (protocols 0 and 1) call their class with its arguments."""
         if isinstance(getattr(klass, "global_name", None), str):
-            self.called.add(klass.global_name)
+            self._called.add(klass.global_name)
         pickle._Unpickler._instantiate(self, klass, args)
+
+    @property
+    def called(self) -> set[str]:
+        """Globals whose code loading would run beyond building an instance: called (REDUCE, INST, OBJ), named by an
+        attribute path (`module` then `a.b`: protocol 4 reaches any attribute so), or whose instances get more than
+        one plain BUILD (`runs_methods`)."""
+        return self._called | self.runs_methods
+
+    @property
+    def runs_methods(self) -> set[str]:
+        """Classes whose instances loading would call a method of beyond building them (Opaque.runs_methods)."""
+        return {cls.global_name for cls in self._opaque_classes.values() if cls.runs_methods}
 
     def find_class(self, module, name):
         module = MODULE_ALIASES.get(module, module)
         full = f"{module}.{name}"
         if full not in self.globals_seen:
             self.globals_seen.append(full)
+        if "." in str(name):  # an attribute path from the module (protocol 4): whatever it reaches, not a class
+            self._called.add(full)
         if full in IMITATIONS:
             return IMITATIONS[full]
         if module == "torch" and name in STORAGE_CLASSES:
@@ -517,7 +544,7 @@ class SafeUnpickler(pickle._Unpickler):
         if module == "torch" and name in TORCH_NAMES:
             return DtypeRef(ALIASES.get(name, name))
         if full not in self._opaque_classes:
-            self._opaque_classes[full] = type(name, (Opaque,), {"global_name": full})
+            self._opaque_classes[full] = type(str(name), (Opaque,), {"global_name": full})
         return self._opaque_classes[full]
 
     def persistent_load(self, pid):
@@ -617,8 +644,8 @@ def scan_opcodes(source, budget: list | None = None) -> tuple[list[str], bool]:
     seen, memo, complete = [], {}, budget[0] > 0
     while complete:
         start = stream.tell()
-        if stream.read(1) != b"\x80":  # the next record, if any, starts with PROTO
-            break
+        if stream.read(1) != b"\x80" and start > 0:  # a record after the first starts with PROTO; the first may be
+            break  # protocol 0 or 1, which has none
         stream.seek(start)
         recent: list = []  # the last two values pushed, as far as strings go (None: anything else)
         try:
@@ -682,6 +709,7 @@ class RawPickle:
     globals_seen: list = field(default_factory=list)
     unsafe_globals: list = field(default_factory=list)
     called: set = field(default_factory=set)  # globals the pickle calls (SafeUnpickler.called)
+    runs_methods: set = field(default_factory=set)  # classes it calls methods of (SafeUnpickler.runs_methods)
 
 
 def union(lists) -> list:

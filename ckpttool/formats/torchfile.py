@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 
 from ckpttool import paths
@@ -144,7 +145,7 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY, classify, inert_problem, own_classes_problem
 
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
-    unsafe, inert, own = classify(raw.unsafe_globals, raw.called)
+    unsafe, inert, own = classify(raw.unsafe_globals, raw.called, raw.runs_methods)
     # numpy arrays, scalars and dtypes: read here as plain data, but off torch's own weights_only list
     numpy = [g for g in raw.globals_seen if g not in raw.unsafe_globals and g not in TORCH_WEIGHTS_ONLY and
              g.startswith("numpy.")]
@@ -165,6 +166,9 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
 
 
 DTYPE_WALK = 1_000_000  # objects looked at for numpy dtypes
+# a numpy dtype's pickled name (numpy.dtype's first argument): numbers, bools, strings, bytes, datetimes, objects,
+# records; anything else is never handed to numpy
+DTYPE_CODE = re.compile(r"[<>|=]?(?:[biufcUSaVmMO?](?:[0-9]{1,4})?(?:\[[0-9]{0,4}[a-zA-Z]{1,2}\])?)")
 
 
 def numpy_dtype_classes(obj) -> list[str]:
@@ -173,7 +177,6 @@ def numpy_dtype_classes(obj) -> list[str]:
     import numpy
 
     from ckpttool.formats.pickles import Opaque
-    from ckpttool.formats.torchtree import NUMPY_CODE
 
     found, stack, seen = [], [obj], set()
     while stack and len(seen) < DTYPE_WALK:
@@ -187,7 +190,7 @@ def numpy_dtype_classes(obj) -> list[str]:
             stack.extend(node)
         elif isinstance(node, Opaque):
             code = node.args[0] if node.global_name == "numpy.dtype" and node.args else None
-            if isinstance(code, str) and NUMPY_CODE.fullmatch(code):
+            if isinstance(code, str) and DTYPE_CODE.fullmatch(code):
                 name = f"numpy.dtypes.{type(numpy.dtype(code)).__name__}"
                 if name not in found:
                     found.append(name)

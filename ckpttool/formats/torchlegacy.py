@@ -27,7 +27,8 @@ def read_legacy(path, size, allowed) -> RawPickle:
             # pickle.load called again (joblib, custom loaders, scanners) reads on: scan the records that follow
             seen = union([magic_record.globals_seen, scan_records(f.read(SCAN_LIMIT))])
             called = magic_record.called | (set(seen) - set(magic_record.globals_seen))  # scanned only: as called
-            return RawPickle(first, "pickle", {}, seen, [g for g in seen if g not in allowed], called)
+            return RawPickle(first, "pickle", {}, seen, [g for g in seen if g not in allowed], called,
+                             magic_record.runs_methods)
         _, protocol_record = unpickle_at(f, allowed, path, "protocol record")
         _, sys_info_record = unpickle_at(f, allowed, path, "sys_info record")
         obj, unpickler = unpickle_at(f, allowed, path, "object pickle")
@@ -58,4 +59,5 @@ def read_legacy(path, size, allowed) -> RawPickle:
             raise CkptError(Code.CORRUPT, f"storages {sorted(missing)[:5]} have no data", path)
     records = (magic_record, protocol_record, sys_info_record, unpickler, keys_record)
     return RawPickle(obj, "torch legacy", storages, union(r.globals_seen for r in records),
-                     union(r.unsafe_globals for r in records), set().union(*(r.called for r in records)))
+                     union(r.unsafe_globals for r in records), set().union(*(r.called for r in records)),
+                     set().union(*(r.runs_methods for r in records)))

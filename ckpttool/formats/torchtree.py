@@ -138,7 +138,9 @@ def loadable(obj: Opaque) -> tuple[object, str] | None:
         return None
     if name == "datetime.timedelta" and len(args) == 3 and all(type(a) is int for a in args):
         return datetime.timedelta(*args).total_seconds(), "seconds"
-    if name in DATETIMES and args and isinstance(args[0], bytes):
+    if name == "torch.torch_version.TorchVersion" and len(args) == 1 and isinstance(args[0], str):
+        return args[0], "a string"
+    if name in DATETIMES and len(args) == 1 and isinstance(args[0], bytes):  # with a tzinfo: no plain form kept
         try:
             cls = getattr(datetime, name.rpartition(".")[2])
             return cls(args[0]).isoformat(), "ISO text"  # the class's own pickled state: bytes, never code

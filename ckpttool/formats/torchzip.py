@@ -119,7 +119,8 @@ def read_zip(path, size, allowed, opener, base=0) -> RawPickle:
             storages[key] = (ref, base + offset)
     # a global another pickle of the archive names was only scanned, not unpickled: taken as called
     called = unpickler.called | (set(globals_seen) - set(unpickler.globals_seen))
-    return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed], called)
+    return RawPickle(obj, "torch zip", storages, globals_seen, [g for g in globals_seen if g not in allowed], called,
+                     unpickler.runs_methods)
 
 
 def stored_members(path: str, span: tuple[int, int] | None = None) -> list[tuple[zipfile.ZipInfo, int]]:
