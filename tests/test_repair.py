@@ -545,7 +545,8 @@ def test_usage_errors_are_one_line_with_the_next_step(tmp_path):
 
 def test_dst_suffix_decides_the_repaired_files_format_or_nothing_is_written(tmp_path):
     """A cut torch file repaired into `fixed.safetensors` is safetensors (the values torch.load gives of the whole
-    file), a cut safetensors file into `.pt` a torch file; a DST whose suffix names no format keeps the input's."""
+    file), a cut safetensors file into `.pt` a torch file; a DST with no suffix keeps the input's format, one whose
+    suffix names another kind of file is refused before anything is written."""
     whole = {"a": torch.arange(1000.0), "b": torch.ones(7, 3)}
     torch.save(whole, tmp_path / "whole.pt")
     data = (tmp_path / "whole.pt").read_bytes()
@@ -563,3 +564,6 @@ def test_dst_suffix_decides_the_repaired_files_format_or_nothing_is_written(tmp_
     assert list(loaded) == ["a"] and torch.equal(loaded["a"], whole["a"])
     result, _ = cli("repair", tmp_path / "cut.pt", tmp_path / "fixed")
     assert result.exit_code == 0 and torch.equal(torch.load(tmp_path / "fixed", weights_only=True)["b"], whole["b"])
+    for name in ("fixed.index.json", "fixed.json", "fixed.txt"):  # a name that says another kind of file
+        result, _ = cli("repair", tmp_path / "cut.safetensors", tmp_path / name)
+        assert result.exit_code == 2 and "suffix" in result.output and not os.path.lexists(tmp_path / name)

@@ -68,6 +68,8 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
 
     if not dry_run:  # before the plan, which may read the whole checkpoint
         check_destination(src, dst, force=force)
+        if os.path.isfile(src):
+            _file_format(dst, None)
     p = plan(src, like)
     report = RepairReport(src, dst, dry_run, list(p.fixes), p.saves_something)
     if not p.fixes or dry_run or not p.saves_something:
@@ -79,13 +81,18 @@ def repair(src: str, dst: str, *, like: str | None = None, dry_run: bool = False
     return report
 
 
-def _file_format(dst: str, source: str) -> str:
+def _file_format(dst: str, source: str | None) -> str | None:
     """The format a repaired file is written in: the one DST's suffix names, as for convert; the damaged file's own
-    where the suffix names none."""
+    (`source`) where DST has no suffix. A suffix that names another kind of file (`.json`, `.index.json`, `.txt`) is
+    refused: a usage error before anything is written."""
+    from ckpttool.errors import UsageError
     from ckpttool.formats import TORCH_SUFFIXES
     from ckpttool.operations.output import FILE_FORMATS
 
     suffix = os.path.splitext(dst)[1].lower()
+    if suffix and suffix not in FILE_FORMATS and suffix not in TORCH_SUFFIXES:
+        raise UsageError(f"{dst}: its suffix names no format a repaired file is written in; name it .safetensors or "
+                         ".pt (or leave the suffix out to keep the input's format)")
     return FILE_FORMATS.get(suffix) or ("torch" if suffix in TORCH_SUFFIXES else source)
 
 
