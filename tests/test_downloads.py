@@ -48,6 +48,7 @@ def test_lfs_pointer_inside_a_state_dir_is_named_there(tmp_path):
     ('{"detail": {"message": "Invalid credentials"}}', "a JSON body (detail: 'Invalid credentials')"),
     ("[1, 2, 3]", "a JSON document"),
     ("model weights are at https://example.com/ckpt.pt\n", "a text file"),
+    ("", "an empty file (0 bytes)"),
 ])
 def test_a_page_a_json_body_or_text_says_what_it_is(tmp_path, body, said):
     for name in ("model.safetensors", "model.pt"):

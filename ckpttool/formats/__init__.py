@@ -69,7 +69,7 @@ def read_file(path: str, *, role: str = "model", name: str | None = None) -> Che
 
     from ckpttool.formats import misnamed
 
-    reader = misnamed if misnamed.detect(path) else safetensors if safetensors.detect(path) else torchfile
+    reader = misnamed if misnamed.is_text(path) else safetensors if safetensors.detect(path) else torchfile
     return reader.read(path, role=role, name=name)
 
 

@@ -1,6 +1,6 @@
 """What sits under a checkpoint's name but is no checkpoint: a Git LFS pointer (a clone made without git-lfs), a saved
-web page or a JSON error body (a download that got the server's answer instead of the file), other text. Told from the
-first bytes alone, before any checkpoint reader misreads them as a header length or a pickle.
+web page or a JSON error body (a download that got the server's answer instead of the file), other text, nothing at
+all. Told from the first bytes alone, before any checkpoint reader misreads them as a header length or a pickle.
 
 No checkpoint format begins with text: a torch zip begins with `PK\\x03\\x04`, a torch pickle with the PROTO opcode
 `\\x80`, a safetensors file with its header's 8-byte little-endian length (a NUL among them for any length a reader
@@ -54,8 +54,15 @@ PICKLE_WINDOW = 1 << 20  # bytes of a text file parsed as protocol-0 pickle opco
 
 
 def detect(path: str) -> bool:
-    """Whether the file at `path` is text (an LFS pointer among it) rather than any checkpoint format. A protocol-0
-    pickle is text too: it is left to the torch readers (which check what it would import)."""
+    """Whether the file at `path`, given as the checkpoint, is text (an LFS pointer among it) or empty rather than
+    any checkpoint format."""
+    return _empty(path) or is_text(path)
+
+
+def is_text(path: str) -> bool:
+    """Whether the file at `path` is text (an LFS pointer among it) rather than any checkpoint format: a part of a
+    checkpoint is asked this (an empty part is its reader's `truncated`). A protocol-0 pickle is text too: it is left
+    to the torch readers (which check what it would import)."""
     try:
         head = _head(path)
         text = _text(head)
@@ -64,6 +71,13 @@ def detect(path: str) -> bool:
     if head.startswith(LFS_VERSIONS):
         return True
     return text is not None and not _is_pickle(path)
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def _is_pickle(path: str) -> bool:
@@ -92,6 +106,10 @@ def describe(path: str) -> CkptError:
     it is (a web page and its title, a JSON body and its message, text and its first line)."""
     head = _head(path)
     base = os.path.basename(path)
+    if _empty(path):
+        return CkptError(Code.NOT_A_CHECKPOINT, "an empty file (0 bytes), not a checkpoint: the save or download that "
+                         "made it wrote nothing (a disk that filled, a copy or download stopped at once); save or "
+                         "fetch it again", path)
     if head.startswith(LFS_VERSIONS):
         fields = dict(line.partition(" ")[::2] for line in head.decode("utf-8", "replace").splitlines() if " " in line)
         oid, size = fields.get("oid", "?"), fields.get("size", "")
