@@ -140,7 +140,8 @@ def runs_code(name: str) -> bool:
 # and torch version, the paths Lightning callbacks keep, as NeMo saves them; megatron-core's register_safe_globals
 # allow-lists the same): unpickling one builds an attribute bag, a duration, a string or a path and calls nothing, but
 # torch.load(weights_only=True), torch's default since 2.6, refuses it unless allow-listed. A pickle naming one is a
-# warning with the line that lets it load (`inert_problem`), never `unsafe_pickle`.
+# warning with the line that lets it load (`inert_problem`), never `unsafe_pickle`, unless loading would call a method
+# of its instances (Opaque.runs_methods).
 INERT_CLASSES = {"argparse.Namespace", "types.SimpleNamespace", "datetime.timedelta", "datetime.datetime",
                  "datetime.date", "datetime.time", "datetime.timezone", "torch.torch_version.TorchVersion",
                  "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
