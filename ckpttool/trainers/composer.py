@@ -301,7 +301,7 @@ def sharded_state(ckpt) -> Component | None:
     named below `state.` (the DCP reader split them by their top-level name, or left them whole) and its tree rebuilt
     from the DCP items, with each optimizer's per-parameter state named from its tensors. None when it is no
     Composer save (no `state.metadata.composer_env_info` item)."""
-    objects = ckpt.metadata.get("objects") or {}
+    objects = {k: v for k, v in (ckpt.metadata.get("objects") or {}).items() if isinstance(k, str)}
     if not any(k.startswith(ENV_INFO) for k in objects):
         return None
     tensors = []
