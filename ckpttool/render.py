@@ -32,6 +32,18 @@ def problems_table(problems) -> str:
                                     maxcolwidths=[None, None, 40, 80])
 
 
+def identity_words(identity: dict) -> str:
+    """`lora (kohya convention, rank 16, alpha 8, 192 modules; family not told)`."""
+    rank = identity.get("rank")
+    rank = "ranks " + ", ".join(map(str, rank)) if isinstance(rank, list) else f"rank {rank}"
+    alpha = identity.get("alpha")
+    alpha = ("alpha " + (", ".join(f"{a:g}" for a in alpha) if isinstance(alpha, list) else f"{alpha:g}")
+             if alpha is not None else "alpha not in the file")
+    details = [f"{identity.get('convention') or 'unknown'} convention", rank, alpha, f"{identity['modules']} modules",
+               f"family {identity['family']}" if identity.get("family") else "family not told"]
+    return f"{identity['kind']} ({'; '.join(details)})"
+
+
 def inspect_report(r: dict) -> str:
     out = []
     summary = [("path", r["path"]), ("format", r["format"]), ("layout", r["layout"]),
@@ -43,6 +55,8 @@ def inspect_report(r: dict) -> str:
     devices = r["metadata"].get("saved_on_devices")
     if devices:
         summary.append(("saved on", ", ".join(devices)))
+    if identity := r.get("identity"):
+        summary.append(("identity", identity_words(identity)))
     hub = r["metadata"].get("hf_cache")
     if hub:
         summary.append(("hf cache", f"{hub['repo_id']} at revision {hub['revision']}"))

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 
 from ckpttool import discovery, steps
+from ckpttool.identity import identify
 from ckpttool.checkpoint import guess_format
 from ckpttool.errors import CkptError
 from ckpttool.model import ERROR, Checkpoint, Problem, TensorInfo, errors
@@ -40,6 +41,7 @@ def summarize(ckpt: Checkpoint, tensor_filter: str | None = None, *, list_tensor
         "files": ckpt.files,
         "file_bytes": sum(os.path.getsize(f) for f in ckpt.files if os.path.isfile(f)),
         "quantization": ckpt.quantization,
+        "identity": identify(ckpt),
         "pickle_globals": ckpt.pickle_globals,
         "metadata": ckpt.metadata,
         "problems": list(ckpt.problems),
