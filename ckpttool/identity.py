@@ -1,5 +1,7 @@
-"""What a weights file is, from its keys and shapes alone (`inspect`'s `identity`): so far, whether it is a LoRA, in
-which key convention, and its rank and alpha. The model family is not told yet (None: never guessed).
+"""What a weights file is, from its keys and shapes alone (`inspect`'s `identity`): a LoRA, in which key convention,
+with its rank and alpha (and the family, where its module names show it); a model in the original single-file
+layout, with its family and variant as diffusers' from_single_file decides them. What no signature says is None:
+never guessed.
 
 The conventions, as the tools that write and load them spell their keys:
 - kohya (sd-scripts networks/lora.py LoRANetwork: `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` module names,
@@ -28,17 +30,88 @@ ALPHAS_READ = 4096  # `.alpha` scalars read at most (one per module; each a few 
 
 
 def identify(ckpt: Checkpoint) -> dict | None:
-    """{"kind", "family", "convention", "rank", "alpha"} where the keys say what the file is; None where they do not
-    (a full model, an optimizer: not told yet)."""
+    """{"kind", "family", "variant", "convention", ...} where the keys say what the file is (a LoRA: also "rank",
+    "alpha", "modules"); None where they do not."""
     tensors = [t for c in ckpt.components if c.role in ("model", "extra") for t in c.tensors]
     downs = {m.group(1): t for t in tensors if (m := DOWN.fullmatch(t.name))}
     ups = {m.group(1) for t in tensors if (m := UP.fullmatch(t.name))}
     if not downs or not ups or len(set(downs) & ups) < max(1, len(downs) // 2):
-        return None
+        return _model(tensors)
     ranks = sorted({int(t.shape[0]) for t in downs.values() if t.shape})
-    return {"kind": "lora", "family": None, "convention": _convention(list(downs)),
-            "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": _alpha(tensors, ckpt),
-            "modules": len(downs)}
+    return {"kind": "lora", "family": _lora_family(list(downs)), "variant": None,
+            "convention": _convention(list(downs)), "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": _alpha(tensors, ckpt), "modules": len(downs)}
+
+
+# Flux.1's blocks under its original names (BFL flux/model.py `double_blocks`, `single_blocks`: kohya's lora_flux.py
+# and ai-toolkit keep them) and under diffusers' (FluxTransformer2DModel `single_transformer_blocks`); SDXL's second
+# text encoder (kohya `lora_te2_`, diffusers `text_encoder_2.`)
+LORA_FAMILIES = (("flux.1", re.compile(r"(?:.*[._])?(?:double_blocks|single_blocks)[._]\d|"
+                                        r"transformer\.single_transformer_blocks\.")),
+                 ("sdxl", re.compile(r"lora_te2_|text_encoder_2\.")))
+
+
+def _lora_family(modules: list[str]) -> str | None:
+    """The model family a LoRA's module names show, where one signature says it; None (not told) otherwise."""
+    found = {family for family, pattern in LORA_FAMILIES if any(pattern.match(m) for m in modules)}
+    return found.pop() if len(found) == 1 else None
+
+
+# diffusers loaders/single_file_utils.py CHECKPOINT_KEY_NAMES and infer_diffusers_model_type (0.42.1), for the
+# original single-file layouts (LDM/SGM `model.diffusion_model.`, BFL's own keys, with or without that prefix)
+DM = "model.diffusion_model."
+INPAINT, V1 = DM + "input_blocks.0.0.weight", DM + "output_blocks.11.0.skip_connection.weight"
+V2 = DM + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+XL_BASE = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+XL_REFINER = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"
+SD3 = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
+SD35_LARGE = "joint_blocks.37.x_block.mlp.fc1.weight"
+FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
+OTHERS = (("ltx-video", ("patchify_proj.weight", "transformer_blocks.27.scale_shift_table")),
+          ("hunyuan-video", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",)),
+          ("wan", ("head.modulation",)), ("z-image", ("layers.0.adaLN_modulation.0.weight",)),
+          ("lumina2", ("cap_embedder.0.weight",)))
+# parts a single-file checkpoint holds beside its diffusion model: the VAE, the text encoder(s)
+OTHER_PARTS = ("first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "vae.")
+
+
+def _model(tensors: list[TensorInfo]) -> dict | None:
+    """Family and variant of a model in the original single-file layout, by the keys and shapes diffusers'
+    from_single_file decides by; None where none of them is there (not told, never guessed)."""
+    shapes = {t.name: tuple(t.shape) for t in tensors}
+
+    def has(key: str) -> bool:  # with the checkpoint's `model.diffusion_model.` prefix or without it
+        return key in shapes or DM + key in shapes
+
+    def shape(key: str) -> tuple:
+        return shapes.get(key) or shapes.get(DM + key) or ()
+
+    family = variant = None
+    if INPAINT in shapes and shape(INPAINT)[1:2] == (9,):
+        family, variant = ("sd2" if shape(V2)[-1:] == (1024,) else "sdxl" if XL_BASE in shapes else "sd1"), "inpaint"
+    elif shape(V2)[-1:] == (1024,):
+        family = "sd2"
+    elif XL_BASE in shapes:
+        family, variant = "sdxl", "base"
+    elif XL_REFINER in shapes:
+        family, variant = "sdxl", "refiner"
+    elif has(SD3) and shape(SD3)[-1:] == (9216,):
+        family, variant = "sd3", {(1, 36864): "medium", (1, 147456): "3.5-medium"}.get(shape("pos_embed")[:2])
+    elif has(SD35_LARGE):
+        family, variant = "sd3", "3.5-large"
+    elif has(FLUX):
+        family = "flux.1"
+        width = shape("img_in.weight")[1:2]  # the image input's channels: 64, or the conditioning's added
+        variant = {(384,): "fill", (128,): "depth"}.get(width, "dev") if has("guidance_in.in_layer.bias") else "schnell"
+    elif V1 in shapes:
+        family = "sd1"
+    else:
+        family = next((name for name, keys in OTHERS if any(has(k) for k in keys)), None)
+    if family is None:
+        return None
+    whole = any(k.startswith(DM) for k in shapes) and any(k.startswith(OTHER_PARTS) for k in shapes)
+    return {"kind": "checkpoint" if whole else "diffusion_model", "family": family, "variant": variant,
+            "convention": "original"}
 
 
 def _convention(modules: list[str]) -> str | None:

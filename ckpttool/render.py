@@ -33,14 +33,18 @@ def problems_table(problems) -> str:
 
 
 def identity_words(identity: dict) -> str:
-    """`lora (kohya convention, rank 16, alpha 8, 192 modules; family not told)`."""
-    rank = identity.get("rank")
-    rank = "ranks " + ", ".join(map(str, rank)) if isinstance(rank, list) else f"rank {rank}"
-    alpha = identity.get("alpha")
-    alpha = ("alpha " + (", ".join(f"{a:g}" for a in alpha) if isinstance(alpha, list) else f"{alpha:g}")
-             if alpha is not None else "alpha not in the file")
-    details = [f"{identity.get('convention') or 'unknown'} convention", rank, alpha, f"{identity['modules']} modules",
-               f"family {identity['family']}" if identity.get("family") else "family not told"]
+    """`lora (kohya convention; rank 16; alpha 8; 192 modules; family not told)`, `checkpoint (original convention;
+    family flux.1; variant dev)`."""
+    details = [f"{identity.get('convention') or 'unknown'} convention"]
+    if identity["kind"] == "lora":
+        rank, alpha = identity.get("rank"), identity.get("alpha")
+        details.append("ranks " + ", ".join(map(str, rank)) if isinstance(rank, list) else f"rank {rank}")
+        details.append(("alpha " + (", ".join(f"{a:g}" for a in alpha) if isinstance(alpha, list) else f"{alpha:g}"))
+                       if alpha is not None else "alpha not in the file")
+        details.append(f"{identity['modules']} modules")
+    details.append(f"family {identity['family']}" if identity.get("family") else "family not told")
+    if identity.get("variant"):
+        details.append(f"variant {identity['variant']}")
     return f"{identity['kind']} ({'; '.join(details)})"
 
 

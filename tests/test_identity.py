@@ -1,6 +1,7 @@
 """What a weights file is, from keys and shapes alone (issue 35's first part): a LoRA, its key convention, rank and
 alpha, on files peft and diffusers wrote themselves and on kohya's and the original layout's key names."""
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -20,8 +21,8 @@ def test_a_peft_adapter_is_a_lora_in_peft_keys(tmp_path):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
     peft_model.save_pretrained(tmp_path / "adapter")
     identity = _identity(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert identity == {"kind": "lora", "family": None, "convention": "peft", "rank": 4, "alpha": None,
-                        "modules": 2}
+    assert identity == {"kind": "lora", "family": None, "variant": None, "convention": "peft", "rank": 4,
+                        "alpha": None, "modules": 2}
 
 
 def test_a_diffusers_lora_is_a_lora_in_diffusers_keys_with_its_alpha(tmp_path):
@@ -53,17 +54,58 @@ def test_kohya_and_original_keys_with_per_module_alpha(tmp_path):
         kohya[f"{name}.lora_up.weight"] = torch.zeros(16, rank)
         kohya[f"{name}.alpha"] = torch.tensor(2.0, dtype=torch.bfloat16)
     save_file(kohya, tmp_path / "kohya.safetensors")
-    assert _identity(tmp_path / "kohya.safetensors") == {"kind": "lora", "family": None, "convention": "kohya",
-                                                         "rank": [4, 8], "alpha": 2.0, "modules": 2}
+    assert _identity(tmp_path / "kohya.safetensors") == {"kind": "lora", "family": None, "variant": None,
+                                                         "convention": "kohya", "rank": [4, 8], "alpha": 2.0,
+                                                         "modules": 2}
     original = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(16, 32),
                 "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 16)}
     save_file(original, tmp_path / "original.safetensors")
     identity = _identity(tmp_path / "original.safetensors")
-    assert identity["convention"] == "original" and identity["rank"] == 16
+    assert identity["convention"] == "original" and identity["rank"] == 16 and identity["family"] == "flux.1"
     result, _ = cli("inspect", str(tmp_path / "kohya.safetensors"))
     assert "lora (kohya convention; ranks 4, 8; alpha 2; 2 modules; family not told)" in result.output
 
 
-def test_a_model_is_no_lora(tmp_path):
+def test_a_model_no_signature_names_is_not_told(tmp_path):
     save_file({"layer.weight": torch.zeros(4, 4), "layer.lora_bias": torch.zeros(4)}, tmp_path / "model.safetensors")
     assert _identity(tmp_path / "model.safetensors") is None
+
+
+# (keys and shapes of the original single-file layout, what identity says, what diffusers 0.42.1's own
+# infer_diffusers_model_type says of the same keys and shapes)
+DM = "model.diffusion_model."
+SINGLE_FILES = [
+    ({DM + "output_blocks.11.0.skip_connection.weight": (320, 640), DM + "input_blocks.0.0.weight": (320, 4, 3, 3),
+      "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3)}, ("checkpoint", "sd1", None), "v1"),
+    ({DM + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+      DM + "input_blocks.0.0.weight": (320, 4, 3, 3)}, ("diffusion_model", "sd2", None), "v2"),
+    ({DM + "input_blocks.0.0.weight": (320, 9, 3, 3), DM + "output_blocks.11.0.skip_connection.weight": (320, 640),
+      "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768)},
+     ("checkpoint", "sd1", "inpaint"), "inpainting"),
+    ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+      DM + "input_blocks.0.0.weight": (320, 4, 3, 3)}, ("checkpoint", "sdxl", "base"), "xl_base"),
+    ({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+      DM + "input_blocks.0.0.weight": (384, 4, 3, 3)}, ("checkpoint", "sdxl", "refiner"), "xl_refiner"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "guidance_in.in_layer.bias": (3072,),
+      "img_in.weight": (3072, 64)}, ("diffusion_model", "flux.1", "dev"), "flux-dev"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "guidance_in.in_layer.bias": (3072,),
+      "img_in.weight": (3072, 384)}, ("diffusion_model", "flux.1", "fill"), "flux-fill"),
+    ({DM + "double_blocks.0.img_attn.norm.key_norm.scale": (128,), DM + "img_in.weight": (3072, 64)},
+     ("diffusion_model", "flux.1", "schnell"), "flux-schnell"),
+    ({"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 36864, 1536)},
+     ("diffusion_model", "sd3", "medium"), "sd3"),
+    ({"joint_blocks.37.x_block.mlp.fc1.weight": (9216, 2432)}, ("diffusion_model", "sd3", "3.5-large"), "sd35_large"),
+    ({"head.modulation": (1, 2, 1536), "patch_embedding.weight": (1536, 16, 1, 2, 2)},
+     ("diffusion_model", "wan", None), "wan-t2v-1.3B"),
+]
+
+
+@pytest.mark.parametrize("keys, said, diffusers_says", SINGLE_FILES, ids=[s[2] for s in SINGLE_FILES])
+def test_single_file_family_and_variant_agree_with_diffusers(tmp_path, keys, said, diffusers_says):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    assert infer_diffusers_model_type({k: torch.zeros(shape) for k, shape in keys.items()}) == diffusers_says
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, tmp_path / "model.safetensors")
+    identity = _identity(tmp_path / "model.safetensors")
+    assert (identity["kind"], identity["family"], identity["variant"]) == said
+    assert identity["convention"] == "original"
