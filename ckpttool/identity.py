@@ -1,7 +1,7 @@
 """What a weights file is, from its keys and shapes alone (`inspect`'s `identity`): a LoRA, in which key convention,
 with its rank and alpha (and the family, where its module names show it); a model in the original single-file
-layout, with its family and variant as diffusers' from_single_file decides them. What no signature says is None:
-never guessed.
+layout, with its family and variant as diffusers' from_single_file decides them, or in diffusers' own layout (a Flux
+transformer, a UNet). What no signature says is None: never guessed.
 
 The conventions, as the tools that write and load them spell their keys:
 - kohya (sd-scripts networks/lora.py LoRANetwork: `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` module names,
@@ -108,10 +108,33 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
     else:
         family = next((name for name, keys in OTHERS if any(has(k) for k in keys)), None)
     if family is None:
-        return None
+        return _diffusers_model(shapes)
     whole = any(k.startswith(DM) for k in shapes) and any(k.startswith(OTHER_PARTS) for k in shapes)
     return {"kind": "checkpoint" if whole else "diffusion_model", "family": family, "variant": variant,
             "convention": "original"}
+
+
+# diffusers' own models: FluxTransformer2DModel (transformer_flux.py: `single_transformer_blocks`, `x_embedder` of
+# in_channels, `time_text_embed.guidance_embedder` only with guidance_embeds), UNet2DConditionModel (its attention's
+# key projection takes the text encoder's width, cross_attention_dim: 768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H,
+# 2048 for SDXL's two encoders side by side, as the model repos' unet/config.json say)
+UNET_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def _diffusers_model(shapes: dict) -> dict | None:
+    if "single_transformer_blocks.0.attn.to_q.weight" in shapes and "x_embedder.weight" in shapes:
+        width = shapes["x_embedder.weight"][1:2]
+        variant = ({(384,): "fill", (128,): "depth"}.get(width, "dev")
+                   if "time_text_embed.guidance_embedder.linear_1.weight" in shapes else "schnell")
+        return {"kind": "diffusion_model", "family": "flux.1", "variant": variant, "convention": "diffusers"}
+    if "conv_in.weight" in shapes and "mid_block.resnets.0.conv1.weight" in shapes and any(
+            k.startswith("down_blocks.") for k in shapes):
+        widths = {s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2}
+        family = UNET_WIDTHS.get(widths.pop()) if len(widths) == 1 else None
+        inpaint = shapes["conv_in.weight"][1:2] == (9,)
+        return {"kind": "diffusion_model", "family": family, "variant": "inpaint" if inpaint else None,
+                "convention": "diffusers"}
+    return None
 
 
 def _convention(modules: list[str]) -> str | None:

@@ -109,3 +109,26 @@ def test_single_file_family_and_variant_agree_with_diffusers(tmp_path, keys, sai
     identity = _identity(tmp_path / "model.safetensors")
     assert (identity["kind"], identity["family"], identity["variant"]) == said
     assert identity["convention"] == "original"
+
+
+def test_diffusers_models_built_by_diffusers_classes(tmp_path):
+    """A shrunk FluxTransformer2DModel (with guidance: dev; a 384-channel input: fill; without: schnell) and a shrunk
+    UNet2DConditionModel whose cross-attention takes SD1's 768-wide text (a 9-channel input: inpaint)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    for guidance, channels, variant in ((True, 64, "dev"), (True, 384, "fill"), (False, 64, "schnell")):
+        model = FluxTransformer2DModel(in_channels=channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                       num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                       guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+        model.save_pretrained(tmp_path / variant)
+        identity = _identity(tmp_path / variant / "diffusion_pytorch_model.safetensors")
+        assert identity == {"kind": "diffusion_model", "family": "flux.1", "variant": variant,
+                            "convention": "diffusers"}, variant
+    for channels, variant in ((4, None), (9, "inpaint")):
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                    in_channels=channels, out_channels=4, cross_attention_dim=768, norm_num_groups=8,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        unet.save_pretrained(tmp_path / f"unet{channels}")
+        identity = _identity(tmp_path / f"unet{channels}" / "diffusion_pytorch_model.safetensors")
+        assert identity == {"kind": "diffusion_model", "family": "sd1", "variant": variant, "convention": "diffusers"}
