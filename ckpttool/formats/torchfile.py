@@ -142,14 +142,12 @@ def read(path: str, *, role: str | None = None, name: str | None = None) -> Chec
 
 def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     """Record the globals a pickle names, its unsafe ones as a problem, and the devices it was saved from."""
-    from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY, classify, inert_problem, own_classes_problem
+    from ckpttool.formats.pickles import classify, inert_problem, own_classes_problem
 
     ckpt.pickle_globals.extend(g for g in raw.globals_seen if g not in ckpt.pickle_globals)
     unsafe, inert, own = classify(raw.unsafe_globals, raw.called, raw.runs_methods)
     # numpy arrays, scalars and dtypes: read here as plain data, but off torch's own weights_only list
-    numpy = [g for g in raw.globals_seen if g not in raw.unsafe_globals and g not in TORCH_WEIGHTS_ONLY and
-             g.startswith("numpy.")]
-    inert += numpy + (numpy_dtype_classes(raw.obj) if "numpy.dtype" in numpy else [])
+    inert += [g for g in refused_by_weights_only(raw) if g.startswith("numpy.") and g not in raw.unsafe_globals]
     if unsafe:
         ckpt.add_problem(Code.UNSAFE_PICKLE, ERROR,
                          f"pickle imports {', '.join(unsafe)}, outside the allow-list: torch.load "
@@ -163,6 +161,15 @@ def note_pickle(ckpt: Checkpoint, raw: RawPickle, path: str):
     if devices:
         known = set(ckpt.metadata.get("saved_on_devices", []))
         ckpt.metadata["saved_on_devices"] = sorted(known | set(devices))
+
+
+def refused_by_weights_only(raw: RawPickle) -> list[str]:
+    """The globals of a pickle that torch.load(weights_only=True) refuses by default, with the numpy.dtypes classes
+    of the dtypes it builds (checked by torch though no GLOBAL names them): what `add_safe_globals` must list."""
+    from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
+
+    refused = [g for g in raw.globals_seen if g not in TORCH_WEIGHTS_ONLY]
+    return refused + (numpy_dtype_classes(raw.obj) if "numpy.dtype" in refused else [])
 
 
 DTYPE_WALK = 1_000_000  # objects looked at for numpy dtypes

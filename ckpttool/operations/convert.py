@@ -17,6 +17,7 @@ from ckpttool.checkpoint import open_checkpoint
 from ckpttool.dtypes import CAST_BY_CONVERT
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.formats.pretrained_files import SAFETENSORS_FILE, SAFETENSORS_INDEX
+from ckpttool.formats.torchfile import read_raw, refused_by_weights_only
 from ckpttool.formats.torchtree import rebuild
 from ckpttool.model import Checkpoint, Code, Component, TensorInfo, dtype_bytes
 from ckpttool.operations import output
@@ -365,22 +366,11 @@ def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_si
                                    notes)
     return {"src": src, "dst": dst, "target": kind, "components": [c.name for c in whole],
             "weights_only_loadable": list(dict.fromkeys(notes)),
-            "weights_only_refuses": _refused_by_weights_only(dst) if kind == "torch" else [],
+            "weights_only_refuses": refused_by_weights_only(read_raw(dst)) if kind == "torch" else [],
             "tensors": sum(len(c.tensors) for c in whole), "bytes": total, "dtype": cast and str(cast),
             "verified_tensors": compared if verify else None,
             "lossy_cast": {"overflowed": cast.overflowed, "underflowed": cast.underflowed, "tensors": cast.tensors}
             if cast is not None and cast.tensors else None}
-
-
-def _refused_by_weights_only(path: str) -> list[str]:
-    """The globals of a written .pt that torch.load(weights_only=True) refuses by default (numpy RNG state carried as
-    it was): what `add_safe_globals` must name to load it so."""
-    from ckpttool.formats.pickles import TORCH_WEIGHTS_ONLY
-    from ckpttool.formats.torchfile import numpy_dtype_classes, read_raw
-
-    raw = read_raw(path)
-    refused = [g for g in raw.globals_seen if g not in TORCH_WEIGHTS_ONLY]
-    return refused + (numpy_dtype_classes(raw.obj) if "numpy.dtype" in refused else [])
 
 
 def _no_tensor(name: str):

@@ -69,6 +69,19 @@ def _split(comp: Component, key: str, prefix: str, name: str, role: str, value) 
                      pickle_globals=comp.pickle_globals, uncarried=uncarried)
 
 
+def timestamp_counters(state: dict, record: Record, file: str | None = None) -> list[StepSource]:
+    """The timestamp's batch (optimizer steps: Composer steps once per batch) and epoch, read from `record`."""
+    timestamp = state.get("timestamp")
+    timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
+    found = []
+    for key, meaning in (("batch", GLOBAL_STEP), ("epoch", EPOCH)):
+        value = timestamp.get(key) if isinstance(timestamp, dict) else None
+        if type(value) is int:
+            found.append(StepSource(f"state.timestamp {key}", value, meaning, record=record,
+                                    key=f"state.timestamp.Timestamp.{key}", file=file))
+    return found
+
+
 def _optimizer_step(comp: Component) -> int | None:
     """The largest per-parameter `step` of an optimizer component (Adam's; SGD keeps none), its tensor steps read
     by the names the component gave them."""
@@ -169,13 +182,7 @@ class Composer(Profile):
         """The timestamp's batch (optimizer steps: Composer steps once per batch) and epoch; each optimizer's step
         and each scheduler's last_epoch."""
         base = os.path.basename(ckpt.path)
-        timestamp = state.get("timestamp")
-        timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
-        for key, meaning in (("batch", GLOBAL_STEP), ("epoch", EPOCH)):
-            value = timestamp.get(key) if isinstance(timestamp, dict) else None
-            if type(value) is int:
-                ckpt.steps.append(StepSource(f"state.timestamp {key}", value, meaning, record=Record.TRAINING_DICT,
-                                             key=f"state.timestamp.Timestamp.{key}", file=base))
+        ckpt.steps.extend(timestamp_counters(state, Record.TRAINING_DICT, base))
         for part in parts:
             if part.role == "optimizer" and (step := _optimizer_step(part)) is not None:
                 ckpt.steps.append(StepSource(f"{part.name} state step", step, OPTIMIZER_UPDATES,
@@ -372,10 +379,4 @@ class ComposerSharded(Composer):
     def _counters(self, ckpt, state, parts):
         """The timestamp's batch and epoch; the reader read the optimizers' steps (from every rank's data file) and
         the schedulers' last_epoch."""
-        timestamp = state.get("timestamp")
-        timestamp = timestamp.get("Timestamp") if isinstance(timestamp, dict) else None
-        for key, meaning in (("batch", GLOBAL_STEP), ("epoch", EPOCH)):
-            value = timestamp.get(key) if isinstance(timestamp, dict) else None
-            if type(value) is int:
-                ckpt.steps.append(StepSource(f"state.timestamp {key}", value, meaning, record=Record.DCP_STATE,
-                                             key=f"state.timestamp.Timestamp.{key}"))
+        ckpt.steps.extend(timestamp_counters(state, Record.DCP_STATE))
