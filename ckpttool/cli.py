@@ -356,11 +356,15 @@ class OrderedOpsCommand(click.Command):
 @click.option("--quantize", "quantize_map", type=click.Path(exists=True, dir_okay=False), metavar="QMAP.json",
               help="Plain weights to the optimum-quanto layout this quantization map describes.")
 @click.option("--component", default="model", show_default=True, help="Which part of SRC to remap.")
-@click.option("--to", type=click.Choice(["safetensors", "torch", "pt"]), help="Output format (default: DST suffix).")
+@click.option("--to", type=click.Choice(["safetensors", "torch", "pt", "diffusers", "kohya", "original"]),
+              help="Output format (default: DST suffix), or a LoRA's key convention to move it to (diffusers, kohya, "
+              "original; the format then from DST's suffix).")
+@click.option("--family", type=click.Choice(["sd1", "sd2", "sdxl", "flux.1"]),
+              help="With --to CONVENTION: the model the LoRA is for, where its keys cannot tell.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, dequantize, quantize_map, component,
-          to, force, as_json):
+          to, family, force, as_json):
     """Repair keys and write a new checkpoint (SRC is never modified).
 
     Key options apply in the order given, then --dequantize / --quantize, then --like / --model alignment."""
@@ -370,7 +374,7 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
         raise click.UsageError("use either --like or --model, not both")
     ops = click.get_current_context().meta["ckpttool.ops"]
     result = run_remap(src, dst, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
-                       quantize_map=quantize_map, component=component, to=to, force=force)
+                       quantize_map=quantize_map, component=component, to=to, family=family, force=force)
     if as_json:
         _emit_json(result)
     else:

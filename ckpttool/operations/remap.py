@@ -254,9 +254,37 @@ def remap_state_dir(src: str, dst: str, force: bool = False, **options) -> dict:
     return {**result, "src": src, "dst": dst, "format": "state dir"}
 
 
+def remap_lora(src: str, dst: str, to: str, family: str | None, force: bool) -> dict:
+    """A LoRA file in another key convention (conventions/lora.py), written in the format DST's suffix names."""
+    from ckpttool.conventions import lora
+    from ckpttool.identity import identify
+
+    fmt = output.target_format(dst, None)
+    output.check_destination(src, dst, force=force)
+    ckpt = open_checkpoint(src)
+    comp = select_component(ckpt, "model", src)
+    output.refuse_broken(ckpt, comp)
+    converted = lora.convert(comp.tensors, ckpt.metadata, identify(ckpt), to, family, src)
+    metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "remapped_by": "ckpttool"}
+    output.write_tensors(dst, fmt, converted.specs, lora.produce(converted.recipes), metadata)
+    return {"src": src, "dst": dst, "format": fmt, "tensors": len(converted.specs),
+            "bytes": sum(dtype_bytes(d, s) for _, d, s in converted.specs), "changes": converted.changes,
+            "convention": to, "family": converted.family, "modules": converted.modules,
+            "dequantized": 0, "quantized": 0}
+
+
 def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: str | None = None,
           dequantize: bool = False, quantize_map: str | None = None, component: str = "model",
-          to: str | None = None, force: bool = False) -> dict:
+          to: str | None = None, family: str | None = None, force: bool = False) -> dict:
+    from ckpttool.conventions.lora import CONVENTIONS
+
+    if to in CONVENTIONS:
+        if ops or like or model_spec or dequantize or quantize_map or component != "model":
+            raise UsageError(f"--to {to} moves a whole LoRA file between conventions; run key options "
+                             "(--strip-prefix, --rename, --like, --dequantize, ...) as a remap of their own")
+        return remap_lora(src, dst, to, family, force)
+    if family:
+        raise UsageError(f"--family tells which model a LoRA is for with --to {'|'.join(CONVENTIONS)}")
     if os.path.isdir(src) and is_state_dir(src) and not os.path.splitext(dst)[1] and not to:
         return remap_state_dir(src, dst, force, ops=ops, like=like, model_spec=model_spec, dequantize=dequantize,
                                quantize_map=quantize_map, component=component)

@@ -1,0 +1,223 @@
+"""`remap --to diffusers|kohya|original`: LoRA files moved between key conventions, with diffusers' own loaders as
+the oracle: `lora_state_dict` of the converted file gives every module the same update (up @ down x alpha / rank)
+as the source does."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from ckpttool.cli import main
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+H = 3072  # Flux.1's width: diffusers' kohya conversion cuts linear1 at 3072 x 3 + 12288 rows
+FLUX = {"double_blocks_0_img_attn_qkv": (3 * H, H), "double_blocks_0_img_attn_proj": (H, H),
+        "double_blocks_0_img_mlp_0": (4 * H, H), "double_blocks_0_img_mlp_2": (H, 4 * H),
+        "double_blocks_0_img_mod_lin": (6 * H, H), "double_blocks_0_txt_attn_qkv": (3 * H, H),
+        "double_blocks_0_txt_attn_proj": (H, H), "double_blocks_0_txt_mod_lin": (6 * H, H),
+        "single_blocks_0_linear1": (7 * H, H), "single_blocks_0_linear2": (H, 5 * H),
+        "single_blocks_0_modulation_lin": (3 * H, H), "img_in": (H, 64), "guidance_in_in_layer": (H, 256),
+        "time_in_out_layer": (H, H)}
+# diffusers drops the alpha of Flux's final layer (lora_conversion_utils.py "TODO: alphas"), so for the oracle these
+# keep alpha = rank; test_flux_final_layer_alpha_is_kept checks them against the arithmetic instead
+FINAL = {"final_layer_linear": (64, H), "final_layer_adaLN_modulation_1": (2 * H, H)}
+TEXT = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+def kohya_flux(path, rank=3, alpha=2.0, split_qkv=False, final_alpha=None):
+    """A kohya Flux.1 LoRA as sd-scripts' lora_flux.py names it; `split_qkv`: the fused modules' up matrices
+    block-diagonal, as its split_qkv option trains them."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (out, inp) in {**FLUX, **FINAL}.items():
+        down = torch.randn(rank, inp, generator=g) * 0.1
+        up = torch.randn(out, rank, generator=g) * 0.1
+        parts = 4 if name.endswith("linear1") else 3 if name.endswith("qkv") else 1
+        if split_qkv and parts > 1:
+            down = torch.randn(rank * parts, inp, generator=g) * 0.1
+            sizes = [H] * 3 + [4 * H] if parts == 4 else [H] * 3
+            up = torch.block_diag(*[torch.randn(size, rank, generator=g) * 0.1 for size in sizes])
+        sd[f"lora_unet_{name}.lora_down.weight"] = down
+        sd[f"lora_unet_{name}.lora_up.weight"] = up
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(
+            float(down.shape[0] if final_alpha is None else final_alpha) if name in FINAL else alpha * (down.shape[0]
+                                                                                                          // rank))
+    sd[f"{TEXT}.lora_down.weight"] = torch.randn(rank, 768, generator=g)
+    sd[f"{TEXT}.lora_up.weight"] = torch.randn(768, rank, generator=g)
+    sd[f"{TEXT}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(path))
+    return path
+
+
+def flux_updates(path) -> dict:
+    """Every module's update as diffusers' FluxPipeline.lora_state_dict gives the file, by diffusers' module name."""
+    from diffusers import FluxPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
+    return updates(sd, alphas or {})
+
+
+DOWN_KEY = re.compile(r"(.+?)(?:\.lora_A\.weight|\.lora\.down\.weight|_lora\.down\.weight|"
+                      r"\.lora_linear_layer\.down\.weight)")
+# the older attention-processor names diffusers' kohya conversion still gives, as the module names they stand for
+OLD_NAMES = ((r"\.processor\.", "."), (r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj"),
+             (r"self_attn\.to_out$", "self_attn.out_proj"), (r"\.to_out$", ".to_out.0"))
+
+
+def module_name(name: str) -> str:
+    for old, new in OLD_NAMES:
+        name = re.sub(old, new, name)
+    return name if name.startswith(("unet.", "text_encoder", "transformer.")) else "transformer." + name
+
+
+def updates(sd: dict, alphas: dict) -> dict:
+    """Each module's update (up @ down x alpha / rank) as its response to fixed random probes: the same linear map
+    gives the same response, and a 21504 x 3072 update is never formed."""
+    out = {}
+    for key, down in sd.items():
+        if not (m := DOWN_KEY.fullmatch(key)):
+            continue
+        up = sd[key.replace("lora_A", "lora_B").replace("down.weight", "up.weight")]
+        alpha = alphas.get(m.group(1) + ".alpha", alphas.get(key + ".alpha"))  # (SD's kohya alphas: the latter)
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        down, up = down.flatten(1).double(), up.flatten(1).double()
+        probes = torch.randn(down.shape[1], 8, generator=torch.Generator().manual_seed(down.shape[1]),
+                             dtype=torch.float64)
+        out[module_name(m.group(1))] = up @ (down @ probes) * scale
+    return out
+
+
+def assert_same_updates(a: dict, b: dict):
+    assert a and set(a) == set(b), sorted(set(a) ^ set(b))[:6]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6 * float(a[name].abs().max()), msg=name)
+
+
+@pytest.fixture(scope="module")
+def flux_kohya(tmp_path_factory):
+    return kohya_flux(tmp_path_factory.mktemp("flux") / "kohya.safetensors")
+
+
+def test_flux_kohya_to_diffusers_gives_diffusers_own_updates(flux_kohya, tmp_path):
+    out = tmp_path / "diffusers.safetensors"
+    result = run("remap", flux_kohya, out, "--to", "diffusers", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["family"] == "flux.1" and doc["convention"] == "diffusers" and doc["modules"] == 24
+    assert_same_updates(flux_updates(flux_kohya), flux_updates(out))
+    keys = load_file(out)
+    # q, k, v and the MLP input of the fused modules, each with the shared down matrix
+    assert keys["transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"].shape == (4 * H, 3)
+    assert torch.equal(keys["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
+                       keys["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"])
+
+
+def test_flux_split_qkv_cuts_the_down_matrix(tmp_path):
+    src = kohya_flux(tmp_path / "split.safetensors", rank=2, split_qkv=True)
+    out = tmp_path / "diffusers.safetensors"
+    assert run("remap", src, out, "--to", "diffusers").exit_code == 0
+    keys = load_file(out)
+    assert keys["transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight"].shape == (2, H)
+    assert keys["transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"].shape == (4 * H, 2)
+    assert_same_updates(flux_updates(src), flux_updates(out))
+    back = tmp_path / "back.safetensors"
+    assert run("remap", out, back, "--to", "kohya").exit_code == 0
+    assert load_file(back)["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (8, H)  # ranks summed
+    assert_same_updates(flux_updates(src), flux_updates(back))
+
+
+def test_flux_kohya_round_trips_bit_for_bit(flux_kohya, tmp_path):
+    again = tmp_path / "again.safetensors"
+    assert run("remap", flux_kohya, again, "--to", "kohya").exit_code == 0
+    a, b = load_file(flux_kohya), load_file(again)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flux_diffusers_to_kohya_and_original(flux_kohya, tmp_path):
+    dif = tmp_path / "diffusers.safetensors"
+    run("remap", flux_kohya, dif, "--to", "diffusers")
+    kohya = tmp_path / "kohya.safetensors"
+    assert run("remap", dif, kohya, "--to", "kohya").exit_code == 0
+    assert_same_updates(flux_updates(flux_kohya), flux_updates(kohya))
+    # the original layout holds the transformer only: the text encoder's module is refused, nothing written
+    original = tmp_path / "original.safetensors"
+    refused = run("remap", dif, original, "--to", "original")
+    assert refused.exit_code == 1 and "text encoder" in refused.output and not original.exists()
+    only = tmp_path / "transformer_only.safetensors"
+    save_file({k: v for k, v in load_file(dif).items() if k.startswith("transformer.")}, str(only))
+    assert run("remap", only, original, "--to", "original").exit_code == 0
+    keys = load_file(original)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys
+    assert run("inspect", original, "--json").output.count('"convention": "original"') == 1
+    back = tmp_path / "back.safetensors"
+    assert run("remap", original, back, "--to", "kohya").exit_code == 0
+    expected = {k: v for k, v in flux_updates(flux_kohya).items() if k.startswith("transformer.")}
+    assert_same_updates(expected, flux_updates(back))
+
+
+def test_flux_final_layer_alpha_is_kept(tmp_path):
+    """diffusers' own kohya conversion drops the final layer's alpha; ours keeps it, and swaps the modulation's
+    shift and scale halves (BFL's order against diffusers' AdaLayerNormContinuous)."""
+    src = kohya_flux(tmp_path / "k.safetensors", rank=4, final_alpha=1.0)
+    out = tmp_path / "d.safetensors"
+    assert run("remap", src, out, "--to", "diffusers").exit_code == 0
+    k, d = load_file(src), load_file(out)
+    base = "lora_unet_final_layer_adaLN_modulation_1"
+    expected = k[f"{base}.lora_up.weight"] @ k[f"{base}.lora_down.weight"] * (1.0 / 4)
+    expected = torch.cat([expected[H:], expected[:H]])
+    got = d["transformer.norm_out.linear.lora_B.weight"] @ d["transformer.norm_out.linear.lora_A.weight"]
+    torch.testing.assert_close(got, expected)
+
+
+def test_flux_parts_with_different_alphas_fuse_exactly(tmp_path):
+    """A diffusers Flux LoRA whose q, k and v have their own alphas (diffusers reads `.alpha` keys of such files as
+    network alphas) fuses into one qkv with the scales folded into the up blocks."""
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for i, (part, alpha) in enumerate((("to_q", 1.0), ("to_k", 4.0), ("to_v", 2.0))):
+        base = f"transformer.transformer_blocks.0.attn.{part}"
+        sd[f"{base}.lora_A.weight"] = torch.randn(2 + i, H, generator=g)
+        sd[f"{base}.lora_B.weight"] = torch.randn(H, 2 + i, generator=g)
+        sd[f"{base}.alpha"] = torch.tensor(alpha)
+    src = tmp_path / "d.safetensors"
+    save_file(sd, str(src))
+    out = tmp_path / "k.safetensors"
+    assert run("remap", src, out, "--to", "kohya", "--family", "flux.1").exit_code == 0
+    assert load_file(out)["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (9, H)
+    assert_same_updates(flux_updates(src), flux_updates(out))
+
+
+def test_refusals(flux_kohya, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.zeros(2, 2)}, str(weights))
+    result = run("remap", weights, tmp_path / "o.safetensors", "--to", "kohya")
+    assert result.exit_code == 2 and "not a LoRA" in result.output
+    dora = tmp_path / "dora.safetensors"
+    save_file({**load_file(flux_kohya), "lora_unet_img_in.dora_scale": torch.ones(1, 64)}, str(dora))
+    result = run("remap", dora, tmp_path / "o.safetensors", "--to", "diffusers")
+    assert result.exit_code == 1 and "dora_scale" in result.output and not (tmp_path / "o.safetensors").exists()
+    result = run("remap", flux_kohya, tmp_path / "o.safetensors", "--to", "kohya", "--strip-prefix", "x")
+    assert result.exit_code == 2 and "of their own" in result.output
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}, str(unknown))
+    result = run("remap", unknown, tmp_path / "o.safetensors", "--to", "kohya")
+    assert result.exit_code == 2 and "--family" in result.output
+    result = run("remap", unknown, tmp_path / "o.safetensors", "--to", "kohya", "--family", "flux.1")
+    assert result.exit_code == 1 and "not a module of Flux.1" in result.output
