@@ -221,3 +221,153 @@ def test_refusals(flux_kohya, tmp_path):
     assert result.exit_code == 2 and "--family" in result.output
     result = run("remap", unknown, tmp_path / "o.safetensors", "--to", "kohya", "--family", "flux.1")
     assert result.exit_code == 1 and "not a module of Flux.1" in result.output
+
+
+# files kohya's own code wrote (tests/data/kohya_lora, fixtures/kohya_samples.py: sd-scripts networks/lora.py and
+# lora_flux.py on shrunk models)
+KOHYA = __import__("pathlib").Path(__file__).parent / "data" / "kohya_lora"
+
+
+def sd_updates(path, xl=False) -> dict:
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra = {"unet_config": SimpleNamespace(layers_per_block=2)} if xl else {}  # SDXL's UNet config maps SGM blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd, alphas = cls.lora_state_dict(str(path), **extra)
+    return updates(sd, alphas or {})
+
+
+@pytest.mark.parametrize("name,xl", [("sd1", False), ("sdxl", True)])
+def test_kohya_written_sd_loras_convert_both_ways(name, xl, tmp_path):
+    """sd-scripts' SD1 LoRA (diffusers' UNet names, 3x3 conv modules too) and SDXL LoRA (SGM names, two text
+    encoders): diffusers reads the converted file with every module's update as it reads kohya's, and back."""
+    src = KOHYA / f"{name}.safetensors"
+    dif, back = tmp_path / "diffusers.safetensors", tmp_path / "kohya.safetensors"
+    assert run("remap", src, dif, "--to", "diffusers").exit_code == 0
+    expected = sd_updates(src, xl)
+    assert_same_updates(expected, sd_updates(dif, xl))
+    assert run("remap", dif, back, "--to", "kohya", "--family", "sdxl" if xl else "sd1").exit_code == 0
+    assert set(load_file(back)) == set(load_file(src))  # kohya's own names again, every .alpha included
+    assert_same_updates(expected, sd_updates(back, xl))
+
+
+def test_sdxl_unet_lora_through_the_original_layout(tmp_path):
+    """The original layout names the UNet as the SGM single file does (`diffusion_model.input_blocks.4.1...`)."""
+    unet_only = tmp_path / "unet.safetensors"
+    save_file({k: v for k, v in load_file(KOHYA / "sdxl.safetensors").items() if k.startswith("lora_unet_")},
+              str(unet_only))
+    original, back = tmp_path / "original.safetensors", tmp_path / "kohya.safetensors"
+    assert run("remap", unet_only, original, "--to", "original").exit_code == 0
+    keys = load_file(original)
+    assert "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert run("remap", original, back, "--to", "kohya", "--family", "sdxl").exit_code == 0
+    assert_same_updates(sd_updates(unet_only, True), sd_updates(back, True))
+
+
+def flux_fused_updates(sd: dict, prefix: str, down: str, up: str) -> dict:
+    """Each module's update up @ down x alpha / rank (on probes), with the modules' own names."""
+    out = {}
+    for key in sd:
+        if key.startswith(prefix) and key.endswith(down):
+            base = key[:-len(down)]
+            a, b = sd[key].double(), sd[base + up].double()
+            scale = float(sd[base + ".alpha"]) / a.shape[0] if base + ".alpha" in sd else 1.0
+            probes = torch.randn(a.shape[1], 8, generator=torch.Generator().manual_seed(a.shape[1]),
+                                 dtype=torch.float64)
+            out[base.removeprefix(prefix)] = b @ (a @ probes) * scale
+    return out
+
+
+@pytest.mark.parametrize("name", ["flux", "flux_split_qkv"])
+def test_kohya_written_flux_loras(name, tmp_path):
+    """sd-scripts' Flux LoRAs on a shrunk Flux (diffusers' own kohya reader cuts linear1 at full Flux.1 widths, so
+    the arithmetic is the oracle here): each diffusers module's update is its rows of the fused module's update; a
+    split_qkv file's block-diagonal up gives each part its own rank-4 down; kohya -> diffusers -> kohya keeps every
+    update and every key."""
+    src = KOHYA / f"{name}.safetensors"
+    dif, back = tmp_path / "diffusers.safetensors", tmp_path / "kohya.safetensors"
+    assert run("remap", src, dif, "--to", "diffusers").exit_code == 0
+    kohya, converted = load_file(src), load_file(dif)
+    fused = flux_fused_updates(kohya, "lora_unet_", ".lora_down.weight", ".lora_up.weight")
+    parts = flux_fused_updates(converted, "transformer.", ".lora_A.weight", ".lora_B.weight")
+    hidden = kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[1]
+    torch.testing.assert_close(torch.cat([parts[f"single_transformer_blocks.0.{p}"] for p in
+                                          ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]),
+                               fused["single_blocks_0_linear1"])
+    torch.testing.assert_close(torch.cat([parts[f"transformer_blocks.0.attn.{p}"] for p in
+                                          ("add_q_proj", "add_k_proj", "add_v_proj")]),
+                               fused["double_blocks_0_txt_attn_qkv"])
+    torch.testing.assert_close(parts["transformer_blocks.0.ff.net.2"], fused["double_blocks_0_img_mlp_2"])
+    rank = converted["transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight"].shape
+    assert rank == (4, hidden)  # the part's own rank: shared (flux) or its block of the split (flux_split_qkv)
+    assert run("remap", dif, back, "--to", "kohya").exit_code == 0
+    again = load_file(back)
+    assert set(again) == set(kohya)
+    assert again["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == \
+        kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape
+    back_updates = flux_fused_updates(again, "lora_unet_", ".lora_down.weight", ".lora_up.weight")
+    for module, update in fused.items():
+        torch.testing.assert_close(back_updates[module], update, msg=module)
+
+
+# the module tables themselves, against diffusers' own single-file conversion of every weight of the real models
+SD1_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2,
+                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+
+
+@pytest.mark.parametrize("family,config", [("sd1", SD1_UNET), ("sdxl", SDXL_UNET)])
+def test_unet_names_match_diffusers_single_file_conversion(family, config):
+    """Every weight of SD1.5's and SDXL's UNet (the repos' unet/config.json, built on the meta device): named the LDM
+    way by conventions/unet.py, diffusers' convert_ldm_unet_checkpoint puts it back at the same diffusers name."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from ckpttool.conventions import unet
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**config)
+    names = list(model.state_dict())
+    checkpoint = {}
+    for i, name in enumerate(names):
+        module, _, param = name.rpartition(".")
+        ldm = unet.to_original(module, family)
+        assert ldm is not None and unet.to_diffusers(ldm, family) == module, name
+        checkpoint[f"model.diffusion_model.{ldm}.{param}"] = torch.tensor(i)
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(model.config))
+    assert set(converted) == set(names)
+    assert all(int(converted[name]) == i for i, name in enumerate(names))
+
+
+def test_sd1_lora_loads_into_a_unet_the_same(tmp_path):
+    """diffusers' load_lora_into_unet (the UNet step of load_lora_weights) puts the same delta on every LoRA layer of
+    the UNet sd-scripts' sample was made on, from kohya's file and from the converted one."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from fixtures.kohya_samples import tiny_sd1_unet
+
+    src, dif = KOHYA / "sd1.safetensors", tmp_path / "diffusers.safetensors"
+    assert run("remap", src, dif, "--to", "diffusers").exit_code == 0
+    model = tiny_sd1_unet()
+    for adapter, path in (("kohya", src), ("converted", dif)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+            StableDiffusionPipeline.load_lora_into_unet({k: v for k, v in sd.items() if k.startswith("unet.")},
+                                                        alphas, model, adapter_name=adapter)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 79
+    with torch.no_grad():
+        for layer in layers:
+            torch.testing.assert_close(layer.get_delta_weight("converted"), layer.get_delta_weight("kohya"))
