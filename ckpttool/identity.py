@@ -38,7 +38,8 @@ def identify(ckpt: Checkpoint) -> dict | None:
     if not downs or not ups or len(set(downs) & ups) < max(1, len(downs) // 2):
         return _model(tensors)
     ranks = sorted({int(t.shape[0]) for t in downs.values() if t.shape})
-    return {"kind": "lora", "family": _lora_family(list(downs)), "variant": None,
+    family = _lora_family(downs)
+    return {"kind": "lora", "family": family, "variant": _lora_variant(family, downs),
             "convention": _convention(list(downs)), "rank": ranks[0] if len(ranks) == 1 else ranks,
             "alpha": _alpha(tensors, ckpt), "modules": len(downs)}
 
@@ -51,10 +52,33 @@ LORA_FAMILIES = (("flux.1", re.compile(r"(?:.*[._])?(?:double_blocks|single_bloc
                  ("sdxl", re.compile(r"lora_te2_|text_encoder_2\.")))
 
 
-def _lora_family(modules: list[str]) -> str | None:
-    """The model family a LoRA's module names show, where one signature says it; None (not told) otherwise."""
-    found = {family for family, pattern in LORA_FAMILIES if any(pattern.match(m) for m in modules)}
+# a UNet's cross-attention key projection takes the text encoder's width, cross_attention_dim: 768 for SD1's CLIP-L,
+# 1024 for SD2's OpenCLIP-H, 2048 for SDXL's two encoders side by side (the model repos' unet/config.json); a LoRA's
+# down matrix there too. Only inside a UNet's blocks: DiT models name cross-attention attn2 as well, at other widths
+UNET_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+UNET_CROSS_KEY = re.compile(r".*(?:down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)"
+                            r"[._].*attn2[._]to_k")
+# a Flux.1 LoRA on the image input (BFL `img_in`, diffusers `x_embedder`) takes its channels: 384 in Fill, 128 in
+# Depth (their transformer configs' in_channels); 64 is dev's and schnell's alike, so not told
+FLUX_INPUT = re.compile(r".*(?:img_in|x_embedder)")
+
+
+def _lora_family(downs: dict[str, TensorInfo]) -> str | None:
+    """The model family a LoRA's module names (and its cross-attention's text width) show, where every signature
+    agrees; None (not told) otherwise."""
+    found = {family for family, pattern in LORA_FAMILIES if any(pattern.match(m) for m in downs)}
+    found |= {UNET_WIDTHS.get(t.shape[1]) for m, t in downs.items()
+              if len(t.shape) == 2 and UNET_CROSS_KEY.match(m)}
+    if None in found:  # a cross-attention width no known UNet has
+        return None
     return found.pop() if len(found) == 1 else None
+
+
+def _lora_variant(family: str | None, downs: dict[str, TensorInfo]) -> str | None:
+    if family != "flux.1":
+        return None
+    widths = {t.shape[1] for m, t in downs.items() if len(t.shape) == 2 and FLUX_INPUT.fullmatch(m)}
+    return {384: "fill", 128: "depth"}.get(widths.pop()) if len(widths) == 1 else None
 
 
 # diffusers loaders/single_file_utils.py CHECKPOINT_KEY_NAMES and infer_diffusers_model_type (0.42.1), for the
@@ -108,19 +132,16 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
     else:
         family = next((name for name, keys in OTHERS if any(has(k) for k in keys)), None)
     if family is None:
-        return _diffusers_model(shapes)
+        return _diffusers_model(shapes) or _language_model(shapes)
     whole = any(k.startswith(DM) for k in shapes) and any(k.startswith(OTHER_PARTS) for k in shapes)
     return {"kind": "checkpoint" if whole else "diffusion_model", "family": family, "variant": variant,
             "convention": "original"}
 
 
+
+
 # diffusers' own models: FluxTransformer2DModel (transformer_flux.py: `single_transformer_blocks`, `x_embedder` of
-# in_channels, `time_text_embed.guidance_embedder` only with guidance_embeds), UNet2DConditionModel (its attention's
-# key projection takes the text encoder's width, cross_attention_dim: 768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H,
-# 2048 for SDXL's two encoders side by side, as the model repos' unet/config.json say)
-UNET_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-
-
+# in_channels, `time_text_embed.guidance_embedder` only with guidance_embeds), UNet2DConditionModel (UNET_WIDTHS)
 def _diffusers_model(shapes: dict) -> dict | None:
     if "single_transformer_blocks.0.attn.to_q.weight" in shapes and "x_embedder.weight" in shapes:
         width = shapes["x_embedder.weight"][1:2]
@@ -135,6 +156,34 @@ def _diffusers_model(shapes: dict) -> dict | None:
         return {"kind": "diffusion_model", "family": family, "variant": "inpaint" if inpaint else None,
                 "convention": "diffusers"}
     return None
+
+
+# transformers' causal language models (modeling_llama.py, modeling_qwen2.py, modeling_qwen3.py, modeling_gpt2.py):
+# the Llama layout (`layers.N.self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`) is
+# told as "llama" (Mistral and other models built on it share it, and LlamaForCausalLM loads them); Qwen2 adds biases
+# to q/k/v (not o), Qwen3 RMS norms on q and k; GPT-2 fuses q, k, v in `attn.c_attn` beside `wte`/`wpe`. Gemma 2's
+# extra feed-forward norms and mixture-of-experts layers are none of them.
+LLAMA = ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.input_layernorm.weight",
+         "layers.0.post_attention_layernorm.weight")
+
+
+def _language_model(shapes: dict) -> dict | None:
+    names = {k.removeprefix("model."): s for k, s in shapes.items()}  # a ForCausalLM's base model under `model.`
+    if any(re.fullmatch(r"(?:transformer\.)?h\.0\.attn\.c_attn\.weight", k) for k in names) and any(
+            k.endswith("wte.weight") for k in names):
+        family = "gpt2"
+    elif all(k in names for k in LLAMA) and "layers.0.pre_feedforward_layernorm.weight" not in names:
+        if "layers.0.self_attn.q_norm.weight" in names:
+            family = "qwen3"
+        elif "layers.0.self_attn.q_proj.bias" in names and "layers.0.self_attn.o_proj.bias" not in names:
+            family = "qwen2"
+        elif "layers.0.self_attn.q_proj.bias" in names:
+            return None
+        else:
+            family = "llama"
+    else:
+        return None
+    return {"kind": "model", "family": family, "variant": None, "convention": "transformers"}
 
 
 def _convention(modules: list[str]) -> str | None:
@@ -191,3 +240,29 @@ def _alpha(tensors: list[TensorInfo], ckpt: Checkpoint) -> float | list | None:
     found = sorted({float(v) for k, v in (adapter.items() if isinstance(adapter, dict) else ())
                     if str(k).rpartition(".")[2] == "lora_alpha" and type(v) in (int, float)})
     return found[0] if len(found) == 1 else found or None
+
+
+KIND_WORDS = {"lora": "LoRA", "diffusion_model": "diffusion model", "checkpoint": "single-file checkpoint"}
+
+
+def described(identity: dict) -> str:
+    """`a flux.1 fill LoRA (kohya)`, `a sdxl base single-file checkpoint (original)`."""
+    words = [identity.get("family"), identity.get("variant"), KIND_WORDS.get(identity["kind"], identity["kind"])]
+    convention = identity.get("convention")
+    return "a " + " ".join(w for w in words if w) + (f" ({convention})" if convention else "")
+
+
+def apart(a: dict | None, b: dict | None) -> str | None:
+    """Why A and B are not for each other by what they are (a Flux.1 fill LoRA against a Flux.1 dev model), or None
+    where what they are does not say (a family or variant not told is never taken for a difference)."""
+    if not a or not b:
+        return None
+    if a.get("family") and b.get("family") and a["family"] != b["family"]:
+        return f"A is {described(a)}, B {described(b)}: they are for different model families"
+    if a.get("family") and a.get("variant") and b.get("variant") and a["variant"] != b["variant"]:
+        return f"A is {described(a)}, B {described(b)}: made for different variants of {a['family']} " \
+               f"({a['variant']}, {b['variant']})"
+    if (a["kind"] == "lora") != (b["kind"] == "lora"):
+        return f"A is {described(a)}, B {described(b)}: a LoRA's keys are adapter matrices, applied to a model's " \
+               "weights, never loaded in their place; compare a LoRA with a LoRA, a model with a model"
+    return None

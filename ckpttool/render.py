@@ -232,6 +232,8 @@ def diff_report(r: dict) -> str:
                                             [f"{n} (only in B)" for n in r["only_b_components"]]))
         return "\n\n".join(out)
     out = [f"A: {r['a']}\nB: {r['b']}\ncomponent: {r['component']}"]
+    if r.get("apart"):
+        out.append(f"Not for each other: {r['apart']}")
     if r["normalization"]:
         out.append("Key normalization applied:\n" + "\n".join(f"  - {rule}" for rule in r["normalization"]))
     if r["quantized_keys"]:

@@ -132,3 +132,81 @@ def test_diffusers_models_built_by_diffusers_classes(tmp_path):
         unet.save_pretrained(tmp_path / f"unet{channels}")
         identity = _identity(tmp_path / f"unet{channels}" / "diffusion_pytorch_model.safetensors")
         assert identity == {"kind": "diffusion_model", "family": "sd1", "variant": variant, "convention": "diffusers"}
+
+
+LM_CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("config_class,model_class,family", [
+    ("LlamaConfig", "LlamaForCausalLM", "llama"),
+    ("MistralConfig", "MistralForCausalLM", "llama"),  # the Llama layout, key for key (said in the README)
+    ("Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
+    ("Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
+    ("Gemma2Config", "Gemma2ForCausalLM", None),  # extra feed-forward norms: not the Llama layout, not told
+    ("GPT2Config", "GPT2LMHeadModel", "gpt2"),
+])
+def test_language_models_saved_by_transformers(tmp_path, config_class, model_class, family):
+    import transformers
+
+    options = (dict(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32) if model_class.startswith("GPT2")
+               else dict(LM_CONFIG, head_dim=8))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**options))
+    model.save_pretrained(tmp_path / "model")
+    identity = _identity(tmp_path / "model" / "model.safetensors")
+    if family is None:
+        assert identity is None
+    else:
+        assert identity == {"kind": "model", "family": family, "variant": None, "convention": "transformers"}
+
+
+def _lora(path, modules: dict):
+    """A kohya-convention LoRA with the given module -> (out, in) shapes."""
+    sd = {}
+    for name, (out, inp) in modules.items():
+        sd[f"{name}.lora_down.weight"] = torch.zeros(2, inp)
+        sd[f"{name}.lora_up.weight"] = torch.zeros(out, 2)
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("width,family", [(768, "sd1"), (1024, "sd2"), (2048, "sdxl"), (512, None)])
+def test_a_unet_loras_family_by_its_cross_attention_width(tmp_path, width, family):
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2"
+    path = _lora(tmp_path / "l.safetensors", {f"{base}_to_k": (320, width), f"{base}_to_q": (320, 320)})
+    assert _identity(path)["family"] == family
+
+
+def test_a_flux_loras_variant_by_its_image_input(tmp_path):
+    fill = _lora(tmp_path / "fill.safetensors", {"lora_unet_img_in": (3072, 384),
+                                                 "lora_unet_double_blocks_0_img_attn_proj": (3072, 3072)})
+    assert _identity(fill)["variant"] == "fill"
+    dev = _lora(tmp_path / "dev.safetensors", {"lora_unet_img_in": (3072, 64),
+                                               "lora_unet_double_blocks_0_img_attn_proj": (3072, 3072)})
+    assert _identity(dev)["family"] == "flux.1" and _identity(dev)["variant"] is None  # dev and schnell alike
+
+
+def test_diff_says_a_fill_lora_is_not_for_a_dev_model(tmp_path):
+    fill = _lora(tmp_path / "fill.safetensors", {"lora_unet_img_in": (3072, 384),
+                                                 "lora_unet_double_blocks_0_img_attn_proj": (3072, 3072)})
+    dev = tmp_path / "dev.safetensors"
+    save_file({"img_in.weight": torch.zeros(3072, 64), "guidance_in.in_layer.bias": torch.zeros(3072),
+               "double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(128)}, str(dev))
+    result, report = cli("diff", "--json", str(fill), str(dev))
+    assert result.exit_code == 1
+    assert report["identity"]["a"]["variant"] == "fill" and report["identity"]["b"]["variant"] == "dev"
+    assert report["apart"] == ("A is a flux.1 fill LoRA (kohya), B a flux.1 dev diffusion model (original): made for "
+                               "different variants of flux.1 (fill, dev)")
+    assert report["fix"] is None  # no key remap makes one the other
+    text = cli("diff", str(fill), str(dev))[0].output
+    assert "Not for each other: A is a flux.1 fill LoRA" in text
+
+
+def test_diff_of_loras_for_different_families_and_of_like_files(tmp_path):
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd1 = _lora(tmp_path / "sd1.safetensors", {base: (320, 768)})
+    sdxl = _lora(tmp_path / "sdxl.safetensors", {base: (320, 2048)})
+    report = cli("diff", "--json", str(sd1), str(sdxl))[1]
+    assert report["apart"].endswith("they are for different model families")
+    same = cli("diff", "--json", str(sd1), str(sd1))[1]
+    assert same["same"] and same["apart"] is None and same["identity"]["a"]["family"] == "sd1"

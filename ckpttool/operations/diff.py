@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from ckpttool.checkpoint import open_checkpoint
 from ckpttool.errors import UsageError
+from ckpttool.identity import apart, identify
 from ckpttool.keys import KeyReport, align, compare
 from ckpttool.model import ERROR, Code, Component, Problem, Severity, TensorInfo
 
@@ -36,6 +37,8 @@ class DiffReport:
     components: list | None = None  # DiffReport of each component two pipelines share
     only_a_components: list = field(default_factory=list)
     only_b_components: list = field(default_factory=list)
+    identities: dict = field(default_factory=dict)  # "a", "b": what each side is (identity.identify), or None
+    apart: str | None = None  # why A and B are not for each other by what they are
 
     @property
     def same(self) -> bool:
@@ -50,7 +53,8 @@ class DiffReport:
         out.update(normalization=self.normalization, only_a=self.only_a, only_b=self.only_b,
                    shape_mismatches=self.shape_mismatches, dtype_mismatches=self.dtype_mismatches,
                    quantized_keys=self.quantized_keys, compared=self.compared, values=self.values,
-                   problems=[p.to_json() for p in self.problems], fix=self.fix)
+                   problems=[p.to_json() for p in self.problems], fix=self.fix, identity=self.identities,
+                   apart=self.apart)
         return out
 
 
@@ -208,8 +212,14 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         b_tensors, b_desc = model_tensors(load_model(model_spec)), model_spec
     else:
         b_tensors, b_desc = select_component(b_ckpt, component, b_path).tensors, b_path
-    return _diff_tensors(a_path, a_comp.tensors, b_tensors, b_desc, component, against_model=bool(model_spec),
-                         **options)
+    report = _diff_tensors(a_path, a_comp.tensors, b_tensors, b_desc, component, against_model=bool(model_spec),
+                           **options)
+    if component == "model":
+        a_is, b_is = identify(a_ckpt), identify(b_ckpt) if b_ckpt is not None else None
+        report.identities, report.apart = {"a": a_is, "b": b_is}, apart(a_is, b_is)
+        if report.apart and any(i and i["kind"] == "lora" for i in (a_is, b_is)):
+            report.fix = None  # no remap makes a LoRA's keys a model's, or a Fill LoRA a dev one's
+    return report
 
 
 def _diff_tensors(a_path, a_tensors, b_tensors, b_desc, component, *, against_model, normalize, values, atol, rtol,
