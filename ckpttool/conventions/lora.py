@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ckpttool.conventions import flux, unet
+from ckpttool.conventions.pieces import Matrix, Piece, materialize, stacked
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Code, TensorInfo
 
@@ -48,50 +49,6 @@ NAMES = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", 
          "add_v_proj", "to_add_out", "norm1_context", "proj_mlp", "single_transformer_blocks", "x_embedder",
          "context_embedder", "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder", "norm_out")
 NAME_TOKENS = sorted((n.split("_") for n in NAMES), key=len, reverse=True)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A block of a source tensor: its rows (and columns) from..to, times a factor; `swap`: the source's two row
-    halves exchanged first (BFL's final modulation against diffusers')."""
-
-    source: TensorInfo
-    rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None
-    factor: float = 1.0
-    swap: bool = False
-
-    @property
-    def shape(self) -> tuple:
-        rows = self.rows[1] - self.rows[0] if self.rows else self.source.shape[0]
-        cols = self.cols[1] - self.cols[0] if self.cols else self.source.shape[1]
-        return (rows, cols, *self.source.shape[2:])
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """A LoRA matrix made of pieces placed at (row, column) offsets; zeros elsewhere."""
-
-    shape: tuple
-    pieces: tuple[tuple[int, int, Piece], ...]
-
-    @classmethod
-    def of(cls, piece: Piece) -> "Matrix":
-        return cls(piece.shape, ((0, 0, piece),))
-
-    @property
-    def dtype(self) -> str:
-        return self.pieces[0][2].source.dtype
-
-    def scaled(self, factor: float) -> "Matrix":
-        if factor == 1:
-            return self
-        return Matrix(self.shape, tuple((r, c, replace(p, factor=p.factor * factor)) for r, c, p in self.pieces))
-
-
-def stacked(blocks: list[tuple[int, int, Matrix]], shape: tuple) -> Matrix:
-    """Matrices placed at (row, column) offsets in one of `shape`."""
-    return Matrix(shape, tuple((r + r0, c + c0, p) for r0, c0, m in blocks for r, c, p in m.pieces))
 
 
 @dataclass
@@ -409,38 +366,6 @@ def produce(recipes: dict):
             yield name, materialize(recipe, cache)
         else:
             yield name, torch.tensor(float(recipe), dtype=torch.float32)
-
-
-def materialize(matrix: Matrix, cache: dict | None = None):
-    """The matrix's values: its pieces read (one source kept in `cache` at a time, so memory stays bounded by the
-    largest tensor), cut, scaled and placed."""
-    import torch
-
-    from ckpttool.tensors import load_tensor
-
-    cache = {} if cache is None else cache
-    out = None
-    for r, c, piece in matrix.pieces:
-        key = piece.source.name
-        if key not in cache:
-            cache.clear()
-            cache[key] = load_tensor(piece.source)
-        value = cache[key]
-        if piece.swap:
-            half = value.shape[0] // 2
-            value = torch.cat([value[half:], value[:half]])
-        if piece.rows:
-            value = value[piece.rows[0]:piece.rows[1]]
-        if piece.cols:
-            value = value[:, piece.cols[0]:piece.cols[1]]
-        if piece.factor != 1:
-            value = (value.float() * piece.factor).to(value.dtype)
-        if len(matrix.pieces) == 1 and tuple(value.shape) == tuple(matrix.shape):
-            return value.contiguous()
-        if out is None:
-            out = torch.zeros(matrix.shape, dtype=value.dtype)
-        out[r:r + value.shape[0], c:c + value.shape[1]] = value
-    return out
 
 
 def _same(a: Matrix, b: Matrix) -> bool:

@@ -1,0 +1,88 @@
+"""Output tensors made of pieces of input tensors (rows and columns of them, scaled, halves swapped, placed at
+offsets): how a conversion says what it writes before reading any values, so the specs of the output are known up
+front and each output tensor is built alone, with one input tensor in memory at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ckpttool.model import TensorInfo
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A block of a source tensor: its rows (and columns) from..to, times a factor; `swap`: the source's two row
+    halves exchanged first (BFL's final modulation against diffusers')."""
+
+    source: TensorInfo
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    factor: float = 1.0
+    swap: bool = False
+
+    @property
+    def shape(self) -> tuple:
+        shape = list(self.source.shape)
+        if self.rows:
+            shape[0] = self.rows[1] - self.rows[0]
+        if self.cols:
+            shape[1] = self.cols[1] - self.cols[0]
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A tensor made of pieces placed at (row, column) offsets (row only, for a vector); zeros elsewhere."""
+
+    shape: tuple
+    pieces: tuple[tuple[int, int, Piece], ...]
+
+    @classmethod
+    def of(cls, piece: Piece) -> "Matrix":
+        return cls(piece.shape, ((0, 0, piece),))
+
+    @property
+    def dtype(self) -> str:
+        return self.pieces[0][2].source.dtype
+
+    def scaled(self, factor: float) -> "Matrix":
+        if factor == 1:
+            return self
+        return Matrix(self.shape, tuple((r, c, replace(p, factor=p.factor * factor)) for r, c, p in self.pieces))
+
+
+def stacked(blocks: list[tuple[int, int, Matrix]], shape: tuple) -> Matrix:
+    """Matrices placed at (row, column) offsets in one of `shape`."""
+    return Matrix(shape, tuple((r + r0, c + c0, p) for r0, c0, m in blocks for r, c, p in m.pieces))
+
+
+def materialize(matrix: Matrix, cache: dict | None = None):
+    """The matrix's values: its pieces read (one source kept in `cache` at a time, so memory stays bounded by the
+    largest tensor), cut, scaled and placed."""
+    import torch
+
+    from ckpttool.tensors import load_tensor
+
+    cache = {} if cache is None else cache
+    out = None
+    for r, c, piece in matrix.pieces:
+        key = piece.source.name
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_tensor(piece.source)
+        value = cache[key]
+        if piece.swap:
+            half = value.shape[0] // 2
+            value = torch.cat([value[half:], value[:half]])
+        if piece.rows:
+            value = value[piece.rows[0]:piece.rows[1]]
+        if piece.cols:
+            value = value[:, piece.cols[0]:piece.cols[1]]
+        if piece.factor != 1:
+            value = (value.float() * piece.factor).to(value.dtype)
+        if len(matrix.pieces) == 1 and tuple(value.shape) == tuple(matrix.shape):
+            return value.contiguous()
+        if out is None:
+            out = torch.zeros(matrix.shape, dtype=value.dtype)
+        out[(slice(r, r + value.shape[0]),) + ((slice(c, c + value.shape[1]),) if value.dim() > 1 else ())] = value
+    return out
