@@ -390,8 +390,12 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@click.option("--to", type=click.Choice(["safetensors", "sharded", "torch", "pt", "accelerate", "dcp"]),
-              help="Target layout (default: from DST's suffix).")
+@click.option("--to", type=click.Choice(["safetensors", "sharded", "torch", "pt", "accelerate", "dcp", "original",
+                                       "diffusers"]),
+              help="Target layout (default: from DST's suffix); original / diffusers: a Flux.1 transformer or SD/SDXL "
+              "UNet between a diffusers folder and the original single file.")
+@click.option("--family", type=click.Choice(["flux.1", "sd1", "sd2", "sdxl"]),
+              help="With --to original|diffusers: the model it is, where its keys cannot tell.")
 @click.option("--component", help="Convert only this part (model, ema, optimizer, model_1, unet, ...).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Cast floating-point weights.")
 @click.option("--allow-lossy-cast", is_flag=True, help="With --dtype: write values the cast turns into inf (beyond the "
@@ -400,14 +404,15 @@ def remap(src, dst, strip_prefix, add_prefix, rename, drop, like, model_spec, de
 @click.option("--no-verify", is_flag=True, help="Skip re-reading the output and comparing it with the source.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def convert(src, dst, to, component, dtype, allow_lossy_cast, shard_size, no_verify, force, as_json):
-    """Convert between .pt, safetensors (single or sharded), Accelerate state dirs and DCP dirs.
+def convert(src, dst, to, family, component, dtype, allow_lossy_cast, shard_size, no_verify, force, as_json):
+    """Convert between .pt, safetensors (single or sharded), Accelerate state dirs and DCP dirs, and a Flux.1
+    transformer or SD/SDXL UNet between diffusers' folder and the original single file.
 
     Streams tensor by tensor; the output appears only when complete and verified against the source."""
     from ckpttool.operations.convert import convert as run_convert
 
     result = run_convert(src, dst, to=to, component=component, dtype=dtype, shard_size=shard_size,
-                         verify=not no_verify, force=force, allow_lossy_cast=allow_lossy_cast)
+                         verify=not no_verify, force=force, allow_lossy_cast=allow_lossy_cast, family=family)
     if as_json:
         _emit_json(result)
     else:
@@ -415,6 +420,8 @@ def convert(src, dst, to, component, dtype, allow_lossy_cast, shard_size, no_ver
         from ckpttool.render import human_bytes
 
         check = f", {result['verified_tensors']} tensors verified" if result["verified_tensors"] is not None else ""
+        for change in result.get("changes", ()):
+            click.echo(f"  {change}")
         click.echo(f"wrote {_safe(dst)} ({result['target']}: {', '.join(result['components'])}; "
                    f"{result['tensors']} tensors, {human_bytes(result['bytes'])}{check})")
         if result["weights_only_loadable"]:

@@ -32,7 +32,12 @@ ALPHAS_READ = 4096  # `.alpha` scalars read at most (one per module; each a few 
 def identify(ckpt: Checkpoint) -> dict | None:
     """{"kind", "family", "variant", "convention", ...} where the keys say what the file is (a LoRA: also "rank",
     "alpha", "modules"); None where they do not."""
-    tensors = [t for c in ckpt.components if c.role in ("model", "extra") for t in c.tensors]
+    return identify_tensors([t for c in ckpt.components if c.role in ("model", "extra") for t in c.tensors],
+                            ckpt.metadata)
+
+
+def identify_tensors(tensors: list[TensorInfo], metadata: dict) -> dict | None:
+    """identify() of these tensors (one component of a pipeline, say), with the file's header metadata."""
     downs = {m.group(1): t for t in tensors if (m := DOWN.fullmatch(t.name))}
     ups = {m.group(1) for t in tensors if (m := UP.fullmatch(t.name))}
     if not downs or not ups or len(set(downs) & ups) < max(1, len(downs) // 2):
@@ -41,7 +46,7 @@ def identify(ckpt: Checkpoint) -> dict | None:
     family = _lora_family(downs)
     return {"kind": "lora", "family": family, "variant": _lora_variant(family, downs),
             "convention": _convention(list(downs)), "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "alpha": _alpha(tensors, ckpt), "modules": len(downs)}
+            "alpha": _alpha(tensors, metadata), "modules": len(downs)}
 
 
 # Flux.1's blocks under its original names (BFL flux/model.py `double_blocks`, `single_blocks`: kohya's lora_flux.py
@@ -211,7 +216,7 @@ def _bf16(info: TensorInfo) -> float | None:
     return struct.unpack("<f", b"\x00\x00" + data)[0] if len(data) == 2 else None
 
 
-def _alpha(tensors: list[TensorInfo], ckpt: Checkpoint) -> float | list | None:
+def _alpha(tensors: list[TensorInfo], metadata: dict) -> float | list | None:
     """The `.alpha` scalars kohya saves beside each module (one value, or the distinct ones), or the
     `lora_adapter_metadata` diffusers writes into a safetensors header (each component's `lora_alpha`); None where
     the file holds neither (peft keeps it in adapter_config.json)."""
@@ -227,7 +232,7 @@ def _alpha(tensors: list[TensorInfo], ckpt: Checkpoint) -> float | list | None:
             values.add(float(value))
     if values:
         return values.pop() if len(values) == 1 else sorted(values)
-    adapter = ckpt.metadata.get("lora_adapter_metadata")  # a safetensors header's __metadata__
+    adapter = metadata.get("lora_adapter_metadata")  # a safetensors header's __metadata__
     if isinstance(adapter, str):
         import json
 

@@ -81,3 +81,41 @@ def part_sizes(name: str, hidden: int) -> list[int]:
     if name.endswith(".linear1"):
         return [hidden] * 3 + [MLP_RATIO * hidden]
     return [hidden] * 3
+
+
+# the RMS norms on q and k, which hold a `scale` in BFL's QKNorm and a `weight` in diffusers' RMSNorm
+DOUBLE_NORMS = {"img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale":
+                "attn.norm_k.weight", "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+                "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+PARAMS = ("weight", "bias")
+
+
+def key_to_diffusers(key: str) -> tuple[str, ...] | None:
+    """The diffusers key(s) a BFL key is (several for a fused module's weight or bias); None for a key that is not
+    Flux.1's."""
+    m = BLOCK.fullmatch(key)
+    if m:
+        kind, index, rest = m.groups()
+        norms = DOUBLE_NORMS if kind == "double_blocks" else SINGLE_NORMS
+        if rest in norms:
+            return (f"{KIND[kind]}.{index}.{norms[rest]}",)
+    module, _, param = key.rpartition(".")
+    parts = to_diffusers(module) if param in PARAMS else None
+    return tuple(f"{p}.{param}" for p in parts) if parts else None
+
+
+def key_to_original(key: str) -> tuple[str, int] | None:
+    """The BFL key a diffusers key belongs to and its place among a fused module's parts; None for a key that is
+    not FluxTransformer2DModel's."""
+    m = DIFFUSERS_BLOCK.fullmatch(key)
+    if m:
+        kind, index, rest = m.groups()
+        bfl_kind = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
+        norms = DOUBLE_NORMS if bfl_kind == "double_blocks" else SINGLE_NORMS
+        for bfl, diffusers in norms.items():
+            if rest == diffusers:
+                return f"{bfl_kind}.{index}.{bfl}", 0
+    module, _, param = key.rpartition(".")
+    found = to_original(module) if param in PARAMS else None
+    return (f"{found[0]}.{param}", found[1]) if found else None

@@ -333,7 +333,16 @@ def verify_output(src_parts: list[tuple[str, OutputPart]], out: Checkpoint, dtyp
 
 
 def convert(src: str, dst: str, *, to=None, component=None, dtype=None, shard_size=None, verify=True,
-            force=False, allow_lossy_cast=False) -> dict:
+            force=False, allow_lossy_cast=False, family=None) -> dict:
+    if to in ("original", "diffusers"):
+        if dtype or shard_size:
+            raise UsageError(f"--to {to} moves a model between layouts as it is; cast or shard it in a convert of "
+                             "its own")
+        from ckpttool.operations.relayout import relayout
+
+        return relayout(src, dst, to, family=family, component=component, verify=verify, force=force)
+    if family:
+        raise UsageError("--family tells which model a file is with --to original|diffusers")
     if dtype is not None and dtype not in CAST:
         raise UsageError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     if allow_lossy_cast and dtype is None:

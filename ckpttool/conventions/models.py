@@ -1,0 +1,184 @@
+"""Whole models between diffusers' layout and the original single file (`convert --to original|diffusers`), key by
+key: Flux.1's transformer (BFL's own keys, as flux1-dev.safetensors holds them: q, k, v fused into `qkv`, and with
+the MLP input into `linear1`, the final modulation's halves in the other order) and the SD1/SD2/SDXL UNet (the
+LDM/SGM names under `model.diffusion_model.`, as the single-file checkpoints hold them). Every output tensor is
+a plan of pieces of input tensors (conventions/pieces.py), so nothing is read before the whole output is known, and
+each one is built alone. A key this cannot place stops the conversion with its name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ckpttool.conventions import flux, unet
+from ckpttool.conventions.pieces import Matrix, Piece, stacked
+from ckpttool.errors import CkptError
+from ckpttool.model import Code, TensorInfo
+
+UNET_PREFIX = "model.diffusion_model."
+FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI's and some trainers' saves add one
+FAMILIES = ("flux.1", "sd1", "sd2", "sdxl")
+# Flux.1's rotary embedding splits each head's 128 channels (16, 56, 56) (diffusers' FluxTransformer2DModel
+# default, BFL's FluxParams axes_dim); the weights do not hold it
+FLUX_ROPE = {128: [16, 56, 56]}
+# the UNet settings the weights cannot show (heads per block; SDXL's added conditioning's time embedding), as the
+# model repos' unet/config.json have them (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0)
+SETTINGS = {"sdxl": {"attention_head_dim": [5, 10, 20], "addition_time_embed_dim": 256},
+            "sd1": {"attention_head_dim": 8}, "sd2": {"attention_head_dim": [5, 10, 20, 20]}}
+CHANNELS = {"sdxl": [320, 640, 1280], "sd1": [320, 640, 1280, 1280], "sd2": [320, 640, 1280, 1280]}
+
+
+@dataclass
+class Plan:
+    outputs: dict = field(default_factory=dict)  # name -> Matrix, in writing order
+    left: list = field(default_factory=list)  # input keys of other parts of a whole checkpoint, not converted
+    config: dict | None = None  # config.json of the diffusers model written
+    notes: list = field(default_factory=list)
+
+    def put(self, name: str, matrix: Matrix):
+        if name in self.outputs:
+            raise CkptError(Code.KEY_MISMATCH, f"two inputs would both be written as {name}; nothing written")
+        self.outputs[name] = matrix
+
+
+def to_original(tensors: list[TensorInfo], family: str) -> Plan:
+    """A diffusers model's tensors under the original single file's keys."""
+    plan = Plan()
+    if family == "flux.1":
+        fused: dict[str, dict[int, TensorInfo]] = {}
+        for t in tensors:
+            found = flux.key_to_original(t.name)
+            if found is None:
+                raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of diffusers' FluxTransformer2DModel; "
+                                "nothing written")
+            fused.setdefault(found[0], {})[found[1]] = t
+        for name, parts in fused.items():
+            expected = len(flux.key_to_diffusers(name))
+            if sorted(parts) != list(range(expected)):
+                missing = set(flux.key_to_diffusers(name)) - {t.name for t in parts.values()}
+                raise CkptError(Code.MISSING_TENSOR, f"{name} fuses {expected} tensors, and "
+                                f"{', '.join(sorted(missing))} is missing; nothing written")
+            if expected == 1:
+                plan.put(name, Matrix.of(Piece(parts[0], swap=_swapped(name))))
+                continue
+            sizes = [parts[i].shape[0] for i in range(expected)]
+            shape = (sum(sizes), *parts[0].shape[1:])
+            if any(tuple(parts[i].shape[1:]) != tuple(shape[1:]) for i in range(expected)):
+                raise CkptError(Code.SHAPE_MISMATCH, f"{name}: its parts' shapes "
+                                f"{[list(parts[i].shape) for i in range(expected)]} do not stack; nothing written")
+            plan.put(name, stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(parts[i]))) for i in range(expected)], shape))
+        return plan
+    for t in tensors:
+        module, _, param = t.name.rpartition(".")
+        name = unet.to_original(module, family)
+        if name is None:
+            raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of {family}'s UNet2DConditionModel; nothing "
+                            "written")
+        plan.put(f"{UNET_PREFIX}{name}.{param}", Matrix.of(Piece(t)))
+    return plan
+
+
+def _swapped(name: str) -> bool:
+    return name.rpartition(".")[0] in flux.SWAPPED
+
+
+def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
+    """An original single file's diffusion model under diffusers' keys, with the config.json its weights show; the
+    file's other parts (VAE, text encoders) are listed in `left`."""
+    plan = Plan()
+    if family == "flux.1":
+        by_name = {_unprefixed(t.name): t for t in tensors}
+        hidden = by_name["img_in.weight"].shape[0] if "img_in.weight" in by_name else None
+        for name, t in by_name.items():
+            targets = flux.key_to_diffusers(name)
+            if targets is None:
+                if name.startswith(("vae.", "text_encoders.", "first_stage_model.")):
+                    plan.left.append(t.name)
+                    continue
+                raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of Flux.1's transformer; nothing written")
+            if len(targets) == 1:
+                plan.put(targets[0], Matrix.of(Piece(t, swap=_swapped(name))))
+                continue
+            sizes = flux.part_sizes(name.rpartition(".")[0], hidden or 0)
+            if sum(sizes) != t.shape[0]:
+                raise CkptError(Code.SHAPE_MISMATCH, f"{t.name}: {t.shape[0]} rows, but a Flux.1 transformer "
+                                f"{hidden} wide fuses {sum(sizes)} there; nothing written")
+            for i, target in enumerate(targets):
+                start = sum(sizes[:i])
+                plan.put(target, Matrix.of(Piece(t, rows=(start, start + sizes[i]))))
+        plan.config = _flux_config(plan.outputs)
+        if plan.config.get("axes_dims_rope") is None:
+            plan.config.pop("axes_dims_rope")
+            plan.notes.append(f"heads {plan.config['attention_head_dim']} wide, not Flux.1's 128: their rotary "
+                              "split (axes_dims_rope) is not in the weights; set it in config.json")
+        return plan
+    for t in tensors:
+        if not t.name.startswith(UNET_PREFIX):
+            plan.left.append(t.name)
+            continue
+        module, _, param = t.name[len(UNET_PREFIX):].rpartition(".")
+        name = unet.to_diffusers(module, family)
+        if name is None:
+            raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of {family}'s UNet; nothing written")
+        plan.put(f"{name}.{param}", Matrix.of(Piece(t)))
+    plan.config = _unet_config(plan.outputs, family)
+    settings, note = unet_settings(plan.config, family)
+    plan.config.update(settings)
+    plan.notes += [note] if note else []
+    return plan
+
+
+def _unprefixed(name: str) -> str:
+    for prefix in FLUX_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _count(outputs: dict, prefix: str) -> int:
+    return len({k[len(prefix):].partition(".")[0] for k in outputs if k.startswith(prefix)})
+
+
+def _flux_config(outputs: dict) -> dict:
+    """FluxTransformer2DModel's config from the shapes (transformer_flux.py's arguments)."""
+    shape = {k: m.shape for k, m in outputs.items()}
+    heads_dim = shape["transformer_blocks.0.attn.norm_q.weight"][0]
+    hidden = shape["x_embedder.weight"][0]
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": shape["x_embedder.weight"][1],
+            "out_channels": shape["proj_out.weight"][0], "num_layers": _count(outputs, "transformer_blocks."),
+            "num_single_layers": _count(outputs, "single_transformer_blocks."), "attention_head_dim": heads_dim,
+            "num_attention_heads": hidden // heads_dim,
+            "joint_attention_dim": shape["context_embedder.weight"][1],
+            "pooled_projection_dim": shape["time_text_embed.text_embedder.linear_1.weight"][1],
+            "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in shape,
+            "axes_dims_rope": FLUX_ROPE.get(heads_dim)}
+
+
+def _unet_config(outputs: dict, family: str) -> dict:
+    """UNet2DConditionModel's config from the shapes, with the family's settings the weights cannot show."""
+    shape = {k: m.shape for k, m in outputs.items()}
+    down, up = unet.ATTENTION[family]
+    channels = [shape[f"down_blocks.{b}.resnets.0.conv1.weight"][0] for b in range(len(down))]
+    per_block = [sum(1 for k in shape if k.startswith(f"down_blocks.{b}.attentions.0.transformer_blocks.")
+                     and k.endswith(".attn1.to_q.weight")) or 1 for b in range(len(down))]
+    widths = {s[1] for k, s in shape.items() if k.endswith("attn2.to_k.weight")}
+    config = {"_class_name": "UNet2DConditionModel", "in_channels": shape["conv_in.weight"][1],
+              "out_channels": shape["conv_out.weight"][0], "block_out_channels": channels,
+              "layers_per_block": unet.LAYERS, "cross_attention_dim": widths.pop() if len(widths) == 1 else None,
+              "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
+              "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
+              "transformer_layers_per_block": per_block,
+              "use_linear_projection": len(shape.get("mid_block.attentions.0.proj_in.weight", ())) == 2}
+    if "add_embedding.linear_1.weight" in shape:
+        config.update(addition_embed_type="text_time",
+                      projection_class_embeddings_input_dim=shape["add_embedding.linear_1.weight"][1])
+    return config
+
+
+def unet_settings(config: dict, family: str) -> tuple[dict, str | None]:
+    """The family's settings its weights cannot show, where the widths are the family's own; else a note to set them
+    by hand."""
+    settings = SETTINGS[family]
+    if config["block_out_channels"] == CHANNELS[family]:
+        return settings, None
+    return {}, (f"block widths {config['block_out_channels']} are not {family}'s {CHANNELS[family]}: "
+                f"{', '.join(settings)} are not in the weights; set them in config.json")
