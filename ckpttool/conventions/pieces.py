@@ -86,3 +86,28 @@ def materialize(matrix: Matrix, cache: dict | None = None):
             out = torch.zeros(matrix.shape, dtype=value.dtype)
         out[(slice(r, r + value.shape[0]),) + ((slice(c, c + value.shape[1]),) if value.dim() > 1 else ())] = value
     return out
+
+
+def byte_ranges(matrix: Matrix) -> list[tuple[str, int, int]] | None:
+    """The matrix's bytes as (file, offset, length) ranges of its sources, in order, where it is only whole rows of
+    sources stored contiguous in its dtype (a rename, a concatenation, a split, halves swapped): such an output is
+    copied file to file and checked by hashing, never loaded. None where a piece needs computing."""
+    ranges, row = [], 0
+    for r, c, piece in sorted(matrix.pieces, key=lambda p: p[0]):
+        whole = piece.source.byte_range()
+        if (whole is None or c or r != row or piece.cols or piece.factor != 1 or piece.source.dtype != matrix.dtype
+                or tuple(piece.shape[1:]) != tuple(matrix.shape[1:])):
+            return None
+        path, offset, length = whole
+        row_bytes = length // piece.source.shape[0]
+        start, stop = piece.rows or (0, piece.source.shape[0])
+        if piece.swap:
+            half = piece.source.shape[0] // 2
+            rows = [(start + half, stop), (start, half)] if (start, stop) == (0, 2 * half) else None
+            if rows is None:
+                return None
+        else:
+            rows = [(start, stop)]
+        ranges += [(path, offset + a * row_bytes, (b - a) * row_bytes) for a, b in rows]
+        row += piece.shape[0]
+    return ranges if row == matrix.shape[0] else None

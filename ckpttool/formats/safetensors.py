@@ -213,13 +213,19 @@ class Writer:
 
     def write_raw(self, name: str, src_path: str, offset: int, length: int):
         """Copy a tensor's bytes straight from another file (kernel-side copy, nothing held in memory)."""
+        self.write_raw_ranges(name, [(src_path, offset, length)])
+
+    def write_raw_ranges(self, name: str, ranges: list[tuple[str, int, int]]):
+        """A tensor whose bytes are these (file, offset, length) ranges one after another, copied file to file."""
         expected = self._order[self._next]
+        length = sum(r[2] for r in ranges)
         if expected[0] != name or dtype_bytes(expected[1], expected[2]) != length:
             raise ValueError(f"writer expected {expected}, got raw {name} of {length} bytes")
         self._next += 1
         self._file.flush()
-        with open(src_path, "rb") as src:
-            copy_range(src.fileno(), offset, self._file.fileno(), length)
+        for src_path, offset, size in ranges:
+            with open(src_path, "rb") as src:
+                copy_range(src.fileno(), offset, self._file.fileno(), size)
 
     def close(self):
         if self._next != len(self._order):

@@ -66,6 +66,13 @@ class RawBytes:
     length: int
 
 
+@dataclass(frozen=True)
+class RawRanges:
+    """A tensor given as byte ranges of files, one after another (a concatenation of whole rows, say)."""
+
+    ranges: tuple[RawBytes, ...]
+
+
 def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = None, wrap=None, *,
                   staged: bool = True):
     """Write (name, tensor) pairs, in `specs` order. `staged`: to a temporary sibling renamed into place (a caller
@@ -83,6 +90,8 @@ def write_tensors(dst: str, fmt: str, specs, tensors, metadata: dict | None = No
             for name, tensor in tensors:
                 if isinstance(tensor, RawBytes):
                     writer.write_raw(name, tensor.file, tensor.offset, tensor.length)
+                elif isinstance(tensor, RawRanges):
+                    writer.write_raw_ranges(name, [(r.file, r.offset, r.length) for r in tensor.ranges])
                 else:
                     writer.write(name, tensor)
                 advance(sizes.get(name, 0))
