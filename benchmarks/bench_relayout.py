@@ -87,7 +87,7 @@ def main():
         print(f"{name:40s} {seconds:8.2f} {rss:13.0f}")
     ours, fast, naive = rows[0], rows[1], rows[2]
     print(f"to original: time ours/naive = {ours[1] / naive[1]:.2f} (without verify {fast[1] / naive[1]:.2f}); "
-          f"peak RSS ours/naive = {ours[2] / naive[2]:.0%}")
+          f"peak RSS ours/naive = {ours[2] / naive[2]:.1%}")
 
 
 if __name__ == "__main__":

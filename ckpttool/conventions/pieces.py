@@ -12,17 +12,23 @@ from ckpttool.model import TensorInfo
 @dataclass(frozen=True)
 class Piece:
     """A block of a source tensor: its rows (and columns) from..to, times a factor; `swap`: the source's two row
-    halves exchanged first (BFL's final modulation against diffusers')."""
+    halves exchanged first (BFL's final modulation against diffusers'); `transpose`: the source's two dimensions
+    exchanged first (OpenCLIP's text projection against transformers'); `view`: the whole source in another shape of
+    the same elements (a 1x1 convolution's weight as a linear one's)."""
 
     source: TensorInfo
     rows: tuple[int, int] | None = None
     cols: tuple[int, int] | None = None
     factor: float = 1.0
     swap: bool = False
+    transpose: bool = False
+    view: tuple | None = None
 
     @property
     def shape(self) -> tuple:
-        shape = list(self.source.shape)
+        if self.view is not None:
+            return tuple(self.view)
+        shape = list(self.source.shape[::-1] if self.transpose else self.source.shape)
         if self.rows:
             shape[0] = self.rows[1] - self.rows[0]
         if self.cols:
@@ -74,6 +80,10 @@ def materialize(matrix: Matrix, cache: dict | None = None):
         if piece.swap:
             half = value.shape[0] // 2
             value = torch.cat([value[half:], value[:half]])
+        if piece.transpose:
+            value = value.t()
+        if piece.view is not None:
+            value = value.reshape(piece.view)
         if piece.rows:
             value = value[piece.rows[0]:piece.rows[1]]
         if piece.cols:
@@ -95,8 +105,9 @@ def byte_ranges(matrix: Matrix) -> list[tuple[str, int, int]] | None:
     ranges, row = [], 0
     for r, c, piece in sorted(matrix.pieces, key=lambda p: p[0]):
         whole = piece.source.byte_range()
-        if (whole is None or c or r != row or piece.cols or piece.factor != 1 or piece.source.dtype != matrix.dtype
-                or tuple(piece.shape[1:]) != tuple(matrix.shape[1:])):
+        if (whole is None or c or r != row or piece.cols or piece.factor != 1 or piece.transpose
+                or piece.source.dtype != matrix.dtype or tuple(piece.shape[1:]) != tuple(matrix.shape[1:])
+                or piece.view is not None and (piece.rows or piece.swap)):
             return None
         path, offset, length = whole
         row_bytes = length // piece.source.shape[0]
