@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckpttool.conventions import flux, unet
+from ckpttool.conventions import clip, flux, unet, vae
 from ckpttool.conventions.pieces import Matrix, Piece, stacked
 from ckpttool.errors import CkptError
 from ckpttool.model import Code, TensorInfo
@@ -74,6 +74,154 @@ def to_original(tensors: list[TensorInfo], family: str) -> Plan:
             raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of {family}'s UNet2DConditionModel; nothing "
                             "written")
         plan.put(f"{UNET_PREFIX}{name}.{param}", Matrix.of(Piece(t)))
+    return plan
+
+
+# where a single-file checkpoint holds each pipeline component (diffusers single_file_utils.py LDM_VAE_KEYS,
+# LDM_CLIP_PREFIX_TO_REMOVE, convert_open_clip_checkpoint's prefix for SDXL); SD1's text encoder is CLIP-L, SDXL's
+# second OpenCLIP bigG. SD2's OpenCLIP-H single file holds a 24th layer its diffusers text encoder drops, so SD2
+# converts its UNet and VAE only.
+CHECKPOINT_PARTS = {"sdxl": {"unet": UNET_PREFIX, "vae": "first_stage_model.",
+                             "text_encoder": "conditioner.embedders.0.transformer.",
+                             "text_encoder_2": "conditioner.embedders.1.model."},
+                    "sd1": {"unet": UNET_PREFIX, "vae": "first_stage_model.",
+                            "text_encoder": "cond_stage_model.transformer."},
+                    "sd2": {"unet": UNET_PREFIX, "vae": "first_stage_model."}}
+OPEN_CLIP = "conditioner.embedders.1.model."
+WEIGHTS_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
+def pipeline_to_original(parts: dict[str, list[TensorInfo]], family: str) -> Plan:
+    """A diffusers pipeline's UNet, VAE and text encoders in one single-file checkpoint's keys (Flux.1: the
+    transformer alone, as BFL ships it; its VAE and text encoders are files of their own)."""
+    if family == "flux.1":
+        plan = to_original(parts["transformer"], family)
+        plan.left = [f"{name}/{t.name}" for name, tensors in parts.items() if name != "transformer" for t in tensors]
+        return plan
+    plan = Plan()
+    for name, tensors in parts.items():
+        prefix = CHECKPOINT_PARTS[family].get(name)
+        if prefix is None:
+            plan.left += [f"{name}/{t.name}" for t in tensors]
+            continue
+        part = (to_original(tensors, family) if name == "unet" else _vae_to_original(tensors, prefix)
+                if name == "vae" else _open_clip_to_original(tensors, prefix) if prefix == OPEN_CLIP
+                else _clip_to_original(tensors, prefix))
+        for key, matrix in part.outputs.items():
+            plan.put(key, matrix)
+    return plan
+
+
+def checkpoint_to_diffusers(tensors: list[TensorInfo], family: str) -> dict[str, Plan]:
+    """A single-file checkpoint's components, each in diffusers' keys with its config; keys of no component the
+    family's checkpoint holds are `left` on the first plan."""
+    prefixes = CHECKPOINT_PARTS[family]
+    found: dict[str, list] = {name: [] for name in prefixes}
+    left = []
+    for t in tensors:
+        name = next((n for n, p in prefixes.items() if t.name.startswith(p)), None)
+        (found[name] if name else left).append(t)
+    plans = {}
+    for name, part in found.items():
+        if not part:
+            continue
+        plans[name] = (to_diffusers(part, family) if name == "unet" else _vae_to_diffusers(part, prefixes[name], family)
+                       if name == "vae" else _clip_to_diffusers(part, prefixes[name], prefixes[name] == OPEN_CLIP))
+    first = next(iter(plans.values()))
+    first.left += [t.name for t in left]
+    return plans
+
+
+def _vae_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
+    plan, up = Plan(), _count_blocks(tensors, "decoder.up_blocks.")
+    for t in tensors:
+        found = vae.to_original(t.name, up)
+        if found is None:
+            raise CkptError(Code.KEY_MISMATCH, f"vae/{t.name}: not a key of diffusers' AutoencoderKL; nothing written")
+        name, conv = found
+        plan.put(prefix + name, Matrix.of(Piece(t, view=(*t.shape, 1, 1) if conv else None)))
+    return plan
+
+
+def _vae_to_diffusers(tensors: list[TensorInfo], prefix: str, family: str) -> Plan:
+    plan = Plan()
+    up = _count_blocks([TensorInfo(t.name[len(prefix):], t.dtype, t.shape) for t in tensors], "decoder.up.")
+    for t in tensors:
+        found = vae.to_diffusers(t.name[len(prefix):], up)
+        if found is None:
+            raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of the LDM VAE; nothing written")
+        name, linear = found
+        plan.put(name, Matrix.of(Piece(t, view=tuple(t.shape[:2]) if linear and len(t.shape) == 4 else None)))
+    plan.config = _vae_config(plan.outputs, family)
+    if "scaling_factor" not in plan.config:
+        plan.notes.append(f"VAE widths {plan.config['block_out_channels']} are not the SD VAE's {VAE_CHANNELS}: its "
+                          "latent scaling_factor is not in the weights; set it in vae/config.json")
+    return plan
+
+
+def _count_blocks(tensors: list[TensorInfo], prefix: str) -> int:
+    return len({t.name[len(prefix):].partition(".")[0] for t in tensors if t.name.startswith(prefix)})
+
+
+def _clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
+    """CLIP-L under the checkpoint's prefix, with transformers' `text_model.` level (transformers 5 saves
+    CLIPTextModel without it; the single files and the model repos' files have it)."""
+    plan = Plan()
+    for t in tensors:
+        name = t.name if t.name.startswith(("text_model.", "text_projection")) else "text_model." + t.name
+        plan.put(prefix + name, Matrix.of(Piece(t)))
+    return plan
+
+
+def _open_clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
+    plan, fused = Plan(), {}
+    for t in tensors:
+        found = clip.transformers_to_open_clip(t.name)
+        if found is None:
+            raise CkptError(Code.KEY_MISMATCH, f"text_encoder_2/{t.name}: not a key of an OpenCLIP text encoder "
+                            "diffusers converts; nothing written")
+        fused.setdefault(found[0], {})[found[1]] = t
+    for name, parts in fused.items():
+        if name in clip.TRANSPOSED:
+            plan.put(prefix + name, Matrix.of(Piece(parts[0], transpose=True)))
+        elif len(parts) == 1 and name.rpartition(".")[2] not in clip.FUSED_NAMES:
+            plan.put(prefix + name, Matrix.of(Piece(parts[0])))
+        elif sorted(parts) != [0, 1, 2]:
+            raise CkptError(Code.MISSING_TENSOR, f"text_encoder_2: {name} fuses q, k and v, and one is missing; "
+                            "nothing written")
+        else:
+            sizes = [parts[i].shape[0] for i in range(3)]
+            plan.put(prefix + name, stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(parts[i]))) for i in range(3)],
+                                            (sum(sizes), *parts[0].shape[1:])))
+    return plan
+
+
+def _clip_to_diffusers(tensors: list[TensorInfo], prefix: str, open_clip: bool) -> Plan:
+    plan = Plan()
+    for t in tensors:
+        name = t.name[len(prefix):]
+        if not open_clip:
+            plan.put(name, Matrix.of(Piece(t)))
+            continue
+        targets = clip.open_clip_to_transformers(name)
+        if targets is None:
+            if name in clip.NOT_WEIGHTS:
+                plan.left.append(t.name)
+                continue
+            raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of an OpenCLIP text encoder; nothing written")
+        if name in clip.TRANSPOSED:
+            plan.put(targets[0], Matrix.of(Piece(t, transpose=True)))
+        elif len(targets) == 1:
+            plan.put(targets[0], Matrix.of(Piece(t)))
+        else:
+            width = t.shape[0] // 3
+            for i, target in enumerate(targets):
+                plan.put(target, Matrix.of(Piece(t, rows=(i * width, (i + 1) * width))))
+    plan.config = _clip_config(plan.outputs, open_clip)
+    if "num_attention_heads" not in plan.config:
+        plan.notes.append(f"a text encoder {plan.config['hidden_size']} wide is none of CLIP-L, OpenCLIP-H or bigG: "
+                          "its heads and activation are not in the weights; set them in its config.json")
     return plan
 
 
@@ -171,6 +319,44 @@ def _unet_config(outputs: dict, family: str) -> dict:
     if "add_embedding.linear_1.weight" in shape:
         config.update(addition_embed_type="text_time",
                       projection_class_embeddings_input_dim=shape["add_embedding.linear_1.weight"][1])
+    return config
+
+
+# the text encoders' settings their weights cannot show, by their width (openai/clip-vit-large-patch14; OpenCLIP
+# ViT-H-14 and ViT-bigG-14 as the SD2 and SDXL repos' text_encoder/config.json have them); the VAE's latent scaling
+# (the repos' vae/config.json)
+CLIP_SETTINGS = {768: {"num_attention_heads": 12, "hidden_act": "quick_gelu"},
+                 1024: {"num_attention_heads": 16, "hidden_act": "gelu"},
+                 1280: {"num_attention_heads": 20, "hidden_act": "gelu"}}
+VAE_SCALING = {"sdxl": 0.13025, "sd1": 0.18215, "sd2": 0.18215}
+VAE_CHANNELS = [128, 256, 512, 512]
+
+
+def _clip_config(outputs: dict, with_projection: bool) -> dict:
+    shape = {k: m.shape for k, m in outputs.items()}
+    vocab, hidden = shape["text_model.embeddings.token_embedding.weight"]
+    config = {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+              "model_type": "clip_text_model", "hidden_size": hidden, "vocab_size": vocab,
+              "max_position_embeddings": shape["text_model.embeddings.position_embedding.weight"][0],
+              "intermediate_size": shape["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+              "num_hidden_layers": _count(outputs, "text_model.encoder.layers.")}
+    if "text_projection.weight" in shape:
+        config["projection_dim"] = shape["text_projection.weight"][0]
+    config.update(CLIP_SETTINGS.get(hidden, {}))
+    return config
+
+
+def _vae_config(outputs: dict, family: str) -> dict:
+    shape = {k: m.shape for k, m in outputs.items()}
+    blocks = _count(outputs, "encoder.down_blocks.")
+    channels = [shape[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(blocks)]
+    config = {"_class_name": "AutoencoderKL", "in_channels": shape["encoder.conv_in.weight"][1],
+              "out_channels": shape["decoder.conv_out.weight"][0], "latent_channels": shape["post_quant_conv.weight"][0],
+              "block_out_channels": channels, "down_block_types": ["DownEncoderBlock2D"] * blocks,
+              "up_block_types": ["UpDecoderBlock2D"] * blocks,
+              "layers_per_block": _count(outputs, "encoder.down_blocks.0.resnets.")}
+    if channels == VAE_CHANNELS:
+        config["scaling_factor"] = VAE_SCALING[family]
     return config
 
 

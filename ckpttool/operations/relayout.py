@@ -25,10 +25,17 @@ def relayout(src: str, dst: str, to: str, *, family: str | None = None, componen
              verify: bool = True, force: bool = False) -> dict:
     output.check_destination(src, dst, force=force)
     ckpt = open_checkpoint(src)
-    if component is None:
-        names = [c.name for c in ckpt.components]
-        component = next((n for n in PIPELINE_MODELS if n in names), "model")
-    comp = select_component(ckpt, component, src)
+    parts = None
+    if ckpt.format == "pipeline" and component is None:
+        parts = {c.name: c for c in ckpt.components if c.role == "model"}
+        name = next((n for n in PIPELINE_MODELS if n in parts), None)
+        if name is None:
+            raise UsageError(f"{src}: a pipeline folder without a transformer or unet; name a component")
+        for part in parts.values():
+            output.refuse_broken(ckpt, part)
+        comp = parts[name]
+    else:
+        comp = select_component(ckpt, component or "model", src)
     identity = identify_tensors(comp.tensors, ckpt.metadata) or {}
     family = family or identity.get("family")
     if family not in models.FAMILIES:
@@ -40,41 +47,59 @@ def relayout(src: str, dst: str, to: str, *, family: str | None = None, componen
     if have and have != want_from or identity.get("kind") == "lora":
         raise UsageError(f"{src}: a {identity.get('kind')} in the {have} convention; --to {to} takes a "
                          f"{want_from} model (a LoRA moves with `ckpttool remap --to {to}`)")
-    plan = models.to_original(comp.tensors, family) if to == "original" else models.to_diffusers(comp.tensors, family)
-    if not plan.outputs:
-        raise CkptError(Code.NO_TENSORS, "holds no diffusion-model tensors to convert; nothing written", src)
     if to == "original" and os.path.splitext(dst)[1].lower() != ".safetensors":
         raise UsageError(f"{dst}: --to original writes one .safetensors file; name it so")
     if to == "diffusers" and os.path.splitext(dst)[1]:
-        raise UsageError(f"{dst}: --to diffusers writes a model folder (config.json, {DIFFUSERS_WEIGHTS}); give a "
+        raise UsageError(f"{dst}: --to diffusers writes a folder (config.json, {DIFFUSERS_WEIGHTS}); give a "
                          "folder name without a suffix")
-    specs = [(name, m.dtype, m.shape) for name, m in plan.outputs.items()]
-    metadata = {"format": "pt"}
-    total = sum(dtype_bytes(d, s) for _, d, s in specs)
+    if to == "original":
+        plans = {"": models.pipeline_to_original({n: c.tensors for n, c in parts.items()}, family) if parts
+                 else models.to_original(comp.tensors, family)}
+    elif family != "flux.1" and any(not t.name.startswith(models.UNET_PREFIX) for t in comp.tensors):
+        plans = models.checkpoint_to_diffusers(comp.tensors, family)  # a whole checkpoint: one folder per part
+    else:
+        plans = {"": models.to_diffusers(comp.tensors, family)}
+    if not any(p.outputs for p in plans.values()):
+        raise CkptError(Code.NO_TENSORS, "holds no diffusion-model tensors to convert; nothing written", src)
+    total = sum(dtype_bytes(m.dtype, m.shape) for p in plans.values() for m in p.outputs.values())
+    compared = 0
     with atomic.guard(dst, total):
         staging = atomic.make_staging_dir(dst)
         try:
             out = os.path.join(staging, os.path.basename(os.path.normpath(dst)))
-            weights = out
-            if to == "diffusers":
-                os.makedirs(out)
-                weights = os.path.join(out, DIFFUSERS_WEIGHTS)
-                with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-                    json.dump(plan.config, f, indent=2)
-            output.write_tensors(weights, "safetensors", specs, _produce(plan.outputs), metadata, staged=False)
-            compared = _verify(plan.outputs, weights) if verify else None
+            for sub, plan in plans.items():
+                weights = out
+                if to == "diffusers":
+                    folder = os.path.join(out, sub)
+                    os.makedirs(folder, exist_ok=True)
+                    weights = os.path.join(folder, models.WEIGHTS_FILE.get(sub, DIFFUSERS_WEIGHTS))
+                    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+                        json.dump(plan.config, f, indent=2)
+                specs = [(name, m.dtype, m.shape) for name, m in plan.outputs.items()]
+                output.write_tensors(weights, "safetensors", specs, _produce(plan.outputs), {"format": "pt"},
+                                     staged=False)
+                compared += _verify(plan.outputs, weights) if verify else 0
             atomic.publish(out, dst)
         finally:
             atomic.discard(staging)
+    sources = sum(len(c.tensors) for c in (parts or {comp.name: comp}).values())
+    written = sum(len(p.outputs) for p in plans.values())
     what = described(identity) if identity else f"a {family} model"
-    changes = [f"{len(comp.tensors)} tensors of {what} -> {len(specs)} in the {to} layout"] + plan.notes
-    if plan.left:
-        changes.append(f"{len(plan.left)} tensors of the file's other parts (VAE, text encoders; e.g. "
-                       f"{', '.join(plan.left[:2])}) are not converted: only the diffusion model is")
-    return {"src": src, "dst": dst, "target": to, "family": family, "components": [comp.name],
-            "tensors": len(specs), "bytes": total, "changes": changes, "left_out": len(plan.left),
-            "verified_tensors": compared, "weights_only_loadable": [], "weights_only_refuses": [], "dtype": None,
-            "lossy_cast": None}
+    changes = [f"{sources} tensors of {what} -> {written} in the {to} layout" +
+               (f" ({', '.join(sub for sub in plans)})" if len(plans) > 1 else "")]
+    changes += [note for p in plans.values() for note in p.notes]
+    left = [key for p in plans.values() for key in p.left]
+    if left:
+        changes.append(f"{len(left)} tensors are not converted, as the {to} layout has no place for them (e.g. "
+                       f"{', '.join(left[:2])})")
+    if to == "diffusers" and len(plans) > 1:
+        changes.append("the tokenizers, the scheduler and model_index.json are not in the weights: copy them from "
+                       "the model's diffusers repo beside these folders")
+    return {"src": src, "dst": dst, "target": to, "family": family,
+            "components": list(parts) if parts else [sub for sub in plans if sub] or [comp.name],
+            "tensors": written, "bytes": total, "changes": changes, "left_out": len(left),
+            "verified_tensors": compared if verify else None, "weights_only_loadable": [],
+            "weights_only_refuses": [], "dtype": None, "lossy_cast": None}
 
 
 def _produce(outputs: dict):
