@@ -351,7 +351,8 @@ def _vae_config(outputs: dict, family: str) -> dict:
     blocks = _count(outputs, "encoder.down_blocks.")
     channels = [shape[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(blocks)]
     config = {"_class_name": "AutoencoderKL", "in_channels": shape["encoder.conv_in.weight"][1],
-              "out_channels": shape["decoder.conv_out.weight"][0], "latent_channels": shape["post_quant_conv.weight"][0],
+              "out_channels": shape["decoder.conv_out.weight"][0],
+              "latent_channels": shape["post_quant_conv.weight"][0],
               "block_out_channels": channels, "down_block_types": ["DownEncoderBlock2D"] * blocks,
               "up_block_types": ["UpDecoderBlock2D"] * blocks,
               "layers_per_block": _count(outputs, "encoder.down_blocks.0.resnets.")}
