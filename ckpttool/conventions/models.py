@@ -153,7 +153,7 @@ def _vae_to_diffusers(tensors: list[TensorInfo], prefix: str, family: str) -> Pl
             raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of the LDM VAE; nothing written")
         name, linear = found
         plan.put(name, Matrix.of(Piece(t, view=tuple(t.shape[:2]) if linear and len(t.shape) == 4 else None)))
-    plan.config = _vae_config(plan.outputs, family)
+    plan.config = _config(_vae_config, plan.outputs, family)
     if "scaling_factor" not in plan.config:
         plan.notes.append(f"VAE widths {plan.config['block_out_channels']} are not the SD VAE's {VAE_CHANNELS}: its "
                           "latent scaling_factor is not in the weights; set it in vae/config.json")
@@ -218,7 +218,7 @@ def _clip_to_diffusers(tensors: list[TensorInfo], prefix: str, open_clip: bool) 
             width = t.shape[0] // 3
             for i, target in enumerate(targets):
                 plan.put(target, Matrix.of(Piece(t, rows=(i * width, (i + 1) * width))))
-    plan.config = _clip_config(plan.outputs, open_clip)
+    plan.config = _config(_clip_config, plan.outputs, open_clip)
     if "num_attention_heads" not in plan.config:
         plan.notes.append(f"a text encoder {plan.config['hidden_size']} wide is none of CLIP-L, OpenCLIP-H or bigG: "
                           "its heads and activation are not in the weights; set them in its config.json")
@@ -253,7 +253,7 @@ def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
             for i, target in enumerate(targets):
                 start = sum(sizes[:i])
                 plan.put(target, Matrix.of(Piece(t, rows=(start, start + sizes[i]))))
-        plan.config = _flux_config(plan.outputs)
+        plan.config = _config(_flux_config, plan.outputs)
         if plan.config.get("axes_dims_rope") is None:
             plan.config.pop("axes_dims_rope")
             plan.notes.append(f"heads {plan.config['attention_head_dim']} wide, not Flux.1's 128: their rotary "
@@ -268,11 +268,20 @@ def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
         if name is None:
             raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of {family}'s UNet; nothing written")
         plan.put(f"{name}.{param}", Matrix.of(Piece(t)))
-    plan.config = _unet_config(plan.outputs, family)
+    plan.config = _config(_unet_config, plan.outputs, family)
     settings, note = unet_settings(plan.config, family)
     plan.config.update(settings)
     plan.notes += [note] if note else []
     return plan
+
+
+def _config(build, *args) -> dict:
+    """A config.json from the shapes; a tensor it reads that the file lacks stops the conversion."""
+    try:
+        return build(*args)
+    except (KeyError, IndexError) as e:
+        raise CkptError(Code.MISSING_TENSOR, f"{e.args[0] if e.args else 'a tensor'} is missing, so the model's "
+                        "config cannot be told from the weights; nothing written") from None
 
 
 def _unprefixed(name: str) -> str:
