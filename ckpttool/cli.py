@@ -356,9 +356,9 @@ class OrderedOpsCommand(click.Command):
 @click.option("--quantize", "quantize_map", type=click.Path(exists=True, dir_okay=False), metavar="QMAP.json",
               help="Plain weights to the optimum-quanto layout this quantization map describes.")
 @click.option("--component", default="model", show_default=True, help="Which part of SRC to remap.")
-@click.option("--to", type=click.Choice(["safetensors", "torch", "pt", "diffusers", "kohya", "original"]),
+@click.option("--to", type=click.Choice(["safetensors", "torch", "pt", "diffusers", "kohya", "original", "comfy"]),
               help="Output format (default: DST suffix), or a LoRA's key convention to move it to (diffusers, kohya, "
-              "original; the format then from DST's suffix).")
+              "original, comfy; the format then from DST's suffix).")
 @click.option("--family", type=click.Choice(["sd1", "sd2", "sdxl", "flux.1"]),
               help="With --to CONVENTION: the model the LoRA is for, where its keys cannot tell.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")

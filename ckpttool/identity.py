@@ -11,8 +11,10 @@ The conventions, as the tools that write and load them spell their keys:
 - diffusers (save_lora_weights: the pipeline component first, `unet.`, `transformer.`, `text_encoder.`,
   `text_encoder_2.`, then peft's `.lora_A.weight` / `.lora_B.weight`, or the older attention processors'
   `.lora.down.weight` / `.lora.up.weight`);
-- original (the model's own single-file keys under `diffusion_model.`, as ai-toolkit and ComfyUI save them; diffusers
-  tells them by "diffusion_model.").
+- original (the model's own single-file keys under `diffusion_model.` with `.lora_A.weight` / `.lora_B.weight`, as
+  ai-toolkit saves them; diffusers tells them by "diffusion_model.");
+- comfy (the same keys with kohya's `.lora_down.weight` / `.lora_up.weight`, as ComfyUI's own LoraSave writes them:
+  comfy_extras/nodes_lora_extract.py; ComfyUI's comfy/lora.py loads both).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def identify_tensors(tensors: list[TensorInfo], metadata: dict) -> dict | None:
     ranks = sorted({int(t.shape[0]) for t in downs.values() if t.shape})
     family = _lora_family(downs)
     return {"kind": "lora", "family": family, "variant": _lora_variant(family, downs),
-            "convention": _convention(list(downs)), "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "convention": _convention(downs), "rank": ranks[0] if len(ranks) == 1 else ranks,
             "alpha": _alpha(tensors, metadata), "modules": len(downs)}
 
 
@@ -191,20 +193,20 @@ def _language_model(shapes: dict) -> dict | None:
     return {"kind": "model", "family": family, "variant": None, "convention": "transformers"}
 
 
-def _convention(modules: list[str]) -> str | None:
+def _convention(downs: dict[str, TensorInfo]) -> str | None:
     """The key convention every module name follows; None where they follow none of them, or several."""
     def one(name: str) -> str | None:
         if KOHYA_MODULE.match(name):
             return "kohya"
         if name.startswith("base_model.model."):
             return "peft"
-        if name.startswith("diffusion_model."):
-            return "original"
+        if name.startswith("diffusion_model."):  # ComfyUI's own LoraSave: kohya's matrix names on its model's keys
+            return "comfy" if downs[name].name.endswith(".lora_down.weight") else "original"
         if name.startswith(DIFFUSERS_COMPONENTS):
             return "diffusers"
         return None
 
-    found = {one(m) for m in modules}
+    found = {one(m) for m in downs}
     return found.pop() if len(found) == 1 else None
 
 

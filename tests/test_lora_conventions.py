@@ -371,3 +371,18 @@ def test_sd1_lora_loads_into_a_unet_the_same(tmp_path):
     with torch.no_grad():
         for layer in layers:
             torch.testing.assert_close(layer.get_delta_weight("converted"), layer.get_delta_weight("kohya"))
+
+
+def test_comfy_convention_both_ways(flux_kohya, tmp_path):
+    """ComfyUI's own LoraSave names: the model's keys under `diffusion_model.` with kohya's lora_down / lora_up (and
+    `.alpha`, which ComfyUI's loader reads)."""
+    only = tmp_path / "transformer_only.safetensors"
+    save_file({k: v for k, v in load_file(flux_kohya).items() if k.startswith("lora_unet_")}, str(only))
+    comfy, back = tmp_path / "comfy.safetensors", tmp_path / "diffusers.safetensors"
+    assert run("remap", only, comfy, "--to", "comfy").exit_code == 0
+    keys = load_file(comfy)
+    assert "diffusion_model.single_blocks.0.linear1.lora_down.weight" in keys
+    assert float(keys["diffusion_model.single_blocks.0.linear1.alpha"]) == 2.0
+    assert json.loads(run("inspect", "--json", comfy).output)["identity"]["convention"] == "comfy"
+    assert run("remap", comfy, back, "--to", "diffusers").exit_code == 0
+    assert_same_updates(flux_updates(only), flux_updates(back))

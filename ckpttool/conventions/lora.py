@@ -28,7 +28,7 @@ from ckpttool.conventions.pieces import Matrix, Piece, materialize, stacked
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.model import Code, TensorInfo
 
-CONVENTIONS = ("diffusers", "kohya", "original")
+CONVENTIONS = ("diffusers", "kohya", "original", "comfy")
 FAMILIES = ("sd1", "sd2", "sdxl", "flux.1")
 MAIN = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "flux.1": "transformer"}
 PAIR = re.compile(r"(.+)\.(lora_down|lora_up|lora_A|lora_B)\.weight")
@@ -195,7 +195,7 @@ def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict
                 modules += _from_original(path, family, component, down, up, scale, key)
             else:
                 modules.append(Module(component, path, Matrix.of(Piece(down)), Matrix.of(Piece(up)), scale))
-        elif convention == "original":
+        elif convention in ("original", "comfy"):
             if not key.startswith("diffusion_model."):
                 raise CkptError(Code.KEY_MISMATCH, f"{key}: not under `diffusion_model.` as the original layout is")
             scale = (alpha if alpha is not None else rank) / rank
@@ -274,10 +274,11 @@ def write(modules: list[Module], convention: str, family: str) -> Converted:
             put(f"{base}.lora_down.weight", down)
             put(f"{base}.lora_up.weight", up)
             put(f"{base}.alpha", scale * down.shape[0])
-        else:
+        else:  # original: lora_A / lora_B; comfy: ComfyUI's LoraSave names; both read `.alpha` (comfy/lora.py)
             base = f"diffusion_model.{path}"
-            put(f"{base}.lora_A.weight", down)
-            put(f"{base}.lora_B.weight", up)
+            first, second = ("lora_down", "lora_up") if convention == "comfy" else ("lora_A", "lora_B")
+            put(f"{base}.{first}.weight", down)
+            put(f"{base}.{second}.weight", up)
             if scale != 1:
                 put(f"{base}.alpha", scale * down.shape[0])
     if fused:
@@ -300,8 +301,8 @@ def _in_original_names(modules: list[Module], family: str, convention: str):
     groups: dict = {}
     for m in modules:
         if m.component in ("text_encoder", "text_encoder_2"):
-            if convention == "original":
-                raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{m.component}.{m.path}: the original layout "
+            if convention in ("original", "comfy"):
+                raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{m.component}.{m.path}: the {convention} layout "
                                 "(`diffusion_model.`) holds the diffusion model only; convert this LoRA --to kohya, "
                                 "which keeps the text encoder too")
             yield m.component, m.path, m.down, m.up, m.scale, 1
