@@ -138,6 +138,10 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
         family = "sd1"
     else:
         family = next((name for name, keys in OTHERS if any(has(k) for k in keys)), None)
+    if family is None and any(k.startswith(DM + "input_blocks.") for k in shapes):
+        # a UNet alone in the LDM/SGM layout (no text encoder's keys to go by): its cross-attention's text width
+        widths = {s[-1] for k, s in shapes.items() if k.startswith(DM) and k.endswith("attn2.to_k.weight")}
+        family = UNET_WIDTHS.get(widths.pop()) if len(widths) == 1 else None
     if family is None:
         return _diffusers_model(shapes) or _language_model(shapes)
     whole = any(k.startswith(DM) for k in shapes) and any(k.startswith(OTHER_PARTS) for k in shapes)

@@ -210,3 +210,14 @@ def test_diff_of_loras_for_different_families_and_of_like_files(tmp_path):
     assert report["apart"].endswith("they are for different model families")
     same = cli("diff", "--json", str(sd1), str(sd1))[1]
     assert same["same"] and same["apart"] is None and same["identity"]["a"]["family"] == "sd1"
+
+
+@pytest.mark.parametrize("width,family", [(768, "sd1"), (2048, "sdxl"), (1280, None)])
+def test_an_ldm_unet_alone_by_its_cross_attention_width(tmp_path, width, family):
+    base = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2"
+    path = tmp_path / "unet.safetensors"
+    save_file({f"{base}.to_k.weight": torch.zeros(640, width), f"{base}.to_q.weight": torch.zeros(640, 640)}, path)
+    identity = _identity(path)
+    assert (identity or {}).get("family") == family
+    if family:
+        assert identity["kind"] == "diffusion_model" and identity["convention"] == "original"
