@@ -41,11 +41,11 @@ def identify(ckpt: Checkpoint) -> dict | None:
 def identify_tensors(tensors: list[TensorInfo], metadata: dict) -> dict | None:
     """identify() of these tensors (one component of a pipeline, say), with the file's header metadata."""
     downs = {m.group(1): t for t in tensors if (m := DOWN.fullmatch(t.name))}
-    ups = {m.group(1) for t in tensors if (m := UP.fullmatch(t.name))}
-    if not downs or not ups or len(set(downs) & ups) < max(1, len(downs) // 2):
+    ups = {m.group(1): t for t in tensors if (m := UP.fullmatch(t.name))}
+    if not downs or not ups or len(set(downs) & set(ups)) < max(1, len(downs) // 2):
         return _model(tensors)
     ranks = sorted({int(t.shape[0]) for t in downs.values() if t.shape})
-    family = _lora_family(downs)
+    family = _lora_family(downs, ups)
     return {"kind": "lora", "family": family, "variant": _lora_variant(family, downs),
             "convention": _convention(downs), "rank": ranks[0] if len(ranks) == 1 else ranks,
             "alpha": _alpha(tensors, metadata), "modules": len(downs)}
@@ -70,15 +70,30 @@ UNET_CROSS_KEY = re.compile(r".*(?:down_blocks|up_blocks|mid_block|input_blocks|
 FLUX_INPUT = re.compile(r".*(?:img_in|x_embedder)")
 
 
-def _lora_family(downs: dict[str, TensorInfo]) -> str | None:
+def _lora_family(downs: dict[str, TensorInfo], ups: dict[str, TensorInfo]) -> str | None:
     """The model family a LoRA's module names (and its cross-attention's text width) show, where every signature
     agrees; None (not told) otherwise."""
     found = {family for family, pattern in LORA_FAMILIES if any(pattern.match(m) for m in downs)}
+    if "flux.1" in found and not _flux1_widths(downs, ups):
+        return None
     found |= {UNET_WIDTHS.get(t.shape[1]) for m, t in downs.items()
               if len(t.shape) == 2 and UNET_CROSS_KEY.match(m)}
     if None in found:  # a cross-attention width no known UNet has
         return None
     return found.pop() if len(found) == 1 else None
+
+
+def _flux1_widths(downs: dict[str, TensorInfo], ups: dict[str, TensorInfo]) -> bool:
+    """Whether the blocks' names are Flux.1's and not a kin's: Flux.2's modulations are shared across blocks
+    (`double_stream_modulation_img`, `single_stream_modulation`), and a single block's linear1 gives q, k, v and
+    an MLP input mlp_ratio 4 wide: 7 times its input (Flux.2's gated MLP makes it 9)."""
+    if any("stream_modulation" in m for m in downs):
+        return False
+    for m, down in downs.items():
+        if re.search(r"single_blocks[._]\d+[._]linear1$", m) and m in ups and len(down.shape) == 2:
+            if ups[m].shape[0] != 7 * down.shape[1]:
+                return False
+    return True
 
 
 def _lora_variant(family: str | None, downs: dict[str, TensorInfo]) -> str | None:
@@ -98,6 +113,8 @@ XL_REFINER = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.b
 SD3 = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
 SD35_LARGE = "joint_blocks.37.x_block.mlp.fc1.weight"
 FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
+FLUX_KIN = (("flux.2", "single_stream_modulation.lin.weight"), ("flux.3", "early_stream_modulations.image.lin.weight"),
+            ("chroma", "distilled_guidance_layer.in_proj.bias"))
 OTHERS = (("ltx-video", ("patchify_proj.weight", "transformer_blocks.27.scale_shift_table")),
           ("hunyuan-video", ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias",)),
           ("wan", ("head.modulation",)), ("z-image", ("layers.0.adaLN_modulation.0.weight",)),
@@ -130,6 +147,8 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
         family, variant = "sd3", {(1, 36864): "medium", (1, 147456): "3.5-medium"}.get(shape("pos_embed")[:2])
     elif has(SD35_LARGE):
         family, variant = "sd3", "3.5-large"
+    elif has(FLUX) and (kin := next((name for name, key in FLUX_KIN if has(key)), None)):
+        family = kin  # Flux.1's architecture, changed: diffusers tells these apart before Flux.1
     elif has(FLUX):
         family = "flux.1"
         width = shape("img_in.weight")[1:2]  # the image input's channels: 64, or the conditioning's added
@@ -151,9 +170,16 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
 
 
 
+# a ControlNet beside the model (FluxControlNetModel, ControlNetModel: `controlnet_` blocks), or Chroma's transformer
+# (Flux.1's blocks with a distilled guidance layer for the modulations): built like the model, not the model
+NOT_THE_MODEL = ("controlnet_", "distilled_guidance_layer.")
+
+
 # diffusers' own models: FluxTransformer2DModel (transformer_flux.py: `single_transformer_blocks`, `x_embedder` of
 # in_channels, `time_text_embed.guidance_embedder` only with guidance_embeds), UNet2DConditionModel (UNET_WIDTHS)
 def _diffusers_model(shapes: dict) -> dict | None:
+    if any(k.startswith(NOT_THE_MODEL) for k in shapes):
+        return None
     if "single_transformer_blocks.0.attn.to_q.weight" in shapes and "x_embedder.weight" in shapes:
         width = shapes["x_embedder.weight"][1:2]
         variant = ({(384,): "fill", (128,): "depth"}.get(width, "dev")
@@ -169,32 +195,41 @@ def _diffusers_model(shapes: dict) -> dict | None:
     return None
 
 
-# transformers' causal language models (modeling_llama.py, modeling_qwen2.py, modeling_qwen3.py, modeling_gpt2.py):
-# the Llama layout (`layers.N.self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`) is
-# told as "llama" (Mistral and other models built on it share it, and LlamaForCausalLM loads them); Qwen2 adds biases
-# to q/k/v (not o), Qwen3 RMS norms on q and k; GPT-2 fuses q, k, v in `attn.c_attn` beside `wte`/`wpe`. Gemma 2's
-# extra feed-forward norms and mixture-of-experts layers are none of them.
-LLAMA = ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.input_layernorm.weight",
-         "layers.0.post_attention_layernorm.weight")
+# transformers' causal language models (modeling_llama.py, modeling_qwen2.py, modeling_qwen3.py, modeling_gpt2.py).
+# The Llama layout (per layer only `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
+# `post_attention_layernorm`) is shared key for key by Mistral, Gemma, Granite, ERNIE 4.5 and more: told as `layout`
+# "llama", and as family "llama" only with Llama 3's 128256-token vocabulary. Qwen2 adds biases to q, k and v (not o,
+# and none on its RMS norms), Qwen3 RMS norms on q and k; GPT-2 fuses q, k and v in `attn.c_attn`, a Conv1D of
+# width x 3 width (GPT-BigCode's multi-query one is narrower).
+LLAMA_LAYER = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+               "input_layernorm.weight", "post_attention_layernorm.weight"}
+QKV_BIASES = {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}
+QK_NORMS = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+LLAMA3_VOCABULARY = 128256
 
 
 def _language_model(shapes: dict) -> dict | None:
     names = {k.removeprefix("model."): s for k, s in shapes.items()}  # a ForCausalLM's base model under `model.`
-    if any(re.fullmatch(r"(?:transformer\.)?h\.0\.attn\.c_attn\.weight", k) for k in names) and any(
-            k.endswith("wte.weight") for k in names):
-        family = "gpt2"
-    elif all(k in names for k in LLAMA) and "layers.0.pre_feedforward_layernorm.weight" not in names:
-        if "layers.0.self_attn.q_norm.weight" in names:
-            family = "qwen3"
-        elif "layers.0.self_attn.q_proj.bias" in names and "layers.0.self_attn.o_proj.bias" not in names:
-            family = "qwen2"
-        elif "layers.0.self_attn.q_proj.bias" in names:
-            return None
-        else:
-            family = "llama"
-    else:
+    attn = next((s for k, s in names.items() if re.fullmatch(r"(?:transformer\.)?h\.0\.attn\.c_attn\.weight", k)),
+                None)
+    embed = next((s for k, s in names.items() if re.fullmatch(r"(?:transformer\.)?wte\.weight", k)), None)
+    if attn and embed and len(attn) == 2 and len(embed) == 2 and tuple(attn) == (embed[1], 3 * embed[1]):
+        return {"kind": "model", "family": "gpt2", "variant": None, "convention": "transformers"}
+    layer = {k[len("layers.0."):] for k in names if k.startswith("layers.0.")}
+    if not LLAMA_LAYER <= layer:
         return None
-    return {"kind": "model", "family": family, "variant": None, "convention": "transformers"}
+    extra = layer - LLAMA_LAYER
+    if extra == QKV_BIASES:
+        family = "qwen2"
+    elif extra == QK_NORMS:
+        family = "qwen3"
+    elif extra:
+        return None
+    else:
+        vocabulary = names.get("embed_tokens.weight", ())[:1]
+        family = "llama" if vocabulary == (LLAMA3_VOCABULARY,) else None
+    return {"kind": "model", "family": family, "variant": None, "convention": "transformers", "layout": "llama"}
 
 
 def _convention(downs: dict[str, TensorInfo]) -> str | None:

@@ -138,26 +138,33 @@ LM_CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden
                  num_key_value_heads=1)
 
 
-@pytest.mark.parametrize("config_class,model_class,family", [
-    ("LlamaConfig", "LlamaForCausalLM", "llama"),
-    ("MistralConfig", "MistralForCausalLM", "llama"),  # the Llama layout, key for key (said in the README)
-    ("Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
-    ("Qwen3Config", "Qwen3ForCausalLM", "qwen3"),
-    ("Gemma2Config", "Gemma2ForCausalLM", None),  # extra feed-forward norms: not the Llama layout, not told
-    ("GPT2Config", "GPT2LMHeadModel", "gpt2"),
+@pytest.mark.parametrize("config_class,model_class,options,expected", [
+    # the Llama layout is told as a layout; the family only with Llama 3's vocabulary
+    ("LlamaConfig", "LlamaForCausalLM", {}, (None, "llama")),
+    ("LlamaConfig", "LlamaForCausalLM", {"vocab_size": 128256}, ("llama", "llama")),
+    ("MistralConfig", "MistralForCausalLM", {}, (None, "llama")),
+    ("GemmaConfig", "GemmaForCausalLM", {}, (None, "llama")),
+    ("Qwen2Config", "Qwen2ForCausalLM", {}, ("qwen2", "llama")),
+    ("Qwen3Config", "Qwen3ForCausalLM", {}, ("qwen3", "llama")),
+    ("StableLmConfig", "StableLmForCausalLM", {"use_qkv_bias": True}, None),  # LayerNorm biases: not Qwen2
+    ("Gemma2Config", "Gemma2ForCausalLM", {}, None),  # extra feed-forward norms: not the Llama layout
+    ("GPT2Config", "GPT2LMHeadModel", {}, ("gpt2", None)),
+    ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {}, None),  # multi-query c_attn: not GPT-2's
 ])
-def test_language_models_saved_by_transformers(tmp_path, config_class, model_class, family):
+def test_language_models_saved_by_transformers(tmp_path, config_class, model_class, options, expected):
     import transformers
 
-    options = (dict(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32) if model_class.startswith("GPT2")
-               else dict(LM_CONFIG, head_dim=8))
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**options))
+    base = (dict(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32) if model_class.startswith("GPT")
+            else dict(LM_CONFIG, head_dim=8))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**base, **options}))
     model.save_pretrained(tmp_path / "model")
     identity = _identity(tmp_path / "model" / "model.safetensors")
-    if family is None:
+    if expected is None:
         assert identity is None
     else:
-        assert identity == {"kind": "model", "family": family, "variant": None, "convention": "transformers"}
+        family, layout = expected
+        assert identity == {"kind": "model", "family": family, "variant": None, "convention": "transformers",
+                            **({"layout": layout} if layout else {})}
 
 
 def _lora(path, modules: dict):
@@ -221,3 +228,29 @@ def test_an_ldm_unet_alone_by_its_cross_attention_width(tmp_path, width, family)
     assert (identity or {}).get("family") == family
     if family:
         assert identity["kind"] == "diffusion_model" and identity["convention"] == "original"
+
+
+def test_flux_kin_are_not_told_flux1(tmp_path):
+    """Chroma (distilled guidance), Flux.2 (shared stream modulations, a gated MLP in linear1) and ControlNets are
+    built like the model they follow, and are not it."""
+    from diffusers import ChromaTransformer2DModel, ControlNetModel, FluxControlNetModel
+
+    tiny = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    for name, model in (("chroma", ChromaTransformer2DModel(**tiny, approximator_num_channels=8,
+                                                            approximator_hidden_dim=16, approximator_layers=1)),
+                        ("flux_controlnet", FluxControlNetModel(**tiny, pooled_projection_dim=32)),
+                        ("sd_controlnet", ControlNetModel(block_out_channels=(32, 64), layers_per_block=1,
+                                                          cross_attention_dim=768, norm_num_groups=32,
+                                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                                          attention_head_dim=4))):
+        model.save_pretrained(tmp_path / name)
+        assert _identity(tmp_path / name) is None, name
+    single = tmp_path / "flux2.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8),
+               "single_stream_modulation.lin.weight": torch.zeros(8, 8)}, single)
+    assert _identity(single)["family"] == "flux.2"
+    lora = _lora(tmp_path / "flux2_lora.safetensors", {"lora_unet_single_blocks_0_linear1": (9 * 64, 64)})
+    assert _identity(lora)["family"] is None
+    lora1 = _lora(tmp_path / "flux1_lora.safetensors", {"lora_unet_single_blocks_0_linear1": (7 * 64, 64)})
+    assert _identity(lora1)["family"] == "flux.1"

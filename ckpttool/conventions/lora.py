@@ -20,6 +20,7 @@ conversion with its name.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -33,8 +34,10 @@ FAMILIES = ("sd1", "sd2", "sdxl", "flux.1")
 MAIN = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "flux.1": "transformer"}
 PAIR = re.compile(r"(.+)\.(lora_down|lora_up|lora_A|lora_B)\.weight")
 ALPHA = re.compile(r"(.+)\.alpha")
-KOHYA_PREFIX = re.compile(r"lora_(unet|te\d?)_(.+)")
-KOHYA_COMPONENTS = {"unet": None, "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+OLD_DIFFUSERS = re.compile(r"[._]lora\.(?:down|up)\.weight$")
+KOHYA_PREFIX = re.compile(r"lora_(unet|transformer|te\d?)_(.+)")
+KOHYA_COMPONENTS = {"unet": None, "transformer": None, "te": "text_encoder", "te1": "text_encoder",
+                    "te2": "text_encoder_2"}
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 # module names with underscores inside one name (diffusers' UNet, SGM's UNet, BFL's Flux, CLIP's text model):
 # kohya joins every name with `_`, so these are read back as one name, never as several
@@ -97,31 +100,53 @@ def _scalar(info: TensorInfo) -> float:
 # reading: a file's keys -> modules
 
 
-def _pairs(tensors: list[TensorInfo]) -> tuple[dict, dict]:
-    """{module key: {"down": info, "up": info}} and {module key: alpha info}; any other key stops the conversion."""
+def _pairs(tensors: list[TensorInfo], values: dict) -> tuple[dict, dict]:
+    """{module key: {"down": info, "up": info}} and {module key: alpha (a scalar tensor, or a number a `.pt` holds
+    as a plain value)}; any other key stops the conversion."""
     pairs, alphas, other = {}, {}, []
     for t in tensors:
         if m := PAIR.fullmatch(t.name):
-            pairs.setdefault(m.group(1), {})["down" if m.group(2) in ("lora_down", "lora_A") else "up"] = t
+            side = "down" if m.group(2) in ("lora_down", "lora_A") else "up"
+            if side in pairs.setdefault(m.group(1), {}):
+                raise CkptError(Code.KEY_MISMATCH, f"{m.group(1)} has two {side} matrices (lora_A/lora_B and "
+                                "lora_down/lora_up); which one counts cannot be told, nothing written")
+            pairs[m.group(1)][side] = t
         elif (m := ALPHA.fullmatch(t.name)) and t.numel == 1:
             alphas[m.group(1)] = t
         else:
             other.append(t.name)
+    for key, value in values.items():
+        if (m := ALPHA.fullmatch(key)) and type(value) in (int, float):
+            alphas[m.group(1)] = float(value)
+        else:
+            other.append(key)
     if other:
+        old = [k for k in other if OLD_DIFFUSERS.search(k)]
+        if old:
+            raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{old[0]}: diffusers' older attention-processor names "
+                            "(.lora.down / .lora.up); diffusers' lora_state_dict reads them: load the LoRA and "
+                            "save_lora_weights it, then convert that file")
         raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{len(other)} keys are not a LoRA's down/up matrices or alpha (e.g. "
-                        f"{', '.join(other[:3])}): DoRA magnitudes, LoKr/LoHa factors and biases have no place in "
-                        "the other conventions, so nothing is written")
+                        f"{', '.join(other[:3])}): DoRA magnitudes, LoKr/LoHa factors, biases and other values have "
+                        "no place in the other conventions, so nothing is written")
     for key, pair in pairs.items():
         if len(pair) != 2:
-            raise CkptError(Code.MISSING_TENSOR, f"{key}: the LoRA module has its "
+            raise CkptError(Code.KEY_MISMATCH, f"{key}: the LoRA module has its "
                             f"{'down' if 'down' in pair else 'up'} matrix but not the other; nothing written")
         down, up = pair["down"], pair["up"]
-        if len(down.shape) < 2 or len(up.shape) < 2 or up.shape[1] != down.shape[0]:
+        if len(down.shape) < 2 or len(up.shape) < 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
             raise CkptError(Code.SHAPE_MISMATCH, f"{key}: down {list(down.shape)} and up {list(up.shape)} do not "
-                            "multiply; nothing written")
+                            "make a LoRA of rank 1 or more; nothing written")
     if stray := sorted(set(alphas) - set(pairs)):
         raise CkptError(Code.UNSUPPORTED_LAYOUT, f"{stray[0]}.alpha belongs to no LoRA module; nothing written")
     return pairs, alphas
+
+
+def _alpha(value, key: str) -> float:
+    number = value if isinstance(value, float) else _scalar(value)
+    if not math.isfinite(number):
+        raise CkptError(Code.NONFINITE, f"{key}.alpha is {number}: no scale to keep; nothing written")
+    return number
 
 
 def _from_original(path: str, family: str, component: str, down: TensorInfo, up: TensorInfo, scale: float,
@@ -131,6 +156,9 @@ def _from_original(path: str, family: str, component: str, down: TensorInfo, up:
         parts = flux.to_diffusers(path)
         if parts is None:
             raise CkptError(Code.KEY_MISMATCH, f"{key}: {path!r} is not a module of Flux.1's transformer")
+        if path in flux.SWAPPED and up.shape[0] % 2:
+            raise CkptError(Code.SHAPE_MISMATCH, f"{key}: {path} gives shift and scale, two halves, but its up matrix "
+                            f"has {up.shape[0]} rows; nothing written")
         whole_down, whole_up = Matrix.of(Piece(down)), Matrix.of(Piece(up, swap=path in flux.SWAPPED))
         if len(parts) == 1:
             return [Module(component, parts[0], whole_down, whole_up, scale)]
@@ -172,15 +200,15 @@ def _split(path, parts, down, up, scale, component, key) -> list[Module]:
     return out
 
 
-def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict, src: str) -> list[Module]:
-    """The LoRA's modules in diffusers' names, from a file in `convention`."""
-    pairs, alphas = _pairs(tensors)
+def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict, values: dict) -> list[Module]:
+    """The LoRA's modules in diffusers' names, from a file in `convention` (`values`: a `.pt` file's plain values)."""
+    pairs, alphas = _pairs(tensors, values)
     adapter = _adapter_metadata(metadata) if convention == "diffusers" else {}
     modules = []
     for key, pair in pairs.items():
         down, up = pair["down"], pair["up"]
         rank = down.shape[0]
-        alpha = _scalar(alphas[key]) if key in alphas else None
+        alpha = _alpha(alphas[key], key) if key in alphas else None
         if convention == "kohya":
             m = KOHYA_PREFIX.fullmatch(key)
             if not m or m.group(1) not in KOHYA_COMPONENTS:
@@ -191,8 +219,8 @@ def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict
                                 "loaders; nothing written")
             path = dotted(m.group(2))
             scale = (alpha if alpha is not None else rank) / rank
-            if component in ("unet", "transformer") and (family in ("sdxl", "flux.1")):
-                modules += _from_original(path, family, component, down, up, scale, key)
+            if component in ("unet", "transformer"):
+                modules += _main_module(path, family, component, down, up, scale, key)
             else:
                 modules.append(Module(component, path, Matrix.of(Piece(down)), Matrix.of(Piece(up)), scale))
         elif convention in ("original", "comfy"):
@@ -211,6 +239,25 @@ def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict
     return modules
 
 
+# the first names of the UNet's modules in the LDM/SGM layout (sd-scripts' SDXL UNet), never in diffusers'
+SGM_NAMES = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
+
+
+def _main_module(path: str, family: str, component: str, down: TensorInfo, up: TensorInfo, scale: float,
+                 key: str) -> list[Module]:
+    """A kohya module of the diffusion model, whichever names its trainer's model had: BFL's or diffusers' for
+    Flux.1 (sd-scripts' lora_flux.py, or `lora_transformer_` from trainers on diffusers' model), SGM's or
+    diffusers' for a UNet (sd-scripts trains SD1/SD2 on diffusers' names, SDXL on SGM's; other tools differ)."""
+    diffusers_names = (flux.to_original(path) is not None if family == "flux.1"
+                       else path.split(".")[0] not in SGM_NAMES)
+    if not diffusers_names:
+        return _from_original(path, family, component, down, up, scale, key)
+    if (flux.to_original(path) if family == "flux.1" else unet.to_original(path, family)) is None:
+        raise CkptError(Code.KEY_MISMATCH, f"{key}: {path!r} is not a module of {family}'s "
+                        f"{'transformer' if family == 'flux.1' else 'UNet'}; nothing written")
+    return [Module(component, path, Matrix.of(Piece(down)), Matrix.of(Piece(up)), scale)]
+
+
 def _adapter_metadata(metadata: dict) -> dict:
     """diffusers' `lora_adapter_metadata` header entry (`<component>.lora_alpha`, `<component>.alpha_pattern`, ...)."""
     raw = metadata.get("lora_adapter_metadata")
@@ -225,9 +272,9 @@ def _metadata_alpha(adapter: dict, component: str, path: str, rank: int) -> floa
     """A module's alpha from the LoraConfig diffusers saved with it (peft matches alpha_pattern keys as name
     suffixes, tuners_utils `get_pattern_key`); the rank (scale 1) where the file has none, as diffusers loads it."""
     pattern = adapter.get(f"{component}.alpha_pattern")
-    if isinstance(pattern, dict):
+    if isinstance(pattern, dict):  # matched as a name or a dotted suffix, never run as a regular expression
         for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", path) and type(value) in (int, float):
+            if (path == key or path.endswith("." + str(key))) and type(value) in (int, float):
                 return float(value)
     value = adapter.get(f"{component}.lora_alpha")
     return float(value) if type(value) in (int, float) else float(rank)
@@ -238,10 +285,12 @@ def _metadata_alpha(adapter: dict, component: str, path: str, rank: int) -> floa
 
 def _balanced(scale: float) -> tuple[float, float]:
     """alpha / rank split between down and up, as diffusers folds a kohya file (lora_conversion_utils.py)."""
-    down, up = scale, 1.0
+    if not scale or not math.isfinite(scale):
+        return scale, 1.0
+    down, up = abs(scale), 1.0
     while down * 2 < up:
         down, up = down * 2, up / 2
-    return down, up
+    return math.copysign(down, scale), up  # a negative alpha (a slider's) keeps its sign on the down matrix
 
 
 def write(modules: list[Module], convention: str, family: str) -> Converted:
@@ -316,10 +365,16 @@ def _in_original_names(modules: list[Module], family: str, convention: str):
         found = flux.to_original(m.path)
         if found is None:
             raise CkptError(Code.KEY_MISMATCH, f"{m.component}.{m.path}: not a module of Flux.1's transformer")
-        groups.setdefault(found[0], {})[found[1]] = m
+        if found[1] in groups.setdefault(found[0], {}):
+            raise CkptError(Code.KEY_MISMATCH, f"{m.component}.{m.path} and {groups[found[0]][found[1]].component}."
+                            f"{m.path} would both be written as {found[0]}; nothing written")
+        groups[found[0]][found[1]] = m
     for name, parts in groups.items():
         if flux.fused_parts(name) == 1:
             m = parts[0]
+            if name in flux.SWAPPED and m.up.shape[0] % 2:
+                raise CkptError(Code.SHAPE_MISMATCH, f"{m.component}.{m.path}: gives scale and shift, two halves, "
+                                f"but its up matrix has {m.up.shape[0]} rows; nothing written")
             up = Matrix(m.up.shape, tuple((r, c, replace(p, swap=not p.swap) if name in flux.SWAPPED else p)
                                           for r, c, p in m.up.pieces))
             yield m.component, name, m.down, up, m.scale, 1
@@ -331,6 +386,10 @@ def _fuse(name: str, parts: dict[int, Module]) -> tuple[Matrix, Matrix, float]:
     """One fused BFL module from its diffusers parts (down, up, scale): one shared down matrix where all parts have
     it, else the downs concatenated and the ups block-diagonal; parts not in the LoRA are zero rows."""
     first = next(iter(parts.values()))
+    if len({d for m in parts.values() for d in (m.down.dtype, m.up.dtype)}) > 1:
+        raise CkptError(Code.DTYPE_MISMATCH, f"{name}: its parts {', '.join(m.path for m in parts.values())} hold "
+                        "different dtypes, and one fused matrix has one; cast the LoRA to one dtype first (`ckpttool "
+                        "convert --dtype`); nothing written")
     hidden = first.down.shape[1]
     sizes = flux.part_sizes(name, hidden)
     for i, m in parts.items():
@@ -387,8 +446,8 @@ def family_of(modules_keys: list[str], identity: dict | None, given: str | None)
     text = " ".join(modules_keys)
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks", text):
         return "flux.1"
-    if re.search(r"down_blocks[._]3|up_blocks[._]3|down_blocks[._]0[._]attentions|input_blocks[._](?:1|2|9|10|11)[._]1",
-                 text):
+    if re.search(r"down_blocks[._]3|up_blocks[._]3|down_blocks[._]0[._]attentions|"
+                 r"input_blocks[._](?:1|2|9|10|11)[._]1", text):
         return "sd1"  # four down blocks, attention in the first: SD1's or SD2's UNet, converted alike
     if re.search(r"up_blocks[._]0[._]attentions|lora_te2_|text_encoder_2\.|output_blocks[._][012][._]1", text):
         return "sdxl"
@@ -397,15 +456,16 @@ def family_of(modules_keys: list[str], identity: dict | None, given: str | None)
 
 
 def convert(tensors: list[TensorInfo], metadata: dict, identity: dict | None, to: str, family: str | None,
-            src: str) -> Converted:
-    """The LoRA in `tensors` written in convention `to`."""
+            src: str, values: dict | None = None) -> Converted:
+    """The LoRA in `tensors` written in convention `to` (`values`: the plain values a `.pt` file holds beside its
+    tensors, by key)."""
     source = (identity or {}).get("convention")
     if (identity or {}).get("kind") != "lora" or source not in CONVENTIONS:
         what = "not a LoRA" if (identity or {}).get("kind") != "lora" else f"in the {source or 'unknown'} convention"
         raise UsageError(f"{src}: {what}; --to {to} moves LoRA files between {', '.join(CONVENTIONS)} conventions "
                          "(`ckpttool inspect` says what the file is)")
     family = family_of([t.name for t in tensors], identity, family)
-    modules = read(tensors, source, family, metadata, src)
+    modules = read(tensors, source, family, metadata, values or {})
     out = write(modules, to, family)
     out.family, out.modules = family, len(modules)
     out.changes.insert(0, f"{len(modules)} modules, {source} -> {to} ({family})")

@@ -20,10 +20,12 @@ FAMILIES = ("flux.1", "sd1", "sd2", "sdxl")
 # Flux.1's rotary embedding splits each head's 128 channels (16, 56, 56) (diffusers' FluxTransformer2DModel
 # default, BFL's FluxParams axes_dim); the weights do not hold it
 FLUX_ROPE = {128: [16, 56, 56]}
-# the UNet settings the weights cannot show (heads per block; SDXL's added conditioning's time embedding), as the
-# model repos' unet/config.json have them (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0)
-SETTINGS = {"sdxl": {"attention_head_dim": [5, 10, 20], "addition_time_embed_dim": 256},
-            "sd1": {"attention_head_dim": 8}, "sd2": {"attention_head_dim": [5, 10, 20, 20]}}
+# the UNet settings the weights cannot show (heads per block; SDXL's added conditioning's time embedding; the latent
+# size pipelines default to; SD2.1's upcast attention), as the model repos' unet/config.json have them
+# (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0)
+SETTINGS = {"sdxl": {"attention_head_dim": [5, 10, 20], "addition_time_embed_dim": 256, "sample_size": 128},
+            "sd1": {"attention_head_dim": 8, "sample_size": 64},
+            "sd2": {"attention_head_dim": [5, 10, 20, 20], "sample_size": 96, "upcast_attention": True}}
 CHANNELS = {"sdxl": [320, 640, 1280], "sd1": [320, 640, 1280, 1280], "sd2": [320, 640, 1280, 1280]}
 
 
@@ -55,13 +57,14 @@ def to_original(tensors: list[TensorInfo], family: str) -> Plan:
             expected = len(flux.key_to_diffusers(name))
             if sorted(parts) != list(range(expected)):
                 missing = set(flux.key_to_diffusers(name)) - {t.name for t in parts.values()}
-                raise CkptError(Code.MISSING_TENSOR, f"{name} fuses {expected} tensors, and "
+                raise CkptError(Code.KEY_MISMATCH, f"{name} fuses {expected} tensors, and "
                                 f"{', '.join(sorted(missing))} is missing; nothing written")
             if expected == 1:
-                plan.put(name, Matrix.of(Piece(parts[0], swap=_swapped(name))))
+                plan.put(name, Matrix.of(Piece(parts[0], swap=_swapped(name, parts[0]))))
                 continue
             sizes = [parts[i].shape[0] for i in range(expected)]
             shape = (sum(sizes), *parts[0].shape[1:])
+            _one_dtype(name, list(parts.values()))
             if any(tuple(parts[i].shape[1:]) != tuple(shape[1:]) for i in range(expected)):
                 raise CkptError(Code.SHAPE_MISMATCH, f"{name}: its parts' shapes "
                                 f"{[list(parts[i].shape) for i in range(expected)]} do not stack; nothing written")
@@ -188,10 +191,11 @@ def _open_clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
         elif len(parts) == 1 and name.rpartition(".")[2] not in clip.FUSED_NAMES:
             plan.put(prefix + name, Matrix.of(Piece(parts[0])))
         elif sorted(parts) != [0, 1, 2]:
-            raise CkptError(Code.MISSING_TENSOR, f"text_encoder_2: {name} fuses q, k and v, and one is missing; "
+            raise CkptError(Code.KEY_MISMATCH, f"text_encoder_2: {name} fuses q, k and v, and one is missing; "
                             "nothing written")
         else:
             sizes = [parts[i].shape[0] for i in range(3)]
+            _one_dtype(name, [parts[i] for i in range(3)])
             plan.put(prefix + name, stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(parts[i]))) for i in range(3)],
                                             (sum(sizes), *parts[0].shape[1:])))
     return plan
@@ -225,8 +229,22 @@ def _clip_to_diffusers(tensors: list[TensorInfo], prefix: str, open_clip: bool) 
     return plan
 
 
-def _swapped(name: str) -> bool:
-    return name.rpartition(".")[0] in flux.SWAPPED
+def _swapped(name: str, t: TensorInfo) -> bool:
+    """Whether the tensor is the final modulation's, whose shift and scale halves change places."""
+    if name.rpartition(".")[0] not in flux.SWAPPED:
+        return False
+    if not t.shape or t.shape[0] % 2:
+        raise CkptError(Code.SHAPE_MISMATCH, f"{t.name}: the final modulation gives shift and scale, two halves, but "
+                        f"it has {t.shape[0] if t.shape else 0} rows; nothing written")
+    return True
+
+
+def _one_dtype(name: str, parts: list[TensorInfo]):
+    """A fused tensor has one dtype: parts in several are refused, never cast on the way."""
+    if len({t.dtype for t in parts}) > 1:
+        raise CkptError(Code.DTYPE_MISMATCH, f"{name} fuses {', '.join(f'{t.name} ({t.dtype})' for t in parts)}: "
+                        "one tensor cannot hold several dtypes; cast the model to one first (`ckpttool convert "
+                        "--dtype`); nothing written")
 
 
 def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
@@ -234,8 +252,16 @@ def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
     file's other parts (VAE, text encoders) are listed in `left`."""
     plan = Plan()
     if family == "flux.1":
-        by_name = {_unprefixed(t.name): t for t in tensors}
-        hidden = by_name["img_in.weight"].shape[0] if "img_in.weight" in by_name else None
+        by_name = {}
+        for t in tensors:
+            if _unprefixed(t.name) in by_name:
+                raise CkptError(Code.KEY_MISMATCH, f"{t.name} and {by_name[_unprefixed(t.name)].name} are the same "
+                                "key with and without a prefix: which one counts cannot be told; nothing written")
+            by_name[_unprefixed(t.name)] = t
+        if "img_in.weight" not in by_name:
+            raise CkptError(Code.KEY_MISMATCH, "img_in.weight is missing, so the transformer's width (and where its "
+                            "fused q, k, v split) cannot be told; nothing written")
+        hidden = by_name["img_in.weight"].shape[0]
         for name, t in by_name.items():
             targets = flux.key_to_diffusers(name)
             if targets is None:
@@ -244,9 +270,9 @@ def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:
                     continue
                 raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of Flux.1's transformer; nothing written")
             if len(targets) == 1:
-                plan.put(targets[0], Matrix.of(Piece(t, swap=_swapped(name))))
+                plan.put(targets[0], Matrix.of(Piece(t, swap=_swapped(name, t))))
                 continue
-            sizes = flux.part_sizes(name.rpartition(".")[0], hidden or 0)
+            sizes = flux.part_sizes(name.rpartition(".")[0], hidden)
             if sum(sizes) != t.shape[0]:
                 raise CkptError(Code.SHAPE_MISMATCH, f"{t.name}: {t.shape[0]} rows, but a Flux.1 transformer "
                                 f"{hidden} wide fuses {sum(sizes)} there; nothing written")
@@ -280,7 +306,7 @@ def _config(build, *args) -> dict:
     try:
         return build(*args)
     except (KeyError, IndexError) as e:
-        raise CkptError(Code.MISSING_TENSOR, f"{e.args[0] if e.args else 'a tensor'} is missing, so the model's "
+        raise CkptError(Code.KEY_MISMATCH, f"{e.args[0] if e.args else 'a tensor'} is missing, so the model's "
                         "config cannot be told from the weights; nothing written") from None
 
 

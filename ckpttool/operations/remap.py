@@ -264,13 +264,22 @@ def remap_lora(src: str, dst: str, to: str, family: str | None, force: bool) -> 
     ckpt = open_checkpoint(src)
     comp = select_component(ckpt, "model", src)
     output.refuse_broken(ckpt, comp)
-    converted = lora.convert(comp.tensors, ckpt.metadata, identify(ckpt), to, family, src)
+    converted = lora.convert(comp.tensors, ckpt.metadata, identify(ckpt), to, family, src, _plain_values(comp.tree))
     metadata = {"format": "pt", "source": os.path.basename(os.path.normpath(src)), "remapped_by": "ckpttool"}
     output.write_tensors(dst, fmt, converted.specs, lora.produce(converted.recipes), metadata)
     return {"src": src, "dst": dst, "format": fmt, "tensors": len(converted.specs),
             "bytes": sum(dtype_bytes(d, s) for _, d, s in converted.specs), "changes": converted.changes,
             "convention": to, "family": converted.family, "modules": converted.modules,
             "dequantized": 0, "quantized": 0}
+
+
+def _plain_values(tree, prefix: str = "") -> dict:
+    """The values a `.pt` file holds beside its tensors, by dotted key (a kohya `.alpha` saved as a Python float)."""
+    from ckpttool.formats.pickles import TensorRef
+
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _plain_values(value, f"{prefix}{key}.").items()}
+    return {} if tree is None and not prefix or isinstance(tree, TensorRef) else {prefix[:-1]: tree}
 
 
 def remap(src: str, dst: str, *, ops=(), like: str | None = None, model_spec: str | None = None,
