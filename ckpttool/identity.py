@@ -24,8 +24,8 @@ import struct
 
 from ckpttool.model import Checkpoint, TensorInfo
 
-DOWN = re.compile(r"(.+)\.(?:lora_down|lora_A|lora\.down|lora_A\.default)\.weight")  # the LoRA's first matrix
-UP = re.compile(r"(.+)\.(?:lora_up|lora_B|lora\.up|lora_B\.default)\.weight")
+DOWN = re.compile(r"(.+)(?:\.lora_down|\.lora_A|[._]lora\.down|\.lora_A\.default)\.weight")  # the LoRA's first matrix
+UP = re.compile(r"(.+)(?:\.lora_up|\.lora_B|[._]lora\.up|\.lora_B\.default)\.weight")
 KOHYA_MODULE = re.compile(r"lora_(?:unet|te\d?|transformer|te_text_model)_")
 DIFFUSERS_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "prior.", "decoder.")
 ALPHAS_READ = 4096  # `.alpha` scalars read at most (one per module; each a few bytes)

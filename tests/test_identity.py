@@ -254,3 +254,11 @@ def test_flux_kin_are_not_told_flux1(tmp_path):
     assert _identity(lora)["family"] is None
     lora1 = _lora(tmp_path / "flux1_lora.safetensors", {"lora_unet_single_blocks_0_linear1": (7 * 64, 64)})
     assert _identity(lora1)["family"] == "flux.1"
+
+
+def test_diff_of_one_lora_in_two_conventions_offers_remap_to(tmp_path):
+    kohya = _lora(tmp_path / "k.safetensors", {"lora_unet_double_blocks_0_img_attn_proj": (3072, 3072)})
+    diffusers = tmp_path / "d.safetensors"
+    assert cli("remap", str(kohya), str(diffusers), "--to", "diffusers")[0].exit_code == 0
+    report = cli("diff", "--json", str(kohya), str(diffusers))[1]
+    assert report["fix"] == f"ckpttool remap {kohya} k-diffusers.safetensors --to diffusers"

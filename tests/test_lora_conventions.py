@@ -386,3 +386,135 @@ def test_comfy_convention_both_ways(flux_kohya, tmp_path):
     assert json.loads(run("inspect", "--json", comfy).output)["identity"]["convention"] == "comfy"
     assert run("remap", comfy, back, "--to", "diffusers").exit_code == 0
     assert_same_updates(flux_updates(only), flux_updates(back))
+
+
+# the attack pass's findings, each provoked
+
+
+def _kohya(path, modules: dict, alphas: dict | None = None, dtype=torch.float32, pt=False):
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, (out, inp, rank) in modules.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, inp, generator=g).to(dtype)
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=g).to(dtype)
+        if alphas and name in alphas:
+            sd[f"{name}.alpha"] = alphas[name] if pt else torch.tensor(alphas[name])
+    torch.save(sd, str(path)) if pt else save_file(sd, str(path))
+    return sd
+
+
+def _update(sd, down_key, up_key, alpha_key=None):
+    down, up = sd[down_key].double(), sd[up_key].double()
+    scale = float(sd[alpha_key]) / down.shape[0] if alpha_key and alpha_key in sd else 1.0
+    return up @ down * scale
+
+
+def test_negative_and_zero_alpha_fold_without_hanging(tmp_path):
+    """A slider LoRA's negative alpha keeps its sign; alpha 0 is a zero update, as diffusers reads it."""
+    for alpha in (-2.0, 0.0):
+        src = tmp_path / f"a{alpha}.safetensors"
+        sd = _kohya(src, {"lora_unet_img_in": (64, 16, 4)}, {"lora_unet_img_in": alpha})
+        out = tmp_path / f"d{alpha}.safetensors"
+        assert run("remap", src, out, "--to", "diffusers", "--family", "flux.1").exit_code == 0
+        d = load_file(out)
+        torch.testing.assert_close(_update(d, "transformer.x_embedder.lora_A.weight",
+                                           "transformer.x_embedder.lora_B.weight"),
+                                   _update(sd, "lora_unet_img_in.lora_down.weight", "lora_unet_img_in.lora_up.weight",
+                                           "lora_unet_img_in.alpha"))
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_a_nonfinite_alpha_is_refused(tmp_path, alpha):
+    src = tmp_path / "k.safetensors"
+    _kohya(src, {"lora_unet_img_in": (64, 16, 4)}, {"lora_unet_img_in": alpha})
+    result = run("remap", src, tmp_path / "o.safetensors", "--to", "diffusers", "--family", "flux.1")
+    assert result.exit_code == 1 and "nonfinite" in result.output and not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_pt_lora_with_plain_float_alphas(tmp_path):
+    """torch.save of a kohya dict whose alpha is a Python float: read, never taken for alpha = rank."""
+    src = tmp_path / "k.pt"
+    sd = _kohya(src, {"lora_unet_img_in": (64, 16, 4)}, {"lora_unet_img_in": 2.0}, pt=True)
+    out = tmp_path / "d.safetensors"
+    assert run("remap", src, out, "--to", "diffusers", "--family", "flux.1").exit_code == 0
+    d = load_file(out)
+    torch.testing.assert_close(_update(d, "transformer.x_embedder.lora_A.weight", "transformer.x_embedder.lora_B.weight"),
+                               _update(sd, "lora_unet_img_in.lora_down.weight", "lora_unet_img_in.lora_up.weight",
+                                       "lora_unet_img_in.alpha"))
+    torch.save({**sd, "note": "trained by me"}, str(tmp_path / "noted.pt"))
+    result = run("remap", tmp_path / "noted.pt", tmp_path / "n.safetensors", "--to", "diffusers", "--family", "flux.1")
+    assert result.exit_code == 1 and "note" in result.output
+
+
+def test_ambiguous_or_broken_loras_are_refused_whole(tmp_path):
+    cases = {
+        "rank0": ({"lora_unet_img_in.lora_down.weight": torch.zeros(0, 16),
+                   "lora_unet_img_in.lora_up.weight": torch.zeros(64, 0)}, "rank 1 or more"),
+        "two_pairs": ({"diffusion_model.img_in.lora_A.weight": torch.zeros(2, 16),
+                       "diffusion_model.img_in.lora_B.weight": torch.zeros(64, 2),
+                       "diffusion_model.img_in.lora_down.weight": torch.zeros(2, 16),
+                       "diffusion_model.img_in.lora_up.weight": torch.zeros(64, 2)}, "two down matrices"),
+        "no_up": ({"lora_unet_img_in.lora_down.weight": torch.zeros(2, 16),
+                   "lora_unet_img_in_2.lora_down.weight": torch.zeros(2, 16),
+                   "lora_unet_img_in_2.lora_up.weight": torch.zeros(64, 2)}, "but not the other"),
+        "collide": ({"unet.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+                     "unet.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2),
+                     "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+                     "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2)}, "both"),
+        "dtypes": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2),
+                    "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(2, 16, dtype=torch.bfloat16),
+                    "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.zeros(16, 2, dtype=torch.bfloat16)},
+                   "dtype_mismatch"),
+        "old_diffusers": ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
+                           torch.zeros(2, 16),
+                           "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight":
+                           torch.zeros(16, 2)}, "older attention-processor"),
+        "odd_final": ({"lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": torch.zeros(2, 16),
+                       "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": torch.zeros(31, 2),
+                       "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(2, 16),
+                       "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(16, 2)}, "two halves"),
+    }
+    for name, (sd, said) in cases.items():
+        src = tmp_path / f"{name}.safetensors"
+        save_file(sd, str(src))
+        out = tmp_path / f"{name}.out.safetensors"
+        target = "diffusers" if name in ("rank0", "two_pairs", "no_up", "odd_final") else "kohya"
+        result = run("remap", src, out, "--to", target, "--family", "flux.1")
+        assert result.exit_code in (1, 2) and said in result.output and "internal error" not in result.output, name
+        assert not out.exists(), name
+
+
+def test_kohya_unet_loras_in_either_names(tmp_path):
+    """SD1 kohya names are diffusers' (sd-scripts trains on them) and SDXL's SGM's, but other tools write the other:
+    both read to the same diffusers modules."""
+    sgm = tmp_path / "sd1_sgm.safetensors"
+    _kohya(sgm, {"lora_unet_input_blocks_1_1_proj_in": (320, 320, 2)})
+    out = tmp_path / "sd1.safetensors"
+    assert run("remap", sgm, out, "--to", "diffusers", "--family", "sd1").exit_code == 0
+    assert "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight" in load_file(out)
+    named = tmp_path / "sdxl_diffusers_names.safetensors"
+    _kohya(named, {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (640, 640, 2)})
+    out = tmp_path / "sdxl.safetensors"
+    assert run("remap", named, out, "--to", "diffusers", "--family", "sdxl").exit_code == 0
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in load_file(out)
+    back = tmp_path / "back.safetensors"
+    assert run("remap", out, back, "--to", "kohya", "--family", "sdxl").exit_code == 0
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in load_file(back)
+
+
+def test_lora_transformer_prefix_is_diffusers_names_under_kohya(tmp_path):
+    src = tmp_path / "k.safetensors"
+    sd = _kohya(src, {"lora_transformer_single_transformer_blocks_0_attn_to_q": (64, 64, 2),
+                      "lora_transformer_transformer_blocks_0_ff_context_net_0_proj": (256, 64, 2)},
+                {"lora_transformer_single_transformer_blocks_0_attn_to_q": 1.0})
+    out = tmp_path / "o.safetensors"
+    assert run("remap", src, out, "--to", "diffusers", "--family", "flux.1").exit_code == 0
+    d = load_file(out)
+    torch.testing.assert_close(
+        _update(d, "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight",
+                "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight"),
+        _update(sd, "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight",
+                "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_up.weight",
+                "lora_transformer_single_transformer_blocks_0_attn_to_q.alpha"))
+    assert "transformer.transformer_blocks.0.ff_context.net.0.proj.lora_B.weight" in d

@@ -234,3 +234,38 @@ def test_sdxl_pipeline_to_one_single_file_and_back(sdxl_pipeline, tmp_path):
     _same_weights(reference.text_encoder_2.state_dict(), te2)
     vae_config = json.loads((back / "vae" / "config.json").read_text())
     assert vae_config["block_out_channels"] == [32, 64] and vae_config["latent_channels"] == 4
+
+
+def test_broken_or_ambiguous_single_files_are_refused(tiny_flux, tmp_path):
+    single = tmp_path / "flux.safetensors"
+    cli("convert", str(tiny_flux), str(single), "--to", "original")
+    keys = load_file(single)
+    cases = {
+        "dup_prefix": ({**keys, "model.diffusion_model.img_in.weight": torch.zeros_like(keys["img_in.weight"])},
+                       "with and without a prefix"),
+        "no_img_in": ({k: v for k, v in keys.items() if not k.startswith("img_in.")}, "img_in.weight is missing"),
+        "no_final": ({k: v for k, v in keys.items() if not k.startswith("final_layer.linear")}, "is missing"),
+        "odd_final": ({**keys, "final_layer.adaLN_modulation.1.bias": torch.zeros(31)}, "two halves"),
+    }
+    for name, (sd, said) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(sd, str(path))
+        result = cli("convert", str(path), str(tmp_path / name), "--to", "diffusers", "--family", "flux.1")[0]
+        assert result.exit_code == 1 and said in result.output and "internal error" not in result.output, name
+        assert not (tmp_path / name).exists()
+    mixed = tmp_path / "mixed"
+    import shutil
+
+    shutil.copytree(tiny_flux, mixed)
+    weights = load_file(mixed / "diffusion_pytorch_model.safetensors")
+    weights["transformer_blocks.0.attn.to_k.weight"] = weights["transformer_blocks.0.attn.to_k.weight"].bfloat16()
+    save_file(weights, str(mixed / "diffusion_pytorch_model.safetensors"))
+    result = cli("convert", str(mixed), str(tmp_path / "m.safetensors"), "--to", "original")[0]
+    assert result.exit_code == 1 and "dtype_mismatch" in result.output
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_flux, missing)
+    weights = load_file(tiny_flux / "diffusion_pytorch_model.safetensors")
+    del weights["transformer_blocks.0.attn.to_k.weight"]
+    save_file(weights, str(missing / "diffusion_pytorch_model.safetensors"))
+    result = cli("convert", str(missing), str(tmp_path / "x.safetensors"), "--to", "original")[0]
+    assert result.exit_code == 1 and "to_k.weight is missing" in result.output

@@ -1,11 +1,13 @@
-"""LoRA files moved between key conventions (`remap --to diffusers|kohya|original`) with every module's update
-(up @ down x alpha / rank) kept exactly.
+"""LoRA files moved between key conventions (`remap --to diffusers|kohya|original|comfy`) with every module's
+update (up @ down x alpha / rank) kept: exactly, except where alpha / rank is folded into a diffusers file's weights
+and is not a power of two (rounded once in the file's dtype, as diffusers rounds a kohya file it loads).
 
 A file is read into one form, each module named as diffusers' model names it (the component, `unet`,
 `transformer`, `text_encoder`, `text_encoder_2`, and the module path inside it), and written out in the target's
 names: kohya's `lora_unet_` / `lora_te*_` with underscores (the family's own UNet names: diffusers' for SD1/SD2,
-which sd-scripts trains on, SGM's for SDXL, BFL's for Flux.1), diffusers' `<component>.<path>.lora_A/B.weight`,
-or the original single-file names under `diffusion_model.`. Flux.1's fused BFL modules (`qkv`, `linear1`) are split
+which sd-scripts trains on, SGM's for SDXL, BFL's for Flux.1; either names are read), diffusers'
+`<component>.<path>.lora_A/B.weight`, or the original single-file names under `diffusion_model.` (ComfyUI's own with
+kohya's lora_down/lora_up). Flux.1's fused BFL modules (`qkv`, `linear1`) are split
 into diffusers' q, k, v (and MLP input) and fused back: a down matrix shared by the parts stays shared; otherwise
 the down matrices are concatenated and the up matrices placed block-diagonally (ranks summed), as diffusers'
 `_convert_kohya_flux_lora_to_diffusers` and sd-scripts' `split_qkv` do.
@@ -307,14 +309,19 @@ def write(modules: list[Module], convention: str, family: str) -> Converted:
             out.specs.append((name, "float32", ()))
 
     if convention == "diffusers":
+        rounded = 0
         for m in modules:
             down_factor, up_factor = _balanced(m.scale) if m.scale != 1 else (1.0, 1.0)
             folded += m.scale != 1
+            rounded += not all(f == 0 or math.frexp(abs(f))[0] == 0.5 for f in (down_factor, up_factor))
             put(f"{m.component}.{m.path}.lora_A.weight", m.down.scaled(down_factor))
             put(f"{m.component}.{m.path}.lora_B.weight", m.up.scaled(up_factor))
         if folded:
             out.changes.append(f"folded alpha / rank into the weights of {folded} modules (diffusers' files carry no "
-                               "alpha; the update up @ down is the same)")
+                               "alpha; the update up @ down is the same" + (
+                                   f", rounded once in the file's dtype for the {rounded} whose alpha / rank is not a "
+                                   "power of two, as diffusers' own reading of a kohya file rounds it" if rounded
+                                   else ", exactly: every factor is a power of two") + ")")
         return out
     for component, path, down, up, scale, parts in _in_original_names(modules, family, convention):
         fused += parts > 1

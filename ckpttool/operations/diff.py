@@ -219,6 +219,10 @@ def diff(a_path: str, b_path: str | None = None, *, model_spec: str | None = Non
         report.identities, report.apart = {"a": a_is, "b": b_is}, apart(a_is, b_is)
         if report.apart and any(i and i["kind"] == "lora" for i in (a_is, b_is)):
             report.fix = None  # no remap makes a LoRA's keys a model's, or a Fill LoRA a dev one's
+        elif report.fix and a_is and b_is and a_is["kind"] == b_is["kind"] == "lora" and a_is.get("convention") \
+                and b_is.get("convention") and a_is["convention"] != b_is["convention"]:
+            stem = os.path.splitext(os.path.basename(os.path.normpath(a_path)))[0]
+            report.fix = f"ckpttool remap {a_path} {stem}-{b_is['convention']}.safetensors --to {b_is['convention']}"
     return report
 
 
