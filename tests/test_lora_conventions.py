@@ -438,7 +438,8 @@ def test_a_pt_lora_with_plain_float_alphas(tmp_path):
     out = tmp_path / "d.safetensors"
     assert run("remap", src, out, "--to", "diffusers", "--family", "flux.1").exit_code == 0
     d = load_file(out)
-    torch.testing.assert_close(_update(d, "transformer.x_embedder.lora_A.weight", "transformer.x_embedder.lora_B.weight"),
+    torch.testing.assert_close(_update(d, "transformer.x_embedder.lora_A.weight",
+                                       "transformer.x_embedder.lora_B.weight"),
                                _update(sd, "lora_unet_img_in.lora_down.weight", "lora_unet_img_in.lora_up.weight",
                                        "lora_unet_img_in.alpha"))
     torch.save({**sd, "note": "trained by me"}, str(tmp_path / "noted.pt"))
@@ -463,8 +464,8 @@ def test_ambiguous_or_broken_loras_are_refused_whole(tmp_path):
                      "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2)}, "both"),
         "dtypes": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
                     "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2),
-                    "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(2, 16, dtype=torch.bfloat16),
-                    "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.zeros(16, 2, dtype=torch.bfloat16)},
+                    "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(2, 16).bfloat16(),
+                    "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.zeros(16, 2).bfloat16()},
                    "dtype_mismatch"),
         "old_diffusers": ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
                            torch.zeros(2, 16),
