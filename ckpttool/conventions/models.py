@@ -1,9 +1,10 @@
 """Whole models between diffusers' layout and the original single file (`convert --to original|diffusers`), key by
 key: Flux.1's transformer (BFL's own keys, as flux1-dev.safetensors holds them: q, k, v fused into `qkv`, and with
-the MLP input into `linear1`, the final modulation's halves in the other order) and the SD1/SD2/SDXL UNet (the
-LDM/SGM names under `model.diffusion_model.`, as the single-file checkpoints hold them). Every output tensor is
-a plan of pieces of input tensors (conventions/pieces.py), so nothing is read before the whole output is known, and
-each one is built alone. A key this cannot place stops the conversion with its name."""
+the MLP input into `linear1`, the final modulation's halves in the other order), the SD1/SD2/SDXL UNet (the LDM/SGM
+names under `model.diffusion_model.`), and a whole SD1/SDXL checkpoint with its VAE (vae.py) and text encoders
+(clip.py). Every output tensor is a plan of pieces of input tensors (conventions/pieces.py), so nothing is read
+before the whole output is known, and each one is built alone. A key this cannot place stops the conversion with
+its name."""
 
 from __future__ import annotations
 
@@ -131,8 +132,10 @@ def checkpoint_to_diffusers(tensors: list[TensorInfo], family: str) -> dict[str,
             continue
         plans[name] = (to_diffusers(part, family) if name == "unet" else _vae_to_diffusers(part, prefixes[name], family)
                        if name == "vae" else _clip_to_diffusers(part, prefixes[name], prefixes[name] == OPEN_CLIP))
-    first = next(iter(plans.values()))
-    first.left += [t.name for t in left]
+    if not plans:
+        raise CkptError(Code.NO_TENSORS, f"no key under the {family} checkpoint's prefixes "
+                        f"({', '.join(prefixes.values())}); nothing written")
+    next(iter(plans.values())).left += [t.name for t in left]
     return plans
 
 
@@ -219,6 +222,9 @@ def _clip_to_diffusers(tensors: list[TensorInfo], prefix: str, open_clip: bool) 
         elif len(targets) == 1:
             plan.put(targets[0], Matrix.of(Piece(t)))
         else:
+            if not t.shape or t.shape[0] % 3:
+                raise CkptError(Code.SHAPE_MISMATCH, f"{t.name}: q, k and v fused, but {t.shape[0] if t.shape else 0} "
+                                "rows do not part in three; nothing written")
             width = t.shape[0] // 3
             for i, target in enumerate(targets):
                 plan.put(target, Matrix.of(Piece(t, rows=(i * width, (i + 1) * width))))

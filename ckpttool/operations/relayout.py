@@ -42,6 +42,9 @@ def relayout(src: str, dst: str, to: str, *, family: str | None = None, componen
         told = identity.get("family") or "family not told"
         raise UsageError(f"{src}: cannot tell from its keys which model this is ({told}); --to {to} converts "
                          f"{', '.join(models.FAMILIES)}: pass --family")
+    main = "transformer" if family == "flux.1" else "unet"
+    if parts and main not in parts:
+        raise UsageError(f"{src}: a pipeline without a {main}, which a {family} model has; check --family")
     have = identity.get("convention")
     want_from = "diffusers" if to == "original" else "original"
     if have and have != want_from or identity.get("kind") == "lora":
