@@ -162,7 +162,7 @@ def _model(tensors: list[TensorInfo]) -> dict | None:
         widths = {s[-1] for k, s in shapes.items() if k.startswith(DM) and k.endswith("attn2.to_k.weight")}
         family = UNET_WIDTHS.get(widths.pop()) if len(widths) == 1 else None
     if family is None:
-        return _diffusers_model(shapes) or _language_model(shapes)
+        return _diffusers_model(shapes) or _language_model(shapes) or _pipeline_part(shapes)
     whole = any(k.startswith(DM) for k in shapes) and any(k.startswith(OTHER_PARTS) for k in shapes)
     return {"kind": "checkpoint" if whole else "diffusion_model", "family": family, "variant": variant,
             "convention": "original"}
@@ -230,6 +230,27 @@ def _language_model(shapes: dict) -> dict | None:
         vocabulary = names.get("embed_tokens.weight", ())[:1]
         family = "llama" if vocabulary == (LLAMA3_VOCABULARY,) else None
     return {"kind": "model", "family": family, "variant": None, "convention": "transformers", "layout": "llama"}
+
+
+# a pipeline's other parts saved alone: a VAE (the LDM names of a single file's `first_stage_model.` or BFL's ae,
+# and diffusers' AutoencoderKL), a text encoder (transformers' CLIPTextModel and T5EncoderModel, OpenCLIP's text
+# tower). Their families are not told: SD, SDXL and SD3/Flux VAEs differ in weights and latent width only.
+PARTS = (("vae", "original", ("encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight")),
+         ("vae", "diffusers", ("encoder.down_blocks.0.resnets.0.conv1.weight",
+                               "decoder.up_blocks.0.resnets.0.conv1.weight")),
+         ("text_encoder", "transformers", ("text_model.encoder.layers.0.self_attn.q_proj.weight",)),
+         ("text_encoder", "transformers", ("encoder.layers.0.self_attn.q_proj.weight",
+                                           "embeddings.token_embedding.weight")),
+         ("text_encoder", "transformers", ("encoder.block.0.layer.0.SelfAttention.q.weight",)),
+         ("text_encoder", "original", ("transformer.resblocks.0.attn.in_proj_weight", "token_embedding.weight")))
+
+
+def _pipeline_part(shapes: dict) -> dict | None:
+    found = {(kind, convention) for kind, convention, keys in PARTS if all(k in shapes for k in keys)}
+    if len(found) != 1:
+        return None
+    kind, convention = found.pop()
+    return {"kind": kind, "family": None, "variant": None, "convention": convention}
 
 
 def _convention(downs: dict[str, TensorInfo]) -> str | None:

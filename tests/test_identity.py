@@ -262,3 +262,25 @@ def test_diff_of_one_lora_in_two_conventions_offers_remap_to(tmp_path):
     assert cli("remap", str(kohya), str(diffusers), "--to", "diffusers")[0].exit_code == 0
     report = cli("diff", "--json", str(kohya), str(diffusers))[1]
     assert report["fix"] == f"ckpttool remap {kohya} k-diffusers.safetensors --to diffusers"
+
+
+def test_a_vae_or_text_encoder_saved_alone(tmp_path):
+    """A pipeline's other parts: kind told, family not (SD's, SDXL's and Flux's VAEs differ in weights only)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    vae.save_pretrained(tmp_path / "vae")
+    assert _identity(tmp_path / "vae") == {"kind": "vae", "family": None, "variant": None, "convention": "diffusers"}
+    ldm = tmp_path / "ae.safetensors"
+    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(2, 2, 3, 3),
+               "decoder.up.0.block.0.conv1.weight": torch.zeros(2, 2, 3, 3)}, ldm)
+    assert _identity(ldm)["kind"] == "vae" and _identity(ldm)["convention"] == "original"
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                                 vocab_size=100)).save_pretrained(tmp_path / "clip")
+    T5EncoderModel(T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, vocab_size=100)).save_pretrained(
+        tmp_path / "t5")
+    for name in ("clip", "t5"):
+        assert _identity(tmp_path / name / "model.safetensors") == {"kind": "text_encoder", "family": None,
+                                                                     "variant": None, "convention": "transformers"}
