@@ -52,10 +52,10 @@ def identify_tensors(tensors: list[TensorInfo], metadata: dict) -> dict | None:
 
 
 # Flux.1's blocks under its original names (BFL flux/model.py `double_blocks`, `single_blocks`: kohya's lora_flux.py
-# and ai-toolkit keep them) and under diffusers' (FluxTransformer2DModel `single_transformer_blocks`); SDXL's second
+# and ai-toolkit keep them) and under diffusers' (FluxTransformer2DModel `single_transformer_blocks`, with dots or
+# kohya's underscores); SDXL's second
 # text encoder (kohya `lora_te2_`, diffusers `text_encoder_2.`)
-LORA_FAMILIES = (("flux.1", re.compile(r"(?:.*[._])?(?:double_blocks|single_blocks)[._]\d|"
-                                        r"transformer\.single_transformer_blocks\.")),
+LORA_FAMILIES = (("flux.1", re.compile(r"(?:.*[._])?(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d")),
                  ("sdxl", re.compile(r"lora_te2_|text_encoder_2\.")))
 
 

@@ -519,3 +519,33 @@ def test_lora_transformer_prefix_is_diffusers_names_under_kohya(tmp_path):
                 "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_up.weight",
                 "lora_transformer_single_transformer_blocks_0_attn_to_q.alpha"))
     assert "transformer.transformer_blocks.0.ff_context.net.0.proj.lora_B.weight" in d
+
+
+def test_a_fold_the_dtype_cannot_hold_is_refused(tmp_path):
+    """fp16 weights times a huge alpha / rank overflow to inf, times a tiny one underflow to 0: refused, not written
+    as "the same update"."""
+    for alpha, said in ((1e6, "overflow"), (2.0 ** -40, "underflow")):
+        src = tmp_path / f"k{alpha}.safetensors"
+        _kohya(src, {"lora_unet_img_in": (64, 16, 4)}, {"lora_unet_img_in": alpha}, dtype=torch.float16)
+        out = tmp_path / f"o{alpha}.safetensors"
+        result = run("remap", src, out, "--to", "diffusers", "--family", "flux.1")
+        assert result.exit_code == 1 and "lossy_cast" in result.output and said in result.output
+        assert not out.exists()
+
+
+def test_odd_alphas_are_refused_not_crashed(tmp_path):
+    big = tmp_path / "big.pt"
+    _kohya(big, {"lora_unet_img_in": (64, 16, 4)}, {"lora_unet_img_in": 2 ** 2000}, pt=True)
+    result = run("remap", big, tmp_path / "o.safetensors", "--to", "diffusers", "--family", "flux.1")
+    assert result.exit_code == 1 and "nonfinite" in result.output
+    complex_alpha = tmp_path / "c.safetensors"
+    sd = _kohya(tmp_path / "plain.safetensors", {"lora_unet_img_in": (64, 16, 4)})
+    save_file({**sd, "lora_unet_img_in.alpha": torch.tensor(1 + 1j, dtype=torch.complex64)}, str(complex_alpha))
+    result = run("remap", complex_alpha, tmp_path / "o.safetensors", "--to", "diffusers", "--family", "flux.1")
+    assert result.exit_code == 1 and "not one real number" in result.output and "internal error" not in result.output
+
+
+def test_lora_transformer_flux_lora_is_told_flux1(tmp_path):
+    src = tmp_path / "k.safetensors"
+    _kohya(src, {"lora_transformer_single_transformer_blocks_0_attn_to_q": (3072, 3072, 2)})
+    assert json.loads(run("inspect", "--json", src).output)["identity"]["family"] == "flux.1"

@@ -95,8 +95,8 @@ def _scalar(info: TensorInfo) -> float:
 
     try:
         return float(load_tensor(info).item())
-    except (RuntimeError, ValueError) as e:
-        raise CkptError(Code.CORRUPT, f"{info.name}: not one number ({e})") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CkptError(Code.CORRUPT, f"{info.name}: not one real number ({e})") from None
 
 
 # reading: a file's keys -> modules
@@ -119,7 +119,11 @@ def _pairs(tensors: list[TensorInfo], values: dict) -> tuple[dict, dict]:
             other.append(t.name)
     for key, value in values.items():
         if (m := ALPHA.fullmatch(key)) and type(value) in (int, float):
-            alphas[m.group(1)] = float(value)
+            try:
+                alphas[m.group(1)] = float(value)
+            except OverflowError:
+                raise CkptError(Code.NONFINITE, f"{key} is {str(value)[:20]}..., beyond any float: no scale to keep; "
+                                "nothing written") from None
         else:
             other.append(key)
     if other:

@@ -22,11 +22,11 @@ FAMILIES = ("flux.1", "sd1", "sd2", "sdxl")
 # default, BFL's FluxParams axes_dim); the weights do not hold it
 FLUX_ROPE = {128: [16, 56, 56]}
 # the UNet settings the weights cannot show (heads per block; SDXL's added conditioning's time embedding; the latent
-# size pipelines default to; SD2.1's upcast attention), as the model repos' unet/config.json have them
-# (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0)
+# size pipelines default to), as the model repos' unet/config.json have them (stable-diffusion-v1-5,
+# stable-diffusion-2-1, stable-diffusion-xl-base-1.0); SD2's base and 768-v models differ there, so it is left out
 SETTINGS = {"sdxl": {"attention_head_dim": [5, 10, 20], "addition_time_embed_dim": 256, "sample_size": 128},
             "sd1": {"attention_head_dim": 8, "sample_size": 64},
-            "sd2": {"attention_head_dim": [5, 10, 20, 20], "sample_size": 96, "upcast_attention": True}}
+            "sd2": {"attention_head_dim": [5, 10, 20, 20]}}
 CHANNELS = {"sdxl": [320, 640, 1280], "sd1": [320, 640, 1280, 1280], "sd2": [320, 640, 1280, 1280]}
 
 
@@ -407,6 +407,7 @@ def unet_settings(config: dict, family: str) -> tuple[dict, str | None]:
     by hand."""
     settings = SETTINGS[family]
     if config["block_out_channels"] == CHANNELS[family]:
-        return settings, None
+        return settings, ("sample_size (64 for SD2 base, 96 for the 768-v models) and upcast_attention are not in "
+                          "the weights; set them in config.json") if family == "sd2" else None
     return {}, (f"block widths {config['block_out_channels']} are not {family}'s {CHANNELS[family]}: "
                 f"{', '.join(settings)} are not in the weights; set them in config.json")

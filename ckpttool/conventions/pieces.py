@@ -89,7 +89,7 @@ def materialize(matrix: Matrix, cache: dict | None = None):
         if piece.cols:
             value = value[:, piece.cols[0]:piece.cols[1]]
         if piece.factor != 1:
-            value = (value.float() * piece.factor).to(value.dtype)
+            value = _scaled(value, piece)
         if len(matrix.pieces) == 1 and tuple(value.shape) == tuple(matrix.shape):
             return value.contiguous()
         if out is None:
@@ -122,3 +122,23 @@ def byte_ranges(matrix: Matrix) -> list[tuple[str, int, int]] | None:
         ranges += [(path, offset + a * row_bytes, (b - a) * row_bytes) for a, b in rows]
         row += piece.shape[0]
     return ranges if row == matrix.shape[0] else None
+
+
+def _scaled(value, piece: Piece):
+    """The values times the piece's factor, in their dtype; a value the dtype cannot hold after it (a finite one
+    turned inf, a nonzero one turned 0) stops the conversion, nothing written."""
+    import torch
+
+    from ckpttool.errors import CkptError
+    from ckpttool.model import Code
+
+    out = (value.float() * piece.factor).to(value.dtype)
+    if value.is_floating_point() and piece.factor:  # times 0 (alpha 0) is meant to be zero
+        overflowed = int((torch.isinf(out) & torch.isfinite(value)).sum())
+        underflowed = int(((out == 0) & (value != 0)).sum())
+        if overflowed or underflowed:
+            raise CkptError(Code.LOSSY_CAST, f"{piece.source.name}: times {piece.factor:g} (alpha / rank folded in), "
+                            f"{overflowed} values overflow {value.dtype} to inf and {underflowed} underflow to 0; "
+                            "nothing written. Convert the LoRA to float32 first (`ckpttool convert --dtype fp32`), "
+                            "or keep a convention with .alpha (kohya, original, comfy)")
+    return out
