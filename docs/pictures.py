@@ -15,7 +15,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fixtures.real_runs import lightning_run  # noqa: E402
+from ckpttool.synthetic.runs import lightning_run  # noqa: E402
 
 
 def main():

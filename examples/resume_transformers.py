@@ -21,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from ckpttool.integrations.transformers import gated_train  # noqa: E402
-from fixtures.real_runs import _batches, _quiet  # noqa: E402
+from ckpttool.synthetic.runs import _batches, _quiet  # noqa: E402
 
 
 def trainer(out: str, max_steps: int):

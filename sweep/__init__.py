@@ -66,7 +66,7 @@ class Case:
 
 def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, reference: str | None = None,
             sealed: dict[str, str] | None = None) -> list[Target]:
-    """The newest checkpoint of every real-library run the tests build (`runs`: fixtures.real_runs.build_runs), of
+    """The newest checkpoint of every real-library run the tests build (`runs`: ckpttool.synthetic.runs.build_runs), of
     every real-run sample in tests/data, of the state dirs of the fixture corpus that Accelerate's save_state wrote
     with the kohya, SimpleTuner and diffusers hooks (`corpus`: fixtures.generate.build), and of a reference-trainer
     run (`reference`)."""
@@ -463,7 +463,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", default=[], help="sweep only targets whose name contains this")
     args = parser.parse_args(argv)
     from fixtures.generate import build
-    from fixtures.real_runs import build_runs, build_sealed_runs
+    from ckpttool.synthetic.runs import build_runs, build_sealed_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.work or tmp

@@ -38,7 +38,7 @@ def run_json(runner, args):
 def runs(tmp_path_factory):
     """Runs written by the real trainers (transformers.Trainer, Lightning, a diffusers-style Accelerate loop, PEFT,
     torch.distributed.checkpoint as torchtitan lays it out), built once per test session; {name: run dir}."""
-    from fixtures.real_runs import build_runs
+    from ckpttool.synthetic.runs import build_runs
 
     return build_runs(str(tmp_path_factory.mktemp("runs")))
 
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
 def sealed_runs(tmp_path_factory):
     """Runs sealed as they saved by ckpttool's hooks (transformers single process and DDP, Lightning, Accelerate);
     {name: run dir}."""
-    from fixtures.real_runs import build_sealed_runs
+    from ckpttool.synthetic.runs import build_sealed_runs
 
     return build_sealed_runs(str(tmp_path_factory.mktemp("sealed")))
 

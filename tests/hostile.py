@@ -120,7 +120,7 @@ def build_symlink_outside_fifo(tmp):
 def build_payload_unread_file_transformers(tmp):
     """A real transformers.Trainer run (tiny GPT-2, checkpoint-2 and -4) whose newest training_args.bin is a torch
     zip whose data.pkl is GLOBAL 'posix system' + REDUCE."""
-    from fixtures.real_runs import transformers_run
+    from ckpttool.synthetic.runs import transformers_run
 
     run = transformers_run(os.path.join(tmp, "RUN"), max_steps=4, save_steps=2)
     ckpt = os.path.join(run, "checkpoint-4")

@@ -14,7 +14,7 @@ import torch
 
 from ckpttool.gate import ResumeGateError, check_resume, latest_valid
 from fixtures.generate import MARKER_NAME, TinyNet, _Payload
-from fixtures.real_runs import _batches, _quiet, transformers_run
+from ckpttool.synthetic.runs import _batches, _quiet, transformers_run
 from tests.helpers import cli
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -202,7 +202,7 @@ def _lightning_trainer(root, plugins=(), max_steps=6):
 def _module(width=16):
     import lightning as L
 
-    from fixtures.real_runs import lightning_module
+    from ckpttool.synthetic.runs import lightning_module
 
     L.seed_everything(0, verbose=False)
     return lightning_module(width)
@@ -283,7 +283,7 @@ def _automatic(project, model):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from fixtures.real_runs import _accelerator
+    from ckpttool.synthetic.runs import _accelerator
 
     _accelerator()  # resets Accelerate's process-wide state
     accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(project),

@@ -426,7 +426,7 @@ def test_destination_rules(corpus, tmp_path):
 
 def test_real_transformers_checkpoint_resumes_after_its_optimizer_lost_the_zip_directory(runs, tmp_path):
     """The Trainer's own resume reads the repaired checkpoint: optimizer.pt cut just before its zip directory."""
-    from fixtures.real_runs import resume_transformers
+    from ckpttool.synthetic.runs import resume_transformers
 
     run_dir = runs["transformers"]
     newest = sorted(os.listdir(run_dir), key=lambda d: int(d.split("-")[1]) if d.startswith("checkpoint-") else -1)[-1]
@@ -501,7 +501,7 @@ def test_real_diffusers_checkpoint_whose_pickles_lost_their_directories_resumes_
     """train_text_to_image's resume (load_state through the EMA load hook) reads the repaired checkpoint: its
     optimizer, scheduler and RNG files each cut just before their zip directory come back whole; with the UNet's
     weights cut too, the resume fails loudly on the lost tensors rather than loading a partial model."""
-    from fixtures.real_runs import resume_unet
+    from ckpttool.synthetic.runs import resume_unet
 
     run_dir = runs["diffusers_unet_ema"]
     newest = max(os.listdir(run_dir), key=lambda d: int(d.split("-")[1]))

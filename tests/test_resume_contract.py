@@ -11,7 +11,7 @@ import pytest
 
 import sweep
 from ckpttool.model import ERROR
-from fixtures import real_runs
+from ckpttool.synthetic import runs as real_runs
 
 MODES = ("delete", "cut")
 

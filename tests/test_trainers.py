@@ -289,7 +289,7 @@ def test_gate_lightning_with_live_module_and_optimizer(runs):
     from fixtures.generate import TinyNet
 
     module = torch.nn.Module()
-    module.net = TinyNet(16)  # the LightningModule of fixtures.real_runs holds its network as `net`
+    module.net = TinyNet(16)  # the LightningModule of ckpttool.synthetic.runs holds its network as `net`
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for path in (os.path.join(runs["lightning"], "last.ckpt"), os.path.join(FP16, "lightning", "epoch=0-step=10.ckpt")):
