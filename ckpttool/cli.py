@@ -513,6 +513,33 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
 
 
 @main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--trainer", "trainers", multiple=True, metavar="NAME",
+              help="Only this trainer (repeatable): accelerate, transformers, lightning, diffusers-lora, dcp, "
+              "reference. Default: every one whose library is installed.")
+@click.option("--damage", "damages", multiple=True, metavar="KIND",
+              help="Add damaged copies (repeatable): missing-<part>, truncated-<part>, empty-<part>, stale-<part>, "
+              "bit-flip, or a kind alone (truncated) for every part.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def fixtures(out, trainers, damages, as_json):
+    """Write small healthy checkpoints of each trainer into OUT (a new folder), made by its real library, and with
+    --damage damaged copies, each listed with the problem code `verify --for-resume` gives it: for your CI."""
+    from ckpttool.operations.fixtures import fixtures as run_fixtures
+
+    result = run_fixtures(out, list(trainers) or None, list(damages) or None)
+    if as_json:
+        _emit_json(result)
+        return
+    from tabulate import tabulate
+
+    rows = [(e["trainer"], e["damage"] or "healthy", e["expected_code"] or "-", _safe(e["path"]))
+            for e in result["entries"]]
+    click.echo(tabulate(rows, headers=("trainer", "damage", "verify gives", "path")))
+    for skip in result["skipped"]:
+        click.echo(f"skipped {skip.get('trainer') or skip.get('damage')}: {skip['reason']}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--html", "html_path", metavar="FILE.html", type=click.Path(dir_okay=False),
               help="Write one self-contained page with a chart (needs the plot extra: ckpttool[plot]).")

@@ -32,8 +32,9 @@ from ckpttool.model import (  # noqa: E402
     EPOCH, ERROR, GLOBAL_STEP, OPTIMIZER_UPDATES, SCHEDULER_STEPS, SKIPPED_UPDATES, WARNING, Code, Problem,
     VerifyReport, errors)
 
-MODES = ("delete", "cut", "empty")
-STALE = "stale"  # the file replaced by the run's previous checkpoint's copy
+from ckpttool.synthetic.damage import EMPTY, MISSING, STALE, TRUNCATED, damage_file  # noqa: E402
+
+MODES = (MISSING, TRUNCATED, EMPTY)  # the damage kinds `ckpttool fixtures` names; STALE: the previous save's copy
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 NOT_READ_ANYWHERE = (("zero_to_fp32.py", "DeepSpeed's consolidation script, copied in for users"),)
 
@@ -180,7 +181,7 @@ def expectation(healthy: str, rel: str, mode: str) -> tuple[str | None, str]:
     part = next((p for p in deal.parts if p.matches([top], healthy)), None)
     if part is None:
         return "unaccounted", f"{top} is in no part of {profile.name}'s contract"
-    if os.sep in rel or mode != "delete":
+    if os.sep in rel or mode != MISSING:
         return part.damaged, f"{part.what}: damaged"
     listing = terms.entries(healthy)
     if part in deal.model and not any(e != top for p in deal.model for e in p.matches(listing, healthy)):
@@ -214,16 +215,6 @@ def _understood(healthy: str):
     return ckpt, profile, profile.resume_contract(ckpt) if os.path.isdir(healthy) else None
 
 
-def damage(path: str, mode: str, source: str | None = None):
-    if mode == STALE:
-        shutil.copyfile(source, path)
-    elif mode == "delete":
-        os.remove(path)
-    else:
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2 if mode == "cut" else 0)
-
-
 def baseline(target: Target, work: str) -> set:
     """The problems of the healthy checkpoint in a copy at `work` (what damage is told apart from)."""
     from ckpttool.operations.verify import verify
@@ -249,7 +240,7 @@ def run_case(case: Case, work: str, before: set) -> Case:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(target.run, copy, symlinks=True)
     checkpoint = os.path.join(copy, target.checkpoint)
-    damage(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode, case.source)
+    damage_file(os.path.join(checkpoint, case.file) if case.file else checkpoint, case.mode, case.source)
     try:
         report = verify(checkpoint, for_resume=True, recall=False)
         inspect(checkpoint)
@@ -301,7 +292,7 @@ def cases(target: Target, modes=MODES) -> list[Case]:
     found = []
     for rel in files_of(healthy):
         for mode in modes:
-            if mode == "delete" and not rel:
+            if mode == MISSING and not rel:
                 continue  # deleting the whole checkpoint leaves nothing to verify
             expected, why = expectation(healthy, rel, mode)
             found.append(Case(target, rel, mode, expected, why))

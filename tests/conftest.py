@@ -5,6 +5,8 @@ import pytest
 
 from fixtures.generate import MARKER_NAME, build
 
+pytest_plugins = ["pytester"]  # test_synthetic runs a user's test file with the plugin alone
+
 # verify remembers clean reports in the user's cache folder (ckpttool.operations.verify_cache): off in the tests, so
 # that no test's verify answers from another's run; tests/test_verify_cache.py switches it on where it is tested.
 os.environ["CKPTTOOL_CACHE_DIR"] = ""

@@ -12,8 +12,9 @@ import pytest
 import sweep
 from ckpttool.model import ERROR
 from ckpttool.synthetic import runs as real_runs
+from ckpttool.synthetic.damage import MISSING, TRUNCATED, damage_file
 
-MODES = ("delete", "cut")
+MODES = (MISSING, TRUNCATED)
 
 
 def damaged_copies(run, tmp_path):
@@ -25,7 +26,7 @@ def damaged_copies(run, tmp_path):
         for mode in MODES:
             copy = tmp_path / f"{i}-{mode}"
             shutil.copytree(run, copy)
-            sweep.damage(os.path.join(copy, newest, rel), mode)
+            damage_file(os.path.join(copy, newest, rel), mode)
             yield rel, mode, sweep.expectation(healthy, rel, mode)[0], str(copy / newest)
 
 

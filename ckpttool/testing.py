@@ -1,0 +1,57 @@
+"""ckpttool's pytest plugin (entry point `pytest11`): synthetic checkpoints for a project's own resume tests.
+
+    def test_resume_refuses_cut_optimizer(synthetic_checkpoint):
+        path = synthetic_checkpoint("accelerate", damage="truncated-optimizer")
+        with pytest.raises(ResumeGateError):
+            check_resume(path)
+
+A trainer's fixtures are made once per session, in pytest's tmp dir, by its real library; one whose library is not
+installed skips the test that asks for it, with the reason. `expected_code(damage)` is the problem code
+`ckpttool verify --for-resume` gives that damaged copy.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_made: dict[str, dict] = {}  # trainer -> {damage or None: entry}, this session's
+
+
+def expected_code(damage: str, trainer: str | None = None) -> str:
+    """The problem code verify gives the damaged copy this session made (of `trainer`, where several trainers have
+    the damage and their codes differ)."""
+    codes = {entries[damage]["expected_code"] for name, entries in _made.items()
+             if damage in entries and trainer in (None, name)}
+    if len(codes) != 1:
+        raise LookupError(f"{damage}: {'no' if not codes else 'several codes for the'} damaged copy made this session"
+                          f"{' by ' + trainer if trainer else ''}; ask synthetic_checkpoint(..., damage={damage!r}) "
+                          "first" + ("" if not codes else ", and name its trainer"))
+    return codes.pop()
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory):
+    """A factory: synthetic_checkpoint(trainer, damage=None) -> the checkpoint's path (a str)."""
+    from ckpttool.operations.fixtures import _quiet_stdout
+    from ckpttool.synthetic import catalog
+
+    known = {t.name: t for t in catalog.TRAINERS}
+    root = tmp_path_factory.mktemp("ckpttool-fixtures")
+
+    def make(trainer: str, damage: str | None = None) -> str:
+        if trainer not in known:
+            raise ValueError(f"{trainer}: not a trainer ckpttool makes fixtures for ({', '.join(known)})")
+        if trainer not in _made:
+            reason = catalog.missing_library(known[trainer])
+            if reason:
+                pytest.skip(f"ckpttool fixtures for {trainer}: {reason}")
+            with _quiet_stdout():
+                entries = catalog.make(str(root), known[trainer], None)
+            _made[trainer] = {e.damage: e.to_json() for e in entries}
+        entry = _made[trainer].get(damage)
+        if entry is None:
+            raise ValueError(f"{trainer} has no damage {damage!r} that verify tells; it has: "
+                             f"{', '.join(sorted(d for d in _made[trainer] if d))}")
+        return entry["path"]
+
+    return make
