@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import pytest
 
-_made: dict[str, dict] = {}  # trainer -> {damage or None: entry}, this session's
+_made: dict[str, dict] = {}  # trainer -> {damage or None: entry}, this session's (cleared as a session starts)
+_asked: dict[str, str] = {}  # damage -> the trainer it was last asked of
 
 
 def expected_code(damage: str, trainer: str | None = None) -> str:
-    """The problem code verify gives the damaged copy this session made (of `trainer`, where several trainers have
-    the damage and their codes differ)."""
-    codes = {entries[damage]["expected_code"] for name, entries in _made.items()
-             if damage in entries and trainer in (None, name)}
-    if len(codes) != 1:
-        raise LookupError(f"{damage}: {'no' if not codes else 'several codes for the'} damaged copy made this session"
-                          f"{' by ' + trainer if trainer else ''}; ask synthetic_checkpoint(..., damage={damage!r}) "
-                          "first" + ("" if not codes else ", and name its trainer"))
-    return codes.pop()
+    """The problem code `verify --for-resume` gives the damaged copy of `trainer`, or, without one, of the trainer
+    the damage was last asked of through synthetic_checkpoint (codes differ between trainers: a bit flip is
+    `corrupt` in one and `checksum_mismatch` in another)."""
+    if not damage:
+        raise ValueError("expected_code: name a damage (a healthy checkpoint has no code)")
+    trainer = trainer or _asked.get(damage)
+    entry = _made.get(trainer, {}).get(damage) if trainer else None
+    if entry is None:
+        raise LookupError(f"{damage}: no damaged copy made this session{' by ' + trainer if trainer else ''}; ask "
+                          f"synthetic_checkpoint(TRAINER, damage={damage!r}) first")
+    return entry["expected_code"]
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +40,8 @@ def synthetic_checkpoint(tmp_path_factory):
 
     known = {t.name: t for t in catalog.TRAINERS}
     root = tmp_path_factory.mktemp("ckpttool-fixtures")
+    _made.clear()
+    _asked.clear()
 
     def make(trainer: str, damage: str | None = None) -> str:
         if trainer not in known:
@@ -49,6 +54,8 @@ def synthetic_checkpoint(tmp_path_factory):
                 entries = catalog.make(str(root), known[trainer], None)
             _made[trainer] = {e.damage: e.to_json() for e in entries}
         entry = _made[trainer].get(damage)
+        if damage and entry is not None:
+            _asked[damage] = trainer
         if entry is None:
             raise ValueError(f"{trainer} has no damage {damage!r} that verify tells; it has: "
                              f"{', '.join(sorted(d for d in _made[trainer] if d))}")

@@ -115,3 +115,66 @@ def test_the_sweep_uses_the_same_damage_kinds():
 
     assert sweep.MODES == (damage.MISSING, damage.TRUNCATED, damage.EMPTY) and sweep.STALE == damage.STALE
     assert sweep.damage_file is damage.damage_file
+
+
+def test_the_reference_trainer_is_never_the_callers_trainer_py(tmp_path, monkeypatch):
+    """`python -m trainer` runs from the new folder it writes, so a trainer.py in the caller's folder never runs."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "trainer.py").write_text("open('RAN', 'w').write('x')\nraise SystemExit(1)\n")
+    monkeypatch.chdir(project)
+    result, doc = cli("fixtures", "out", "--trainer", "reference", "--json")
+    assert result.exit_code == 0, result.output
+    assert not (project / "RAN").exists()
+    assert all(os.path.isabs(e["path"]) for e in doc["entries"])  # absolute, wherever they are read from
+    assert not os.path.exists(os.path.join(doc["out"], ".ckpttool-fixtures-incomplete"))
+
+
+def test_odd_options_are_usage_errors_or_deduplicated(tmp_path):
+    for damage in ("trunacted", "", "all", "bit", "missing-"):
+        result = cli("fixtures", str(tmp_path / "o"), "--trainer", "dcp", "--damage", damage)[0]
+        assert result.exit_code == 2 and "not a damage kind" in result.output, damage
+    os.symlink(tmp_path / "nowhere" / "deep", tmp_path / "dangling")
+    assert cli("fixtures", str(tmp_path / "dangling"))[0].exit_code == 2
+    result, doc = cli("fixtures", str(tmp_path / "dup"), "--trainer", "dcp", "--trainer", "dcp", "--damage",
+                      "truncated", "--damage", "truncated", "--json")
+    assert result.exit_code == 0 and len([e for e in doc["entries"] if not e["damage"]]) == 1
+
+
+def test_a_library_that_fails_to_import_skips_its_trainer(tmp_path, monkeypatch):
+    from ckpttool.synthetic import catalog
+
+    real = catalog.importlib.import_module
+
+    def broken(name, *args):
+        if name == "lightning":
+            raise ImportError("a broken install")
+        return real(name, *args)
+
+    monkeypatch.setattr(catalog.importlib, "import_module", broken)
+    result, doc = cli("fixtures", str(tmp_path / "out"), "--trainer", "lightning", "--trainer", "dcp", "--json")
+    assert result.exit_code == 0
+    assert doc["skipped"] == [{"trainer": "lightning", "reason": "lightning fails to import (ImportError: a broken "
+                                                                "install)"}]
+
+
+PLUGIN_ORDER = '''
+from ckpttool.testing import expected_code
+
+
+def test_one(synthetic_checkpoint):
+    synthetic_checkpoint("accelerate", damage="bit-flip")
+    assert expected_code("bit-flip") == expected_code("bit-flip", "accelerate")
+
+
+def test_two(synthetic_checkpoint):
+    synthetic_checkpoint("diffusers-lora", damage="bit-flip")
+    assert expected_code("bit-flip") == "checksum_mismatch"
+    synthetic_checkpoint("accelerate", damage="bit-flip")
+    assert expected_code("bit-flip") == expected_code("bit-flip", "accelerate")
+'''
+
+
+def test_expected_code_follows_the_last_ask_not_the_test_order(pytester):
+    pytester.makepyfile(test_order=PLUGIN_ORDER)
+    pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(passed=2)

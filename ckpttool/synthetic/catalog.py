@@ -4,6 +4,7 @@ the problem code `verify --for-resume` gives it."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -47,9 +48,16 @@ def _dcp(out: str) -> str:
 
 
 def _reference(out: str) -> str:
-    """The reference trainer shipped with ckpttool (`python -m trainer`), saving every 2 of 4 steps."""
-    subprocess.run([sys.executable, "-m", "trainer", "--output-dir", out, "--max-steps", "4", "--checkpointing-steps",
-                    "2", "--batch-size", "8"], check=True, capture_output=True)
+    """The reference trainer shipped with ckpttool (`python -m trainer`), saving every 2 of 4 steps; run from the
+    new folder it writes into, so that a `trainer.py` of the caller's own current folder is never what runs."""
+    from ckpttool.errors import OutputError
+
+    os.makedirs(out)
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", out, "--max-steps", "4",
+                           "--checkpointing-steps", "2", "--batch-size", "8"], capture_output=True, text=True, cwd=out)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise OutputError(f"{out}: the reference trainer (python -m trainer) failed: {last}")
     return out
 
 
@@ -90,9 +98,16 @@ class Entry:
 
 
 def missing_library(trainer: Trainer) -> str | None:
-    """Why the trainer's fixtures cannot be made here, or None."""
+    """Why the trainer's fixtures cannot be made here (a library not installed, or failing to import), or None."""
     absent = [lib for lib in trainer.libraries if importlib.util.find_spec(lib) is None]
-    return f"{', '.join(absent)} not installed (pip install 'ckpttool[fixtures]')" if absent else None
+    if absent:
+        return f"{', '.join(absent)} not installed (pip install 'ckpttool[fixtures]')"
+    for lib in trainer.libraries:
+        try:
+            importlib.import_module(lib)
+        except Exception as e:  # noqa: BLE001 - a library that cannot import skips its trainer, whatever it raises
+            return f"{lib} fails to import ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return None
 
 
 def saves_of(run: str, pattern: str) -> list[str]:

@@ -14,6 +14,7 @@ from ckpttool.model import Code
 
 MISSING, EMPTY, STALE, BIT_FLIP = "missing", "empty", "stale", "bit-flip"
 TRUNCATED = Code.TRUNCATED.value  # a file cut to half: the damage has the name of the code a reader gives it
+KINDS = (MISSING, TRUNCATED, EMPTY, STALE, BIT_FLIP)
 SINGLE_FILE = "checkpoint"  # the part name of a checkpoint that is one file
 
 
