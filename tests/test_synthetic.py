@@ -4,9 +4,7 @@ library, and a test file outside the repository that uses only the plugin."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import pytest
 import torch
