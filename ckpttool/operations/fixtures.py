@@ -37,7 +37,7 @@ INCOMPLETE = ".ckpttool-fixtures-incomplete"  # in OUT until every trainer's fix
 
 def fixtures(out: str, trainers: list[str] | None = None, damages: list[str] | None = None) -> dict:
     from ckpttool.synthetic import catalog
-    from ckpttool.synthetic.damage import KINDS
+    from ckpttool.synthetic.damage import BIT_FLIP, KINDS
 
     known = {t.name: t for t in catalog.TRAINERS}
     trainers = list(dict.fromkeys(trainers or ()))
@@ -45,7 +45,7 @@ def fixtures(out: str, trainers: list[str] | None = None, damages: list[str] | N
         raise UsageError(f"--trainer {', '.join(unknown)}: not one ckpttool can make; choose from {', '.join(known)}")
     damages = list(dict.fromkeys(damages or ()))
     if odd := [d for d in damages if d not in KINDS and not any(
-            d.startswith(k + "-") and len(d) > len(k) + 1 for k in KINDS if k != "bit-flip")]:
+            d.startswith(k + "-") and len(d) > len(k) + 1 for k in KINDS if k != BIT_FLIP)]:
         raise UsageError(f"--damage {', '.join(odd)}: not a damage kind; give {', '.join(KINDS)}, or missing-, "
                          "truncated-, empty- or stale- with a part's name (optimizer, scheduler, model, ...)")
     out = os.path.abspath(out)
