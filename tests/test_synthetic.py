@@ -176,3 +176,17 @@ def test_two(synthetic_checkpoint):
 def test_expected_code_follows_the_last_ask_not_the_test_order(pytester):
     pytester.makepyfile(test_order=PLUGIN_ORDER)
     pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_replicas_are_read_as_their_trainers_and_said_so(tmp_path):
+    """kohya's and SimpleTuner's saves (applications, not libraries): Accelerate's real save_state completed as their
+    save hooks complete it; inspect tells their trainer and step, and the listing says they are replicas."""
+    result, doc = cli("fixtures", str(tmp_path / "out"), "--trainer", "kohya", "--trainer", "simpletuner",
+                      "--damage", "stale-train_state", "--damage", "missing-training_state", "--json")
+    assert result.exit_code == 0, result.output
+    healthy = {e["trainer"]: e for e in doc["entries"] if not e["damage"]}
+    for name, entry in healthy.items():
+        assert entry["made_by"].startswith("a replica:")
+        assert cli("inspect", "--json", entry["path"])[1]["trainer"] == name
+    assert {(e["trainer"], e["damage"], e["expected_code"]) for e in doc["entries"] if e["damage"]} == {
+        ("kohya", "stale-train_state", "step_mismatch"), ("simpletuner", "missing-training_state", "missing_file")}

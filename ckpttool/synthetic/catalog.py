@@ -47,6 +47,39 @@ def _dcp(out: str) -> str:
     return runs.torchtitan_run(out)
 
 
+def _kohya(out: str) -> str:
+    """Accelerate's save_state, named and completed as sd-scripts' train_network.py saves a step state: the dir
+    `{name}-step{step:08d}-state` and its save hook's train_state.json (a replica: sd-scripts is not a library)."""
+    import json
+
+    from ckpttool.synthetic import runs
+
+    runs.accelerate_run(out, max_steps=4, every=2)
+    for step in (2, 4):
+        state = os.path.join(out, f"lora-step{step:08d}-state")
+        os.rename(os.path.join(out, f"checkpoint-{step}"), state)
+        with open(os.path.join(state, "train_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"current_epoch": 1, "current_step": step}, f)
+    return out
+
+
+def _simpletuner(out: str) -> str:
+    """Accelerate's save_state completed as SimpleTuner's save hooks complete it: training_state.json, then the
+    `.guard` file written last (a replica: SimpleTuner is an application, not a library)."""
+    import json
+
+    from ckpttool.synthetic import runs
+
+    runs.accelerate_run(out, max_steps=4, every=2)
+    for step in (2, 4):
+        save = os.path.join(out, f"checkpoint-{step}")
+        with open(os.path.join(save, "training_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"global_step": step, "epoch_step": step, "epoch": 1, "exhausted_backends": []}, f)
+        with open(os.path.join(save, ".guard"), "w", encoding="utf-8") as f:
+            f.write("complete")
+    return out
+
+
 def _reference(out: str) -> str:
     """The reference trainer shipped with ckpttool (`python -m trainer`), saving every 2 of 4 steps; run from the
     new folder it writes into, so that a `trainer.py` of the caller's own current folder is never what runs."""
@@ -81,6 +114,10 @@ TRAINERS = (
             _diffusers_lora),
     Trainer("dcp", (), "torch.distributed.checkpoint.save (torchtitan's step-N layout)", r"step-\d+", _dcp),
     Trainer("reference", (), "ckpttool's reference trainer (python -m trainer)", r"checkpoint-\d+", _reference),
+    Trainer("kohya", ("accelerate",), "a replica: accelerate.Accelerator.save_state named and completed as "
+            "sd-scripts' train_network.py does (train_state.json)", r"lora-step\d+-state", _kohya),
+    Trainer("simpletuner", ("accelerate",), "a replica: accelerate.Accelerator.save_state completed as SimpleTuner's "
+            "save hooks do (training_state.json, .guard)", r"checkpoint-\d+", _simpletuner),
 )
 
 
