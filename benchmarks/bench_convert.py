@@ -15,18 +15,7 @@ import os
 import sys
 import tempfile
 
-import statistics
-import subprocess
-
-from common import run_measured
-
-
-def measured(cmd, repeat):
-    runs = []
-    for _ in range(repeat):
-        subprocess.run(["sync"], check=False)
-        runs.append(run_measured(cmd))
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+from common import measured, run_measured
 
 MAKE_PT = """
 import sys, torch

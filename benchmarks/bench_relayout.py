@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
-from common import run_measured
+from common import measured
 
 MAKE = """
 import sys, torch
@@ -46,14 +45,6 @@ for name, parts in groups.items():
     out[name] = value
 save_file(out, sys.argv[2])
 """
-
-
-def measured(cmd, repeat):
-    runs = []
-    for _ in range(repeat):
-        subprocess.run(["sync"], check=False)
-        runs.append(run_measured(cmd))
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
 def main():

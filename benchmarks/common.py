@@ -54,3 +54,13 @@ def write_safetensors(path, total_bytes, n_tensors=64, seed=0):
         f.write(struct.pack("<Q", len(raw)) + raw)
         for i in range(n_tensors):
             f.write(torch.randn(per).numpy().tobytes())
+
+
+def measured(cmd, repeat):
+    """(median wall seconds, largest peak RSS in MiB) of `repeat` runs of `cmd`, each after `sync` (so no run pays
+    for the previous one's dirty pages)."""
+    runs = []
+    for _ in range(repeat):
+        subprocess.run(["sync"], check=False)
+        runs.append(run_measured(cmd))
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)

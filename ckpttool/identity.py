@@ -294,19 +294,24 @@ def _alpha(tensors: list[TensorInfo], metadata: dict) -> float | list | None:
             values.add(float(value))
     if values:
         return values.pop() if len(values) == 1 else sorted(values)
-    adapter = metadata.get("lora_adapter_metadata")  # a safetensors header's __metadata__
-    if isinstance(adapter, str):
-        import json
-
-        try:
-            adapter = json.loads(adapter)
-        except ValueError:
-            adapter = None
     # diffusers writes one entry per component, `unet.lora_alpha`, `text_encoder.lora_alpha` (lora_base.py
     # _pack_dict_with_prefix); a plain adapter config has `lora_alpha`
-    found = sorted({float(v) for k, v in (adapter.items() if isinstance(adapter, dict) else ())
+    found = sorted({float(v) for k, v in adapter_metadata(metadata).items()
                     if str(k).rpartition(".")[2] == "lora_alpha" and type(v) in (int, float)})
     return found[0] if len(found) == 1 else found or None
+
+
+def adapter_metadata(metadata: dict) -> dict:
+    """The LoraConfig diffusers' save_lora_weights writes into a safetensors header (`lora_adapter_metadata`, JSON:
+    `<component>.lora_alpha`, `<component>.alpha_pattern`, ...); {} where there is none or it does not parse."""
+    import json
+
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 KIND_WORDS = {"lora": "LoRA", "diffusion_model": "diffusion model", "checkpoint": "single-file checkpoint"}

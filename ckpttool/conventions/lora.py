@@ -21,7 +21,6 @@ conversion with its name.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from ckpttool.conventions import flux, unet
 from ckpttool.conventions.pieces import Matrix, Piece, materialize, stacked
 from ckpttool.errors import CkptError, UsageError
+from ckpttool.identity import adapter_metadata
 from ckpttool.model import Code, TensorInfo
 
 CONVENTIONS = ("diffusers", "kohya", "original", "comfy")
@@ -209,7 +209,7 @@ def _split(path, parts, down, up, scale, component, key) -> list[Module]:
 def read(tensors: list[TensorInfo], convention: str, family: str, metadata: dict, values: dict) -> list[Module]:
     """The LoRA's modules in diffusers' names, from a file in `convention` (`values`: a `.pt` file's plain values)."""
     pairs, alphas = _pairs(tensors, values)
-    adapter = _adapter_metadata(metadata) if convention == "diffusers" else {}
+    adapter = adapter_metadata(metadata) if convention == "diffusers" else {}
     modules = []
     for key, pair in pairs.items():
         down, up = pair["down"], pair["up"]
@@ -262,16 +262,6 @@ def _main_module(path: str, family: str, component: str, down: TensorInfo, up: T
         raise CkptError(Code.KEY_MISMATCH, f"{key}: {path!r} is not a module of {family}'s "
                         f"{'transformer' if family == 'flux.1' else 'UNet'}; nothing written")
     return [Module(component, path, Matrix.of(Piece(down)), Matrix.of(Piece(up)), scale)]
-
-
-def _adapter_metadata(metadata: dict) -> dict:
-    """diffusers' `lora_adapter_metadata` header entry (`<component>.lora_alpha`, `<component>.alpha_pattern`, ...)."""
-    raw = metadata.get("lora_adapter_metadata")
-    try:
-        value = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _metadata_alpha(adapter: dict, component: str, path: str, rank: int) -> float:

@@ -55,21 +55,11 @@ def to_original(tensors: list[TensorInfo], family: str) -> Plan:
                                 "nothing written")
             fused.setdefault(found[0], {})[found[1]] = t
         for name, parts in fused.items():
-            expected = len(flux.key_to_diffusers(name))
-            if sorted(parts) != list(range(expected)):
-                missing = set(flux.key_to_diffusers(name)) - {t.name for t in parts.values()}
-                raise CkptError(Code.KEY_MISMATCH, f"{name} fuses {expected} tensors, and "
-                                f"{', '.join(sorted(missing))} is missing; nothing written")
-            if expected == 1:
+            names = flux.key_to_diffusers(name)
+            if len(names) == 1:
                 plan.put(name, Matrix.of(Piece(parts[0], swap=_swapped(name, parts[0]))))
-                continue
-            sizes = [parts[i].shape[0] for i in range(expected)]
-            shape = (sum(sizes), *parts[0].shape[1:])
-            _one_dtype(name, list(parts.values()))
-            if any(tuple(parts[i].shape[1:]) != tuple(shape[1:]) for i in range(expected)):
-                raise CkptError(Code.SHAPE_MISMATCH, f"{name}: its parts' shapes "
-                                f"{[list(parts[i].shape) for i in range(expected)]} do not stack; nothing written")
-            plan.put(name, stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(parts[i]))) for i in range(expected)], shape))
+            else:
+                plan.put(name, _concatenated(name, parts, names))
         return plan
     for t in tensors:
         module, _, param = t.name.rpartition(".")
@@ -193,14 +183,8 @@ def _open_clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
             plan.put(prefix + name, Matrix.of(Piece(parts[0], transpose=True)))
         elif len(parts) == 1 and name.rpartition(".")[2] not in clip.FUSED_NAMES:
             plan.put(prefix + name, Matrix.of(Piece(parts[0])))
-        elif sorted(parts) != [0, 1, 2]:
-            raise CkptError(Code.KEY_MISMATCH, f"text_encoder_2: {name} fuses q, k and v, and one is missing; "
-                            "nothing written")
         else:
-            sizes = [parts[i].shape[0] for i in range(3)]
-            _one_dtype(name, [parts[i] for i in range(3)])
-            plan.put(prefix + name, stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(parts[i]))) for i in range(3)],
-                                            (sum(sizes), *parts[0].shape[1:])))
+            plan.put(prefix + name, _concatenated(name, parts, clip.open_clip_to_transformers(name)))
     return plan
 
 
@@ -245,12 +229,24 @@ def _swapped(name: str, t: TensorInfo) -> bool:
     return True
 
 
-def _one_dtype(name: str, parts: list[TensorInfo]):
-    """A fused tensor has one dtype: parts in several are refused, never cast on the way."""
-    if len({t.dtype for t in parts}) > 1:
-        raise CkptError(Code.DTYPE_MISMATCH, f"{name} fuses {', '.join(f'{t.name} ({t.dtype})' for t in parts)}: "
+def _concatenated(name: str, parts: dict[int, TensorInfo], names: tuple[str, ...]) -> Matrix:
+    """One fused tensor of its parts' rows in order (q, k, v, ...): every part there, of one dtype (never cast on
+    the way) and one trailing shape."""
+    if sorted(parts) != list(range(len(names))):
+        missing = set(names) - {t.name for t in parts.values()}
+        raise CkptError(Code.KEY_MISMATCH, f"{name} fuses {len(names)} tensors, and {', '.join(sorted(missing))} is "
+                        "missing; nothing written")
+    ordered = [parts[i] for i in range(len(names))]
+    if len({t.dtype for t in ordered}) > 1:
+        raise CkptError(Code.DTYPE_MISMATCH, f"{name} fuses {', '.join(f'{t.name} ({t.dtype})' for t in ordered)}: "
                         "one tensor cannot hold several dtypes; cast the model to one first (`ckpttool convert "
                         "--dtype`); nothing written")
+    if len({tuple(t.shape[1:]) for t in ordered}) > 1:
+        raise CkptError(Code.SHAPE_MISMATCH, f"{name}: its parts' shapes {[list(t.shape) for t in ordered]} do not "
+                        "stack; nothing written")
+    sizes = [t.shape[0] for t in ordered]
+    return stacked([(sum(sizes[:i]), 0, Matrix.of(Piece(t))) for i, t in enumerate(ordered)],
+                   (sum(sizes), *ordered[0].shape[1:]))
 
 
 def to_diffusers(tensors: list[TensorInfo], family: str) -> Plan:

@@ -11,6 +11,9 @@ import re
 RESNET = {"nin_shortcut": "conv_shortcut"}
 ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 OUTSIDE = {"encoder.norm_out": "encoder.conv_norm_out", "decoder.norm_out": "decoder.conv_norm_out"}
+SAME = ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv", "post_quant_conv")
+RESNET_BACK = {v: k for k, v in RESNET.items()}
+ATTENTION_BACK = {v: k for k, v in ATTENTION.items()}
 LDM = re.compile(r"(encoder|decoder)\.(?:(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)|mid\.(block_(\d)|attn_1))"
                  r"\.(.+)")
 DIFFUSERS = re.compile(r"(encoder|decoder)\.(?:(down_blocks|up_blocks)\.(\d+)\.(resnets\.(\d+)|downsamplers\.0|"
@@ -24,8 +27,7 @@ def to_diffusers(name: str, up_blocks: int) -> tuple[str, bool] | None:
         return f"{OUTSIDE[module]}.{param}", False
     m = LDM.fullmatch(name)
     if not m:
-        return (name, False) if module in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in",
-                                           "decoder.conv_out", "quant_conv", "post_quant_conv") else None
+        return (name, False) if module in SAME else None
     side, kind, index, inner, block, mid, mid_block, rest = m.groups()
     if kind:
         index = int(index) if kind == "down" else up_blocks - 1 - int(index)
@@ -50,23 +52,21 @@ def to_original(name: str, up_blocks: int) -> tuple[str, bool] | None:
             return f"{ldm}.{param}", False
     m = DIFFUSERS.fullmatch(name)
     if not m:
-        return (name, False) if module in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in",
-                                           "decoder.conv_out", "quant_conv", "post_quant_conv") else None
+        return (name, False) if module in SAME else None
     side, kind, index, inner, block, mid, mid_block, rest = m.groups()
-    back = {v: k for k, v in RESNET.items()}
     if kind:
         index = int(index) if kind == "down_blocks" else up_blocks - 1 - int(index)
         prefix = f"{side}.{kind[:-len('_blocks')]}.{index}."
         if inner.startswith("resnets"):
-            return prefix + f"block.{block}." + _renamed(rest, back), False
+            return prefix + f"block.{block}." + _renamed(rest, RESNET_BACK), False
         return prefix + ("downsample." if kind == "down_blocks" else "upsample.") + rest, False
     if mid_block:
-        return f"{side}.mid.block_{int(mid_block) + 1}." + _renamed(rest, back), False
+        return f"{side}.mid.block_{int(mid_block) + 1}." + _renamed(rest, RESNET_BACK), False
     inner_module, _, param = rest.rpartition(".")
-    attention = {v: k for k, v in ATTENTION.items()}
-    if inner_module not in attention:
+    if inner_module not in ATTENTION_BACK:
         return None
-    return f"{side}.mid.attn_1.{attention[inner_module]}.{param}", param == "weight" and inner_module != "group_norm"
+    return (f"{side}.mid.attn_1.{ATTENTION_BACK[inner_module]}.{param}",
+            param == "weight" and inner_module != "group_norm")
 
 
 def _renamed(rest: str, table: dict) -> str:
