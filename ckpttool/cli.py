@@ -522,8 +522,9 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
               "bit-flip, or a kind alone (truncated) for every part.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def fixtures(out, trainers, damages, as_json):
-    """Write small healthy checkpoints of each trainer into OUT (a new folder), made by its real library, and with
-    --damage damaged copies, each listed with the problem code `verify --for-resume` gives it: for your CI."""
+    """Write small healthy checkpoints of each trainer into OUT (a new folder), made by its real library (or copied
+    from a run its own code wrote, as the listing says), and with --damage damaged copies, each listed with the
+    problem code `verify --for-resume` gives it: for your CI."""
     from ckpttool.operations.fixtures import fixtures as run_fixtures
 
     result = run_fixtures(out, list(trainers) or None, list(damages) or None)
@@ -535,6 +536,8 @@ def fixtures(out, trainers, damages, as_json):
     rows = [(e["trainer"], e["damage"] or "healthy", e["expected_code"] or "-", _safe(e["path"]))
             for e in result["entries"]]
     click.echo(tabulate(rows, headers=("trainer", "damage", "verify gives", "path")))
+    for trainer, made_by in dict((e["trainer"], e["made_by"]) for e in result["entries"]).items():
+        click.echo(f"{trainer}: {made_by}")
     for skip in result["skipped"]:
         click.echo(f"skipped {skip.get('trainer') or skip.get('damage')}: {skip['reason']}")
 

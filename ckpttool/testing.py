@@ -32,6 +32,17 @@ def expected_code(damage: str, trainer: str | None = None) -> str:
     return entry["expected_code"]
 
 
+def world_size(trainer: str) -> int:
+    """How many processes wrote the trainer's fixtures (2 for Megatron's, NeMo's and DeepSpeed's, else 1): pass it
+    as check_resume(path, world_size=...) to gate a resume like theirs."""
+    from ckpttool.synthetic import catalog
+
+    for known in catalog.TRAINERS:
+        if known.name == trainer:
+            return known.world_size
+    raise ValueError(f"{trainer}: not a trainer ckpttool makes fixtures for")
+
+
 @pytest.fixture(scope="session")
 def synthetic_checkpoint(tmp_path_factory):
     """A factory: synthetic_checkpoint(trainer, damage=None) -> the checkpoint's path (a str)."""

@@ -33,9 +33,9 @@ from ckpttool.model import (  # noqa: E402
     VerifyReport, errors)
 
 from ckpttool.synthetic.damage import EMPTY, MISSING, STALE, TRUNCATED, damage_file  # noqa: E402
+from fixtures import DATA, sample  # noqa: E402
 
 MODES = (MISSING, TRUNCATED, EMPTY)  # the damage kinds `ckpttool fixtures` names; STALE: the previous save's copy
-DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 NOT_READ_ANYWHERE = (("zero_to_fp32.py", "DeepSpeed's consolidation script, copied in for users"),)
 
 
@@ -68,9 +68,9 @@ class Case:
 def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, reference: str | None = None,
             sealed: dict[str, str] | None = None) -> list[Target]:
     """The newest checkpoint of every real-library run the tests build (`runs`: ckpttool.synthetic.runs.build_runs), of
-    every real-run sample in tests/data, of the state dirs of the fixture corpus that Accelerate's save_state wrote
-    with the kohya, SimpleTuner and diffusers hooks (`corpus`: fixtures.generate.build), and of a reference-trainer
-    run (`reference`)."""
+    every committed real-run sample (fixtures.sample), of the state dirs of the fixture corpus that Accelerate's
+    save_state wrote with the kohya, SimpleTuner and diffusers hooks (`corpus`: fixtures.generate.build), and of a
+    reference-trainer run (`reference`)."""
     found = []
     for name, run in sorted(runs.items()):
         if name == "peft":
@@ -91,23 +91,24 @@ def targets(runs: dict[str, str], corpus: dict[str, str] | None = None, referenc
         run = os.path.join(data, "deepspeed", name)
         found.append(Target(f"deepspeed_{name}", run, _newest(run, lambda e: e.startswith("checkpoint"))))
     for name in ("zero2", "zero3", "zero2_bf16", "fp16_zero2"):
-        found.append(Target(f"deepspeed_{name}", os.path.join(data, "deepspeed"), name))
+        save = sample("deepspeed", name)
+        found.append(Target(f"deepspeed_{name}", os.path.dirname(save), name))
     found.append(Target("cuda_accelerate_fp16", os.path.join(data, "cuda"), "accelerate_fp16"))
     for name, newest in (("full", "epoch_1"), ("lora", "epoch_0"), ("meta", "epoch_0"), ("dcp", "dist_epoch_1")):
-        found.append(Target(f"torchtune_{name}", os.path.join(data, "torchtune", name), newest))
-    found.append(Target("megatron_torch_dist", os.path.join(data, "megatron", "torch_dist_tp2"), "iter_0000010"))
+        found.append(Target(f"torchtune_{name}", sample("torchtune", name), newest))
+    found.append(Target("megatron_torch_dist", sample("megatron", "torch_dist_tp2"), "iter_0000010"))
     found.append(Target("megatron_legacy", os.path.join(data, "megatron", "legacy_tp2"), "iter_0000010"))
     found.append(Target("megatron_core019", os.path.join(data, "megatron", "torch_dist_core019"), "iter_0000010"))
-    found.append(Target("composer", os.path.join(data, "composer", "run"), "ep0-ba6-rank0.pt"))
+    found.append(Target("composer", sample("composer", "run"), "ep0-ba6-rank0.pt"))
     found.append(Target("composer_sharded", os.path.join(data, "composer", "sharded"), "ep0-ba4"))
-    found.append(Target("nemo", os.path.join(data, "nemo", "checkpoints"),
+    found.append(Target("nemo", sample("nemo", "checkpoints"),
                         "default--val_loss=2.1200-epoch=0-consumed_samples=32.0-last"))
     for name, save in (("run", "mylora.safetensors"), ("midrun", "mylora_000000004.safetensors"),
                        ("diffusers_save", "mylora_000000004")):
-        found.append(Target(f"aitoolkit_{name}", os.path.join(data, "aitoolkit", name, "mylora"), save))
+        found.append(Target(f"aitoolkit_{name}", sample("aitoolkit", name, "mylora"), save))
     for name in ("workspace", "workspace_ema"):
-        found.append(Target(f"onetrainer_{name}", os.path.join(data, "onetrainer", name, "backup"),
-                            _newest(os.path.join(data, "onetrainer", name, "backup"), lambda e: "-backup-" in e)))
+        backup = sample("onetrainer", name, "backup")
+        found.append(Target(f"onetrainer_{name}", backup, _newest(backup, lambda e: "-backup-" in e)))
     for name in sorted(os.listdir(os.path.join(data, "fsdp"))):
         run = os.path.join(data, "fsdp", name)
         found.append(Target(name, run, _newest(run, lambda e: e.startswith("checkpoint") or e.endswith(".ckpt"))))

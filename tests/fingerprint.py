@@ -18,15 +18,25 @@ SAMPLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 def samples() -> dict[str, str]:
-    """The committed real-library samples under tests/data: every checkpoint folder or file that is not part of one
-    already taken (a folder's own files are covered by the folder), by its path under tests/data."""
+    """The committed real-library samples under tests/data and those `ckpttool fixtures` ships
+    (ckpttool/synthetic/samples): every checkpoint folder or file that is not part of one already taken (a folder's
+    own files are covered by the folder), by its path under its root."""
+    from ckpttool.synthetic.catalog import SAMPLES
+
+    found = {}
+    for root in (DATA, SAMPLES):
+        found.update(_samples_under(root))
+    return found
+
+
+def _samples_under(root: str) -> dict[str, str]:
     from ckpttool import trainers
     from ckpttool.formats import dcp, deepspeed
 
     found = {}
-    for folder, dirs, files in os.walk(DATA):
+    for folder, dirs, files in os.walk(root):
         dirs.sort()
-        rel = os.path.relpath(folder, DATA)
+        rel = os.path.relpath(folder, root)
         if rel != "." and (trainers.for_path(folder) is not None or dcp.detect(folder) or deepspeed.detect(folder)):
             found[rel] = folder
             dirs[:] = []  # its files belong to it

@@ -20,10 +20,11 @@ import zipfile
 import torch
 from safetensors.torch import save_file
 
+from ckpttool.synthetic.catalog import SAMPLES as SHIPPED
 from helpers import cli, state_dir
 
 MARKER = os.path.join(tempfile.gettempdir(), "ckpttool-hostile-PWNED")  # what a payload would create
-DEEPSPEED_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "deepspeed", "zero2")
+DEEPSPEED_SAMPLE = os.path.join(SHIPPED, "deepspeed", "zero2")
 
 
 class Payload:
@@ -225,8 +226,8 @@ def build_dcp_outside(tmp):
 
 
 def build_deepspeed_latest_dotdot(tmp):
-    """A copy of the committed real ZeRO-2 save dir (tests/data/deepspeed/zero2) whose `latest` holds '..'; its
-    parent also holds an unrelated secret.txt."""
+    """A copy of the committed real ZeRO-2 save dir (ckpttool/synthetic/samples/deepspeed/zero2) whose `latest`
+    holds '..'; its parent also holds an unrelated secret.txt."""
     parent = os.path.join(tmp, "parent")
     os.makedirs(parent)
     with open(os.path.join(parent, "secret.txt"), "w") as f:

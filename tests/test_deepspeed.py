@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixtures import sample
 from fixtures.deepspeed_runs import tiny_model
 from tests.helpers import cli, flip_byte
 
@@ -24,15 +25,15 @@ def codes(report, severity="error"):
 def run(tmp_path):
     def copy(name="zero2"):
         target = tmp_path / name
-        shutil.copytree(os.path.join(DATA, name), target)
+        shutil.copytree(sample("deepspeed", name), target)
         return target
     return copy
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_inspect_names_the_stage_step_and_parts(name):
-    _, doc = cli("inspect", "--json", os.path.join(DATA, name))
-    assert doc["path"] == os.path.join(DATA, name, "global_step5")  # the tag `latest` names
+    _, doc = cli("inspect", "--json", sample("deepspeed", name))
+    assert doc["path"] == os.path.join(sample("deepspeed", name), "global_step5")  # the tag `latest` names
     assert doc["trainer"] == "deepspeed" and doc["layout"] == f"DeepSpeed ZeRO-{SAMPLES[name]}"
     assert doc["step"] == 5 and doc["epoch"] == 0 and doc["problems"] == []
     assert {c["name"]: c["role"] for c in doc["components"]} == {"model": "model", "optimizer": "optimizer",
@@ -45,7 +46,7 @@ def test_inspect_names_the_stage_step_and_parts(name):
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_healthy_checkpoints_verify_clean_for_resume(name):
-    for path in (os.path.join(DATA, name), os.path.join(DATA, name, "global_step3")):
+    for path in (sample("deepspeed", name), os.path.join(sample("deepspeed", name), "global_step3")):
         result, doc = cli("verify", "--for-resume", "--finite", "--json", path)
         assert result.exit_code == 0 and doc["problems"] == [], doc["problems"]
 
@@ -56,13 +57,13 @@ def test_convert_equals_zero_to_fp32_bit_for_bit(name, target, tmp_path):
     """The reference is what DeepSpeed's get_fp32_state_dict_from_zero_checkpoint returned for the same save."""
     reference = torch.load(os.path.join(DATA, f"{name}.reference.pt"), weights_only=True)
     out = tmp_path / target
-    result, _ = cli("convert", os.path.join(DATA, name), str(out), "--component", "model")
+    result, _ = cli("convert", sample("deepspeed", name), str(out), "--component", "model")
     assert result.exit_code == 0, result.stderr
     ours = load_file(out) if target.endswith("safetensors") else torch.load(out, weights_only=True)
     assert ours.keys() == reference.keys()
     for key, value in reference.items():
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
-    result, doc = cli("diff", "--values", "--json", os.path.join(DATA, name),
+    result, doc = cli("diff", "--values", "--json", sample("deepspeed", name),
                       os.path.join(DATA, f"{name}.reference.pt"))
     assert doc["same"] and doc["values"]["equal"] == len(reference)
 
@@ -72,15 +73,15 @@ def test_gate_with_the_live_model(name):
     from ckpttool.gate import ResumeGateError, check_resume
 
     model = tiny_model()
-    report = check_resume(os.path.join(DATA, name), model=model, expected_step=5, world_size=2)  # saved by 2 ranks
+    report = check_resume(sample("deepspeed", name), model=model, expected_step=5, world_size=2)  # saved by 2 ranks
     # bf16: frozen parameters are saved (and consolidated, as zero_to_fp32 does) in the engine's bf16; said, not refused
     expected = ["frozen.bias", "frozen.weight"] if "bf16" in name else []
     assert report.ok and sorted(p["key"] for p in report.problems if p["code"] == "dtype_mismatch") == expected
     assert all(p["code"] == "dtype_mismatch" for p in report.problems)
     with pytest.raises(ResumeGateError, match="step_mismatch"):
-        check_resume(os.path.join(DATA, name), model=model, expected_step=6, world_size=2)
+        check_resume(sample("deepspeed", name), model=model, expected_step=6, world_size=2)
     with pytest.raises(ResumeGateError, match="world_size_mismatch") as err:  # ZeRO: another world needs universal
-        check_resume(os.path.join(DATA, name), model=model, expected_step=5, world_size=4)
+        check_resume(sample("deepspeed", name), model=model, expected_step=5, world_size=4)
     assert "ds_to_universal" in str(err.value)
 
 

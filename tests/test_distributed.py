@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from ckpttool.synthetic.catalog import SAMPLES as SHIPPED
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -92,8 +94,9 @@ def test_outside_torchrun_nothing_distributed_is_imported():
     code = ("import sys; from ckpttool.cli import main; sys.argv = ['ckpttool', 'verify', sys.argv[1]]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch.distributed' not in sys.modules, 'imported'")
-    proc = subprocess.run([sys.executable, "-c", code, os.path.join(DATA, "deepspeed", "zero2")], capture_output=True,
-                          text=True, env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(SHIPPED, "deepspeed", "zero2")],
+                          capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

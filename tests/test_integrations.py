@@ -15,6 +15,7 @@ import torch
 from ckpttool.gate import ResumeGateError, check_resume, latest_valid
 from fixtures.generate import MARKER_NAME, TinyNet, _Payload
 from ckpttool.synthetic.runs import _batches, _quiet, transformers_run
+from ckpttool.synthetic.catalog import SAMPLES as SHIPPED
 from tests.helpers import cli
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -53,7 +54,7 @@ def test_world_size_rng_files_are_a_warning_zero_partitions_an_error():
     assert report.ok and [p["code"] for p in report.problems] == ["world_size_mismatch"]
     assert "not bit-exact" in report.problems[0]["message"]
     with pytest.raises(ResumeGateError, match="ds_to_universal"):
-        check_resume(os.path.join(DATA, "deepspeed", "zero2"), world_size=1)
+        check_resume(os.path.join(SHIPPED, "deepspeed", "zero2"), world_size=1)
 
 
 # --- transformers.Trainer ---

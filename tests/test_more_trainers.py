@@ -8,21 +8,21 @@ import shutil
 import torch
 
 from ckpttool.gate import check_resume
+from fixtures import sample
 from tests.helpers import cli, codes
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TORCHTUNE = os.path.join(DATA, "torchtune")
 
 
 def _copy_run(name: str, tmp_path) -> str:
-    return shutil.copytree(os.path.join(TORCHTUNE, name), tmp_path / name)
+    return shutil.copytree(sample("torchtune", name), tmp_path / name)
 
 
 # --- torchtune 0.6.1 (fixtures/torchtune_samples.py): HF full fine-tune over 3 epochs, LoRA and Meta over 2 ---
 
 def test_torchtune_newest_intermediate_epoch_verifies_clean():
     for run, folder, epochs_run in (("full", "epoch_1", 2), ("lora", "epoch_0", 1), ("meta", "epoch_0", 1)):
-        path = os.path.join(TORCHTUNE, run, folder)
+        path = sample("torchtune", run, folder)
         result, report = cli("inspect", "--json", path)
         assert result.exit_code == 0 and report["trainer"] == "torchtune" and report["epoch"] == epochs_run
         assert {c["role"] for c in report["components"]} >= {"model", "optimizer"}
@@ -34,16 +34,16 @@ def test_torchtune_newest_intermediate_epoch_verifies_clean():
 def test_torchtune_recipe_state_belongs_to_one_epoch_folder_only():
     """Every intermediate save overwrites the one recipe_state.pt and the final writes none: the final folder and
     every older one would resume with another epoch's optimizer and counters."""
-    final = os.path.join(TORCHTUNE, "full", "epoch_2")
+    final = sample("torchtune", "full", "epoch_2")
     result, report = cli("verify", "--json", "--for-resume", final)
     assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
     assert "final save" in report["problems"][0]["message"] and "epoch_1" in report["problems"][0]["message"]
-    result, report = cli("verify", "--json", "--for-resume", os.path.join(TORCHTUNE, "full", "epoch_0"))
+    result, report = cli("verify", "--json", "--for-resume", sample("torchtune", "full", "epoch_0"))
     assert result.exit_code == 1 and codes(report, "error") == ["step_mismatch"]
     assert cli("verify", "--json", final)[0].exit_code == 0  # the weights themselves are whole
     for run, pick, own in (("full", "epoch_1", "epoch_2"), ("lora", "epoch_0", "epoch_1"), ("meta", "epoch_0",
                                                                                               "epoch_1")):
-        result, out = cli("latest", "--json", "--for-resume", os.path.join(TORCHTUNE, run))
+        result, out = cli("latest", "--json", "--for-resume", sample("torchtune", run))
         assert result.exit_code == 0 and out["trainer"] == "torchtune" and os.path.basename(out["path"]) == pick
         assert os.path.basename(out["trainer_pick"]) == own and "step_mismatch" in out["differs"]
 
@@ -80,9 +80,32 @@ def test_torchtune_recipe_state_inside_the_folder_is_read(tmp_path):
     assert codes(report, "error") == ["missing_file"]
 
 
+def test_torchtune_epoch_manifest_covers_its_own_files_and_tells_a_flip(tmp_path):
+    """The recipe state beside epoch_N is read with it, but belongs to no one epoch: a manifest sealed inside
+    epoch_1 lists its own files and tensors only (a `../` entry would be refused as a path out, and the whole
+    manifest with it), so a flipped byte in the weights is a checksum mismatch."""
+    import json
+
+    from tests.helpers import flip_byte
+
+    run = _copy_run("full", tmp_path)
+    folder = os.path.join(run, "epoch_1")
+    assert cli("manifest", folder)[0].exit_code == 0
+    with open(os.path.join(folder, "ckpttool-manifest.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    assert doc["tensors"] and all(not t["file"].startswith("..") for t in doc["tensors"])
+    assert all(not name.startswith("..") for name in doc["files"])
+    result, report = cli("verify", "--json", "--for-resume", folder)
+    assert result.exit_code == 0 and report["problems"] == []
+    weights = os.path.join(folder, "model-00001-of-00001.safetensors")
+    flip_byte(weights, os.path.getsize(weights) // 2)
+    result, report = cli("verify", "--json", "--for-resume", folder)
+    assert result.exit_code == 1 and codes(report, "error") == ["checksum_mismatch"]
+
+
 # --- Megatron torch_dist (megatron-core 0.16.1 on 2 ranks, tensor-parallel 2: fixtures/megatron_sample.py) ---
 
-MEGATRON = os.path.join(DATA, "megatron", "torch_dist_tp2")
+MEGATRON = sample("megatron", "torch_dist_tp2")
 
 
 def _megatron_copy(tmp_path) -> str:
@@ -230,7 +253,7 @@ def test_attack_pass_tracker_counters_and_dot_paths(tmp_path, monkeypatch):
     tune = _copy_run("full", tmp_path)
     recipe = os.path.join(tune, "recipe_state", "recipe_state.pt")
     for value, good in (("2", None), (2.0, None), (True, "epoch_0")):
-        state = torch.load(os.path.join(TORCHTUNE, "full", "recipe_state", "recipe_state.pt"), weights_only=True)
+        state = torch.load(sample("torchtune", "full", "recipe_state", "recipe_state.pt"), weights_only=True)
         state["epochs_run"] = value
         torch.save(state, recipe)
         for folder in ("epoch_0", "epoch_1", "epoch_2"):
@@ -239,22 +262,21 @@ def test_attack_pass_tracker_counters_and_dot_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.join(MEGATRON, "iter_0000010"))
     result, report = cli("verify", "--json", "--for-resume", ".")
     assert result.exit_code == 0 and report["trainer"] == "megatron"
-    monkeypatch.chdir(os.path.join(TORCHTUNE, "full", "epoch_1"))
+    monkeypatch.chdir(sample("torchtune", "full", "epoch_1"))
     result, report = cli("verify", "--json", "--for-resume", ".")
     assert result.exit_code == 0 and report["trainer"] == "torchtune"
 
 
 # --- Composer (mosaicml 0.32.1, fixtures/composer_samples.py): DecoupledAdamW + warmup, saves at batches 4 and 6 ---
 
-COMPOSER = os.path.join(DATA, "composer")
 
 
 def _composer_copy(tmp_path) -> str:
-    return shutil.copytree(os.path.join(COMPOSER, "run"), tmp_path / "run", symlinks=True)
+    return shutil.copytree(sample("composer", "run"), tmp_path / "run", symlinks=True)
 
 
 def test_composer_save_verifies_clean_and_latest_follows_the_link(tmp_path):
-    path = os.path.join(COMPOSER, "run", "ep0-ba6-rank0.pt")
+    path = sample("composer", "run", "ep0-ba6-rank0.pt")
     result, report = cli("inspect", "--json", path)
     assert result.exit_code == 0 and report["trainer"] == "composer" and report["step"] == 6
     assert {(c["name"], c["role"]) for c in report["components"]} >= {
@@ -262,7 +284,7 @@ def test_composer_save_verifies_clean_and_latest_follows_the_link(tmp_path):
     result, report = cli("verify", "--json", "--for-resume", path)
     assert result.exit_code == 0 and report["problems"] == [], report["problems"]  # timedelta: Composer allows it
     assert check_resume(path).ok
-    result, out = cli("latest", "--json", "--for-resume", os.path.join(COMPOSER, "run"))
+    result, out = cli("latest", "--json", "--for-resume", sample("composer", "run"))
     assert result.exit_code == 0 and out["trainer"] == "composer" and out["path"].endswith("ep0-ba6-rank0.pt")
     assert out["trainer_pick"].endswith("ep0-ba6-rank0.pt") and "differs" not in out
     out_file = tmp_path / "model.safetensors"
@@ -275,7 +297,7 @@ def test_composer_save_verifies_clean_and_latest_follows_the_link(tmp_path):
 
 
 def test_composer_weights_only_counters_rng_and_link(tmp_path):
-    result, report = cli("verify", "--json", "--for-resume", os.path.join(COMPOSER, "weights_only",
+    result, report = cli("verify", "--json", "--for-resume", sample("composer", "weights_only",
                                                                              "ep0-ba2-rank0.pt"))
     assert result.exit_code == 1 and codes(report, "error") == ["weights_only"]
     run = _composer_copy(tmp_path)
@@ -319,7 +341,7 @@ def test_composer_sharded_saves_verify_clean_and_latest_follows_the_link(tmp_pat
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    run = os.path.join(COMPOSER, "sharded")
+    run = sample("composer", "sharded")
     path = os.path.join(run, "ep0-ba4")
     result, report = cli("inspect", "--json", path)
     assert result.exit_code == 0 and report["trainer"] == "composer" and report["step"] == 4
@@ -353,7 +375,7 @@ def _resaved_sharded(tmp_path, edit) -> str:
     """ep0-ba4 loaded whole, edited, and saved again as one DCP dir under its own name (beside a copy of ep0-ba2)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
-    run = shutil.copytree(os.path.join(COMPOSER, "sharded"), tmp_path / "run", symlinks=True)
+    run = shutil.copytree(sample("composer", "sharded"), tmp_path / "run", symlinks=True)
     path = os.path.join(run, "ep0-ba4")
     dcp_to_torch_save(path, tmp_path / "full.pt")
     full = torch.load(tmp_path / "full.pt", weights_only=False)
@@ -365,7 +387,7 @@ def _resaved_sharded(tmp_path, edit) -> str:
 
 
 def test_composer_sharded_lost_rank_file_unfinished_save_and_stale_counters(tmp_path):
-    run = shutil.copytree(os.path.join(COMPOSER, "sharded"), tmp_path / "lost", symlinks=True)
+    run = shutil.copytree(sample("composer", "sharded"), tmp_path / "lost", symlinks=True)
     os.remove(os.path.join(run, "ep0-ba4", "__1_0.distcp"))  # every rank's file: rank 1's shards are gone
     result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "ep0-ba4"))
     assert result.exit_code == 1 and codes(report, "error") == ["missing_file"]
@@ -413,11 +435,10 @@ def test_composer_sharded_lost_rank_file_unfinished_save_and_stale_counters(tmp_
 # at steps 2 and 4 and at the end (6), one optimizer.pt overwritten at each; a run stopped after step 4; a diffusers
 # save ---
 
-AITK = os.path.join(DATA, "aitoolkit")
 
 
 def test_aitoolkit_only_the_newest_save_has_its_own_optimizer():
-    run = os.path.join(AITK, "run", "mylora")
+    run = sample("aitoolkit", "run", "mylora")
     result, report = cli("verify", "--json", "--for-resume", os.path.join(run, "mylora.safetensors"))
     assert result.exit_code == 0 and report["trainer"] == "ai-toolkit" and report["step"] == 6
     assert report["problems"] == []
@@ -430,11 +451,11 @@ def test_aitoolkit_only_the_newest_save_has_its_own_optimizer():
     assert result.exit_code == 0 and out["path"].endswith("mylora.safetensors") and out["trainer"] == "ai-toolkit"
     result, _ = cli("verify", "--for-resume", run)  # the job folder is no checkpoint: say what to run instead
     assert result.exit_code == 2 and "ckpttool latest --for-resume" in result.output
-    result, out = cli("latest", "--json", "--for-resume", os.path.join(AITK, "run"))  # the training folder above it
+    result, out = cli("latest", "--json", "--for-resume", sample("aitoolkit", "run"))  # the training folder above it
     assert result.exit_code == 0 and out["path"].endswith(os.path.join("mylora", "mylora.safetensors"))
-    result, out = cli("latest", "--json", "--for-resume", os.path.join(AITK, "midrun", "mylora"))
+    result, out = cli("latest", "--json", "--for-resume", sample("aitoolkit", "midrun", "mylora"))
     assert result.exit_code == 0 and out["path"].endswith("mylora_000000004.safetensors") and out["step"] == 4
-    folder = os.path.join(AITK, "diffusers_save", "mylora", "mylora_000000004")
+    folder = sample("aitoolkit", "diffusers_save", "mylora", "mylora_000000004")
     result, report = cli("verify", "--json", "--for-resume", folder)
     assert result.exit_code == 0 and report["trainer"] == "ai-toolkit" and report["step"] == 4, report["problems"]
     assert check_resume(folder).ok
@@ -444,7 +465,7 @@ def test_aitoolkit_lost_step_lost_or_stale_optimizer(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    run = shutil.copytree(os.path.join(AITK, "midrun", "mylora"), tmp_path / "mylora")
+    run = shutil.copytree(sample("aitoolkit", "midrun", "mylora"), tmp_path / "mylora")
     newest = os.path.join(run, "mylora_000000004.safetensors")
     optimizer = os.path.join(run, "optimizer.pt")
     state = torch.load(optimizer, weights_only=True)
@@ -469,25 +490,24 @@ def test_aitoolkit_lost_step_lost_or_stale_optimizer(tmp_path):
 # --- OneTrainer (fixtures/onetrainer_samples.py, mirroring GenericTrainer.__backup at 23df383): LoRA backups at
 # global steps 4, 8 and 10 (gradient accumulation 2), without and with EMA ---
 
-ONETRAINER = os.path.join(DATA, "onetrainer")
 
 
 def test_onetrainer_backups_verify_clean_and_latest_is_the_newest():
     for workspace in ("workspace", "workspace_ema"):
-        backup = os.path.join(ONETRAINER, workspace, "backup")
+        backup = sample("onetrainer", workspace, "backup")
         for entry in sorted(os.listdir(backup)):
             result, report = cli("verify", "--json", "--for-resume", os.path.join(backup, entry))
             assert result.exit_code == 0 and report["trainer"] == "onetrainer", report["problems"]
             assert report["problems"] == [], (entry, report["problems"])
         result, out = cli("latest", "--json", "--for-resume", backup)
         assert result.exit_code == 0 and out["path"].endswith("-backup-10-2-0") and "differs" not in out
-    result, report = cli("inspect", "--json", os.path.join(ONETRAINER, "workspace_ema", "backup",
+    result, report = cli("inspect", "--json", sample("onetrainer", "workspace_ema", "backup",
                                                            "2026-01-03_03-05-25-backup-8-1-3"))
     assert {c["role"] for c in report["components"]} == {"model", "optimizer", "ema"} and report["step"] == 4
 
 
 def test_onetrainer_lost_parts_and_a_backup_named_for_another_step(tmp_path):
-    backup = shutil.copytree(os.path.join(ONETRAINER, "workspace_ema", "backup"), tmp_path / "backup")
+    backup = shutil.copytree(sample("onetrainer", "workspace_ema", "backup"), tmp_path / "backup")
     newest = os.path.join(backup, "2026-01-03_03-05-45-backup-10-2-0")
     for part, code in (("ema/ema.pt", "missing_file"), ("optimizer/optimizer.pt", "missing_optimizer"),
                        ("lora/lora.safetensors", "missing_file"), ("meta.json", "missing_file")):
@@ -530,7 +550,7 @@ def test_megatron_legacy_rank_files_verify_and_the_gate_holds_the_parallel_layou
         except TypeError as e:
             assert "parallel=" in str(e)
     # a torch_dist save is resharded on load: another tensor-parallel size is no problem
-    assert check_resume(os.path.join(DATA, "megatron", "torch_dist_tp2", "iter_0000010"),
+    assert check_resume(os.path.join(MEGATRON, "iter_0000010"),
                         parallel={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}).ok
 
 
@@ -556,7 +576,7 @@ def test_megatron_legacy_lost_or_stale_rank_file(tmp_path):
 def test_torchtune_async_dcp_epochs_each_hold_their_own_state(tmp_path):
     """enable_async_checkpointing: dist_epoch_N DCP dirs with the counters as items (each its own resume point); the
     final epoch_2 of the HF checkpointer holds no recipe state."""
-    run = os.path.join(TORCHTUNE, "dcp")
+    run = sample("torchtune", "dcp")
     for folder, epochs_run in (("dist_epoch_0", 1), ("dist_epoch_1", 2)):
         assert cli("inspect", "--json", os.path.join(run, folder))[1]["epoch"] == epochs_run
         result, report = cli("verify", "--json", "--for-resume", os.path.join(run, folder))
@@ -572,12 +592,11 @@ def test_torchtune_async_dcp_epochs_each_hold_their_own_state(tmp_path):
 # --- NeMo 2 (fixtures/nemo_sample.py: NeMo 8cfedd7's own Trainer, MegatronStrategy, ModelCheckpoint on CPU, TP=2):
 # top-k saves at steps 2 and 4 and the -last of step 4; a second run killed inside its step-4 save ---
 
-NEMO = os.path.join(DATA, "nemo")
 NEMO_LAST = "default--val_loss=2.1200-epoch=0-consumed_samples=32.0-last"
 
 
 def test_nemo_saves_verify_and_latest_is_autoresumes_pick():
-    run = os.path.join(NEMO, "checkpoints")
+    run = sample("nemo", "checkpoints")
     for entry in sorted(os.listdir(run)):
         result, report = cli("verify", "--json", "--for-resume", os.path.join(run, entry))
         assert result.exit_code == 0 and report["trainer"] == "nemo", (entry, report["problems"])
@@ -590,7 +609,7 @@ def test_nemo_saves_verify_and_latest_is_autoresumes_pick():
 
 
 def test_nemo_unfinished_save_and_a_last_dir_without_weights(tmp_path):
-    run = os.path.join(NEMO, "unfinished", "checkpoints")
+    run = sample("nemo", "unfinished", "checkpoints")
     partial = os.path.join(run, "default--val_loss=2.1200-epoch=0-consumed_samples=32.0")
     result, report = cli("verify", "--json", "--for-resume", partial)
     assert result.exit_code == 1 and "missing_file" in codes(report, "error")
@@ -600,7 +619,7 @@ def test_nemo_unfinished_save_and_a_last_dir_without_weights(tmp_path):
     assert out["path"].endswith("consumed_samples=16.0-last") or out["path"].endswith("consumed_samples=16.0")
     assert out["trainer_pick"].endswith("consumed_samples=16.0-last")
     # NVIDIA-NeMo #14837: a -last dir of context/ only (its weights went to a .ckpt file) is what AutoResume takes
-    copy = shutil.copytree(os.path.join(NEMO, "checkpoints"), tmp_path / "checkpoints")
+    copy = shutil.copytree(sample("nemo", "checkpoints"), tmp_path / "checkpoints")
     newer = os.path.join(copy, "default--val_loss=2.0000-epoch=0-consumed_samples=48.0-last")
     shutil.copytree(os.path.join(copy, NEMO_LAST, "context"), os.path.join(newer, "context"))
     result, report = cli("verify", "--json", "--for-resume", newer)
@@ -612,7 +631,7 @@ def test_nemo_unfinished_save_and_a_last_dir_without_weights(tmp_path):
 def test_megatron_non_persistent_save_is_its_own_pick_when_newer(tmp_path):
     """--non-persistent-ckpt-type global: <save>/non_persistent/ has its own tracker, and _load_base_checkpoint
     resumes from it when its iteration is at least the persistent tracker's."""
-    run = shutil.copytree(os.path.join(DATA, "megatron", "torch_dist_tp2"), tmp_path / "run")
+    run = shutil.copytree(MEGATRON, tmp_path / "run")
     os.makedirs(os.path.join(run, "non_persistent"))
     shutil.copytree(os.path.join(run, "iter_0000010"), os.path.join(run, "non_persistent", "iter_0000010"))
     with open(os.path.join(run, "non_persistent", "latest_checkpointed_iteration.txt"), "w") as f:
@@ -662,11 +681,11 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     shutil.copytree(os.path.join(DATA, "transformers4_bin", "checkpoint-4"), plain / "checkpoint-4")
     assert cli("prune", "--json", "--keep", "1", str(plain))[0].exit_code == 0  # a user's backup/ is not OneTrainer's
     assert (plain / "model_000000001.safetensors").exists() and (plain / "backup" / "checkpoint-2").exists()
-    final = shutil.copytree(os.path.join(AITK, "run", "mylora"), tmp_path / "final")
+    final = shutil.copytree(sample("aitoolkit", "run", "mylora"), tmp_path / "final")
     for name in ("mylora_000000002.safetensors", "mylora_000000004.safetensors"):
         os.remove(os.path.join(final, name))
     assert cli("latest", "--json", "--for-resume", str(final))[1]["path"].endswith("mylora.safetensors")
-    midrun = shutil.copytree(os.path.join(AITK, "midrun", "mylora"), tmp_path / "midrun")
+    midrun = shutil.copytree(sample("aitoolkit", "midrun", "mylora"), tmp_path / "midrun")
     with open(os.path.join(midrun, "mylora_000000004.safetensors"), "rb") as f:
         head = f.read(500)
     with open(os.path.join(midrun, "mylora_000000006.safetensors"), "wb") as f:
@@ -676,7 +695,7 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     os.symlink("/etc/passwd", os.path.join(midrun, "optimizer.pt"))
     assert "unsafe_path" in codes(verdict(os.path.join(midrun, "mylora_000000004.safetensors")), "error")
     # OneTrainer: a counter that is no count; a link to nothing inside a backup; a dir only named like a backup
-    backup = shutil.copytree(os.path.join(ONETRAINER, "workspace", "backup"), tmp_path / "backup")
+    backup = shutil.copytree(sample("onetrainer", "workspace", "backup"), tmp_path / "backup")
     newest = os.path.join(backup, "2026-01-02_03-05-45-backup-10-2-0")
     with open(os.path.join(newest, "meta.json"), "w") as f:
         f.write('{"train_progress": {"epoch": 2, "epoch_step": 0, "epoch_sample": 0, "global_step": true}}')
@@ -686,7 +705,7 @@ def test_attack_pass_on_the_new_trainers(tmp_path):
     assert codes(verdict(newest), "error")
     # another backup's optimizer in a backup cut before its onetrainer_config/: the workspace's config says the
     # accumulation it is held to
-    workspace = shutil.copytree(os.path.join(ONETRAINER, "workspace"), tmp_path / "workspace")
+    workspace = shutil.copytree(sample("onetrainer", "workspace"), tmp_path / "workspace")
     cut = os.path.join(workspace, "backup", "2026-01-02_03-05-45-backup-10-2-0")
     shutil.copy(os.path.join(workspace, "backup", "2026-01-02_03-04-45-backup-4-0-4", "optimizer", "optimizer.pt"),
                 os.path.join(cut, "optimizer", "optimizer.pt"))

@@ -19,6 +19,7 @@ from ckpttool.cli import main
 from ckpttool.formats.pickles import TensorRef
 from ckpttool.formats.torchfile import read_raw
 from ckpttool.formats.torchtree import flatten
+from ckpttool.synthetic.catalog import SAMPLES as SHIPPED
 from tests.helpers import cli
 
 
@@ -357,7 +358,7 @@ def test_state_dir_with_cut_files_is_salvaged_file_by_file(corpus, tmp_path):
 
 
 def test_deepspeed_latest_naming_a_broken_tag_is_rewritten(tmp_path):
-    src = shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "deepspeed", "zero2"), tmp_path / "ds")
+    src = shutil.copytree(os.path.join(SHIPPED, "deepspeed", "zero2"), tmp_path / "ds")
     good = (src / "latest").read_text().strip()
     shutil.copytree(src / good, src / "global_step9")
     os.unlink(src / "global_step9" / "mp_rank_00_model_states.pt")

@@ -85,7 +85,7 @@ def test_a_trainer_whose_library_is_missing_is_skipped_with_the_reason(tmp_path,
 PLUGIN_USER = '''
 import pytest
 from ckpttool.gate import ResumeGateError, check_resume
-from ckpttool.testing import expected_code
+from ckpttool.testing import expected_code, world_size
 
 
 def test_resume_refuses_cut_optimizer(synthetic_checkpoint):
@@ -97,6 +97,13 @@ def test_resume_refuses_cut_optimizer(synthetic_checkpoint):
 
 def test_healthy_resumes(synthetic_checkpoint):
     check_resume(synthetic_checkpoint("accelerate"))
+
+
+def test_two_ranks_wrote_deepspeeds(synthetic_checkpoint):
+    path = synthetic_checkpoint("deepspeed", damage="stale-mp_rank_00_model_states")
+    with pytest.raises(ResumeGateError, match="step_mismatch"):
+        check_resume(path, world_size=world_size("deepspeed"))
+    check_resume(synthetic_checkpoint("deepspeed"), world_size=world_size("deepspeed"))
 '''
 
 
@@ -104,7 +111,7 @@ def test_a_project_uses_only_the_plugin(pytester):
     """A test file outside the repository, in a fresh folder, with nothing but the installed plugin."""
     pytester.makepyfile(test_user=PLUGIN_USER)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 def test_the_sweep_uses_the_same_damage_kinds():
@@ -190,3 +197,68 @@ def test_replicas_are_read_as_their_trainers_and_said_so(tmp_path):
         assert cli("inspect", "--json", entry["path"])[1]["trainer"] == name
     assert {(e["trainer"], e["damage"], e["expected_code"]) for e in doc["entries"] if e["damage"]} == {
         ("kohya", "stale-train_state", "step_mismatch"), ("simpletuner", "missing-training_state", "missing_file")}
+
+
+OTHERS = ("megatron", "nemo", "torchtune", "composer", "deepspeed", "ai-toolkit", "onetrainer", "musubi-tuner")
+
+
+def test_the_other_trainers_copies_and_replicas_verify_and_every_damage_is_refused(tmp_path):
+    """The trainers whose libraries cannot run here: copies of runs their own code wrote (Megatron, NeMo, torchtune,
+    Composer, DeepSpeed), replicas of applications' saves (ai-toolkit, OneTrainer, musubi-tuner); each healthy one
+    is read as its trainer's and resumable, each damaged copy gives its listed code and the gate refuses it."""
+    from ckpttool.gate import ResumeGateError, check_resume
+    from ckpttool.synthetic import catalog
+
+    args = [a for name in OTHERS for a in ("--trainer", name)]
+    result, doc = cli("fixtures", str(tmp_path / "out"), *args, *[a for kind in ("missing", "truncated", "empty",
+                      "stale", "bit-flip") for a in ("--damage", kind)], "--json")
+    assert result.exit_code == 0, result.output
+    assert doc["skipped"] == []
+    made = {t.name: t.made for t in catalog.TRAINERS}
+    healthy = {e["trainer"]: e for e in doc["entries"] if not e["damage"]}
+    assert set(healthy) == set(OTHERS)
+    for name, entry in healthy.items():
+        assert entry["made"] == made[name] and entry["made"] in (catalog.SAMPLE, catalog.REPLICA)
+        result, report = cli("verify", "--for-resume", "--json", entry["path"])
+        assert result.exit_code == 0 and report["trainer"] == name, (name, report["problems"])
+        check_resume(entry["path"], world_size=entry["world_size"])
+    damaged = [e for e in doc["entries"] if e["damage"]]
+    assert {e["trainer"] for e in damaged} == set(OTHERS)
+    for entry in damaged:
+        result, report = cli("verify", "--for-resume", "--json", entry["path"])
+        assert result.exit_code == 1, entry
+        assert entry["expected_code"] in {p["code"] for p in report["problems"] if p["severity"] == "error"}, entry
+        with pytest.raises(ResumeGateError) as refused:
+            check_resume(entry["path"], world_size=entry["world_size"])
+        assert "world_size_mismatch" not in str(refused.value), entry
+    listed = {(e["trainer"], e["damage"]): e["expected_code"] for e in damaged}
+    assert listed.items() >= {
+        ("megatron", "stale-common"): "step_mismatch",  # common.pt of iter 5 carries its iteration
+        ("megatron", "missing-metadata.json"): "missing_file",
+        ("torchtune", "missing-recipe_state"): "missing_file",  # ../recipe_state/recipe_state.pt, beside the save
+        ("torchtune", "bit-flip"): "checksum_mismatch",  # the manifest inside epoch_1 covers its own files only
+        ("deepspeed", "stale-zero_pp_rank_1_mp_rank_00_optim_states"): "step_mismatch",
+        ("composer", "stale-checkpoint"): "step_mismatch",
+        ("ai-toolkit", "stale-checkpoint"): "step_mismatch",
+        ("onetrainer", "missing-optimizer"): "missing_optimizer",
+        ("musubi-tuner", "missing-scheduler"): "missing_scheduler",
+    }.items()
+    composer_run = os.path.dirname(healthy["composer"]["path"])
+    assert os.readlink(os.path.join(composer_run, "latest-rank0.pt")) == "ep0-ba6-rank0.pt"
+
+
+def test_a_copied_sample_gets_its_links_back_where_a_wheel_made_them_files(tmp_path, monkeypatch):
+    """A wheel stores Composer's latest-rank0.pt link as a copy of its target: the copy made from it is a link
+    again, so `latest` follows it as Composer's own resume does."""
+    import shutil
+
+    from ckpttool.synthetic import catalog
+
+    installed = tmp_path / "installed"
+    shutil.copytree(os.path.join(catalog.SAMPLES, "composer"), installed / "composer", symlinks=False)
+    assert not os.path.islink(installed / "composer" / "run" / "latest-rank0.pt")
+    monkeypatch.setattr(catalog, "SAMPLES", str(installed))
+    run = catalog.copy_sample("composer/run", str(tmp_path / "run"))
+    assert os.readlink(os.path.join(run, "latest-rank0.pt")) == "ep0-ba6-rank0.pt"
+    result, out = cli("latest", "--json", "--for-resume", run)
+    assert result.exit_code == 0 and out["trainer_pick"].endswith("ep0-ba6-rank0.pt")

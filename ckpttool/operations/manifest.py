@@ -43,8 +43,12 @@ def build(ckpt: Checkpoint) -> dict:
         raise CkptError(Code.CORRUPT, f"not writing a manifest for a damaged checkpoint: {damaged[0].message} "
                         f"({damaged[0].path}); run `ckpttool verify` for the full list", ckpt.path)
     folder = os.path.dirname(manifest_path(ckpt))
-    files = hash_files(covered_files(ckpt))
-    tensors = tensor_ranges(ckpt, folder)
+    covered = covered_files(ckpt)
+    files = hash_files(covered)
+    # tensors of the files it covers only: a part the reader takes from beside the folder (torchtune's recipe_state/
+    # of an epoch_N folder) is another save's, and a manifest's paths stay inside its folder
+    inside = {os.path.abspath(f) for f in covered}
+    tensors = [t for t in tensor_ranges(ckpt, folder) if os.path.abspath(os.path.join(folder, t["file"])) in inside]
     for entry, digest in zip(tensors, hash_tensors(tensors, folder)):
         entry[hashing.ALGORITHM] = digest
     doc = {

@@ -1,6 +1,9 @@
-"""What `ckpttool fixtures` can write: each trainer's run of two saves made by its real library (skipped, with the
-reason, where that library is not installed), its newest save healthy and damaged copies of it, each listed with
-the problem code `verify --for-resume` gives it."""
+"""What `ckpttool fixtures` can write: each trainer's run of two saves, its newest save healthy and damaged copies of
+it, each listed with the problem code `verify --for-resume` gives it. A run is made by the trainer's real library
+where that is a pip-installable library that runs on a CPU in seconds (skipped, with the reason, where it is not
+installed); for the others it is a copy of a small run their own code wrote, shipped in `samples/` (Megatron and
+DeepSpeed need GPUs or a compiled op; NeMo, torchtune and Composer pin other torch versions; ai-toolkit, OneTrainer,
+kohya, musubi-tuner and SimpleTuner are applications): the listing says which, and what wrote it."""
 
 from __future__ import annotations
 
@@ -80,6 +83,38 @@ def _simpletuner(out: str) -> str:
     return out
 
 
+def _musubi(out: str) -> str:
+    """Accelerate's save_state named as musubi-tuner's trainer_base.py names a step state,
+    `{name}-step{step:08d}-state`, with nothing beside it: its save hook writes no train_state.json (a replica)."""
+    from ckpttool.synthetic import runs
+
+    runs.accelerate_run(out, max_steps=4, every=2)
+    for step in (2, 4):
+        os.rename(os.path.join(out, f"checkpoint-{step}"), os.path.join(out, f"lora-step{step:08d}-state"))
+    return out
+
+
+SAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
+# the links a sample run holds: an installed wheel has a second copy of the target file in their place
+SAMPLE_LINKS = {"composer/run": {"latest-rank0.pt": "ep0-ba6-rank0.pt"}}
+
+
+def copy_sample(sample: str, dest: str) -> str:
+    """A fresh copy of a shipped sample run (`megatron/torch_dist_tp2`, ...) at dest, with its links."""
+    shutil.copytree(os.path.join(SAMPLES, sample), dest, symlinks=True)
+    for name, target in SAMPLE_LINKS.get(sample, {}).items():
+        link = os.path.join(dest, name)
+        if not os.path.islink(link):
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(target, link)
+    return dest
+
+
+def _sample(sample: str) -> Callable[[str], str]:
+    return lambda out: copy_sample(sample, out)
+
+
 def _reference(out: str) -> str:
     """The reference trainer shipped with ckpttool (`python -m trainer`), saving every 2 of 4 steps; run from the
     new folder it writes into, so that a `trainer.py` of the caller's own current folder is never what runs."""
@@ -94,30 +129,65 @@ def _reference(out: str) -> str:
     return out
 
 
+# how a trainer's run comes to be
+LIBRARY = "library"  # written now by the trainer's own library, installed here
+SAMPLE = "sample"  # copied from a small run the trainer's own code wrote (shipped in samples/)
+REPLICA = "replica"  # an application's save imitated from its source (written now, or copied from samples/)
+
+
 @dataclass(frozen=True)
 class Trainer:
     name: str
+    made: str  # LIBRARY, SAMPLE or REPLICA
     libraries: tuple[str, ...]  # what must be importable
-    made_by: str  # the library call that writes each save
-    saves: str  # the run folder's entries that are saves (their numbers order them)
+    made_by: str  # the library call that writes each save, or what wrote the copied sample
+    saves: str | tuple[str, str]  # the run folder's entries that are saves (their numbers order them), or the
+    # previous and the newest save by their paths in the run
     write: Callable[[str], str] = field(repr=False)  # run folder -> run folder, two saves in it
+    beside: tuple[str, ...] = ()  # files outside the save that its resume reads, by their paths from the save
+    world_size: int = 1  # the processes that wrote it: a resume with another number is refused where it matters
 
 
 TRAINERS = (
-    Trainer("accelerate", ("accelerate",), "accelerate.Accelerator.save_state", r"checkpoint-\d+", _accelerate),
-    Trainer("transformers", ("transformers", "accelerate"), "transformers.Trainer (save_steps)",
+    Trainer("accelerate", LIBRARY, ("accelerate",), "accelerate.Accelerator.save_state", r"checkpoint-\d+",
+            _accelerate),
+    Trainer("transformers", LIBRARY, ("transformers", "accelerate"), "transformers.Trainer (save_steps)",
             r"checkpoint-\d+", _transformers),
-    Trainer("lightning", ("lightning",), "lightning.Trainer with ModelCheckpoint", r"epoch=\d+-step=\d+\.ckpt",
-            _lightning),
-    Trainer("diffusers-lora", ("diffusers", "peft", "accelerate"),
+    Trainer("lightning", LIBRARY, ("lightning",), "lightning.Trainer with ModelCheckpoint",
+            r"epoch=\d+-step=\d+\.ckpt", _lightning),
+    Trainer("diffusers-lora", LIBRARY, ("diffusers", "peft", "accelerate"),
             "accelerate.Accelerator.save_state with the diffusers LoRA scripts' save hooks", r"checkpoint-\d+",
             _diffusers_lora),
-    Trainer("dcp", (), "torch.distributed.checkpoint.save (torchtitan's step-N layout)", r"step-\d+", _dcp),
-    Trainer("reference", (), "ckpttool's reference trainer (python -m trainer)", r"checkpoint-\d+", _reference),
-    Trainer("kohya", ("accelerate",), "a replica: accelerate.Accelerator.save_state named and completed as "
-            "sd-scripts' train_network.py does (train_state.json)", r"lora-step\d+-state", _kohya),
-    Trainer("simpletuner", ("accelerate",), "a replica: accelerate.Accelerator.save_state completed as SimpleTuner's "
-            "save hooks do (training_state.json, .guard)", r"checkpoint-\d+", _simpletuner),
+    Trainer("dcp", LIBRARY, (), "torch.distributed.checkpoint.save (torchtitan's step-N layout)", r"step-\d+", _dcp),
+    Trainer("reference", LIBRARY, (), "ckpttool's reference trainer (python -m trainer)", r"checkpoint-\d+",
+            _reference),
+    Trainer("kohya", REPLICA, ("accelerate",), "a replica: accelerate.Accelerator.save_state named and completed "
+            "as sd-scripts' train_network.py does (train_state.json)", r"lora-step\d+-state", _kohya),
+    Trainer("simpletuner", REPLICA, ("accelerate",), "a replica: accelerate.Accelerator.save_state completed as "
+            "SimpleTuner's save hooks do (training_state.json, .guard)", r"checkpoint-\d+", _simpletuner),
+    Trainer("musubi-tuner", REPLICA, ("accelerate",), "a replica: accelerate.Accelerator.save_state named as "
+            "musubi-tuner's trainer_base.py does (no train_state.json)", r"lora-step\d+-state", _musubi),
+    Trainer("megatron", SAMPLE, (), "a copy of a run megatron-core 0.16.1 wrote (torch_dist, tensor parallel 2, "
+            "two ranks under torchrun; fixtures/megatron_sample.py in ckpttool's repository)", r"iter_\d+",
+            _sample("megatron/torch_dist_tp2"), world_size=2),
+    Trainer("nemo", SAMPLE, (), "a copy of a run NeMo 2 (8cfedd7) wrote with nemo.lightning's ModelCheckpoint "
+            "(tensor parallel 2 under torchrun, on CPU; fixtures/nemo_sample.py)",
+            ("default--val_loss=2.2600-epoch=0-consumed_samples=16.0",
+             "default--val_loss=2.1200-epoch=0-consumed_samples=32.0-last"), _sample("nemo/checkpoints"), world_size=2),
+    Trainer("torchtune", SAMPLE, (), "a copy of a run torchtune 0.6.1's FullModelHFCheckpointer wrote as "
+            "full_finetune_single_device saves (fixtures/torchtune_samples.py)", ("epoch_0", "epoch_1"),
+            _sample("torchtune/full"), beside=("../recipe_state/recipe_state.pt",)),
+    Trainer("composer", SAMPLE, (), "a copy of a run Composer 0.32.1's Trainer wrote on CPU "
+            "(fixtures/composer_samples.py)", r"ep\d+-ba\d+-rank0\.pt", _sample("composer/run")),
+    Trainer("deepspeed", SAMPLE, (), "a copy of a run DeepSpeed's ZeRO-2 engine wrote (two ranks under torchrun, "
+            "gloo on CPU; fixtures/deepspeed_runs.py)", r"global_step\d+", _sample("deepspeed/zero2"), world_size=2),
+    Trainer("ai-toolkit", REPLICA, (), "a copy of a replica of an ai-toolkit LoRA job stopped after its step-4 save "
+            "(its save code at 27a03a9, partly verbatim; fixtures/aitoolkit_samples.py)",
+            r"mylora_\d+\.safetensors", _sample("aitoolkit/midrun/mylora")),
+    Trainer("onetrainer", REPLICA, (), "a copy of a replica of a OneTrainer LoRA workspace (GenericTrainer's "
+            "backups at 23df383, partly verbatim; fixtures/onetrainer_samples.py)",
+            ("backup/2026-01-02_03-05-25-backup-8-1-3", "backup/2026-01-02_03-05-45-backup-10-2-0"),
+            _sample("onetrainer/workspace")),
 )
 
 
@@ -127,11 +197,14 @@ class Entry:
     trainer: str
     damage: str | None  # None: healthy
     expected_code: str | None  # the error code `verify --for-resume` gives it (None: healthy)
+    made: str  # LIBRARY, SAMPLE or REPLICA
     made_by: str
+    world_size: int  # the processes that wrote it: check_resume(path, world_size=...) of a resume like it
 
     def to_json(self) -> dict:
         return {"path": self.path, "trainer": self.trainer, "damage": self.damage,
-                "expected_code": self.expected_code, "made_by": self.made_by}
+                "expected_code": self.expected_code, "made": self.made, "made_by": self.made_by,
+                "world_size": self.world_size}
 
 
 def missing_library(trainer: Trainer) -> str | None:
@@ -162,12 +235,13 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
 
     home = os.path.join(out, trainer.name)
     healthy_run = trainer.write(os.path.join(home, "healthy"))
-    saves = saves_of(healthy_run, trainer.saves)
+    saves = ([os.path.join(healthy_run, e) for e in trainer.saves] if isinstance(trainer.saves, tuple) else
+             saves_of(healthy_run, trainer.saves))
     newest, previous = saves[-1], saves[-2] if len(saves) > 1 else None
-    entries = [Entry(newest, trainer.name, None, None, trainer.made_by)]
+    entries = [Entry(newest, trainer.name, None, None, trainer.made, trainer.made_by, trainer.world_size)]
     before = {(p.code, p.path and os.path.relpath(p.path, healthy_run)) for p in
               verify(newest, for_resume=True, recall=False).problems}
-    for kind in damages.kinds(newest, previous):
+    for kind in damages.kinds(newest, previous, trainer.beside):
         if wanted is not None and kind.name not in wanted and kind.kind not in wanted:
             continue
         run = os.path.join(home, kind.name)
@@ -179,5 +253,6 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
         if not new:
             shutil.rmtree(run)
             continue
-        entries.append(Entry(checkpoint, trainer.name, kind.name, str(new[0].code), trainer.made_by))
+        entries.append(Entry(checkpoint, trainer.name, kind.name, str(new[0].code), trainer.made, trainer.made_by,
+                             trainer.world_size))
     return entries

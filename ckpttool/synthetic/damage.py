@@ -49,21 +49,29 @@ def parts_of(checkpoint: str) -> dict[str, tuple[str, ...]]:
         if not entries:
             continue
         name = os.path.splitext(entries[0].rstrip("/").lstrip("."))[0]  # .metadata -> metadata
+        if name in found:  # metadata.json beside DCP's .metadata (Megatron): the whole name
+            name = entries[0].rstrip("/")
         while name in found:
             name += "_"
         found[name] = entries
     return found
 
 
-def kinds(checkpoint: str, previous: str | None) -> list[Damage]:
-    """Every damage of the checkpoint (stale ones where the previous save has the same entry)."""
+def kinds(checkpoint: str, previous: str | None, beside: tuple[str, ...] = ()) -> list[Damage]:
+    """Every damage of the checkpoint (stale ones where the previous save has the same entry); `beside`: files
+    outside the save that its resume reads (torchtune's ../recipe_state/recipe_state.pt), each a part too."""
     out = []
-    for part, entries in parts_of(checkpoint).items():
+    parts = parts_of(checkpoint)
+    for entry in beside:
+        parts[os.path.splitext(os.path.basename(entry))[0]] = (entry,)
+    for part, entries in parts.items():
         first = _first_file(checkpoint, entries[0])
         out.append(Damage(MISSING, part, entries))
         if first is not None:
             out += [Damage(TRUNCATED, part, (first,)), Damage(EMPTY, part, (first,))]
-            if previous and os.path.isfile(os.path.join(previous, first) if first else previous):
+            older = (os.path.join(previous, first) if first else previous) if previous else None
+            if older and os.path.isfile(older) and os.path.realpath(older) != os.path.realpath(
+                    os.path.join(checkpoint, first)):  # a file beside both saves is no other save's copy
                 out.append(Damage(STALE, part, (first,)))
     out.append(Damage(BIT_FLIP, None, (_largest(checkpoint),)))
     return [d for d in out if not (d.kind == MISSING and d.entries == ("",))]  # a file cannot lose itself
