@@ -53,33 +53,24 @@ def _dcp(out: str) -> str:
 def _kohya(out: str) -> str:
     """Accelerate's save_state, named and completed as sd-scripts' train_network.py saves a step state: the dir
     `{name}-step{step:08d}-state` and its save hook's train_state.json (a replica: sd-scripts is not a library)."""
-    import json
-
-    from ckpttool.synthetic import runs
+    from ckpttool.synthetic import replicas, runs
 
     runs.accelerate_run(out, max_steps=4, every=2)
     for step in (2, 4):
         state = os.path.join(out, f"lora-step{step:08d}-state")
         os.rename(os.path.join(out, f"checkpoint-{step}"), state)
-        with open(os.path.join(state, "train_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"current_epoch": 1, "current_step": step}, f)
+        replicas.kohya_state(state, step)
     return out
 
 
 def _simpletuner(out: str) -> str:
     """Accelerate's save_state completed as SimpleTuner's save hooks complete it: training_state.json, then the
     `.guard` file written last (a replica: SimpleTuner is an application, not a library)."""
-    import json
-
-    from ckpttool.synthetic import runs
+    from ckpttool.synthetic import replicas, runs
 
     runs.accelerate_run(out, max_steps=4, every=2)
     for step in (2, 4):
-        save = os.path.join(out, f"checkpoint-{step}")
-        with open(os.path.join(save, "training_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"global_step": step, "epoch_step": step, "epoch": 1, "exhausted_backends": []}, f)
-        with open(os.path.join(save, ".guard"), "w", encoding="utf-8") as f:
-            f.write("complete")
+        replicas.simpletuner_state(os.path.join(out, f"checkpoint-{step}"), step)
     return out
 
 
