@@ -60,6 +60,9 @@ def main():
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(dir=args.dir)
+    os.chdir(root)  # `-m ckpttool` from here imports the interpreter's own install, never this repository's tree
+    version = subprocess.run([args.python, "-c", "import torch, ckpttool; print(ckpttool.__file__, torch.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
     damage = [a for kind in KINDS for a in ("--damage", kind)]
     cases = {"the runs written alone (baseline)": [args.python, "-c", WRITE_ALONE],
              "ckpttool fixtures (default set)": [args.python, "-m", "ckpttool", "fixtures"],
@@ -85,10 +88,9 @@ def main():
                                               check=True).stdout)
             listing[name] = (doc, wrong)
     finally:
+        os.chdir(os.path.dirname(root))
         shutil.rmtree(root, ignore_errors=True)
 
-    version = subprocess.run([args.python, "-c", "import torch, ckpttool; print(ckpttool.__file__, torch.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
     print(f"{os.cpu_count()} cores, median of {args.repeat}; {version}")
     base = statistics.median(r[0] for r in results["the runs written alone (baseline)"])
     for name, runs in results.items():

@@ -5,9 +5,10 @@
         with pytest.raises(ResumeGateError):
             check_resume(path)
 
-A trainer's fixtures are made once per session, in pytest's tmp dir, by its real library; one whose library is not
-installed skips the test that asks for it, with the reason. `expected_code(damage)` is the problem code
-`ckpttool verify --for-resume` gives that damaged copy.
+A trainer's fixtures are made once per session, in pytest's tmp dir, by its real library (or copied from a run its
+own code wrote, or an application's replica: `ckpttool fixtures` lists which); one whose library is not installed
+skips the test that asks for it, with the reason. `expected_code(damage)` is the problem code
+`ckpttool verify --for-resume` gives that damaged copy; `world_size(trainer)` the number of processes that wrote it.
 """
 
 from __future__ import annotations

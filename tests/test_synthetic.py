@@ -240,6 +240,8 @@ def test_the_other_trainers_copies_and_replicas_verify_and_every_damage_is_refus
         ("deepspeed", "stale-zero_pp_rank_1_mp_rank_00_optim_states"): "step_mismatch",
         ("composer", "stale-checkpoint"): "step_mismatch",
         ("ai-toolkit", "stale-checkpoint"): "step_mismatch",
+        ("ai-toolkit", "missing-optimizer"): "missing_optimizer",  # optimizer.pt, beside the weights file
+        ("composer", "bit-flip"): "checksum_mismatch",  # damage first, though the flip also makes odd opcodes
         ("onetrainer", "missing-optimizer"): "missing_optimizer",
         ("musubi-tuner", "missing-scheduler"): "missing_scheduler",
     }.items()
@@ -262,3 +264,53 @@ def test_a_copied_sample_gets_its_links_back_where_a_wheel_made_them_files(tmp_p
     assert os.readlink(os.path.join(run, "latest-rank0.pt")) == "ep0-ba6-rank0.pt"
     result, out = cli("latest", "--json", "--for-resume", run)
     assert result.exit_code == 0 and out["trainer_pick"].endswith("ep0-ba6-rank0.pt")
+
+
+def test_out_inside_the_samples_or_one_that_cannot_be_made_is_a_usage_error(tmp_path):
+    from ckpttool.synthetic import catalog
+
+    (tmp_path / "afile").write_text("")
+    for out, said in ((os.path.join(catalog.SAMPLES, "composer", "run", "x"), "inside ckpttool's own samples"),
+                      (str(tmp_path / "afile" / "sub"), "cannot be made"), ("", "OUT is empty")):
+        result = cli("fixtures", out, "--trainer", "composer")[0]
+        assert result.exit_code == 2 and said in result.output, (out, result.output)
+    assert not os.path.exists(os.path.join(catalog.SAMPLES, "composer", "run", "x"))
+
+
+def test_a_read_only_install_gives_writable_copies(tmp_path, monkeypatch):
+    """Package data installed read-only (a system image, Nix): the copies are writable, so damage can be applied
+    and the folder removed."""
+    import shutil
+    import stat
+
+    from ckpttool.synthetic import catalog
+
+    installed = tmp_path / "installed"
+    shutil.copytree(os.path.join(catalog.SAMPLES, "deepspeed"), installed / "deepspeed")
+    for folder, _, files in os.walk(installed, topdown=False):
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o444)
+        os.chmod(folder, 0o555)
+    monkeypatch.setattr(catalog, "SAMPLES", str(installed))
+    try:
+        run = catalog.copy_sample("deepspeed/zero2", str(tmp_path / "run"))
+        for folder, _, files in os.walk(run):
+            assert os.stat(folder).st_mode & stat.S_IWUSR, folder
+            assert all(os.stat(os.path.join(folder, f)).st_mode & stat.S_IWUSR for f in files), folder
+    finally:
+        for folder, _, _ in os.walk(installed):
+            os.chmod(folder, 0o755)
+
+
+def test_a_full_disk_while_copying_a_sample_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    def full(src, dst, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    result = cli("fixtures", str(tmp_path / "out"), "--trainer", "composer")[0]
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert str(tmp_path / "out") in result.output and "No space left" in result.output
+    assert "could not copy ckpttool's composer/run sample" in result.output

@@ -1,5 +1,6 @@
-"""`ckpttool fixtures OUT`: small healthy checkpoints of each trainer, written by its real library, and damaged
-copies of them, each listed with the problem code `verify --for-resume` gives it, for other projects' CI."""
+"""`ckpttool fixtures OUT`: small healthy checkpoints of each trainer, written by its real library or copied from a
+run its own code wrote (`ckpttool.synthetic.catalog`), and damaged copies of them, each listed with the problem code
+`verify --for-resume` gives it, for other projects' CI."""
 
 from __future__ import annotations
 
@@ -48,11 +49,20 @@ def fixtures(out: str, trainers: list[str] | None = None, damages: list[str] | N
             d.startswith(k + "-") and len(d) > len(k) + 1 for k in KINDS if k != BIT_FLIP)]:
         raise UsageError(f"--damage {', '.join(odd)}: not a damage kind; give {', '.join(KINDS)}, or missing-, "
                          "truncated-, empty- or stale- with a part's name (optimizer, scheduler, model, ...)")
+    if not out:
+        raise UsageError("OUT is empty; name a new folder to write the fixtures into")
     out = os.path.abspath(out)
+    samples = os.path.realpath(catalog.SAMPLES)
+    if os.path.commonpath([os.path.realpath(out), samples]) == samples:
+        raise UsageError(f"{out}: inside ckpttool's own samples ({catalog.SAMPLES}), which the fixtures are copied "
+                         "from; name a folder elsewhere")
     if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"{out}: already exists and is not an empty folder (or is a link to nothing); name a new "
                          "one (nothing is overwritten)")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot be made ({e.strerror}); name a folder you can write") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"{out}: not writable; name a folder you can write")
     marker = os.path.join(out, INCOMPLETE)

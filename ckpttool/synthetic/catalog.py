@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -91,8 +92,17 @@ SAMPLE_LINKS = {"composer/run": {"latest-rank0.pt": "ep0-ba6-rank0.pt"}}
 
 
 def copy_sample(sample: str, dest: str) -> str:
-    """A fresh copy of a shipped sample run (`megatron/torch_dist_tp2`, ...) at dest, with its links."""
-    shutil.copytree(os.path.join(SAMPLES, sample), dest, symlinks=True)
+    """A fresh, writable copy of a shipped sample run (`megatron/torch_dist_tp2`, ...) at dest, with its links (an
+    install's read-only files and folders give no read-only copies)."""
+    from ckpttool.errors import OutputError
+
+    try:
+        shutil.copytree(os.path.join(SAMPLES, sample), dest, symlinks=True, copy_function=shutil.copyfile)
+    except shutil.Error as e:  # one (source, destination, why) per file: the first says it
+        _, where, why = e.args[0][0]
+        raise OutputError(f"{where}: could not copy ckpttool's {sample} sample here: {why}") from None
+    for folder, _, _ in os.walk(dest):
+        os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
     for name, target in SAMPLE_LINKS.get(sample, {}).items():
         link = os.path.join(dest, name)
         if not os.path.islink(link):
@@ -135,7 +145,7 @@ class Trainer:
     saves: str | tuple[str, str]  # the run folder's entries that are saves (their numbers order them), or the
     # previous and the newest save by their paths in the run
     write: Callable[[str], str] = field(repr=False)  # run folder -> run folder, two saves in it
-    beside: tuple[str, ...] = ()  # files outside the save that its resume reads, by their paths from the save
+    beside: tuple[str, ...] = ()  # files outside the save that its resume reads, by their paths from its folder
     world_size: int = 1  # the processes that wrote it: a resume with another number is refused where it matters
 
 
@@ -167,14 +177,14 @@ TRAINERS = (
              "default--val_loss=2.1200-epoch=0-consumed_samples=32.0-last"), _sample("nemo/checkpoints"), world_size=2),
     Trainer("torchtune", SAMPLE, (), "a copy of a run torchtune 0.6.1's FullModelHFCheckpointer wrote as "
             "full_finetune_single_device saves (fixtures/torchtune_samples.py)", ("epoch_0", "epoch_1"),
-            _sample("torchtune/full"), beside=("../recipe_state/recipe_state.pt",)),
+            _sample("torchtune/full"), beside=("recipe_state/recipe_state.pt",)),
     Trainer("composer", SAMPLE, (), "a copy of a run Composer 0.32.1's Trainer wrote on CPU "
             "(fixtures/composer_samples.py)", r"ep\d+-ba\d+-rank0\.pt", _sample("composer/run")),
     Trainer("deepspeed", SAMPLE, (), "a copy of a run DeepSpeed's ZeRO-2 engine wrote (two ranks under torchrun, "
             "gloo on CPU; fixtures/deepspeed_runs.py)", r"global_step\d+", _sample("deepspeed/zero2"), world_size=2),
     Trainer("ai-toolkit", REPLICA, (), "a copy of a replica of an ai-toolkit LoRA job stopped after its step-4 save "
             "(its save code at 27a03a9, partly verbatim; fixtures/aitoolkit_samples.py)",
-            r"mylora_\d+\.safetensors", _sample("aitoolkit/midrun/mylora")),
+            r"mylora_\d+\.safetensors", _sample("aitoolkit/midrun/mylora"), beside=("optimizer.pt",)),
     Trainer("onetrainer", REPLICA, (), "a copy of a replica of a OneTrainer LoRA workspace (GenericTrainer's "
             "backups at 23df383, partly verbatim; fixtures/onetrainer_samples.py)",
             ("backup/2026-01-02_03-05-25-backup-8-1-3", "backup/2026-01-02_03-05-45-backup-10-2-0"),
@@ -221,7 +231,7 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
     """The trainer's healthy run under out/<trainer>/healthy, and for each damage asked (None: all; a name such as
     `truncated-optimizer`, or a kind such as `truncated` for every part) a copy of the run with its newest save
     damaged, out/<trainer>/<damage>; a damage verify finds nothing in is not kept."""
-    from ckpttool.model import ERROR
+    from ckpttool.model import DAMAGE, ERROR
     from ckpttool.operations.verify import verify
 
     home = os.path.join(out, trainer.name)
@@ -244,6 +254,7 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
         if not new:
             shutil.rmtree(run)
             continue
-        entries.append(Entry(checkpoint, trainer.name, kind.name, str(new[0].code), trainer.made, trainer.made_by,
+        told = [p for p in new if p.code in DAMAGE] or new  # a flipped pickle byte is damage first, odd opcodes second
+        entries.append(Entry(checkpoint, trainer.name, kind.name, str(told[0].code), trainer.made, trainer.made_by,
                              trainer.world_size))
     return entries

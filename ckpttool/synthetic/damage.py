@@ -59,19 +59,21 @@ def parts_of(checkpoint: str) -> dict[str, tuple[str, ...]]:
 
 def kinds(checkpoint: str, previous: str | None, beside: tuple[str, ...] = ()) -> list[Damage]:
     """Every damage of the checkpoint (stale ones where the previous save has the same entry); `beside`: files
-    outside the save that its resume reads (torchtune's ../recipe_state/recipe_state.pt), each a part too."""
+    outside the save that its resume reads, by their paths from the save's folder (torchtune's
+    recipe_state/recipe_state.pt, ai-toolkit's optimizer.pt), each a part too."""
     out = []
     parts = parts_of(checkpoint)
     for entry in beside:
-        parts[os.path.splitext(os.path.basename(entry))[0]] = (entry,)
+        parts[os.path.splitext(os.path.basename(entry))[0]] = (
+            os.path.join(os.pardir, entry) if os.path.isdir(checkpoint) else entry,)
     for part, entries in parts.items():
         first = _first_file(checkpoint, entries[0])
         out.append(Damage(MISSING, part, entries))
         if first is not None:
             out += [Damage(TRUNCATED, part, (first,)), Damage(EMPTY, part, (first,))]
-            older = (os.path.join(previous, first) if first else previous) if previous else None
+            older = entry_path(previous, first) if previous else None
             if older and os.path.isfile(older) and os.path.realpath(older) != os.path.realpath(
-                    os.path.join(checkpoint, first)):  # a file beside both saves is no other save's copy
+                    entry_path(checkpoint, first)):  # a file beside both saves is no other save's copy
                 out.append(Damage(STALE, part, (first,)))
     out.append(Damage(BIT_FLIP, None, (_largest(checkpoint),)))
     return [d for d in out if not (d.kind == MISSING and d.entries == ("",))]  # a file cannot lose itself
@@ -83,7 +85,7 @@ def apply(checkpoint: str, damage: Damage, previous: str | None = None):
         from ckpttool.operations import manifest
 
         manifest.write(checkpoint, force=True)  # sealed (again) while healthy, so that checksums tell the flip
-        path = os.path.join(checkpoint, damage.entries[0]) if damage.entries[0] else checkpoint
+        path = entry_path(checkpoint, damage.entries[0])
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
             byte = f.read(1)
@@ -91,8 +93,8 @@ def apply(checkpoint: str, damage: Damage, previous: str | None = None):
             f.write(bytes([byte[0] ^ 0x01]))
         return
     for entry in damage.entries:
-        damage_file(os.path.join(checkpoint, entry) if entry else checkpoint, damage.kind,
-                    (os.path.join(previous, entry) if entry else previous) if damage.kind == STALE else None)
+        damage_file(entry_path(checkpoint, entry), damage.kind,
+                    entry_path(previous, entry) if damage.kind == STALE else None)
 
 
 def damage_file(path: str, kind: str, source: str | None = None):
@@ -106,8 +108,15 @@ def damage_file(path: str, kind: str, source: str | None = None):
             f.truncate(os.path.getsize(path) // 2 if kind == TRUNCATED else 0)
 
 
+def entry_path(checkpoint: str, entry: str) -> str:
+    """Where an entry is: in a checkpoint folder, or beside a checkpoint file ("": the file itself)."""
+    if not entry:
+        return checkpoint
+    return os.path.join(checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint), entry)
+
+
 def _first_file(checkpoint: str, entry: str) -> str | None:
-    path = os.path.join(checkpoint, entry) if entry else checkpoint
+    path = entry_path(checkpoint, entry)
     if os.path.isfile(path):
         return entry
     files = sorted(os.path.relpath(os.path.join(d, f), checkpoint) for d, _, names in os.walk(path) for f in names)
