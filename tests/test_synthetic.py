@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 def listing(tmp_path_factory):
     out = tmp_path_factory.mktemp("fixtures") / "out"
     result, doc = cli("fixtures", str(out), "--trainer", "accelerate", "--trainer", "transformers", "--trainer",
-                      "lightning", "--damage", "truncated", "--damage", "missing-optimizer", "--damage", "stale",
+                      "transformers-peft", "--trainer", "lightning", "--damage", "truncated", "--damage", "missing-optimizer", "--damage", "stale",
                       "--damage", "bit-flip", "--json")
     assert result.exit_code == 0, result.output
     return doc
@@ -45,12 +45,14 @@ def test_healthy_ones_verify_and_resume_with_their_own_library(listing):
     from ckpttool.synthetic import runs
 
     healthy = {e["trainer"]: e["path"] for e in listing["entries"] if not e["damage"]}
-    assert set(healthy) == {"accelerate", "transformers", "lightning"}
+    assert set(healthy) == {"accelerate", "transformers", "transformers-peft", "lightning"}
     for path in healthy.values():
         assert cli("verify", "--for-resume", path)[0].exit_code == 0, path
     runs.resume_accelerate(healthy["accelerate"])  # Accelerator.load_state
     state = runs.resume_transformers(healthy["transformers"])  # Trainer.train(resume_from_checkpoint=...)
     assert state["optimizer_restored"] and state["saved"] == 4 and state["global_step"] >= 4
+    state = runs.resume_transformers(healthy["transformers-peft"], peft=True)  # the adapter, through PEFT
+    assert state["optimizer_restored"] and state["saved"] == 4
     import lightning as L
 
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -33,6 +33,12 @@ def _transformers(out: str) -> str:
     return runs.transformers_run(out, max_steps=4, save_steps=2)
 
 
+def _transformers_peft(out: str) -> str:
+    from ckpttool.synthetic import runs
+
+    return runs.transformers_peft_run(out, max_steps=4, save_steps=2)
+
+
 def _lightning(out: str) -> str:
     from ckpttool.synthetic import runs
 
@@ -154,6 +160,8 @@ TRAINERS = (
             _accelerate),
     Trainer("transformers", LIBRARY, ("transformers", "accelerate"), "transformers.Trainer (save_steps)",
             r"checkpoint-\d+", _transformers),
+    Trainer("transformers-peft", LIBRARY, ("transformers", "accelerate", "peft"), "transformers.Trainer on a PEFT "
+            "LoRA model (peft.get_peft_model: each save holds the adapter)", r"checkpoint-\d+", _transformers_peft),
     Trainer("lightning", LIBRARY, ("lightning",), "lightning.Trainer with ModelCheckpoint",
             r"epoch=\d+-step=\d+\.ckpt", _lightning),
     Trainer("diffusers-lora", LIBRARY, ("diffusers", "peft", "accelerate"),
