@@ -515,8 +515,9 @@ def average(paths, weights, ema, component, no_normalize, to, force, as_json):
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--trainer", "trainers", multiple=True, metavar="NAME",
-              help="Only this trainer (repeatable): accelerate, transformers, lightning, diffusers-lora, dcp, "
-              "reference, kohya, simpletuner. Default: every one whose library is installed.")
+              help="Only this trainer (repeatable): accelerate, transformers, transformers-peft, lightning, "
+              "diffusers-lora, dcp, reference, kohya, simpletuner, musubi-tuner, megatron, nemo, torchtune, composer, "
+              "deepspeed, ai-toolkit, onetrainer. Default: every one whose library is installed.")
 @click.option("--damage", "damages", multiple=True, metavar="KIND",
               help="Add damaged copies (repeatable): missing-<part>, truncated-<part>, empty-<part>, stale-<part>, "
               "bit-flip, or a kind alone (truncated) for every part.")

@@ -316,3 +316,34 @@ def test_a_full_disk_while_copying_a_sample_is_one_line_naming_the_file(tmp_path
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert str(tmp_path / "out") in result.output and "No space left" in result.output
     assert "could not copy ckpttool's composer/run sample" in result.output
+    monkeypatch.undo()
+    real = shutil.copytree
+
+    def copy_to_full_disk(src, dst, **kwargs):  # the damaged copies of a run written here
+        if "healthy" not in str(dst):
+            raise shutil.Error([(os.path.join(src, f), os.path.join(dst, f), "[Errno 28] No space left on device")
+                                for f in sorted(os.listdir(src))])
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copy_to_full_disk)
+    result = cli("fixtures", str(tmp_path / "out2"), "--trainer", "dcp", "--damage", "truncated")[0]
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "could not copy dcp's healthy run" in result.output and str(tmp_path / "out2") in result.output
+
+    def full_save(out, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(out, "step-2", "__0_0.distcp"))
+
+    from ckpttool.synthetic import runs
+
+    monkeypatch.setattr(runs, "torchtitan_run", full_save)  # the library's own save
+    result = cli("fixtures", str(tmp_path / "out3"), "--trainer", "dcp")[0]
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "__0_0.distcp: dcp's run could not be written (No space left on device)" in result.output
+
+
+def test_the_help_names_every_trainer():
+    from ckpttool.synthetic import catalog
+
+    result = cli("fixtures", "--help")[0]
+    text = " ".join(result.output.split())
+    assert all(t.name + "," in text or t.name + "." in text for t in catalog.TRAINERS), text

@@ -100,13 +100,7 @@ SAMPLE_LINKS = {"composer/run": {"latest-rank0.pt": "ep0-ba6-rank0.pt"}}
 def copy_sample(sample: str, dest: str) -> str:
     """A fresh, writable copy of a shipped sample run (`megatron/torch_dist_tp2`, ...) at dest, with its links (an
     install's read-only files and folders give no read-only copies)."""
-    from ckpttool.errors import OutputError
-
-    try:
-        shutil.copytree(os.path.join(SAMPLES, sample), dest, symlinks=True, copy_function=shutil.copyfile)
-    except shutil.Error as e:  # one (source, destination, why) per file: the first says it
-        _, where, why = e.args[0][0]
-        raise OutputError(f"{where}: could not copy ckpttool's {sample} sample here: {why}") from None
+    _copy_tree(os.path.join(SAMPLES, sample), dest, f"ckpttool's {sample} sample", copy_function=shutil.copyfile)
     for folder, _, _ in os.walk(dest):
         os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
     for name, target in SAMPLE_LINKS.get(sample, {}).items():
@@ -116,6 +110,17 @@ def copy_sample(sample: str, dest: str) -> str:
                 os.remove(link)
             os.symlink(target, link)
     return dest
+
+
+def _copy_tree(src: str, dest: str, what: str, **options):
+    """shutil.copytree, its failure one line naming the first file it could not write (a full disk fails them all)."""
+    from ckpttool.errors import OutputError
+
+    try:
+        shutil.copytree(src, dest, symlinks=True, **options)
+    except shutil.Error as e:  # one (source, destination, why) per file: the first says it
+        _, where, why = e.args[0][0]
+        raise OutputError(f"{where}: could not copy {what} here: {why}") from None
 
 
 def _sample(sample: str) -> Callable[[str], str]:
@@ -242,8 +247,14 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
     from ckpttool.model import DAMAGE, ERROR
     from ckpttool.operations.verify import verify
 
+    from ckpttool.errors import OutputError
+
     home = os.path.join(out, trainer.name)
-    healthy_run = trainer.write(os.path.join(home, "healthy"))
+    try:
+        healthy_run = trainer.write(os.path.join(home, "healthy"))
+    except OSError as e:  # a full disk under the library's own save
+        raise OutputError(f"{e.filename or home}: {trainer.name}'s run could not be written ({e.strerror or e})") \
+            from None
     saves = ([os.path.join(healthy_run, e) for e in trainer.saves] if isinstance(trainer.saves, tuple) else
              saves_of(healthy_run, trainer.saves))
     newest, previous = saves[-1], saves[-2] if len(saves) > 1 else None
@@ -254,7 +265,7 @@ def make(out: str, trainer: Trainer, wanted: list[str] | None) -> list[Entry]:
         if wanted is not None and kind.name not in wanted and kind.kind not in wanted:
             continue
         run = os.path.join(home, kind.name)
-        shutil.copytree(healthy_run, run, symlinks=True)
+        _copy_tree(healthy_run, run, f"{trainer.name}'s healthy run")
         checkpoint = os.path.join(run, os.path.relpath(newest, healthy_run))
         damages.apply(checkpoint, kind, previous and os.path.join(run, os.path.relpath(previous, healthy_run)))
         new = [p for p in verify(checkpoint, for_resume=True, recall=False).problems if p.severity == ERROR

@@ -64,8 +64,10 @@ def kinds(checkpoint: str, previous: str | None, beside: tuple[str, ...] = ()) -
     out = []
     parts = parts_of(checkpoint)
     for entry in beside:
-        parts[os.path.splitext(os.path.basename(entry))[0]] = (
-            os.path.join(os.pardir, entry) if os.path.isdir(checkpoint) else entry,)
+        name = os.path.splitext(os.path.basename(entry))[0]
+        while name in parts:
+            name += "_"
+        parts[name] = (os.path.join(os.pardir, entry) if os.path.isdir(checkpoint) else entry,)
     for part, entries in parts.items():
         first = _first_file(checkpoint, entries[0])
         out.append(Damage(MISSING, part, entries))
