@@ -5,6 +5,7 @@ to the diffusers folder's weights bit for bit, and our diffusers folder of a sin
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -132,6 +133,14 @@ def test_refusals_write_nothing(tiny_flux, tmp_path):
     assert result.exit_code == 2 and "--family" in result.output
     result = cli("convert", str(tiny_flux), str(tmp_path / "c.safetensors"), "--to", "original", "--dtype", "bf16")[0]
     assert result.exit_code == 2
+    odd = shutil.copytree(tiny_flux, tmp_path / "odd" / "transformer")  # a key no FluxTransformer2DModel has
+    weights = odd / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(weights), "transformer_blocks.0.extra.weight": torch.zeros(2)}, str(weights))
+    result = cli("convert", str(odd), str(tmp_path / "o.safetensors"), "--to", "original")[0]
+    assert result.exit_code == 1 and "key_mismatch" in result.stderr, result.output
+    assert "transformer_blocks.0.extra.weight: not a key of diffusers' FluxTransformer2DModel; nothing written" in \
+        result.stderr
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 SDXL_TINY = dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32,
@@ -269,3 +278,15 @@ def test_broken_or_ambiguous_single_files_are_refused(tiny_flux, tmp_path):
     save_file(weights, str(missing / "diffusion_pytorch_model.safetensors"))
     result = cli("convert", str(missing), str(tmp_path / "x.safetensors"), "--to", "original")[0]
     assert result.exit_code == 1 and "to_k.weight is missing" in result.output
+
+
+def test_a_second_text_encoder_key_openclip_has_no_place_for_is_refused(sdxl_pipeline, tmp_path):
+    pipeline = shutil.copytree(sdxl_pipeline, tmp_path / "pipeline")
+    weights = pipeline / "text_encoder_2" / "model.safetensors"
+    save_file({**load_file(weights), "text_model.extra.weight": torch.zeros(2)}, str(weights))
+    result = cli("convert", str(pipeline), str(tmp_path / "sdxl.safetensors"), "--to", "original", "--family",
+                 "sdxl")[0]
+    assert result.exit_code == 1 and "key_mismatch" in result.stderr, result.output
+    assert "text_encoder_2/text_model.extra.weight: not a key of an OpenCLIP text encoder diffusers converts; " \
+           "nothing written" in result.stderr
+    assert not (tmp_path / "sdxl.safetensors").exists()

@@ -47,13 +47,7 @@ def to_original(tensors: list[TensorInfo], family: str) -> Plan:
     """A diffusers model's tensors under the original single file's keys."""
     plan = Plan()
     if family == "flux.1":
-        fused: dict[str, dict[int, TensorInfo]] = {}
-        for t in tensors:
-            found = flux.key_to_original(t.name)
-            if found is None:
-                raise CkptError(Code.KEY_MISMATCH, f"{t.name}: not a key of diffusers' FluxTransformer2DModel; "
-                                "nothing written")
-            fused.setdefault(found[0], {})[found[1]] = t
+        fused = _by_original_key(tensors, flux.key_to_original, "{}: not a key of diffusers' FluxTransformer2DModel")
         for name, parts in fused.items():
             names = flux.key_to_diffusers(name)
             if len(names) == 1:
@@ -171,13 +165,9 @@ def _clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
 
 
 def _open_clip_to_original(tensors: list[TensorInfo], prefix: str) -> Plan:
-    plan, fused = Plan(), {}
-    for t in tensors:
-        found = clip.transformers_to_open_clip(t.name)
-        if found is None:
-            raise CkptError(Code.KEY_MISMATCH, f"text_encoder_2/{t.name}: not a key of an OpenCLIP text encoder "
-                            "diffusers converts; nothing written")
-        fused.setdefault(found[0], {})[found[1]] = t
+    plan = Plan()
+    fused = _by_original_key(tensors, clip.transformers_to_open_clip,
+                             "text_encoder_2/{}: not a key of an OpenCLIP text encoder diffusers converts")
     for name, parts in fused.items():
         if name in clip.TRANSPOSED:
             plan.put(prefix + name, Matrix.of(Piece(parts[0], transpose=True)))
@@ -217,6 +207,18 @@ def _clip_to_diffusers(tensors: list[TensorInfo], prefix: str, open_clip: bool) 
         plan.notes.append(f"a text encoder {plan.config['hidden_size']} wide is none of CLIP-L, OpenCLIP-H or bigG: "
                           "its heads and activation are not in the weights; set them in its config.json")
     return plan
+
+
+def _by_original_key(tensors: list[TensorInfo], lookup, unknown: str) -> dict[str, dict[int, TensorInfo]]:
+    """{original key: {place among its fused parts: tensor}} by `lookup` (name -> (key, place) or None); a name it
+    does not know refuses the whole conversion with `unknown` (its "{}" the name)."""
+    fused: dict[str, dict[int, TensorInfo]] = {}
+    for t in tensors:
+        found = lookup(t.name)
+        if found is None:
+            raise CkptError(Code.KEY_MISMATCH, unknown.format(t.name) + "; nothing written")
+        fused.setdefault(found[0], {})[found[1]] = t
+    return fused
 
 
 def _swapped(name: str, t: TensorInfo) -> bool:
